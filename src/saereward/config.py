@@ -1,0 +1,216 @@
+"""Stage configs: frozen dataclasses, TOML files, ``--set key=value`` overrides, and ``--help`` from field docs.
+
+Each stage declares one frozen dataclass. Every field carries its help text in ``metadata["help"]``
+(use :func:`option`); the CLI turns the fields into ``--flags``, reads an optional ``--config FILE.toml``
+and applies ``--set a.b=value`` overrides last. Precedence: defaults < TOML < flags < ``--set``.
+
+Unknown keys are an error (one line naming the key and the valid ones), never silently ignored.
+``Literal`` fields check their choices. ``__post_init__`` methods only validate; nothing derived is
+stored on a config. :func:`to_dict` gives the resolved config that each stage writes beside its artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar, get_args, get_origin
+
+from saereward.errors import SaeRewardError
+
+T = TypeVar("T")
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:  # noqa: A002
+    """A dataclass field with help text. Mutable defaults (dict/list) are wrapped in a factory."""
+    md = {"help": help}
+    if isinstance(default, dict | list):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=md, **kw)
+    return dataclasses.field(default=default, metadata=md, **kw)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_optional(tp: Any) -> tuple[bool, Any]:
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(get_args(tp)) == 2:
+            return True, args[0]
+    return False, tp
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    """Convert ``value`` (from TOML or a string on the command line) to the field type ``tp``."""
+    optional, inner = _is_optional(tp)
+    if optional:
+        if value is None or (isinstance(value, str) and value.lower() in {"none", "null", ""}):
+            return None
+        return _coerce(name, inner, value)
+    origin = get_origin(tp)
+    if origin is typing.Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise SaeRewardError(f"{name}={value!r} is not allowed: choose one of {', '.join(map(str, choices))}")
+        return value
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise SaeRewardError(f"{name} must be a table of settings, got {value!r}")
+        return from_dict(tp, value, prefix=f"{name}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        s = str(value).lower()
+        if s in {"1", "true", "yes", "on"}:
+            return True
+        if s in {"0", "false", "no", "off"}:
+            return False
+        raise SaeRewardError(f"{name}={value!r} is not a boolean: use true or false")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise SaeRewardError(f"{name}={value!r} must be a number")
+        try:
+            return tp(value) if tp is float else int(str(value), 0) if isinstance(value, str) else int(value)
+        except (TypeError, ValueError):
+            raise SaeRewardError(f"{name}={value!r} is not a valid {tp.__name__}") from None
+    if tp is str:
+        return str(value)
+    if origin in (dict, Mapping) or tp in (dict, Mapping):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise SaeRewardError(f"{name} must be a JSON/TOML table, got {value!r}") from None
+        if not isinstance(value, Mapping):
+            raise SaeRewardError(f"{name} must be a table, got {value!r}")
+        return dict(value)
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        (elem,) = get_args(tp)[:1] or (Any,)
+        seq = [_coerce(name, elem, v) if elem is not Any else v for v in value]
+        return tuple(seq) if origin is tuple or tp is tuple else seq
+    return value
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> T:
+    """Build ``cls`` from a mapping; unknown keys raise :class:`SaeRewardError`."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = _hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise SaeRewardError(
+            f"unknown config key {prefix}{unknown[0]!r}: valid keys are {', '.join(prefix + k for k in fields)}"
+        )
+    kwargs = {k: _coerce(prefix + k, hints[k], v) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise SaeRewardError(f"invalid config: {exc}") from exc
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain JSON/TOML-friendly data."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise SaeRewardError(f"config file {path} not found: check the path")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise SaeRewardError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Assign ``value`` at ``a.b.c`` inside nested dicts (creating tables as needed)."""
+    keys = dotted.split(".")
+    cur = data
+    for k in keys[:-1]:
+        nxt = cur.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise SaeRewardError(f"--set {dotted}: {k} is not a table")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def parse_set(items: Sequence[str]) -> list[tuple[str, Any]]:
+    """``["a.b=3", "name=x"]`` -> ``[("a.b", 3), ("name", "x")]`` (values parsed as TOML when possible)."""
+    out: list[tuple[str, Any]] = []
+    for item in items:
+        if "=" not in item:
+            raise SaeRewardError(f"--set {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value: Any = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# argparse integration
+# --------------------------------------------------------------------------------------------------
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add ``--config``, ``--set`` and one flag per scalar field of ``cls`` (help from field metadata)."""
+    hints = _hints(cls)
+    grp = parser.add_argument_group("settings (also settable in --config TOML or with --set key=value)")
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        _, inner = _is_optional(tp)
+        if dataclasses.is_dataclass(inner) or get_origin(inner) in (dict, Mapping) or inner in (dict,):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        help_ = f.metadata.get("help", "").replace("%", "%%")
+        kw: dict[str, Any] = {"dest": f"cfg__{f.name}", "default": argparse.SUPPRESS}
+        if get_origin(inner) is typing.Literal:
+            kw["choices"] = list(get_args(inner))
+            help_ += f" {{{','.join(map(str, kw['choices']))}}}"
+        if isinstance(default, tuple | list):
+            default = ",".join(map(str, default))
+        if "default" not in help_:
+            help_ = f"{help_} (default: {default})"
+        if inner is bool:
+            grp.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_, **kw)
+        else:
+            grp.add_argument(_flag(f.name), metavar=f.name.upper(), help=help_, **kw)
+    parser.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file")
+    parser.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override any setting, nested ones with dots (repeatable), e.g. --set task_params.min_terms=3",
+    )
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """Resolve defaults < ``--config`` < flags < ``--set`` into an instance of ``cls``."""
+    data: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        data = load_toml(args.config)
+    for k, v in vars(args).items():
+        if k.startswith("cfg__"):
+            data[k[5:]] = v
+    for key, value in parse_set(getattr(args, "set", []) or []):
+        set_path(data, key, value)
+    return from_dict(cls, data)

@@ -1,0 +1,228 @@
+"""Batched task evaluation: accuracy with a Wilson 95 % CI, per-item records, and throughput.
+
+``saereward eval`` = :func:`run_eval`. It formats each task item with a prompt format, generates in
+length-bucketed batches, verifies each completion with the task's verifier and writes, atomically:
+
+* ``items.jsonl``: one record per item (id, prompt, completion, extracted answer, gold, correct, tokens);
+* ``summary.json``: accuracy, Wilson CI, n, seed, tokens/s and the resolved config;
+* ``config.json``: the resolved :class:`EvalConfig`.
+
+``saereward baseline`` (:func:`run_baseline`) runs the evaluations that make up the README's baseline
+table (chain_sum with several prompt formats, and the 100 real GSM8K items) and prints one table.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from saereward import __version__
+from saereward.config import option, to_dict
+from saereward.errors import SaeRewardError
+from saereward.io import write_json, write_jsonl
+from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, load_model
+from saereward.stats import wilson_ci
+
+log = logging.getLogger(__name__)
+
+PromptFormat = Literal["raw", "fewshot", "chat"]
+
+# Few-shot and raw prompts make the model continue the Q:/A: pattern; stop there.
+_PATTERN_STOPS = ("\nQ:", "\n\nQ", "\nProblem:", "\nQuestion:")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings of ``saereward eval``."""
+
+    model: str = option(DEFAULT_MODEL, "model: embedded:<key>, a .gguf file, an HF folder or a hub id")
+    dtype: DType = option("fp32", "model dtype")
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
+    task: str = option("chain_sum", "task name: chain_sum, gsm8k, mmlu, math500, rg:<reasoning-gym name>")
+    task_source: str = option("auto", "where the task data comes from: auto, offline, hf, jsonl")
+    task_path: str | None = option(None, "local JSONL file for the task (GSM8K or MATH format)")
+    task_params: dict[str, Any] = option({}, "extra task settings, e.g. reasoning-gym config (TOML table)")
+    n: int | None = option(200, "number of items (None = all the task has)")
+    seed: int = option(0, "seed for task generation and sampling")
+    prompt_format: PromptFormat = option("fewshot", "prompt format: raw (seed's Q:/A: CoT), fewshot, chat")
+    shots: int = option(2, "few-shot demos for prompt_format=fewshot")
+    max_new_tokens: int = option(128, "max tokens to generate per item")
+    batch_size: int = option(16, "generation batch size")
+    sample: bool = option(False, "sample instead of greedy decoding")
+    temperature: float = option(0.9, "sampling temperature (with --sample)")
+    top_p: float = option(0.95, "nucleus sampling top-p (with --sample)")
+    out: str | None = option(None, "output folder for items.jsonl, summary.json and config.json")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        if self.n is not None and self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.shots < 0:
+            raise ValueError(f"shots must be >= 0, got {self.shots}")
+
+
+@dataclass
+class EvalResult:
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _load_task(cfg: EvalConfig):  # noqa: ANN202
+    from saereward.tasks import load_task
+
+    return load_task(
+        cfg.task, n=cfg.n, seed=cfg.seed, source=cfg.task_source, path=cfg.task_path, **cfg.task_params
+    )
+
+
+def run_eval(cfg: EvalConfig, lm: LoadedModel | None = None) -> EvalResult:
+    """Evaluate ``cfg.model`` on ``cfg.task``; write artifacts to ``cfg.out`` if set."""
+    from saereward.generate import SamplingConfig, iter_generate
+    from saereward.tasks import format_prompt
+
+    task = _load_task(cfg)  # validate the task before paying for the model
+    items = list(task.items())
+    if lm is None:
+        lm = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads)
+    if cfg.prompt_format == "chat" and not getattr(lm.tokenizer, "chat_template", None):
+        raise SaeRewardError(f"model {cfg.model} has no chat template: use --prompt-format raw or fewshot")
+    prompts = [format_prompt(task, it, cfg.prompt_format, tokenizer=lm.tokenizer, shots=cfg.shots) for it in items]
+    sampling = SamplingConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=cfg.sample,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        stop=() if cfg.prompt_format == "chat" else _PATTERN_STOPS,
+    )
+    rows: list[dict[str, Any]] = [{} for _ in items]
+    t0 = time.perf_counter()
+    n_tokens, gen_seconds = 0, 0.0
+    desc = f"{task.name}/{cfg.prompt_format}"
+    for idx, g in iter_generate(
+        lm, prompts, sampling, batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress, desc=desc
+    ):
+        gen_seconds += g.seconds
+        for j, i in enumerate(idx):
+            item, completion = items[i], g.completions[j]
+            ntok = int(g.response_mask[j].sum())
+            n_tokens += ntok
+            rows[i] = {
+                "id": item.id,
+                "prompt": prompts[i],
+                "completion": completion,
+                "extracted": task.extract(item, completion),
+                "gold": item.gold,
+                "correct": bool(task.verify(item, completion)),
+                "new_tokens": ntok,
+            }
+    wall = time.perf_counter() - t0
+    k = sum(r["correct"] for r in rows)
+    ci = wilson_ci(k, len(rows))
+    import torch
+
+    summary: dict[str, Any] = {
+        "task": task.name,
+        "model": cfg.model,
+        "prompt_format": cfg.prompt_format,
+        "n": len(rows),
+        "correct": k,
+        "accuracy": ci.p,
+        "ci_low": ci.low,
+        "ci_high": ci.high,
+        "confidence": ci.confidence,
+        "seed": cfg.seed,
+        "decoding": "sample" if cfg.sample else "greedy",
+        "tokens_generated": n_tokens,
+        "gen_seconds": round(gen_seconds, 3),
+        "tokens_per_s": round(n_tokens / gen_seconds, 2) if gen_seconds > 0 else None,
+        "wall_seconds": round(wall, 3),
+        "dtype": cfg.dtype,
+        "threads": torch.get_num_threads(),
+        "task_config": task.describe(),
+        "saereward_version": __version__,
+    }
+    if cfg.out:
+        out = Path(cfg.out)
+        write_jsonl(out / "items.jsonl", rows)
+        write_json(out / "config.json", to_dict(cfg))
+        write_json(out / "summary.json", {**summary, "config": to_dict(cfg)})
+    return EvalResult(summary=summary, rows=rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Baseline table (the README's first command, until the full pipeline replaces it)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """Settings of ``saereward baseline``: the embedded model's baseline accuracy table."""
+
+    model: str = option(DEFAULT_MODEL, "model to evaluate")
+    dtype: DType = option("fp32", "model dtype")
+    threads: int | None = option(None, "torch CPU threads")
+    n: int = option(200, "chain_sum items per prompt format")
+    formats: tuple[str, ...] = option(("raw", "fewshot"), "chain_sum prompt formats (comma-separated)")
+    gsm8k: bool = option(True, "also evaluate the 100 real GSM8K test items (offline copy)")
+    gsm8k_format: PromptFormat = option("fewshot", "prompt format for GSM8K")
+    seed: int = option(0, "seed")
+    batch_size: int = option(16, "generation batch size")
+    out: str = option("runs/baseline", "output folder (one sub-folder per evaluation)")
+    progress: bool = option(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        bad = [f for f in self.formats if f not in ("raw", "fewshot", "chat")]
+        if bad:
+            raise ValueError(f"unknown prompt format {bad[0]!r}: use raw, fewshot or chat")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+
+
+# Generation budgets: the seed's raw prompt asks for step-by-step reasoning, so it needs room.
+_MAX_NEW = {"raw": 128, "fewshot": 48, "chat": 128}
+
+
+def baseline_configs(cfg: BaselineConfig) -> list[EvalConfig]:
+    base = EvalConfig(
+        model=cfg.model,
+        dtype=cfg.dtype,
+        threads=cfg.threads,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        progress=cfg.progress,
+    )
+    runs = [
+        replace(base, task="chain_sum", n=cfg.n, prompt_format=fmt, max_new_tokens=_MAX_NEW[fmt])  # type: ignore[arg-type]
+        for fmt in cfg.formats
+    ]
+    if cfg.gsm8k:
+        runs.append(
+            replace(base, task="gsm8k", task_source="offline", n=None, prompt_format=cfg.gsm8k_format, max_new_tokens=256)
+        )
+    return [replace(r, out=str(Path(cfg.out) / f"{r.task}-{r.prompt_format}")) for r in runs]
+
+
+def run_baseline(cfg: BaselineConfig) -> list[dict[str, Any]]:
+    lm = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads)
+    summaries = [run_eval(ec, lm=lm).summary for ec in baseline_configs(cfg)]
+    write_json(Path(cfg.out) / "baseline.json", {"config": to_dict(cfg), "results": summaries})
+    return summaries
+
+
+def format_table(summaries: list[dict[str, Any]], title: str = "accuracy (Wilson 95% CI)") -> str:
+    """A plain-text table of eval summaries (also used in README/BENCHMARKS)."""
+    head = f"{'task':<10} {'prompt':<8} {'n':>5} {'correct':>8} {'accuracy':>9}  {'95% CI':<15} {'tok/s':>7}"
+    lines = [title, head, "-" * len(head)]
+    for s in summaries:
+        lines.append(
+            f"{s['task']:<10} {s['prompt_format']:<8} {s['n']:>5} {s['correct']:>8} {s['accuracy']:>9.3f}  "
+            f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}]  {s['tokens_per_s'] or 0:>7.0f}"
+        )
+    return "\n".join(lines)

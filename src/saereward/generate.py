@@ -1,0 +1,189 @@
+"""Batched generation, optionally capturing residuals during ``generate()`` (no second forward).
+
+Prompts are tokenized with left padding and bucketed by length (longest first) so that a batch wastes
+little compute on pads; results come back in the caller's order. Each batch is seeded from
+``(seed, smallest item index in the batch)``, so a re-run with the same settings reproduces every
+sampled output (batched sampling cannot be made independent of the batch size itself).
+
+The returned :class:`Generation` carries everything later stages need: the full sequences, a mask of
+real tokens, a mask of *response* tokens (generated, up to and including the end token), and, if asked,
+the residual stream at chosen layers aligned with sequence positions (see :mod:`saereward.capture`;
+the last generated token has no residual and is excluded from ``residual_mask``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from saereward.capture import ResidualCapture
+from saereward.lm import LoadedModel
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to decode."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 0.9
+    top_p: float = 0.95
+    stop: tuple[str, ...] = ()  #: stop strings (e.g. ``"\nQ:"`` for few-shot prompts)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError("sampling needs temperature > 0 and 0 < top_p <= 1")
+
+
+@dataclass
+class Generation:
+    """One generated batch. Shapes: ``B`` items, ``P`` padded prompt length, ``T = P + N`` total."""
+
+    prompt_len: int  #: P
+    sequences: torch.Tensor  #: [B, T] token ids (left-padded prompt + generated, pads after the end)
+    attention_mask: torch.Tensor  #: [B, T] 1 on real tokens (prompt and response)
+    response_mask: torch.Tensor  #: [B, T] bool, generated tokens up to and including the end token
+    completions: list[str]  #: decoded response text (special tokens skipped)
+    residuals: dict[int, torch.Tensor] = field(default_factory=dict)  #: layer -> [B, T, d]
+    seconds: float = 0.0
+
+    @property
+    def num_new_tokens(self) -> list[int]:
+        return self.response_mask.sum(1).tolist()
+
+    @property
+    def residual_mask(self) -> torch.Tensor:
+        """[B, T] response positions that have a captured residual (all but the very last position)."""
+        m = self.response_mask.clone()
+        m[:, -1] = False
+        return m
+
+
+def _response_mask(gen_ids: torch.Tensor, stop_ids: set[int], pad_id: int | None) -> torch.Tensor:
+    """[B, N] True up to and including the first stop/eos token of each row."""
+    is_end = torch.zeros_like(gen_ids, dtype=torch.bool)
+    for t in stop_ids:
+        is_end |= gen_ids == t
+    # positions strictly after the first end token are excluded
+    after_end = (is_end.long().cumsum(1) - is_end.long()) > 0
+    mask = ~after_end
+    if pad_id is not None and pad_id not in stop_ids:
+        mask &= gen_ids != pad_id
+    return mask
+
+
+def _generation_config(lm: LoadedModel, sampling: SamplingConfig):  # noqa: ANN202
+    from transformers import GenerationConfig
+
+    tok = lm.tokenizer
+    eos = lm.model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tok.eos_token_id is not None:
+        eos_ids.add(int(tok.eos_token_id))
+    kw: dict = {
+        "max_new_tokens": sampling.max_new_tokens,
+        "do_sample": sampling.do_sample,
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": sorted(eos_ids),
+    }
+    if sampling.do_sample:
+        kw.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+    if sampling.stop:
+        kw["stop_strings"] = list(sampling.stop)
+    return GenerationConfig(**kw), eos_ids
+
+
+@torch.no_grad()
+def generate_batch(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    sampling: SamplingConfig,
+    *,
+    capture_layers: Sequence[int] = (),
+    capture_dtype: torch.dtype | None = None,
+    seed: int | None = None,
+    add_special_tokens: bool = False,
+) -> Generation:
+    """Generate for one batch of prompt strings; capture residuals at ``capture_layers`` if given.
+
+    Prompts are used verbatim (``add_special_tokens=False``): chat prompts already carry their special
+    tokens from the template.
+    """
+    tok, model = lm.tokenizer, lm.model
+    enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    gcfg, eos_ids = _generation_config(lm, sampling)
+    if seed is not None:
+        torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    kwargs = {"generation_config": gcfg, "tokenizer": tok} if sampling.stop else {"generation_config": gcfg}
+    if capture_layers:
+        with ResidualCapture(model, capture_layers, store_dtype=capture_dtype) as cap:
+            out = model.generate(**enc, **kwargs)
+            residuals = {layer: cap.sequence(layer, out.shape[1]) for layer in cap.layers}
+    else:
+        out = model.generate(**enc, **kwargs)
+        residuals = {}
+    seconds = time.perf_counter() - t0
+    P = enc["input_ids"].shape[1]
+    gen = out[:, P:]
+    resp = _response_mask(gen, eos_ids, None)
+    response_mask = torch.cat([torch.zeros_like(enc["input_ids"], dtype=torch.bool), resp], dim=1)
+    attention_mask = torch.cat([enc["attention_mask"].bool(), resp], dim=1).long()
+    texts = [tok.decode(row[m], skip_special_tokens=True) for row, m in zip(gen, resp, strict=True)]
+    return Generation(
+        prompt_len=P,
+        sequences=out,
+        attention_mask=attention_mask,
+        response_mask=response_mask,
+        completions=texts,
+        residuals=residuals,
+        seconds=seconds,
+    )
+
+
+def iter_generate(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    sampling: SamplingConfig,
+    *,
+    batch_size: int = 16,
+    seed: int = 0,
+    capture_layers: Sequence[int] = (),
+    capture_dtype: torch.dtype | None = None,
+    progress: bool = True,
+    desc: str = "generate",
+) -> Iterator[tuple[list[int], Generation]]:
+    """Yield ``(original indices, Generation)`` per length-bucketed batch, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    lengths = [len(ids) for ids in lm.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
+    bar = tqdm(total=len(prompts), desc=desc, unit="item", disable=not progress, dynamic_ncols=True)
+    n_tokens, seconds = 0, 0.0
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            g = generate_batch(
+                lm,
+                [prompts[i] for i in idx],
+                sampling,
+                capture_layers=capture_layers,
+                capture_dtype=capture_dtype,
+                seed=seed * 1_000_003 + min(idx),
+            )
+            n_tokens += int(g.response_mask.sum())
+            seconds += g.seconds
+            bar.update(len(idx))
+            bar.set_postfix(tok_s=f"{n_tokens / max(seconds, 1e-9):.0f}")
+            yield idx, g
+    finally:
+        bar.close()

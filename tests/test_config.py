@@ -1,0 +1,76 @@
+"""Config resolution: defaults < TOML < flags < --set; unknown keys and bad values are one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import FrozenInstanceError
+from pathlib import Path
+
+import pytest
+
+from saereward.config import add_config_args, config_from_args, from_dict, parse_set, to_dict
+from saereward.errors import SaeRewardError
+from saereward.evaluate import BaselineConfig, EvalConfig
+
+
+def _parse(argv: list[str], cls: type = EvalConfig):
+    p = argparse.ArgumentParser()
+    add_config_args(p, cls)
+    return config_from_args(cls, p.parse_args(argv))
+
+
+def test_defaults_and_frozen() -> None:
+    cfg = _parse([])
+    assert cfg == EvalConfig()
+    with pytest.raises(FrozenInstanceError):
+        cfg.n = 3  # type: ignore[misc]
+
+
+def test_precedence(tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text('n = 10\nseed = 4\ntask = "gsm8k"\n[task_params]\nmin_terms = 3\n')
+    cfg = _parse(["--config", str(toml), "--n", "20", "--set", "seed=7", "--set", "task_params.max_terms=3"])
+    assert (cfg.n, cfg.seed, cfg.task) == (20, 7, "gsm8k")
+    assert cfg.task_params == {"min_terms": 3, "max_terms": 3}
+
+
+def test_types_coerced() -> None:
+    cfg = _parse(["--sample", "--temperature", "0.5", "--n", "none"])
+    assert cfg.sample is True and cfg.temperature == 0.5 and cfg.n is None
+    b = _parse(["--formats", "raw,chat"], BaselineConfig)
+    assert b.formats == ("raw", "chat")
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--set", "nosuchkey=1"], "unknown config key 'nosuchkey'"),
+        (["--set", "n=abc"], "not a valid int"),
+        (["--set", "prompt_format=xml"], "choose one of"),
+        (["--set", "n=0"], "n must be >= 1"),
+        (["--set", "sample=maybe"], "not a boolean"),
+        (["--set", "novalue"], "key=value"),
+    ],
+)
+def test_bad_values_are_one_line_errors(argv: list[str], needle: str) -> None:
+    with pytest.raises(SaeRewardError, match=needle) as ei:
+        _parse(argv)
+    assert "\n" not in str(ei.value)
+
+
+def test_missing_and_bad_toml(tmp_path: Path) -> None:
+    with pytest.raises(SaeRewardError, match="not found"):
+        _parse(["--config", str(tmp_path / "nope.toml")])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("n = = 3")
+    with pytest.raises(SaeRewardError, match="not valid TOML"):
+        _parse(["--config", str(bad)])
+
+
+def test_to_dict_roundtrip() -> None:
+    cfg = EvalConfig(n=5, task_params={"a": 1})
+    assert from_dict(EvalConfig, to_dict(cfg)) == cfg
+
+
+def test_parse_set_values() -> None:
+    assert parse_set(["a=1", "b=true", "c=x y", "d=[1,2]"]) == [("a", 1), ("b", True), ("c", "x y"), ("d", [1, 2])]

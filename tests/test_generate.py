@@ -1,0 +1,83 @@
+"""Batched generation: response masks, stop strings, seeded sampling, residuals captured during generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saereward.capture import forward_residuals
+from saereward.generate import SamplingConfig, _response_mask, generate_batch, iter_generate
+
+
+def test_response_mask_stops_after_first_end_token() -> None:
+    gen = torch.tensor([[5, 6, 2, 0, 0], [5, 2, 7, 2, 0], [5, 6, 7, 8, 9]])
+    m = _response_mask(gen, {2}, None)
+    assert m.tolist() == [
+        [True, True, True, False, False],
+        [True, True, False, False, False],
+        [True, True, True, True, True],
+    ]
+
+
+def test_sampling_config_validates() -> None:
+    with pytest.raises(ValueError):
+        SamplingConfig(max_new_tokens=0)
+    with pytest.raises(ValueError):
+        SamplingConfig(do_sample=True, temperature=0)
+
+
+PROMPTS = ["Q: What is 2 + 3?\nA:", "Q: Tom has 12 apples and gives away 5. How many are left?\nA:"]
+
+
+@pytest.mark.slow
+def test_generate_batch_with_capture_matches_reforward(smollm) -> None:
+    g = generate_batch(smollm, PROMPTS, SamplingConfig(max_new_tokens=12), capture_layers=[4, 20])
+    B, T = g.sequences.shape
+    assert g.response_mask.shape == (B, T) and g.attention_mask.shape == (B, T)
+    assert not g.response_mask[:, : g.prompt_len].any()
+    assert all(0 < n <= 12 for n in g.num_new_tokens)
+    ref = forward_residuals(smollm.model, g.sequences, g.attention_mask, [4, 20])
+    for layer in (4, 20):
+        got = g.residuals[layer]
+        assert got.shape == (B, T, smollm.d_model)
+        m = g.attention_mask.bool().clone()
+        m[:, -1] = False  # the last sampled token is never fed through the model
+        diff = (got - ref[layer])[m].abs().max()
+        scale = ref[layer][m].abs().max()
+        assert diff / scale < 1e-4, (layer, diff, scale)
+    # decoded completions are the response tokens
+    for row, mask, text in zip(g.sequences, g.response_mask, g.completions, strict=True):
+        assert smollm.tokenizer.decode(row[mask], skip_special_tokens=True) == text
+
+
+@pytest.mark.slow
+def test_stop_strings_cut_generation(smollm) -> None:
+    prompt = "Q: 1 + 1 =\nA: 2\n\nQ: 2 + 2 =\nA: 4\n\nQ: 3 + 3 =\nA:"
+    free = generate_batch(smollm, [prompt], SamplingConfig(max_new_tokens=30))
+    stopped = generate_batch(smollm, [prompt], SamplingConfig(max_new_tokens=30, stop=("\nQ:",)))
+    assert stopped.num_new_tokens[0] <= free.num_new_tokens[0]
+    if "\nQ:" in free.completions[0]:
+        assert stopped.num_new_tokens[0] < free.num_new_tokens[0]
+        assert stopped.completions[0].count("\nQ:") <= 1
+
+
+@pytest.mark.slow
+def test_seeded_sampling_reproducible_and_order_restored(smollm) -> None:
+    sampling = SamplingConfig(max_new_tokens=8, do_sample=True)
+    prompts = PROMPTS + ["Q: Name a color.\nA:"]
+
+    def run() -> list[str]:
+        out = [""] * len(prompts)
+        for idx, g in iter_generate(smollm, prompts, sampling, batch_size=2, seed=3, progress=False):
+            for j, i in enumerate(idx):
+                out[i] = g.completions[j]
+        return out
+
+    a, b = run(), run()
+    assert a == b
+    greedy = [""] * len(prompts)
+    for idx, g in iter_generate(smollm, prompts, SamplingConfig(max_new_tokens=8), batch_size=2, progress=False):
+        for j, i in enumerate(idx):
+            greedy[i] = g.completions[j]
+    single = generate_batch(smollm, [prompts[2]], SamplingConfig(max_new_tokens=8)).completions[0]
+    assert greedy[2] == single  # order restored after length bucketing

