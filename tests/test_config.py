@@ -73,4 +73,15 @@ def test_to_dict_roundtrip() -> None:
 
 
 def test_parse_set_values() -> None:
-    assert parse_set(["a=1", "b=true", "c=x y", "d=[1,2]"]) == [("a", 1), ("b", True), ("c", "x y"), ("d", [1, 2])]
+    assert parse_set(["a=1", "b=true", "c=x y", "d=[1,2]"]) == [
+        ("a", 1),
+        ("b", True),
+        ("c", "x y"),
+        ("d", [1, 2]),
+    ]
+
+
+def test_example_configs_parse() -> None:
+    root = Path(__file__).resolve().parents[1] / "examples"
+    cfg = _parse(["--config", str(root / "eval.toml")])
+    assert cfg.task == "chain_sum" and cfg.task_params["max_terms"] == 2

@@ -76,7 +76,9 @@ def test_seeded_sampling_reproducible_and_order_restored(smollm) -> None:
     a, b = run(), run()
     assert a == b
     greedy = [""] * len(prompts)
-    for idx, g in iter_generate(smollm, prompts, SamplingConfig(max_new_tokens=8), batch_size=2, progress=False):
+    for idx, g in iter_generate(
+        smollm, prompts, SamplingConfig(max_new_tokens=8), batch_size=2, progress=False
+    ):
         for j, i in enumerate(idx):
             greedy[i] = g.completions[j]
     single = generate_batch(smollm, [prompts[2]], SamplingConfig(max_new_tokens=8)).completions[0]

@@ -41,4 +41,6 @@ def test_wilson_contains_p_and_in_unit_interval(n: int, frac: float) -> None:
 
 
 def test_wilson_narrows_with_n() -> None:
-    assert (wilson_ci(50, 100).high - wilson_ci(50, 100).low) > (wilson_ci(500, 1000).high - wilson_ci(500, 1000).low)
+    assert (wilson_ci(50, 100).high - wilson_ci(50, 100).low) > (
+        wilson_ci(500, 1000).high - wilson_ci(500, 1000).low
+    )

@@ -28,6 +28,8 @@ class InfoConfig:
 
     model: str = option(DEFAULT_MODEL, "model to describe")
     dtype: DType = option("fp32", "model dtype")
+    layers: tuple[int, ...] = option((), "capture these layers on --probe text and print residual norms")
+    probe: str = option("Q: What is 12 + 30?\nA: 42", "probe text for --layers")
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,11 @@ def _cmd_baseline(cfg: Any) -> int:
     from saereward.evaluate import format_table, run_baseline
 
     summaries = run_baseline(cfg)
-    _echo(format_table(summaries, title=f"{cfg.model}: baseline accuracy, greedy (Wilson 95% CI), seed {cfg.seed}"))
+    _echo(
+        format_table(
+            summaries, title=f"{cfg.model}: baseline accuracy, greedy (Wilson 95% CI), seed {cfg.seed}"
+        )
+    )
     _echo(f"wrote {cfg.out}/baseline.json")
     return 0
 
@@ -65,6 +71,16 @@ def _cmd_info(cfg: Any) -> int:
         f"d_model    {lm.d_model}\nvocab      {len(lm.tokenizer)}\nparams     {n_params / 1e6:.1f}M\n"
         f"chat       {'yes' if getattr(lm.tokenizer, 'chat_template', None) else 'no'}"
     )
+    if cfg.layers:
+        from saereward.capture import forward_residuals
+        from saereward.lm import resolve_layer
+
+        layers = [resolve_layer(lm.model, layer) for layer in cfg.layers]
+        enc = lm.tokenizer(cfg.probe, return_tensors="pt")
+        res = forward_residuals(lm.model, enc["input_ids"], enc["attention_mask"], layers)
+        for layer in layers:
+            norms = res[layer][0].norm(dim=-1)
+            _echo(f"layer {layer:<4} residual norm per token: mean {norms.mean():.2f}, max {norms.max():.2f}")
     return 0
 
 
@@ -101,10 +117,18 @@ class Command:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("baseline", "baseline accuracy table of a model (chain_sum prompts + 100 real GSM8K items)",
-            _baseline_config, _cmd_baseline),
-    Command("eval", "evaluate a model on a task: accuracy with a Wilson 95% CI, per-item JSONL",
-            _eval_config, _cmd_eval),
+    Command(
+        "baseline",
+        "baseline accuracy table of a model (chain_sum prompts + 100 real GSM8K items)",
+        _baseline_config,
+        _cmd_baseline,
+    ),
+    Command(
+        "eval",
+        "evaluate a model on a task: accuracy with a Wilson 95% CI, per-item JSONL",
+        _eval_config,
+        _cmd_eval,
+    ),
     Command("info", "load a model and print its layers, width and source", lambda: InfoConfig, _cmd_info),
     Command("tasks", "list the available tasks", lambda: TasksConfig, _cmd_tasks),
 )
@@ -128,11 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("saereward").setLevel(logging.INFO)
     if not verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # "Loading weights" bars; our own bars stay
         import warnings
 
         warnings.filterwarnings("ignore", category=UserWarning)
@@ -145,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
     cmd: Command = args._command
     try:
-        cfg = config_from_args(cmd.config(), args)
+        cfg: Any = config_from_args(cmd.config(), args)
         return cmd.run(cfg)
     except SaeRewardError as exc:
         sys.stderr.write(f"error: {exc}\n")

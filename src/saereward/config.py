@@ -30,7 +30,8 @@ def option(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any
     """A dataclass field with help text. Mutable defaults (dict/list) are wrapped in a factory."""
     md = {"help": help}
     if isinstance(default, dict | list):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=md, **kw)
+        proto = default
+        return dataclasses.field(default_factory=lambda: type(proto)(proto), metadata=md, **kw)
     return dataclasses.field(default=default, metadata=md, **kw)
 
 
@@ -57,7 +58,9 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
     if origin is typing.Literal:
         choices = get_args(tp)
         if value not in choices:
-            raise SaeRewardError(f"{name}={value!r} is not allowed: choose one of {', '.join(map(str, choices))}")
+            raise SaeRewardError(
+                f"{name}={value!r} is not allowed: choose one of {', '.join(map(str, choices))}"
+            )
         return value
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if isinstance(value, tp):

@@ -93,7 +93,9 @@ def run_eval(cfg: EvalConfig, lm: LoadedModel | None = None) -> EvalResult:
         lm = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads)
     if cfg.prompt_format == "chat" and not getattr(lm.tokenizer, "chat_template", None):
         raise SaeRewardError(f"model {cfg.model} has no chat template: use --prompt-format raw or fewshot")
-    prompts = [format_prompt(task, it, cfg.prompt_format, tokenizer=lm.tokenizer, shots=cfg.shots) for it in items]
+    prompts = [
+        format_prompt(task, it, cfg.prompt_format, tokenizer=lm.tokenizer, shots=cfg.shots) for it in items
+    ]
     sampling = SamplingConfig(
         max_new_tokens=cfg.max_new_tokens,
         do_sample=cfg.sample,
@@ -204,7 +206,14 @@ def baseline_configs(cfg: BaselineConfig) -> list[EvalConfig]:
     ]
     if cfg.gsm8k:
         runs.append(
-            replace(base, task="gsm8k", task_source="offline", n=None, prompt_format=cfg.gsm8k_format, max_new_tokens=256)
+            replace(
+                base,
+                task="gsm8k",
+                task_source="offline",
+                n=None,
+                prompt_format=cfg.gsm8k_format,
+                max_new_tokens=256,
+            )
         )
     return [replace(r, out=str(Path(cfg.out) / f"{r.task}-{r.prompt_format}")) for r in runs]
 

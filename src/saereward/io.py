@@ -31,14 +31,16 @@ def atomic_path(path: str | os.PathLike[str]):
             os.unlink(tmp)
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[str]], None]) -> None:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[str]], object]) -> None:
     """Write text through ``write(fh)`` atomically."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         write(fh)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    atomic_write(path, lambda fh: (json.dump(obj, fh, indent=2, sort_keys=False, default=str), fh.write("\n")))
+    """Write ``obj`` as indented JSON, atomically."""
+    text = json.dumps(obj, indent=2, default=str) + "\n"
+    atomic_write(path, lambda fh: fh.write(text))
 
 
 def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> None:

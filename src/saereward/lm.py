@@ -104,12 +104,10 @@ def torch_dtype(dtype: DType) -> torch.dtype | str:
 # --------------------------------------------------------------------------------------------------
 
 
-def unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: Any) -> Any:
     """Return the underlying HF model of a PEFT (or accelerate/DDP) wrapper; other models unchanged."""
-    seen = 0
-    while seen < 8:
-        seen += 1
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):
+    for _ in range(8):
+        if callable(getattr(model, "get_base_model", None)):
             model = model.get_base_model()
         elif type(model).__name__ in {"DistributedDataParallel", "DataParallel"} and hasattr(model, "module"):
             model = model.module
@@ -228,7 +226,9 @@ def _check_gguf(path: Path) -> None:
     with open(path, "rb") as fh:
         magic = fh.read(4)
     if magic != b"GGUF":
-        raise SaeRewardError(f"{path} is not a GGUF model file (bad magic bytes); pass a .gguf model or an HF folder")
+        raise SaeRewardError(
+            f"{path} is not a GGUF model file (bad magic bytes); pass a .gguf model or an HF folder"
+        )
 
 
 def _load_gguf(path: Path, dtype: DType) -> tuple[Any, Any]:
@@ -274,7 +274,12 @@ def convert_embedded(key: str, *, force: bool = False) -> Path:
         em = EMBEDDED[key]
         (tmp / "saereward_source.json").write_text(
             json.dumps(
-                {"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size, "package": em.pip_spec, "license": em.license},
+                {
+                    "gguf": str(gguf),
+                    "gguf_bytes": gguf.stat().st_size,
+                    "package": em.pip_spec,
+                    "license": em.license,
+                },
                 indent=2,
             )
         )
@@ -301,7 +306,9 @@ def _is_hub_id(spec: str) -> bool:
     return len(parts) <= 2 and all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", p) for p in parts)
 
 
-def _from_pretrained_folder(path: str, dtype: DType, trust_remote_code: bool, local_only: bool) -> tuple[Any, Any]:
+def _from_pretrained_folder(
+    path: str, dtype: DType, trust_remote_code: bool, local_only: bool
+) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kw: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": local_only}
@@ -324,7 +331,9 @@ def freeze_vision_tower(model: nn.Module) -> int:
     """Set ``requires_grad=False`` on vision/audio tower parameters; return how many were frozen."""
     n = 0
     for name, p in model.named_parameters():
-        if any(t in name for t in ("vision", "visual", "image_tower", "audio_tower", "multi_modal_projector")):
+        if any(
+            t in name for t in ("vision", "visual", "image_tower", "audio_tower", "multi_modal_projector")
+        ):
             p.requires_grad_(False)
             n += p.numel()
     return n
@@ -370,7 +379,9 @@ def load_model(
     elif os.path.isdir(os.path.expanduser(spec)):
         p = Path(spec).expanduser()
         if not (p / "config.json").is_file():
-            raise SaeRewardError(f"{spec} has no config.json: pass an HF model folder, a .gguf file, or {DEFAULT_MODEL}")
+            raise SaeRewardError(
+                f"{spec} has no config.json: pass an HF model folder, a .gguf file, or {DEFAULT_MODEL}"
+            )
         model, tok = _from_pretrained_folder(str(p), dtype, trust_remote_code, True)
         source, path = "hf", str(p)
     elif not _is_hub_id(spec):

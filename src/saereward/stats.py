@@ -25,8 +25,14 @@ class Proportion:
         return self.k / self.n if self.n else float("nan")
 
     def as_dict(self) -> dict[str, float | int]:
-        return {"k": self.k, "n": self.n, "p": self.p, "ci_low": self.low, "ci_high": self.high,
-                "confidence": self.confidence}
+        return {
+            "k": self.k,
+            "n": self.n,
+            "p": self.p,
+            "ci_low": self.low,
+            "ci_high": self.high,
+            "confidence": self.confidence,
+        }
 
     def __str__(self) -> str:
         return f"{self.p:.3f} [{self.low:.3f}, {self.high:.3f}] ({self.k}/{self.n})"
