@@ -46,7 +46,7 @@ def no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(tasks_base, "_hub_reachable", lambda timeout=3.0: (False, "https://hub.invalid"))
+    monkeypatch.setattr(tasks_base, "hub_reachable", lambda timeout=3.0: (False, "https://hub.invalid"))
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:

@@ -96,6 +96,47 @@ def _echo(text: str) -> None:
     sys.stdout.flush()
 
 
+def _cmd_collect(cfg: Any) -> int:
+    from saereward.activations import run_collect
+
+    out = run_collect(cfg)
+    _echo(f"wrote activations to {out} (manifest.json lists shards, tokens and the held-out split)")
+    return 0
+
+
+def _cmd_train_sae(cfg: Any) -> int:
+    from saereward.sae.stages import run_train_sae
+
+    out = run_train_sae(cfg)
+    _echo(f"wrote SAE to {out}; logs in {cfg.out}/train_log.jsonl, held-out metrics in {cfg.out}/eval.json")
+    return 0
+
+
+def _cmd_eval_sae(cfg: Any) -> int:
+    from saereward.sae.stages import format_eval, run_eval_sae
+
+    _echo(format_eval(run_eval_sae(cfg)))
+    return 0
+
+
+def _train_sae_config() -> type:
+    from saereward.sae.stages import TrainSAEStageConfig
+
+    return TrainSAEStageConfig
+
+
+def _eval_sae_config() -> type:
+    from saereward.sae.stages import EvalSAEStageConfig
+
+    return EvalSAEStageConfig
+
+
+def _collect_config() -> type:
+    from saereward.activations import CollectConfig
+
+    return CollectConfig
+
+
 def _eval_config() -> type:
     from saereward.evaluate import EvalConfig
 
@@ -128,6 +169,24 @@ COMMANDS: tuple[Command, ...] = (
         "evaluate a model on a task: accuracy with a Wilson 95% CI, per-item JSONL",
         _eval_config,
         _cmd_eval,
+    ),
+    Command(
+        "collect",
+        "collect residual-stream activations (task rollouts and/or text) into resumable shards",
+        _collect_config,
+        _cmd_collect,
+    ),
+    Command(
+        "train-sae",
+        "train a TopK SAE (AuxK, resumable) on collected activations",
+        _train_sae_config,
+        _cmd_train_sae,
+    ),
+    Command(
+        "eval-sae",
+        "evaluate an SAE: held-out FVU/L0/dead %, CE-loss and KL recovered",
+        _eval_sae_config,
+        _cmd_eval_sae,
     ),
     Command("info", "load a model and print its layers, width and source", lambda: InfoConfig, _cmd_info),
     Command("tasks", "list the available tasks", lambda: TasksConfig, _cmd_tasks),

@@ -29,6 +29,9 @@ T = TypeVar("T")
 def option(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:  # noqa: A002
     """A dataclass field with help text. Mutable defaults (dict/list) are wrapped in a factory."""
     md = {"help": help}
+    if dataclasses.is_dataclass(default) and not isinstance(default, type):
+        proto_cfg = default
+        return dataclasses.field(default_factory=lambda: proto_cfg, metadata=md, **kw)
     if isinstance(default, dict | list):
         proto = default
         return dataclasses.field(default_factory=lambda: type(proto)(proto), metadata=md, **kw)
@@ -111,7 +114,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise SaeRewardError(
-            f"unknown config key {prefix}{unknown[0]!r}: valid keys are {', '.join(prefix + k for k in fields)}"
+            f"unknown config key {prefix + unknown[0]!r}: valid keys are {', '.join(prefix + k for k in fields)}"
         )
     kwargs = {k: _coerce(prefix + k, hints[k], v) for k, v in data.items()}
     try:
@@ -172,30 +175,12 @@ def _flag(name: str) -> str:
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add ``--config``, ``--set`` and one flag per scalar field of ``cls`` (help from field metadata)."""
-    hints = _hints(cls)
+    """Add ``--config``, ``--set`` and one flag per scalar field of ``cls`` (help from field metadata).
+
+    Fields of a nested config dataclass get prefixed flags: field ``train.k`` becomes ``--train-k``.
+    """
     grp = parser.add_argument_group("settings (also settable in --config TOML or with --set key=value)")
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        _, inner = _is_optional(tp)
-        if dataclasses.is_dataclass(inner) or get_origin(inner) in (dict, Mapping) or inner in (dict,):
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
-        help_ = f.metadata.get("help", "").replace("%", "%%")
-        kw: dict[str, Any] = {"dest": f"cfg__{f.name}", "default": argparse.SUPPRESS}
-        if get_origin(inner) is typing.Literal:
-            kw["choices"] = list(get_args(inner))
-            help_ += f" {{{','.join(map(str, kw['choices']))}}}"
-        if isinstance(default, tuple | list):
-            default = ",".join(map(str, default))
-        if "default" not in help_:
-            help_ = f"{help_} (default: {default})"
-        if inner is bool:
-            grp.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_, **kw)
-        else:
-            grp.add_argument(_flag(f.name), metavar=f.name.upper(), help=help_, **kw)
+    _add_fields(grp, cls, ())
     parser.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file")
     parser.add_argument(
         "--set",
@@ -206,6 +191,36 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
     )
 
 
+def _add_fields(grp: Any, cls: type, prefix: tuple[str, ...]) -> None:
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        tp = hints[f.name]
+        _, inner = _is_optional(tp)
+        path = (*prefix, f.name)
+        if dataclasses.is_dataclass(inner) and isinstance(inner, type):
+            _add_fields(grp, inner, path)
+            continue
+        if get_origin(inner) in (dict, Mapping) or inner in (dict,):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        help_ = f.metadata.get("help", "").replace("%", "%%")
+        kw: dict[str, Any] = {"dest": "cfg__" + "__".join(path), "default": argparse.SUPPRESS}
+        if get_origin(inner) is typing.Literal:
+            kw["choices"] = list(get_args(inner))
+            help_ += f" {{{','.join(map(str, kw['choices']))}}}"
+        if isinstance(default, tuple | list):
+            default = ",".join(map(str, default))
+        if "default" not in help_:
+            help_ = f"{help_} (default: {default})"
+        flag = _flag("_".join(path))
+        if inner is bool:
+            grp.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_, **kw)
+        else:
+            grp.add_argument(flag, metavar="_".join(path).upper(), help=help_, **kw)
+
+
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     """Resolve defaults < ``--config`` < flags < ``--set`` into an instance of ``cls``."""
     data: dict[str, Any] = {}
@@ -213,7 +228,7 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
         data = load_toml(args.config)
     for k, v in vars(args).items():
         if k.startswith("cfg__"):
-            data[k[5:]] = v
+            set_path(data, ".".join(k[5:].split("__")), v)
     for key, value in parse_set(getattr(args, "set", []) or []):
         set_path(data, key, value)
     return from_dict(cls, data)

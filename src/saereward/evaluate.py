@@ -30,9 +30,6 @@ log = logging.getLogger(__name__)
 
 PromptFormat = Literal["raw", "fewshot", "chat"]
 
-# Few-shot and raw prompts make the model continue the Q:/A: pattern; stop there.
-_PATTERN_STOPS = ("\nQ:", "\n\nQ", "\nProblem:", "\nQuestion:")
-
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -84,7 +81,7 @@ def _load_task(cfg: EvalConfig):  # noqa: ANN202
 
 def run_eval(cfg: EvalConfig, lm: LoadedModel | None = None) -> EvalResult:
     """Evaluate ``cfg.model`` on ``cfg.task``; write artifacts to ``cfg.out`` if set."""
-    from saereward.generate import SamplingConfig, iter_generate
+    from saereward.generate import SamplingConfig, iter_generate, stop_strings_for
     from saereward.tasks import format_prompt
 
     task = _load_task(cfg)  # validate the task before paying for the model
@@ -101,7 +98,7 @@ def run_eval(cfg: EvalConfig, lm: LoadedModel | None = None) -> EvalResult:
         do_sample=cfg.sample,
         temperature=cfg.temperature,
         top_p=cfg.top_p,
-        stop=() if cfg.prompt_format == "chat" else _PATTERN_STOPS,
+        stop=stop_strings_for(cfg.prompt_format),
     )
     rows: list[dict[str, Any]] = [{} for _ in items]
     t0 = time.perf_counter()

@@ -23,6 +23,14 @@ import torch
 from saereward.capture import ResidualCapture
 from saereward.lm import LoadedModel
 
+#: Raw and few-shot prompts make the model continue the ``Q:/A:`` pattern; generation stops there.
+PATTERN_STOPS: tuple[str, ...] = ("\nQ:", "\n\nQ", "\nProblem:", "\nQuestion:")
+
+
+def stop_strings_for(prompt_format: str) -> tuple[str, ...]:
+    """Stop strings for a prompt format: none for ``chat`` (the end-of-turn token ends it)."""
+    return () if prompt_format == "chat" else PATTERN_STOPS
+
 
 @dataclass(frozen=True)
 class SamplingConfig:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from saereward.errors import SaeRewardError
+from saereward.hub import hub_offline, hub_reachable
 
 if TYPE_CHECKING:
     import torch
@@ -339,10 +340,6 @@ def freeze_vision_tower(model: nn.Module) -> int:
     return n
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in {"0", "", "false", "False"}
-
-
 def load_model(
     spec: str = DEFAULT_MODEL,
     *,
@@ -403,11 +400,18 @@ def _load_hub(spec: str, dtype: DType, trust_remote_code: bool) -> tuple[Any, An
     try:
         return _from_pretrained_folder(spec, dtype, trust_remote_code, True)
     except OSError as local_exc:
-        if _hub_offline():
+        if hub_offline():
             raise SaeRewardError(
                 f"model {spec!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: download it "
                 f"where there is network (`hf download {spec}`) and copy the cache, or pass a local folder"
             ) from local_exc
+    ok, endpoint = hub_reachable()
+    if not ok:
+        raise SaeRewardError(
+            f"model {spec!r} is not in the local Hugging Face cache and {endpoint} is unreachable: download it "
+            f"where there is network (`hf download {spec}`) and copy the cache, pass a local folder or .gguf, "
+            f"or use {DEFAULT_MODEL}"
+        )
     try:
         return _from_pretrained_folder(spec, dtype, trust_remote_code, False)
     except OSError as exc:

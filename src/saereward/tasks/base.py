@@ -30,14 +30,13 @@ import json
 import logging
 import os
 import random
-import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
-from urllib.parse import urlparse
 
 from saereward.errors import SaeRewardError
+from saereward.hub import hub_offline, hub_reachable
 
 __all__ = [
     "DemoTask",
@@ -208,30 +207,6 @@ def require_fields(row: Mapping[str, Any], fields: Sequence[str], where: str) ->
         raise SaeRewardError(f"{where}: missing field(s) {missing}; each row needs {list(fields)}")
 
 
-def _hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
-    """TCP-probe the hub endpoint (or the HTTPS proxy) so that offline use fails in seconds."""
-    try:
-        from huggingface_hub import constants
-
-        endpoint = str(constants.ENDPOINT)
-    except Exception:  # pragma: no cover - huggingface_hub ships with transformers
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    url = urlparse(proxy if proxy else endpoint)
-    host = url.hostname or "huggingface.co"
-    port = url.port or (443 if url.scheme in ("https", "") else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True, endpoint
-    except OSError:
-        return False, endpoint
-
-
-def _hub_offline() -> bool:
-    flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-    return any(os.environ.get(f, "").strip().lower() in ("1", "true", "yes", "on") for f in flags)
-
-
 def load_hf_rows(repo: str, config: str | None, split: str, *, task: str, fix: str) -> list[dict[str, Any]]:
     """Rows of a hub dataset via :func:`datasets.load_dataset`, failing fast when the hub is unreachable.
 
@@ -239,8 +214,8 @@ def load_hf_rows(repo: str, config: str | None, split: str, *, task: str, fix: s
     is probed first (a few seconds at most), so a machine without network gets an error instead of
     minutes of retries. ``fix`` says what to do instead (for example, which offline source to use).
     """
-    if not _hub_offline():
-        ok, endpoint = _hub_reachable()
+    if not hub_offline():
+        ok, endpoint = hub_reachable()
         if not ok:
             raise SaeRewardError(
                 f"task {task!r}: cannot reach {endpoint} to download {repo}; {fix} "

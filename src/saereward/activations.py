@@ -1,0 +1,1056 @@
+"""Activation collection (``saereward collect``) into on-disk shards, and a shuffling reader for SAE training.
+
+**Sources.** Residuals come from up to two kinds of source, collected in this order until ``max_tokens``:
+
+* *task*: the task's prompts (formatted like ``saereward eval``) and the model's own generations. The
+  residuals are captured *during* ``generate()`` (:func:`saereward.generate.iter_generate` with
+  ``capture_layers``), so there is no second forward. Kept positions: the real prompt tokens and the
+  response tokens that have a residual (:attr:`~saereward.generate.Generation.residual_mask`); left pads,
+  tokens after the end token and the last sampled token (never fed through the model) are not kept.
+  With ``dedupe_prompt_prefix`` the token prefix that *every* prompt shares (few-shot demos, a chat
+  template's system prompt) is kept for item 0 only, not once per item: otherwise it would be the most
+  repeated row in the data, with identical activations each time.
+* *corpus*: text documents from local ``.txt`` files (one document per blank-line-separated paragraph,
+  or per line with ``txt_unit="line"``), ``.jsonl`` files (one document per row, field ``text_field``),
+  and/or a Hugging Face ``datasets`` stream (``hf_dataset``; offline this fails at once with a clear
+  error). Each document is tokenized without special tokens and cut into chunks of at most
+  ``context_len`` tokens; each chunk starts with the tokens the tokenizer itself puts in front of a
+  text (its BOS, if it adds one) and is one sequence of a left-padded batch, run through
+  :func:`saereward.capture.forward_residuals`. Pads are not kept.
+
+All layers of ``layers`` are captured in the same forward (or generation) pass.
+
+**skip_first (default 1).** The first ``skip_first`` real positions of every sequence are dropped. The
+first position is an attention sink whether or not it is a BOS token: on SmolLM2-135M its residual norm
+at layer 15 is ~23,000 against a median of ~170 for the other positions (measured on three texts, with
+and without BOS), so one such row would dominate an SAE's MSE. Use 0 to keep it.
+
+**Shards.** ``out/shard_{i:05d}.safetensors`` holds ``layer_{L}`` ``[n, d]`` for every layer (in
+``store_dtype``) plus, per row, ``token_ids`` (int32), ``seq_ids`` (int64: the task item index, or the
+document index of a corpus source) and ``positions`` (int32: position in the forwarded sequence, 0 = its
+first real token). ``manifest.json`` lists the model, layers, ``d_model``, storage dtype, the sources
+with their resolved configs (task config, corpus files with size and sha256), every shard with its row
+counts and held-out range, the totals, the saereward version and a ``complete`` flag. ``config.json``
+is the resolved :class:`CollectConfig`. Shards and manifest are written atomically, the manifest after
+each shard.
+
+**Resume.** The unit of work is one *batch*: ``batch_size`` task items (items sorted by prompt length,
+longest first, then cut into batches, as ``iter_generate`` does) or ``batch_size`` corpus chunks. A
+shard holds whole units of one source and is closed at the first unit boundary where it reaches
+``shard_tokens`` rows (or at the end of a source, or when ``max_tokens`` is reached, the last unit then
+being cut short). Units are deterministic (the generation seed of unit ``u`` is derived from ``seed``
+and ``u``), so shard ``i`` covers the same items or text whether or not the run was interrupted. The
+manifest records each shard's unit range; a re-run with the same config checks every listed shard (file
+size, safetensors header, shapes), drops the first damaged one and all after it, and continues from the
+end of the last good shard. A different config in a folder that already has shards is refused
+(settings that do not change the data, ``progress``/``threads``/``out``, may differ); a folder with no
+shard yet is simply started over.
+
+**Held-out split.** Within every shard the rows from a *sequence boundary* near ``(1 -
+held_out_fraction)`` of the shard to its end are held out (``heldout_start`` in the manifest): whole task
+items or whole documents, so the ``train`` split never sees a token of a held-out item. A document that
+straddles two shards can have its head held out in one shard and its tail in the next shard's train
+rows. A shard with a single sequence has no held-out rows.
+
+**Reader.** :class:`ActivationStore` yields ``[B, d]`` batches of one layer and split. With ``shuffle``
+the rows are cut into pieces of at most ``buffer_tokens // 8`` contiguous rows; each epoch the pieces are
+put in a seeded random order and grouped into windows of at most ``buffer_tokens`` rows; each window is
+loaded (only its rows: safetensors slices), permuted by a seeded permutation and streamed. The batches
+are consecutive ``batch_size`` slices of that stream, epochs following each other with ``loop``, so
+``start_batch=k`` seeks to row ``k * batch_size`` of the stream and loads only from the window that
+holds it: the same batches as an uninterrupted iteration, with memory bounded by ``buffer_tokens`` rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from saereward import __version__
+from saereward.config import option, to_dict
+from saereward.errors import SaeRewardError
+from saereward.io import atomic_path, write_json
+from saereward.lm import DEFAULT_MODEL, DType, LoadedModel
+
+log = logging.getLogger(__name__)
+
+StoreDType = Literal["fp32", "fp16", "bf16"]
+Split = Literal["train", "heldout", "all"]
+TxtUnit = Literal["paragraph", "line"]
+PromptFormat = Literal["raw", "fewshot", "chat"]
+
+FORMAT = "saereward.activations"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+_STORE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Settings that do not change what is collected: a re-run may differ in these.
+_NOT_CONTENT = ("progress", "threads", "out")
+_PIECES_PER_BUFFER = 8
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """Settings of ``saereward collect``: residual activations of a model, written as shards."""
+
+    model: str = option(DEFAULT_MODEL, "model: embedded:<key>, a .gguf file, an HF folder or a hub id")
+    dtype: DType = option("fp32", "model dtype")
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
+    layers: tuple[int, ...] = option(
+        (15,), "decoder layers to capture, all in one pass (layer L = output of block L)"
+    )
+    # -- task source: prompts + the model's own generations (as in `saereward eval`) --
+    task: str | None = option(
+        "chain_sum", "task whose prompts and generations are collected (none = no task source)"
+    )
+    task_source: str = option("auto", "where the task data comes from: auto, offline, hf, jsonl")
+    task_path: str | None = option(None, "local JSONL file for the task (GSM8K or MATH format)")
+    task_params: dict[str, Any] = option({}, "extra task settings, e.g. reasoning-gym config (TOML table)")
+    n: int | None = option(200, "number of task items (None = all the task has)")
+    prompt_format: PromptFormat = option("fewshot", "prompt format: raw (seed's Q:/A: CoT), fewshot, chat")
+    shots: int = option(2, "few-shot demos for prompt_format=fewshot")
+    max_new_tokens: int = option(128, "max tokens to generate per item")
+    sample: bool = option(False, "sample instead of greedy decoding")
+    temperature: float = option(0.9, "sampling temperature (with --sample)")
+    top_p: float = option(0.95, "nucleus sampling top-p (with --sample)")
+    dedupe_prompt_prefix: bool = option(
+        True, "keep the token prefix shared by all prompts (few-shot demos, system prompt) for one item only"
+    )
+    # -- corpus source --
+    text_paths: tuple[str, ...] = option(
+        (), "local text files: .txt (see txt_unit) or .jsonl (field text_field)"
+    )
+    txt_unit: TxtUnit = option("paragraph", "a .txt document is a blank-line-separated paragraph, or a line")
+    text_field: str = option("text", "field holding the text in .jsonl rows and hf_dataset rows")
+    hf_dataset: str | None = option(
+        None, "Hugging Face datasets name to stream (needs the hub; offline fails)"
+    )
+    hf_config: str | None = option(None, "config name of hf_dataset")
+    hf_split: str = option("train", "split of hf_dataset")
+    context_len: int = option(256, "corpus chunk length in tokens (BOS included)")
+    # -- collection --
+    max_tokens: int | None = option(None, "stop after this many kept tokens (None = exhaust every source)")
+    batch_size: int = option(16, "sequences per forward/generation batch (also the unit of resume)")
+    skip_first: int = option(1, "drop the first N real positions of every sequence (attention sink)")
+    store_dtype: StoreDType = option("fp32", "dtype of the stored activations")
+    shard_tokens: int = option(65536, "tokens per shard (shards hold whole batches, so slightly more)")
+    held_out_fraction: float = option(0.05, "fraction of each shard's tokens held out, whole sequences")
+    seed: int = option(0, "seed for task generation and sampling")
+    out: str = option("runs/activations", "output folder for shards, manifest.json and config.json")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("layers must name at least one layer")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers has duplicates: {list(self.layers)}")
+        if not (self.task or self.text_paths or self.hf_dataset):
+            raise ValueError("no source: set task, text_paths or hf_dataset")
+        for name in ("batch_size", "shard_tokens", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n is not None and self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.skip_first < 0:
+            raise ValueError(f"skip_first must be >= 0, got {self.skip_first}")
+        if self.context_len < self.skip_first + 2:
+            raise ValueError(f"context_len must be >= skip_first + 2, got {self.context_len}")
+        if not 0.0 <= self.held_out_fraction < 1.0:
+            raise ValueError(f"held_out_fraction must be in [0, 1), got {self.held_out_fraction}")
+        if self.shots < 0:
+            raise ValueError(f"shots must be >= 0, got {self.shots}")
+        bad = [p for p in self.text_paths if Path(p).suffix.lower() not in (".txt", ".jsonl")]
+        if bad:
+            raise ValueError(f"text_paths entry {bad[0]!r} is neither .txt nor .jsonl")
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.safetensors"
+
+
+def heldout_start(seq_ids: torch.Tensor, fraction: float) -> int:
+    """First held-out row of a shard whose rows belong to sequences ``seq_ids [n]`` (contiguous runs).
+
+    The sequence start (or ``n``) nearest to ``n * (1 - fraction)``; ties go to the later one, so a
+    shard never holds out more than the rule asks for when two boundaries are equally near.
+    """
+    n = int(seq_ids.shape[0])
+    if fraction <= 0 or n == 0:
+        return n
+    target = n * (1.0 - fraction)
+    changes = (torch.nonzero(seq_ids[1:] != seq_ids[:-1]).flatten() + 1).tolist()
+    starts = [0, *changes, n]
+    return int(min(starts, key=lambda s: (abs(s - target), -s)))
+
+
+def chunk_document(ids: Sequence[int], context_len: int, prefix: Sequence[int] = ()) -> list[list[int]]:
+    """Cut one document's token ids into sequences ``prefix + body`` of at most ``context_len`` tokens."""
+    body = context_len - len(prefix)
+    if body < 1:
+        raise ValueError(f"context_len {context_len} leaves no room after the {len(prefix)} prefix tokens")
+    return [[*prefix, *ids[i : i + body]] for i in range(0, len(ids), body)]
+
+
+def iter_text_documents(
+    path: str | Path, txt_unit: TxtUnit = "paragraph", text_field: str = "text"
+) -> Iterator[str]:
+    """Documents of one ``.txt`` or ``.jsonl`` file, read lazily; empty documents are skipped."""
+    p = Path(path)
+    if p.suffix.lower() == ".jsonl":
+        with p.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise SaeRewardError(f"{p}:{lineno}: not valid JSON ({exc.msg}); fix that line") from None
+                if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                    raise SaeRewardError(
+                        f"{p}:{lineno}: expected a JSON object with a string field {text_field!r}; "
+                        "fix that line or set text_field"
+                    )
+                if row[text_field].strip():
+                    yield row[text_field]
+        return
+    with p.open(encoding="utf-8") as fh:
+        if txt_unit == "line":
+            for line in fh:
+                if line.strip():
+                    yield line.rstrip("\r\n")
+            return
+        para: list[str] = []
+        for line in fh:
+            if line.strip():
+                para.append(line.rstrip("\r\n"))
+            elif para:
+                yield "\n".join(para)
+                para = []
+        if para:
+            yield "\n".join(para)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _text_prefix(tokenizer: Any) -> list[int]:
+    """The ids the tokenizer puts before a text when it adds special tokens (its BOS, or nothing)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for k in range(len(full) - len(plain) + 1):
+        if full[k : k + len(plain)] == plain:
+            return list(full[:k])
+    return []
+
+
+# --------------------------------------------------------------------------------------------------
+# Rows of one unit
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Rows:
+    """Kept positions of one unit: activations per layer ``[n, d]`` and per-row metadata ``[n]``."""
+
+    acts: dict[int, torch.Tensor]
+    token_ids: torch.Tensor
+    seq_ids: torch.Tensor
+    positions: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @classmethod
+    def from_mask(
+        cls,
+        residuals: dict[int, torch.Tensor],
+        ids: torch.Tensor,
+        seq: Sequence[int],
+        pos: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> _Rows:
+        """Select ``keep [B, T]`` (row-major: sequence by sequence) from ``[B, T, d]`` residuals and ids."""
+        seq_t = torch.as_tensor(list(seq), dtype=torch.int64)[:, None].expand_as(keep)
+        return cls(
+            acts={layer: r[keep] for layer, r in residuals.items()},
+            token_ids=ids[keep].to(torch.int32),
+            seq_ids=seq_t[keep],
+            positions=pos[keep].to(torch.int32),
+        )
+
+    def head(self, n: int) -> _Rows:
+        return _Rows(
+            {k: v[:n] for k, v in self.acts.items()}, self.token_ids[:n], self.seq_ids[:n], self.positions[:n]
+        )
+
+    def cast(self, dtype: torch.dtype) -> _Rows:
+        return _Rows(
+            {k: v.to(dtype) for k, v in self.acts.items()}, self.token_ids, self.seq_ids, self.positions
+        )
+
+    @classmethod
+    def cat(cls, parts: Sequence[_Rows]) -> _Rows:
+        return cls(
+            acts={k: torch.cat([p.acts[k] for p in parts]) for k in parts[0].acts},
+            token_ids=torch.cat([p.token_ids for p in parts]),
+            seq_ids=torch.cat([p.seq_ids for p in parts]),
+            positions=torch.cat([p.positions for p in parts]),
+        )
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"layer_{k}": v.contiguous() for k, v in self.acts.items()}
+        out.update(token_ids=self.token_ids, seq_ids=self.seq_ids, positions=self.positions)
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------------
+
+
+class _TaskSource:
+    """Task prompts and the model's generations; unit ``u`` = the ``u``-th batch of length-sorted items."""
+
+    kind = "task"
+
+    def __init__(self, cfg: CollectConfig) -> None:
+        from saereward.tasks import load_task
+
+        assert cfg.task
+        self.cfg = cfg
+        self.task = load_task(
+            cfg.task, n=cfg.n, seed=cfg.seed, source=cfg.task_source, path=cfg.task_path, **cfg.task_params
+        )
+        self.items = list(self.task.items())
+        self.prompts: list[str] = []
+        self.groups: list[list[int]] = []
+        self.prefix_len = 0
+
+    def prepare(self, lm: LoadedModel) -> None:
+        from saereward.tasks import format_prompt
+
+        cfg = self.cfg
+        if cfg.prompt_format == "chat" and not getattr(lm.tokenizer, "chat_template", None):
+            raise SaeRewardError(
+                f"model {cfg.model} has no chat template: use --prompt-format raw or fewshot"
+            )
+        self.prompts = [
+            format_prompt(self.task, it, cfg.prompt_format, tokenizer=lm.tokenizer, shots=cfg.shots)
+            for it in self.items
+        ]
+        ids = lm.tokenizer(self.prompts, add_special_tokens=False)["input_ids"]
+        order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))  # iter_generate's bucketing
+        self.groups = [order[s : s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
+        if cfg.dedupe_prompt_prefix and len(ids) > 1:
+            shortest = min(len(x) for x in ids)
+            k = 0
+            while k < shortest and all(x[k] == ids[0][k] for x in ids):
+                k += 1
+            self.prefix_len = k
+
+    def sampling(self) -> Any:
+        from saereward.generate import SamplingConfig, stop_strings_for
+
+        cfg = self.cfg
+        return SamplingConfig(
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=cfg.sample,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            stop=stop_strings_for(cfg.prompt_format),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "kind": self.kind,
+            "task": self.task.describe(),
+            "prompt_format": cfg.prompt_format,
+            "shots": cfg.shots,
+            "sampling": to_dict(self.sampling()),
+            "n_items": len(self.items),
+            "n_units": len(self.groups),
+            "unit": f"{cfg.batch_size} items, sorted by prompt length (longest first)",
+            "shared_prefix_tokens": self.prefix_len,
+            "shared_prefix_kept_for_item": 0 if self.prefix_len else None,
+        }
+
+    def units(self, lm: LoadedModel, layers: Sequence[int], start: int) -> Iterator[tuple[int, _Rows]]:
+        from saereward.generate import iter_generate
+
+        sampling = self.sampling()
+        for u in range(start, len(self.groups)):
+            group = self.groups[u]
+            prompts = [self.prompts[i] for i in group]
+            for local, g in iter_generate(
+                lm,
+                prompts,
+                sampling,
+                batch_size=len(group),
+                seed=self.cfg.seed * 1_000_003 + u,
+                capture_layers=layers,
+                progress=False,
+            ):
+                seqs, resp = g.sequences.cpu(), g.response_mask.cpu()
+                real = g.attention_mask.cpu().bool()
+                pos = real.long().cumsum(1) - 1
+                keep = (real & ~resp) | g.residual_mask.cpu()
+                keep &= pos >= self.cfg.skip_first
+                items = [group[j] for j in local]
+                if self.prefix_len:
+                    owner = torch.tensor([i == 0 for i in items])[:, None]
+                    keep &= owner | (pos >= self.prefix_len)
+                residuals = {k: v.cpu() for k, v in g.residuals.items()}
+                yield u, _Rows.from_mask(residuals, seqs, items, pos, keep)
+
+
+class _CorpusSource:
+    """Text documents cut into chunks; unit ``u`` = chunks ``u * batch_size ... (u + 1) * batch_size - 1``."""
+
+    kind = "corpus"
+
+    def __init__(self, cfg: CollectConfig) -> None:
+        self.cfg = cfg
+        self.files: list[dict[str, Any]] = []
+        for p in cfg.text_paths:
+            path = Path(p).expanduser()
+            if not path.is_file():
+                raise SaeRewardError(f"text file {p} not found: check text_paths")
+            self.files.append(
+                {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": _sha256(path)}
+            )
+        self.hf: Any = _open_hf_stream(cfg) if cfg.hf_dataset else None
+        self.prefix: list[int] = []
+
+    def prepare(self, lm: LoadedModel) -> None:
+        self.prefix = _text_prefix(lm.tokenizer)
+        if len(self.prefix) >= self.cfg.context_len - self.cfg.skip_first:
+            raise SaeRewardError(
+                f"context_len {self.cfg.context_len} is too short for the tokenizer's prefix"
+            )
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "kind": self.kind,
+            "text_files": self.files,
+            "txt_unit": cfg.txt_unit,
+            "text_field": cfg.text_field,
+            "hf_dataset": (
+                {"name": cfg.hf_dataset, "config": cfg.hf_config, "split": cfg.hf_split}
+                if cfg.hf_dataset
+                else None
+            ),
+            "context_len": cfg.context_len,
+            "prefix_ids": self.prefix,
+            "unit": f"{cfg.batch_size} chunks of at most {cfg.context_len} tokens",
+        }
+
+    def documents(self) -> Iterator[str]:
+        for f in self.files:
+            yield from iter_text_documents(f["path"], self.cfg.txt_unit, self.cfg.text_field)
+        if self.hf is not None:
+            for row in self.hf:
+                text = row.get(self.cfg.text_field) if isinstance(row, dict) else None
+                if not isinstance(text, str):
+                    raise SaeRewardError(
+                        f"hf_dataset {self.cfg.hf_dataset!r} rows have no string field {self.cfg.text_field!r}: "
+                        "set text_field"
+                    )
+                if text.strip():
+                    yield text
+
+    def chunks(self, tokenizer: Any) -> Iterator[tuple[int, list[int]]]:
+        """``(document index, token ids)`` per chunk; chunks too short to keep a position are skipped."""
+        for doc_id, text in enumerate(self.documents()):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            for chunk in chunk_document(ids, self.cfg.context_len, self.prefix):
+                if len(chunk) > self.cfg.skip_first:
+                    yield doc_id, chunk
+
+    def units(self, lm: LoadedModel, layers: Sequence[int], start: int) -> Iterator[tuple[int, _Rows]]:
+        from saereward.capture import forward_residuals
+
+        bs = self.cfg.batch_size
+        pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        device = next(lm.model.parameters()).device
+        batch: list[tuple[int, list[int]]] = []
+        u = 0
+        for item in self.chunks(lm.tokenizer):
+            batch.append(item)
+            if len(batch) < bs:
+                continue
+            if u >= start:
+                yield u, self._forward(lm, layers, batch, pad_id, device, forward_residuals)
+            u, batch = u + 1, []
+        if batch and u >= start:
+            yield u, self._forward(lm, layers, batch, pad_id, device, forward_residuals)
+
+    def _forward(
+        self,
+        lm: LoadedModel,
+        layers: Sequence[int],
+        batch: list[tuple[int, list[int]]],
+        pad_id: int,
+        device: Any,
+        fwd: Any,
+    ) -> _Rows:
+        width = max(len(c) for _, c in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, (_, chunk) in enumerate(batch):  # left padding, as the tokenizer and generate use
+            ids[row, width - len(chunk) :] = torch.tensor(chunk)
+            mask[row, width - len(chunk) :] = 1
+        residuals = fwd(lm.model, ids.to(device), mask.to(device), layers)
+        residuals = {k: v.cpu() for k, v in residuals.items()}
+        pos = mask.cumsum(1) - 1
+        keep = mask.bool() & (pos >= self.cfg.skip_first)
+        return _Rows.from_mask(residuals, ids, [d for d, _ in batch], pos, keep)
+
+
+def _open_hf_stream(cfg: CollectConfig) -> Any:
+    """Open ``cfg.hf_dataset`` as a streaming dataset, failing in seconds when the hub is unreachable."""
+    from saereward.hub import hub_offline, hub_reachable
+
+    name = cfg.hf_dataset
+    fix = "save the text as .txt or .jsonl files and pass them as text_paths instead"
+    if hub_offline():
+        raise SaeRewardError(
+            f"hf_dataset {name!r} is streamed from the Hugging Face hub, but offline mode is set; {fix}"
+        )
+    ok, endpoint = hub_reachable()
+    if not ok:
+        raise SaeRewardError(f"cannot reach {endpoint} to stream hf_dataset {name!r}; {fix}")
+    try:
+        import datasets
+    except ImportError:
+        raise SaeRewardError(
+            f"hf_dataset needs the `datasets` package: pip install datasets, or {fix}"
+        ) from None
+    try:
+        return datasets.load_dataset(name, cfg.hf_config, split=cfg.hf_split, streaming=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise SaeRewardError(
+            f"cannot stream hf_dataset {name!r} ({cfg.hf_config or 'default'}, {cfg.hf_split}): "
+            f"{type(exc).__name__}: {first[:200]}; {fix}"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write one shard atomically (a kill leaves either no file or the complete file)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    write_json(out / MANIFEST, manifest)
+
+
+def _content_config(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg_dict.items() if k not in _NOT_CONTENT}
+
+
+def check_shard(path: Path, entry: dict[str, Any], layers: Sequence[int], d_model: int) -> str | None:
+    """What is wrong with shard ``path`` against its manifest ``entry``, or ``None`` when it is sound.
+
+    Checks the file exists, its size, its safetensors header, and the shape of every tensor; it does not
+    read the data.
+    """
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size == 0:
+        return "empty (0 bytes)"
+    if size != entry["bytes"]:
+        return f"truncated or altered ({size} bytes, the manifest says {entry['bytes']})"
+    n = entry["n_tokens"]
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            keys = set(fh.keys())
+            for layer in layers:
+                key = f"layer_{layer}"
+                if key not in keys:
+                    return f"missing tensor {key}"
+                shape = list(fh.get_slice(key).get_shape())
+                if shape != [n, d_model]:
+                    return f"tensor {key} has shape {shape}, expected {[n, d_model]}"
+            for key in ("token_ids", "seq_ids", "positions"):
+                if key not in keys or list(fh.get_slice(key).get_shape()) != [n]:
+                    return f"tensor {key} missing or of the wrong length"
+    except Exception as exc:  # safetensors raises its own error type for bad headers
+        return f"unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    return None
+
+
+def _prepare_out(cfg: CollectConfig) -> dict[str, Any] | None:
+    """Check ``cfg.out`` against ``cfg``; return the existing manifest to resume from, or ``None``."""
+    out = Path(cfg.out)
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise SaeRewardError(f"out {out} is a file: pass a folder path as out")
+    entries = [p for p in out.iterdir() if not p.name.startswith(".")]
+    if not entries:
+        return None
+    if not (out / CONFIG).is_file() or not (out / MANIFEST).is_file():
+        raise SaeRewardError(
+            f"out folder {out} is not empty and holds no activation collection (no {CONFIG}/{MANIFEST}): "
+            "pass an empty or new folder as out"
+        )
+    try:
+        stored = json.loads((out / CONFIG).read_text(encoding="utf-8"))
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SaeRewardError(
+            f"cannot read {out}/{CONFIG} or {MANIFEST} ({exc}): pass a new folder as out"
+        ) from None
+    new = _content_config(to_dict(cfg))
+    old = _content_config(stored)
+    if new != old:
+        if not manifest.get("shards"):
+            log.info("%s has no shards yet; starting over with the new config", out)
+            return None
+        diff = sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k))
+        raise SaeRewardError(
+            f"out folder {out} holds activations collected with a different config (differs in: "
+            f"{', '.join(diff)}): pass another out folder, or delete {out} to start over"
+        )
+    return manifest
+
+
+def _new_manifest(
+    cfg: CollectConfig, lm: LoadedModel, layers: list[int], sources: list[Any]
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "saereward_version": __version__,
+        "model": cfg.model,
+        "model_class": type(lm.model).__name__,
+        "model_dtype": cfg.dtype,
+        "num_layers": lm.num_layers,
+        "layers": layers,
+        "d_model": lm.d_model,
+        "dtype": cfg.store_dtype,
+        "skip_first": cfg.skip_first,
+        "held_out": {
+            "fraction": cfg.held_out_fraction,
+            "rule": "per shard, rows from the sequence start nearest (1 - fraction) of the shard to its end",
+        },
+        "sources": [s.describe() for s in sources],
+        "shards": [],
+        "n_tokens": 0,
+        "n_train": 0,
+        "n_heldout": 0,
+        "complete": False,
+    }
+
+
+def _resume_point(out: Path, manifest: dict[str, Any]) -> None:
+    """Drop the first damaged shard and everything after it from ``manifest`` (in place)."""
+    for i, entry in enumerate(manifest["shards"]):
+        problem = check_shard(out / entry["file"], entry, manifest["layers"], manifest["d_model"])
+        if problem is not None:
+            log.warning(
+                "shard %s is %s: collecting it again (and the %d after it)",
+                entry["file"],
+                problem,
+                len(manifest["shards"]) - i - 1,
+            )
+            del manifest["shards"][i:]
+            manifest["complete"] = False
+            break
+    _recount(manifest)
+
+
+def _recount(manifest: dict[str, Any]) -> None:
+    shards = manifest["shards"]
+    manifest["n_tokens"] = sum(s["n_tokens"] for s in shards)
+    manifest["n_heldout"] = sum(s["n_tokens"] - s["heldout_start"] for s in shards)
+    manifest["n_train"] = manifest["n_tokens"] - manifest["n_heldout"]
+
+
+def run_collect(cfg: CollectConfig, lm: LoadedModel | None = None) -> Path:
+    """Collect activations as described in the module docstring; return the ``out`` folder.
+
+    A finished collection with the same config is left as it is; an interrupted one is resumed.
+    """
+    from saereward.lm import load_model, resolve_layer
+
+    out = Path(cfg.out)
+    old = _prepare_out(cfg)
+    # Sources are checked before the model is loaded: a typo in a path should not cost a model load.
+    sources: list[Any] = []
+    if cfg.task:
+        sources.append(_TaskSource(cfg))
+    if cfg.text_paths or cfg.hf_dataset:
+        sources.append(_CorpusSource(cfg))
+    if lm is None:
+        lm = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads)
+    layers = sorted({resolve_layer(lm.model, layer) for layer in cfg.layers})
+    for s in sources:
+        s.prepare(lm)
+    manifest = _new_manifest(cfg, lm, layers, sources)
+    if old is not None:
+        for key in ("layers", "d_model", "sources", "format_version"):
+            if json.loads(json.dumps(manifest[key])) != old.get(key):
+                raise SaeRewardError(
+                    f"out folder {out} was collected from different {key} (e.g. a text file changed since): "
+                    f"pass another out folder, or delete {out} to start over"
+                )
+        manifest = old
+        _resume_point(out, manifest)
+        if manifest["complete"]:
+            log.info(
+                "%s is complete (%d tokens in %d shards)", out, manifest["n_tokens"], len(manifest["shards"])
+            )
+            return out
+        log.info(
+            "resuming %s after %d shards (%d tokens)", out, len(manifest["shards"]), manifest["n_tokens"]
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".shard_*.tmp"):  # left by a killed atomic write
+        stale.unlink()
+    write_json(out / CONFIG, to_dict(cfg))
+    _write_manifest(out, manifest)
+    _collect(cfg, lm, layers, sources, manifest, out)
+    return out
+
+
+def _collect(
+    cfg: CollectConfig,
+    lm: LoadedModel,
+    layers: list[int],
+    sources: list[Any],
+    manifest: dict[str, Any],
+    out: Path,
+) -> None:
+    from tqdm.auto import tqdm
+
+    store = _STORE_DTYPES[cfg.store_dtype]
+    shards: list[dict[str, Any]] = manifest["shards"]
+    first_source, first_unit = (shards[-1]["source"], shards[-1]["unit_end"]) if shards else (0, 0)
+    budget = None if cfg.max_tokens is None else cfg.max_tokens - manifest["n_tokens"]
+    bar = tqdm(
+        total=cfg.max_tokens,
+        initial=manifest["n_tokens"],
+        desc="collect",
+        unit="tok",
+        unit_scale=True,
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+    )
+    try:
+        for si in range(first_source, len(sources)):
+            if budget is not None and budget <= 0:
+                break
+            pending: list[_Rows] = []
+            n_pending, unit_start = 0, first_unit if si == first_source else 0
+            unit_end = unit_start
+            for u, rows in sources[si].units(lm, layers, unit_start):
+                unit_end = u + 1
+                if budget is not None and len(rows) > budget:
+                    rows = rows.head(budget)
+                rows = rows.cast(store)
+                _check_finite(rows, len(shards), out, sources[si].kind, u)
+                pending.append(rows)
+                n_pending += len(rows)
+                bar.update(len(rows))
+                if budget is not None:
+                    budget -= len(rows)
+                if n_pending >= cfg.shard_tokens or (budget is not None and budget <= 0):
+                    _flush(cfg, pending, si, unit_start, unit_end, manifest, out)
+                    bar.set_postfix(shards=len(shards))
+                    pending, n_pending, unit_start = [], 0, unit_end
+                if budget is not None and budget <= 0:
+                    break
+            if n_pending:
+                _flush(cfg, pending, si, unit_start, unit_end, manifest, out)
+                bar.set_postfix(shards=len(shards))
+    finally:
+        bar.close()
+    manifest["complete"] = True
+    _write_manifest(out, manifest)
+    log.info("collected %d tokens in %d shards to %s", manifest["n_tokens"], len(shards), out)
+
+
+def _check_finite(rows: _Rows, shard: int, out: Path, kind: str, unit: int) -> None:
+    for layer, acts in rows.acts.items():
+        bad = ~torch.isfinite(acts)
+        if bad.any():
+            n_bad = int(bad.any(dim=-1).sum())
+            raise SaeRewardError(
+                f"non-finite activations (NaN/inf) at layer {layer} in {n_bad} of {len(rows)} tokens of {kind} "
+                f"batch {unit}, for shard {shard} ({out / shard_name(shard)}, not written): the model "
+                "produces NaN/inf here; load it in fp32 (dtype fp32), and with store_dtype fp16 (max 65504) "
+                "use bf16 or fp32 instead"
+            )
+
+
+def _flush(
+    cfg: CollectConfig,
+    pending: list[_Rows],
+    source: int,
+    unit_start: int,
+    unit_end: int,
+    manifest: dict[str, Any],
+    out: Path,
+) -> None:
+    rows = _Rows.cat(pending)
+    index = len(manifest["shards"])
+    path = out / shard_name(index)
+    h = heldout_start(rows.seq_ids, cfg.held_out_fraction)
+    meta = {"format": FORMAT, "shard": str(index), "n_tokens": str(len(rows)), "heldout_start": str(h)}
+    _write_shard(path, rows.tensors(), meta)
+    manifest["shards"].append(
+        {
+            "file": path.name,
+            "n_tokens": len(rows),
+            "heldout_start": h,
+            "n_sequences": int(torch.unique(rows.seq_ids).numel()),
+            "source": source,
+            "unit_start": unit_start,
+            "unit_end": unit_end,
+            "bytes": path.stat().st_size,
+        }
+    )
+    _recount(manifest)
+    _write_manifest(out, manifest)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The manifest of an activation folder, with a clear error when there is none."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise SaeRewardError(f"{folder} has no {MANIFEST}: pass a folder written by `saereward collect`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SaeRewardError(
+            f"{path} is unreadable ({exc}): re-run `saereward collect` to rewrite it"
+        ) from None
+    if manifest.get("format") != FORMAT:
+        raise SaeRewardError(f"{path} is not a saereward activation manifest")
+    return manifest
+
+
+@dataclass(frozen=True)
+class _Span:
+    """Rows ``[start, stop)`` of one shard file."""
+
+    path: Path
+    start: int
+    stop: int
+
+
+class ActivationStore:
+    """Activations of one layer and split of a collection folder; see the module docstring.
+
+    Args:
+        folder: a folder written by :func:`run_collect`.
+        layer: one of the collected layers (negative counts from the model's last layer).
+        split: ``train`` (rows before each shard's ``heldout_start``), ``heldout`` (the rest) or ``all``.
+        allow_incomplete: read a collection that has not finished (otherwise an error).
+    """
+
+    def __init__(
+        self, folder: str | Path, layer: int, split: Split = "train", *, allow_incomplete: bool = False
+    ) -> None:
+        self.folder = Path(folder)
+        self.manifest = read_manifest(folder)
+        m = self.manifest
+        if split not in ("train", "heldout", "all"):
+            raise SaeRewardError(f"split {split!r} is not one of train, heldout, all")
+        if -m["num_layers"] <= layer < 0:
+            layer += m["num_layers"]
+        if layer not in m["layers"]:
+            raise SaeRewardError(f"layer {layer} was not collected in {folder}: available are {m['layers']}")
+        if not m["complete"] and not allow_incomplete:
+            raise SaeRewardError(
+                f"the collection in {folder} is incomplete ({m['n_tokens']} tokens so far): re-run "
+                "`saereward collect` with the same config to finish it"
+            )
+        self.layer, self.split = layer, split
+        self.key = f"layer_{layer}"
+        self.d_model: int = m["d_model"]
+        self.spans: list[_Span] = []
+        for entry in m["shards"]:
+            start, stop = {
+                "train": (0, entry["heldout_start"]),
+                "heldout": (entry["heldout_start"], entry["n_tokens"]),
+                "all": (0, entry["n_tokens"]),
+            }[split]
+            if stop <= start:
+                continue
+            path = self.folder / entry["file"]
+            problem = check_shard(path, entry, m["layers"], self.d_model)
+            if problem is not None:
+                raise SaeRewardError(
+                    f"activation shard {path} is {problem}: re-run `saereward collect` with the same config "
+                    f"(out={self.folder}) to rewrite it"
+                )
+            self.spans.append(_Span(path, start, stop))
+        self.n_tokens = sum(s.stop - s.start for s in self.spans)
+        if self.n_tokens == 0:
+            raise SaeRewardError(
+                f"split {split!r} of {folder} has no tokens"
+                + (
+                    ": collect with held_out_fraction > 0 and more than one sequence per shard"
+                    if split == "heldout"
+                    else ""
+                )
+            )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Storage dtype of the shards."""
+        return _STORE_DTYPES[self.manifest["dtype"]]
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def _load(self, path: Path, start: int, stop: int) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            return fh.get_slice(self.key)[start:stop]
+
+    def read(self, max_tokens: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The split's rows in stored order, ``[min(n_tokens, max_tokens), d]`` (all in memory)."""
+        parts, left = [], self.n_tokens if max_tokens is None else min(max_tokens, self.n_tokens)
+        for s in self.spans:
+            if left <= 0:
+                break
+            take = min(left, s.stop - s.start)
+            parts.append(self._load(s.path, s.start, s.start + take).to(dtype))
+            left -= take
+        return torch.cat(parts)
+
+    def windows(self, epoch: int, *, shuffle: bool, seed: int, buffer_tokens: int) -> list[list[_Span]]:
+        """The epoch's plan: windows (lists of row ranges, in stream order) of at most ``buffer_tokens`` rows."""
+        import numpy as np
+
+        piece = max(1, buffer_tokens // _PIECES_PER_BUFFER) if shuffle else buffer_tokens
+        pieces = [
+            _Span(s.path, a, min(a + piece, s.stop))
+            for s in self.spans
+            for a in range(s.start, s.stop, piece)
+        ]
+        if shuffle:
+            order = np.random.default_rng([seed % 2**63, epoch]).permutation(len(pieces))
+            pieces = [pieces[i] for i in order]
+        windows: list[list[_Span]] = []
+        size = buffer_tokens  # forces a new window at the first piece
+        for p in pieces:
+            n = p.stop - p.start
+            if size + n > buffer_tokens:
+                windows.append([])
+                size = 0
+            windows[-1].append(p)
+            size += n
+        return windows
+
+    def _epoch_stream(
+        self, epoch: int, offset: int, *, shuffle: bool, seed: int, buffer_tokens: int
+    ) -> Iterator[torch.Tensor]:
+        """Blocks of rows of one epoch's stream, starting at row ``offset`` of that epoch."""
+        import numpy as np
+
+        start = 0
+        for w, window in enumerate(
+            self.windows(epoch, shuffle=shuffle, seed=seed, buffer_tokens=buffer_tokens)
+        ):
+            n = sum(p.stop - p.start for p in window)
+            if start + n <= offset:
+                start += n
+                continue
+            rows = torch.cat([self._load(p.path, p.start, p.stop) for p in window])
+            if shuffle:
+                perm = np.random.default_rng([seed % 2**63, epoch, w + 1]).permutation(n)
+                rows = rows[torch.from_numpy(perm)]
+            yield rows[max(0, offset - start) :]
+            start += n
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        buffer_tokens: int = 2**18,
+        start_batch: int = 0,
+        dtype: torch.dtype = torch.float32,
+        loop: bool = False,
+        drop_last: bool = False,
+    ) -> Iterator[torch.Tensor]:
+        """Batches ``[batch_size, d]`` in ``dtype``; see the module docstring for the order.
+
+        ``start_batch=k`` yields exactly what an uninterrupted iteration yields after its first ``k``
+        batches. Without ``loop`` one epoch is read, and its last, smaller batch is yielded unless
+        ``drop_last``; with ``loop`` batches run on across epochs (each epoch reshuffled) forever.
+        Memory: at most ``buffer_tokens`` rows in the storage dtype (or one row range with
+        ``shuffle=False``), plus one batch.
+        """
+        if batch_size < 1 or buffer_tokens < 1 or start_batch < 0:
+            raise ValueError("batch_size and buffer_tokens must be >= 1 and start_batch >= 0")
+        epoch, offset = divmod(start_batch * batch_size, self.n_tokens)
+        carry: torch.Tensor | None = None
+        while loop or epoch == 0:
+            for block in self._epoch_stream(
+                epoch, offset, shuffle=shuffle, seed=seed, buffer_tokens=buffer_tokens
+            ):
+                i = 0
+                if carry is not None:
+                    i = batch_size - carry.shape[0]
+                    carry = torch.cat([carry, block[:i]])
+                    if carry.shape[0] < batch_size:
+                        continue
+                    yield carry.to(dtype)
+                    carry = None
+                while i + batch_size <= block.shape[0]:
+                    yield block[i : i + batch_size].to(dtype)
+                    i += batch_size
+                if i < block.shape[0]:
+                    carry = block[i:]
+            epoch, offset = epoch + 1, 0
+        if carry is not None and not drop_last:
+            yield carry.to(dtype)
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        """Batches in one epoch of :meth:`iter_batches` without ``loop``."""
+        return self.n_tokens // batch_size if drop_last else math.ceil(self.n_tokens / batch_size)

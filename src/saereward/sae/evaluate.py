@@ -1,0 +1,345 @@
+"""Held-out SAE evaluation: reconstruction and sparsity on activations, and CE/KL recovered in the model.
+
+:func:`evaluate_sae` streams over activation batches ``[N, d]`` (or ``[..., d]``) and accumulates sums
+only, in float64, so the eval set never has to fit in memory. With ``x̂`` the reconstruction and ``μ``
+the per-dimension mean over the *whole* eval set:
+
+* ``fvu = Σ‖x − x̂‖² / Σ‖x − μ‖²`` and ``variance_explained = 1 − fvu``. This is exactly
+  ``1 − explained_variance`` of SAELens 6.54 (``evals.py``, ``ExplainedVarianceCalculator``:
+  ``1 − E‖x − x̂‖² / (E‖x‖² − ‖E x‖²)``; its ``explained_variance_legacy`` averages per-token ratios and
+  differs). sparsify's ``ForwardOutput.fvu`` (and our coder's ``ForwardOutput.fvu``) divides by the
+  variance around the *batch* mean, per batch; averaged over batches it is a mean of ratios around
+  batch means, which is not what is computed here. To avoid the cancellation in ``E‖x‖² − ‖E x‖²``
+  (residual streams have large means) the sums are taken around a fixed shift, the first batch's mean.
+* ``mse`` = ``Σ‖x − x̂‖² / (N·d)`` (per element, as the coder's ``ForwardOutput.mse``);
+  ``mse_per_token`` = ``Σ‖x − x̂‖² / N`` (SAELens's ``mse``).
+* ``nmse`` = mean over tokens of ``‖x − x̂‖² / ‖x‖²`` (tokens with ``x = 0`` are skipped).
+* ``cos_sim`` = mean cosine similarity of ``x`` and ``x̂``.
+* ``l0`` = mean number of latents with a *nonzero* activation per token: top-k picks that the ReLU
+  zeroes do not count, so ``l0 <= k``.
+* ``coverage`` = ``alive_frac`` = fraction of latents that fired (> 0) on at least one eval token;
+  ``dead_pct = 100·(1 − coverage)``. These are over the eval set only, not the training window.
+
+:func:`ce_kl_recovered` splices the SAE into the model: a forward hook on decoder block ``layer`` (layer
+L = output of block L, see :mod:`saereward.lm`) replaces the block's hidden state by ``sae(h).recon``
+(or by zeros for the ablation baseline), on held-out text. With per-token next-token cross-entropy CE
+and ``KL(p_clean ‖ p_other)`` averaged over scored tokens:
+
+* ``ce_loss_recovered = (CE_zero − CE_sae) / (CE_zero − CE_clean)`` -- SAELens's ``ce_loss_score``.
+* ``kl_recovered = 1 − KL_sae / KL_zero`` -- identical to SAELens's
+  ``kl_div_score = (KL_abl − KL_sae) / KL_abl``.
+
+Scored tokens follow SAELens's ``get_recons_loss`` with ``ignore_tokens = {pad, bos}``: pad positions
+(``attention_mask == 0``) and, with ``exclude_bos``, BOS positions are not scored, and the SAE splice
+keeps the *clean* hidden state there (SAELens's ``torch.where(mask, recons, acts)``); the zero ablation
+zeros every position, as in SAELens. A CE term predicts token ``t+1`` from position ``t`` and counts when
+position ``t`` is scored and ``t+1`` is a real token; KL counts at every scored position, the last
+included, so ``n_tokens_kl >= n_tokens``. Averages are over tokens pooled across all batches
+(SAELens concatenates per-token values and takes one mean, so the same).
+
+Memory: three ``[B, T, vocab]`` logit tensors live at once; keep ``batch_size * max_length`` modest for
+large vocabularies (SmolLM2: 49,152 entries → 8 × 256 tokens ≈ 400 MB per tensor in fp32).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from saereward.capture import _block_output, position_ids_from_mask
+from saereward.errors import SaeRewardError
+from saereward.lm import decoder_layers, resolve_layer
+from saereward.sae.coder import TopKSAE
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reconstruction and sparsity on activations
+# --------------------------------------------------------------------------------------------------
+
+
+class _ReconStats:
+    """Streaming sums for :func:`evaluate_sae` (float64, on CPU)."""
+
+    def __init__(self, d_in: int, d_sae: int) -> None:
+        self.d_in = d_in
+        self.n = 0
+        self.shift: Tensor | None = None  # [d] fixed centre: the first batch's mean
+        self.sum_dx = torch.zeros(d_in, dtype=torch.float64)  # Σ (x - shift)
+        self.sum_sq_dx = 0.0  # Σ ‖x - shift‖²
+        self.sse = 0.0  # Σ ‖x - x̂‖²
+        self.sum_nmse = 0.0
+        self.n_nmse = 0
+        self.sum_cos = 0.0
+        self.sum_l0 = 0.0
+        self.fires = torch.zeros(d_sae, dtype=torch.int64)
+
+    def add(self, x: Tensor, recon: Tensor, top_acts: Tensor, top_indices: Tensor) -> None:
+        x64, r64 = x.detach().to("cpu", torch.float64), recon.detach().to("cpu", torch.float64)
+        if self.shift is None:
+            self.shift = x64.mean(0)
+        dx = x64 - self.shift
+        self.sum_dx += dx.sum(0)
+        self.sum_sq_dx += float(dx.pow(2).sum())
+        err = (x64 - r64).pow(2).sum(-1)  # [N]
+        self.sse += float(err.sum())
+        norm_sq = x64.pow(2).sum(-1)
+        nz = norm_sq > 0
+        self.sum_nmse += float((err[nz] / norm_sq[nz]).sum())
+        self.n_nmse += int(nz.sum())
+        self.sum_cos += float(torch.nn.functional.cosine_similarity(x64, r64, dim=-1, eps=1e-12).sum())
+        active = top_acts.detach().cpu() > 0
+        self.sum_l0 += float(active.sum())
+        self.fires += torch.bincount(top_indices.detach().cpu()[active], minlength=self.fires.numel())
+        self.n += x64.shape[0]
+
+    def result(self) -> dict[str, float]:
+        if self.n == 0:
+            raise SaeRewardError("evaluate_sae got no activations: the held-out batches are empty")
+        n, d = self.n, self.d_in
+        mean_dx = self.sum_dx / n
+        total_var = self.sum_sq_dx - n * float(mean_dx.pow(2).sum())  # Σ‖x − μ‖²
+        if total_var <= 1e-12 * max(self.sum_sq_dx, 1.0):
+            fvu = 0.0 if self.sse <= 1e-12 else 1.0  # constant inputs: SAELens's convention
+        else:
+            fvu = self.sse / total_var
+        coverage = float((self.fires > 0).float().mean())
+        return {
+            "fvu": fvu,
+            "variance_explained": 1.0 - fvu,
+            "mse": self.sse / (n * d),
+            "mse_per_token": self.sse / n,
+            "nmse": self.sum_nmse / self.n_nmse if self.n_nmse else float("nan"),
+            "cos_sim": self.sum_cos / n,
+            "l0": self.sum_l0 / n,
+            "dead_pct": 100.0 * (1.0 - coverage),
+            "alive_frac": coverage,
+            "coverage": coverage,
+            "n_tokens": float(n),
+        }
+
+
+@torch.no_grad()
+def evaluate_sae(
+    sae: TopKSAE, batches: Iterable[Tensor], *, return_fire_counts: bool = False
+) -> dict[str, Any]:
+    """Reconstruction and sparsity metrics of ``sae`` on held-out activations (see module docstring).
+
+    Args:
+        sae: the SAE; batches are moved to its device and dtype.
+        batches: an iterable of ``[N, d_in]`` (or ``[..., d_in]``) residual tensors, consumed once.
+        return_fire_counts: also return ``fire_counts``, an int64 ``[d_sae]`` tensor of how many eval
+            tokens each latent fired on.
+
+    Returns a dict of floats: ``fvu``, ``variance_explained``, ``mse``, ``mse_per_token``, ``nmse``,
+    ``cos_sim``, ``l0``, ``dead_pct``, ``alive_frac``, ``coverage``, ``n_tokens``.
+    """
+    stats = _ReconStats(sae.cfg.d_in, sae.cfg.d_sae)
+    device, dtype = sae.W_enc.device, sae.W_enc.dtype
+    for batch in batches:
+        if batch.shape[-1] != sae.cfg.d_in:
+            raise SaeRewardError(
+                f"activation batch has width {batch.shape[-1]} but the SAE's d_in is {sae.cfg.d_in}: "
+                "the activations come from a different model or layer"
+            )
+        x = batch.reshape(-1, sae.cfg.d_in)
+        if x.shape[0] == 0:
+            continue
+        out = sae(x.to(device=device, dtype=dtype))
+        stats.add(x, out.recon, out.top_acts, out.top_indices)
+    result: dict[str, Any] = stats.result()
+    if return_fire_counts:
+        result["fire_counts"] = stats.fires.clone()
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# CE / KL recovered with the SAE spliced into the model
+# --------------------------------------------------------------------------------------------------
+
+
+def _replace_block_output(output: Any, new: Tensor) -> Any:
+    if isinstance(output, Tensor):
+        return new
+    if isinstance(output, tuple):
+        return (new, *output[1:])
+    if isinstance(output, list):
+        return [new, *output[1:]]
+    raise TypeError(f"cannot replace decoder-block output of type {type(output).__name__}")
+
+
+class _Splice:
+    """Forward hook on one decoder block that swaps its hidden state via ``fn(h) -> h'``."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+        self.fn: Callable[[Tensor], Tensor] | None = None
+        self._handle = block.register_forward_hook(self._hook)
+
+    def _hook(self, _module: nn.Module, _inputs: Any, output: Any) -> Any:
+        if self.fn is None:
+            return None
+        return _replace_block_output(output, self.fn(_block_output(output)))
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def _batches(tokenizer: Any, data: Any, batch_size: int, max_length: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield ``(input_ids [B, T], attention_mask [B, T])`` from texts, id tensors or tokenizer outputs."""
+    if isinstance(data, Tensor):
+        data = list(data.split(batch_size)) if data.ndim == 2 else [data]
+    elif isinstance(data, Mapping):
+        data = [data]
+    items = list(data) if isinstance(data, Sequence) else data
+    if isinstance(items, list) and items and all(isinstance(t, str) for t in items):
+        if tokenizer is None:
+            raise SaeRewardError(
+                "ce_kl_recovered got texts but no tokenizer: pass one, or pass token-id batches"
+            )
+        for i in range(0, len(items), batch_size):
+            enc = tokenizer(
+                items[i : i + batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+            )
+            yield enc["input_ids"], enc["attention_mask"]
+        return
+    for item in items:
+        if isinstance(item, Tensor):
+            ids = item if item.ndim == 2 else item[None]
+            yield ids, torch.ones_like(ids)
+        elif isinstance(item, Mapping) and "input_ids" in item:
+            ids = torch.as_tensor(item["input_ids"])
+            mask = item.get("attention_mask")
+            yield ids, torch.ones_like(ids) if mask is None else torch.as_tensor(mask)
+        else:
+            raise SaeRewardError(
+                f"ce_kl_recovered cannot read a batch of type {type(item).__name__}: pass texts, [B, T] "
+                "token-id tensors, or mappings with input_ids and attention_mask"
+            )
+
+
+@torch.no_grad()
+def ce_kl_recovered(
+    model: nn.Module,
+    tokenizer: Any,
+    sae: TopKSAE,
+    layer: int,
+    data: Any,
+    *,
+    batch_size: int = 8,
+    max_length: int = 256,
+    exclude_bos: bool = True,
+    bos_token_id: int | None = None,
+) -> dict[str, float]:
+    """CE-loss and KL recovered when ``sae``'s reconstruction replaces the output of block ``layer``.
+
+    Args:
+        model: an HF causal LM (PEFT-wrapped too); run in its current mode, usually eval.
+        tokenizer: used only when ``data`` holds texts; ``None`` for token ids.
+        sae: the SAE; hidden states are cast to its dtype and back.
+        layer: decoder block index (negative counts from the end).
+        data: a list of texts (tokenized in batches of ``batch_size``, truncated to ``max_length``), a
+            ``[B, T]`` id tensor (split into ``batch_size`` rows; no padding), or an iterable of ``[B, T]``
+            id tensors or mappings with ``input_ids`` and ``attention_mask`` (left or right padding).
+        exclude_bos: neither splice nor score positions holding ``bos_token_id`` (default: the
+            tokenizer's, else ``model.config.bos_token_id``), as SAELens's evals do.
+
+    Returns ``ce_clean``, ``ce_sae``, ``ce_zero``, ``ce_loss_recovered``, ``kl_sae``, ``kl_zero``,
+    ``kl_recovered``, ``n_tokens`` (CE terms), ``n_tokens_kl``, ``n_sequences``. A recovered score is
+    NaN when its denominator is zero (zero ablation does not change the model).
+    """
+    layer = resolve_layer(model, layer)
+    if bos_token_id is None and exclude_bos:
+        bos_token_id = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+        if bos_token_id is None:
+            bos_token_id = getattr(getattr(model, "config", None), "bos_token_id", None)
+    param = next(model.parameters())
+    device = param.device
+    sae_device, sae_dtype, d_in = sae.W_enc.device, sae.W_enc.dtype, sae.cfg.d_in
+    keep_clean: Tensor | None = None  # [B, T] True where the splice leaves the clean state
+
+    def sae_splice(h: Tensor) -> Tensor:
+        if h.shape[-1] != d_in:
+            raise SaeRewardError(f"SAE d_in {d_in} does not match model width {h.shape[-1]} at layer {layer}")
+        flat = h.reshape(-1, d_in).to(device=sae_device, dtype=sae_dtype)
+        recon = sae(flat).recon.reshape(h.shape).to(device=h.device, dtype=h.dtype)
+        if keep_clean is not None:
+            recon = torch.where(keep_clean[..., None].to(h.device), h, recon)
+        return recon
+
+    sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
+    n_ce = n_kl = n_seq = 0
+    splice = _Splice(decoder_layers(model)[layer])
+    try:
+        for ids, mask in _batches(tokenizer, data, batch_size, max_length):
+            ids, mask = ids.to(device), mask.to(device).long()
+            real = mask.bool()
+            scored = real & (ids != bos_token_id) if (exclude_bos and bos_token_id is not None) else real
+            keep_clean = ~scored
+            ce_pos = scored[:, :-1] & real[:, 1:]  # [B, T-1]
+            targets = ids[:, 1:]
+            kw = {
+                "input_ids": ids,
+                "attention_mask": mask,
+                "position_ids": position_ids_from_mask(mask),
+                "use_cache": False,
+            }
+
+            def run(fn: Callable[[Tensor], Tensor] | None, kw: dict[str, Any] = kw) -> Tensor:
+                splice.fn = fn
+                try:
+                    return torch.log_softmax(model(**kw).logits.float(), dim=-1)
+                finally:
+                    splice.fn = None
+
+            lp_clean = run(None)
+            p_clean = lp_clean.exp()
+            sums["ce_clean"] += _ce_sum(lp_clean, targets, ce_pos)
+            for name, fn in (("sae", sae_splice), ("zero", torch.zeros_like)):
+                lp = run(fn)
+                sums[f"ce_{name}"] += _ce_sum(lp, targets, ce_pos)
+                kl = (p_clean * (lp_clean - lp)).sum(-1)  # [B, T] KL(clean || spliced)
+                sums[f"kl_{name}"] += float(kl[scored].double().sum())
+                del lp
+            n_ce += int(ce_pos.sum())
+            n_kl += int(scored.sum())
+            n_seq += ids.shape[0]
+    finally:
+        splice.remove()
+    if n_ce == 0 or n_kl == 0:
+        raise SaeRewardError(
+            "ce_kl_recovered found no tokens to score: the held-out data is empty or all padding"
+        )
+    m = {k: v / (n_ce if k.startswith("ce") else n_kl) for k, v in sums.items()}
+    return {
+        "ce_clean": m["ce_clean"],
+        "ce_sae": m["ce_sae"],
+        "ce_zero": m["ce_zero"],
+        "ce_loss_recovered": _ratio(m["ce_zero"] - m["ce_sae"], m["ce_zero"] - m["ce_clean"]),
+        "kl_sae": m["kl_sae"],
+        "kl_zero": m["kl_zero"],
+        "kl_recovered": 1.0 - _ratio(m["kl_sae"], m["kl_zero"]),
+        "n_tokens": float(n_ce),
+        "n_tokens_kl": float(n_kl),
+        "n_sequences": float(n_seq),
+    }
+
+
+def _ce_sum(logprobs: Tensor, targets: Tensor, positions: Tensor) -> float:
+    """Σ −log p(target) over ``positions`` ([B, T-1]) of ``logprobs`` ([B, T, V])."""
+    nll = -logprobs[:, :-1].gather(-1, targets[..., None]).squeeze(-1)
+    return float(nll[positions].double().sum())
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den != 0 and math.isfinite(den) else float("nan")

@@ -1,0 +1,735 @@
+"""Fast TopK-SAE kernels, each with the eager reference it must agree with.
+
+The SAE forward is ``pre = (x - b_dec) @ W_enc + b_enc``, keep the top-k of each row, ReLU, then
+``recon = acts @ W_dec + b_dec``. Written densely (the *eager* reference below), a training step costs
+three ``[N, M]`` matmuls forward and backward plus dense ``[N, M]`` gradients, although only ``k`` of
+the ``M`` latents of a row are ever non-zero (k=32 of M=9216 here). The *fast* path exploits that:
+
+* **Selection in bf16.** The encoder matmul is the one unavoidable dense product. It runs in bf16
+  (fp32 master weights are cast per call, the product accumulates in fp32; the bias rides in the GEMM
+  as an extra column of ones), which this class of CPU (AVX512-BF16) and every recent GPU does 3-4x
+  faster than fp32, and is followed by ``topk`` block by block while the block is still in cache. The
+  selected values keep bf16 rounding (relative error <= 2^-8, i.e. an FVU change ~1e-5); the choice
+  only differs from fp32 at near-ties at the k-th place. Gradients are exact given the choice.
+* **Sparse decoder.** ``acts @ W_dec`` is ``F.embedding_bag(idx, W_dec, per_sample_weights=acts)``:
+  a gather over the k active rows (as sparsify's ``utils.decoder_impl`` does).
+* **Sparse backward.** The gradient w.r.t. the pre-activations is non-zero only at the top-k
+  positions, so ``dW_enc = X^T G`` with ``G`` a sparse ``[N, M]`` matrix of ``N*k`` entries. sparsify's
+  CPU path (``fused_encoder.py``) materializes ``[N, k, d]`` contributions and ``index_add``-s them;
+  we instead *transpose the sparsity pattern once* (a stable argsort of the ``N*k`` latent ids, shared
+  by encoder and decoder) so each weight row becomes a bag of the tokens that selected it, and reuse
+  the embedding_bag kernel: ``dW[m] = sum_{(n,j): idx[n,j]=m} g[n,j] * X[n]``. ``dW_dec`` is the same
+  with ``(acts, grad_recon)``; ``d acts`` are dot products walked latent by latent (each ``W_dec`` row
+  read once). ``b_dec`` gets ``-W_enc @ db_enc`` (a mat-vec); ``x`` (when asked) a gather over W_enc.
+* **Dense AuxK over the dead subset.** AuxK picks ``k_aux`` (512) latents per row among the *dead*
+  ones. As a gather that is 16x the main decoder's work; as dense bf16 matmuls restricted to the
+  ``D`` dead columns it is ``O(N D d)`` at GEMM speed, which wins for every ``D`` up to ``M``.
+* **Load-tolerant CPU parallelism.** On a small shared CPU, an OpenMP op splits its work statically
+  and then waits at a barrier for the slowest thread; when another process holds a core, every op
+  pays a scheduler time slice (we measured ~7 ms per op on a loaded 2-core VM, i.e. small ops 20x
+  slower than on one thread). The heavy kernels therefore cut their work into pieces that a small pool
+  of single-threaded workers pulls from a shared queue (a worker that lost its core just takes fewer
+  pieces), and :func:`cpu_step` runs the rest of a training step on one thread. Unloaded, this matches
+  OpenMP; loaded, the whole step is ~2x faster.
+
+``W_enc`` is stored transposed (``[M, d]`` memory, exposed as the ``[d, M]`` parameter the API
+promises): every sparse kernel reads or writes whole *rows* of it, and the weight gradient comes out of
+embedding_bag in exactly that layout, so no step transposes a weight-sized tensor.
+
+Both paths are deterministic on CPU (no atomics; each output element is computed by one piece, and the
+piece boundaries depend only on the shapes), which the trainer's bit-identical resume relies on.
+
+Switch: ``SAEREWARD_KERNELS=eager|fast`` (default ``fast``), or :func:`use_kernels` in code. The fast
+path also runs on CUDA (bf16 cuBLAS selection, the same embedding_bag/argsort kernels, no worker pool)
+whenever the tensors live there. ``tests/test_sae_kernels.py`` checks values *and* gradients of every
+fast kernel against its eager reference.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import functools
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from saereward.errors import SaeRewardError
+
+KernelMode = Literal["fast", "eager"]
+ENV_VAR = "SAEREWARD_KERNELS"
+_MODES: tuple[str, ...] = ("fast", "eager")
+_local = threading.local()
+
+
+def kernel_mode() -> KernelMode:
+    """The active mode: a :func:`use_kernels` override, else ``$SAEREWARD_KERNELS``, else ``"fast"``."""
+    mode = getattr(_local, "mode", None) or os.environ.get(ENV_VAR, "fast").strip().lower() or "fast"
+    if mode not in _MODES:
+        raise SaeRewardError(f"{ENV_VAR}={mode!r} is not a kernel mode: set it to fast or eager")
+    return mode  # type: ignore[return-value]
+
+
+@contextmanager
+def use_kernels(mode: KernelMode | Literal["auto"] | None) -> Iterator[None]:
+    """Force ``mode`` inside the block (``None``/``"auto"`` keeps the environment's choice)."""
+    if mode in (None, "auto"):
+        yield
+        return
+    if mode not in _MODES:
+        raise SaeRewardError(f"kernel mode {mode!r} is unknown: use fast or eager")
+    prev = getattr(_local, "mode", None)
+    _local.mode = mode
+    try:
+        yield
+    finally:
+        _local.mode = prev
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX); otherwise bf16 is emulated."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = fh.read(1 << 16)
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def select_dtype(weight: Tensor) -> torch.dtype:
+    """Precision of the selection matmul (and of AuxK's matmuls) in the fast path.
+
+    bf16 for fp32 weights on CUDA or on a CPU with native bf16; the weights' own dtype otherwise
+    (fp64 weights keep fp64, so exact reference computations stay exact).
+    """
+    if weight.dtype == torch.float32 and (
+        weight.is_cuda or (weight.device.type == "cpu" and cpu_has_fast_bf16())
+    ):
+        return torch.bfloat16
+    return weight.dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU threading: one-thread ops on the calling thread, heavy kernels fanned out to a worker pool
+# --------------------------------------------------------------------------------------------------
+
+
+def _workers() -> int:
+    """Workers for fanned-out kernels: the thread count :func:`cpu_step` found, else torch's."""
+    return getattr(_local, "workers", None) or torch.get_num_threads()
+
+
+@contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """Run the block's CPU ops on the calling thread only (the pool size is remembered)."""
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n == 1:
+        yield
+        return
+    prev = getattr(_local, "workers", None)
+    _local.workers = prev or n
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+        _local.workers = prev
+
+
+@contextmanager
+def cpu_step(device: torch.device | str = "cpu") -> Iterator[None]:
+    """Context for one training step on CPU: plain ops on one thread, heavy SAE kernels on the pool.
+
+    The trainer wraps forward, backward and optimizer step in it. Without it the fast kernels still
+    fan out; only the small surrounding ops (losses, bias adds, Adam) keep torch's own threading.
+    """
+    with _one_thread(torch.device(device)):
+        yield
+
+
+@contextmanager
+def _all_threads() -> Iterator[None]:
+    """Undo :func:`cpu_step` inside a block made of a few big GEMMs (AuxK), where OpenMP is fine."""
+    n = getattr(_local, "workers", None)
+    if not n or torch.get_num_threads() == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
+
+
+_POOL: dict[int, cf.ThreadPoolExecutor] = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> cf.ThreadPoolExecutor:
+    with _POOL_LOCK:
+        if workers not in _POOL:
+            main = torch.get_num_threads()
+            pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="saereward-sae")
+            # Each worker runs its ops on one thread. torch.set_num_threads also resets the process
+            # default, so restore the caller's afterwards (a worker's own setting is per-thread).
+            barrier = threading.Barrier(workers)
+
+            def init() -> None:
+                torch.set_num_threads(1)
+                barrier.wait()
+
+            for fut in [pool.submit(init) for _ in range(workers)]:
+                fut.result()
+            torch.set_num_threads(main)
+            _POOL[workers] = pool
+        return _POOL[workers]
+
+
+def fanout(fn: Callable[[int], None], pieces: int, device: torch.device) -> None:
+    """Call ``fn(i)`` for ``i < pieces``: inline on CUDA or with one worker, else on the worker pool.
+
+    Pieces are handed out one at a time from a shared counter (dynamic scheduling). Each piece must
+    write a disjoint part of the output, so the result does not depend on which worker ran it.
+    """
+    workers = min(_workers(), pieces)
+    if device.type != "cpu" or workers <= 1:
+        for i in range(pieces):
+            fn(i)
+        return
+    counter = iter(range(pieces))
+    lock = threading.Lock()
+
+    def drain() -> None:
+        with torch.no_grad():  # grad mode is per thread; pieces never build graphs
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                fn(i)
+
+    for fut in [_pool(workers).submit(drain) for _ in range(workers)]:
+        fut.result()
+
+
+def _bounds(total: int, pieces: int) -> list[int]:
+    return [total * i // pieces for i in range(pieces + 1)]
+
+
+def _pieces(work: int, device: torch.device, min_work: int = 1 << 20) -> int:
+    """How many pieces to cut ``work`` (multiply-adds) into: 2 per worker, none for small jobs."""
+    if device.type != "cpu" or work < min_work:
+        return 1
+    return 2 * _workers()
+
+
+# --------------------------------------------------------------------------------------------------
+# Sparsity pattern: token -> latents (as selected) and latent -> tokens (for weight gradients)
+# --------------------------------------------------------------------------------------------------
+
+
+class Transposed(NamedTuple):
+    """The ``[N, K]`` index matrix regrouped by latent: the bags that give per-row weight gradients.
+
+    ``tokens[offsets[m] : offsets[m + 1]]`` are the rows ``n`` that selected latent ``m`` (in row
+    order), ``latent`` the latent of each sorted entry, and ``order`` maps a sorted position back into
+    the flattened row-major ``[N * K]`` layout.
+    """
+
+    tokens: Tensor  # [N*K] int64, token (row) ids sorted by latent
+    offsets: Tensor  # [M + 1] int64, bag boundaries
+    order: Tensor  # [N*K] int64, flat position of each sorted entry
+    latent: Tensor  # [N*K] int64, latent id of each sorted entry
+
+
+def transpose_pattern(indices: Tensor, num_latents: int) -> Transposed:
+    """Sort the ``[N, K]`` latent ids by latent (stable, so the result is deterministic)."""
+    flat = indices.reshape(-1)
+    # ~1e5 keys: a second thread gains nothing and, on a loaded machine, costs a scheduler slice.
+    with _one_thread(flat.device):
+        latent, order = torch.sort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=num_latents)
+    offsets = torch.zeros(num_latents + 1, dtype=torch.int64, device=indices.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    tokens = torch.div(order, indices.shape[1], rounding_mode="floor")
+    return Transposed(tokens, offsets, order, latent)
+
+
+def _latent_ranges(pattern: Transposed, pieces: int) -> list[tuple[int, int, int, int]]:
+    """Split latents into ``pieces`` ranges with about equal entry counts: ``(m0, m1, e0, e1)``."""
+    m = pattern.offsets.numel() - 1
+    if pieces == 1:
+        return [(0, m, 0, int(pattern.offsets[-1]))]
+    total = int(pattern.offsets[-1])
+    targets = torch.tensor(_bounds(total, pieces)[1:-1], dtype=torch.int64, device=pattern.offsets.device)
+    cuts = [0, *torch.searchsorted(pattern.offsets, targets).tolist(), m]
+    offs = pattern.offsets[cuts].tolist()
+    return [(cuts[i], cuts[i + 1], offs[i], offs[i + 1]) for i in range(pieces) if cuts[i + 1] > cuts[i]]
+
+
+def scatter_rows(pattern: Transposed, coeffs: Tensor, rows: Tensor) -> Tensor:
+    """``out[m] = sum_{(n, j): idx[n, j] = m} coeffs[n, j] * rows[n]`` -> ``[M, d]`` (= ``G^T @ rows``).
+
+    The transpose of a sparse ``[N, M]`` matrix ``G`` (``coeffs`` at ``idx``) times dense ``rows``,
+    computed as embedding_bags over the latent-sorted pattern: no ``[N, K, d]`` temporary, no atomics.
+    """
+    m = pattern.offsets.numel() - 1
+    weights = coeffs.reshape(-1).index_select(0, pattern.order).to(rows.dtype)
+    out = rows.new_empty(m, rows.shape[1])
+    ranges = _latent_ranges(pattern, _pieces(weights.numel() * rows.shape[1], rows.device))
+
+    def piece(i: int) -> None:
+        m0, m1, e0, e1 = ranges[i]
+        out[m0:m1] = F.embedding_bag(
+            pattern.tokens[e0:e1],
+            rows,
+            pattern.offsets[m0:m1] - e0,
+            mode="sum",
+            per_sample_weights=weights[e0:e1],
+        )
+
+    fanout(piece, len(ranges), rows.device)
+    return out
+
+
+def gather_rows(indices: Tensor, coeffs: Tensor, table: Tensor) -> Tensor:
+    """``out[n] = sum_j coeffs[n, j] * table[indices[n, j]]`` -> ``[N, d]`` (= ``G @ table``)."""
+    n = indices.shape[0]
+    coeffs = coeffs.to(table.dtype)
+    pieces = _pieces(indices.numel() * table.shape[1], table.device)
+    if pieces == 1:
+        return F.embedding_bag(indices, table, mode="sum", per_sample_weights=coeffs)
+    out = table.new_empty(n, table.shape[1])
+    cuts = _bounds(n, pieces)
+
+    def piece(i: int) -> None:
+        lo, hi = cuts[i], cuts[i + 1]
+        out[lo:hi] = F.embedding_bag(indices[lo:hi], table, mode="sum", per_sample_weights=coeffs[lo:hi])
+
+    fanout(piece, pieces, table.device)
+    return out
+
+
+def _psw_backward(table: Tensor, rows: Tensor, idx: Tensor, offsets: Tensor, bag_of: Tensor) -> Tensor:
+    """ATen's embedding_bag per-sample-weight gradient: ``out[e] = table[bag_of[e]] . rows[idx[e]]``."""
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(table, rows, idx, offsets, bag_of, 0, -1)
+
+
+def row_dots(indices: Tensor, table: Tensor, rows: Tensor) -> Tensor:
+    """``out[n, j] = table[indices[n, j]] . rows[n]`` -> ``[N, K]`` (reference order, one row at a time)."""
+    n, k = indices.shape
+    offsets = torch.arange(0, n * k, k, device=indices.device)
+    bag_of = torch.arange(n, device=indices.device).repeat_interleave(k)
+    return _psw_backward(rows.contiguous(), table, indices.reshape(-1), offsets, bag_of).view(n, k)
+
+
+def row_dots_sorted(pattern: Transposed, indices: Tensor, table: Tensor, rows: Tensor) -> Tensor:
+    """:func:`row_dots` walking the pairs latent by latent (``pattern``), so each ``table`` row is read once.
+
+    Same numbers as :func:`row_dots` (each output is one dot product either way), computed without a
+    ``[N, K, d]`` temporary and ~1.3x faster: consecutive dots share their ``table`` row.
+    """
+    rows = rows.contiguous()
+    dots = rows.new_empty(pattern.tokens.numel())
+    ranges = _latent_ranges(pattern, _pieces(dots.numel() * rows.shape[1], rows.device))
+
+    def piece(i: int) -> None:
+        m0, m1, e0, e1 = ranges[i]
+        dots[e0:e1] = _psw_backward(
+            table[m0:m1], rows, pattern.tokens[e0:e1], pattern.offsets[m0:m1] - e0, pattern.latent[e0:e1] - m0
+        )
+
+    fanout(piece, len(ranges), rows.device)
+    out = torch.empty_like(dots)
+    out[pattern.order] = dots
+    return out.view(indices.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoder: select the top-k latents; values and gradients touch only the selected entries
+# --------------------------------------------------------------------------------------------------
+
+
+class Encoded(NamedTuple):
+    """Top-k selection of one batch.
+
+    ``aux_local`` holds the AuxK choice among dead latents as column ids into ``dead_ids``; it is empty
+    (``[N, 0]``) when no dead mask was given or no latent is dead. ``pattern`` (fast path, when gradients
+    are needed) is ``top_indices`` grouped by latent, shared by the encoder's and the decoder's backward.
+    """
+
+    top_acts: Tensor  # [N, k] ReLU of the selected pre-activations
+    top_indices: Tensor  # [N, k] int64 latent ids
+    aux_local: Tensor  # [N, k_aux'] int64 column ids into dead_ids
+    dead_ids: Tensor  # [D] int64 ids of the dead latents
+    pattern: Transposed | None = None
+
+
+def _dead_ids(dead_mask: Tensor | None, k_aux: int, device: torch.device) -> Tensor:
+    """Ids of the dead latents (empty when AuxK is off)."""
+    if dead_mask is None or k_aux <= 0:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    return dead_mask.nonzero().reshape(-1)
+
+
+def _select_aux(pre: Tensor, dead_ids: Tensor, k_aux: int) -> Tensor:
+    """Top-``min(k_aux, D)`` pre-activations among the ``D`` dead latents of each row (local ids)."""
+    kk = min(k_aux, dead_ids.numel())
+    if kk == 0:
+        return dead_ids.new_zeros(pre.shape[0], 0)
+    return pre.index_select(1, dead_ids).topk(kk, dim=1, sorted=False).indices
+
+
+def _lowp_operands(xc: Tensor, w_rows: Tensor, b_enc: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(a, b)`` with ``a @ b.T == xc @ w_rows.T + b_enc``, cast to ``dtype``.
+
+    The bias rides inside the GEMM as an extra input column of ones (width padded to a multiple of 16):
+    ``addmm`` would first broadcast-copy ``b_enc`` into the whole ``[N, M]`` output, one more pass.
+    """
+    n, d = xc.shape
+    width = (d + 1 + 15) // 16 * 16
+    a = xc.new_zeros(n, width, dtype=dtype)
+    a[:, :d] = xc
+    a[:, d] = 1
+    b = w_rows.new_zeros(w_rows.shape[0], width, dtype=dtype)
+    b[:, :d] = w_rows
+    b[:, d] = b_enc
+    return a, b
+
+
+def select_topk(
+    xc: Tensor,
+    w_rows: Tensor,
+    b_enc: Tensor,
+    k: int,
+    dtype: torch.dtype,
+    dead_ids: Tensor | None = None,
+    k_aux: int = 0,
+    block_elems: int = 1 << 21,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k of ``pre = xc @ w_rows.T + b_enc`` per row, with ``pre`` computed in ``dtype`` (no autograd).
+
+    Returns ``(top_pre [N, k] in dtype, top_indices [N, k], aux_local [N, k_aux'])``; ``aux_local``
+    indexes ``dead_ids`` (the AuxK choice, ``k_aux' = min(k_aux, len(dead_ids))``).
+
+    On CPU, rows go through in blocks of about ``block_elems`` pre-activations (256 rows at M=9216):
+    each block's GEMM output is still in cache when top-k reads it, the full ``[N, M]`` matrix never
+    exists, and the blocks are what the worker pool shares out.
+    """
+    n, m = xc.shape[0], w_rows.shape[0]
+    if dtype == w_rows.dtype:
+
+        def block(lo: int, hi: int) -> Tensor:
+            return torch.addmm(b_enc, xc[lo:hi], w_rows.t())
+
+    else:
+        a, b = _lowp_operands(xc, w_rows, b_enc, dtype)
+
+        def block(lo: int, hi: int) -> Tensor:
+            return a[lo:hi] @ b.t()
+
+    kk = min(k_aux, dead_ids.numel()) if dead_ids is not None else 0
+    top_pre = torch.empty(n, k, dtype=dtype, device=xc.device)
+    top_idx = torch.empty(n, k, dtype=torch.int64, device=xc.device)
+    aux_local = torch.empty(n, kk, dtype=torch.int64, device=xc.device)
+    rows = n if xc.device.type != "cpu" else max(64, block_elems // max(m, 1) // 64 * 64)
+    starts = list(range(0, n, rows))
+
+    def piece(i: int) -> None:
+        lo = starts[i]
+        hi = min(n, lo + rows)
+        pre = block(lo, hi)
+        torch.topk(pre, k, dim=1, sorted=False, out=(top_pre[lo:hi], top_idx[lo:hi]))
+        if kk:
+            assert dead_ids is not None
+            aux_local[lo:hi] = _select_aux(pre, dead_ids, kk)
+
+    fanout(piece, len(starts), xc.device)
+    return top_pre, top_idx, aux_local
+
+
+class _SelectedPreacts(torch.autograd.Function):
+    """``relu(((x - b_dec) @ W_enc + b_enc)[n, idx[n, j]])`` given the selection; the backward touches only it.
+
+    ``top_pre`` are the selected pre-activations as the selection computed them (the forward values)
+    and ``xc = x - b_dec`` is handed in so the backward need not recompute it.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        b_dec: Tensor,
+        w_rows: Tensor,
+        b_enc: Tensor,
+        top_pre: Tensor,
+        indices: Tensor,
+        pattern: Transposed | None,
+        xc: Tensor,
+    ) -> Tensor:
+        acts = torch.relu(top_pre)
+        ctx.save_for_backward(xc, w_rows, indices, acts)
+        ctx.pattern = pattern
+        return acts
+
+    @staticmethod
+    def backward(ctx: Any, g_acts: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        xc, w_rows, idx, acts = ctx.saved_tensors
+        need_x, need_bdec, need_w, need_benc = ctx.needs_input_grad[:4]
+        grad_x = grad_bdec = grad_w = db_enc = None
+        with _one_thread(xc.device):
+            g = torch.where(acts > 0, g_acts, 0.0)  # ReLU'
+            if need_bdec or need_benc:
+                db_enc = torch.zeros(w_rows.shape[0], dtype=g.dtype, device=g.device)
+                db_enc.index_add_(0, idx.reshape(-1), g.reshape(-1))
+            if need_w:
+                pattern = ctx.pattern or transpose_pattern(idx, w_rows.shape[0])
+                grad_w = scatter_rows(pattern, g, xc)
+            if need_x:
+                grad_x = gather_rows(idx, g, w_rows)
+            if need_bdec:  # d pre / d b_dec = -W_enc, summed over tokens
+                assert db_enc is not None
+                grad_bdec = -(db_enc @ w_rows)
+        return grad_x, grad_bdec, grad_w, db_enc if need_benc else None, None, None, None, None
+
+
+def encode_fast(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    *,
+    dead_mask: Tensor | None = None,
+    k_aux: int = 0,
+    sel_dtype: torch.dtype | None = None,
+) -> Encoded:
+    """Fast top-k encoder (see module doc). ``x`` ``[N, d]`` must already be input-normalized.
+
+    The selection (matmul + top-k) runs without autograd; :class:`_SelectedPreacts` then attaches the
+    sparse backward to the chosen values. ``sel_dtype`` overrides :func:`select_dtype` (tests).
+    """
+    w_rows = W_enc.t()  # [M, d]: a free view for the transposed storage TopKSAE uses
+    if not w_rows.is_contiguous():
+        w_rows = w_rows.contiguous()
+    dtype = sel_dtype or select_dtype(W_enc)
+    with torch.no_grad(), _one_thread(x.device):
+        xc = x - b_dec
+        dead_ids = _dead_ids(dead_mask, k_aux, x.device)
+        top_pre, top_indices, aux_local = select_topk(xc, w_rows, b_enc, k, dtype, dead_ids, k_aux)
+        top_pre = top_pre.to(x.dtype)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, b_dec, W_enc, b_enc))
+    pattern = transpose_pattern(top_indices, w_rows.shape[0]) if needs_grad else None
+    acts = _SelectedPreacts.apply(x, b_dec, w_rows, b_enc, top_pre, top_indices, pattern, xc)
+    return Encoded(acts, top_indices, aux_local, dead_ids, pattern)
+
+
+def encode_eager(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    *,
+    dead_mask: Tensor | None = None,
+    k_aux: int = 0,
+) -> Encoded:
+    """Reference encoder: the dense formula in the weights' dtype, differentiated by autograd."""
+    pre = (x - b_dec) @ W_enc + b_enc
+    top_pre, top_indices = pre.topk(k, dim=1, sorted=False)
+    dead_ids = _dead_ids(dead_mask, k_aux, x.device)
+    aux_local = _select_aux(pre.detach(), dead_ids, k_aux)
+    return Encoded(torch.relu(top_pre), top_indices, aux_local, dead_ids)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoder: acts [N, k] at idx -> [N, d] (+ bias)
+# --------------------------------------------------------------------------------------------------
+
+
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        values: Tensor,
+        indices: Tensor,
+        W_dec: Tensor,
+        bias: Tensor | None,
+        pattern: Transposed | None,
+    ) -> Tensor:
+        ctx.save_for_backward(values, indices, W_dec)
+        ctx.pattern = pattern
+        with _one_thread(values.device):
+            out = gather_rows(indices, values, W_dec)
+            return out.add_(bias) if bias is not None else out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        values, indices, W_dec = ctx.saved_tensors
+        grad_values = grad_w = grad_bias = None
+        with _one_thread(values.device):
+            grad_out = grad_out.contiguous().to(W_dec.dtype)
+            pattern = ctx.pattern or transpose_pattern(indices, W_dec.shape[0])
+            if ctx.needs_input_grad[0]:
+                grad_values = row_dots_sorted(pattern, indices, W_dec, grad_out).to(values.dtype)
+            if ctx.needs_input_grad[2]:
+                grad_w = scatter_rows(pattern, values, grad_out)
+            if ctx.needs_input_grad[3]:
+                grad_bias = grad_out.sum(0)
+        return grad_values, None, grad_w, grad_bias, None
+
+
+def decode_fast(
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    pattern: Transposed | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """``sum_j values[n, j] * W_dec[indices[n, j]] (+ bias)`` as a gather; sparse backward (see module doc).
+
+    ``pattern`` (from :func:`encode_fast`) saves re-sorting ``indices`` in the backward.
+    """
+    if not W_dec.is_contiguous():
+        W_dec = W_dec.contiguous()
+    return _SparseDecode.apply(values, indices, W_dec, bias, pattern)
+
+
+def decode_eager(values: Tensor, indices: Tensor, W_dec: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Reference decoder: scatter to a dense ``[N, M]`` code, then a dense matmul (+ bias)."""
+    dense = values.new_zeros(values.shape[0], W_dec.shape[0]).scatter(1, indices, values)
+    return dense @ W_dec + bias if bias is not None else dense @ W_dec
+
+
+# --------------------------------------------------------------------------------------------------
+# AuxK reconstruction of the residual from the chosen dead latents (pre-activations, no ReLU, no bias)
+# --------------------------------------------------------------------------------------------------
+
+
+class _AuxDecode(torch.autograd.Function):
+    """``e_hat = mask(xc @ W_enc[:, D] + b_enc[D]) @ W_dec[D]`` as dense GEMMs over the dead columns."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        b_dec: Tensor,
+        w_d: Tensor,
+        b_d: Tensor,
+        dec_d: Tensor,
+        mask: Tensor,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        with _all_threads():
+            xc = (x - b_dec).to(dtype)
+            w_lp, dec_lp = w_d.to(dtype), dec_d.to(dtype)
+            acts = torch.where(mask, torch.addmm(b_d.to(dtype), xc, w_lp).to(x.dtype), 0.0)
+            out = (acts.to(dtype) @ dec_lp).to(x.dtype)
+        ctx.save_for_backward(xc, w_lp, dec_lp, acts, mask)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        xc, w_lp, dec_lp, acts, mask = ctx.saved_tensors
+        need_x, need_bdec, need_w, need_b, need_dec = ctx.needs_input_grad[:5]
+        grads: list[Tensor | None] = [None] * 7
+        dtype = w_lp.dtype
+        with _all_threads():
+            g_lp = grad_out.to(dtype)
+            if need_dec:
+                grads[4] = (acts.to(dtype).t() @ g_lp).to(grad_out.dtype)
+            if need_x or need_bdec or need_w or need_b:
+                g_acts = torch.where(mask, (g_lp @ dec_lp.t()).to(grad_out.dtype), 0.0)  # [N, D]
+                g_sum = g_acts.sum(0)
+                if need_w:
+                    grads[2] = (xc.t() @ g_acts.to(dtype)).to(grad_out.dtype)
+                if need_b:
+                    grads[3] = g_sum
+                if need_bdec:
+                    grads[1] = -(w_lp.to(grad_out.dtype) @ g_sum)
+                if need_x:
+                    grads[0] = (g_acts.to(dtype) @ w_lp.t()).to(grad_out.dtype)
+        return tuple(grads)
+
+
+def aux_decode_fast(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    W_dec: Tensor,
+    aux_local: Tensor,
+    dead_ids: Tensor,
+    *,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``e_hat = A @ W_dec[dead]`` with ``A`` the chosen dead pre-activations, as dense GEMMs.
+
+    Restricting every matmul to the ``D`` dead columns makes the dense form cheaper than gathers.
+    ``dtype`` (default :func:`select_dtype`) is the GEMMs' precision: AuxK is a heuristic revival term,
+    so bf16 rounding of its gradient is harmless. ``b_dec``'s gradient is a mat-vec, not a GEMM.
+    """
+    dtype = dtype or select_dtype(W_enc)
+    mask = torch.zeros(aux_local.shape[0], dead_ids.numel(), dtype=torch.bool, device=x.device)
+    mask.scatter_(1, aux_local, True)
+    w_d = W_enc.index_select(1, dead_ids)
+    return _AuxDecode.apply(
+        x, b_dec, w_d, b_enc.index_select(0, dead_ids), W_dec.index_select(0, dead_ids), mask, dtype
+    )
+
+
+def aux_decode_eager(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, aux_local: Tensor, dead_ids: Tensor
+) -> Tensor:
+    """Reference AuxK decode: dense pre-activations of the dead latents, gathered, decoded densely."""
+    pre = ((x - b_dec) @ W_enc + b_enc).index_select(1, dead_ids)
+    vals = pre.gather(1, aux_local)
+    return decode_eager(vals, dead_ids[aux_local], W_dec)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------------------------------
+
+
+def encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    *,
+    dead_mask: Tensor | None = None,
+    k_aux: int = 0,
+) -> Encoded:
+    """Top-k encode with the active kernel mode (:func:`kernel_mode`)."""
+    if kernel_mode() == "fast":
+        return encode_fast(x, W_enc, b_enc, b_dec, k, dead_mask=dead_mask, k_aux=k_aux)
+    return encode_eager(x, W_enc, b_enc, b_dec, k, dead_mask=dead_mask, k_aux=k_aux)
+
+
+def decode(
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    pattern: Transposed | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """Sparse decode (``+ bias`` when given) with the active kernel mode."""
+    if kernel_mode() == "fast":
+        return decode_fast(values, indices, W_dec, pattern, bias)
+    return decode_eager(values, indices, W_dec, bias)
+
+
+def aux_decode(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, aux_local: Tensor, dead_ids: Tensor
+) -> Tensor:
+    """AuxK decode (no ReLU, no bias) with the active kernel mode."""
+    fn = aux_decode_fast if kernel_mode() == "fast" else aux_decode_eager
+    return fn(x, W_enc, b_enc, b_dec, W_dec, aux_local, dead_ids)

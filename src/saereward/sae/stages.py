@@ -1,0 +1,215 @@
+"""The ``train-sae`` and ``eval-sae`` stages: glue between activation shards, the trainer and the evaluator.
+
+``saereward train-sae`` reads the *train* split of a ``saereward collect`` folder through a shuffle
+buffer, trains with :class:`~saereward.sae.train.SAETrainer` (resumable checkpoints in the run folder),
+evaluates on the folder's *held-out* split at the end, and writes the SAE to ``<out>/sae`` in the native
+format with its resolved training config, plus ``<out>/config.json`` (this stage's resolved config) and
+``<out>/eval.json``.
+
+``saereward eval-sae`` measures an SAE (any format :func:`~saereward.sae.formats.load_sae` reads) on
+held-out activations (FVU, variance explained, NMSE, MSE, L0, dead %, coverage) and, when a model is
+available, CE-loss and KL recovered by splicing the reconstruction into the model at the SAE's layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from saereward.config import option, to_dict
+from saereward.errors import SaeRewardError
+from saereward.io import write_json
+from saereward.sae.train import SAETrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSAEStageConfig:
+    """Settings of ``saereward train-sae``. Training settings are under ``train`` (flags ``--train-*``)."""
+
+    activations: str = option("runs/activations", "folder written by `saereward collect`")
+    layer: int | None = option(None, "collected layer to train on (default: the first one in the manifest)")
+    out: str = option("runs/sae", "run folder: checkpoints/, train_log.jsonl, tensorboard/, sae/, eval.json")
+    resume: bool = option(True, "continue from the latest checkpoint in --out when there is one")
+    buffer_tokens: int = option(2**18, "shuffle-buffer size in tokens")
+    eval_tokens: int = option(500_000, "held-out tokens for the end-of-run evaluation (0: skip)")
+    train: SAETrainConfig = option(SAETrainConfig(), "training settings")
+
+    def __post_init__(self) -> None:
+        if self.buffer_tokens < 1 or self.eval_tokens < 0:
+            raise ValueError("buffer_tokens must be >= 1 and eval_tokens >= 0")
+
+
+@dataclass(frozen=True)
+class EvalSAEStageConfig:
+    """Settings of ``saereward eval-sae``."""
+
+    sae: str = option("runs/sae/sae", "SAE to evaluate: a native, SAELens or sparsify folder, or a seed .pt")
+    activations: str | None = option(None, "collect folder whose held-out split is used (None: skip)")
+    eval_tokens: int = option(500_000, "held-out tokens to evaluate on")
+    model: str | None = option(
+        None, "model for CE/KL recovered (default: the SAE's recorded model; none: skip)"
+    )
+    layer: int | None = option(None, "layer to splice at (default: the SAE's recorded layer)")
+    dtype: str = option("fp32", "model dtype for CE/KL")
+    ce_task: str | None = option("chain_sum", "task whose few-shot prompts are the CE/KL text (None: skip)")
+    ce_n: int = option(64, "number of task prompts for CE/KL")
+    ce_seed: int = option(10_007, "task seed for the CE/KL prompts (differs from collect's default 0)")
+    ce_text_paths: tuple[str, ...] = option((), "extra .txt/.jsonl text for CE/KL")
+    max_length: int = option(256, "max tokens per CE/KL sequence")
+    out: str | None = option(None, "write eval.json here (default: next to the SAE)")
+
+
+def _store_layer(folder: str, layer: int | None) -> int:
+    from saereward.activations import read_manifest
+
+    m = read_manifest(Path(folder))
+    return int(m["layers"][0]) if layer is None else layer
+
+
+def heldout_metrics(sae: Any, folder: str, layer: int, eval_tokens: int) -> dict[str, Any]:
+    """:func:`~saereward.sae.evaluate.evaluate_sae` on up to ``eval_tokens`` held-out rows of a collect folder."""
+    from saereward.activations import ActivationStore
+    from saereward.sae.evaluate import evaluate_sae
+
+    store = ActivationStore(folder, layer, "heldout")
+    if store.n_tokens == 0:
+        raise SaeRewardError(f"{folder} has no held-out tokens: collect with --held-out-fraction > 0")
+    bs = 4096
+    n_batches = max(1, min(eval_tokens, store.n_tokens) // bs)
+    batches = islice(store.iter_batches(bs, shuffle=False), n_batches)
+    return evaluate_sae(sae, batches)
+
+
+def run_train_sae(cfg: TrainSAEStageConfig) -> Path:
+    """Train an SAE on a collect folder; returns the folder of the saved SAE."""
+    from saereward.activations import ActivationStore, read_manifest
+    from saereward.sae.formats import save_sae
+    from saereward.sae.train import SAETrainer
+
+    manifest = read_manifest(Path(cfg.activations))
+    layer = _store_layer(cfg.activations, cfg.layer)
+    store = ActivationStore(cfg.activations, layer, "train")
+    if store.n_tokens < cfg.train.batch_size:
+        raise SaeRewardError(
+            f"{cfg.activations} has {store.n_tokens} training tokens at layer {layer}, fewer than one batch "
+            f"({cfg.train.batch_size}): collect more or lower --train-batch-size"
+        )
+    epochs = cfg.train.total_tokens / store.n_tokens
+    if epochs > 1:
+        log.warning(
+            "training on %d tokens = %.1f passes over %d collected tokens",
+            cfg.train.total_tokens,
+            epochs,
+            store.n_tokens,
+        )
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", to_dict(cfg))
+
+    def data(start: int) -> Any:
+        return store.iter_batches(
+            cfg.train.batch_size,
+            seed=cfg.train.seed,
+            start_batch=start,
+            buffer_tokens=cfg.buffer_tokens,
+            loop=True,
+        )
+
+    def evaluate(sae: Any) -> dict[str, Any]:
+        if cfg.eval_tokens == 0:
+            return {}
+        return {k: v for k, v in heldout_metrics(sae, cfg.activations, layer, cfg.eval_tokens).items()}
+
+    def save(sae: Any, folder: Path) -> None:
+        save_sae(
+            sae, folder, train_config={"stage": to_dict(cfg), "activations_manifest": _manifest_ref(manifest)}
+        )
+
+    trainer = SAETrainer(
+        cfg.train,
+        store.d_model,
+        run_dir=out,
+        evaluate=evaluate,
+        save=save,
+        model=str(manifest.get("model")),
+        layer=layer,
+    )
+    sae = trainer.fit(data, resume=cfg.resume)
+    if cfg.eval_tokens:
+        write_json(out / "eval.json", {"split": "heldout", "layer": layer, **evaluate(sae)})
+    return out / "sae"
+
+
+def _manifest_ref(manifest: dict[str, Any]) -> dict[str, Any]:
+    keys = ("model", "layers", "d_model", "n_tokens", "n_train", "n_heldout", "saereward_version")
+    return {k: manifest[k] for k in keys if k in manifest}
+
+
+def run_eval_sae(cfg: EvalSAEStageConfig) -> dict[str, Any]:
+    """Evaluate an SAE; writes ``eval.json`` and returns the metrics."""
+    from saereward.sae.formats import check_sae_matches_model, load_sae
+
+    sae = load_sae(cfg.sae)
+    layer = cfg.layer if cfg.layer is not None else sae.cfg.layer
+    result: dict[str, Any] = {"sae": cfg.sae, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k}
+    if cfg.activations:
+        store_layer = layer if layer is not None else _store_layer(cfg.activations, None)
+        result["heldout"] = heldout_metrics(sae, cfg.activations, store_layer, cfg.eval_tokens)
+    model_spec = cfg.model or sae.cfg.model
+    texts = _ce_texts(cfg)
+    if model_spec and model_spec.lower() != "none" and texts:
+        if layer is None:
+            raise SaeRewardError(f"{cfg.sae} records no layer: pass --layer for CE/KL recovered")
+        from saereward.lm import load_model, resolve_layer
+        from saereward.sae.evaluate import ce_kl_recovered
+
+        lm = load_model(model_spec, dtype=cfg.dtype)  # type: ignore[arg-type]
+        layer = resolve_layer(lm.model, layer)
+        check_sae_matches_model(sae, lm.d_model, layer)
+        result["ce_kl"] = ce_kl_recovered(
+            lm.model, lm.tokenizer, sae, layer, texts, max_length=cfg.max_length
+        )
+        result["ce_kl"].update({"model": model_spec, "layer": layer, "n_texts": len(texts)})
+    result["config"] = to_dict(cfg)
+    out = Path(cfg.out) if cfg.out else Path(cfg.sae) if Path(cfg.sae).is_dir() else Path(cfg.sae).parent
+    write_json(out / "eval.json", result)
+    return result
+
+
+def _ce_texts(cfg: EvalSAEStageConfig) -> list[str]:
+    texts: list[str] = []
+    if cfg.ce_task and cfg.ce_task.lower() != "none":
+        from saereward.tasks import format_prompt, load_task
+
+        task = load_task(cfg.ce_task, n=cfg.ce_n, seed=cfg.ce_seed)
+        texts += [format_prompt(task, it, "fewshot") + " " + it.gold for it in task.items()]
+    if cfg.ce_text_paths:
+        from saereward.activations import iter_text_documents
+
+        for path in cfg.ce_text_paths:
+            texts += list(iter_text_documents(path))
+    return texts
+
+
+def format_eval(result: dict[str, Any]) -> str:
+    """A short human-readable summary of :func:`run_eval_sae`'s result."""
+    lines = [f"SAE {result['sae']}: d_in {result['d_in']}, d_sae {result['d_sae']}, k {result['k']}"]
+    h = result.get("heldout")
+    if h:
+        lines.append(
+            f"held-out ({h['n_tokens']} tokens): FVU {h['fvu']:.4f}  var. explained {h['variance_explained']:.4f}  "
+            f"NMSE {h['nmse']:.4f}  L0 {h['l0']:.1f}  dead {h['dead_pct']:.2f}%  coverage {h['coverage']:.3f}"
+        )
+    c = result.get("ce_kl")
+    if c:
+        lines.append(
+            f"CE/KL at layer {c['layer']} ({c['n_tokens']} tokens): CE clean {c['ce_clean']:.4f}  "
+            f"SAE {c['ce_sae']:.4f}  zero {c['ce_zero']:.4f}  CE recovered {c['ce_loss_recovered']:.4f}  "
+            f"KL recovered {c['kl_recovered']:.4f}"
+        )
+    return "\n".join(lines)
