@@ -23,8 +23,8 @@ Timing: the trainers take turns, ``--interval`` steps each (order rotated every 
 batches, so machine load hits all of them alike; tokens/s is the median over the timed intervals (the
 first is warm-up). Quality: FVU on ``--eval-tokens`` held-out tokens after the whole ``--tokens`` budget.
 
-Data: ``--acts FILE.safetensors`` (a ``[N, d]`` tensor of real residuals, e.g. from ``saereward
-collect``; the last 5% is held out, the rest cycled with a fresh permutation per epoch), else synthetic
+Data: ``--acts FILE.safetensors`` (a ``[N, d]`` tensor of real residuals whose last 5% is held out, or
+``train`` and ``heldout`` tensors; training cycles with a fresh permutation per epoch), else synthetic
 *real-ish* residuals (:class:`Synthetic`): a large mean offset, a sparse code over 4 x M ground-truth
 unit directions with Zipf feature frequencies and log-normal magnitudes, a rank-32 dense part with a
 decaying spectrum, per-token log-normal scale, 0.5% "attention sink" tokens 30x off along one
@@ -107,11 +107,14 @@ class FileActs:
         from safetensors.torch import load_file
 
         tensors = load_file(path)
-        key = next((k for k in ("acts", "activations", "x") if k in tensors), next(iter(tensors)))
-        acts = tensors[key].float().reshape(-1, tensors[key].shape[-1])
-        n_hold = max(1, len(acts) // 20)
-        self.train, self.heldout = acts[:-n_hold], acts[-n_hold:]
-        self.d, self.seed = acts.shape[1], seed
+        if "train" in tensors and "heldout" in tensors:  # an explicit split (e.g. ActivationStore's)
+            self.train, self.heldout = tensors["train"].float(), tensors["heldout"].float()
+        else:
+            key = next((k for k in ("acts", "activations", "x") if k in tensors), next(iter(tensors)))
+            acts = tensors[key].float().reshape(-1, tensors[key].shape[-1])
+            n_hold = max(1, len(acts) // 20)
+            self.train, self.heldout = acts[:-n_hold], acts[-n_hold:]
+        self.d, self.seed = self.train.shape[1], seed
         self._perm: dict[int, Tensor] = {}
 
     def batch(self, i: int, n: int) -> Tensor:

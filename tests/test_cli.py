@@ -80,7 +80,20 @@ def test_info_with_layers(capsys: pytest.CaptureFixture[str], smollm) -> None:
 @pytest.mark.slow
 def test_eval_writes_artifacts(tmp_path: Path, smollm, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ev"
-    code = main(["eval", "--n", "6", "--max-new-tokens", "24", "--batch-size", "4", "--out", str(out), "--no-progress"])
+    code = main(
+        [
+            "eval",
+            "--n",
+            "6",
+            "--max-new-tokens",
+            "24",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]

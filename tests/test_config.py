@@ -85,3 +85,12 @@ def test_example_configs_parse() -> None:
     root = Path(__file__).resolve().parents[1] / "examples"
     cfg = _parse(["--config", str(root / "eval.toml")])
     assert cfg.task == "chain_sum" and cfg.task_params["max_terms"] == 2
+
+
+def test_package_root_is_light_and_lazy() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, saereward; assert 'torch' not in sys.modules; print(saereward.load_sae.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "saereward.sae.formats"

@@ -12,6 +12,26 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from typing import Any
+
 from saereward.errors import SaeRewardError
 
-__all__ = ["SaeRewardError", "__version__"]
+# Public API, imported on first use so that `import saereward` stays light (no torch at import).
+_LAZY = {
+    "load_model": "saereward.lm",
+    "load_task": "saereward.tasks",
+    "load_sae": "saereward.sae.formats",
+    "save_sae": "saereward.sae.formats",
+    "TopKSAE": "saereward.sae.coder",
+    "ResidualCapture": "saereward.capture",
+}
+
+__all__ = ["SaeRewardError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'saereward' has no attribute {name!r}")
