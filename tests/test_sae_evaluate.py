@@ -11,7 +11,15 @@ import torch
 from saereward.errors import SaeRewardError
 from saereward.sae.coder import SAEConfig, TopKSAE
 from saereward.sae.evaluate import ce_kl_recovered, evaluate_sae
+from saereward.sae.kernels import use_kernels
 from tiny_models import BOS_ID, D_MODEL, PAD_ID, VOCAB, make_tiny
+
+
+@pytest.fixture(autouse=True)
+def _exact_kernels():  # noqa: ANN202
+    """References below call ``sae(x)`` directly; use the exact path the evaluator uses by default."""
+    with use_kernels("eager"):
+        yield
 
 
 def identity_sae(d: int = D_MODEL) -> TopKSAE:

@@ -29,7 +29,7 @@ from torch import nn
 from saereward.lm import decoder_layers, resolve_layer
 
 
-def _block_output(output: Any) -> torch.Tensor:
+def block_output(output: Any) -> torch.Tensor:
     """The hidden-state tensor of a decoder block's output (tensor, tuple or ModelOutput)."""
     if isinstance(output, torch.Tensor):
         return output
@@ -90,7 +90,7 @@ class ResidualCapture:
 
     def _make_hook(self, layer: int):  # noqa: ANN202 - torch hook signature
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            h = _block_output(output)
+            h = block_output(output)
             if not self.keep_grad:
                 h = h.detach()
             if self.store_dtype is not None or self.store_device is not None:

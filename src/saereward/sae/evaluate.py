@@ -46,15 +46,16 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from saereward.capture import _block_output, position_ids_from_mask
+from saereward.capture import block_output, position_ids_from_mask
 from saereward.errors import SaeRewardError
 from saereward.lm import decoder_layers, resolve_layer
 from saereward.sae.coder import TopKSAE
+from saereward.sae.kernels import use_kernels
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,11 @@ class _ReconStats:
 
 @torch.no_grad()
 def evaluate_sae(
-    sae: TopKSAE, batches: Iterable[Tensor], *, return_fire_counts: bool = False
+    sae: TopKSAE,
+    batches: Iterable[Tensor],
+    *,
+    return_fire_counts: bool = False,
+    kernels: Literal["fast", "eager", "auto"] = "eager",
 ) -> dict[str, Any]:
     """Reconstruction and sparsity metrics of ``sae`` on held-out activations (see module docstring).
 
@@ -136,6 +141,9 @@ def evaluate_sae(
         batches: an iterable of ``[N, d_in]`` (or ``[..., d_in]``) residual tensors, consumed once.
         return_fire_counts: also return ``fire_counts``, an int64 ``[d_sae]`` tensor of how many eval
             tokens each latent fired on.
+
+    ``kernels`` defaults to the exact fp32 (eager) SAE path: metrics must not carry the bf16 rounding of
+    the fast training kernels.
 
     Returns a dict of floats: ``fvu``, ``variance_explained``, ``mse``, ``mse_per_token``, ``nmse``,
     ``cos_sim``, ``l0``, ``dead_pct``, ``alive_frac``, ``coverage``, ``n_tokens``.
@@ -151,7 +159,8 @@ def evaluate_sae(
         x = batch.reshape(-1, sae.cfg.d_in)
         if x.shape[0] == 0:
             continue
-        out = sae(x.to(device=device, dtype=dtype))
+        with use_kernels(kernels):  # exact fp32 reference path by default: metrics, not speed
+            out = sae(x.to(device=device, dtype=dtype))
         stats.add(x, out.recon, out.top_acts, out.top_indices)
     result: dict[str, Any] = stats.result()
     if return_fire_counts:
@@ -164,7 +173,7 @@ def evaluate_sae(
 # --------------------------------------------------------------------------------------------------
 
 
-def _replace_block_output(output: Any, new: Tensor) -> Any:
+def _replaceblock_output(output: Any, new: Tensor) -> Any:
     if isinstance(output, Tensor):
         return new
     if isinstance(output, tuple):
@@ -185,7 +194,7 @@ class _Splice:
     def _hook(self, _module: nn.Module, _inputs: Any, output: Any) -> Any:
         if self.fn is None:
             return None
-        return _replace_block_output(output, self.fn(_block_output(output)))
+        return _replaceblock_output(output, self.fn(block_output(output)))
 
     def remove(self) -> None:
         self._handle.remove()
@@ -240,6 +249,7 @@ def ce_kl_recovered(
     max_length: int = 256,
     exclude_bos: bool = True,
     bos_token_id: int | None = None,
+    kernels: Literal["fast", "eager", "auto"] = "eager",
 ) -> dict[str, float]:
     """CE-loss and KL recovered when ``sae``'s reconstruction replaces the output of block ``layer``.
 
@@ -272,7 +282,8 @@ def ce_kl_recovered(
         if h.shape[-1] != d_in:
             raise SaeRewardError(f"SAE d_in {d_in} does not match model width {h.shape[-1]} at layer {layer}")
         flat = h.reshape(-1, d_in).to(device=sae_device, dtype=sae_dtype)
-        recon = sae(flat).recon.reshape(h.shape).to(device=h.device, dtype=h.dtype)
+        with use_kernels(kernels):
+            recon = sae(flat).recon.reshape(h.shape).to(device=h.device, dtype=h.dtype)
         if keep_clean is not None:
             recon = torch.where(keep_clean[..., None].to(h.device), h, recon)
         return recon

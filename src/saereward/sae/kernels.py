@@ -357,17 +357,19 @@ def row_dots_sorted(pattern: Transposed, indices: Tensor, table: Tensor, rows: T
 
 
 class Encoded(NamedTuple):
-    """Top-k selection of one batch.
+    """Top-k selection of one batch (plus the AuxK selection when a dead mask was given).
 
-    ``aux_local`` holds the AuxK choice among dead latents as column ids into ``dead_ids``; it is empty
-    (``[N, 0]``) when no dead mask was given or no latent is dead. ``pattern`` (fast path, when gradients
-    are needed) is ``top_indices`` grouped by latent, shared by the encoder's and the decoder's backward.
+    ``aux_acts`` ``[N, D]`` holds, for the ``D`` dead latents ``dead_ids``, the ``min(k_aux, D)`` largest
+    pre-activations of each row (no ReLU) and zeros elsewhere; ``aux_mask`` marks the chosen entries.
+    Both are ``None`` without dead latents. ``pattern`` (fast path, when gradients are needed) is
+    ``top_indices`` grouped by latent, shared by the encoder's and the decoder's backward.
     """
 
     top_acts: Tensor  # [N, k] ReLU of the selected pre-activations
     top_indices: Tensor  # [N, k] int64 latent ids
-    aux_local: Tensor  # [N, k_aux'] int64 column ids into dead_ids
-    dead_ids: Tensor  # [D] int64 ids of the dead latents
+    dead_ids: Tensor  # [D] int64 ids of the dead latents (empty: AuxK off)
+    aux_acts: Tensor | None = None  # [N, D] chosen dead pre-activations, zeros elsewhere
+    aux_mask: Tensor | None = None  # [N, D] bool, the chosen entries
     pattern: Transposed | None = None
 
 
@@ -378,12 +380,13 @@ def _dead_ids(dead_mask: Tensor | None, k_aux: int, device: torch.device) -> Ten
     return dead_mask.nonzero().reshape(-1)
 
 
-def _select_aux(pre: Tensor, dead_ids: Tensor, k_aux: int) -> Tensor:
-    """Top-``min(k_aux, D)`` pre-activations among the ``D`` dead latents of each row (local ids)."""
-    kk = min(k_aux, dead_ids.numel())
-    if kk == 0:
-        return dead_ids.new_zeros(pre.shape[0], 0)
-    return pre.index_select(1, dead_ids).topk(kk, dim=1, sorted=False).indices
+def _choose_aux(pre_dead: Tensor, kk: int, mask: Tensor) -> Tensor:
+    """Mark the ``kk`` largest entries of each row of ``pre_dead`` in ``mask``; return them, zeros elsewhere."""
+    if kk < pre_dead.shape[1]:
+        mask.scatter_(1, pre_dead.topk(kk, dim=1, sorted=False).indices, True)
+    else:
+        mask.fill_(True)
+    return torch.where(mask, pre_dead, 0.0)
 
 
 def _lowp_operands(xc: Tensor, w_rows: Tensor, b_enc: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -412,11 +415,12 @@ def select_topk(
     dead_ids: Tensor | None = None,
     k_aux: int = 0,
     block_elems: int = 1 << 21,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Top-k of ``pre = xc @ w_rows.T + b_enc`` per row, with ``pre`` computed in ``dtype`` (no autograd).
 
-    Returns ``(top_pre [N, k] in dtype, top_indices [N, k], aux_local [N, k_aux'])``; ``aux_local``
-    indexes ``dead_ids`` (the AuxK choice, ``k_aux' = min(k_aux, len(dead_ids))``).
+    Returns ``(top_pre [N, k], top_indices [N, k], aux_acts [N, D] | None, aux_mask [N, D] | None)``,
+    values in ``dtype``; the AuxK part (see :class:`Encoded`) is read from the same ``pre``, so AuxK
+    costs no extra encoder matmul.
 
     On CPU, rows go through in blocks of about ``block_elems`` pre-activations (256 rows at M=9216):
     each block's GEMM output is still in cache when top-k reads it, the full ``[N, M]`` matrix never
@@ -434,10 +438,12 @@ def select_topk(
         def block(lo: int, hi: int) -> Tensor:
             return a[lo:hi] @ b.t()
 
-    kk = min(k_aux, dead_ids.numel()) if dead_ids is not None else 0
+    n_dead = dead_ids.numel() if dead_ids is not None else 0
+    kk = min(k_aux, n_dead)
     top_pre = torch.empty(n, k, dtype=dtype, device=xc.device)
     top_idx = torch.empty(n, k, dtype=torch.int64, device=xc.device)
-    aux_local = torch.empty(n, kk, dtype=torch.int64, device=xc.device)
+    aux_acts = torch.empty(n, n_dead, dtype=dtype, device=xc.device) if kk else None
+    aux_mask = torch.zeros(n, n_dead, dtype=torch.bool, device=xc.device) if kk else None
     rows = n if xc.device.type != "cpu" else max(64, block_elems // max(m, 1) // 64 * 64)
     starts = list(range(0, n, rows))
 
@@ -446,19 +452,21 @@ def select_topk(
         hi = min(n, lo + rows)
         pre = block(lo, hi)
         torch.topk(pre, k, dim=1, sorted=False, out=(top_pre[lo:hi], top_idx[lo:hi]))
-        if kk:
-            assert dead_ids is not None
-            aux_local[lo:hi] = _select_aux(pre, dead_ids, kk)
+        if aux_acts is not None and aux_mask is not None and dead_ids is not None:
+            aux_acts[lo:hi] = _choose_aux(pre.index_select(1, dead_ids), kk, aux_mask[lo:hi])
 
     fanout(piece, len(starts), xc.device)
-    return top_pre, top_idx, aux_local
+    return top_pre, top_idx, aux_acts, aux_mask
 
 
 class _SelectedPreacts(torch.autograd.Function):
-    """``relu(((x - b_dec) @ W_enc + b_enc)[n, idx[n, j]])`` given the selection; the backward touches only it.
+    """The chosen pre-activations as differentiable outputs; the backward touches only them.
 
-    ``top_pre`` are the selected pre-activations as the selection computed them (the forward values)
-    and ``xc = x - b_dec`` is handed in so the backward need not recompute it.
+    Outputs ``relu(pre[n, idx[n, j]])`` (``[N, k]``) and the AuxK pre-activations ``[N, D]`` (zeros
+    where not chosen), where ``pre = (x - b_dec) @ W_enc + b_enc``. The values come from the selection
+    (``top_pre``, ``aux_acts``); ``xc = x - b_dec`` is handed in so the backward need not recompute it.
+    Backward: ``dW_enc`` rows from the sparse top-k part (:func:`scatter_rows`) plus, for the dead rows,
+    one ``[D, N] @ [N, d]`` GEMM; ``db_enc`` by index_add; ``db_dec = -W_enc @ db_enc``.
     """
 
     @staticmethod
@@ -472,31 +480,47 @@ class _SelectedPreacts(torch.autograd.Function):
         indices: Tensor,
         pattern: Transposed | None,
         xc: Tensor,
-    ) -> Tensor:
+        aux_acts: Tensor | None,
+        aux_mask: Tensor | None,
+        dead_ids: Tensor,
+    ) -> tuple[Tensor, Tensor]:
         acts = torch.relu(top_pre)
-        ctx.save_for_backward(xc, w_rows, indices, acts)
+        ctx.save_for_backward(xc, w_rows, indices, acts, aux_mask, dead_ids)
         ctx.pattern = pattern
-        return acts
+        ctx.set_materialize_grads(False)
+        aux = aux_acts.clone() if aux_acts is not None else acts.new_zeros(0)
+        return acts, aux
 
     @staticmethod
-    def backward(ctx: Any, g_acts: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        xc, w_rows, idx, acts = ctx.saved_tensors
+    def backward(ctx: Any, g_acts: Tensor | None, g_aux: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        xc, w_rows, idx, acts, aux_mask, dead_ids = ctx.saved_tensors
         need_x, need_bdec, need_w, need_benc = ctx.needs_input_grad[:4]
         grad_x = grad_bdec = grad_w = db_enc = None
+        if aux_mask is None or g_aux is None or g_aux.numel() == 0:
+            g_aux = None
         with _one_thread(xc.device):
-            g = torch.where(acts > 0, g_acts, 0.0)  # ReLU'
+            g = torch.where(acts > 0, g_acts, 0.0) if g_acts is not None else torch.zeros_like(acts)  # ReLU'
             if need_bdec or need_benc:
                 db_enc = torch.zeros(w_rows.shape[0], dtype=g.dtype, device=g.device)
                 db_enc.index_add_(0, idx.reshape(-1), g.reshape(-1))
+                if g_aux is not None:
+                    db_enc.index_add_(0, dead_ids, g_aux.sum(0, dtype=db_enc.dtype))
             if need_w:
                 pattern = ctx.pattern or transpose_pattern(idx, w_rows.shape[0])
                 grad_w = scatter_rows(pattern, g, xc)
+                if g_aux is not None:
+                    with _all_threads():
+                        grad_w.index_add_(0, dead_ids, (g_aux.t() @ xc.to(g_aux.dtype)).to(grad_w.dtype))
             if need_x:
                 grad_x = gather_rows(idx, g, w_rows)
+                if g_aux is not None:
+                    with _all_threads():
+                        w_d = w_rows.index_select(0, dead_ids).to(g_aux.dtype)
+                        grad_x += (g_aux @ w_d).to(grad_x.dtype)
             if need_bdec:  # d pre / d b_dec = -W_enc, summed over tokens
                 assert db_enc is not None
                 grad_bdec = -(db_enc @ w_rows)
-        return grad_x, grad_bdec, grad_w, db_enc if need_benc else None, None, None, None, None
+        return grad_x, grad_bdec, grad_w, db_enc if need_benc else None, *([None] * 7)
 
 
 def encode_fast(
@@ -512,8 +536,9 @@ def encode_fast(
 ) -> Encoded:
     """Fast top-k encoder (see module doc). ``x`` ``[N, d]`` must already be input-normalized.
 
-    The selection (matmul + top-k) runs without autograd; :class:`_SelectedPreacts` then attaches the
-    sparse backward to the chosen values. ``sel_dtype`` overrides :func:`select_dtype` (tests).
+    The selection (matmul + top-k, and AuxK's choice) runs without autograd; :class:`_SelectedPreacts`
+    then attaches the sparse backward to the chosen values. ``sel_dtype`` overrides
+    :func:`select_dtype` (tests); AuxK values and matmuls use the same precision.
     """
     w_rows = W_enc.t()  # [M, d]: a free view for the transposed storage TopKSAE uses
     if not w_rows.is_contiguous():
@@ -522,12 +547,15 @@ def encode_fast(
     with torch.no_grad(), _one_thread(x.device):
         xc = x - b_dec
         dead_ids = _dead_ids(dead_mask, k_aux, x.device)
-        top_pre, top_indices, aux_local = select_topk(xc, w_rows, b_enc, k, dtype, dead_ids, k_aux)
+        top_pre, top_indices, aux_acts, aux_mask = select_topk(xc, w_rows, b_enc, k, dtype, dead_ids, k_aux)
         top_pre = top_pre.to(x.dtype)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, b_dec, W_enc, b_enc))
     pattern = transpose_pattern(top_indices, w_rows.shape[0]) if needs_grad else None
-    acts = _SelectedPreacts.apply(x, b_dec, w_rows, b_enc, top_pre, top_indices, pattern, xc)
-    return Encoded(acts, top_indices, aux_local, dead_ids, pattern)
+    acts, aux = _SelectedPreacts.apply(
+        x, b_dec, w_rows, b_enc, top_pre, top_indices, pattern, xc, aux_acts, aux_mask, dead_ids
+    )
+    aux_out = aux if aux_acts is not None else None
+    return Encoded(acts, top_indices, dead_ids, aux_out, aux_mask, pattern)
 
 
 def encode_eager(
@@ -544,16 +572,28 @@ def encode_eager(
     pre = (x - b_dec) @ W_enc + b_enc
     top_pre, top_indices = pre.topk(k, dim=1, sorted=False)
     dead_ids = _dead_ids(dead_mask, k_aux, x.device)
-    aux_local = _select_aux(pre.detach(), dead_ids, k_aux)
-    return Encoded(torch.relu(top_pre), top_indices, aux_local, dead_ids)
+    kk = min(k_aux, dead_ids.numel())
+    if kk == 0:
+        return Encoded(torch.relu(top_pre), top_indices, dead_ids)
+    pre_dead = pre.index_select(1, dead_ids)
+    mask = torch.zeros_like(pre_dead, dtype=torch.bool)
+    mask.scatter_(1, pre_dead.detach().topk(kk, dim=1, sorted=False).indices, True)
+    return Encoded(torch.relu(top_pre), top_indices, dead_ids, torch.where(mask, pre_dead, 0.0), mask)
 
 
 # --------------------------------------------------------------------------------------------------
-# Decoder: acts [N, k] at idx -> [N, d] (+ bias)
+# Decoder: acts [N, k] at idx -> [N, d] (+ bias); AuxK: aux_acts [N, D] -> [N, d] (no bias)
 # --------------------------------------------------------------------------------------------------
 
 
 class _SparseDecode(torch.autograd.Function):
+    """``recon = gather(W_dec, idx) . acts + bias`` and ``e_hat = aux_acts @ W_dec[dead]``, one ``W_dec`` gradient.
+
+    Taking both reconstructions in one Function gives ``W_dec`` a single gradient tensor: the sparse
+    top-k rows from :func:`scatter_rows` plus, for the dead rows, one ``[D, N] @ [N, d]`` GEMM (instead
+    of a second full-size gradient that autograd would zero-fill and add).
+    """
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
@@ -562,18 +602,32 @@ class _SparseDecode(torch.autograd.Function):
         W_dec: Tensor,
         bias: Tensor | None,
         pattern: Transposed | None,
-    ) -> Tensor:
-        ctx.save_for_backward(values, indices, W_dec)
+        aux_acts: Tensor | None,
+        aux_mask: Tensor | None,
+        dead_ids: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(values, indices, W_dec, aux_acts, aux_mask, dead_ids)
         ctx.pattern = pattern
+        ctx.set_materialize_grads(False)
         with _one_thread(values.device):
             out = gather_rows(indices, values, W_dec)
-            return out.add_(bias) if bias is not None else out
+            if bias is not None:
+                out.add_(bias)
+            e_hat = out.new_zeros(0)
+            if aux_acts is not None and dead_ids is not None:
+                with _all_threads():
+                    e_hat = (aux_acts @ W_dec.index_select(0, dead_ids).to(aux_acts.dtype)).to(out.dtype)
+        return out, e_hat
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        values, indices, W_dec = ctx.saved_tensors
-        grad_values = grad_w = grad_bias = None
+    def backward(ctx: Any, grad_out: Tensor | None, grad_e: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        values, indices, W_dec, aux_acts, aux_mask, dead_ids = ctx.saved_tensors
+        grad_values = grad_w = grad_bias = grad_aux = None
+        if aux_acts is None or grad_e is None or grad_e.numel() == 0:
+            grad_e = None
         with _one_thread(values.device):
+            if grad_out is None:
+                grad_out = values.new_zeros(values.shape[0], W_dec.shape[1])
             grad_out = grad_out.contiguous().to(W_dec.dtype)
             pattern = ctx.pattern or transpose_pattern(indices, W_dec.shape[0])
             if ctx.needs_input_grad[0]:
@@ -582,7 +636,16 @@ class _SparseDecode(torch.autograd.Function):
                 grad_w = scatter_rows(pattern, values, grad_out)
             if ctx.needs_input_grad[3]:
                 grad_bias = grad_out.sum(0)
-        return grad_values, None, grad_w, grad_bias, None
+            if grad_e is not None:
+                dtype = aux_acts.dtype
+                with _all_threads():
+                    ge = grad_e.to(dtype)
+                    if ctx.needs_input_grad[5]:
+                        dec_d = W_dec.index_select(0, dead_ids).to(dtype)
+                        grad_aux = torch.where(aux_mask, ge @ dec_d.t(), 0.0)
+                    if grad_w is not None:
+                        grad_w.index_add_(0, dead_ids, (aux_acts.t() @ ge).to(grad_w.dtype))
+        return grad_values, None, grad_w, grad_bias, None, grad_aux, None, None
 
 
 def decode_fast(
@@ -598,7 +661,7 @@ def decode_fast(
     """
     if not W_dec.is_contiguous():
         W_dec = W_dec.contiguous()
-    return _SparseDecode.apply(values, indices, W_dec, bias, pattern)
+    return _SparseDecode.apply(values, indices, W_dec, bias, pattern, None, None, None)[0]
 
 
 def decode_eager(values: Tensor, indices: Tensor, W_dec: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -607,90 +670,22 @@ def decode_eager(values: Tensor, indices: Tensor, W_dec: Tensor, bias: Tensor | 
     return dense @ W_dec + bias if bias is not None else dense @ W_dec
 
 
-# --------------------------------------------------------------------------------------------------
-# AuxK reconstruction of the residual from the chosen dead latents (pre-activations, no ReLU, no bias)
-# --------------------------------------------------------------------------------------------------
-
-
-class _AuxDecode(torch.autograd.Function):
-    """``e_hat = mask(xc @ W_enc[:, D] + b_enc[D]) @ W_dec[D]`` as dense GEMMs over the dead columns."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: Tensor,
-        b_dec: Tensor,
-        w_d: Tensor,
-        b_d: Tensor,
-        dec_d: Tensor,
-        mask: Tensor,
-        dtype: torch.dtype,
-    ) -> Tensor:
-        with _all_threads():
-            xc = (x - b_dec).to(dtype)
-            w_lp, dec_lp = w_d.to(dtype), dec_d.to(dtype)
-            acts = torch.where(mask, torch.addmm(b_d.to(dtype), xc, w_lp).to(x.dtype), 0.0)
-            out = (acts.to(dtype) @ dec_lp).to(x.dtype)
-        ctx.save_for_backward(xc, w_lp, dec_lp, acts, mask)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        xc, w_lp, dec_lp, acts, mask = ctx.saved_tensors
-        need_x, need_bdec, need_w, need_b, need_dec = ctx.needs_input_grad[:5]
-        grads: list[Tensor | None] = [None] * 7
-        dtype = w_lp.dtype
-        with _all_threads():
-            g_lp = grad_out.to(dtype)
-            if need_dec:
-                grads[4] = (acts.to(dtype).t() @ g_lp).to(grad_out.dtype)
-            if need_x or need_bdec or need_w or need_b:
-                g_acts = torch.where(mask, (g_lp @ dec_lp.t()).to(grad_out.dtype), 0.0)  # [N, D]
-                g_sum = g_acts.sum(0)
-                if need_w:
-                    grads[2] = (xc.t() @ g_acts.to(dtype)).to(grad_out.dtype)
-                if need_b:
-                    grads[3] = g_sum
-                if need_bdec:
-                    grads[1] = -(w_lp.to(grad_out.dtype) @ g_sum)
-                if need_x:
-                    grads[0] = (g_acts.to(dtype) @ w_lp.t()).to(grad_out.dtype)
-        return tuple(grads)
-
-
-def aux_decode_fast(
-    x: Tensor,
-    W_enc: Tensor,
-    b_enc: Tensor,
-    b_dec: Tensor,
-    W_dec: Tensor,
-    aux_local: Tensor,
-    dead_ids: Tensor,
-    *,
-    dtype: torch.dtype | None = None,
-) -> Tensor:
-    """``e_hat = A @ W_dec[dead]`` with ``A`` the chosen dead pre-activations, as dense GEMMs.
-
-    Restricting every matmul to the ``D`` dead columns makes the dense form cheaper than gathers.
-    ``dtype`` (default :func:`select_dtype`) is the GEMMs' precision: AuxK is a heuristic revival term,
-    so bf16 rounding of its gradient is harmless. ``b_dec``'s gradient is a mat-vec, not a GEMM.
-    """
-    dtype = dtype or select_dtype(W_enc)
-    mask = torch.zeros(aux_local.shape[0], dead_ids.numel(), dtype=torch.bool, device=x.device)
-    mask.scatter_(1, aux_local, True)
-    w_d = W_enc.index_select(1, dead_ids)
-    return _AuxDecode.apply(
-        x, b_dec, w_d, b_enc.index_select(0, dead_ids), W_dec.index_select(0, dead_ids), mask, dtype
+def reconstruct_fast(enc: Encoded, W_dec: Tensor, b_dec: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(recon [N, d], e_hat [N, d] | None)`` from :func:`encode_fast`'s output (see :class:`_SparseDecode`)."""
+    if not W_dec.is_contiguous():
+        W_dec = W_dec.contiguous()
+    recon, e_hat = _SparseDecode.apply(
+        enc.top_acts, enc.top_indices, W_dec, b_dec, enc.pattern, enc.aux_acts, enc.aux_mask, enc.dead_ids
     )
+    return recon, e_hat if enc.aux_acts is not None else None
 
 
-def aux_decode_eager(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, aux_local: Tensor, dead_ids: Tensor
-) -> Tensor:
-    """Reference AuxK decode: dense pre-activations of the dead latents, gathered, decoded densely."""
-    pre = ((x - b_dec) @ W_enc + b_enc).index_select(1, dead_ids)
-    vals = pre.gather(1, aux_local)
-    return decode_eager(vals, dead_ids[aux_local], W_dec)
+def reconstruct_eager(enc: Encoded, W_dec: Tensor, b_dec: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Reference: dense decode of the top-k code (+ ``b_dec``), and ``aux_acts @ W_dec[dead]`` (no bias)."""
+    recon = decode_eager(enc.top_acts, enc.top_indices, W_dec, b_dec)
+    if enc.aux_acts is None:
+        return recon, None
+    return recon, enc.aux_acts @ W_dec.index_select(0, enc.dead_ids)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -708,7 +703,7 @@ def encode(
     dead_mask: Tensor | None = None,
     k_aux: int = 0,
 ) -> Encoded:
-    """Top-k encode with the active kernel mode (:func:`kernel_mode`)."""
+    """Top-k encode (and AuxK choice, with ``dead_mask``) with the active kernel mode (:func:`kernel_mode`)."""
     if kernel_mode() == "fast":
         return encode_fast(x, W_enc, b_enc, b_dec, k, dead_mask=dead_mask, k_aux=k_aux)
     return encode_eager(x, W_enc, b_enc, b_dec, k, dead_mask=dead_mask, k_aux=k_aux)
@@ -727,9 +722,10 @@ def decode(
     return decode_eager(values, indices, W_dec, bias)
 
 
-def aux_decode(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, aux_local: Tensor, dead_ids: Tensor
-) -> Tensor:
-    """AuxK decode (no ReLU, no bias) with the active kernel mode."""
-    fn = aux_decode_fast if kernel_mode() == "fast" else aux_decode_eager
-    return fn(x, W_enc, b_enc, b_dec, W_dec, aux_local, dead_ids)
+def reconstruct(enc: Encoded, W_dec: Tensor, b_dec: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(recon, e_hat)`` for an :class:`Encoded` from :func:`encode` (same mode): the decoder output
+    with ``b_dec``, and the AuxK reconstruction of the residual (no ReLU, no bias; ``None`` without
+    dead latents)."""
+    if kernel_mode() == "fast":
+        return reconstruct_fast(enc, W_dec, b_dec)
+    return reconstruct_eager(enc, W_dec, b_dec)
