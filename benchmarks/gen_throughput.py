@@ -55,10 +55,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="16 new tokens, 3 repeats")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     if args.quick:
         args.new_tokens, args.repeats = 16, 3
+    if args.threads:
+        torch.set_num_threads(args.threads)
     task = load_task("chain_sum", n=64, seed=0)
     prompts = [format_prompt(task, it, "fewshot") for it in task.items()]
     batches = [int(b) for b in args.batches.split(",")]

@@ -1,9 +1,11 @@
 """TopK SAE training throughput and quality: saereward vs EleutherAI sparsify vs SAELens, in one process.
 
-Peers (installed into the main venv; neither changes torch or transformers -- checked with --dry-run):
+Peers live in the main venv next to torch 2.13.0 / transformers 5.23.0 (no separate venv needed). The
+dry run with both pins reports nothing to install or change, and the real install is the same line
+without ``--dry-run``:
 
     printf 'torch==2.13.0\\ntransformers==5.23.0\\n' > /tmp/pins.txt
-    .venv/bin/pip install --dry-run eai-sparsify==1.3.3 sae-lens==6.54.12 -c /tmp/pins.txt   # nothing to change
+    .venv/bin/pip install --dry-run eai-sparsify==1.3.3 sae-lens==6.54.12 -c /tmp/pins.txt
     .venv/bin/pip install eai-sparsify==1.3.3 sae-lens==6.54.12 -c /tmp/pins.txt
 
 What runs (all fp32 weights on CPU, same batches, same Adam lr 2e-4 with our warmup + cosine-to-0.3

@@ -106,10 +106,12 @@ def test_streaming_equals_one_shot() -> None:
     streamed = evaluate_sae(sae, (c for c in x.split([7, 1, 50, 42])), return_fire_counts=True)
     assert torch.equal(one.pop("fire_counts"), streamed.pop("fire_counts"))
     assert one.keys() == streamed.keys()
+    # The accumulators are float64, but the SAE's fp32 GEMMs round differently for a 1-row and a
+    # 100-row batch (different blocking), so per-token recon differs at fp32 precision (~1e-7).
     for key in one:
-        assert streamed[key] == pytest.approx(one[key], rel=1e-9, abs=1e-12), key
+        assert streamed[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key
     # [B, T, d] batches are flattened
-    assert evaluate_sae(sae, [x.reshape(10, 10, 16)])["fvu"] == pytest.approx(one["fvu"], rel=1e-9)
+    assert evaluate_sae(sae, [x.reshape(10, 10, 16)])["fvu"] == pytest.approx(one["fvu"], rel=1e-6)
 
 
 def test_dead_and_coverage_on_handcrafted_batches() -> None:

@@ -5,7 +5,9 @@ Algorithm (the seed's, matching Gao et al. 2024 "Scaling and evaluating sparse a
 * encode: ``pre = (x - b_dec) @ W_enc + b_enc``; keep the ``k`` largest entries of each row; ReLU.
 * decode: ``recon = acts @ W_dec + b_dec``.
 * init: ``W_dec`` has random unit-norm rows (seeded), ``W_enc = W_dec.T``, ``b_enc = 0``; the trainer
-  then sets ``b_dec`` to the geometric median of a data sample (:func:`geometric_median`).
+  then sets ``b_dec`` to the geometric median of a data sample (:func:`geometric_median`) and, by
+  default, shrinks ``W_enc`` to ``0.577 * W_dec.T`` (``SAETrainConfig.init_enc_scale``; see
+  :mod:`.train` for why and for the measurement).
 * loss terms (:class:`ForwardOutput`): ``mse`` (mean squared error per element), ``fvu`` (fraction
   of variance unexplained) and ``auxk``:
 
@@ -149,8 +151,7 @@ def _total_variance(x: Tensor) -> Tensor:
 def fvu(x: Tensor, recon: Tensor) -> Tensor:
     """Fraction of variance unexplained: ``sum((x - recon)^2) / sum((x - mean(x))^2)``."""
     x2 = x.reshape(-1, x.shape[-1])
-    tv = (x2 - x2.mean(0)).pow(2).sum().clamp_min(torch.finfo(x2.dtype).tiny)
-    return (x2 - recon.reshape(x2.shape)).pow(2).sum() / tv
+    return (x2 - recon.reshape(x2.shape)).pow(2).sum() / _total_variance(x2)
 
 
 # --------------------------------------------------------------------------------------------------
