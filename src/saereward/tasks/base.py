@@ -166,6 +166,23 @@ def check_source(task: str, source: str, allowed: Sequence[str]) -> None:
         raise SaeRewardError(f"task {task!r} has no source {source!r}; use one of {', '.join(allowed)}")
 
 
+def resolve_source(
+    task: str, source: str, path: str | None, allowed: Sequence[str], *, auto: str, jsonl_needs: str
+) -> str:
+    """The concrete source of a fixed dataset: ``auto`` means ``jsonl`` when ``path`` is given, else ``auto``.
+
+    ``jsonl`` without a path, or a path with another source, is a one-line error (``jsonl_needs``
+    describes the file the task expects).
+    """
+    check_source(task, source, allowed)
+    resolved = ("jsonl" if path else auto) if source == "auto" else source
+    if resolved == "jsonl" and not path:
+        raise SaeRewardError(f"{task}: source 'jsonl' needs path= {jsonl_needs}")
+    if path and resolved != "jsonl":
+        raise SaeRewardError(f"{task}: path= is only used with source 'jsonl', not {resolved!r}; drop one")
+    return resolved
+
+
 def package_data_dir(package: str, install: str) -> Path:
     """Folder of an installed package, found *without* importing it.
 

@@ -40,11 +40,11 @@ from saereward.tasks.base import (
     DemoTask,
     TaskItem,
     check_params,
-    check_source,
     load_hf_rows,
     package_data_dir,
     read_jsonl,
     require_fields,
+    resolve_source,
     select_n,
 )
 from saereward.tasks.extract import canonical_number, extract_flexible, extract_strict, numbers_equal
@@ -156,16 +156,13 @@ def load(
     *, n: int | None = None, seed: int = 0, source: str = "auto", path: str | None = None, **params: Any
 ) -> GSM8KTask:
     """Load GSM8K from ``source``; see the module docstring for the sources and their item ids."""
-    check_source("gsm8k", source, SOURCES)
     check_params("gsm8k", params, PARAMS)
     extraction = params.get("extraction", "flexible")
     if extraction not in ("strict", "flexible"):
         raise SaeRewardError(f"gsm8k: extraction must be 'strict' or 'flexible', got {extraction!r}")
-    resolved = ("jsonl" if path else "offline") if source == "auto" else source
-    if resolved == "jsonl" and not path:
-        raise SaeRewardError("gsm8k: source 'jsonl' needs path= a JSONL file in GSM8K format")
-    if path and resolved != "jsonl":
-        raise SaeRewardError(f"gsm8k: path= is only used with source 'jsonl', not {resolved!r}; drop one")
+    resolved = resolve_source(
+        "gsm8k", source, path, SOURCES, auto="offline", jsonl_needs="a JSONL file in GSM8K format"
+    )
 
     if resolved == "offline":
         items = [

@@ -34,15 +34,14 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from saereward.errors import SaeRewardError
 from saereward.tasks.base import (
     DemoTask,
     TaskItem,
     check_params,
-    check_source,
     load_hf_rows,
     read_jsonl,
     require_fields,
+    resolve_source,
     select_n,
 )
 from saereward.tasks.extract import cut_completion
@@ -132,13 +131,10 @@ def load(
     *, n: int | None = None, seed: int = 0, source: str = "auto", path: str | None = None, **params: Any
 ) -> MATH500Task:
     """Load MATH-500 from ``source``; see the module docstring."""
-    check_source("math500", source, SOURCES)
     check_params("math500", params, ())
-    resolved = ("jsonl" if path else "hf") if source == "auto" else source
-    if resolved == "jsonl" and not path:
-        raise SaeRewardError("math500: source 'jsonl' needs path= a JSONL file with problem/answer fields")
-    if path and resolved != "jsonl":
-        raise SaeRewardError(f"math500: path= is only used with source 'jsonl', not {resolved!r}; drop one")
+    resolved = resolve_source(
+        "math500", source, path, SOURCES, auto="hf", jsonl_needs="a JSONL file with problem/answer fields"
+    )
 
     if resolved == "jsonl":
         assert path is not None

@@ -39,11 +39,11 @@ from saereward.tasks.base import (
     DemoTask,
     TaskItem,
     check_params,
-    check_source,
     load_hf_rows,
     package_data_dir,
     read_jsonl,
     require_fields,
+    resolve_source,
     select_n,
 )
 from saereward.tasks.extract import extract_choice
@@ -126,13 +126,10 @@ def load(
     *, n: int | None = None, seed: int = 0, source: str = "auto", path: str | None = None, **params: Any
 ) -> MMLUTask:
     """Load MMLU from ``source``; see the module docstring."""
-    check_source("mmlu", source, SOURCES)
     check_params("mmlu", params, ())
-    resolved = ("jsonl" if path else "offline") if source == "auto" else source
-    if resolved == "jsonl" and not path:
-        raise SaeRewardError("mmlu: source 'jsonl' needs path= a JSONL file with question/options/answer")
-    if path and resolved != "jsonl":
-        raise SaeRewardError(f"mmlu: path= is only used with source 'jsonl', not {resolved!r}; drop one")
+    resolved = resolve_source(
+        "mmlu", source, path, SOURCES, auto="offline", jsonl_needs="a JSONL file with question/options/answer"
+    )
 
     if resolved == "hf":
         rows = load_hf_rows(HF_REPO, "all", "test", task="mmlu", fix="use source='offline' (2,850 items)")
