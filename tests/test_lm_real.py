@@ -150,3 +150,23 @@ def test_bad_dtype_and_threads() -> None:
         load_model(EMBEDDED_SPEC, dtype="fp8")  # type: ignore[arg-type]
     with pytest.raises(SaeRewardError, match="threads"):
         load_model(EMBEDDED_SPEC, threads=0)
+
+
+@pytest.mark.slow
+def test_load_local_multimodal_folder(tmp_path: Path, smollm) -> None:  # noqa: ANN001
+    """A saved multimodal checkpoint loads from a folder and its text decoder blocks are found."""
+    import shutil
+
+    from saereward.lm import cache_dir, decoder_layers, load_model
+    from tiny_models import make_tiny
+
+    model, _ = make_tiny("gemma3_mm")
+    model.save_pretrained(tmp_path)
+    src = cache_dir() / "models" / "smollm2-135m-instruct"  # any tokenizer will do for loading
+    for f in src.iterdir():
+        if "token" in f.name or f.name in ("vocab.json", "merges.txt"):
+            shutil.copy(f, tmp_path)
+    lm = load_model(str(tmp_path))
+    assert type(lm.model).__name__ == "Gemma3ForConditionalGeneration"
+    assert decoder_layers(lm.model) is lm.model.model.language_model.layers
+    assert lm.d_model == 64 and lm.source == "hf"
