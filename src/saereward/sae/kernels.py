@@ -174,6 +174,8 @@ def _all_threads() -> Iterator[None]:
 
 _POOL: dict[int, cf.ThreadPoolExecutor] = {}
 _POOL_LOCK = threading.Lock()
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads: start afresh
+    os.register_at_fork(after_in_child=_POOL.clear)
 
 
 def _pool(workers: int) -> cf.ThreadPoolExecutor:
