@@ -77,7 +77,7 @@ import torch
 from saereward import __version__
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
-from saereward.io import atomic_path, write_json
+from saereward.io import atomic_path, iter_jsonl, write_json
 from saereward.lm import DEFAULT_MODEL, DType, LoadedModel
 
 log = logging.getLogger(__name__)
@@ -212,21 +212,14 @@ def iter_text_documents(
     """Documents of one ``.txt`` or ``.jsonl`` file, read lazily; empty documents are skipped."""
     p = Path(path)
     if p.suffix.lower() == ".jsonl":
-        with p.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise SaeRewardError(f"{p}:{lineno}: not valid JSON ({exc.msg}); fix that line") from None
-                if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                    raise SaeRewardError(
-                        f"{p}:{lineno}: expected a JSON object with a string field {text_field!r}; "
-                        "fix that line or set text_field"
-                    )
-                if row[text_field].strip():
-                    yield row[text_field]
+        for lineno, row in iter_jsonl(p):
+            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                raise SaeRewardError(
+                    f"{p}:{lineno}: expected a JSON object with a string field {text_field!r}; "
+                    "fix that line or set text_field"
+                )
+            if row[text_field].strip():
+                yield row[text_field]
         return
     with p.open(encoding="utf-8") as fh:
         if txt_unit == "line":

@@ -26,7 +26,6 @@ different subsets, and asking for more than exists is an error that names the ma
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import random
@@ -37,6 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from saereward.errors import SaeRewardError
 from saereward.hub import hub_offline, hub_reachable
+from saereward.io import iter_jsonl
 
 __all__ = [
     "DemoTask",
@@ -202,20 +202,34 @@ def read_jsonl(path: str | os.PathLike[str], task: str) -> list[dict[str, Any]]:
     if not p.is_file():
         raise SaeRewardError(f"task {task!r}: no file at {str(p)!r}; pass path= an existing JSONL file")
     rows: list[dict[str, Any]] = []
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SaeRewardError(f"{p}:{lineno}: not valid JSON ({e.msg}); fix that line") from None
-            if not isinstance(row, dict):
-                raise SaeRewardError(f"{p}:{lineno}: expected a JSON object per line; fix that line")
-            rows.append(row)
+    for lineno, row in iter_jsonl(p):
+        if not isinstance(row, dict):
+            raise SaeRewardError(f"{p}:{lineno}: expected a JSON object per line; fix that line")
+        rows.append(row)
     if not rows:
         raise SaeRewardError(f"task {task!r}: {p} has no rows; pass a non-empty JSONL file")
     return rows
+
+
+def describe_fixed(
+    name: str,
+    source: str,
+    path: str | None,
+    chosen: Sequence[Any],
+    n_available: int,
+    seed: int,
+    params: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The ``describe()`` record of a task drawn from a fixed dataset (GSM8K, MMLU, MATH-500)."""
+    return {
+        "name": name,
+        "source": source,
+        "path": str(path) if path else None,
+        "n": len(chosen),
+        "n_available": n_available,
+        "seed": seed,
+        "params": dict(params),
+    }
 
 
 def require_fields(row: Mapping[str, Any], fields: Sequence[str], where: str) -> None:

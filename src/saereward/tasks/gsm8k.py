@@ -40,6 +40,7 @@ from saereward.tasks.base import (
     DemoTask,
     TaskItem,
     check_params,
+    describe_fixed,
     load_hf_rows,
     package_data_dir,
     read_jsonl,
@@ -184,13 +185,7 @@ def load(
 
     n_available = len(items)
     chosen = select_n(items, n, seed, "gsm8k")
-    description: dict[str, Any] = {
-        "name": "gsm8k",
-        "source": resolved,
-        "path": str(path) if path else None,
-        "n": len(chosen),
-        "n_available": n_available,
-        "seed": seed,
-        "params": {"extraction": extraction},
-    }
+    description = describe_fixed(
+        "gsm8k", resolved, path, chosen, n_available, seed, {"extraction": extraction}
+    )
     return GSM8KTask(chosen, description, extraction=extraction)

