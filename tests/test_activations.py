@@ -33,7 +33,7 @@ from saereward.capture import forward_residuals
 from saereward.config import from_dict
 from saereward.errors import SaeRewardError
 from saereward.lm import LoadedModel, decoder_layers
-from tiny_models import BOS_ID, PAD_ID, VOCAB, make_tiny
+from tiny_models import BOS_ID, PAD_ID, char_tokenizer, make_tiny, tiny_lm
 
 CORPUS = (
     "The quick brown fox jumps over the lazy dog.\nIt was not amused.\n\n"
@@ -43,37 +43,6 @@ CORPUS = (
     "Short one.\n\n"
     "Last paragraph of the file: it ends without a blank line."
 )
-
-
-def char_tokenizer() -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": PAD_ID, "<s>": BOS_ID, "</s>": 2, "<unk>": 3}
-    for c in [chr(i) for i in range(32, 127)] + ["\n"]:
-        vocab[c] = len(vocab)
-    assert len(vocab) <= VOCAB
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_ID)])
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    tok.padding_side = "left"
-    return tok
-
-
-_LMS: dict[str, LoadedModel] = {}
-
-
-def tiny_lm(arch: str = "llama") -> LoadedModel:
-    if arch not in _LMS:
-        model, _ = make_tiny(arch)
-        _LMS[arch] = LoadedModel(
-            model=model, tokenizer=char_tokenizer(), spec=f"tiny:{arch}", source="hf", path=""
-        )
-    return _LMS[arch]
 
 
 @pytest.fixture(scope="module")

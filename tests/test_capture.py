@@ -101,6 +101,29 @@ def test_capture_equals_hidden_states(arch: str) -> None:
     assert cap.sequence(-1) is not None and torch.equal(cap.sequence(-1), last)
 
 
+def test_forward_residuals_stop_early_equals_full_forward(arch: str) -> None:
+    """Stopping after the deepest requested block gives the same residuals, and skips the rest."""
+    model, _ = make_tiny(arch)
+    ids, mask = left_padded_prompts()
+    layers = [0, 1]
+    full = forward_residuals(model, ids, mask, layers, stop_early=False)
+    early = forward_residuals(model, ids, mask, layers)
+    for layer in layers:
+        torch.testing.assert_close(early[layer], full[layer], rtol=0, atol=0)
+    ran: list[int] = []
+    blocks = decoder_layers(model)
+    handles = [b.register_forward_hook(lambda *_a, i=i: ran.append(i)) for i, b in enumerate(blocks)]
+    try:
+        forward_residuals(model, ids, mask, layers)
+    finally:
+        for h in handles:
+            h.remove()
+    assert ran == [0, 1]  # blocks 2 and 3 never ran
+    # hooks are cleaned up: a plain forward afterwards runs to the logits
+    with torch.no_grad():
+        assert model(input_ids=ids, attention_mask=mask).logits.shape[:2] == ids.shape
+
+
 def test_capture_negative_layers_and_remove() -> None:
     model, _ = make_tiny("llama")
     ids = torch.randint(3, VOCAB, (1, 6))

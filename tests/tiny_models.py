@@ -305,3 +305,62 @@ def make_tiny(arch: str, seed: int = 0) -> tuple[Any, None]:
     model = _BUILDERS[arch]()
     model.eval()
     return model, None
+
+
+def char_tokenizer() -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD_ID, "<s>": BOS_ID, "</s>": 2, "<unk>": 3}
+    for c in [chr(i) for i in range(32, 127)] + ["\n"]:
+        vocab[c] = len(vocab)
+    assert len(vocab) <= VOCAB
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_ID)])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tok.padding_side = "left"
+    return tok
+
+
+_LMS: dict[str, Any] = {}
+
+
+def tiny_lm(arch: str = "llama") -> Any:
+    """A cached :class:`saereward.lm.LoadedModel` of a tiny model with a character tokenizer."""
+    from saereward.lm import LoadedModel
+
+    if arch not in _LMS:
+        model, _ = make_tiny(arch)
+        _LMS[arch] = LoadedModel(
+            model=model, tokenizer=char_tokenizer(), spec=f"tiny:{arch}", source="hf", path=""
+        )
+    return _LMS[arch]
+
+
+def random_sae(
+    d_in: int = D_MODEL,
+    d_sae: int = 256,
+    k: int = 8,
+    seed: int = 0,
+    *,
+    dtype: Any = None,
+    b_dec_scale: float = 0.3,
+    b_enc_scale: float = 0.05,
+    **cfg: Any,
+) -> Any:
+    """A random TopK SAE with nonzero biases (so every term of encode/decode is exercised)."""
+    import torch
+
+    from saereward.sae.coder import SAEConfig, TopKSAE
+
+    dtype = dtype or torch.float32
+    sae = TopKSAE(SAEConfig(d_in=d_in, d_sae=d_sae, k=k, **cfg), seed=seed, dtype=dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        sae.b_dec.copy_(b_dec_scale * torch.randn(d_in, generator=g, dtype=dtype))
+        sae.b_enc.copy_(b_enc_scale * torch.randn(d_sae, generator=g, dtype=dtype))
+    return sae

@@ -24,6 +24,9 @@ _LAZY = {
     "save_sae": "saereward.sae.formats",
     "TopKSAE": "saereward.sae.coder",
     "ResidualCapture": "saereward.capture",
+    "load_pack": "saereward.features.pack",
+    "save_pack": "saereward.features.pack",
+    "PackScorer": "saereward.features.scoring",
 }
 
 __all__ = ["SaeRewardError", "__version__", *_LAZY]

@@ -77,15 +77,15 @@ import torch
 from saereward import __version__
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
-from saereward.io import atomic_path, iter_jsonl, write_json
+from saereward.io import atomic_path, file_sha256, iter_jsonl, write_json
 from saereward.lm import DEFAULT_MODEL, DType, LoadedModel
+from saereward.tasks.prompts import PromptFormat
 
 log = logging.getLogger(__name__)
 
 StoreDType = Literal["fp32", "fp16", "bf16"]
 Split = Literal["train", "heldout", "all"]
 TxtUnit = Literal["paragraph", "line"]
-PromptFormat = Literal["raw", "fewshot", "chat"]
 
 FORMAT = "saereward.activations"
 FORMAT_VERSION = 1
@@ -129,7 +129,14 @@ class CollectConfig:
         (), "local text files: .txt (see txt_unit) or .jsonl (field text_field)"
     )
     txt_unit: TxtUnit = option("paragraph", "a .txt document is a blank-line-separated paragraph, or a line")
-    text_field: str = option("text", "field holding the text in .jsonl rows and hf_dataset rows")
+    text_field: str = option(
+        "text",
+        "field holding the text in .jsonl rows and hf_dataset rows; a comma list (document,passage) "
+        "takes the first field each row has",
+    )
+    dedupe_documents: bool = option(
+        True, "skip a document whose exact text was already seen (QA sets repeat one passage per question)"
+    )
     hf_dataset: str | None = option(
         None, "Hugging Face datasets name to stream (needs the hub; offline fails)"
     )
@@ -206,20 +213,38 @@ def chunk_document(ids: Sequence[int], context_len: int, prefix: Sequence[int] =
     return [[*prefix, *ids[i : i + body]] for i in range(0, len(ids), body)]
 
 
+def text_fields(text_field: str) -> list[str]:
+    """The candidate field names of a ``text_field`` setting (comma-separated, first present wins)."""
+    fields = [f.strip() for f in text_field.split(",") if f.strip()]
+    if not fields:
+        raise SaeRewardError(f"text_field {text_field!r} names no field: set it, e.g. text_field=text")
+    return fields
+
+
+def _row_text(row: Any, fields: Sequence[str]) -> str | None:
+    if isinstance(row, dict):
+        for f in fields:
+            if isinstance(row.get(f), str):
+                return row[f]
+    return None
+
+
 def iter_text_documents(
     path: str | Path, txt_unit: TxtUnit = "paragraph", text_field: str = "text"
 ) -> Iterator[str]:
     """Documents of one ``.txt`` or ``.jsonl`` file, read lazily; empty documents are skipped."""
     p = Path(path)
     if p.suffix.lower() == ".jsonl":
+        fields = text_fields(text_field)
         for lineno, row in iter_jsonl(p):
-            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+            text = _row_text(row, fields)
+            if text is None:
                 raise SaeRewardError(
-                    f"{p}:{lineno}: expected a JSON object with a string field {text_field!r}; "
+                    f"{p}:{lineno}: expected a JSON object with a string field {' or '.join(map(repr, fields))}; "
                     "fix that line or set text_field"
                 )
-            if row[text_field].strip():
-                yield row[text_field]
+            if text.strip():
+                yield text
         return
     with p.open(encoding="utf-8") as fh:
         if txt_unit == "line":
@@ -236,14 +261,6 @@ def iter_text_documents(
                 para = []
         if para:
             yield "\n".join(para)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _text_prefix(tokenizer: Any) -> list[int]:
@@ -430,7 +447,7 @@ class _CorpusSource:
             if not path.is_file():
                 raise SaeRewardError(f"text file {p} not found: check text_paths")
             self.files.append(
-                {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": _sha256(path)}
+                {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
             )
         self.hf: Any = _open_hf_stream(cfg) if cfg.hf_dataset else None
         self.prefix: list[int] = []
@@ -449,6 +466,7 @@ class _CorpusSource:
             "text_files": self.files,
             "txt_unit": cfg.txt_unit,
             "text_field": cfg.text_field,
+            "dedupe_documents": cfg.dedupe_documents,
             "hf_dataset": (
                 {"name": cfg.hf_dataset, "config": cfg.hf_config, "split": cfg.hf_split}
                 if cfg.hf_dataset
@@ -459,19 +477,31 @@ class _CorpusSource:
             "unit": f"{cfg.batch_size} chunks of at most {cfg.context_len} tokens",
         }
 
-    def documents(self) -> Iterator[str]:
+    def _all_documents(self) -> Iterator[str]:
         for f in self.files:
             yield from iter_text_documents(f["path"], self.cfg.txt_unit, self.cfg.text_field)
         if self.hf is not None:
+            fields = text_fields(self.cfg.text_field)
             for row in self.hf:
-                text = row.get(self.cfg.text_field) if isinstance(row, dict) else None
-                if not isinstance(text, str):
+                text = _row_text(row, fields)
+                if text is None:
                     raise SaeRewardError(
                         f"hf_dataset {self.cfg.hf_dataset!r} rows have no string field {self.cfg.text_field!r}: "
                         "set text_field"
                     )
                 if text.strip():
                     yield text
+
+    def documents(self) -> Iterator[str]:
+        """Every document in order; with ``dedupe_documents`` an exact repeat is skipped (deterministic)."""
+        seen: set[bytes] = set()
+        for text in self._all_documents():
+            if self.cfg.dedupe_documents:
+                key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+                if key in seen:
+                    continue
+                seen.add(key)
+            yield text
 
     def chunks(self, tokenizer: Any) -> Iterator[tuple[int, list[int]]]:
         """``(document index, token ids)`` per chunk; chunks too short to keep a position are skipped."""

@@ -119,34 +119,92 @@ def _cmd_eval_sae(cfg: Any) -> int:
     return 0
 
 
-def _train_sae_config() -> type:
-    from saereward.sae.stages import TrainSAEStageConfig
+def _lazy(module: str, name: str) -> Callable[[], type]:
+    """A config class imported on first use (``saereward --help`` stays fast)."""
 
-    return TrainSAEStageConfig
+    def load() -> type:
+        import importlib
 
+        return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
 
-def _eval_sae_config() -> type:
-    from saereward.sae.stages import EvalSAEStageConfig
-
-    return EvalSAEStageConfig
-
-
-def _collect_config() -> type:
-    from saereward.activations import CollectConfig
-
-    return CollectConfig
+    return load
 
 
-def _eval_config() -> type:
-    from saereward.evaluate import EvalConfig
+def _cmd_rollouts(cfg: Any) -> int:
+    import json
 
-    return EvalConfig
+    from saereward.rollouts import run_rollouts
+
+    out = run_rollouts(cfg)
+    summary = json.loads((out / "summary.json").read_text())
+    for split in ("discovery", "validation"):
+        s = summary[split]
+        _echo(
+            f"{split:10} {s['responses']:>5} responses ({s['questions']} questions): {s['correct']} correct, "
+            f"{s['wrong']} wrong, accuracy {s['accuracy']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
+        )
+    _echo(f"wrote {out}/rollouts.jsonl, pooled.safetensors, tokens.safetensors, splits.json")
+    return 0
 
 
-def _baseline_config() -> type:
-    from saereward.evaluate import BaselineConfig
+def _cmd_layers(cfg: Any) -> int:
+    from saereward.features.layers import run_layers
 
-    return BaselineConfig
+    res = run_layers(cfg)
+    ranked = sorted(res["scores"].items(), key=lambda kv: -kv[1])[:5]
+    _echo(
+        f"layer map ({res['split']}, n={res['n_responses']}): peak layer {res['peak_layer']}; top: "
+        + ", ".join(f"L{k} {v:.2f}" for k, v in ranked)
+    )
+    if "logit_lens" in res:
+        p = res["logit_lens"]["answer_prob"]
+        best = max(range(len(p)), key=p.__getitem__)
+        _echo(
+            f"logit lens (n={res['logit_lens']['n']}): answer-token probability peaks at L{best} ({p[best]:.3f})"
+        )
+    _echo(f"wrote {cfg.out or cfg.rollouts}/layer_map.json and layer_map.png")
+    return 0
+
+
+def _cmd_discover(cfg: Any) -> int:
+    from saereward.features.discover import format_pack, run_discover
+
+    _echo(format_pack(run_discover(cfg)))
+    _echo(f"wrote {cfg.out}")
+    return 0
+
+
+def _cmd_gate_g1(cfg: Any) -> int:
+    from saereward.gates.g1 import format_g1, run_gate_g1
+
+    _echo(format_g1(run_gate_g1(cfg)))
+    return 0
+
+
+def _cmd_train_rl(cfg: Any) -> int:
+    from saereward.rl.grpo import run_train_rl
+
+    s = run_train_rl(cfg)
+    for key in ("eval_first", "eval_last"):
+        e = s.get(key)
+        if e:
+            _echo(
+                f"{'before' if key == 'eval_first' else 'after':6} step {e['step']:>4}: held-out accuracy "
+                f"{e['eval_accuracy']:.3f} [{e['eval_ci_low']:.3f}, {e['eval_ci_high']:.3f}] "
+                f"({e['eval_correct']}/{e['eval_n']})"
+            )
+    _echo(f"{s['steps']} steps, median {s['seconds_per_step']} s/step; wrote {cfg.out}/")
+    return 0
+
+
+def _cmd_reasonscore(cfg: Any) -> int:
+    from saereward.features.reasonscore import run_reasonscore
+
+    res = run_reasonscore(cfg)
+    _echo(f"ReasonScore over {res['n_tokens']} tokens, {res['n_hits']} reasoning-word hits; top features:")
+    for r in res["top"][:10]:
+        _echo(f"  {r['feature_id']:>7}  RS {r['reason_score']:.5f}  H {r['entropy']:.3f}")
+    return 0
 
 
 @dataclass(frozen=True)
@@ -161,32 +219,68 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "baseline",
         "baseline accuracy table of a model (chain_sum prompts + 100 real GSM8K items)",
-        _baseline_config,
+        _lazy("saereward.evaluate", "BaselineConfig"),
         _cmd_baseline,
     ),
     Command(
         "eval",
         "evaluate a model on a task: accuracy with a Wilson 95% CI, per-item JSONL",
-        _eval_config,
+        _lazy("saereward.evaluate", "EvalConfig"),
         _cmd_eval,
     ),
     Command(
         "collect",
         "collect residual-stream activations (task rollouts and/or text) into resumable shards",
-        _collect_config,
+        _lazy("saereward.activations", "CollectConfig"),
         _cmd_collect,
     ),
     Command(
         "train-sae",
         "train a TopK SAE (AuxK, resumable) on collected activations",
-        _train_sae_config,
+        _lazy("saereward.sae.stages", "TrainSAEStageConfig"),
         _cmd_train_sae,
     ),
     Command(
         "eval-sae",
         "evaluate an SAE: held-out FVU/L0/dead %, CE-loss and KL recovered",
-        _eval_sae_config,
+        _lazy("saereward.sae.stages", "EvalSAEStageConfig"),
         _cmd_eval_sae,
+    ),
+    Command(
+        "rollouts",
+        "labelled rollouts: responses per question, verified, residuals captured during generation",
+        _lazy("saereward.rollouts", "RolloutsConfig"),
+        _cmd_rollouts,
+    ),
+    Command(
+        "layers",
+        "layer map (Cohen's d per layer) and logit lens of a rollout folder, with plots",
+        _lazy("saereward.features.layers", "LayersConfig"),
+        _cmd_layers,
+    ),
+    Command(
+        "discover",
+        "contrastive SAE feature discovery (Cohen's d, true TopK) -> feature pack",
+        _lazy("saereward.features.discover", "DiscoverConfig"),
+        _cmd_discover,
+    ),
+    Command(
+        "gate-g1",
+        "Stage Gate 1: pack score vs correctness on held-out questions, with CIs and baselines",
+        _lazy("saereward.gates.g1", "GateG1Config"),
+        _cmd_gate_g1,
+    ),
+    Command(
+        "train-rl",
+        "GRPO with LoRA: outcome (R0), + per-token SAE pack score (R1) or + raw direction (R2)",
+        _lazy("saereward.rl.grpo", "GRPOConfig"),
+        _cmd_train_rl,
+    ),
+    Command(
+        "reasonscore",
+        "rank SAE features by ReasonScore (activation around reasoning words, entropy-weighted)",
+        _lazy("saereward.features.reasonscore", "ReasonScoreConfig"),
+        _cmd_reasonscore,
     ),
     Command("info", "load a model and print its layers, width and source", lambda: InfoConfig, _cmd_info),
     Command("tasks", "list the available tasks", lambda: TasksConfig, _cmd_tasks),

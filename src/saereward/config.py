@@ -100,7 +100,10 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         return dict(value)
     if origin in (list, tuple, Sequence) or tp in (list, tuple):
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
+            value = [value]
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            # a flag given several values (--layers 3 5) and/or comma lists (--layers 3,5)
+            value = [part for v in value for part in v.split(",") if part.strip()]
         (elem,) = get_args(tp)[:1] or (Any,)
         seq = [_coerce(name, elem, v) if elem is not Any else v for v in value]
         return tuple(seq) if origin is tuple or tp is tuple else seq
@@ -212,6 +215,7 @@ def _add_fields(grp: Any, cls: type, prefix: tuple[str, ...]) -> None:
             help_ += f" {{{','.join(map(str, kw['choices']))}}}"
         if isinstance(default, tuple | list):
             default = ",".join(map(str, default))
+            kw["nargs"] = "+"
         if "default" not in help_:
             help_ = f"{help_} (default: {default})"
         flag = _flag("_".join(path))

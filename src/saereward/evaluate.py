@@ -17,7 +17,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from saereward import __version__
 from saereward.config import option, to_dict
@@ -25,10 +25,9 @@ from saereward.errors import SaeRewardError
 from saereward.io import write_json, write_jsonl
 from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, load_model
 from saereward.stats import wilson_ci
+from saereward.tasks.prompts import PromptFormat
 
 log = logging.getLogger(__name__)
-
-PromptFormat = Literal["raw", "fewshot", "chat"]
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ A crash mid-write leaves the previous artifact intact; readers never see half a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -71,3 +72,17 @@ def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise SaeRewardError(f"{path}:{lineno}: not valid JSON ({exc.msg}); fix that line") from None
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file, or of every file under a folder (sorted by relative path)."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())
+    for f in files:
+        if p.is_dir():
+            h.update(str(f.relative_to(p)).encode())
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()

@@ -60,6 +60,8 @@ class EvalSAEStageConfig:
     ce_n: int = option(64, "number of task prompts for CE/KL")
     ce_seed: int = option(10_007, "task seed for the CE/KL prompts (differs from collect's default 0)")
     ce_text_paths: tuple[str, ...] = option((), "extra .txt/.jsonl text for CE/KL")
+    ce_text_field: str = option("text", "field of ce_text_paths .jsonl rows (comma list: first present)")
+    ce_max_docs: int = option(256, "use at most this many documents from ce_text_paths (first ones)")
     max_length: int = option(256, "max tokens per CE/KL sequence")
     out: str | None = option(None, "write eval.json here (default: next to the SAE)")
 
@@ -191,8 +193,13 @@ def _ce_texts(cfg: EvalSAEStageConfig) -> list[str]:
     if cfg.ce_text_paths:
         from saereward.activations import iter_text_documents
 
+        docs: list[str] = []
         for path in cfg.ce_text_paths:
-            texts += list(iter_text_documents(path))
+            for doc in iter_text_documents(path, text_field=cfg.ce_text_field):
+                if len(docs) >= cfg.ce_max_docs:
+                    break
+                docs.append(doc)
+        texts += docs
     return texts
 
 

@@ -18,12 +18,14 @@ Three formats (:data:`PROMPT_FORMATS`). On the embedded SmolLM2-135M with 2-term
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from saereward.errors import SaeRewardError
 from saereward.tasks.base import Task, TaskItem
 
-__all__ = ["PROMPT_FORMATS", "format_prompt"]
+__all__ = ["PROMPT_FORMATS", "PromptFormat", "format_prompt"]
+
+PromptFormat = Literal["raw", "fewshot", "chat"]
 
 PROMPT_FORMATS: tuple[str, ...] = ("raw", "fewshot", "chat")
 

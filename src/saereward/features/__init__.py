@@ -1,0 +1,1 @@
+"""Feature discovery: contrastive packs, their scoring (shared with the RL reward), layer maps, ReasonScore."""

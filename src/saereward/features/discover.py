@@ -1,0 +1,218 @@
+"""Contrastive discovery: which SAE features separate correct from wrong responses.
+
+Per response, the mean over its response tokens of the SAE's true-TopK activations
+(:func:`saereward.features.scoring.pooled_sae_acts`); per feature, Cohen's d between the correct
+and the wrong responses of the **discovery split only**:
+
+    d = (mean_c − mean_w) / sqrt((var_c + var_w) / 2)        (var with ddof = 1)
+
+with d = 0 for a feature that is never active (and for one whose pooled SD is 0). Features active
+(pooled activation > 0) in fewer than ``min_active_frac`` of the discovery responses are dropped
+first: with a few hundred responses, a feature that fires on three of them gets a large |d| by
+chance. The top ``top_n`` by d are helpful (+1), the bottom ``top_n`` harmful (−1).
+
+The pack records the SAE (path and sha256), the rollouts and the discovery/validation question ids,
+so :mod:`saereward.gates.g1` can check that it validates on questions discovery never saw.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saereward import __version__
+from saereward.config import option, to_dict
+from saereward.errors import SaeRewardError
+from saereward.features.pack import Feature, FeaturePack, save_pack
+from saereward.io import file_sha256, write_json
+
+log = logging.getLogger(__name__)
+
+
+def cohens_d(x: Tensor, y: Tensor) -> Tensor:
+    """Column-wise Cohen's d of ``x [n_c, F]`` vs ``y [n_w, F]`` (pooled SD, ddof=1); 0 where the SD is 0."""
+    if x.shape[0] < 2 or y.shape[0] < 2:
+        raise ValueError(f"Cohen's d needs >= 2 rows per group, got {x.shape[0]} and {y.shape[0]}")
+    x, y = x.double(), y.double()
+    diff = x.mean(0) - y.mean(0)
+    sd = ((x.var(0, unbiased=True) + y.var(0, unbiased=True)) / 2).sqrt()
+    return torch.where(sd > 0, diff / sd.clamp_min(1e-300), torch.zeros_like(diff)).float()
+
+
+def require_both_outcomes(correct: Tensor, where: str, fix: str) -> tuple[int, int]:
+    """Raise unless there are >= 2 correct and >= 2 wrong responses; return (n_correct, n_wrong)."""
+    n_c = int(correct.sum())
+    n_w = int((~correct).sum())
+    if n_c < 2 or n_w < 2:
+        raise SaeRewardError(
+            f"{where} has {n_c} correct and {n_w} wrong responses; contrastive statistics need at least 2 "
+            f"of each: {fix}"
+        )
+    return n_c, n_w
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Discovery result: d for every feature and the chosen helpful/harmful features."""
+
+    d: Tensor  #: [d_sae]
+    mean_correct: Tensor  #: [d_sae]
+    mean_wrong: Tensor  #: [d_sae]
+    active_frac: Tensor  #: [d_sae]
+    eligible: Tensor  #: [d_sae] bool, passed the activity filter
+    helpful: list[int]
+    harmful: list[int]
+
+
+def select_features(pooled: Tensor, correct: Tensor, top_n: int, min_active_frac: float) -> Selection:
+    """Cohen's d per feature on ``pooled [R, d_sae]`` with outcomes ``correct [R]``; top/bottom ``top_n``."""
+    correct = correct.bool()
+    xc, xw = pooled[correct], pooled[~correct]
+    d = cohens_d(xc, xw)
+    active = (pooled > 0).float().mean(0)
+    eligible = (active >= min_active_frac) & (active > 0)
+    d = torch.where(pooled.amax(0) > 0, d, torch.zeros_like(d))
+    n_el = int(eligible.sum())
+    if n_el == 0:
+        raise SaeRewardError(
+            f"no feature is active in >= {min_active_frac:.1%} of the discovery responses: lower min_active_frac"
+        )
+    n = min(top_n, n_el // 2) if n_el < 2 * top_n else top_n
+    masked_hi = torch.where(eligible, d, torch.full_like(d, -torch.inf))
+    masked_lo = torch.where(eligible, d, torch.full_like(d, torch.inf))
+    helpful = [int(i) for i in torch.argsort(masked_hi, descending=True, stable=True)[:n] if masked_hi[i] > 0]
+    harmful = [int(i) for i in torch.argsort(masked_lo, stable=True)[:n] if masked_lo[i] < 0]
+    return Selection(d, xc.mean(0), xw.mean(0), active, eligible, helpful, harmful)
+
+
+@dataclass(frozen=True)
+class DiscoverConfig:
+    """Settings of ``saereward discover``."""
+
+    rollouts: str = option("runs/rollouts", "folder written by `saereward rollouts`")
+    sae: str = option("runs/sae/sae", "SAE (native, SAELens, sparsify folder or seed .pt)")
+    layer: int | None = option(None, "layer the SAE reads (default: the SAE's recorded layer)")
+    top_n: int = option(10, "helpful and harmful features to keep (each)")
+    min_active_frac: float = option(
+        0.05, "drop features active in fewer than this fraction of discovery responses"
+    )
+    name: str = option("contrastive", "pack name")
+    out: str = option("runs/pack.json", "pack JSON to write")
+
+    def __post_init__(self) -> None:
+        if self.top_n < 1:
+            raise ValueError(f"top_n must be >= 1, got {self.top_n}")
+        if not 0.0 <= self.min_active_frac < 1.0:
+            raise ValueError(f"min_active_frac must be in [0, 1), got {self.min_active_frac}")
+
+
+def resolve_sae_layer(sae: Any, layer: int | None, rollouts: Any) -> int:
+    """The layer to read: explicit, else the SAE's recorded layer, else the rollouts' only token layer."""
+    if layer is None:
+        layer = sae.cfg.layer
+    if layer is None:
+        if len(rollouts.tokens) == 1:
+            return next(iter(rollouts.tokens))
+        raise SaeRewardError("the SAE does not record its layer: pass --layer")
+    return int(layer)
+
+
+def run_discover(cfg: DiscoverConfig) -> FeaturePack:
+    """Discover a pack on the discovery split of ``cfg.rollouts`` and write it to ``cfg.out``."""
+    from saereward.features.scoring import pooled_sae_acts
+    from saereward.rollouts import load_rollouts
+    from saereward.sae.formats import check_sae_matches_model, load_sae
+
+    ro = load_rollouts(cfg.rollouts)
+    sae = load_sae(cfg.sae)
+    layer = resolve_sae_layer(sae, cfg.layer, ro)
+    check_sae_matches_model(sae, int(ro.summary["d_model"]), layer)
+    pooled = pooled_sae_acts(sae, _tokens(ro, layer), ro.offsets)
+    disc = ro.split_mask("discovery")
+    correct = ro.correct
+    n_c, n_w = require_both_outcomes(
+        correct[disc],
+        "the discovery split",
+        "use a task/prompt where the model is sometimes right and sometimes wrong, or raise n/samples",
+    )
+    sel = select_features(pooled[disc], correct[disc], cfg.top_n, cfg.min_active_frac)
+
+    def feat(i: int, w: float) -> Feature:
+        return Feature(
+            feature_id=i,
+            weight=w,
+            effect_size=round(float(sel.d[i]), 6),
+            mean_correct=round(float(sel.mean_correct[i]), 6),
+            mean_wrong=round(float(sel.mean_wrong[i]), 6),
+            validated=False,
+            active_frac=round(float(sel.active_frac[i]), 6),
+        )
+
+    splits = {s: sorted({r["qid"] for r in ro.rows if r["split"] == s}) for s in ("discovery", "validation")}
+    pack = FeaturePack(
+        name=cfg.name,
+        helpful=[feat(i, 1.0) for i in sel.helpful],
+        harmful=[feat(i, -1.0) for i in sel.harmful],
+        layer=layer,
+        model_name=ro.summary.get("model"),
+        sae_id=str(Path(cfg.sae)),
+        description=(
+            f"Contrastive SAE features (Cohen's d, true TopK, pooled over response tokens) on "
+            f"{ro.summary.get('task', {}).get('name', '?')}: {n_c} correct vs {n_w} wrong discovery responses"
+        ),
+        metadata={
+            "d_model": sae.cfg.d_in,
+            "d_sae": sae.cfg.d_sae,
+            "k": sae.cfg.k,
+            "num_hidden_layers": ro.summary.get("num_layers"),
+            "sae_path": str(Path(cfg.sae).resolve()),
+            "sae_sha256": file_sha256(cfg.sae),
+            "rollouts": str(Path(cfg.rollouts).resolve()),
+            "discovery_qids": splits["discovery"],
+            "validation_qids": splits["validation"],
+            "stats": {
+                "n_responses": int(disc.sum()),
+                "n_correct": n_c,
+                "n_wrong": n_w,
+                "n_eligible_features": int(sel.eligible.sum()),
+                "min_active_frac": cfg.min_active_frac,
+                "top_n": cfg.top_n,
+                "max_abs_d": round(float(sel.d[sel.eligible].abs().max()), 6),
+            },
+            "config": to_dict(cfg),
+            "saereward_version": __version__,
+        },
+    )
+    out = save_pack(pack, cfg.out)
+    write_json(Path(out).with_suffix(".config.json"), to_dict(cfg))
+    log.info("wrote pack %s: %d helpful, %d harmful", out, len(pack.helpful), len(pack.harmful))
+    return pack
+
+
+def _tokens(ro: Any, layer: int) -> Tensor:
+    if layer not in ro.tokens:
+        raise SaeRewardError(
+            f"the rollouts at {ro.path} kept per-token residuals for layers {sorted(ro.tokens)}, "
+            f"but the SAE reads layer {layer}: re-run `saereward rollouts --token-layers {layer}`"
+        )
+    return ro.tokens[layer]
+
+
+def format_pack(pack: FeaturePack, n: int = 10) -> str:
+    """A short table of a pack's strongest features."""
+    lines = [
+        f"pack {pack.name!r}: {len(pack.helpful)} helpful, {len(pack.harmful)} harmful (layer {pack.layer})"
+    ]
+    lines.append(f"{'role':8} {'feature':>8} {'d':>8} {'mean_c':>9} {'mean_w':>9} {'active':>7}")
+    for role, feats in (("helpful", pack.helpful), ("harmful", pack.harmful)):
+        for f in feats[:n]:
+            lines.append(
+                f"{role:8} {f.feature_id:>8} {f.effect_size or 0:>8.3f} {f.mean_correct or 0:>9.4f} "
+                f"{f.mean_wrong or 0:>9.4f} {f.active_frac or 0:>7.2%}"
+            )
+    return "\n".join(lines)

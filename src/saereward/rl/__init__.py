@@ -1,0 +1,1 @@
+"""Reinforcement learning with mechanistic rewards: reward functions and the GRPO trainer."""

@@ -1,0 +1,720 @@
+"""A lean GRPO trainer with per-token SAE rewards that cost no extra forward pass.
+
+One step (``GRPOTrainer.step``):
+
+1. **Rollouts.** ``questions_per_step`` training questions (a seeded draw per step), each repeated
+   ``group_size`` times, are sampled with the LoRA policy (temperature, top-p). With
+   ``reward_source = policy`` the residual at the pack's layer is captured by hooks *during*
+   generation.
+2. **Reference forward** under ``disable_adapter()`` (the frozen base model), which GRPO needs anyway
+   for the KL term: it yields the reference log-probs and, with ``reward_source = reference``, the
+   residuals for the reward (the RLFR-style variant the policy cannot steer by moving its own
+   activations). No other forward pass is made for the reward.
+3. **Rewards.** outcome = the task verifier; ``mech(t)`` from :class:`~saereward.features.scoring.
+   PackScorer` (R1, the exact G1 statistic: true TopK, eager fp32) or the raw direction (R2);
+   advantages by :func:`saereward.rl.reward.token_advantages` (the seed's G3 form by default).
+4. **Update.** ``epochs_per_batch`` passes of the clipped surrogate over the batch, with gradient
+   checkpointing on only for this training forward. Loss per response token, averaged over all
+   response tokens of the batch (the seed's ``/ N``):
+   ``−min(ρ·adv, clip(ρ, 1±ε)·adv) + β·KL``, KL the seed's squared log-ratio (``kl = sq``) or the
+   k3 estimator. ``ρ = exp(logπ − logπ_old)`` is 1 on the first pass (so the first pass is the
+   seed's ``−logπ·adv``).
+5. **Log** (JSONL + TensorBoard): outcome, mech, KL, the grad norm returned by ``clip_grad_norm_``,
+   entropy, clip fraction, completion length, seconds in generate / reward / train.
+
+Every random draw is seeded from ``(seed, step)``, so a run resumed from a checkpoint replays
+exactly what an uninterrupted run does (tested with a real kill on CPU). Checkpoints are
+safetensors (LoRA weights, optimizer moments) + JSON (step, config), written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from saereward import __version__
+from saereward.config import option, to_dict
+from saereward.errors import SaeRewardError
+from saereward.io import read_jsonl, write_json, write_jsonl
+from saereward.lm import DEFAULT_MODEL, DType, LoadedModel
+from saereward.rl.reward import Aggregation, LambdaSchedule, RewardKind, token_advantages
+from saereward.tasks.prompts import PromptFormat
+
+log = logging.getLogger(__name__)
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """Settings of ``saereward train-rl``."""
+
+    model: str = option(DEFAULT_MODEL, "model: embedded:<key>, a .gguf file, an HF folder or a hub id")
+    dtype: DType = option("fp32", "model dtype (bf16 halves memory; the LoRA weights stay fp32)")
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
+    task: str = option("chain_sum", "task (see `saereward tasks`)")
+    task_source: str = option("auto", "where the task data comes from: auto, offline, hf, jsonl")
+    task_path: str | None = option(None, "local JSONL file for the task")
+    task_params: dict[str, Any] = option({}, "extra task settings, e.g. reasoning-gym config (TOML table)")
+    n_train: int = option(2000, "training questions (seed = seed)")
+    n_eval: int = option(100, "held-out questions for evaluation (a different task seed)")
+    eval_seed: int = option(12_345, "task seed of the held-out questions (disjoint ids from training)")
+    prompt_format: PromptFormat = option("raw", "prompt format: raw (seed's Q:/A: CoT), fewshot, chat")
+    shots: int = option(2, "few-shot demos for prompt_format=fewshot")
+    # -- reward --
+    reward: RewardKind = option("outcome", "outcome (R0), sae (R1: pack score), direction (R2)")
+    pack: str | None = option(None, "feature pack for reward=sae")
+    sae: str | None = option(None, "SAE for reward=sae (default: the pack's recorded sae_path)")
+    direction_rollouts: str | None = option(
+        None, "rollout folder whose discovery split defines the raw direction (reward=direction)"
+    )
+    layer: int | None = option(None, "reward layer (default: the pack's; for direction: required)")
+    reward_source: Literal["policy", "reference"] = option(
+        "policy", "hidden states for the reward: captured during generation (policy) or the reference forward"
+    )
+    lam: float = option(0.1, "λ: weight of the mech term")
+    lam_schedule: Literal["constant", "linear"] = option("constant", "λ schedule")
+    lam_end: float = option(0.0, "λ at the last step (linear schedule)")
+    aggregation: Aggregation = option(
+        "both", "both (seed G3), trajectory (mean in r only), token (z-term only)"
+    )
+    # -- rollouts --
+    questions_per_step: int = option(4, "questions per step")
+    group_size: int = option(4, "completions per question (G)")
+    temperature: float = option(0.9, "sampling temperature")
+    top_p: float = option(0.95, "nucleus top-p")
+    max_new_tokens: int = option(96, "max completion tokens")
+    # -- optimisation --
+    steps: int = option(60, "optimizer steps")
+    lr: float = option(2e-5, "AdamW learning rate (LoRA parameters)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    beta: float = option(0.05, "KL coefficient β (0: no reference forward unless reward_source=reference)")
+    kl: Literal["sq", "k3"] = option(
+        "sq", "KL estimator: sq = (logπ − logπ_ref)² (seed), k3 = exp(d) − d − 1"
+    )
+    epochs_per_batch: int = option(1, "optimisation passes per batch (> 1 uses the clipped ratio)")
+    clip_eps: float = option(0.2, "PPO ratio clip ε")
+    grad_clip: float = option(1.0, "max grad norm")
+    grad_checkpointing: bool = option(False, "gradient checkpointing for the training forward")
+    lora_r: int = option(32, "LoRA rank")
+    lora_alpha: int = option(64, "LoRA α")
+    lora_dropout: float = option(0.0, "LoRA dropout")
+    lora_targets: tuple[str, ...] = option(LORA_TARGETS, "LoRA target modules")
+    # -- bookkeeping --
+    seed: int = option(0, "seed for questions, sampling, LoRA init")
+    eval_every: int = option(
+        20, "evaluate on the held-out questions every N steps (0: only at start and end)"
+    )
+    eval_batch_size: int = option(32, "batch size of the greedy evaluation")
+    checkpoint_every: int = option(10, "checkpoint every N steps")
+    out: str = option("runs/rl", "run folder")
+    resume: bool = option(True, "continue from the latest checkpoint in out")
+    progress: bool = option(True, "progress bar")
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2:
+            raise ValueError(
+                f"group_size {self.group_size} < 2: GRPO compares completions within a group; use >= 2"
+            )
+        for name in (
+            "questions_per_step",
+            "steps",
+            "max_new_tokens",
+            "epochs_per_batch",
+            "n_train",
+            "n_eval",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.reward == "sae" and not self.pack:
+            raise ValueError("reward=sae needs --pack")
+        if self.reward == "direction" and not self.direction_rollouts:
+            raise ValueError("reward=direction needs --direction-rollouts")
+        if self.lr <= 0 or self.beta < 0 or self.lam < 0:
+            raise ValueError("lr must be > 0, beta and lam >= 0")
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure pieces
+# --------------------------------------------------------------------------------------------------
+
+
+def selective_log_softmax(logits: Tensor, ids: Tensor, chunk: int = 8) -> tuple[Tensor, Tensor]:
+    """``log p(ids)`` and the entropy per position, ``logits [B, T, V]`` -> ``[B, T]`` each.
+
+    Row-chunked so the fp32 log-softmax of a large vocabulary never exists for the whole batch.
+    """
+    logps, ents = [], []
+    for i in range(0, logits.shape[0], chunk):
+        lg = logits[i : i + chunk].float()
+        lse = torch.logsumexp(lg, -1)
+        lp = lg.gather(-1, ids[i : i + chunk].unsqueeze(-1)).squeeze(-1) - lse
+        with torch.no_grad():
+            p = torch.softmax(lg, -1)
+            ent = lse - (p * lg).sum(-1)
+        logps.append(lp)
+        ents.append(ent)
+    return torch.cat(logps), torch.cat(ents)
+
+
+def kl_term(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
+    """Per-token KL penalty: the seed's ``(logπ − logπ_ref)²`` or k3 ``exp(r) − r − 1`` with ``r = ref − logπ``."""
+    if kind == "sq":
+        return (logp - ref_logp) ** 2
+    r = ref_logp - logp
+    return torch.exp(r) - r - 1
+
+
+def surrogate_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    ref_logp: Tensor | None,
+    adv: Tensor,
+    mask: Tensor,
+    beta: float,
+    kl: str,
+    clip_eps: float,
+) -> tuple[Tensor, dict[str, float]]:
+    """Clipped policy-gradient loss + β·KL, averaged over masked tokens; ``[B, N]`` inputs."""
+    m = mask.float()
+    n = m.sum().clamp_min(1)
+    ratio = torch.exp(logp - old_logp)
+    un = ratio * adv
+    cl = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv
+    pg = -torch.minimum(un, cl)
+    loss_tok = pg
+    stats: dict[str, float] = {}
+    if ref_logp is not None and beta > 0:
+        k = kl_term(logp, ref_logp, kl)
+        loss_tok = loss_tok + beta * k
+        stats["kl"] = float((k.detach() * m).sum() / n)
+    clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + clip_eps) & (adv > 0))
+    stats["clip_frac"] = float((clipped.float() * m).sum() / n)
+    return (loss_tok * m).sum() / n, stats
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints (safetensors + JSON; no pickle)
+# --------------------------------------------------------------------------------------------------
+
+
+def _save_checkpoint(
+    folder: Path, step: int, lora: dict[str, Tensor], opt: torch.optim.Optimizer, cfg: GRPOConfig
+) -> None:
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in lora.items()}, str(tmp / "adapter.safetensors"))
+    state = opt.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for pid, st in state["state"].items():
+        for key, val in st.items():
+            if isinstance(val, Tensor):
+                tensors[f"{pid}.{key}"] = val.detach().contiguous().cpu()
+            else:
+                scalars[f"{pid}.{key}"] = val
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    write_json(
+        tmp / "state.json",
+        {
+            "step": step,
+            "param_groups": state["param_groups"],
+            "scalars": scalars,
+            "saereward_version": __version__,
+        },
+    )
+    write_json(tmp / "config.json", to_dict(cfg))
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(folder)
+
+
+def _load_optimizer(folder: Path, opt: torch.optim.Optimizer) -> int:
+    from safetensors.torch import load_file
+
+    st = json.loads((folder / "state.json").read_text())
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    state: dict[int, dict[str, Any]] = {}
+    for name, t in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = t
+    for name, v in st["scalars"].items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = v
+    opt.load_state_dict({"state": state, "param_groups": st["param_groups"]})
+    return int(st["step"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainer
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Batch:
+    sequences: Tensor  #: [B, T]
+    attention_mask: Tensor  #: [B, T]
+    response_mask: Tensor  #: [B, T] tokens the loss covers (generated, up to the end token)
+    residual_mask: Tensor  #: [B, T] positions whose residual feeds the reward (as in G1)
+    prompt_len: int
+    completions: list[str]
+    qids: list[str]
+    residuals: Tensor | None  #: [B, T, d] at the reward layer (policy source)
+
+
+class GRPOTrainer:
+    """The loop; see the module docstring. ``lm`` may be passed in (tests); otherwise it is loaded."""
+
+    def __init__(self, cfg: GRPOConfig, lm: LoadedModel | None = None) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        from saereward.lm import load_model
+        from saereward.tasks import format_prompt, load_task
+
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        kw = {"source": cfg.task_source, "path": cfg.task_path, **cfg.task_params}
+        self.task = load_task(cfg.task, n=cfg.n_train, seed=cfg.seed, **kw)
+        self.eval_task = load_task(cfg.task, n=cfg.n_eval, seed=cfg.eval_seed, **kw)
+        self.train_items = list(self.task.items())
+        train_q = {it.question for it in self.train_items}
+        self.eval_items = [it for it in self.eval_task.items() if it.question not in train_q]
+        if not self.eval_items:
+            raise SaeRewardError(
+                "every held-out question also appears in training: change eval_seed or n_train"
+            )
+        self.lm = lm or load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads)
+        tok = self.lm.tokenizer
+        self.prompt = {
+            it.id: format_prompt(self.task, it, cfg.prompt_format, tokenizer=tok, shots=cfg.shots)
+            for it in self.train_items
+        }
+        self.eval_prompts = [
+            format_prompt(self.eval_task, it, cfg.prompt_format, tokenizer=tok, shots=cfg.shots)
+            for it in self.eval_items
+        ]
+        self.scorer, self.layer = self._build_scorer()
+        torch.manual_seed(cfg.seed)
+        base = self.lm.model
+        targets = [t for t in cfg.lora_targets if any(n.endswith(t) for n, _ in base.named_modules())]
+        if not targets:
+            raise SaeRewardError(f"none of the LoRA targets {list(cfg.lora_targets)} exist in {cfg.model}")
+        lcfg = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=targets,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        self.model = get_peft_model(base, lcfg)
+        for p in self.model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # LoRA weights train in fp32 whatever the base dtype
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.lam = LambdaSchedule(cfg.lam_schedule, cfg.lam, cfg.lam_end, cfg.steps)
+        self._check_verifier_fires()
+
+    # -- setup ------------------------------------------------------------------------------------
+    def _build_scorer(self) -> tuple[Any, int | None]:
+        cfg = self.cfg
+        if cfg.reward == "outcome":
+            return None, None
+        from saereward.lm import resolve_layer
+
+        if cfg.reward == "sae":
+            from saereward.features.pack import load_pack
+            from saereward.features.scoring import PackScorer
+            from saereward.sae.formats import check_sae_matches_model, load_sae
+
+            pack = load_pack(cfg.pack)  # type: ignore[arg-type]
+            sae_path = cfg.sae or pack.metadata.get("sae_path")
+            if not sae_path:
+                raise SaeRewardError(f"pack {cfg.pack} records no SAE: pass --sae")
+            sae = load_sae(sae_path)
+            layer = (
+                cfg.layer
+                if cfg.layer is not None
+                else (pack.layer if pack.layer is not None else sae.cfg.layer)
+            )
+            if layer is None:
+                raise SaeRewardError("no reward layer: the pack and SAE record none; pass --layer")
+            layer = resolve_layer(self.lm.model, layer)
+            if pack.layer is not None and pack.layer != layer:
+                raise SaeRewardError(
+                    f"pack {pack.name!r} was discovered at layer {pack.layer}, the reward reads layer {layer}: "
+                    "use the pack's layer or re-run discovery at this layer"
+                )
+            if pack.model_name and pack.model_name != cfg.model:
+                msg = (
+                    f"pack {pack.name!r} was built on model {pack.model_name}, training uses {cfg.model}: "
+                    "use a pack discovered on this model"
+                )
+                if pack.source_format == "saereward.pack":
+                    raise SaeRewardError(msg)
+                log.warning("%s (a foreign pack: checked by width only)", msg)
+            check_sae_matches_model(sae, self.lm.d_model, layer)
+            return PackScorer(sae, pack, d_model=self.lm.d_model), layer
+        from saereward.features.layers import contrastive_direction
+        from saereward.rl.reward import DirectionScorer
+        from saereward.rollouts import load_rollouts
+
+        ro = load_rollouts(cfg.direction_rollouts)  # type: ignore[arg-type]
+        if ro.summary.get("model") not in (None, cfg.model):
+            raise SaeRewardError(
+                f"the rollouts at {ro.path} come from {ro.summary.get('model')}, training uses {cfg.model}"
+            )
+        if cfg.layer is None:
+            import json as _json
+
+            lm_file = ro.path / "layer_map.json"
+            if not lm_file.is_file():
+                raise SaeRewardError(
+                    "reward=direction needs --layer (or run `saereward layers` on the rollouts)"
+                )
+            layer = int(_json.loads(lm_file.read_text())["peak_layer"])
+        else:
+            layer = resolve_layer(self.lm.model, cfg.layer)
+        if layer not in ro.pooled:
+            raise SaeRewardError(
+                f"layer {layer} was not captured in {ro.path}: choose one of {sorted(ro.pooled)}"
+            )
+        disc = ro.split_mask("discovery")
+        return DirectionScorer(contrastive_direction(ro.pooled[layer][disc], ro.correct[disc])), layer
+
+    def _check_verifier_fires(self) -> None:
+        """Refuse a task whose verifier accepts nothing, not even the gold answer."""
+        it = self.train_items[0]
+        if not any(
+            self.task.verify(i, f" {i.gold}") or self.task.verify(i, f"The answer is {i.gold}.")
+            for i in self.train_items[:20]
+        ):
+            raise SaeRewardError(
+                f"task {self.cfg.task!r}: the verifier accepts not even the gold answers (e.g. {it.gold!r}); "
+                "no outcome reward would ever fire: check the task and its answer format"
+            )
+
+    # -- pieces of a step ---------------------------------------------------------------------------
+    def _questions(self, step: int) -> list[Any]:
+        rng = random.Random(self.cfg.seed * 1_000_003 + step)
+        return rng.sample(self.train_items, min(self.cfg.questions_per_step, len(self.train_items)))
+
+    @torch.no_grad()
+    def _rollouts(self, step: int) -> _Batch:
+        from saereward.generate import SamplingConfig, generate_batch, stop_strings_for
+
+        cfg = self.cfg
+        items = self._questions(step)
+        prompts = [self.prompt[it.id] for it in items for _ in range(cfg.group_size)]
+        qids = [it.id for it in items for _ in range(cfg.group_size)]
+        sampling = SamplingConfig(
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=True,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            stop=stop_strings_for(cfg.prompt_format),
+        )
+        capture = [self.layer] if (self.scorer is not None and cfg.reward_source == "policy") else []
+        self.model.eval()
+        lm = LoadedModel(
+            model=self.model,
+            tokenizer=self.lm.tokenizer,
+            spec=self.lm.spec,
+            source=self.lm.source,
+            path=self.lm.path,
+        )
+        g = generate_batch(lm, prompts, sampling, capture_layers=capture, seed=cfg.seed * 7919 + step)
+        res = g.residuals[self.layer] if capture else None
+        return _Batch(
+            g.sequences,
+            g.attention_mask,
+            g.response_mask,
+            g.residual_mask,
+            g.prompt_len,
+            g.completions,
+            qids,
+            res,
+        )
+
+    def _logps(
+        self, model: Any, b: _Batch, capture_layer: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Log-probs and entropies of the response tokens ``[B, N]`` (positions P..T-1); optional capture."""
+        from saereward.capture import ResidualCapture, position_ids_from_mask
+
+        P = b.prompt_len
+        N = b.sequences.shape[1] - P
+        kwargs = {
+            "input_ids": b.sequences,
+            "attention_mask": b.attention_mask,
+            "position_ids": position_ids_from_mask(b.attention_mask),
+            "use_cache": False,
+            "logits_to_keep": N + 1,
+        }
+        if capture_layer is not None:
+            with ResidualCapture(model, [capture_layer]) as cap:
+                logits = model(**kwargs).logits
+            res = cap.sequence(capture_layer)
+        else:
+            logits = model(**kwargs).logits
+            res = None
+        logits = logits[:, :-1]  # position t predicts token t + 1
+        lp, ent = selective_log_softmax(logits / self.cfg.temperature, b.sequences[:, P:])
+        return lp, ent, res
+
+    def step(self, step: int) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        b = self._rollouts(step)
+        t_gen = time.perf_counter() - t0
+        items = {it.id: it for it in self.train_items}
+        outcome = torch.tensor(
+            [
+                1.0 if self.task.verify(items[q], c) else 0.0
+                for q, c in zip(b.qids, b.completions, strict=True)
+            ]
+        )
+        P = b.prompt_len
+        resp = b.response_mask[:, P:]
+        t1 = time.perf_counter()
+        need_ref = cfg.beta > 0 or (self.scorer is not None and cfg.reward_source == "reference")
+        ref_lp = None
+        residuals = b.residuals
+        if need_ref:
+            self.model.eval()
+            with torch.no_grad(), self.model.disable_adapter():
+                layer = self.layer if (self.scorer is not None and cfg.reward_source == "reference") else None
+                ref_lp, _, res = self._logps(self.model, b, capture_layer=layer)
+            if layer is not None:
+                residuals = res
+        t_ref = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        mech = None
+        lam = self.lam(step)
+        if self.scorer is not None:
+            assert residuals is not None
+            rmask = b.residual_mask[:, P:]
+            mech = self.scorer.token_scores(residuals[:, P:].float()).where(rmask, torch.zeros(()))
+            adv, total = token_advantages(
+                outcome, mech, rmask, cfg.group_size, lam, cfg.aggregation, loss_mask=resp
+            )
+            mech_mean = float(mech.sum() / rmask.sum().clamp_min(1))
+        else:
+            adv, total = token_advantages(outcome, None, resp, cfg.group_size, 0.0)
+            mech_mean = float("nan")
+        t_reward = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        old_lp = None
+        stats: dict[str, float] = {}
+        gnorm = 0.0
+        ent_mean = 0.0
+        for epoch in range(cfg.epochs_per_batch):
+            self.model.train()
+            if cfg.grad_checkpointing:
+                self.model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
+            try:
+                lp, ent, _ = self._logps(self.model, b)
+            finally:
+                if cfg.grad_checkpointing:
+                    self.model.gradient_checkpointing_disable()
+            if old_lp is None:
+                old_lp = lp.detach()
+            loss, stats = surrogate_loss(lp, old_lp, ref_lp, adv, resp, cfg.beta, cfg.kl, cfg.clip_eps)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
+            self.opt.step()
+            if epoch == 0:
+                ent_mean = float((ent * resp).sum() / resp.sum().clamp_min(1))
+        t_train = time.perf_counter() - t3
+        return {
+            "step": step + 1,
+            "outcome": float(outcome.mean()),
+            "reward": float(total.mean()),
+            "mech": mech_mean,
+            "lam": lam,
+            "loss": float(loss.detach()),
+            "kl": stats.get("kl", 0.0),
+            "clip_frac": stats.get("clip_frac", 0.0),
+            "grad_norm": gnorm,
+            "entropy": ent_mean,
+            "completion_len": float(resp.sum(1).float().mean()),
+            "sec_generate": round(t_gen, 3),
+            "sec_reference": round(t_ref, 3),
+            "sec_reward": round(t_reward, 4),
+            "sec_train": round(t_train, 3),
+            "sec_step": round(time.perf_counter() - t0, 3),
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Greedy accuracy on the held-out questions, with a Wilson 95 % CI."""
+        from saereward.generate import SamplingConfig, iter_generate, stop_strings_for
+        from saereward.stats import wilson_ci
+
+        self.model.eval()
+        lm = LoadedModel(
+            model=self.model,
+            tokenizer=self.lm.tokenizer,
+            spec=self.lm.spec,
+            source=self.lm.source,
+            path=self.lm.path,
+        )
+        sampling = SamplingConfig(
+            max_new_tokens=self.cfg.max_new_tokens, stop=stop_strings_for(self.cfg.prompt_format)
+        )
+        k = 0
+        for idx, g in iter_generate(
+            lm, self.eval_prompts, sampling, batch_size=self.cfg.eval_batch_size, progress=False
+        ):
+            k += sum(
+                self.eval_task.verify(self.eval_items[i], c) for i, c in zip(idx, g.completions, strict=True)
+            )
+        ci = wilson_ci(k, len(self.eval_items))
+        return {
+            "eval_correct": k,
+            "eval_n": ci.n,
+            "eval_accuracy": ci.p,
+            "eval_ci_low": ci.low,
+            "eval_ci_high": ci.high,
+        }
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def _lora_state(self) -> dict[str, Tensor]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _restore(self) -> int:
+        from safetensors.torch import load_file
+
+        ck = self.out / "checkpoint"
+        if not (self.cfg.resume and (ck / "state.json").is_file()):
+            return 0
+        saved = json.loads((ck / "config.json").read_text())
+        mine = to_dict(self.cfg)
+        diff = [
+            k for k in mine if k not in ("resume", "progress", "steps", "threads") and saved.get(k) != mine[k]
+        ]
+        if diff:
+            raise SaeRewardError(
+                f"the checkpoint in {ck} was made with different settings ({', '.join(diff[:4])}): "
+                "use another --out or --no-resume"
+            )
+        weights = load_file(str(ck / "adapter.safetensors"))
+        state = self._lora_state()
+        missing = set(state) ^ set(weights)
+        if missing:
+            raise SaeRewardError(f"checkpoint {ck} does not match this LoRA setup: use another --out")
+        with torch.no_grad():
+            for n, p in state.items():
+                p.copy_(weights[n])
+        return _load_optimizer(ck, self.opt)
+
+    def fit(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        start = self._restore()
+        log_path = self.out / "train_log.jsonl"
+        rows = (
+            [r for r in read_jsonl(log_path) if r.get("step", 0) <= start]
+            if (start and log_path.is_file())
+            else []
+        )
+        write_jsonl(log_path, rows)  # drop lines written after the checkpoint
+        write_json(self.out / "config.json", to_dict(cfg))
+        tb = _tensorboard(self.out / "tensorboard")
+        if start == 0:
+            ev = {"step": 0, **self.evaluate()}
+            rows.append(ev)
+            write_jsonl(log_path, rows)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=start,
+            desc=f"grpo {cfg.reward}",
+            disable=not cfg.progress,
+            dynamic_ncols=True,
+        )
+        try:
+            for s in range(start, cfg.steps):
+                torch.manual_seed(cfg.seed * 104_729 + s)
+                row = self.step(s)
+                last = s + 1 == cfg.steps
+                if last or (cfg.eval_every and (s + 1) % cfg.eval_every == 0):
+                    row.update(self.evaluate())
+                rows.append(row)
+                write_jsonl(log_path, rows)
+                if tb is not None:
+                    for k, v in row.items():
+                        if k != "step" and isinstance(v, int | float) and math.isfinite(v):
+                            tb.add_scalar(k, v, s + 1)
+                if last or (s + 1) % cfg.checkpoint_every == 0:
+                    _save_checkpoint(self.out / "checkpoint", s + 1, self._lora_state(), self.opt, cfg)
+                bar.update(1)
+                bar.set_postfix(
+                    outcome=f"{row['outcome']:.2f}", kl=f"{row['kl']:.3g}", gnorm=f"{row['grad_norm']:.2f}"
+                )
+        finally:
+            bar.close()
+            if tb is not None:
+                tb.close()
+        evals = [r for r in rows if "eval_accuracy" in r]
+        summary = {
+            "reward": cfg.reward,
+            "seed": cfg.seed,
+            "steps": cfg.steps,
+            "lr": cfg.lr,
+            "eval_first": evals[0] if evals else None,
+            "eval_last": evals[-1] if evals else None,
+            "seconds_per_step": _median([r["sec_step"] for r in rows if "sec_step" in r]),
+            "saereward_version": __version__,
+        }
+        write_json(self.out / "summary.json", summary)
+        return summary
+
+
+def _median(xs: Sequence[float]) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[len(s) // 2]
+
+
+def _tensorboard(path: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # pragma: no cover - tensorboard is a dependency
+        return None
+    return SummaryWriter(str(path))
+
+
+def run_train_rl(cfg: GRPOConfig, lm: LoadedModel | None = None) -> dict[str, Any]:
+    """``saereward train-rl``: build the trainer (all checks before any training) and fit."""
+    return GRPOTrainer(cfg, lm=lm).fit()
+
+
+__all__ = ["GRPOConfig", "GRPOTrainer", "kl_term", "run_train_rl", "selective_log_softmax", "surrogate_loss"]

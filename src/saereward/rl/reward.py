@@ -1,0 +1,156 @@
+"""Rewards and advantages for GRPO: outcome (R0), SAE pack (R1), raw direction (R2).
+
+Pure tensor functions; shapes are ``B`` completions (``B = questions × G``, grouped contiguously),
+``T`` positions, ``mask [B, T]`` the response positions (see :mod:`saereward.rollouts` for the one
+definition). The seed's G3 form, with ``mech(t)`` the per-token score of
+:class:`saereward.features.scoring.PackScorer` (R1) or the projection on the raw contrastive
+direction (R2):
+
+    r_b   = outcome_b + λ · mean_{t ∈ mask_b} mech_b(t)
+    A_b   = (r_b − mean_group(r)) / (std_group(r) + ε)
+    adv_bt = A_b + λ · z(mech)_bt      on response positions, 0 elsewhere
+
+``z`` is a z-score over the **response positions of the whole batch only** (the seed's z-score also
+counted prompt and pad zeros, which shifts the mean toward 0 and shrinks the spread by the share of
+padding). ``aggregation`` picks the seed's form (``both``), only the trajectory term
+(``trajectory``: ``adv = A_b`` with the mech mean inside ``r``), or only the token term (``token``:
+``A_b`` from the outcome alone, plus ``λ z``). R0 is ``λ = 0``.
+
+:class:`OutcomeReward` is a TRL-compatible reward callable (``(prompts, completions, **columns) ->
+list[float]``) built on a task's verifier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from saereward.errors import SaeRewardError
+
+RewardKind = Literal["outcome", "sae", "direction"]
+Aggregation = Literal["both", "trajectory", "token"]
+REWARD_KINDS: dict[str, str] = {
+    "outcome": "R0: verifier outcome only",
+    "sae": "R1: outcome + λ · per-token SAE pack score (the G1 statistic)",
+    "direction": "R2: outcome + λ · projection on the raw contrastive direction",
+}
+
+
+def masked_zscore(x: Tensor, mask: Tensor, eps: float = 1e-6) -> Tensor:
+    """z-score of ``x [B, T]`` using only the positions in ``mask``; 0 outside the mask."""
+    m = mask.bool()
+    n = int(m.sum())
+    if n == 0:
+        return torch.zeros_like(x)
+    vals = x[m]
+    mean = vals.mean()
+    std = vals.std(unbiased=False) if n > 1 else vals.new_tensor(0.0)
+    return torch.where(m, (x - mean) / (std + eps), torch.zeros_like(x))
+
+
+def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4, scale: bool = True) -> Tensor:
+    """``(r − mean_g) / (std_g + ε)`` within contiguous groups of ``group_size`` (population std)."""
+    if group_size < 2:
+        raise SaeRewardError(
+            f"group size {group_size} < 2: GRPO compares completions within a group; use >= 2"
+        )
+    if rewards.shape[0] % group_size:
+        raise ValueError(f"{rewards.shape[0]} rewards do not split into groups of {group_size}")
+    g = rewards.view(-1, group_size)
+    adv = g - g.mean(1, keepdim=True)
+    if scale:
+        adv = adv / (g.std(1, unbiased=False, keepdim=True) + eps)
+    return adv.reshape(-1)
+
+
+def token_advantages(
+    outcome: Tensor,
+    mech: Tensor | None,
+    mask: Tensor,
+    group_size: int,
+    lam: float,
+    aggregation: Aggregation = "both",
+    eps: float = 1e-4,
+    loss_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-token advantages ``[B, T]`` and the per-completion total rewards ``[B]``.
+
+    ``mask`` marks the positions that carry ``mech`` (its mean and z-score use only them);
+    ``loss_mask`` (default ``mask``) the tokens that receive the advantage; 0 elsewhere.
+    """
+    m = mask.bool()
+    lm = m if loss_mask is None else loss_mask.bool()
+    zero = torch.zeros(())
+    if mech is None or lam == 0.0:
+        adv = group_advantages(outcome.float(), group_size, eps)
+        return adv[:, None].expand_as(lm).where(lm, zero).float(), outcome.float()
+    mech = mech.float().where(m, zero)
+    mech_mean = mech.sum(1) / m.sum(1).clamp_min(1)
+    total = outcome.float() + (lam * mech_mean if aggregation in ("both", "trajectory") else 0.0)
+    A = group_advantages(total, group_size, eps)
+    adv = A[:, None].expand_as(lm).float().where(lm, zero)
+    if aggregation in ("both", "token"):
+        adv = adv + lam * masked_zscore(mech, m).where(lm, zero)
+    return adv, total
+
+
+@dataclass(frozen=True)
+class LambdaSchedule:
+    """λ at step s: ``constant`` (``start``) or ``linear`` from ``start`` to ``end`` over ``steps``."""
+
+    kind: Literal["constant", "linear"] = "constant"
+    start: float = 0.1
+    end: float = 0.0
+    steps: int = 100
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "constant":
+            return self.start
+        frac = min(max(step / max(self.steps, 1), 0.0), 1.0)
+        return self.start + (self.end - self.start) * frac
+
+
+class DirectionScorer:
+    """R2's per-token score: projection of residuals on a unit direction (same interface as ``PackScorer``)."""
+
+    def __init__(self, direction: Tensor) -> None:
+        n = direction.norm()
+        if not n > 0:
+            raise SaeRewardError("the contrastive direction is zero: re-run discovery with both outcomes")
+        self.direction = (direction / n).float()
+
+    def token_scores(self, x: Tensor) -> Tensor:
+        return x.float() @ self.direction.to(x.device)
+
+
+class OutcomeReward:
+    """TRL-compatible outcome reward: 1.0 when the task's verifier accepts the completion, else 0.0.
+
+    Call as ``reward(prompts=..., completions=..., qid=[...])``: the dataset must carry a ``qid``
+    column (question id); extra columns are ignored, as TRL requires. Chat-style completions (lists
+    of messages) are reduced to the text of their last message.
+    """
+
+    def __init__(self, task: Any) -> None:
+        self.task = task
+        self.items = {it.id: it for it in task.items()}
+        self.__name__ = f"outcome_{task.name}"
+
+    def __call__(
+        self, prompts: Sequence[Any] | None = None, completions: Sequence[Any] = (), **kw: Any
+    ) -> list[float]:
+        qids = kw.get("qid")
+        if qids is None:
+            raise SaeRewardError("OutcomeReward needs a `qid` column in the dataset to find each question")
+        out = []
+        for qid, c in zip(qids, completions, strict=True):
+            text = c[-1]["content"] if isinstance(c, list) else str(c)
+            item = self.items.get(qid)
+            if item is None:
+                raise SaeRewardError(f"question id {qid!r} is not in task {self.task.name!r}")
+            out.append(1.0 if self.task.verify(item, text) else 0.0)
+        return out

@@ -1,0 +1,382 @@
+"""Feature discovery, packs, the shared pack score, G1 statistics and ReasonScore (pure functions).
+
+The end-to-end stage (rollouts -> discover -> gate-g1 on a tiny model) is in ``test_stage1.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import roc_auc_score
+
+from saereward import load_pack
+from saereward.errors import SaeRewardError
+from saereward.features.discover import cohens_d, require_both_outcomes, select_features
+from saereward.features.layers import answer_position, contrastive_direction, layer_scores
+from saereward.features.pack import Feature, FeaturePack, check_pack, save_pack
+from saereward.features.reasonscore import reason_score, word_hits
+from saereward.features.scoring import (
+    PackScorer,
+    masked_mean,
+    pack_scores_from_pooled,
+    pooled_sae_acts,
+    segment_mean,
+)
+from saereward.gates.g1 import association, verdict
+from tiny_models import char_tokenizer, random_sae
+
+# --------------------------------------------------------------------------------------------------
+# Cohen's d and selection
+# --------------------------------------------------------------------------------------------------
+
+
+def test_cohens_d_matches_reference() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 5, generator=g) + 0.7, torch.randn(40, 5, generator=g)
+    d = cohens_d(x, y)
+    xn, yn = x.double().numpy(), y.double().numpy()
+    ref = (xn.mean(0) - yn.mean(0)) / np.sqrt((xn.var(0, ddof=1) + yn.var(0, ddof=1)) / 2)
+    np.testing.assert_allclose(d.numpy(), ref, rtol=1e-5)
+    # zero spread -> 0, not inf/nan
+    assert cohens_d(torch.zeros(3, 2), torch.zeros(4, 2)).tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match=">= 2 rows"):
+        cohens_d(torch.zeros(1, 2), torch.zeros(4, 2))
+
+
+def planted(n: int = 200, m: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled activations where feature 3 is higher when correct, 7 lower, 11 rare but extreme."""
+    g = torch.Generator().manual_seed(seed)
+    correct = torch.rand(n, generator=g) < 0.5
+    pooled = torch.rand(n, m, generator=g).clamp_min(0.2) - 0.2  # sparse-ish, >= 0
+    pooled[:, 3] += 1.5 * correct
+    pooled[:, 7] += 1.5 * ~correct
+    pooled[:, 11] = 0.0
+    pooled[torch.nonzero(correct).flatten()[:3], 11] = 50.0  # active in 1.5 % of responses
+    pooled[:, 20] = 0.0  # never active
+    return pooled, correct
+
+
+def test_select_features_finds_planted_and_filters_rare() -> None:
+    pooled, correct = planted()
+    sel = select_features(pooled, correct, top_n=3, min_active_frac=0.05)
+    assert sel.helpful[0] == 3 and sel.harmful[0] == 7
+    assert 11 not in sel.helpful and not sel.eligible[11]
+    assert sel.d[20] == 0.0 and not sel.eligible[20]
+    # without the filter the rare feature is a candidate (and has a positive d)
+    sel0 = select_features(pooled, correct, top_n=3, min_active_frac=0.0)
+    assert sel0.eligible[11] and sel0.d[11] > 0
+    assert all(sel.d[i] > 0 for i in sel.helpful) and all(sel.d[i] < 0 for i in sel.harmful)
+    assert set(sel.helpful).isdisjoint(sel.harmful)
+
+
+def test_require_both_outcomes_says_counts() -> None:
+    with pytest.raises(SaeRewardError, match="5 correct and 0 wrong.*raise n"):
+        require_both_outcomes(torch.ones(5, dtype=torch.bool), "the discovery split", "raise n")
+    assert require_both_outcomes(torch.tensor([1, 1, 0, 0]).bool(), "x", "y") == (2, 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Packs
+# --------------------------------------------------------------------------------------------------
+
+SEED_PACK = {
+    "name": "qwen35_4b_gsm8k_l18",
+    "version": "1.0",
+    "model_name": "Qwen/Qwen3.5-4B",
+    "release": "caiovicentino1/Qwen3.5-4B-SAE-L18-topk",
+    "sae_id": "layer_18",
+    "description": "seed-style pack",
+    "helpful_features": [
+        {
+            "feature_id": 1234,
+            "effect_size": 0.61,
+            "mean_correct": 0.2,
+            "mean_wrong": 0.1,
+            "weight": 1.0,
+            "validated": True,
+        },
+        {
+            "feature_id": 77,
+            "effect_size": 0.55,
+            "mean_correct": 0.3,
+            "mean_wrong": 0.2,
+            "weight": 1.0,
+            "validated": True,
+        },
+    ],
+    "harmful_features": [
+        {
+            "feature_id": 4001,
+            "effect_size": -0.58,
+            "mean_correct": 0.1,
+            "mean_wrong": 0.3,
+            "weight": -1.0,
+            "validated": True,
+        },
+    ],
+    "validation": {
+        "n_questions": 100,
+        "n_correct": 64,
+        "spearman_rho": 0.54,
+        "spearman_p": 1e-8,
+        "pearson_r": 0.5,
+        "pass_threshold": 0.3,
+        "verdict": "PASS-EXCELLENT",
+    },
+    "metadata": {"d_model": 2560, "d_sae": 40960, "k": 64, "target_layer": 18, "num_hidden_layers": 32},
+}
+
+
+def test_seed_pack_loads_with_all_features(tmp_path: Path) -> None:
+    p = tmp_path / "seed.json"
+    p.write_text(json.dumps(SEED_PACK))
+    pack = load_pack(p)
+    assert [f.feature_id for f in pack.helpful] == [1234, 77]
+    assert [f.feature_id for f in pack.harmful] == [4001]
+    assert pack.layer == 18 and pack.d_sae == 40960 and pack.d_model == 2560
+    assert pack.validation["spearman_rho"] == 0.54 and pack.source_format == "seed"
+    assert pack.signed_weights() == [1.0, 1.0, -1.0]
+    # a harmful weight written as +1 scores the same (the sign comes from the list)
+    alt = json.loads(json.dumps(SEED_PACK))
+    alt["harmful_features"][0]["weight"] = 1.0
+    (tmp_path / "alt.json").write_text(json.dumps(alt))
+    assert load_pack(tmp_path / "alt.json").signed_weights() == [1.0, 1.0, -1.0]
+
+
+def test_older_features_list_pack_loads(tmp_path: Path) -> None:
+    p = tmp_path / "old.json"
+    p.write_text(
+        json.dumps(
+            {
+                "name": "old",
+                "layer": 9,
+                "features": [
+                    {"feature_id": 5, "weight": 1.0},
+                    {"id": 6, "direction": "harmful"},
+                    {"feature_id": 8, "weight": -0.5},
+                ],
+            }
+        )
+    )
+    pack = load_pack(p)
+    assert [f.feature_id for f in pack.helpful] == [5]
+    assert [f.feature_id for f in pack.harmful] == [6, 8]
+    assert pack.layer == 9 and pack.signed_weights() == [1.0, -1.0, -0.5]
+
+
+def test_pack_round_trip_and_is_a_seed_superset(tmp_path: Path) -> None:
+    pack = FeaturePack(
+        name="p",
+        helpful=[Feature(3, 1.0, 0.9, 0.5, 0.1, False, 0.4)],
+        harmful=[Feature(7, -1.0, -0.8)],
+        layer=2,
+        metadata={"d_model": 64, "d_sae": 256, "k": 8, "stats": {"n_correct": 3}},
+    )
+    save_pack(pack, tmp_path / "p.json")
+    raw = json.loads((tmp_path / "p.json").read_text())
+    for key in SEED_PACK:
+        assert key in raw, key
+    assert {"feature_id", "effect_size", "mean_correct", "mean_wrong", "weight", "validated"} <= set(
+        raw["helpful_features"][0]
+    )
+    back = load_pack(tmp_path / "p.json")
+    assert back.helpful == pack.helpful and back.harmful[0].feature_id == 7 and back.layer == 2
+    assert back.source_format == "saereward.pack"
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"helpful_features": [{"feature_id": -1}]}, "non-negative"),
+        ({"helpful_features": [{"feature_id": 1}, {"feature_id": 1}]}, "more than once"),
+        ({"helpful_features": [], "harmful_features": []}, "no features"),
+        ({"something": 1}, "not a feature pack"),
+        ({"features": [{"feature_id": 1}]}, "helpful or harmful"),
+    ],
+)
+def test_malformed_packs_are_rejected(tmp_path: Path, bad: dict, match: str) -> None:
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(bad))
+    with pytest.raises(SaeRewardError, match=match):
+        load_pack(p)
+
+
+def test_check_pack_rejects_wrong_sae_or_model(tmp_path: Path) -> None:
+    p = tmp_path / "seed.json"
+    p.write_text(json.dumps(SEED_PACK))
+    pack = load_pack(p)
+    with pytest.raises(SaeRewardError, match=r"feature id\(s\) \[40960|exceed the SAE's width 1024"):
+        check_pack(pack, d_sae=1024)
+    with pytest.raises(SaeRewardError, match="d_model 2560, the model has 576"):
+        check_pack(pack, d_sae=40960, d_model=576)
+    check_pack(pack, d_sae=40960, d_model=2560)
+    with pytest.raises(SaeRewardError, match="not found"):
+        load_pack(tmp_path / "missing.json")
+    (tmp_path / "junk.json").write_text("{nope")
+    with pytest.raises(SaeRewardError, match="not valid JSON"):
+        load_pack(tmp_path / "junk.json")
+
+
+# --------------------------------------------------------------------------------------------------
+# The shared pack score
+# --------------------------------------------------------------------------------------------------
+
+
+def small_pack(helpful: list[int], harmful: list[int]) -> FeaturePack:
+    return FeaturePack("t", [Feature(i, 1.0) for i in helpful], [Feature(i, -1.0) for i in harmful])
+
+
+def test_pack_score_is_true_topk_and_consistent_across_paths() -> None:
+    torch.manual_seed(0)
+    sae = random_sae(d_in=16, d_sae=64, k=4)
+    tokens = torch.randn(37, 16) * 2
+    offsets = torch.tensor([0, 5, 5, 20, 37])  # one empty response
+    pack = small_pack([1, 2, 3], [10, 11])
+    scorer = PackScorer(sae, pack)
+    r = scorer.response_scores(tokens, offsets)
+    # reference: dense TopK by hand (keep the k largest pre-activations, ReLU), then means
+    pre = (tokens - sae.b_dec) @ sae.W_enc + sae.b_enc
+    top = pre.topk(4, dim=-1)
+    dense = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    mech = dense[:, [1, 2, 3]].sum(-1) - dense[:, [10, 11]].sum(-1)
+    ref = torch.stack(
+        [
+            mech[a:b].mean() if b > a else torch.tensor(0.0)
+            for a, b in zip(offsets[:-1], offsets[1:], strict=True)
+        ]
+    )
+    torch.testing.assert_close(r, ref.detach(), rtol=1e-5, atol=1e-6)
+    # a feature whose pre-activation is positive but outside the top k contributes nothing
+    outside = (pre > 0) & (dense == 0)
+    assert outside.any()
+    # pooled path (discovery, random controls) and the padded [B, T] path (RL reward) agree
+    pooled = pooled_sae_acts(sae, tokens, offsets)
+    torch.testing.assert_close(
+        pack_scores_from_pooled(pooled, pack.feature_ids, pack.signed_weights()), r, rtol=1e-5, atol=1e-6
+    )
+    B, T = 4, 17
+    x = torch.zeros(B, T, 16)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, (a, e) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)):
+        x[b, T - (e - a) :] = tokens[a:e]
+        mask[b, T - (e - a) :] = True
+    torch.testing.assert_close(scorer.pooled_scores(x, mask), r, rtol=1e-5, atol=1e-6)
+
+
+def test_scorer_checks_the_pack_against_the_sae() -> None:
+    sae = random_sae(d_in=16, d_sae=64, k=4)
+    with pytest.raises(SaeRewardError, match="exceed the SAE's width 64"):
+        PackScorer(sae, small_pack([1, 64], []))
+
+
+def test_masked_and_segment_means() -> None:
+    v = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    assert masked_mean(v, torch.tensor([[0, 1, 1], [0, 0, 0]]).bool()).tolist() == [2.5, 0.0]
+    assert segment_mean(torch.arange(6.0), torch.tensor([0, 2, 2, 6])).tolist() == [0.5, 0.0, 3.5]
+
+
+# --------------------------------------------------------------------------------------------------
+# G1 statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def test_association_matches_scipy_and_sklearn() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.random(300) < 0.4
+    s = y * 0.8 + rng.normal(size=300)
+    a = association(s, y, n_boot=1000, seed=1)
+    assert a["spearman_rho"] == pytest.approx(spearmanr(s, y).statistic, abs=1e-12)
+    assert a["pearson_r"] == pytest.approx(pearsonr(s, y).statistic, abs=1e-12)
+    assert a["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    lo, hi = a["rho_ci"]
+    assert lo < a["spearman_rho"] < hi and 0.05 < hi - lo < 0.35
+    assert a["auroc_ci"][0] < a["auroc"] < a["auroc_ci"][1]
+    assert a["n"] == 300 and a["n_boot"] == 1000 and a["seed"] == 1
+    # same seed, same CI; another seed, a different one
+    assert association(s, y, n_boot=1000, seed=1)["rho_ci"] == a["rho_ci"]
+    assert association(s, y, n_boot=1000, seed=2)["rho_ci"] != a["rho_ci"]
+
+
+def test_association_degenerate_inputs() -> None:
+    a = association(np.arange(10.0), np.ones(10), n_boot=100)
+    assert np.isnan(a["spearman_rho"]) and a["note"] == "one outcome class only"
+    with pytest.raises(SaeRewardError, match="NaN or inf"):
+        association(np.array([1.0, np.nan, 2.0]), np.array([0, 1, 1]), n_boot=100)
+
+
+@pytest.mark.parametrize(
+    "rho, tier",
+    [
+        (0.54, "PASS-EXCELLENT"),
+        (0.5, "PASS-EXCELLENT"),
+        (0.3, "PASS"),
+        (0.12, "WEAK"),
+        (0.05, "FAIL"),
+        (-0.6, "FAIL"),
+        (float("nan"), "FAIL"),
+    ],
+)
+def test_verdict_tiers(rho: float, tier: str) -> None:
+    assert verdict(rho) == tier
+
+
+def test_layer_scores_and_direction() -> None:
+    g = torch.Generator().manual_seed(0)
+    correct = torch.rand(100, generator=g) < 0.5
+    pooled = {L: torch.randn(100, 8, generator=g) for L in range(3)}
+    pooled[1][:, 2] += 2.0 * correct
+    s = layer_scores(pooled, correct, top=3)
+    assert max(s, key=s.get) == 1
+    v = contrastive_direction(pooled[1], correct)
+    assert v.norm().item() == pytest.approx(1.0) and v.abs().argmax().item() == 2
+
+
+def test_answer_position_finds_the_last_occurrence() -> None:
+    tok = char_tokenizer()
+    ids, pos, target = answer_position(tok, "Q: 1+2\nA:", " 1+2 = 3. The answer is 3.", "3")
+    text = tok.decode(ids.tolist())
+    assert text.endswith("The answer is ") and tok.decode([target]) == "3" and pos == len(ids) - 1
+    assert answer_position(tok, "Q", "no answer here", "42") is None
+
+
+# --------------------------------------------------------------------------------------------------
+# ReasonScore
+# --------------------------------------------------------------------------------------------------
+
+
+def test_reason_score_ranks_broad_reasoning_features_first() -> None:
+    g = torch.Generator().manual_seed(0)
+    N, M, W = 4000, 6, 4
+    seq = torch.arange(N) // 200
+    words = torch.full((N,), -1)
+    hit_pos = torch.randperm(N, generator=g)[:300]
+    words[hit_pos] = torch.arange(300) % 3  # three reasoning words, 100 hits each
+    in_win = torch.zeros(N, 3, dtype=torch.bool)
+    for t in hit_pos.tolist():
+        for u in range(t, min(N, t + W)):
+            if seq[u] == seq[t]:
+                in_win[u, int(words[t])] = True
+    acts = 0.05 * torch.rand(N, M, generator=g)
+    acts[:, 0] += 2.0 * in_win.any(1)  # fires around every reasoning word
+    acts[:, 1] += 2.0 * in_win[:, 0]  # fires around one word only
+    acts[:, 2] += 1.0  # fires everywhere
+    r = reason_score(acts, seq, words, 3, window=W)
+    order = torch.argsort(r["rs"], descending=True).tolist()
+    assert order[0] == 0 and order.index(1) < order.index(2)
+    assert r["entropy"][0] > 0.95 and r["entropy"][1] < 0.6
+    assert r["rs"][2] < r["rs"][0] / 3
+    with pytest.raises(ValueError, match="at least 2"):
+        reason_score(acts, seq, words, 1)
+
+
+def test_word_hits_marks_whole_words_only() -> None:
+    tok = char_tokenizer()
+    ids = tok("so wait, Therefore also", add_special_tokens=False)["input_ids"]
+    hits = word_hits(tok, ids, ["wait", "therefore", "so"])
+    marked = {i: h for i, h in enumerate(hits) if h >= 0}
+    assert marked == {0: 2, 3: 0, 9: 1}  # "also" does not contain the word "so"

@@ -1,0 +1,313 @@
+"""GRPO rewards (pure functions) and the lean trainer on a tiny model: updates, rewards, resume after a kill."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from saereward.errors import SaeRewardError
+from saereward.features.pack import Feature, FeaturePack, save_pack
+from saereward.rl.grpo import GRPOConfig, GRPOTrainer, kl_term, selective_log_softmax, surrogate_loss
+from saereward.rl.reward import (
+    DirectionScorer,
+    LambdaSchedule,
+    OutcomeReward,
+    group_advantages,
+    masked_zscore,
+    token_advantages,
+)
+from saereward.sae.formats import save_sae
+from tiny_models import D_MODEL, random_sae
+
+TESTS = Path(__file__).parent
+
+# --------------------------------------------------------------------------------------------------
+# Pure functions
+# --------------------------------------------------------------------------------------------------
+
+
+def test_masked_zscore_ignores_pads() -> None:
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 0.0, 5.0, 7.0]])
+    mask = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]]).bool()
+    z = masked_zscore(x, mask)
+    vals = torch.tensor([1.0, 2.0, 3.0, 5.0, 7.0])
+    ref = (vals - vals.mean()) / (vals.std(unbiased=False) + 1e-6)
+    torch.testing.assert_close(z[mask], ref)
+    assert (z[~mask] == 0).all()
+    # the seed's unmasked z-score differs (pads pull the mean toward 0)
+    assert not torch.allclose(((x - x.mean()) / x.std())[mask], ref)
+
+
+def test_group_advantages() -> None:
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    a = group_advantages(r, 4)
+    assert a[0] > 0 and a[1] < 0 and torch.allclose(a[4:], torch.zeros(4))
+    torch.testing.assert_close(a.view(2, 4).sum(1), torch.zeros(2), atol=1e-6, rtol=0)
+    with pytest.raises(SaeRewardError, match="group size 1 < 2"):
+        group_advantages(r, 1)
+
+
+def test_token_advantages_forms() -> None:
+    outcome = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    mech = torch.tensor([[0.0, 1.0, 2.0], [0.0, 3.0, 0.5], [1.0, 1.0, 1.0], [2.0, 0.0, 0.0]])
+    mask = torch.tensor([[0, 1, 1], [0, 1, 1], [1, 1, 1], [1, 0, 0]]).bool()
+    r0, t0 = token_advantages(outcome, None, mask, 2, 0.1)
+    assert torch.equal(t0, outcome) and (r0[~mask] == 0).all()
+    both, total = token_advantages(outcome, mech, mask, 2, 0.1, "both")
+    mean = (mech * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(total, outcome + 0.1 * mean)
+    A = group_advantages(total, 2)
+    torch.testing.assert_close(both, (A[:, None] + 0.1 * masked_zscore(mech, mask)) * mask)
+    traj, _ = token_advantages(outcome, mech, mask, 2, 0.1, "trajectory")
+    torch.testing.assert_close(traj, A[:, None].expand(4, 3) * mask)
+    tok, total_t = token_advantages(outcome, mech, mask, 2, 0.1, "token")
+    torch.testing.assert_close(total_t, outcome)
+    # loss_mask: the final token gets A without a mech term
+    lm = mask.clone()
+    lm[3, 1] = True
+    adv, _ = token_advantages(outcome, mech, mask, 2, 0.1, "both", loss_mask=lm)
+    assert adv[3, 1] == A[3] and adv[3, 2] == 0
+
+
+def test_lambda_schedule() -> None:
+    assert LambdaSchedule("constant", 0.2).__call__(50) == 0.2
+    lin = LambdaSchedule("linear", 0.2, 0.0, 10)
+    assert lin(0) == 0.2 and lin(5) == pytest.approx(0.1) and lin(20) == 0.0
+
+
+def test_direction_scorer_and_outcome_reward() -> None:
+    d = DirectionScorer(torch.tensor([3.0, 4.0]))
+    torch.testing.assert_close(d.token_scores(torch.tensor([[1.0, 1.0]])), torch.tensor([1.4]))
+    with pytest.raises(SaeRewardError, match="zero"):
+        DirectionScorer(torch.zeros(2))
+    from saereward.tasks import load_task
+
+    task = load_task("chain_sum", n=3, seed=0)
+    items = list(task.items())
+    reward = OutcomeReward(task)
+    out = reward(
+        prompts=["p"] * 2, completions=[f"The answer is {items[0].gold}.", "no"], qid=[items[0].id] * 2
+    )
+    assert out == [1.0, 0.0]
+    chat = reward(completions=[[{"role": "assistant", "content": items[1].gold}]], qid=[items[1].id])
+    assert chat == [1.0]
+    with pytest.raises(SaeRewardError, match="qid"):
+        reward(completions=["x"])
+
+
+def test_selective_log_softmax_and_kl() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11)
+    ids = torch.randint(0, 11, (3, 5))
+    lp, ent = selective_log_softmax(logits, ids, chunk=2)
+    ref = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(lp, ref)
+    p = torch.softmax(logits, -1)
+    torch.testing.assert_close(ent, -(p * p.log()).sum(-1))
+    a, b = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -2.0])
+    torch.testing.assert_close(kl_term(a, b, "sq"), torch.tensor([0.25, 0.0]))
+    k3 = kl_term(a, b, "k3")
+    assert k3[1] == 0 and k3[0] > 0
+
+
+def test_surrogate_first_pass_is_the_seed_loss() -> None:
+    lp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    adv = torch.tensor([[0.5, -1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0]]).bool()
+    ref = torch.tensor([[-1.2, -2.0, -9.0]])
+    loss, stats = surrogate_loss(lp, lp.detach(), ref, adv, mask, 0.05, "sq", 0.2)
+    loss.backward()
+    # d/dlogp of −ρ·adv at ρ=1 is −adv; plus β·2(logp−ref); averaged over the 2 masked tokens
+    expect = (-adv + 0.05 * 2 * (lp.detach() - ref)) * mask / 2
+    torch.testing.assert_close(lp.grad, expect)
+    assert stats["clip_frac"] == 0.0 and stats["kl"] == pytest.approx(0.04 / 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer on a tiny model
+# --------------------------------------------------------------------------------------------------
+
+import test_stage1  # noqa: E402,F401  (registers the hash_test / hash_always tasks)
+
+
+def rl_cfg(out: Path, **kw: Any) -> GRPOConfig:
+    base: dict[str, Any] = {
+        "model": "tiny",
+        "task": "hash_test",
+        "n_train": 16,
+        "n_eval": 6,
+        "eval_seed": 1,
+        "questions_per_step": 2,
+        "group_size": 3,
+        "max_new_tokens": 5,
+        "steps": 2,
+        "lr": 1e-2,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "eval_every": 0,
+        "eval_batch_size": 8,
+        "checkpoint_every": 1,
+        "out": str(out),
+        "progress": False,
+    }
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+def fresh_tiny() -> Any:
+    from saereward.lm import LoadedModel
+    from tiny_models import char_tokenizer, make_tiny
+
+    model, _ = make_tiny("llama")
+    return LoadedModel(model=model, tokenizer=char_tokenizer(), spec="tiny", source="hf", path="")
+
+
+def tiny_pack(folder: Path, layer: int = 1) -> Path:
+    sae = random_sae(d_in=D_MODEL, d_sae=128, k=8, layer=layer, model="tiny")
+    save_sae(sae, folder / "sae")
+    pack = FeaturePack(
+        "t",
+        [Feature(i, 1.0) for i in range(0, 40)],
+        [Feature(i, -1.0) for i in range(40, 80)],
+        layer=layer,
+        model_name="tiny",
+        metadata={"d_model": D_MODEL, "d_sae": 128, "sae_path": str(folder / "sae")},
+    )
+    return save_pack(pack, folder / "pack.json")
+
+
+@pytest.mark.parametrize("source", ["policy", "reference"])
+def test_trainer_sae_reward_updates_lora(tmp_path: Path, source: str) -> None:
+    pack = tiny_pack(tmp_path)
+    tr = GRPOTrainer(
+        rl_cfg(tmp_path / "run", reward="sae", pack=str(pack), reward_source=source, lam=0.5), lm=fresh_tiny()
+    )
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad}
+    seen: list[torch.Tensor] = []
+    orig = tr.scorer.token_scores
+
+    def spy(x: torch.Tensor) -> torch.Tensor:
+        out = orig(x)
+        seen.append(out)
+        return out
+
+    tr.scorer.token_scores = spy  # type: ignore[method-assign]
+    summary = tr.fit()
+    after = dict(tr.model.named_parameters())
+    changed = [n for n, p in before.items() if not torch.equal(p, after[n].detach())]
+    assert changed and all("lora_" in n for n in before)
+    assert len(seen) == 2 and seen[0].abs().sum() > 0  # the reward was computed every step
+    rows = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "sec_step" in r]
+    assert len(steps) == 2
+    for key in (
+        "outcome",
+        "mech",
+        "kl",
+        "grad_norm",
+        "entropy",
+        "clip_frac",
+        "completion_len",
+        "sec_generate",
+        "sec_reward",
+        "sec_train",
+    ):
+        assert key in steps[0]
+    assert steps[0]["grad_norm"] > 0 and "eval_accuracy" in rows[0] and "eval_accuracy" in rows[-1]
+    assert summary["eval_last"]["eval_n"] == 6
+    assert (tmp_path / "run" / "checkpoint" / "adapter.safetensors").is_file()
+
+
+def test_trainer_rejects_bad_setups(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="group_size 1 < 2"):
+        rl_cfg(tmp_path, group_size=1)
+    pack = tiny_pack(tmp_path, layer=2)
+    with pytest.raises(SaeRewardError, match="discovered at layer 2, the reward reads layer 1"):
+        GRPOTrainer(rl_cfg(tmp_path / "r", reward="sae", pack=str(pack), layer=1), lm=fresh_tiny())
+    sae32 = random_sae(d_in=32, d_sae=128, k=8, layer=2)
+    save_sae(sae32, tmp_path / "sae32")
+    with pytest.raises(SaeRewardError, match="d_in 32 does not match model width 64"):
+        GRPOTrainer(
+            rl_cfg(tmp_path / "r", reward="sae", pack=str(pack), sae=str(tmp_path / "sae32")), lm=fresh_tiny()
+        )
+    other = json.loads(pack.read_text())
+    other["model_name"] = "embedded:smollm2-135m-instruct"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SaeRewardError, match="was built on model embedded:smollm2"):
+        GRPOTrainer(rl_cfg(tmp_path / "r", reward="sae", pack=str(tmp_path / "other.json")), lm=fresh_tiny())
+
+
+def test_verifier_that_never_fires_is_refused(tmp_path: Path) -> None:
+    from saereward.tasks import register_task
+    from test_stage1 import HashTask
+
+    class Never(HashTask):
+        def verify(self, item: Any, completion: str) -> bool:
+            return False
+
+    with contextlib.suppress(ValueError):
+        register_task("never_test", lambda n=None, seed=0, **kw: Never(n or 10, False, seed))
+    with pytest.raises(SaeRewardError, match="no outcome reward would ever fire"):
+        GRPOTrainer(rl_cfg(tmp_path, task="never_test"), lm=fresh_tiny())
+
+
+RUNNER = """
+import sys, json
+sys.path.insert(0, {tests!r})
+import test_rl
+from saereward.rl.grpo import GRPOTrainer
+cfg = test_rl.rl_cfg(__import__("pathlib").Path({out!r}), steps=6, **json.loads({kw!r}))
+GRPOTrainer(cfg, lm=test_rl.fresh_tiny()).fit()
+"""
+
+
+def _run(out: Path, kw: dict[str, Any], kill_after_step: int | None = None) -> None:
+    code = RUNNER.format(tests=str(TESTS), out=str(out), kw=json.dumps(kw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    if kill_after_step is None:
+        assert proc.wait(timeout=600) == 0
+        return
+    state = out / "checkpoint" / "state.json"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if state.is_file():
+            try:
+                if json.loads(state.read_text())["step"] >= kill_after_step:
+                    break
+            except (json.JSONDecodeError, KeyError):
+                pass
+        if proc.poll() is not None:
+            pytest.fail("the run ended before it could be killed")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_resume_after_kill_is_identical(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    pack = tiny_pack(tmp_path)
+    kw = {"reward": "sae", "pack": str(pack), "lam": 0.5, "threads": 1}
+    _run(tmp_path / "full", kw)
+    _run(tmp_path / "killed", kw, kill_after_step=3)
+    assert json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())["step"] < 6
+    _run(tmp_path / "killed", kw)  # resumes
+    a = load_file(tmp_path / "full" / "checkpoint" / "adapter.safetensors")
+    b = load_file(tmp_path / "killed" / "checkpoint" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    la = [json.loads(x) for x in (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("sec_")} for r in rows]  # noqa: E731
+    assert strip(la) == strip(lb)
