@@ -39,6 +39,9 @@ def test_types_coerced() -> None:
     assert cfg.sample is True and cfg.temperature == 0.5 and cfg.n is None
     b = _parse(["--formats", "raw,chat"], BaselineConfig)
     assert b.formats == ("raw", "chat")
+    # list flags take several values, comma lists, or both
+    assert _parse(["--formats", "raw", "chat"], BaselineConfig).formats == ("raw", "chat")
+    assert _parse(["--formats", "raw,fewshot", "chat"], BaselineConfig).formats == ("raw", "fewshot", "chat")
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from saereward.rl.reward import (
     token_advantages,
 )
 from saereward.sae.formats import save_sae
-from tiny_models import D_MODEL, random_sae
+from tiny_models import D_MODEL, random_sae, tiny_lm
 
 TESTS = Path(__file__).parent
 
@@ -311,3 +311,30 @@ def test_resume_after_kill_is_identical(tmp_path: Path) -> None:
     lb = [json.loads(x) for x in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("sec_")} for r in rows]  # noqa: E731
     assert strip(la) == strip(lb)
+
+
+def test_gate_g2_runs_every_reward_and_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from saereward.gates.g2 import GateG2Config, format_g2, run_gate_g2
+    from saereward.rollouts import run_rollouts
+    from test_stage1 import rollouts_cfg
+
+    run_rollouts(rollouts_cfg(tmp_path / "ro", n=12, samples=2), lm=tiny_lm("llama"))
+    pack = tiny_pack(tmp_path)
+    rl = rl_cfg(
+        tmp_path / "unused", steps=1, pack=str(pack), direction_rollouts=str(tmp_path / "ro"), layer=1
+    )
+    cfg = GateG2Config(seeds=(0, 1), out=str(tmp_path / "g2"), rl=rl)
+    res = run_gate_g2(cfg, lm_factory=fresh_tiny)
+    assert res["verdict"] in ("PASS", "FAIL")
+    assert set(res["table"]) == {"outcome", "sae", "direction"}
+    for t in res["table"].values():
+        assert t["pooled_n"] == 2 * res["n_eval_per_run"] and t["ci_low"] <= t["accuracy"] <= t["ci_high"]
+        assert len(t["per_seed"]) == 2
+    assert (tmp_path / "g2" / "gate_g2.png").stat().st_size > 1000
+    assert len(list((tmp_path / "g2").glob("R*_seed*"))) == 6
+    text = format_g2(res)
+    assert "R1 sae" in text and "verdict:" in text
+    # a second call reuses the finished runs
+    mtime = (tmp_path / "g2" / "R0_outcome_seed0" / "summary.json").stat().st_mtime
+    run_gate_g2(cfg, lm_factory=fresh_tiny)
+    assert (tmp_path / "g2" / "R0_outcome_seed0" / "summary.json").stat().st_mtime == mtime

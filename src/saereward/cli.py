@@ -197,6 +197,14 @@ def _cmd_train_rl(cfg: Any) -> int:
     return 0
 
 
+def _cmd_gate_g2(cfg: Any) -> int:
+    from saereward.gates.g2 import format_g2, run_gate_g2
+
+    _echo(format_g2(run_gate_g2(cfg)))
+    _echo(f"wrote {cfg.out}/gate_g2.json and gate_g2.png")
+    return 0
+
+
 def _cmd_reasonscore(cfg: Any) -> int:
     from saereward.features.reasonscore import run_reasonscore
 
@@ -275,6 +283,12 @@ COMMANDS: tuple[Command, ...] = (
         "GRPO with LoRA: outcome (R0), + per-token SAE pack score (R1) or + raw direction (R2)",
         _lazy("saereward.rl.grpo", "GRPOConfig"),
         _cmd_train_rl,
+    ),
+    Command(
+        "gate-g2",
+        "Stage Gate 2: R0 vs R1 (SAE pack) vs R2 (raw direction) GRPO, same budget, several seeds",
+        _lazy("saereward.gates.g2", "GateG2Config"),
+        _cmd_gate_g2,
     ),
     Command(
         "reasonscore",

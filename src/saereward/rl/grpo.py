@@ -67,7 +67,10 @@ class GRPOConfig:
     task_source: str = option("auto", "where the task data comes from: auto, offline, hf, jsonl")
     task_path: str | None = option(None, "local JSONL file for the task")
     task_params: dict[str, Any] = option({}, "extra task settings, e.g. reasoning-gym config (TOML table)")
-    n_train: int = option(2000, "training questions (seed = seed)")
+    n_train: int = option(2000, "training questions")
+    train_seed: int = option(
+        0, "task seed of the training questions (fixed across --seed, so runs share data)"
+    )
     n_eval: int = option(100, "held-out questions for evaluation (a different task seed)")
     eval_seed: int = option(12_345, "task seed of the held-out questions (disjoint ids from training)")
     prompt_format: PromptFormat = option("raw", "prompt format: raw (seed's Q:/A: CoT), fewshot, chat")
@@ -95,6 +98,9 @@ class GRPOConfig:
     temperature: float = option(0.9, "sampling temperature")
     top_p: float = option(0.95, "nucleus top-p")
     max_new_tokens: int = option(96, "max completion tokens")
+    stop_strings: bool = option(
+        True, "stop a completion at the prompt format's stop strings (raw/fewshot: \\nQ:)"
+    )
     # -- optimisation --
     steps: int = option(60, "optimizer steps")
     lr: float = option(2e-5, "AdamW learning rate (LoRA parameters)")
@@ -295,7 +301,7 @@ class GRPOTrainer:
         self.cfg = cfg
         self.out = Path(cfg.out)
         kw = {"source": cfg.task_source, "path": cfg.task_path, **cfg.task_params}
-        self.task = load_task(cfg.task, n=cfg.n_train, seed=cfg.seed, **kw)
+        self.task = load_task(cfg.task, n=cfg.n_train, seed=cfg.train_seed, **kw)
         self.eval_task = load_task(cfg.task, n=cfg.n_eval, seed=cfg.eval_seed, **kw)
         self.train_items = list(self.task.items())
         train_q = {it.question for it in self.train_items}
@@ -434,7 +440,7 @@ class GRPOTrainer:
             do_sample=True,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
-            stop=stop_strings_for(cfg.prompt_format),
+            stop=stop_strings_for(cfg.prompt_format) if cfg.stop_strings else (),
         )
         capture = [self.layer] if (self.scorer is not None and cfg.reward_source == "policy") else []
         self.model.eval()

@@ -37,6 +37,9 @@ class TrainSAEStageConfig:
     resume: bool = option(True, "continue from the latest checkpoint in --out when there is one")
     buffer_tokens: int = option(2**18, "shuffle-buffer size in tokens")
     eval_tokens: int = option(500_000, "held-out tokens for the end-of-run evaluation (0: skip)")
+    threads: int | None = option(
+        None, "torch CPU threads (default: torch's choice; a bit-identical resume needs the same number)"
+    )
     train: SAETrainConfig = option(SAETrainConfig(), "training settings")
 
     def __post_init__(self) -> None:
@@ -93,6 +96,10 @@ def run_train_sae(cfg: TrainSAEStageConfig) -> Path:
     from saereward.sae.formats import save_sae
     from saereward.sae.train import SAETrainer
 
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     manifest = read_manifest(Path(cfg.activations))
     layer = _store_layer(cfg.activations, cfg.layer)
     store = ActivationStore(cfg.activations, layer, "train")

@@ -581,6 +581,8 @@ class SAETrainer:
             "sae_config": dataclasses.asdict(self.sae.cfg),
             "train_config": to_dict(self.cfg),
             "world_size": self.plan.world_size,
+            # bit-identical resume needs the same thread count (CPU reductions split by thread)
+            "torch_threads": torch.get_num_threads(),
             "rng_python": [py_version, list(py_state), py_gauss],
         }
         try:
@@ -610,6 +612,16 @@ class SAETrainer:
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise SaeRewardError(
                 f"checkpoint {folder} has format {meta.get('format')}; this saereward reads 1"
+            )
+        saved_threads = meta.get("torch_threads")
+        if saved_threads is not None and saved_threads != torch.get_num_threads():
+            log.warning(
+                "checkpoint %s was written with %d torch threads, resuming with %d: the result will be "
+                "close to, but not bit-identical with, an uninterrupted run (pass --threads %d for that)",
+                folder,
+                saved_threads,
+                torch.get_num_threads(),
+                saved_threads,
             )
         self.sae.cfg = SAEConfig(**meta["sae_config"])
         with torch.no_grad():

@@ -1,0 +1,262 @@
+"""GRPO step time and peak RSS: saereward's trainer vs TRL's ``GRPOTrainer``, same configuration, one run.
+
+Configuration (both sides): SmolLM2-135M-Instruct (embedded), LoRA r=16 (α=32) on
+q/k/v/o/gate/up/down, 4 prompts × 4 completions (TRL: ``per_device_train_batch_size=16,
+num_generations=4``), 64 new tokens, temperature 0.9, top-p 0.95, β=0.05, lr 1e-5, the seed's raw
+chain_sum prompt, no stop strings on either side (TRL has none), the same dtype on both sides (TRL's
+``bf16`` flag set explicitly). Outcome reward = the task verifier on both sides.
+
+Three trainers run in separate child processes, one after the other, so each peak RSS is its own:
+
+* ``trl``: ``trl.GRPOTrainer`` with the outcome reward only (TRL has no per-token reward);
+* ``ours+sae``: saereward with the per-token SAE reward on (R1, the policy's captured residuals);
+* ``ours``: saereward with the outcome reward only (the same run without the SAE reward).
+
+The SAE for ``ours+sae`` is a random TopK SAE of the real shape (d=576, M=9216, k=32) with a
+20-feature pack: the reward's cost does not depend on the weights' values. Each child runs one
+warm-up step and then ``--steps`` timed steps; we report the median step time. Sampled completion
+lengths differ between the trainers (different RNG streams), so the mean completion length is
+reported next to each time.
+
+    .venv/bin/python benchmarks/grpo_step.py                 # bf16 and fp32, 5 timed steps each
+    .venv/bin/python benchmarks/grpo_step.py --quick         # bf16 only, 2 timed steps (< 3 min)
+
+The last line is ``step_time_ratio_vs_trl=<ours+sae / trl>`` (the first dtype run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+N_PROMPTS, GROUP, NEW_TOKENS = 4, 4, 64
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KB -> GB on Linux
+
+
+def child_trl(dtype: str, steps: int, threads: int) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from saereward.lm import load_model
+    from saereward.rl.reward import OutcomeReward
+    from saereward.tasks import format_prompt, load_task
+
+    torch.set_num_threads(threads)
+    lm = load_model(dtype="bf16" if dtype == "bf16" else "fp32")
+    task = load_task("chain_sum", n=200, seed=0)
+    items = list(task.items())
+    ds = Dataset.from_list([{"prompt": format_prompt(task, it, "raw"), "qid": it.id} for it in items])
+    times: list[float] = []
+    lengths: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN201
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN201
+            times.append(time.perf_counter() - self.t0)
+
+        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001, ANN201
+            if logs and "completions/mean_length" in logs:
+                lengths.append(float(logs["completions/mean_length"]))
+
+    out = tempfile.mkdtemp(prefix="trl_bench_")
+    cfg = GRPOConfig(
+        output_dir=out,
+        per_device_train_batch_size=N_PROMPTS * GROUP,
+        num_generations=GROUP,
+        max_completion_length=NEW_TOKENS,
+        temperature=0.9,
+        top_p=0.95,
+        beta=0.05,
+        learning_rate=1e-5,
+        max_steps=steps + 1,
+        logging_steps=1,
+        report_to=[],
+        bf16=dtype == "bf16",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    model = lm.model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=OutcomeReward(task),
+        args=cfg,
+        train_dataset=ds,
+        processing_class=lm.tokenizer,
+        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=LORA, task_type="CAUSAL_LM"),
+        callbacks=[Timer()],
+    )
+    trainer.train()
+    return {"step_times": times[1:], "completion_len": statistics.mean(lengths[1:]) if lengths[1:] else None}
+
+
+def child_ours(dtype: str, steps: int, threads: int, sae_reward: bool, workdir: str) -> dict[str, Any]:
+    import torch
+
+    from saereward.lm import load_model
+    from saereward.rl.grpo import GRPOConfig, GRPOTrainer
+
+    torch.set_num_threads(threads)
+    kw: dict[str, Any] = {}
+    if sae_reward:
+        kw = {"reward": "sae", "pack": str(Path(workdir) / "pack.json"), "layer": 15}
+    cfg = GRPOConfig(
+        dtype="bf16" if dtype == "bf16" else "fp32",
+        task="chain_sum",
+        n_train=200,
+        n_eval=1,
+        prompt_format="raw",
+        questions_per_step=N_PROMPTS,
+        group_size=GROUP,
+        max_new_tokens=NEW_TOKENS,
+        stop_strings=False,
+        temperature=0.9,
+        top_p=0.95,
+        beta=0.05,
+        lr=1e-5,
+        lora_r=16,
+        lora_alpha=32,
+        steps=steps + 1,
+        out=tempfile.mkdtemp(prefix="ours_bench_"),
+        progress=False,
+        **kw,
+    )
+    tr = GRPOTrainer(cfg, lm=load_model(dtype=cfg.dtype))
+    rows = [tr.step(s) for s in range(steps + 1)]
+    return {
+        "step_times": [r["sec_step"] for r in rows[1:]],
+        "reward_seconds": [r["sec_reward"] for r in rows[1:]],
+        "completion_len": statistics.mean(r["completion_len"] for r in rows[1:]),
+    }
+
+
+def make_pack(workdir: Path) -> None:
+    import torch
+
+    from saereward.features.pack import Feature, FeaturePack, save_pack
+    from saereward.sae.coder import SAEConfig, TopKSAE
+    from saereward.sae.formats import save_sae
+
+    sae = TopKSAE(
+        SAEConfig(d_in=576, d_sae=9216, k=32, layer=15, model="embedded:smollm2-135m-instruct"), seed=0
+    )
+    save_sae(sae, workdir / "sae")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randperm(9216, generator=g)[:20].tolist()
+    pack = FeaturePack(
+        "bench",
+        [Feature(i, 1.0) for i in ids[:10]],
+        [Feature(i, -1.0) for i in ids[10:]],
+        layer=15,
+        model_name="embedded:smollm2-135m-instruct",
+        metadata={"d_model": 576, "d_sae": 9216, "sae_path": str(workdir / "sae")},
+    )
+    save_pack(pack, workdir / "pack.json")
+
+
+def run_child(which: str, dtype: str, steps: int, threads: int, workdir: Path) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        which,
+        "--dtypes",
+        dtype,
+        "--steps",
+        str(steps),
+        "--threads",
+        str(threads),
+        "--workdir",
+        str(workdir),
+    ]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"child {which} ({dtype}) failed")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["wall_s"] = round(time.perf_counter() - t0, 1)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="bf16 only, 2 timed steps")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per trainer (after 1 warm-up)")
+    ap.add_argument("--dtypes", default="bf16,fp32")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--child", choices=["trl", "ours", "ours+sae"], help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        if args.child == "trl":
+            res = child_trl(args.dtypes, args.steps, args.threads)
+        else:
+            res = child_ours(args.dtypes, args.steps, args.threads, args.child == "ours+sae", args.workdir)
+        res["peak_rss_gb"] = round(_peak_rss_gb(), 3)
+        print(json.dumps(res))  # noqa: T201
+        return
+    steps = 2 if args.quick else args.steps
+    dtypes = ["bf16"] if args.quick else [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    workdir = Path(tempfile.mkdtemp(prefix="grpo_bench_"))
+    make_pack(workdir)
+    results: dict[str, dict[str, Any]] = {}
+    for dt in dtypes:
+        for which in ("trl", "ours+sae", "ours"):
+            r = run_child(which, dt, steps, args.threads, workdir)
+            r["median_step_s"] = statistics.median(r["step_times"])
+            results[f"{which}/{dt}"] = r
+            print(
+                f"{which:9} {dt}: median {r['median_step_s']:.2f} s/step over {len(r['step_times'])} steps, "  # noqa: T201
+                f"peak RSS {r['peak_rss_gb']:.2f} GB, mean completion {r['completion_len']:.1f} tokens",
+                flush=True,
+            )
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, threads {args.threads}"
+    )  # noqa: T201
+    print(
+        f"{'dtype':6} {'trl s/step':>10} {'ours+sae':>9} {'ours':>7} {'ratio':>6} {'reward %':>9} "  # noqa: T201
+        f"{'RSS trl':>8} {'RSS ours':>9} {'RSS ratio':>9}"
+    )
+    first_ratio = None
+    for dt in dtypes:
+        t, s, o = results[f"trl/{dt}"], results[f"ours+sae/{dt}"], results[f"ours/{dt}"]
+        ratio = s["median_step_s"] / t["median_step_s"]
+        overhead = statistics.median(s["reward_seconds"]) / s["median_step_s"]
+        first_ratio = first_ratio if first_ratio is not None else ratio
+        print(
+            f"{dt:6} {t['median_step_s']:>10.2f} {s['median_step_s']:>9.2f} {o['median_step_s']:>7.2f} "  # noqa: T201
+            f"{ratio:>6.2f} {100 * overhead:>8.2f}% {t['peak_rss_gb']:>8.2f} {s['peak_rss_gb']:>9.2f} "
+            f"{s['peak_rss_gb'] / t['peak_rss_gb']:>9.2f}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    print(f"step_time_ratio_vs_trl={first_ratio:.3f}")  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
