@@ -156,17 +156,28 @@ def test_older_features_list_pack_loads(tmp_path: Path) -> None:
                 "name": "old",
                 "layer": 9,
                 "features": [
-                    {"feature_id": 5, "weight": 1.0},
+                    # the seed's older catalog entries carry labels, thresholds and nested metadata
+                    {
+                        "feature_id": 5,
+                        "name": "step_marker",
+                        "description": "x",
+                        "weight": 0.6,
+                        "activation_threshold": 0.1,
+                        "validated": False,
+                        "metadata": {"source": "y"},
+                    },
                     {"id": 6, "direction": "harmful"},
                     {"feature_id": 8, "weight": -0.5},
                 ],
+                "metadata": {"caveat": "unvalidated", "created_at": "2026-04-14"},
             }
         )
     )
     pack = load_pack(p)
     assert [f.feature_id for f in pack.helpful] == [5]
     assert [f.feature_id for f in pack.harmful] == [6, 8]
-    assert pack.layer == 9 and pack.signed_weights() == [1.0, -1.0, -0.5]
+    assert pack.layer == 9 and pack.signed_weights() == [0.6, -1.0, -0.5]
+    assert pack.helpful[0].name == "step_marker" and pack.source_format == "seed-features"
 
 
 def test_pack_round_trip_and_is_a_seed_superset(tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ class Feature:
     mean_wrong: float | None = None
     validated: bool = False
     active_frac: float | None = None
+    name: str | None = None  #: a label some packs carry (the seed's older packs)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -136,6 +137,7 @@ def _feature(entry: Any, where: str) -> Feature:
         mean_wrong=num("mean_wrong"),
         validated=bool(entry.get("validated", False)),
         active_frac=num("active_frac"),
+        name=entry["name"] if isinstance(entry.get("name"), str) else None,
     )
 
 

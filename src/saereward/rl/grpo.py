@@ -442,7 +442,11 @@ class GRPOTrainer:
             top_p=cfg.top_p,
             stop=stop_strings_for(cfg.prompt_format) if cfg.stop_strings else (),
         )
-        capture = [self.layer] if (self.scorer is not None and cfg.reward_source == "policy") else []
+        capture = (
+            [self.layer]
+            if (self.layer is not None and self.scorer is not None and cfg.reward_source == "policy")
+            else []
+        )
         self.model.eval()
         lm = LoadedModel(
             model=self.model,
@@ -452,7 +456,7 @@ class GRPOTrainer:
             path=self.lm.path,
         )
         g = generate_batch(lm, prompts, sampling, capture_layers=capture, seed=cfg.seed * 7919 + step)
-        res = g.residuals[self.layer] if capture else None
+        res = g.residuals[capture[0]] if capture else None
         return _Batch(
             g.sequences,
             g.attention_mask,

@@ -1,0 +1,109 @@
+"""TRL integration: ``SAEGRPOTrainer``, a ``trl.GRPOTrainer`` that adds a per-token SAE advantage.
+
+TRL computes one scalar reward per completion and a ``(B,)`` advantage; its loss also accepts a
+``(B, T)`` advantage from subclasses (it unsqueezes only 1-D advantages). This subclass keeps TRL's
+group-normalized outcome advantage ``A_b`` and adds, on completion tokens,
+
+    adv_bt = A_b + λ · z(mech)_bt,        mech(t) = Σ_i w_i a_i(t)
+
+(the ``token`` aggregation of :func:`saereward.rl.reward.token_advantages`; ``z`` over completion
+tokens only), with ``mech`` from :class:`~saereward.features.scoring.PackScorer`: the same true-TopK
+statistic G1 validated.
+
+**No extra forward pass.** With ``beta > 0`` TRL already runs the reference model over
+prompt + completion to get reference log-probs; a hook on the pack's layer records the hidden states
+of that forward (the frozen base model: the policy cannot steer its own reward). With ``beta = 0``
+there is no reference forward, and the trainer runs one no-grad forward of the base model itself
+(logged once as a warning).
+
+    trainer = SAEGRPOTrainer(model=..., reward_funcs=OutcomeReward(task), args=GRPOConfig(beta=0.05, ...),
+                             train_dataset=ds, peft_config=LoraConfig(...), scorer=PackScorer(sae, pack),
+                             layer=pack.layer, lam=0.1)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+
+from saereward.capture import ResidualCapture
+from saereward.rl.reward import masked_zscore
+
+log = logging.getLogger(__name__)
+
+
+def _adapters_disabled(model: Any) -> bool:
+    for m in model.modules():
+        flag = getattr(m, "disable_adapters", None)
+        if isinstance(flag, bool) and hasattr(m, "lora_A"):
+            return flag
+    return False
+
+
+class SAEGRPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` + per-token SAE advantage; see the module docstring."""
+
+    def __init__(self, *args: Any, scorer: Any, layer: int, lam: float = 0.1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sae_scorer = scorer
+        self.sae_layer = int(layer)
+        self.sae_lam = float(lam)
+        self._sae_hidden: torch.Tensor | None = None
+        self._sae_collecting = False
+        self._warned_extra_forward = False
+
+    # The reference forward: record the residuals at the pack's layer while TRL computes ref log-probs.
+    def _get_per_token_logps_and_entropies(
+        self, model: Any, input_ids: Any, attention_mask: Any, logits_to_keep: int, *args: Any, **kwargs: Any
+    ) -> Any:
+        is_ref = model is self.ref_model or _adapters_disabled(self.accelerator.unwrap_model(model))
+        if not (self._sae_collecting and is_ref and not torch.is_grad_enabled()):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        with ResidualCapture(self.accelerator.unwrap_model(model), [self.sae_layer]) as cap:
+            out = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        # TRL splits the batch into chunks of rows: one recorded tensor per chunk
+        hidden = torch.cat(cap.chunks(self.sae_layer), dim=0)
+        self._sae_hidden = hidden[:, -logits_to_keep:]
+        return out
+
+    def _extra_forward(self, output: dict[str, Any]) -> torch.Tensor:
+        if not self._warned_extra_forward:
+            log.warning(
+                "beta = 0: no reference forward to read hidden states from; running one extra forward"
+            )
+            self._warned_extra_forward = True
+        from saereward.capture import forward_residuals
+
+        ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        model = self.accelerator.unwrap_model(self.model)
+        ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else torch.no_grad()
+        with torch.no_grad(), ctx:
+            res = forward_residuals(model, ids, mask, [self.sae_layer])[self.sae_layer]
+        return res[:, -output["completion_ids"].shape[1] :]
+
+    def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
+        self._sae_hidden = None
+        self._sae_collecting = True
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._sae_collecting = False
+        hidden = self._sae_hidden if self._sae_hidden is not None else self._extra_forward(output)
+        self._sae_hidden = None
+        mask = output["completion_mask"].bool()
+        mech = self.sae_scorer.token_scores(hidden.float()).where(mask, torch.zeros((), device=mask.device))
+        adv = output["advantages"]
+        adv2d = adv.unsqueeze(1).expand_as(mask).float() + self.sae_lam * masked_zscore(mech, mask)
+        output["advantages"] = adv2d.where(mask, torch.zeros((), device=mask.device))
+        mode = "train" if getattr(self.model, "training", True) else "eval"
+        denom = mask.sum().clamp_min(1)
+        self._metrics[mode]["sae/mech_mean"].append(float(mech.sum() / denom))
+        return output
