@@ -191,10 +191,15 @@ def surrogate_loss(
     beta: float,
     kl: str,
     clip_eps: float,
+    n_tokens: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Clipped policy-gradient loss + β·KL, averaged over masked tokens; ``[B, N]`` inputs."""
+    """Clipped policy-gradient loss + β·KL, averaged over masked tokens; ``[B, N]`` inputs.
+
+    ``n_tokens`` overrides the divisor (data-parallel ranks divide by the global token count, so the
+    summed gradients equal a single process's).
+    """
     m = mask.float()
-    n = m.sum().clamp_min(1)
+    n = (m.sum() if n_tokens is None else n_tokens).clamp_min(1)
     ratio = torch.exp(logp - old_logp)
     un = ratio * adv
     cl = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv
@@ -293,6 +298,7 @@ class GRPOTrainer:
     """The loop; see the module docstring. ``lm`` may be passed in (tests); otherwise it is loaded."""
 
     def __init__(self, cfg: GRPOConfig, lm: LoadedModel | None = None) -> None:
+        import torch.distributed as dist
         from peft import LoraConfig, get_peft_model
 
         from saereward.lm import load_model
@@ -300,6 +306,14 @@ class GRPOTrainer:
 
         self.cfg = cfg
         self.out = Path(cfg.out)
+        dist_on = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if dist_on else 0
+        self.world = dist.get_world_size() if dist_on else 1
+        if cfg.questions_per_step % self.world:
+            raise SaeRewardError(
+                f"questions_per_step {cfg.questions_per_step} does not split over {self.world} processes: "
+                "use a multiple of the process count"
+            )
         kw = {"source": cfg.task_source, "path": cfg.task_path, **cfg.task_params}
         self.task = load_task(cfg.task, n=cfg.n_train, seed=cfg.train_seed, **kw)
         self.eval_task = load_task(cfg.task, n=cfg.n_eval, seed=cfg.eval_seed, **kw)
@@ -424,8 +438,11 @@ class GRPOTrainer:
 
     # -- pieces of a step ---------------------------------------------------------------------------
     def _questions(self, step: int) -> list[Any]:
+        """This rank's share of the step's questions (the same global draw on every rank)."""
         rng = random.Random(self.cfg.seed * 1_000_003 + step)
-        return rng.sample(self.train_items, min(self.cfg.questions_per_step, len(self.train_items)))
+        qs = rng.sample(self.train_items, min(self.cfg.questions_per_step, len(self.train_items)))
+        per = len(qs) // self.world
+        return qs[self.rank * per : (self.rank + 1) * per]
 
     @torch.no_grad()
     def _rollouts(self, step: int) -> _Batch:
@@ -455,7 +472,9 @@ class GRPOTrainer:
             source=self.lm.source,
             path=self.lm.path,
         )
-        g = generate_batch(lm, prompts, sampling, capture_layers=capture, seed=cfg.seed * 7919 + step)
+        g = generate_batch(
+            lm, prompts, sampling, capture_layers=capture, seed=cfg.seed * 7919 + step + 1_000_003 * self.rank
+        )
         res = g.residuals[capture[0]] if capture else None
         return _Batch(
             g.sequences,
@@ -494,72 +513,64 @@ class GRPOTrainer:
         lp, ent = selective_log_softmax(logits / self.cfg.temperature, b.sequences[:, P:])
         return lp, ent, res
 
-    def step(self, step: int) -> dict[str, Any]:
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        b = self._rollouts(step)
-        t_gen = time.perf_counter() - t0
+    def outcomes(self, b: _Batch) -> Tensor:
+        """``[B]`` 1.0 where the task's verifier accepts the completion."""
         items = {it.id: it for it in self.train_items}
-        outcome = torch.tensor(
+        return torch.tensor(
             [
                 1.0 if self.task.verify(items[q], c) else 0.0
                 for q, c in zip(b.qids, b.completions, strict=True)
             ]
         )
+
+    def reference(self, b: _Batch) -> tuple[Tensor | None, Tensor | None]:
+        """Reference log-probs (when β > 0) and, for ``reward_source = reference``, the residuals: one forward."""
+        cfg = self.cfg
+        layer = self.layer if (self.scorer is not None and cfg.reward_source == "reference") else None
+        if not (cfg.beta > 0 or layer is not None):
+            return None, None
+        self.model.eval()
+        with torch.no_grad(), self.model.disable_adapter():
+            ref_lp, _, res = self._logps(self.model, b, capture_layer=layer)
+        return (ref_lp if cfg.beta > 0 else None), res
+
+    def advantages(
+        self, b: _Batch, outcome: Tensor, residuals: Tensor | None, lam: float
+    ) -> tuple[Tensor, Tensor, float]:
+        """Per-token advantages ``[B, N]``, total rewards ``[B]`` and the mean mech score (NaN for R0)."""
+        cfg = self.cfg
         P = b.prompt_len
         resp = b.response_mask[:, P:]
+        if self.scorer is None:
+            adv, total = token_advantages(outcome, None, resp, cfg.group_size, 0.0)
+            return adv, total, float("nan")
+        if residuals is None:
+            raise SaeRewardError("no residuals for the mech reward: internal error, please report")
+        rmask = b.residual_mask[:, P:]
+        mech = self.scorer.token_scores(residuals[:, P:].float()).where(rmask, torch.zeros(()))
+        adv, total = token_advantages(
+            outcome, mech, rmask, cfg.group_size, lam, cfg.aggregation, loss_mask=resp
+        )
+        return adv, total, float(mech.sum() / rmask.sum().clamp_min(1))
+
+    def step(self, step: int) -> dict[str, Any]:
+        """One GRPO step (rollouts, reference, rewards, update); returns the log row."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        b = self._rollouts(step)
+        t_gen = time.perf_counter() - t0
+        outcome = self.outcomes(b)
+        resp = b.response_mask[:, b.prompt_len :]
         t1 = time.perf_counter()
-        need_ref = cfg.beta > 0 or (self.scorer is not None and cfg.reward_source == "reference")
-        ref_lp = None
-        residuals = b.residuals
-        if need_ref:
-            self.model.eval()
-            with torch.no_grad(), self.model.disable_adapter():
-                layer = self.layer if (self.scorer is not None and cfg.reward_source == "reference") else None
-                ref_lp, _, res = self._logps(self.model, b, capture_layer=layer)
-            if layer is not None:
-                residuals = res
+        ref_lp, ref_res = self.reference(b)
+        residuals = ref_res if cfg.reward_source == "reference" else b.residuals
         t_ref = time.perf_counter() - t1
         t2 = time.perf_counter()
-        mech = None
         lam = self.lam(step)
-        if self.scorer is not None:
-            assert residuals is not None
-            rmask = b.residual_mask[:, P:]
-            mech = self.scorer.token_scores(residuals[:, P:].float()).where(rmask, torch.zeros(()))
-            adv, total = token_advantages(
-                outcome, mech, rmask, cfg.group_size, lam, cfg.aggregation, loss_mask=resp
-            )
-            mech_mean = float(mech.sum() / rmask.sum().clamp_min(1))
-        else:
-            adv, total = token_advantages(outcome, None, resp, cfg.group_size, 0.0)
-            mech_mean = float("nan")
+        adv, total, mech_mean = self.advantages(b, outcome, residuals, lam)
         t_reward = time.perf_counter() - t2
         t3 = time.perf_counter()
-        old_lp = None
-        stats: dict[str, float] = {}
-        gnorm = 0.0
-        ent_mean = 0.0
-        for epoch in range(cfg.epochs_per_batch):
-            self.model.train()
-            if cfg.grad_checkpointing:
-                self.model.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False}
-                )
-            try:
-                lp, ent, _ = self._logps(self.model, b)
-            finally:
-                if cfg.grad_checkpointing:
-                    self.model.gradient_checkpointing_disable()
-            if old_lp is None:
-                old_lp = lp.detach()
-            loss, stats = surrogate_loss(lp, old_lp, ref_lp, adv, resp, cfg.beta, cfg.kl, cfg.clip_eps)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
-            self.opt.step()
-            if epoch == 0:
-                ent_mean = float((ent * resp).sum() / resp.sum().clamp_min(1))
+        loss, stats, gnorm, ent_mean = self.update(b, adv, ref_lp)
         t_train = time.perf_counter() - t3
         return {
             "step": step + 1,
@@ -579,6 +590,52 @@ class GRPOTrainer:
             "sec_train": round(t_train, 3),
             "sec_step": round(time.perf_counter() - t0, 3),
         }
+
+    def update(
+        self, b: _Batch, adv: Tensor, ref_lp: Tensor | None
+    ) -> tuple[Tensor, dict[str, float], float, float]:
+        """``epochs_per_batch`` optimizer steps on one batch; returns (loss, stats, grad norm, entropy).
+
+        Under data parallelism each rank holds part of the batch: the loss is divided by the global
+        number of response tokens and gradients are summed across ranks before clipping, so every
+        rank takes the step a single process would take on the whole batch.
+        """
+        from saereward.rl.reward import all_reduce_sum
+
+        cfg = self.cfg
+        resp = b.response_mask[:, b.prompt_len :]
+        n_global = all_reduce_sum(resp.sum().double()).float()
+        old_lp = None
+        stats: dict[str, float] = {}
+        gnorm, ent_mean = 0.0, 0.0
+        loss = torch.zeros(())
+        for epoch in range(cfg.epochs_per_batch):
+            self.model.train()
+            if cfg.grad_checkpointing:
+                self.model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
+            try:
+                lp, ent, _ = self._logps(self.model, b)
+            finally:
+                if cfg.grad_checkpointing:
+                    self.model.gradient_checkpointing_disable()
+            if old_lp is None:
+                old_lp = lp.detach()
+            loss, stats = surrogate_loss(
+                lp, old_lp, ref_lp, adv, resp, cfg.beta, cfg.kl, cfg.clip_eps, n_global
+            )
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad = all_reduce_sum(p.grad)
+            gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
+            self.opt.step()
+            if epoch == 0:
+                ent_mean = float((ent * resp).sum() / resp.sum().clamp_min(1))
+        return loss, stats, gnorm, ent_mean
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -644,9 +701,11 @@ class GRPOTrainer:
         return _load_optimizer(ck, self.opt)
 
     def fit(self) -> dict[str, Any]:
+        """Train ``steps`` steps (resuming if a checkpoint exists); rank 0 evaluates, logs and checkpoints."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
+        main = self.rank == 0
         self.out.mkdir(parents=True, exist_ok=True)
         start = self._restore()
         log_path = self.out / "train_log.jsonl"
@@ -655,18 +714,19 @@ class GRPOTrainer:
             if (start and log_path.is_file())
             else []
         )
-        write_jsonl(log_path, rows)  # drop lines written after the checkpoint
-        write_json(self.out / "config.json", to_dict(cfg))
-        tb = _tensorboard(self.out / "tensorboard")
-        if start == 0:
-            ev = {"step": 0, **self.evaluate()}
-            rows.append(ev)
-            write_jsonl(log_path, rows)
+        tb = None
+        if main:
+            write_jsonl(log_path, rows)  # drop lines written after the checkpoint
+            write_json(self.out / "config.json", to_dict(cfg))
+            tb = _tensorboard(self.out / "tensorboard")
+            if start == 0:
+                rows.append({"step": 0, **self.evaluate()})
+                write_jsonl(log_path, rows)
         bar = tqdm(
             total=cfg.steps,
             initial=start,
             desc=f"grpo {cfg.reward}",
-            disable=not cfg.progress,
+            disable=not (cfg.progress and main),
             dynamic_ncols=True,
         )
         try:
@@ -674,6 +734,8 @@ class GRPOTrainer:
                 torch.manual_seed(cfg.seed * 104_729 + s)
                 row = self.step(s)
                 last = s + 1 == cfg.steps
+                if not main:
+                    continue
                 if last or (cfg.eval_every and (s + 1) % cfg.eval_every == 0):
                     row.update(self.evaluate())
                 rows.append(row)
@@ -698,12 +760,14 @@ class GRPOTrainer:
             "seed": cfg.seed,
             "steps": cfg.steps,
             "lr": cfg.lr,
+            "processes": self.world,
             "eval_first": evals[0] if evals else None,
             "eval_last": evals[-1] if evals else None,
             "seconds_per_step": _median([r["sec_step"] for r in rows if "sec_step" in r]),
             "saereward_version": __version__,
         }
-        write_json(self.out / "summary.json", summary)
+        if main:
+            write_json(self.out / "summary.json", summary)
         return summary
 
 

@@ -40,16 +40,32 @@ REWARD_KINDS: dict[str, str] = {
 }
 
 
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """Sum ``t`` over data-parallel ranks (identity without an initialized process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def masked_zscore(x: Tensor, mask: Tensor, eps: float = 1e-6) -> Tensor:
-    """z-score of ``x [B, T]`` using only the positions in ``mask``; 0 outside the mask."""
+    """z-score of ``x [B, T]`` using only the positions in ``mask``; 0 outside the mask.
+
+    The mean and (population) SD come from sums that are all-reduced across data-parallel ranks, so
+    every rank normalizes with the statistics of the whole batch, as a single process would.
+    """
     m = mask.bool()
-    n = int(m.sum())
+    xm = x.double().where(m, torch.zeros((), dtype=torch.float64))
+    sums = all_reduce_sum(torch.stack([xm.sum(), (xm * xm).sum(), m.sum().double()]))
+    n = float(sums[2])
     if n == 0:
         return torch.zeros_like(x)
-    vals = x[m]
-    mean = vals.mean()
-    std = vals.std(unbiased=False) if n > 1 else vals.new_tensor(0.0)
-    return torch.where(m, (x - mean) / (std + eps), torch.zeros_like(x))
+    mean = sums[0] / n
+    var = (sums[1] / n - mean * mean).clamp_min(0.0)
+    std = var.sqrt() if n > 1 else var.new_tensor(0.0)
+    return torch.where(m, ((x.double() - mean) / (std + eps)).to(x.dtype), torch.zeros_like(x))
 
 
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4, scale: bool = True) -> Tensor:
