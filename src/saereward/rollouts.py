@@ -20,7 +20,8 @@ back). This is the one definition used by discovery, the G1 score and the RL rew
 
 **Splits** are by question: a question's responses are all in discovery or all in validation, so no
 statistic is ever validated on a question it was discovered on. The split is a seeded shuffle of the
-question ids, recorded in ``splits.json``.
+distinct question texts (task generators repeat a question under a new id; both copies go to the
+same side), recorded in ``splits.json`` as question ids.
 
 Residuals come from :class:`saereward.capture.ResidualCapture` hooks during ``generate()``: no
 second forward pass.
@@ -136,8 +137,12 @@ def run_rollouts(cfg: RolloutsConfig, lm: LoadedModel | None = None) -> Path:
     )
     token_layers = sorted({resolve_layer(lm.model, x) for x in cfg.token_layers})
     capture = sorted(set(layers) | set(token_layers))
-    splits = split_questions([it.id for it in items], cfg.validation_fraction, cfg.seed)
-    split_of = {q: s for s, qs in splits.items() for q in qs}
+    # split by question *text*: generators repeat questions under new ids, and a repeat must not
+    # land on the other side of the split
+    by_text = split_questions([it.question for it in items], cfg.validation_fraction, cfg.seed)
+    side = {q: s for s, qs in by_text.items() for q in qs}
+    split_of = {it.id: side[it.question] for it in items}
+    splits = {s: sorted(i for i, v in split_of.items() if v == s) for s in SPLITS}
     prompts = [
         format_prompt(task, it, cfg.prompt_format, tokenizer=lm.tokenizer, shots=cfg.shots) for it in items
     ]

@@ -316,14 +316,18 @@ class GRPOTrainer:
             )
         kw = {"source": cfg.task_source, "path": cfg.task_path, **cfg.task_params}
         self.task = load_task(cfg.task, n=cfg.n_train, seed=cfg.train_seed, **kw)
-        self.eval_task = load_task(cfg.task, n=cfg.n_eval, seed=cfg.eval_seed, **kw)
         self.train_items = list(self.task.items())
         train_q = {it.question for it in self.train_items}
-        self.eval_items = [it for it in self.eval_task.items() if it.question not in train_q]
+        # held-out questions: a different task seed, minus any question text that training also has
+        # (small generators repeat questions); draw extra so that n_eval remain where possible
+        self.eval_task = load_task(cfg.task, n=cfg.n_eval * 4, seed=cfg.eval_seed, **kw)
+        self.eval_items = [it for it in self.eval_task.items() if it.question not in train_q][: cfg.n_eval]
         if not self.eval_items:
             raise SaeRewardError(
-                "every held-out question also appears in training: change eval_seed or n_train"
+                "every held-out question also appears in training: change eval_seed or lower n_train"
             )
+        if len(self.eval_items) < cfg.n_eval:
+            log.warning("only %d held-out questions are disjoint from training", len(self.eval_items))
         self.lm = lm or load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads)
         tok = self.lm.tokenizer
         self.prompt = {
@@ -786,9 +790,32 @@ def _tensorboard(path: Path) -> Any:
     return SummaryWriter(str(path))
 
 
+def _init_distributed() -> bool:
+    """Join the process group that ``accelerate launch`` / ``torchrun`` describe in the environment."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
 def run_train_rl(cfg: GRPOConfig, lm: LoadedModel | None = None) -> dict[str, Any]:
-    """``saereward train-rl``: build the trainer (all checks before any training) and fit."""
-    return GRPOTrainer(cfg, lm=lm).fit()
+    """``saereward train-rl``: build the trainer (all checks before any training) and fit.
+
+    Under ``accelerate launch --num_processes N`` (or torchrun) every process joins the group and
+    takes ``questions_per_step / N`` questions per step; see :meth:`GRPOTrainer.update`.
+    """
+    started = _init_distributed()
+    try:
+        return GRPOTrainer(cfg, lm=lm).fit()
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 __all__ = ["GRPOConfig", "GRPOTrainer", "kl_term", "run_train_rl", "selective_log_softmax", "surrogate_loss"]
