@@ -24,7 +24,7 @@ from torch import Tensor
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.features.discover import cohens_d, require_both_outcomes
-from saereward.io import atomic_path, write_json
+from saereward.io import save_figure, write_json
 from saereward.lm import DEFAULT_MODEL, DType
 
 
@@ -211,8 +211,4 @@ def plot_layers(result: dict[str, Any], path: Path) -> Path:
         ax.set_ylabel("P(answer's first token)")
         ax.set_title(f"logit lens (n={result['logit_lens']['n']} correct responses)")
         ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

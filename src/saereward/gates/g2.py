@@ -24,7 +24,7 @@ from typing import Any
 from saereward import __version__
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
-from saereward.io import atomic_path, write_json
+from saereward.io import save_figure, write_json
 from saereward.rl.grpo import GRPOConfig
 from saereward.stats import wilson_ci
 
@@ -142,10 +142,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("held-out greedy accuracy")
     ax.set_title(f"G2: mean over seeds {result['seeds']}")
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def format_g2(result: dict[str, Any]) -> str:

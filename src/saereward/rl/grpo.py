@@ -441,6 +441,16 @@ class GRPOTrainer:
             )
 
     # -- pieces of a step ---------------------------------------------------------------------------
+    def _policy_lm(self) -> LoadedModel:
+        """The LoRA-wrapped policy as a :class:`LoadedModel` (for the generation helpers)."""
+        return LoadedModel(
+            model=self.model,
+            tokenizer=self.lm.tokenizer,
+            spec=self.lm.spec,
+            source=self.lm.source,
+            path=self.lm.path,
+        )
+
     def _questions(self, step: int) -> list[Any]:
         """This rank's share of the step's questions (the same global draw on every rank)."""
         rng = random.Random(self.cfg.seed * 1_000_003 + step)
@@ -469,13 +479,7 @@ class GRPOTrainer:
             else []
         )
         self.model.eval()
-        lm = LoadedModel(
-            model=self.model,
-            tokenizer=self.lm.tokenizer,
-            spec=self.lm.spec,
-            source=self.lm.source,
-            path=self.lm.path,
-        )
+        lm = self._policy_lm()
         g = generate_batch(
             lm, prompts, sampling, capture_layers=capture, seed=cfg.seed * 7919 + step + 1_000_003 * self.rank
         )
@@ -648,13 +652,7 @@ class GRPOTrainer:
         from saereward.stats import wilson_ci
 
         self.model.eval()
-        lm = LoadedModel(
-            model=self.model,
-            tokenizer=self.lm.tokenizer,
-            spec=self.lm.spec,
-            source=self.lm.source,
-            path=self.lm.path,
-        )
+        lm = self._policy_lm()
         sampling = SamplingConfig(
             max_new_tokens=self.cfg.max_new_tokens, stop=stop_strings_for(self.cfg.prompt_format)
         )
