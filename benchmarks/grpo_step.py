@@ -41,6 +41,7 @@ from typing import Any
 
 LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_PROMPTS, GROUP, NEW_TOKENS = 4, 4, 64
+GC = False  # set from --grad-checkpointing in main()
 
 
 def _peak_rss_gb() -> float:
@@ -112,7 +113,9 @@ def child_trl(dtype: str, steps: int, threads: int) -> dict[str, Any]:
     return {"step_times": times[1:], "completion_len": statistics.mean(lengths[1:]) if lengths[1:] else None}
 
 
-def child_ours(dtype: str, steps: int, threads: int, sae_reward: bool, workdir: str) -> dict[str, Any]:
+def child_ours(
+    dtype: str, steps: int, threads: int, sae_reward: bool, workdir: str, grad_ckpt: bool
+) -> dict[str, Any]:
     import torch
 
     from saereward.lm import load_model
@@ -138,6 +141,7 @@ def child_ours(dtype: str, steps: int, threads: int, sae_reward: bool, workdir: 
         lr=1e-5,
         lora_r=16,
         lora_alpha=32,
+        grad_checkpointing=grad_ckpt,
         steps=steps + 1,
         out=tempfile.mkdtemp(prefix="ours_bench_"),
         progress=False,
@@ -209,6 +213,11 @@ def main() -> None:
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="ours with gradient checkpointing (TRL's default is on)",
+    )
     ap.add_argument("--child", choices=["trl", "ours", "ours+sae"], help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -216,10 +225,19 @@ def main() -> None:
         if args.child == "trl":
             res = child_trl(args.dtypes, args.steps, args.threads)
         else:
-            res = child_ours(args.dtypes, args.steps, args.threads, args.child == "ours+sae", args.workdir)
+            res = child_ours(
+                args.dtypes,
+                args.steps,
+                args.threads,
+                args.child == "ours+sae",
+                args.workdir,
+                args.grad_checkpointing,
+            )
         res["peak_rss_gb"] = round(_peak_rss_gb(), 3)
         print(json.dumps(res))  # noqa: T201
         return
+    global GC
+    GC = args.grad_checkpointing
     steps = 2 if args.quick else args.steps
     dtypes = ["bf16"] if args.quick else [d.strip() for d in args.dtypes.split(",") if d.strip()]
     workdir = Path(tempfile.mkdtemp(prefix="grpo_bench_"))

@@ -451,3 +451,27 @@ def test_data_parallel_update_equals_single_process(tmp_path: Path) -> None:
         torch.testing.assert_close(ddp[f"grad.{n}"], g, rtol=1e-4, atol=1e-5 * scale + 1e-12, msg=n)
         clear = g.abs() > 1e-3 * scale
         torch.testing.assert_close(ddp[n][clear], single[n][clear], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_merged_lora_restores_exact_base_weights(tmp_path: Path) -> None:
+    from saereward.rl.grpo import merged_lora
+
+    tr = GRPOTrainer(rl_cfg(tmp_path), lm=fresh_tiny())
+    with torch.no_grad():
+        for n, p in tr.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # a non-trivial adapter
+    base = {n: p.detach().clone() for n, p in tr.model.named_parameters() if "base_layer" in n}
+    ids = torch.randint(3, 100, (2, 7))
+    with torch.no_grad():
+        before = tr.model(input_ids=ids).logits
+        with merged_lora(tr.model):
+            merged = tr.model(input_ids=ids).logits
+            changed = any(not torch.equal(p, base[n]) for n, p in tr.model.named_parameters() if n in base)
+        after = tr.model(input_ids=ids).logits
+    assert changed  # the adapter was merged into the base weights during the block
+    torch.testing.assert_close(merged, before, rtol=1e-4, atol=1e-4)  # same function
+    for n, p in tr.model.named_parameters():
+        if n in base:
+            assert torch.equal(p, base[n]), n  # exact restore, not W + BA - BA
+    assert torch.equal(after, before)  # the LoRA path is active again
