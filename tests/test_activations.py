@@ -488,6 +488,23 @@ def test_collect_on_moe_and_hybrid_models(tmp_path: Path, arch: str) -> None:
         )
     store = ActivationStore(cfg.out, 3, "all")
     assert store.n_tokens == man["n_tokens"] and next(store.iter_batches(16)).shape == (16, 64)
+    # and a short SAE training run on what was collected from this architecture
+    from saereward.sae.formats import load_sae
+    from saereward.sae.stages import TrainSAEStageConfig, run_train_sae
+    from saereward.sae.train import SAETrainConfig
+
+    train = SAETrainConfig(
+        d_sae=128, k=4, batch_size=16, total_tokens=96, warmup_steps=1, init_tokens=32, progress=False
+    )
+    folder = run_train_sae(
+        TrainSAEStageConfig(
+            activations=str(cfg.out), layer=3, out=str(tmp_path / "sae"), eval_tokens=0, train=train
+        )
+    )
+    sae = load_sae(folder)
+    assert sae.cfg.d_in == 64 and sae.cfg.layer == 3
+    x = next(store.iter_batches(16))
+    assert torch.isfinite(sae.decode(sae.encode(x))).all()
 
 
 # --------------------------------------------------------------------------------------------------
