@@ -67,7 +67,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -229,22 +229,27 @@ def _row_text(row: Any, fields: Sequence[str]) -> str | None:
     return None
 
 
+def _row_texts(rows: Iterable[tuple[str, Any]], text_field: str) -> Iterator[str]:
+    """Non-empty texts of ``(location, row)`` pairs; a row without a text field is a one-line error."""
+    fields = text_fields(text_field)
+    for where, row in rows:
+        text = _row_text(row, fields)
+        if text is None:
+            raise SaeRewardError(
+                f"{where}: expected a JSON object with a string field {' or '.join(map(repr, fields))}; "
+                "fix that row or set text_field"
+            )
+        if text.strip():
+            yield text
+
+
 def iter_text_documents(
     path: str | Path, txt_unit: TxtUnit = "paragraph", text_field: str = "text"
 ) -> Iterator[str]:
     """Documents of one ``.txt`` or ``.jsonl`` file, read lazily; empty documents are skipped."""
     p = Path(path)
     if p.suffix.lower() == ".jsonl":
-        fields = text_fields(text_field)
-        for lineno, row in iter_jsonl(p):
-            text = _row_text(row, fields)
-            if text is None:
-                raise SaeRewardError(
-                    f"{p}:{lineno}: expected a JSON object with a string field {' or '.join(map(repr, fields))}; "
-                    "fix that line or set text_field"
-                )
-            if text.strip():
-                yield text
+        yield from _row_texts(((f"{p}:{lineno}", row) for lineno, row in iter_jsonl(p)), text_field)
         return
     with p.open(encoding="utf-8") as fh:
         if txt_unit == "line":
@@ -481,16 +486,10 @@ class _CorpusSource:
         for f in self.files:
             yield from iter_text_documents(f["path"], self.cfg.txt_unit, self.cfg.text_field)
         if self.hf is not None:
-            fields = text_fields(self.cfg.text_field)
-            for row in self.hf:
-                text = _row_text(row, fields)
-                if text is None:
-                    raise SaeRewardError(
-                        f"hf_dataset {self.cfg.hf_dataset!r} rows have no string field {self.cfg.text_field!r}: "
-                        "set text_field"
-                    )
-                if text.strip():
-                    yield text
+            name = self.cfg.hf_dataset
+            yield from _row_texts(
+                ((f"hf_dataset {name!r} row {i}", row) for i, row in enumerate(self.hf)), self.cfg.text_field
+            )
 
     def documents(self) -> Iterator[str]:
         """Every document in order; with ``dedupe_documents`` an exact repeat is skipped (deterministic)."""
