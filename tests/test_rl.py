@@ -120,6 +120,23 @@ def test_selective_log_softmax_and_kl() -> None:
     assert k3[1] == 0 and k3[0] > 0
 
 
+def test_selective_log_softmax_checkpointed_gradient_and_temperature() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(5, 4, 13, dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.randint(0, 13, (5, 4))
+    w = torch.randn(5, 4)
+    lp, ent = selective_log_softmax(logits, ids, chunk=2, temperature=0.7)
+    (lp * w).sum().backward()
+    g = logits.grad.clone()
+    logits.grad = None
+    f = logits.float() / 0.7
+    ref = torch.log_softmax(f, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    (ref * w).sum().backward()
+    torch.testing.assert_close(lp, ref)
+    torch.testing.assert_close(logits.grad, g)
+    assert not ent.requires_grad
+
+
 def test_surrogate_first_pass_is_the_seed_loss() -> None:
     lp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
     adv = torch.tensor([[0.5, -1.0, 0.0]])
@@ -407,7 +424,7 @@ def _ddp_grpo_worker(rank: int, world: int, port: int, folder: str) -> None:
         rows = slice(3 * rank, 3 * rank + 3)  # one whole group per rank
         part = _split_batch(b, rows)
         ref_lp, _ = tr.reference(part)
-        adv, _, _ = tr.advantages(part, outcome[rows], part.residuals, 0.5)
+        adv, _, _, _ = tr.advantages(part, outcome[rows], part.residuals, 0.5)
         tr.update(part, adv, ref_lp)
         if rank == 0:
             from safetensors.torch import save_file
@@ -433,7 +450,7 @@ def test_data_parallel_update_equals_single_process(tmp_path: Path) -> None:
     _save_batch(tmp_path, b, outcome, pack)
     init = {n: p.detach().clone() for n, p in tr._lora_state().items()}
     ref_lp, _ = tr.reference(b)
-    adv, _, _ = tr.advantages(b, outcome, b.residuals, 0.5)
+    adv, _, _, _ = tr.advantages(b, outcome, b.residuals, 0.5)
     tr.update(b, adv, ref_lp)
     single = {n: p.detach() for n, p in tr._lora_state().items()}
     grads = {n: p.grad for n, p in tr._lora_state().items()}

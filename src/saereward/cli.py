@@ -215,6 +215,51 @@ def _cmd_reasonscore(cfg: Any) -> int:
     return 0
 
 
+def _cmd_canaries(cfg: Any) -> int:
+    from saereward.hacking import format_canaries, run_canaries
+
+    _echo(format_canaries(run_canaries(cfg)))
+    _echo(f"wrote {cfg.out}/canaries.json")
+    return 0
+
+
+def _cmd_probe(cfg: Any) -> int:
+    from saereward.probes import run_probe
+
+    r = run_probe(cfg)
+    h = r["heldout"]
+    _echo(
+        f"probe at layer {r['layer']}: held-out AUROC {h['auroc']:.3f} [{h['auroc_ci'][0]:.3f}, {h['auroc_ci'][1]:.3f}] "
+        f"(n={h['n']}, {h['n_correct']} correct; seed {r['seed']}); trained on {r['n_train']} responses"
+    )
+    _echo(f"wrote {cfg.out}")
+    return 0
+
+
+def _cmd_monitor(cfg: Any) -> int:
+    from saereward.hacking import format_monitor, run_monitor
+
+    _echo(format_monitor(run_monitor(cfg)))
+    _echo(f"wrote {cfg.out}/monitor.json")
+    return 0
+
+
+def _cmd_eval_suite(cfg: Any) -> int:
+    from saereward.evalsuite import format_suite, run_eval_suite
+
+    _echo(format_suite(run_eval_suite(cfg)))
+    _echo(f"wrote {cfg.out}/eval_suite.json")
+    return 0
+
+
+def _cmd_gate_g3(cfg: Any) -> int:
+    from saereward.gates.g3 import format_g3, run_gate_g3
+
+    _echo(format_g3(run_gate_g3(cfg)))
+    _echo(f"wrote {cfg.out}/gate_g3.json")
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     name: str
@@ -289,6 +334,36 @@ COMMANDS: tuple[Command, ...] = (
         "Stage Gate 2: R0 vs R1 (SAE pack) vs R2 (raw direction) GRPO, same budget, several seeds",
         _lazy("saereward.gates.g2", "GateG2Config"),
         _cmd_gate_g2,
+    ),
+    Command(
+        "probe",
+        "fit the dual-verifier probe (logistic regression on pooled residuals), held-out AUROC",
+        _lazy("saereward.probes", "ProbeConfig"),
+        _cmd_probe,
+    ),
+    Command(
+        "canaries",
+        "reward-hacking canaries (5 patterns): hack/correct/ambiguous rates, base vs trained",
+        _lazy("saereward.hacking", "CanaryConfig"),
+        _cmd_canaries,
+    ),
+    Command(
+        "monitor",
+        "monitor validity after RL: the G1 statistic on fresh rollouts of base and trained policy",
+        _lazy("saereward.hacking", "MonitorConfig"),
+        _cmd_monitor,
+    ),
+    Command(
+        "eval-suite",
+        "capability preservation: task, MMLU, MATH-500, GSM8K, base vs trained, paired tests",
+        _lazy("saereward.evalsuite", "EvalSuiteConfig"),
+        _cmd_eval_suite,
+    ),
+    Command(
+        "gate-g3",
+        "Stage Gate 3: target reached, MMLU kept, hack rate, monitor valid (runs the three checks)",
+        _lazy("saereward.gates.g3", "GateG3Config"),
+        _cmd_gate_g3,
     ),
     Command(
         "reasonscore",

@@ -36,6 +36,7 @@ class EvalConfig:
 
     model: str = option(DEFAULT_MODEL, "model: embedded:<key>, a .gguf file, an HF folder or a hub id")
     dtype: DType = option("fp32", "model dtype")
+    adapter: str | None = option(None, "LoRA adapter to merge in: a `saereward train-rl` run folder")
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
     task: str = option("chain_sum", "task name: chain_sum, gsm8k, mmlu, math500, rg:<reasoning-gym name>")
     task_source: str = option("auto", "where the task data comes from: auto, offline, hf, jsonl")
@@ -86,7 +87,7 @@ def run_eval(cfg: EvalConfig, lm: LoadedModel | None = None) -> EvalResult:
     task = _load_task(cfg)  # validate the task before paying for the model
     items = list(task.items())
     if lm is None:
-        lm = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads)
+        lm = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads, adapter=cfg.adapter)
     if cfg.prompt_format == "chat" and not getattr(lm.tokenizer, "chat_template", None):
         raise SaeRewardError(f"model {cfg.model} has no chat template: use --prompt-format raw or fewshot")
     prompts = [
@@ -152,6 +153,29 @@ def run_eval(cfg: EvalConfig, lm: LoadedModel | None = None) -> EvalResult:
         write_json(out / "config.json", to_dict(cfg))
         write_json(out / "summary.json", {**summary, "config": to_dict(cfg)})
     return EvalResult(summary=summary, rows=rows)
+
+
+def run_eval_cached(cfg: EvalConfig, lm: LoadedModel | None = None) -> list[dict[str, Any]]:
+    """Rows of a finished evaluation in ``cfg.out`` made with the same settings, else :func:`run_eval`'s.
+
+    ``summary.json`` is written last, so its presence marks a finished run; ``progress`` is ignored
+    in the comparison (it does not change results). Lets multi-evaluation stages resume after a kill.
+    """
+    import json
+
+    from saereward.io import read_jsonl
+
+    if cfg.out:
+        folder = Path(cfg.out)
+        if (folder / "summary.json").is_file() and (folder / "items.jsonl").is_file():
+            saved = json.loads((folder / "config.json").read_text())
+            mine = json.loads(json.dumps(to_dict(cfg)))
+            saved.pop("progress", None)
+            mine.pop("progress", None)
+            if saved == mine:
+                log.info("reusing the finished evaluation in %s", folder)
+                return read_jsonl(folder / "items.jsonl")
+    return run_eval(cfg, lm=lm).rows
 
 
 # --------------------------------------------------------------------------------------------------

@@ -191,6 +191,7 @@ class LoadedModel:
     spec: str  #: what the user asked for
     source: Literal["embedded", "gguf", "hf"]
     path: str  #: the folder or file actually loaded
+    adapter: str | None = None  #: merged LoRA adapter folder, if any
 
     @property
     def num_layers(self) -> int:
@@ -347,12 +348,16 @@ def load_model(
     device: str = "cpu",
     threads: int | None = None,
     trust_remote_code: bool = False,
+    adapter: str | None = None,
 ) -> LoadedModel:
     """Load model + tokenizer from an ``embedded:`` key, a ``.gguf`` file, a folder or a hub id.
 
     The tokenizer is set up for batched generation: left padding, and a pad token (EOS if none).
-    ``threads`` calls ``torch.set_num_threads``; ``None`` leaves torch's default.
+    ``threads`` calls ``torch.set_num_threads``; ``None`` leaves torch's default. ``adapter``: a
+    ``saereward train-rl`` run folder (or its ``checkpoint/``) whose LoRA weights are merged in.
     """
+    if adapter is not None:
+        adapter_dir(adapter)  # validate before paying for the model
     import torch
 
     if threads is not None:
@@ -393,7 +398,62 @@ def load_model(
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
-    return LoadedModel(model=model, tokenizer=tok, spec=spec, source=source, path=path)
+    lm = LoadedModel(model=model, tokenizer=tok, spec=spec, source=source, path=path)
+    if adapter is not None:
+        apply_adapter(lm, adapter)
+    return lm
+
+
+def adapter_dir(path: str | os.PathLike[str]) -> Path:
+    """The folder holding ``adapter.safetensors`` + ``config.json`` for a run folder or checkpoint folder."""
+    p = Path(path).expanduser()
+    for cand in (p, p / "checkpoint"):
+        if (cand / "adapter.safetensors").is_file() and (cand / "config.json").is_file():
+            return cand
+    raise SaeRewardError(
+        f"no LoRA adapter in {path}: pass a `saereward train-rl` run folder (it has checkpoint/adapter.safetensors)"
+    )
+
+
+def apply_adapter(lm: LoadedModel, path: str | os.PathLike[str]) -> None:
+    """Merge the LoRA weights of a ``train-rl`` run into ``lm.model`` in place (a plain model after).
+
+    The adapter must have been trained on the same base model: the run's recorded ``model`` is
+    compared with ``lm.spec`` and every LoRA tensor's shape with the model's.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    folder = adapter_dir(path)
+    cfg = json.loads((folder / "config.json").read_text())
+    if cfg.get("model") not in (None, lm.spec):
+        raise SaeRewardError(
+            f"adapter {path} was trained on {cfg.get('model')}, not {lm.spec}: pass --model {cfg.get('model')}"
+        )
+    targets = [
+        t for t in cfg.get("lora_targets", []) if any(n.endswith(t) for n, _ in lm.model.named_modules())
+    ]
+    lcfg = LoraConfig(
+        r=int(cfg["lora_r"]),
+        lora_alpha=int(cfg["lora_alpha"]),
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(lm.model, lcfg)
+    weights = load_file(str(folder / "adapter.safetensors"))
+    own = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+    if set(own) != set(weights) or any(own[n].shape != weights[n].shape for n in own):
+        raise SaeRewardError(f"adapter {path} does not fit {lm.spec} (LoRA tensor names or shapes differ)")
+    with torch.no_grad():
+        for n, p in own.items():
+            p.copy_(weights[n].to(p.dtype))
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    merged.requires_grad_(False)
+    lm.model = merged
+    lm.adapter = str(folder)
 
 
 def _load_hub(spec: str, dtype: DType, trust_remote_code: bool) -> tuple[Any, Any]:

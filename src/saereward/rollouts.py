@@ -56,6 +56,7 @@ class RolloutsConfig:
 
     model: str = option(DEFAULT_MODEL, "model: embedded:<key>, a .gguf file, an HF folder or a hub id")
     dtype: DType = option("fp32", "model dtype")
+    adapter: str | None = option(None, "LoRA adapter to merge in: a `saereward train-rl` run folder")
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
     task: str = option("chain_sum", "task (see `saereward tasks`)")
     task_source: str = option("auto", "where the task data comes from: auto, offline, hf, jsonl")
@@ -127,7 +128,7 @@ def run_rollouts(cfg: RolloutsConfig, lm: LoadedModel | None = None) -> Path:
     )
     items = list(task.items())
     if lm is None:
-        lm = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads)
+        lm = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads, adapter=cfg.adapter)
     if cfg.prompt_format == "chat" and not getattr(lm.tokenizer, "chat_template", None):
         raise SaeRewardError(f"model {cfg.model} has no chat template: use --prompt-format raw or fewshot")
     layers = (

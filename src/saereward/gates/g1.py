@@ -168,27 +168,10 @@ class GateG1Config:
 def _probe_scores(
     x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, seed: int
 ) -> tuple[np.ndarray, dict]:
-    from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.model_selection import StratifiedKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from saereward.probes import fit_logistic
 
-    folds = int(min(5, y_train.sum(), (1 - y_train).sum()))
-    if folds < 2:
-        raise SaeRewardError("the probe needs >= 2 correct and >= 2 wrong discovery responses")
-    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    clf = make_pipeline(
-        StandardScaler(),
-        LogisticRegressionCV(Cs=np.logspace(-4, 2, 13), cv=cv, scoring="roc_auc", max_iter=5000),
-    )
-    clf.fit(x_train, y_train.astype(int))
-    lr = clf[-1]
-    cv_auc = float(np.max(np.mean(lr.scores_[1], axis=0)))
-    return clf.decision_function(x_test), {
-        "C": float(lr.C_[0]),
-        "cv_folds": folds,
-        "cv_auroc_discovery": cv_auc,
-    }
+    clf, info = fit_logistic(x_train, y_train, seed)
+    return clf.decision_function(x_test), info
 
 
 def run_gate_g1(cfg: GateG1Config) -> dict[str, Any]:

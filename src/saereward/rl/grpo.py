@@ -87,6 +87,9 @@ class GRPOConfig:
     reward_source: Literal["policy", "reference"] = option(
         "policy", "hidden states for the reward: captured during generation (policy) or the reference forward"
     )
+    dual_verifier: str | None = option(
+        None, "probe file (`saereward probe`) that gates the mech term per token by sign agreement"
+    )
     lam: float = option(0.1, "λ: weight of the mech term")
     lam_schedule: Literal["constant", "linear"] = option("constant", "λ schedule")
     lam_end: float = option(0.0, "λ at the last step (linear schedule)")
@@ -113,7 +116,13 @@ class GRPOConfig:
     epochs_per_batch: int = option(1, "optimisation passes per batch (> 1 uses the clipped ratio)")
     clip_eps: float = option(0.2, "PPO ratio clip ε")
     grad_clip: float = option(1.0, "max grad norm")
-    grad_checkpointing: bool = option(False, "gradient checkpointing for the training forward")
+    grad_checkpointing: bool = option(
+        True, "gradient checkpointing for the training forward (less memory and, on CPU, no slower)"
+    )
+    mmap_large_allocations: bool = option(
+        True,
+        "glibc: allocate big tensors with mmap so freed memory returns to the OS (lower peak RSS)",
+    )
     merge_for_generation: bool = option(
         True, "sample with the LoRA weights merged into the base (exact base weights restored after)"
     )
@@ -151,6 +160,8 @@ class GRPOConfig:
             raise ValueError("reward=sae needs --pack")
         if self.reward == "direction" and not self.direction_rollouts:
             raise ValueError("reward=direction needs --direction-rollouts")
+        if self.dual_verifier and self.reward == "outcome":
+            raise ValueError("dual_verifier gates the mech term: use it with reward=sae or direction")
         if self.lr <= 0 or self.beta < 0 or self.lam < 0:
             raise ValueError("lr must be > 0, beta and lam >= 0")
 
@@ -160,19 +171,33 @@ class GRPOConfig:
 # --------------------------------------------------------------------------------------------------
 
 
-def selective_log_softmax(logits: Tensor, ids: Tensor, chunk: int = 8) -> tuple[Tensor, Tensor]:
-    """``log p(ids)`` and the entropy per position, ``logits [B, T, V]`` -> ``[B, T]`` each.
+def _chunk_logp(logits: Tensor, ids: Tensor, temperature: float) -> Tensor:
+    lg = logits.float() / temperature
+    return lg.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, -1)
 
-    Row-chunked so the fp32 log-softmax of a large vocabulary never exists for the whole batch.
+
+def selective_log_softmax(
+    logits: Tensor, ids: Tensor, chunk: int = 8, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """``log p(ids)`` and the entropy per position of ``logits / temperature``; ``[B, T, V]`` -> ``[B, T]`` each.
+
+    Row-chunked, and under autograd each chunk is recomputed in the backward (activation
+    checkpointing) instead of keeping its fp32 copy: the fp32 log-softmax of a large vocabulary
+    never exists for more than ``chunk`` rows, forward or backward.
     """
+    from torch.utils.checkpoint import checkpoint
+
     logps, ents = [], []
     for i in range(0, logits.shape[0], chunk):
-        lg = logits[i : i + chunk].float()
-        lse = torch.logsumexp(lg, -1)
-        lp = lg.gather(-1, ids[i : i + chunk].unsqueeze(-1)).squeeze(-1) - lse
+        lg, idx = logits[i : i + chunk], ids[i : i + chunk]
+        if torch.is_grad_enabled() and lg.requires_grad:
+            lp = checkpoint(_chunk_logp, lg, idx, temperature, use_reentrant=False)
+        else:
+            lp = _chunk_logp(lg, idx, temperature)
         with torch.no_grad():
-            p = torch.softmax(lg, -1)
-            ent = lse - (p * lg).sum(-1)
+            f = lg.float() / temperature
+            lse = torch.logsumexp(f, -1)
+            ent = lse - (torch.softmax(f, -1) * f).sum(-1)
         logps.append(lp)
         ents.append(ent)
     return torch.cat(logps), torch.cat(ents)
@@ -217,6 +242,27 @@ def surrogate_loss(
     clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + clip_eps) & (adv > 0))
     stats["clip_frac"] = float((clipped.float() * m).sum() / n)
     return (loss_tok * m).sum() / n, stats
+
+
+def mmap_large_allocations(threshold: int = 256 * 1024) -> bool:
+    """Ask glibc to serve allocations >= ``threshold`` bytes with ``mmap`` (process-wide).
+
+    glibc raises its mmap threshold dynamically after big frees, after which large tensors come from
+    the heap; a step's differently sized logits and activations then fragment it, and peak RSS grows
+    from step to step although the live memory does not. With a fixed threshold every large tensor
+    is its own mapping, returned to the OS on free. Returns False where this is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold)))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 @contextmanager
@@ -337,6 +383,8 @@ class GRPOTrainer:
 
         self.cfg = cfg
         self.out = Path(cfg.out)
+        if cfg.mmap_large_allocations and not mmap_large_allocations():
+            log.info("mmap_large_allocations: not glibc, left as is")
         dist_on = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if dist_on else 0
         self.world = dist.get_world_size() if dist_on else 1
@@ -370,6 +418,7 @@ class GRPOTrainer:
             for it in self.eval_items
         ]
         self.scorer, self.layer = self._build_scorer()
+        self.probe = self._load_probe()
         torch.manual_seed(cfg.seed)
         base = self.lm.model
         targets = [t for t in cfg.lora_targets if any(n.endswith(t) for n, _ in base.named_modules())]
@@ -458,6 +507,23 @@ class GRPOTrainer:
             )
         disc = ro.split_mask("discovery")
         return DirectionScorer(contrastive_direction(ro.pooled[layer][disc], ro.correct[disc])), layer
+
+    def _load_probe(self) -> Any:
+        if not self.cfg.dual_verifier:
+            return None
+        from saereward.probes import load_probe
+
+        probe = load_probe(self.cfg.dual_verifier)
+        if probe.layer != self.layer:
+            raise SaeRewardError(
+                f"the dual-verifier probe reads layer {probe.layer}, the reward reads layer {self.layer}: "
+                f"fit it with `saereward probe --layer {self.layer}`"
+            )
+        if probe.d_model != self.lm.d_model:
+            raise SaeRewardError(
+                f"the probe has width {probe.d_model}, the model {self.lm.d_model}: fit it on this model's rollouts"
+            )
+        return probe
 
     def _check_verifier_fires(self) -> None:
         """Refuse a task whose verifier accepts nothing, not even the gold answer."""
@@ -554,7 +620,7 @@ class GRPOTrainer:
             logits = model(**kwargs).logits
             res = None
         logits = logits[:, :-1]  # position t predicts token t + 1
-        lp, ent = selective_log_softmax(logits / self.cfg.temperature, b.sequences[:, P:])
+        lp, ent = selective_log_softmax(logits, b.sequences[:, P:], temperature=self.cfg.temperature)
         return lp, ent, res
 
     def outcomes(self, b: _Batch) -> Tensor:
@@ -580,22 +646,30 @@ class GRPOTrainer:
 
     def advantages(
         self, b: _Batch, outcome: Tensor, residuals: Tensor | None, lam: float
-    ) -> tuple[Tensor, Tensor, float]:
-        """Per-token advantages ``[B, N]``, total rewards ``[B]`` and the mean mech score (NaN for R0)."""
+    ) -> tuple[Tensor, Tensor, float, float]:
+        """Per-token advantages ``[B, N]``, total rewards ``[B]``, the mean mech score (NaN for R0) and
+        the fraction of response tokens whose mech term the dual verifier zeroed (NaN without one)."""
         cfg = self.cfg
         P = b.prompt_len
         resp = b.response_mask[:, P:]
         if self.scorer is None:
             adv, total = token_advantages(outcome, None, resp, cfg.group_size, 0.0)
-            return adv, total, float("nan")
+            return adv, total, float("nan"), float("nan")
         if residuals is None:
             raise SaeRewardError("no residuals for the mech reward: internal error, please report")
         rmask = b.residual_mask[:, P:]
-        mech = self.scorer.token_scores(residuals[:, P:].float()).where(rmask, torch.zeros(()))
+        x = residuals[:, P:].float()
+        mech = self.scorer.token_scores(x).where(rmask, torch.zeros(()))
+        gate, gated = None, float("nan")
+        if self.probe is not None:
+            from saereward.probes import dual_gate
+
+            gate = dual_gate(mech, self.probe.logits(x), rmask)
+            gated = float(1 - gate.sum() / rmask.sum().clamp_min(1))
         adv, total = token_advantages(
-            outcome, mech, rmask, cfg.group_size, lam, cfg.aggregation, loss_mask=resp
+            outcome, mech, rmask, cfg.group_size, lam, cfg.aggregation, loss_mask=resp, gate=gate
         )
-        return adv, total, float(mech.sum() / rmask.sum().clamp_min(1))
+        return adv, total, float(mech.sum() / rmask.sum().clamp_min(1)), gated
 
     def step(self, step: int) -> dict[str, Any]:
         """One GRPO step (rollouts, reference, rewards, update); returns the log row."""
@@ -611,7 +685,7 @@ class GRPOTrainer:
         t_ref = time.perf_counter() - t1
         t2 = time.perf_counter()
         lam = self.lam(step)
-        adv, total, mech_mean = self.advantages(b, outcome, residuals, lam)
+        adv, total, mech_mean, gated = self.advantages(b, outcome, residuals, lam)
         t_reward = time.perf_counter() - t2
         t3 = time.perf_counter()
         loss, stats, gnorm, ent_mean = self.update(b, adv, ref_lp)
@@ -621,6 +695,7 @@ class GRPOTrainer:
             "outcome": float(outcome.mean()),
             "reward": float(total.mean()),
             "mech": mech_mean,
+            "gated_frac": gated,
             "lam": lam,
             "loss": float(loss.detach()),
             "kl": stats.get("kl", 0.0),

@@ -92,11 +92,14 @@ def token_advantages(
     aggregation: Aggregation = "both",
     eps: float = 1e-4,
     loss_mask: Tensor | None = None,
+    gate: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-token advantages ``[B, T]`` and the per-completion total rewards ``[B]``.
 
     ``mask`` marks the positions that carry ``mech`` (its mean and z-score use only them);
-    ``loss_mask`` (default ``mask``) the tokens that receive the advantage; 0 elsewhere.
+    ``loss_mask`` (default ``mask``) the tokens that receive the advantage; 0 elsewhere. ``gate``
+    ``[B, T]`` (bool, the dual verifier) keeps the per-token ``λ·z(mech)`` term only where True; the
+    z-score itself is computed over all of ``mask``.
     """
     m = mask.bool()
     lm = m if loss_mask is None else loss_mask.bool()
@@ -110,7 +113,10 @@ def token_advantages(
     A = group_advantages(total, group_size, eps)
     adv = A[:, None].expand_as(lm).float().where(lm, zero)
     if aggregation in ("both", "token"):
-        adv = adv + lam * masked_zscore(mech, m).where(lm, zero)
+        z = masked_zscore(mech, m).where(lm, zero)
+        if gate is not None:
+            z = z.where(gate.bool(), zero)
+        adv = adv + lam * z
     return adv, total
 
 

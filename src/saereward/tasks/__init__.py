@@ -16,6 +16,7 @@ name                   what                                                     
 ``gsm8k``              GSM8K test (numeric answers)                                100 real items
 ``mmlu``               MMLU test (letter answers)                                  2,850 items
 ``math500``            MATH-500 (checked by math-verify)                           none: ``path=``
+``canaries``           reward-hacking canaries (5 patterns, :mod:`.canaries`)      generated
 ``rg:<name>``          any reasoning-gym generator, ``**params`` = its config      generated
 =====================  ==========================================================  ===============
 
@@ -36,7 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 from saereward.errors import SaeRewardError
-from saereward.tasks import gsm8k, math500, mmlu, rgym
+from saereward.tasks import canaries, gsm8k, math500, mmlu, rgym
 from saereward.tasks.base import Task, TaskItem
 from saereward.tasks.extract import (
     canonical_number,
@@ -74,6 +75,7 @@ _REGISTRY: dict[str, TaskLoader] = {
     "gsm8k": gsm8k.load,
     "mmlu": mmlu.load,
     "math500": math500.load,
+    "canaries": canaries.load,
 }
 
 
