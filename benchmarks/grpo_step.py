@@ -4,7 +4,10 @@ Configuration (both sides): SmolLM2-135M-Instruct (embedded), LoRA r=16 (α=32) 
 q/k/v/o/gate/up/down, 4 prompts × 4 completions (TRL: ``per_device_train_batch_size=16,
 num_generations=4``), 64 new tokens, temperature 0.9, top-p 0.95, β=0.05, lr 1e-5, the seed's raw
 chain_sum prompt, no stop strings on either side (TRL has none), the same dtype on both sides (TRL's
-``bf16`` flag set explicitly). Outcome reward = the task verifier on both sides.
+``bf16`` flag set explicitly). Outcome reward = the task verifier on both sides. Gradient
+checkpointing of the training forward is on for both (TRL's default and ours; ``--no-grad-checkpointing``
+turns ours off). ``BENCH_MMAP=0`` runs ours without ``mmap_large_allocations`` (glibc's own malloc
+policy, as TRL runs), to measure that setting.
 
 Three trainers run in separate child processes, one after the other, so each peak RSS is its own:
 
@@ -142,6 +145,7 @@ def child_ours(
         lora_r=16,
         lora_alpha=32,
         grad_checkpointing=grad_ckpt,
+        mmap_large_allocations=os.environ.get("BENCH_MMAP", "1") == "1",
         steps=steps + 1,
         out=tempfile.mkdtemp(prefix="ours_bench_"),
         progress=False,

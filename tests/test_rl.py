@@ -492,3 +492,13 @@ def test_merged_lora_restores_exact_base_weights(tmp_path: Path) -> None:
         if n in base:
             assert torch.equal(p, base[n]), n  # exact restore, not W + BA - BA
     assert torch.equal(after, before)  # the LoRA path is active again
+
+
+def test_mmap_large_allocations_on_glibc() -> None:
+    import platform
+
+    from saereward.rl.grpo import mmap_large_allocations
+
+    assert mmap_large_allocations() is (platform.libc_ver()[0] == "glibc")
+    x = torch.ones(1 << 20)  # allocations still work afterwards
+    assert float(x.sum()) == float(1 << 20)

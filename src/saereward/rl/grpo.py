@@ -244,13 +244,16 @@ def surrogate_loss(
     return (loss_tok * m).sum() / n, stats
 
 
-def mmap_large_allocations(threshold: int = 256 * 1024) -> bool:
+def mmap_large_allocations(threshold: int = 4 << 20) -> bool:
     """Ask glibc to serve allocations >= ``threshold`` bytes with ``mmap`` (process-wide).
 
     glibc raises its mmap threshold dynamically after big frees, after which large tensors come from
     the heap; a step's differently sized logits and activations then fragment it, and peak RSS grows
     from step to step although the live memory does not. With a fixed threshold every large tensor
-    is its own mapping, returned to the OS on free. Returns False where this is not glibc.
+    is its own mapping, returned to the OS on free. 4 MiB keeps the many small per-token tensors of
+    decoding (KV-cache growth) on the heap: on the GRPO benchmark 256 KiB and 1 MiB cost 40-50 % more
+    step time for ~0.45 GB less peak RSS; 4 MiB costs ~1 % and saves ~0.65 GB; 16 MiB saves little.
+    Returns False where this is not glibc.
     """
     import ctypes
     import ctypes.util
