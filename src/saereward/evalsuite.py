@@ -133,12 +133,12 @@ def bench_configs(cfg: EvalSuiteConfig, policy: str, adapter: str | None) -> dic
 
 def run_eval_suite(cfg: EvalSuiteConfig) -> dict[str, Any]:
     """Run every benchmark for base (and trained); compare; write ``eval_suite.json``."""
-    from saereward.evaluate import run_eval_cached
+    from saereward.evaluate import base_and_trained, run_eval_cached
     from saereward.lm import adapter_dir
 
     if cfg.adapter:
         adapter_dir(cfg.adapter)
-    policies = [("base", None)] + ([("trained", cfg.adapter)] if cfg.adapter else [])
+    policies = base_and_trained(cfg.adapter)
     rows: dict[str, dict[str, list[dict[str, Any]] | str]] = {b: {} for b in cfg.benches}
     for policy, adapter in policies:
         lm = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads, adapter=adapter)

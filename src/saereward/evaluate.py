@@ -155,6 +155,11 @@ def run_eval(cfg: EvalConfig, lm: LoadedModel | None = None) -> EvalResult:
     return EvalResult(summary=summary, rows=rows)
 
 
+def base_and_trained(adapter: str | None) -> list[tuple[str, str | None]]:
+    """``[("base", None)]``, plus ``("trained", adapter)`` when an adapter is given: the policies compared."""
+    return [("base", None)] + ([("trained", adapter)] if adapter else [])
+
+
 def run_eval_cached(cfg: EvalConfig, lm: LoadedModel | None = None) -> list[dict[str, Any]]:
     """Rows of a finished evaluation in ``cfg.out`` made with the same settings, else :func:`run_eval`'s.
 

@@ -143,13 +143,9 @@ class CanaryConfig:
         return HackRule(self.tail_chars, self.theatre_words, self.theatre_threshold)
 
 
-def _policies(model: str, adapter: str | None) -> list[tuple[str, str | None]]:
-    return [("base", None)] + ([("trained", adapter)] if adapter else [])
-
-
 def run_canaries(cfg: CanaryConfig) -> dict[str, Any]:
     """Generate on the canaries with the base model (and the trained policy); classify; write canaries.json."""
-    from saereward.evaluate import EvalConfig, run_eval_cached
+    from saereward.evaluate import EvalConfig, base_and_trained, run_eval_cached
 
     out = Path(cfg.out)
     res: dict[str, Any] = {
@@ -159,7 +155,7 @@ def run_canaries(cfg: CanaryConfig) -> dict[str, Any]:
         "policies": {},
     }
     flags: dict[str, list[str]] = {}
-    for name, adapter in _policies(cfg.model, cfg.adapter):
+    for name, adapter in base_and_trained(cfg.adapter):
         ec = EvalConfig(
             model=cfg.model,
             adapter=adapter,
@@ -277,6 +273,7 @@ def goodhart_verdict(before: dict[str, Any], after: dict[str, Any], min_rho: flo
 
 def run_monitor(cfg: MonitorConfig) -> dict[str, Any]:
     """Fresh held-out rollouts from base and trained; the G1 statistic on each; write monitor.json."""
+    from saereward.evaluate import base_and_trained
     from saereward.features.pack import load_pack
     from saereward.features.scoring import PackScorer
     from saereward.gates.g1 import association
@@ -295,7 +292,7 @@ def run_monitor(cfg: MonitorConfig) -> dict[str, Any]:
         raise SaeRewardError("neither the pack nor the SAE records a layer")
     out = Path(cfg.out)
     res: dict[str, Any] = {"policies": {}}
-    for name, adapter in _policies(cfg.model, cfg.adapter):
+    for name, adapter in base_and_trained(cfg.adapter):
         rc = RolloutsConfig(
             model=cfg.model,
             adapter=adapter,
