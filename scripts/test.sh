@@ -5,6 +5,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
+# The report's browser test (tests/test_report.py) drives Debian's Chromium through playwright; it
+# fails, rather than skips, when SAEREWARD_REQUIRE_BROWSER is set and no browser is there.
+if [ ! -x /usr/bin/chromium ]; then
+  if ! { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; }; }; then
+    echo "scripts/test.sh: could not install Debian chromium (apt-get install -y chromium, as root): the report's browser test will fail" >&2
+  fi
+fi
+export SAEREWARD_REQUIRE_BROWSER=1
 ruff check src tests benchmarks
 ruff format --check src tests benchmarks
 mypy

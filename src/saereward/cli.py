@@ -260,12 +260,44 @@ def _cmd_gate_g3(cfg: Any) -> int:
     return 0
 
 
+def _cmd_steer(cfg: Any) -> int:
+    from saereward.steer import format_steer, run_steer
+
+    _echo(format_steer(run_steer(cfg)))
+    _echo(f"wrote {cfg.out}/steer.json and steer.png")
+    return 0
+
+
+def _cmd_drift(cfg: Any) -> int:
+    from saereward.drift import format_drift, run_drift
+
+    _echo(format_drift(run_drift(cfg)))
+    _echo(f"wrote {cfg.out}/drift.json and drift.png")
+    return 0
+
+
+def _cmd_report(cfg: Any) -> int:
+    from saereward.report import run_report
+
+    _echo(f"wrote {run_report(cfg)}")
+    return 0
+
+
+def _cmd_pipeline(cfg: Any) -> int:
+    from saereward.pipeline import run_pipeline
+
+    report = run_pipeline(cfg)
+    _echo(f"report: {report}")
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     name: str
     help: str
     config: Callable[[], type]
     run: Callable[[Any], int]
+    positional: str | None = None  # a config field also given as the first positional argument
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -371,6 +403,34 @@ COMMANDS: tuple[Command, ...] = (
         _lazy("saereward.features.reasonscore", "ReasonScoreConfig"),
         _cmd_reasonscore,
     ),
+    Command(
+        "steer",
+        "CAA steering (contrastive or pack direction, scale sweep with negative control) and "
+        "single-feature add/clamp: accuracy, recovered/broken questions, McNemar",
+        _lazy("saereward.steer", "SteerConfig"),
+        _cmd_steer,
+    ),
+    Command(
+        "drift",
+        "SAE drift across RL checkpoints: base-SAE NMSE per checkpoint, warm-started refits, "
+        "per-feature drift of the pack",
+        _lazy("saereward.drift", "DriftConfig"),
+        _cmd_drift,
+    ),
+    Command(
+        "report",
+        "one self-contained HTML report of a run folder (tables, plots, per-token reward viewer)",
+        _lazy("saereward.report", "ReportConfig"),
+        _cmd_report,
+        positional="run_dir",
+    ),
+    Command(
+        "pipeline",
+        "every stage over one run folder from a preset (examples/*.toml); skips finished stages, "
+        "resumes killed ones, ends with report.html",
+        _lazy("saereward.pipeline", "PipelineConfig"),
+        _cmd_pipeline,
+    ),
     Command("info", "load a model and print its layers, width and source", lambda: InfoConfig, _cmd_info),
     Command("tasks", "list the available tasks", lambda: TasksConfig, _cmd_tasks),
 )
@@ -388,6 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
     for cmd in COMMANDS:
         h = cmd.help.replace("%", "%%")
         sp = sub.add_parser(cmd.name, help=h, description=h)
+        if cmd.positional:
+            sp.add_argument(
+                "cfg__" + cmd.positional,
+                metavar=cmd.positional.upper(),
+                nargs="?",
+                default=argparse.SUPPRESS,
+                help=f"same as --{cmd.positional.replace('_', '-')}",
+            )
         add_config_args(sp, cmd.config())
         sp.set_defaults(_command=cmd)
     return p

@@ -137,6 +137,9 @@ class GRPOConfig:
     )
     eval_batch_size: int = option(32, "batch size of the greedy evaluation")
     checkpoint_every: int = option(10, "checkpoint every N steps")
+    snapshot_every: int = option(
+        0, "also keep the LoRA adapter of every N-th step in out/snapshots/step_NNNNN (for drift; 0: none)"
+    )
     out: str = option("runs/rl", "run folder")
     resume: bool = option(True, "continue from the latest checkpoint in out")
     progress: bool = option(True, "progress bar")
@@ -153,6 +156,7 @@ class GRPOConfig:
             "epochs_per_batch",
             "n_train",
             "n_eval",
+            "checkpoint_every",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -162,6 +166,8 @@ class GRPOConfig:
             raise ValueError("reward=direction needs --direction-rollouts")
         if self.dual_verifier and self.reward == "outcome":
             raise ValueError("dual_verifier gates the mech term: use it with reward=sae or direction")
+        if self.snapshot_every < 0:
+            raise ValueError(f"snapshot_every must be >= 0, got {self.snapshot_every}")
         if self.lr <= 0 or self.beta < 0 or self.lam < 0:
             raise ValueError("lr must be > 0, beta and lam >= 0")
 
@@ -339,6 +345,31 @@ def _save_checkpoint(
         shutil.rmtree(old)
     else:
         tmp.rename(folder)
+
+
+def _save_snapshot(folder: Path, lora: dict[str, Tensor], cfg: GRPOConfig) -> None:
+    """The adapter alone (no optimizer state), written to a temp folder and renamed into place."""
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in lora.items()}, str(tmp / "adapter.safetensors"))
+    write_json(tmp / "config.json", to_dict(cfg))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def snapshots(run: str | Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every adapter snapshot a train-rl run kept, in step order."""
+    root = Path(run) / "snapshots"
+    found = []
+    for d in root.glob("step_*") if root.is_dir() else ():
+        if d.name[5:].isdigit() and (d / "adapter.safetensors").is_file():
+            found.append((int(d.name[5:]), d))
+    return sorted(found)
 
 
 def _load_optimizer(folder: Path, opt: torch.optim.Optimizer) -> int:
@@ -799,7 +830,10 @@ class GRPOTrainer:
         saved = json.loads((ck / "config.json").read_text())
         mine = to_dict(self.cfg)
         diff = [
-            k for k in mine if k not in ("resume", "progress", "steps", "threads") and saved.get(k) != mine[k]
+            k
+            for k in mine
+            if k not in ("resume", "progress", "steps", "threads", "snapshot_every", "checkpoint_every")
+            and saved.get(k) != mine[k]
         ]
         if diff:
             raise SaeRewardError(
@@ -860,6 +894,8 @@ class GRPOTrainer:
                     for k, v in row.items():
                         if k != "step" and isinstance(v, int | float) and math.isfinite(v):
                             tb.add_scalar(k, v, s + 1)
+                if cfg.snapshot_every and (s + 1) % cfg.snapshot_every == 0:
+                    _save_snapshot(self.out / "snapshots" / f"step_{s + 1:05d}", self._lora_state(), cfg)
                 if last or (s + 1) % cfg.checkpoint_every == 0:
                     _save_checkpoint(self.out / "checkpoint", s + 1, self._lora_state(), self.opt, cfg)
                 bar.update(1)

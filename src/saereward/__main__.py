@@ -1,0 +1,5 @@
+"""``python -m saereward``: the same as the ``saereward`` command."""
+
+from saereward.cli import main
+
+raise SystemExit(main())

