@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# README command 1: set up, then run the main job on the embedded default model.
-# Extra arguments go to `saereward baseline` (see `saereward baseline --help`).
+# README command 1: set up, then run the quick pipeline (every stage, <= 15 min on 2 CPU cores) on
+# the embedded default model; it ends with the path of report.html.
+# Extra arguments go to `saereward pipeline` (e.g. --config examples/embedded.toml for the full study,
+# --force g2 to redo a stage; see `saereward pipeline --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/saereward baseline "$@"
+exec .venv/bin/saereward pipeline --config examples/quick.toml "$@"

@@ -69,6 +69,7 @@ def test_every_stage_config_is_wired_into_one_run_folder(tmp_path: Path) -> None
     assert c["g3"]["gate_g3"].adapter == str(run / "g2" / "R1_sae_seed2")
     assert c["drift"]["drift"].run == str(run / "g2" / "R1_sae_seed2")
     assert c["report"]["report"].run_dir == str(run)
+    assert c["steer"]["steer"].seed != c["rollouts"]["rollouts"].seed  # steering questions stay held out
 
 
 def test_a_stage_table_may_not_set_a_wired_path(tmp_path: Path) -> None:
@@ -164,3 +165,24 @@ def test_cli_help_and_bad_preset(tmp_path: Path, capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "seeds" in err[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_results_markdown_lists_missing_stages_and_reads_g1(tmp_path: Path) -> None:
+    from saereward.summary import results_markdown
+
+    text = results_markdown(tmp_path)
+    for stage in ("rollouts", "SAE", "G1", "G2", "G3", "steering", "SAE drift"):
+        assert f"| {stage} | not run |" in text
+    (tmp_path / "gate_g1.json").write_text(
+        json.dumps(
+            {
+                "verdict": "PASS",
+                "n_responses": 80,
+                "n_correct": 20,
+                "seed": 3,
+                "methods": {"pack": {"spearman_rho": 0.41, "rho_ci": [0.2, 0.6], "auroc": 0.7}},
+            }
+        )
+    )
+    text = results_markdown(tmp_path)
+    assert "G1 **PASS**" in text and "ρ 0.410 [0.200, 0.600]" in text and "seed 3" in text

@@ -365,7 +365,7 @@ def _stage_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any
     out["steer"] = lambda: {
         "steer": _build(
             "saereward.steer.SteerConfig",
-            sh,
+            {k: v for k, v in sh.items() if k != "seed"},  # steering keeps its own held-out question seed
             {"layer": layer, **cfg.steer},
             {
                 "rollouts": str(lay.rollouts),

@@ -63,6 +63,9 @@ class ReportConfig:
     seed: int = option(0, "seed of the viewer's sample and of the G1 scatter's jitter")
     threads: int | None = option(None, "torch CPU threads for scoring tokens (default: torch's choice)")
     recompute: bool = option(False, "recompute RUN_DIR/token_rewards.json even when it is up to date")
+    markdown: str | None = option(
+        None, "also write the headline numbers (n, seed, 95% CIs) as Markdown to this file"
+    )
 
     def __post_init__(self) -> None:
         if not self.run_dir:
@@ -1713,6 +1716,11 @@ def run_report(cfg: ReportConfig) -> Path:
         tmp.write_text(text, encoding="utf-8")
         tmp.chmod(0o644)  # a report is for sharing (mkstemp makes 0600)
     log.info("report written in %.1f s -> %s", time.perf_counter() - t0, out)
+    if cfg.markdown:
+        from saereward.io import atomic_write
+        from saereward.summary import results_markdown
+
+        atomic_write(cfg.markdown, lambda fh: fh.write(results_markdown(run)))
     return out
 
 
