@@ -44,6 +44,10 @@ def _rci(ci: Any) -> str:
     return f"[{_num(ci[0])}, {_num(ci[1])}]"
 
 
+def _sci(v: Any) -> str:
+    return "—" if not isinstance(v, int | float) else f"{v:+.2e}"
+
+
 def _num(v: Any, digits: int = 3) -> str:
     return "—" if not isinstance(v, int | float) else f"{v:.{digits}f}"
 
@@ -139,7 +143,13 @@ def results_markdown(run: str | Path) -> str:
         es = g3.get("eval_suite", {})
         parts = []
         for bench, d in es.items():
-            if isinstance(d, dict) and "base" in d:
+            if isinstance(d, dict) and isinstance(d.get("base"), dict) and "skipped" in d["base"]:
+                parts.append(
+                    f"{bench} skipped (no offline copy)"
+                    if "offline" in str(d["base"]["skipped"])
+                    else f"{bench} skipped"
+                )
+            elif isinstance(d, dict) and "base" in d:
                 paired = d.get("paired") or {}
                 parts.append(
                     f"{bench} {_prop(d.get('base'))} → {_prop(d.get('trained'))} "
@@ -184,7 +194,7 @@ def results_markdown(run: str | Path) -> str:
         ]
         rows.append(
             f"| SAE drift ({dr.get('n_tokens')} tokens per stage) | base-SAE NMSE {'; '.join(parts)}; "
-            f"ΔNMSE/step (least squares) {dr.get('dnmse_per_step_fit')} |"
+            f"ΔNMSE/step (least squares) {_sci(dr.get('dnmse_per_step_fit'))} |"
         )
     else:
         rows.append("| SAE drift | not run |")
