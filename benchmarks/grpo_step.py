@@ -11,7 +11,10 @@ policy, as TRL runs), to measure that setting.
 
 Three trainers run in separate child processes, one after the other, so each peak RSS is its own:
 
-* ``trl``: ``trl.GRPOTrainer`` with the outcome reward only (TRL has no per-token reward);
+* ``trl``: ``trl.GRPOTrainer`` with the outcome reward only (TRL has no per-token reward), the
+  model loaded with ``AutoModelForCausalLM.from_pretrained`` as a TRL user does;
+* ``trl+fix`` (``--trl-fix``): the same, plus saereward's ``contiguous_lm_head`` hook on the model,
+  to show how much of the difference is that one fix (see ``saereward.lm.contiguous_lm_head``);
 * ``ours+sae``: saereward with the per-token SAE reward on (R1, the policy's captured residuals);
 * ``ours``: saereward with the outcome reward only (the same run without the SAE reward).
 
@@ -51,19 +54,26 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KB -> GB on Linux
 
 
-def child_trl(dtype: str, steps: int, threads: int) -> dict[str, Any]:
+def child_trl(dtype: str, steps: int, threads: int, fix: bool = False) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from saereward.lm import load_model
+    from saereward.lm import contiguous_lm_head, convert_embedded
     from saereward.rl.reward import OutcomeReward
     from saereward.tasks import format_prompt, load_task
 
     torch.set_num_threads(threads)
-    lm = load_model(dtype="bf16" if dtype == "bf16" else "fp32")
+    # stock loading, as a TRL user does it (not saereward's load_model, which adds the LM-head hook)
+    folder = convert_embedded("smollm2-135m-instruct")
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if fix:
+        contiguous_lm_head(model)
     task = load_task("chain_sum", n=200, seed=0)
     items = list(task.items())
     ds = Dataset.from_list([{"prompt": format_prompt(task, it, "raw"), "qid": it.id} for it in items])
@@ -100,7 +110,6 @@ def child_trl(dtype: str, steps: int, threads: int) -> dict[str, Any]:
         seed=0,
         dataloader_num_workers=0,
     )
-    model = lm.model
     for p in model.parameters():
         p.requires_grad_(False)
     trainer = GRPOTrainer(
@@ -108,7 +117,7 @@ def child_trl(dtype: str, steps: int, threads: int) -> dict[str, Any]:
         reward_funcs=OutcomeReward(task),
         args=cfg,
         train_dataset=ds,
-        processing_class=lm.tokenizer,
+        processing_class=tokenizer,
         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=LORA, task_type="CAUSAL_LM"),
         callbacks=[Timer()],
     )
@@ -223,12 +232,17 @@ def main() -> None:
         default=True,
         help="ours with gradient checkpointing of the training forward (default on, as in TRL)",
     )
-    ap.add_argument("--child", choices=["trl", "ours", "ours+sae"], help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--trl-fix",
+        action="store_true",
+        help="also run TRL with saereward's contiguous LM-head hook (the trl+fix row)",
+    )
+    ap.add_argument("--child", choices=["trl", "trl+fix", "ours", "ours+sae"], help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        if args.child == "trl":
-            res = child_trl(args.dtypes, args.steps, args.threads)
+        if args.child in ("trl", "trl+fix"):
+            res = child_trl(args.dtypes, args.steps, args.threads, fix=args.child == "trl+fix")
         else:
             res = child_ours(
                 args.dtypes,
@@ -249,7 +263,7 @@ def main() -> None:
     make_pack(workdir)
     results: dict[str, dict[str, Any]] = {}
     for dt in dtypes:
-        for which in ("trl", "ours+sae", "ours"):
+        for which in ("trl", "ours+sae", "ours", *(("trl+fix",) if args.trl_fix else ())):
             r = run_child(which, dt, steps, args.threads, workdir)
             r["median_step_s"] = statistics.median(r["step_times"])
             results[f"{which}/{dt}"] = r
@@ -276,6 +290,12 @@ def main() -> None:
             f"{ratio:>6.2f} {100 * overhead:>8.2f}% {t['peak_rss_gb']:>8.2f} {s['peak_rss_gb']:>9.2f} "
             f"{s['peak_rss_gb'] / t['peak_rss_gb']:>9.2f}"
         )
+        if f"trl+fix/{dt}" in results:
+            f = results[f"trl+fix/{dt}"]
+            print(  # noqa: T201
+                f"{dt:6} trl+fix {f['median_step_s']:.2f} s/step, RSS {f['peak_rss_gb']:.2f} GB; "
+                f"ours+sae / trl+fix = {s['median_step_s'] / f['median_step_s']:.2f}"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"step_time_ratio_vs_trl={first_ratio:.3f}")  # noqa: T201

@@ -170,3 +170,34 @@ def test_load_local_multimodal_folder(tmp_path: Path, smollm) -> None:  # noqa: 
     assert type(lm.model).__name__ == "Gemma3ForConditionalGeneration"
     assert decoder_layers(lm.model) is lm.model.model.language_model.layers
     assert lm.d_model == 64 and lm.source == "hf"
+
+
+def test_contiguous_lm_head_same_logits_one_mm(smollm: LoadedModel) -> None:
+    """The LM-head hook: bit-identical logits, and no batched product over an expanded head weight."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from saereward.lm import contiguous_lm_head
+
+    model = smollm.model
+    head = model.get_output_embeddings()
+    assert getattr(head, "_saereward_contiguous", False), "load_model must install the hook"
+    ids = torch.randint(100, 1000, (4, 12), generator=torch.Generator().manual_seed(0))
+    hooks = dict(head._forward_pre_hooks)
+    with torch.no_grad():
+        with_hook = model(input_ids=ids, logits_to_keep=5).logits
+        head._forward_pre_hooks.clear()
+        try:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                without = model(input_ids=ids, logits_to_keep=5).logits
+        finally:
+            head._forward_pre_hooks.update(hooks)
+        with profile(activities=[ProfilerActivity.CPU]) as prof_fixed:
+            again = model(input_ids=ids, logits_to_keep=5).logits
+    assert torch.equal(with_hook, without) and torch.equal(with_hook, again)
+    ops = {e.key for e in prof.key_averages()}
+    ops_fixed = {e.key for e in prof_fixed.key_averages()}
+    # without the hook torch.matmul expands the [V, d] weight over the batch and runs bmm
+    assert "aten::bmm" in ops, "torch no longer takes the expand path: the hook may be unnecessary"
+    assert "aten::bmm" not in ops_fixed
+    assert contiguous_lm_head(model)  # idempotent
+    assert len(head._forward_pre_hooks) == len(hooks)

@@ -341,6 +341,34 @@ def freeze_vision_tower(model: nn.Module) -> int:
     return n
 
 
+def _contiguous_input(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    x = args[0] if args else None
+    if x is None or not hasattr(x, "is_contiguous") or x.is_contiguous():
+        return None
+    return (x.contiguous(), *args[1:])
+
+
+def contiguous_lm_head(model: nn.Module) -> bool:
+    """Make the output projection's input contiguous (a forward pre-hook); returns False if none found.
+
+    transformers slices the final hidden states before the LM head (``logits_to_keep``: the last
+    position in a generation prefill, the response positions in a log-prob forward). On CPU,
+    ``torch.matmul`` of that non-contiguous ``[B, T, d]`` slice with the ``[V, d]`` head weight does
+    not fold it into one matrix product: it expands the weight to ``[B, d, V]`` and copies it
+    (16 × 576 × 49,152 bf16 = 864 MiB on SmolLM2-135M) before a batched product. Copying the small
+    slice instead gives the same logits with one ``mm``: on the 2-core machine a 16 × 30 bf16 prefill
+    went from 2.7 s to 0.6 s and a 16 × 94 log-prob forward from 4.8 s to 2.2 s, and the 0.9 GB
+    transient is gone. A no-op when the input is already contiguous (decode steps).
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return False
+    if not getattr(head, "_saereward_contiguous", False):
+        head.register_forward_pre_hook(_contiguous_input)
+        head._saereward_contiguous = True
+    return True
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     *,
@@ -395,6 +423,7 @@ def load_model(
     model.to(device)
     model.eval()
     model.requires_grad_(False)
+    contiguous_lm_head(model)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
