@@ -502,3 +502,38 @@ def test_mmap_large_allocations_on_glibc() -> None:
     assert mmap_large_allocations() is (platform.libc_ver()[0] == "glibc")
     x = torch.ones(1 << 20)  # allocations still work afterwards
     assert float(x.sum()) == float(1 << 20)
+
+
+def test_lora_autocast_bf16_update(tmp_path: Path) -> None:
+    """bf16 base: the adapters run in bf16 under autocast; fp32 weights and gradients; same gradient."""
+    lm = fresh_tiny()
+    lm.model.to(torch.bfloat16)
+    grads = {}
+    for autocast in (False, True):
+        torch.manual_seed(0)
+        tr = GRPOTrainer(rl_cfg(tmp_path / f"a{autocast}", lora_autocast=autocast), lm=lm)
+        with torch.no_grad():
+            for n, p in tr.model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+        b = tr._rollouts(0)
+        outcome = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+        adv, *_ = tr.advantages(b, outcome, None, 0.0)
+        ref, _ = tr.reference(b)
+        lora_inputs: list[torch.dtype] = []
+        handles = [
+            m.register_forward_pre_hook(lambda mod, a: lora_inputs.append(a[0].dtype))
+            for n, m in tr.model.named_modules()
+            if n.endswith("lora_A.default")
+        ]
+        tr.opt.step = lambda *a, **k: None  # type: ignore[method-assign]  # keep the weights for comparison
+        tr.update(b, adv, ref)
+        for h in handles:
+            h.remove()
+        assert lora_inputs and set(lora_inputs) == {torch.bfloat16 if autocast else torch.float32}
+        assert all(p.dtype == torch.float32 and p.grad is not None for p in tr.params)
+        grads[autocast] = torch.cat([p.grad.flatten() for p in tr.params])
+        tr.model.unload()  # give the base model back for the next trainer
+    assert grads[True].norm() > 0
+    cos = torch.nn.functional.cosine_similarity(grads[True], grads[False], dim=0)
+    assert cos > 0.99, float(cos)

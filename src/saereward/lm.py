@@ -368,7 +368,7 @@ def contiguous_lm_head(model: nn.Module) -> bool:
         return False
     if not getattr(head, "_saereward_contiguous", False):
         head.register_forward_pre_hook(_contiguous_input)
-        head._saereward_contiguous = True
+        setattr(head, "_saereward_contiguous", True)  # noqa: B010
     return True
 
 

@@ -29,6 +29,7 @@ safetensors (LoRA weights, optimizer moments) + JSON (step, config), written ato
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -123,6 +124,11 @@ class GRPOConfig:
         True,
         "glibc: allocate big tensors with mmap so freed memory returns to the OS (lower peak RSS)",
     )
+    lora_autocast: bool = option(
+        True,
+        "bf16 base: run the LoRA matmuls of the training forward in bf16 under autocast (weights and "
+        "optimizer stay fp32); off: PEFT casts every adapted input to fp32",
+    )
     merge_for_generation: bool = option(
         True, "sample with the LoRA weights merged into the base (exact base weights restored after)"
     )
@@ -183,19 +189,21 @@ def _chunk_logp(logits: Tensor, ids: Tensor, temperature: float) -> Tensor:
 
 
 def selective_log_softmax(
-    logits: Tensor, ids: Tensor, chunk: int = 8, temperature: float = 1.0
+    logits: Tensor, ids: Tensor, chunk: int = 2, temperature: float = 1.0
 ) -> tuple[Tensor, Tensor]:
     """``log p(ids)`` and the entropy per position of ``logits / temperature``; ``[B, T, V]`` -> ``[B, T]`` each.
 
     Row-chunked, and under autograd each chunk is recomputed in the backward (activation
     checkpointing) instead of keeping its fp32 copy: the fp32 log-softmax of a large vocabulary
-    never exists for more than ``chunk`` rows, forward or backward.
+    never exists for more than ``chunk`` rows, forward or backward. Chunks come from ``split`` (its
+    backward concatenates the chunk gradients once; slicing would allocate a zero-filled copy of
+    the whole ``[B, T, V]`` gradient per chunk). With 2 rows × 64 positions × 49k vocabulary a chunk's
+    fp32 temporaries are ~25 MB each; 8 rows put ~0.7 GB on the GRPO step's peak RSS.
     """
     from torch.utils.checkpoint import checkpoint
 
     logps, ents = [], []
-    for i in range(0, logits.shape[0], chunk):
-        lg, idx = logits[i : i + chunk], ids[i : i + chunk]
+    for lg, idx in zip(logits.split(chunk), ids.split(chunk), strict=True):
         if torch.is_grad_enabled() and lg.requires_grad:
             lp = checkpoint(_chunk_logp, lg, idx, temperature, use_reentrant=False)
         else:
@@ -631,10 +639,43 @@ class GRPOTrainer:
             res,
         )
 
+    def _lora_autocast(self) -> bool:
+        return self.cfg.lora_autocast and next(self.model.parameters()).dtype == torch.bfloat16
+
+    def _no_input_cast(self) -> contextlib.AbstractContextManager[Any]:
+        """PEFT's per-projection fp32 cast of adapted inputs, switched off for the whole update (the
+        checkpointed forward is recomputed during backward, outside the forward's own context)."""
+        if not self._lora_autocast():
+            return contextlib.nullcontext()
+        from peft.helpers import disable_input_dtype_casting
+
+        return disable_input_dtype_casting(self.model)
+
+    def _train_forward_context(self) -> contextlib.AbstractContextManager[Any]:
+        """Autocast for the LoRA matmuls of the training forward (bf16 base only; see ``lora_autocast``).
+
+        PEFT keeps the adapter weights in fp32 and casts each adapted projection's input to fp32 (a
+        copy of the activations per projection, forward, recompute and backward). Under autocast with
+        that cast disabled, the adapters run in bf16 like the base model; autograd casts the fp32
+        weights, so gradients and AdamW stay fp32 (gradients matched the fp32-adapter ones to cosine
+        0.999 on a GRPO batch). Timing: BENCHMARKS.md, GRPO step section.
+        """
+        if not self._lora_autocast():
+            return contextlib.nullcontext()
+        device = next(self.model.parameters()).device.type
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+
     def _logps(
-        self, model: Any, b: _Batch, capture_layer: int | None = None
+        self,
+        model: Any,
+        b: _Batch,
+        capture_layer: int | None = None,
+        context: contextlib.AbstractContextManager[Any] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Log-probs and entropies of the response tokens ``[B, N]`` (positions P..T-1); optional capture."""
+        """Log-probs and entropies of the response tokens ``[B, N]`` (positions P..T-1); optional capture.
+
+        ``context`` wraps the model forward only (the log-softmax runs outside it, in fp32).
+        """
         from saereward.capture import ResidualCapture, position_ids_from_mask
 
         P = b.prompt_len
@@ -644,16 +685,18 @@ class GRPOTrainer:
             "attention_mask": b.attention_mask,
             "position_ids": position_ids_from_mask(b.attention_mask),
             "use_cache": False,
-            "logits_to_keep": N + 1,
+            # exactly the N positions that predict response tokens: no [:, :-1] slice of the [B, N, V]
+            # logits (whose backward would allocate a zero-filled copy of the whole tensor)
+            "logits_to_keep": torch.arange(P - 1, P - 1 + N, device=b.sequences.device),
         }
-        if capture_layer is not None:
-            with ResidualCapture(model, [capture_layer]) as cap:
+        with context or contextlib.nullcontext():
+            if capture_layer is not None:
+                with ResidualCapture(model, [capture_layer]) as cap:
+                    logits = model(**kwargs).logits
+                res = cap.sequence(capture_layer)
+            else:
                 logits = model(**kwargs).logits
-            res = cap.sequence(capture_layer)
-        else:
-            logits = model(**kwargs).logits
-            res = None
-        logits = logits[:, :-1]  # position t predicts token t + 1
+                res = None
         lp, ent = selective_log_softmax(logits, b.sequences[:, P:], temperature=self.cfg.temperature)
         return lp, ent, res
 
@@ -764,22 +807,23 @@ class GRPOTrainer:
         loss = torch.zeros(())
         for epoch in range(cfg.epochs_per_batch):
             self.model.train()
-            if cfg.grad_checkpointing:
-                self.model.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False}
-                )
-            try:
-                lp, ent, _ = self._logps(self.model, b)
-            finally:
+            with self._no_input_cast():
                 if cfg.grad_checkpointing:
-                    self.model.gradient_checkpointing_disable()
-            if old_lp is None:
-                old_lp = lp.detach()
-            loss, stats = surrogate_loss(
-                lp, old_lp, ref_lp, adv, resp, cfg.beta, cfg.kl, cfg.clip_eps, n_global
-            )
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+                    self.model.gradient_checkpointing_enable(
+                        gradient_checkpointing_kwargs={"use_reentrant": False}
+                    )
+                try:
+                    lp, ent, _ = self._logps(self.model, b, context=self._train_forward_context())
+                    if old_lp is None:
+                        old_lp = lp.detach()
+                    loss, stats = surrogate_loss(
+                        lp, old_lp, ref_lp, adv, resp, cfg.beta, cfg.kl, cfg.clip_eps, n_global
+                    )
+                    self.opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                finally:
+                    if cfg.grad_checkpointing:
+                        self.model.gradient_checkpointing_disable()
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
