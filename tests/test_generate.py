@@ -83,3 +83,46 @@ def test_seeded_sampling_reproducible_and_order_restored(smollm) -> None:
             greedy[i] = g.completions[j]
     single = generate_batch(smollm, [prompts[2]], SamplingConfig(max_new_tokens=8)).completions[0]
     assert greedy[2] == single  # order restored after length bucketing
+
+
+def _hf_nucleus(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """transformers' own warpers: the sampling distribution HF's ``do_sample`` draws from."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    s = TemperatureLogitsWarper(temperature)(None, scores.clone())
+    return torch.softmax(TopPLogitsWarper(top_p)(None, s), -1)
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.95, 1.0])
+def test_nucleus_sampler_same_distribution_as_hf(top_p: float) -> None:
+    from saereward.generate import NucleusSampler
+
+    g = torch.Generator().manual_seed(0)
+    V = 5000
+    peaked = torch.randn(6, V, generator=g) * 4  # the top-k carries the nucleus
+    flat = torch.randn(2, V, generator=g) * 0.05  # the top-k does not: full-sort fallback
+    scores = torch.cat([peaked, flat])
+    sampler = NucleusSampler(0.9, top_p, k=64)
+    vals, idx = sampler.nucleus(scores)
+    ours = torch.zeros_like(scores).scatter_(1, idx, torch.softmax(vals, -1))
+    hf = _hf_nucleus(scores, 0.9, top_p)
+    assert torch.equal(ours > 0, hf > 0)  # the same kept set, row by row
+    torch.testing.assert_close(ours, hf, rtol=1e-5, atol=1e-7)
+    # draws: only kept tokens, frequencies follow the nucleus (chi-square-free check on a peaked row)
+    torch.manual_seed(1)
+    draws = torch.stack([sampler(None, scores[:1]).argmax(-1) for _ in range(4000)]).squeeze(1)
+    assert bool((hf[0, draws] > 0).all())
+    top = int(hf[0].argmax())
+    assert abs(float((draws == top).float().mean()) - float(hf[0, top])) < 0.03
+
+
+def test_topk_sampler_in_generate_is_seeded(smollm) -> None:
+    sampling = SamplingConfig(max_new_tokens=8, do_sample=True, sampler="topk")
+    a = generate_batch(smollm, PROMPTS, sampling, seed=5)
+    b = generate_batch(smollm, PROMPTS, sampling, seed=5)
+    c = generate_batch(smollm, PROMPTS, sampling, seed=6)
+    assert a.completions == b.completions and torch.equal(a.sequences, b.sequences)
+    assert a.completions != c.completions
+    assert a.response_mask.any(1).all()
+    with pytest.raises(ValueError, match="sampler"):
+        SamplingConfig(sampler="beam")

@@ -522,7 +522,7 @@ def test_lora_autocast_bf16_update(tmp_path: Path) -> None:
         ref, _ = tr.reference(b)
         lora_inputs: list[torch.dtype] = []
         handles = [
-            m.register_forward_pre_hook(lambda mod, a: lora_inputs.append(a[0].dtype))
+            m.register_forward_pre_hook(lambda mod, a, acc=lora_inputs: acc.append(a[0].dtype))
             for n, m in tr.model.named_modules()
             if n.endswith("lora_A.default")
         ]

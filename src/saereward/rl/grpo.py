@@ -103,6 +103,11 @@ class GRPOConfig:
     temperature: float = option(0.9, "sampling temperature")
     top_p: float = option(0.95, "nucleus top-p")
     max_new_tokens: int = option(96, "max completion tokens")
+    sampler: Literal["hf", "topk"] = option(
+        "topk",
+        "rollout sampler: topk = temperature/top-p drawn from a partial sort (same distribution, "
+        "faster on large vocabularies), hf = transformers' warpers",
+    )
     stop_strings: bool = option(
         True, "stop a completion at the prompt format's stop strings (raw/fewshot: \\nQ:)"
     )
@@ -611,6 +616,7 @@ class GRPOTrainer:
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             stop=stop_strings_for(cfg.prompt_format) if cfg.stop_strings else (),
+            sampler=cfg.sampler,
         )
         capture = (
             [self.layer]
