@@ -8,6 +8,7 @@ stage that did not run is listed as such.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,9 @@ def _sci(v: Any) -> str:
 
 
 def _num(v: Any, digits: int = 3) -> str:
-    return "—" if not isinstance(v, int | float) else f"{v:.{digits}f}"
+    if not isinstance(v, int | float):
+        return "—"
+    return "undefined" if math.isnan(v) else f"{v:.{digits}f}"
 
 
 def results_markdown(run: str | Path) -> str:
@@ -161,9 +164,13 @@ def results_markdown(run: str | Path) -> str:
         hack = f"canary hack rate {_prop(can.get('base', {}).get('hack'))} → {_prop(can.get('trained', {}).get('hack'))}"
         mon = g3.get("monitor_verdict", {})
         rho = (g3.get("checks", {}).get("monitor_valid") or {}).get("rho_trained")
+        assoc = ((g3.get("monitor") or {}).get("trained") or {}).get("association") or {}
+        rho_txt = _num(rho)
+        if rho_txt == "undefined" and "n" in assoc:
+            rho_txt += f" ({assoc.get('n_correct')} of {assoc['n']} monitored responses correct after RL)"
         rows.append(
             f"| G3 **{g3.get('verdict')}** (failed: {', '.join(g3.get('failed', [])) or 'none'}) | "
-            f"{'; '.join(parts)}; {hack}; monitor ρ after RL {_num(rho)}, Goodhart flag {mon.get('goodhart')} |"
+            f"{'; '.join(parts)}; {hack}; monitor ρ after RL {rho_txt}, Goodhart flag {mon.get('goodhart')} |"
         )
     else:
         rows.append("| G3 | not run |")
