@@ -4,9 +4,10 @@ Configuration (both sides): SmolLM2-135M-Instruct (embedded), LoRA r=16 (α=32) 
 q/k/v/o/gate/up/down, 4 prompts × 4 completions (TRL: ``per_device_train_batch_size=16,
 num_generations=4``), 64 new tokens, temperature 0.9, top-p 0.95, β=0.05, lr 1e-5, the seed's raw
 chain_sum prompt, no stop strings on either side (TRL has none), the same dtype on both sides (TRL's
-``bf16`` flag set explicitly). Outcome reward = the task verifier on both sides. Gradient
-checkpointing of the training forward is on for both (TRL's default and ours; ``--no-grad-checkpointing``
-turns ours off). ``BENCH_MMAP=0`` runs ours without ``mmap_large_allocations`` (glibc's own malloc
+``bf16`` flag set explicitly). Outcome reward = the task verifier on both sides. Each trainer runs
+with its own defaults otherwise: TRL checkpoints the training forward's activations
+(``gradient_checkpointing=True``); ours accumulates gradients over length-sorted micro-batches of 4
+completions without checkpointing (``--grad-checkpointing`` / ``--micro-batch N`` override ours). ``BENCH_MMAP=0`` runs ours without ``mmap_large_allocations`` (glibc's own malloc
 policy, as TRL runs), to measure that setting.
 
 Three trainers run in separate child processes, one after the other, so each peak RSS is its own:
@@ -25,7 +26,8 @@ lengths differ between the trainers (different RNG streams), so the mean complet
 reported next to each time.
 
     .venv/bin/python benchmarks/grpo_step.py                 # bf16 and fp32, 5 timed steps each
-    .venv/bin/python benchmarks/grpo_step.py --quick         # bf16 only, 2 timed steps (< 3 min)
+    .venv/bin/python benchmarks/grpo_step.py --quick         # bf16 only, 2 timed steps
+    .venv/bin/python benchmarks/grpo_step.py --quick --dtypes fp32   # fp32 only (CPUs without bf16 units)
 
 The last line is ``step_time_ratio_vs_trl=<ours+sae / trl>`` (the first dtype run).
 """
@@ -47,7 +49,6 @@ from typing import Any
 
 LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_PROMPTS, GROUP, NEW_TOKENS = 4, 4, 64
-GC = True  # set from --grad-checkpointing in main()
 
 
 def _peak_rss_gb() -> float:
@@ -126,7 +127,13 @@ def child_trl(dtype: str, steps: int, threads: int, fix: bool = False) -> dict[s
 
 
 def child_ours(
-    dtype: str, steps: int, threads: int, sae_reward: bool, workdir: str, grad_ckpt: bool
+    dtype: str,
+    steps: int,
+    threads: int,
+    sae_reward: bool,
+    workdir: str,
+    grad_ckpt: bool | None,
+    micro_batch: int | None,
 ) -> dict[str, Any]:
     import torch
 
@@ -153,12 +160,13 @@ def child_ours(
         lr=1e-5,
         lora_r=16,
         lora_alpha=32,
-        grad_checkpointing=grad_ckpt,
         mmap_large_allocations=os.environ.get("BENCH_MMAP", "1") == "1",
         steps=steps + 1,
         out=tempfile.mkdtemp(prefix="ours_bench_"),
         progress=False,
         **kw,
+        **({} if grad_ckpt is None else {"grad_checkpointing": grad_ckpt}),
+        **({} if micro_batch is None else {"micro_batch": micro_batch}),
     )
     tr = GRPOTrainer(cfg, lm=load_model(dtype=cfg.dtype))
     rows = [tr.step(s) for s in range(steps + 1)]
@@ -193,7 +201,9 @@ def make_pack(workdir: Path) -> None:
     save_pack(pack, workdir / "pack.json")
 
 
-def run_child(which: str, dtype: str, steps: int, threads: int, workdir: Path) -> dict[str, Any]:
+def run_child(
+    which: str, dtype: str, steps: int, threads: int, workdir: Path, extra: list[str]
+) -> dict[str, Any]:
     cmd = [
         sys.executable,
         __file__,
@@ -207,6 +217,7 @@ def run_child(which: str, dtype: str, steps: int, threads: int, workdir: Path) -
         str(threads),
         "--workdir",
         str(workdir),
+        *extra,
     ]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     t0 = time.perf_counter()
@@ -221,7 +232,7 @@ def run_child(which: str, dtype: str, steps: int, threads: int, workdir: Path) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="bf16 only, 2 timed steps")
+    ap.add_argument("--quick", action="store_true", help="2 timed steps, the first of --dtypes only")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per trainer (after 1 warm-up)")
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--threads", type=int, default=2)
@@ -229,9 +240,10 @@ def main() -> None:
     ap.add_argument(
         "--grad-checkpointing",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="ours with gradient checkpointing of the training forward (default on, as in TRL)",
+        default=None,
+        help="ours with / without activation checkpointing of the training forward (default: ours, off)",
     )
+    ap.add_argument("--micro-batch", type=int, help="ours: completions per forward (default: ours, 4)")
     ap.add_argument(
         "--trl-fix",
         action="store_true",
@@ -251,20 +263,25 @@ def main() -> None:
                 args.child == "ours+sae",
                 args.workdir,
                 args.grad_checkpointing,
+                args.micro_batch,
             )
         res["peak_rss_gb"] = round(_peak_rss_gb(), 3)
         print(json.dumps(res))  # noqa: T201
         return
-    global GC
-    GC = args.grad_checkpointing
+    extra = []
+    if args.grad_checkpointing is not None:
+        extra.append("--grad-checkpointing" if args.grad_checkpointing else "--no-grad-checkpointing")
+    if args.micro_batch is not None:
+        extra += ["--micro-batch", str(args.micro_batch)]
     steps = 2 if args.quick else args.steps
-    dtypes = ["bf16"] if args.quick else [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    dtypes = dtypes[:1] if args.quick else dtypes
     workdir = Path(tempfile.mkdtemp(prefix="grpo_bench_"))
     make_pack(workdir)
     results: dict[str, dict[str, Any]] = {}
     for dt in dtypes:
         for which in ("trl", "ours+sae", "ours", *(("trl+fix",) if args.trl_fix else ())):
-            r = run_child(which, dt, steps, args.threads, workdir)
+            r = run_child(which, dt, steps, args.threads, workdir, extra if which.startswith("ours") else [])
             r["median_step_s"] = statistics.median(r["step_times"])
             results[f"{which}/{dt}"] = r
             print(

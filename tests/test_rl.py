@@ -509,9 +509,11 @@ def test_lora_autocast_bf16_update(tmp_path: Path) -> None:
     lm = fresh_tiny()
     lm.model.to(torch.bfloat16)
     grads = {}
-    for autocast in (False, True):
+    for autocast, lean in ((False, False), (True, False), (True, True)):
         torch.manual_seed(0)
-        tr = GRPOTrainer(rl_cfg(tmp_path / f"a{autocast}", lora_autocast=autocast), lm=lm)
+        tr = GRPOTrainer(
+            rl_cfg(tmp_path / f"a{autocast}{lean}", lora_autocast=autocast, lean_lora=lean), lm=lm
+        )
         with torch.no_grad():
             for n, p in tr.model.named_parameters():
                 if "lora_B" in n:
@@ -530,10 +532,160 @@ def test_lora_autocast_bf16_update(tmp_path: Path) -> None:
         tr.update(b, adv, ref)
         for h in handles:
             h.remove()
-        assert lora_inputs and set(lora_inputs) == {torch.bfloat16 if autocast else torch.float32}
+        if not lean:  # (the lean forward calls the LoRA weights directly: no module hooks fire)
+            assert lora_inputs and set(lora_inputs) == {torch.bfloat16 if autocast else torch.float32}
         assert all(p.dtype == torch.float32 and p.grad is not None for p in tr.params)
-        grads[autocast] = torch.cat([p.grad.flatten() for p in tr.params])
+        grads[autocast, lean] = torch.cat([p.grad.flatten() for p in tr.params])
         tr.model.unload()  # give the base model back for the next trainer
-    assert grads[True].norm() > 0
-    cos = torch.nn.functional.cosine_similarity(grads[True], grads[False], dim=0)
-    assert cos > 0.99, float(cos)
+    for key in ((True, False), (True, True)):
+        assert grads[key].norm() > 0
+        cos = torch.nn.functional.cosine_similarity(grads[key], grads[False, False], dim=0)
+        assert cos > 0.99, (key, float(cos))
+
+
+def test_micro_batches_cover_every_token() -> None:
+    from saereward.rl.grpo import micro_batches
+
+    # left-padded prompts (P = 4) and responses of different lengths, padded on the right
+    am = torch.tensor(
+        [
+            [0, 1, 1, 1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 1, 1, 1, 1, 1],
+            [0, 0, 1, 1, 1, 0, 0, 0, 0],
+            [0, 1, 1, 1, 1, 1, 1, 0, 0],
+            [0, 0, 0, 1, 1, 1, 1, 1, 0],
+        ]
+    )
+    P = 4
+    for size in (0, 1, 2, 3, 5, 9):
+        sl = micro_batches(am, P, size)
+        rows = torch.cat([s.rows for s in sl]).sort().values
+        assert rows.tolist() == list(range(5))  # a partition of the rows
+        assert all(len(s.rows) <= (size or 5) for s in sl)
+        for s in sl:
+            assert s.start <= P - 1 < P < s.end  # at least one response column, prompt's last kept
+            outside = am[s.rows].clone()
+            outside[:, s.start : s.end] = 0
+            assert outside.sum() == 0  # no real token is cut off
+    # sorted by length: the two shortest rows share the first micro-batch of two
+    assert micro_batches(am, P, 2)[0].rows.tolist() == [0, 2]
+    assert [(s.start, s.end) for s in micro_batches(am, P, 2)] == [(1, 6), (1, 8), (0, 9)]
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_micro_batched_update_equals_whole_batch(tmp_path: Path, epochs: int) -> None:
+    """Gradient accumulation over length-sorted, column-trimmed micro-batches = one padded forward."""
+    pack = str(tiny_pack(tmp_path))
+    lm = fresh_tiny()
+    out: dict[int, Any] = {}
+    for mb in (0, 2):
+        torch.manual_seed(0)
+        tr = GRPOTrainer(
+            rl_cfg(
+                tmp_path / f"mb{mb}",
+                reward="sae",
+                pack=pack,
+                lam=0.5,
+                micro_batch=mb,
+                epochs_per_batch=epochs,
+                reward_source="reference",
+                max_new_tokens=8,
+                lr=1e-6,  # Adam's first step is ~lr * sign(g), noise where g ~ 0: keep it off epoch 2
+            ),
+            lm=lm,
+        )
+        with torch.no_grad():
+            for n, p in tr.model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+        b = tr._rollouts(0)
+        # end the responses at different lengths, as end tokens do (the tiny model never emits one)
+        for i, n in enumerate([8, 3, 5, 8, 2, 6]):
+            for m in (b.attention_mask, b.response_mask, b.residual_mask):
+                m[i, b.prompt_len + n :] = 0
+        ref, res = tr.reference(b)
+        outcome = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+        adv, *_ = tr.advantages(b, outcome, res, 0.5)
+        loss, stats, gnorm, ent = tr.update(b, adv, ref)
+        out[mb] = (
+            ref,
+            res,
+            float(loss),
+            stats,
+            gnorm,
+            ent,
+            {n: (p.detach().clone(), p.grad.clone()) for n, p in tr._lora_state().items()},
+        )
+        tr.model.unload()
+    (r0, s0, l0, st0, g0, e0, w0), (r2, s2, l2, st2, g2, e2, w2) = out[0], out[2]
+    resp = b.response_mask[:, b.prompt_len :]  # log-probs past a response's end are 0 when trimmed
+    torch.testing.assert_close(r2[resp], r0[resp], rtol=1e-5, atol=1e-5)
+    real = b.attention_mask.bool()  # the reference residuals at real tokens (trimmed columns are 0)
+    torch.testing.assert_close(s2[real], s0[real], rtol=1e-5, atol=1e-5)
+    assert l2 == pytest.approx(l0, rel=1e-4, abs=1e-6) and g2 == pytest.approx(g0, rel=1e-4)
+    assert e2 == pytest.approx(e0, rel=1e-5) and st2["kl"] == pytest.approx(st0["kl"], rel=1e-4, abs=1e-9)
+    for n in w0:
+        (p0, g0_), (p2, g2_) = w0[n], w2[n]
+        scale = float(g0_.abs().max())
+        torch.testing.assert_close(g2_, g0_, rtol=1e-4, atol=1e-5 * scale + 1e-12, msg=n)
+        clear = g0_.abs() > 1e-3 * scale  # Adam's early steps are ~lr * sign(g): noise around g = 0
+        torch.testing.assert_close(p2[clear], p0[clear], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_lean_lora_forward_matches_peft(tmp_path: Path) -> None:
+    """Same outputs and LoRA gradients as PEFT's forward; PEFT's path when adapters are off or merged."""
+    from saereward.rl.grpo import install_lean_lora, merged_lora
+
+    ids = torch.randint(3, 100, (3, 9))
+    res = {}
+    for lean in (False, True):
+        torch.manual_seed(0)
+        tr = GRPOTrainer(rl_cfg(tmp_path / f"l{lean}", lean_lora=lean), lm=fresh_tiny())
+        with torch.no_grad():
+            for n, p in tr.model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        patched = [m for m in tr.model.modules() if getattr(m, "_saereward_lean", False)]
+        assert bool(patched) is lean
+        logits = tr.model(input_ids=ids).logits
+        logits.square().mean().backward()
+        with torch.no_grad(), tr.model.disable_adapter():
+            base = tr.model(input_ids=ids).logits
+        with torch.no_grad(), merged_lora(tr.model):
+            merged = tr.model(input_ids=ids).logits
+        res[lean] = (logits.detach(), base, merged, {n: p.grad.clone() for n, p in tr._lora_state().items()})
+        from peft.tuners.lora import Linear as LoraLinear
+
+        n_lora = sum(isinstance(m, LoraLinear) for m in tr.model.modules())
+        assert install_lean_lora(tr.model) == (0 if lean else n_lora)  # patches each layer once
+    (l0, b0, m0, g0), (l1, b1, m1, g1) = res[False], res[True]
+    assert torch.equal(m1, m0)  # merged: PEFT's path on both
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    assert torch.equal(b1, b0)  # adapters disabled: PEFT's own path, the base model
+    torch.testing.assert_close(m1, l1, rtol=1e-4, atol=1e-4)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_skinny_linear_same_products_and_restored() -> None:
+    from saereward.rl.grpo import skinny_linear
+
+    lm = fresh_tiny()
+    model = lm.model
+    lin = torch.nn.Linear(8, 5)
+    ids = torch.randint(3, 100, (2, 1))
+    few, many = torch.randn(3, 8), torch.randn(200, 8)
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        ref_few, ref_many = lin(few), lin(many)
+        with skinny_linear(model), skinny_linear(lin, max_rows=4):
+            skinny = model(input_ids=ids).logits
+            assert "forward" in lin.__dict__
+            torch.testing.assert_close(lin(few), ref_few)  # W @ x^T + bias, 3 rows
+            assert torch.equal(lin(many), ref_many)  # over max_rows: F.linear itself
+        assert "forward" not in lin.__dict__  # restored
+    torch.testing.assert_close(skinny, base, rtol=1e-5, atol=1e-5)
+    with skinny_linear(lin, max_rows=4):  # under autograd: F.linear (its backward)
+        x = few.clone().requires_grad_()
+        lin(x).sum().backward()
+        assert x.grad is not None

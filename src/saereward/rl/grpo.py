@@ -123,7 +123,14 @@ class GRPOConfig:
     clip_eps: float = option(0.2, "PPO ratio clip ε")
     grad_clip: float = option(1.0, "max grad norm")
     grad_checkpointing: bool = option(
-        True, "gradient checkpointing for the training forward (less memory and, on CPU, no slower)"
+        False,
+        "gradient checkpointing for the training forward (recomputes it in the backward: ~1/3 more "
+        "update time; with micro-batches the stored activations are small anyway)",
+    )
+    micro_batch: int = option(
+        4,
+        "completions per reference / training forward (gradients accumulate across them; each is "
+        "sorted by length and cut to its own longest sequence; 0: the whole batch at once)",
     )
     mmap_large_allocations: bool = option(
         True,
@@ -133,6 +140,16 @@ class GRPOConfig:
         True,
         "bf16 base: run the LoRA matmuls of the training forward in bf16 under autocast (weights and "
         "optimizer stay fp32); off: PEFT casts every adapted input to fp32",
+    )
+    skinny_decode: bool = option(
+        True,
+        "rollouts: few-row linear layers as W @ x^T (faster decoding on CPU; same products, "
+        "other rounding order)",
+    )
+    lean_lora: bool = option(
+        True,
+        "LoRA projections as base(x) + addmm((x A^T)·s, B^T): the scale multiplies the rank-r "
+        "activations and the sum happens inside the matrix product (PEFT: two passes over the output)",
     )
     merge_for_generation: bool = option(
         True, "sample with the LoRA weights merged into the base (exact base weights restored after)"
@@ -177,6 +194,8 @@ class GRPOConfig:
             raise ValueError("reward=direction needs --direction-rollouts")
         if self.dual_verifier and self.reward == "outcome":
             raise ValueError("dual_verifier gates the mech term: use it with reward=sae or direction")
+        if self.micro_batch < 0:
+            raise ValueError(f"micro_batch must be >= 0 (0: whole batch), got {self.micro_batch}")
         if self.snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0, got {self.snapshot_every}")
         if self.lr <= 0 or self.beta < 0 or self.lam < 0:
@@ -188,38 +207,61 @@ class GRPOConfig:
 # --------------------------------------------------------------------------------------------------
 
 
-def _chunk_logp(logits: Tensor, ids: Tensor, temperature: float) -> Tensor:
-    lg = logits.float() / temperature
-    return lg.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, -1)
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """``log softmax(x / T)[id]`` (and, if asked, the entropy) of one chunk, with a hand-written backward.
+
+    The forward keeps no ``[.., V]`` temporary: it saves the chunk's logits (alive anyway) and the
+    log-normaliser ``[..]``; the backward rebuilds ``softmax = exp(x / T − lse)`` once and returns
+    ``(onehot − softmax) · g / T``. Autograd through ``gather − logsumexp`` under activation
+    checkpointing would compute the division, the log-sum-exp and the softmax again.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, logits: Tensor, ids: Tensor, temperature: float, entropy: bool
+    ) -> tuple[Tensor, Tensor]:
+        f = logits.float() / temperature
+        lse = torch.logsumexp(f, -1)
+        lp = f.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
+        if entropy:
+            ent = lse - (torch.exp(f - lse.unsqueeze(-1)) * f).sum(-1)
+        else:
+            ent = lse.new_zeros(())
+        ctx.save_for_backward(logits, ids, lse)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(ent)
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor, _g_ent: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        logits, ids, lse = ctx.saved_tensors
+        t = ctx.temperature
+        grad = torch.exp(logits.float() / t - lse.unsqueeze(-1))
+        grad.mul_(-g.unsqueeze(-1))
+        grad.scatter_add_(-1, ids.unsqueeze(-1), g.unsqueeze(-1))
+        if t != 1.0:
+            grad.div_(t)
+        return grad.to(logits.dtype), None, None, None
 
 
 def selective_log_softmax(
-    logits: Tensor, ids: Tensor, chunk: int = 2, temperature: float = 1.0
+    logits: Tensor, ids: Tensor, chunk: int = 2, temperature: float = 1.0, entropy: bool = True
 ) -> tuple[Tensor, Tensor]:
     """``log p(ids)`` and the entropy per position of ``logits / temperature``; ``[B, T, V]`` -> ``[B, T]`` each.
 
-    Row-chunked, and under autograd each chunk is recomputed in the backward (activation
-    checkpointing) instead of keeping its fp32 copy: the fp32 log-softmax of a large vocabulary
-    never exists for more than ``chunk`` rows, forward or backward. Chunks come from ``split`` (its
-    backward concatenates the chunk gradients once; slicing would allocate a zero-filled copy of
-    the whole ``[B, T, V]`` gradient per chunk). With 2 rows × 64 positions × 49k vocabulary a chunk's
-    fp32 temporaries are ~25 MB each; 8 rows put ~0.7 GB on the GRPO step's peak RSS.
+    Row-chunked: the fp32 log-softmax of a large vocabulary never exists for more than ``chunk``
+    rows, forward or backward (:class:`_SelectiveLogSoftmax`; with 2 rows × 64 positions × 49k
+    vocabulary a chunk's fp32 temporaries are ~25 MB each; 8 rows put ~0.7 GB on the GRPO step's
+    peak RSS). Chunks come from ``split`` (its backward concatenates the chunk gradients once;
+    slicing would allocate a zero-filled copy of the whole ``[B, T, V]`` gradient per chunk).
+    ``entropy=False`` skips the entropy (zeros are returned), e.g. for reference log-probs.
     """
-    from torch.utils.checkpoint import checkpoint
-
     logps, ents = [], []
     for lg, idx in zip(logits.split(chunk), ids.split(chunk), strict=True):
-        if torch.is_grad_enabled() and lg.requires_grad:
-            lp = checkpoint(_chunk_logp, lg, idx, temperature, use_reentrant=False)
-        else:
-            lp = _chunk_logp(lg, idx, temperature)
-        with torch.no_grad():
-            f = lg.float() / temperature
-            lse = torch.logsumexp(f, -1)
-            ent = lse - (torch.softmax(f, -1) * f).sum(-1)
+        lp, ent = _SelectiveLogSoftmax.apply(lg, idx, temperature, entropy)
         logps.append(lp)
-        ents.append(ent)
-    return torch.cat(logps), torch.cat(ents)
+        ents.append(ent if entropy else lp.new_zeros(lp.shape))
+    return torch.cat(logps), torch.cat(ents).detach()
 
 
 def kl_term(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
@@ -314,6 +356,96 @@ def merged_lora(model: Any, enabled: bool = True) -> Iterator[None]:
                 m.merged_adapters.clear()
 
 
+@contextmanager
+def skinny_linear(model: Any, max_rows: int = 64) -> Iterator[None]:
+    """During the block, a no-grad ``nn.Linear`` call on at most ``max_rows`` rows computes ``W @ xᵀ``.
+
+    Decoding feeds each projection 16 rows (one token per sequence). For ``x @ Wᵀ`` with so few rows
+    the CPU GEMM packs the whole weight on every call; ``W @ xᵀ`` (the weight as the left, large
+    operand) does not. On the 2-core AVX2 machine the 210 projections of a SmolLM2 decode step took
+    80 ms as ``F.linear`` and 60 ms as ``(W @ xᵀ)ᵀ``, its 49k-row LM head 38 → 23 ms (fp32, cold
+    caches; ``benchmarks/grpo_phases.py`` has the step-level effect). Same products, other summation
+    order: logits agree to rounding, not bit for bit, so this is used for GRPO rollouts only, never
+    for evaluation. fp32 only: in bf16 on the same machine ``W @ xᵀ`` was no faster for the
+    projections and slower for the head (84 vs 59 ms). Larger inputs, other dtypes and anything
+    under autograd take ``F.linear``.
+    """
+    from torch import nn
+    from torch.nn import functional as F
+
+    patched = []
+    for m in model.modules():
+        if type(m) is nn.Linear and "forward" not in m.__dict__:
+
+            def forward(x: Tensor, _m: nn.Linear = m) -> Tensor:
+                w = _m.weight
+                if (
+                    torch.is_grad_enabled()
+                    or x.numel() > max_rows * w.shape[1]
+                    or not (x.dtype == w.dtype == torch.float32)
+                ):
+                    return F.linear(x, w, _m.bias)
+                x2 = x.reshape(-1, w.shape[1]).t()
+                y = torch.mm(w, x2) if _m.bias is None else torch.addmm(_m.bias.unsqueeze(1), w, x2)
+                return y.t().contiguous().view(*x.shape[:-1], w.shape[0])
+
+            m.forward = forward  # type: ignore[method-assign,assignment]
+            patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
+def install_lean_lora(model: Any) -> int:
+    """Give every PEFT LoRA ``Linear`` of ``model`` a leaner forward; returns how many were patched.
+
+    PEFT computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling``: a multiply and an add over the
+    whole ``[tokens, out]`` output per adapted projection, in the forward and again in the backward
+    (210 projections on SmolLM2). Here the scale multiplies the ``[tokens, r]`` activations and the
+    add is the ``beta = 1`` of one ``addmm``: the same function (rounding aside). Any case this does
+    not cover (adapters disabled or merged, several adapters, dropout, LoRA variants such as DoRA,
+    extra arguments, mixed dtypes outside autocast) falls back to PEFT's own forward.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+
+    n = 0
+    for m in model.modules():
+        if not isinstance(m, LoraLinear) or getattr(m, "_saereward_lean", False):
+            continue
+        m.forward = _lean_lora_forward(m, m.forward)  # type: ignore[method-assign]
+        m._saereward_lean = True  # type: ignore[assignment]
+        n += 1
+    return n
+
+
+def _lean_lora_forward(m: Any, peft_forward: Any) -> Any:
+    from torch import nn
+    from torch.nn import functional as F
+
+    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if args or kwargs or m.disable_adapters or m.merged or len(m.active_adapters) != 1:
+            return peft_forward(x, *args, **kwargs)
+        name = m.active_adapters[0]
+        if (
+            name not in m.lora_A
+            or name in getattr(m, "lora_variant", {})
+            or not isinstance(m.lora_dropout[name], nn.Identity)
+        ):
+            return peft_forward(x, *args, **kwargs)
+        a, b = m.lora_A[name].weight, m.lora_B[name].weight
+        result = m.base_layer(x)
+        xin = m._cast_input_dtype(x, a.dtype)
+        if not torch.is_autocast_enabled(x.device.type) and not (result.dtype == xin.dtype == b.dtype):
+            return peft_forward(x, *args, **kwargs)
+        h = F.linear(xin, a) * m.scaling[name]
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
+        return out.view(result.shape).to(result.dtype)
+
+    return forward
+
+
 # --------------------------------------------------------------------------------------------------
 # Checkpoints (safetensors + JSON; no pickle)
 # --------------------------------------------------------------------------------------------------
@@ -406,6 +538,37 @@ def _load_optimizer(folder: Path, opt: torch.optim.Optimizer) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Slice:
+    """One micro-batch: batch rows ``rows`` and the columns ``start:end`` that hold their tokens."""
+
+    rows: Tensor
+    start: int
+    end: int
+
+
+def micro_batches(attention_mask: Tensor, prompt_len: int, size: int) -> list[_Slice]:
+    """Split a left-padded ``[B, T]`` batch into micro-batches of at most ``size`` rows (0: one).
+
+    Rows are sorted by the column after their last real token (then by their first), so that rows of
+    similar length share a micro-batch, and each micro-batch keeps only the columns from its rows'
+    first real token to its longest row's last (at least one response column). On a GRPO batch with
+    ≤ 64 new tokens and completions of 40-60 tokens this drops 15-25 % of the positions a padded
+    forward computes. The split depends on the mask alone (deterministic, so resume replays it).
+    """
+    B, T = attention_mask.shape
+    real = attention_mask.bool()
+    cols = torch.arange(T, device=attention_mask.device)
+    first = torch.where(real, cols, T).amin(1)
+    end = (torch.where(real, cols, -1).amax(1) + 1).clamp_min(prompt_len + 1)
+    if size <= 0 or size >= B:
+        groups = [torch.arange(B, device=attention_mask.device)]
+    else:
+        order = torch.argsort(end * (T + 1) + first, stable=True)
+        groups = [g.sort().values for g in order.split(size)]
+    return [_Slice(g, int(first[g].min().clamp_max(prompt_len - 1)), int(end[g].max())) for g in groups]
+
+
 @dataclass
 class _Batch:
     sequences: Tensor  #: [B, T]
@@ -483,6 +646,8 @@ class GRPOTrainer:
         for p in self.model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # LoRA weights train in fp32 whatever the base dtype
+        if cfg.lean_lora:
+            install_lean_lora(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.lam = LambdaSchedule(cfg.lam_schedule, cfg.lam, cfg.lam_end, cfg.steps)
@@ -625,7 +790,10 @@ class GRPOTrainer:
         )
         self.model.eval()
         lm = self._policy_lm()
-        with merged_lora(self.model, enabled=cfg.merge_for_generation):
+        with (
+            merged_lora(self.model, enabled=cfg.merge_for_generation),
+            skinny_linear(self.model) if cfg.skinny_decode else contextlib.nullcontext(),
+        ):
             g = generate_batch(
                 lm,
                 prompts,
@@ -675,25 +843,33 @@ class GRPOTrainer:
         self,
         model: Any,
         b: _Batch,
+        sl: _Slice,
         capture_layer: int | None = None,
         context: contextlib.AbstractContextManager[Any] | None = None,
+        entropy: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Log-probs and entropies of the response tokens ``[B, N]`` (positions P..T-1); optional capture.
+        """Log-probs and entropies (zeros with ``entropy=False``) ``[m, n]`` of one micro-batch's response tokens; optional capture.
 
-        ``context`` wraps the model forward only (the log-softmax runs outside it, in fp32).
+        The forward sees the rows ``sl.rows`` cut to columns ``sl.start:sl.end`` (columns where none
+        of these rows has a real token are dropped: exact, since attention masks them and positions
+        come from the mask). Response position ``j < n`` is column ``prompt_len + j`` of the batch.
+        The residuals, if captured, are ``[m, sl.end - sl.start, d]``. ``context`` wraps the model
+        forward only (the log-softmax runs outside it, in fp32).
         """
         from saereward.capture import ResidualCapture, position_ids_from_mask
 
-        P = b.prompt_len
-        N = b.sequences.shape[1] - P
+        seq = b.sequences[sl.rows, sl.start : sl.end]
+        am = b.attention_mask[sl.rows, sl.start : sl.end]
+        p = b.prompt_len - sl.start
+        n = sl.end - b.prompt_len
         kwargs = {
-            "input_ids": b.sequences,
-            "attention_mask": b.attention_mask,
-            "position_ids": position_ids_from_mask(b.attention_mask),
+            "input_ids": seq,
+            "attention_mask": am,
+            "position_ids": position_ids_from_mask(am),
             "use_cache": False,
-            # exactly the N positions that predict response tokens: no [:, :-1] slice of the [B, N, V]
+            # exactly the n positions that predict response tokens: no [:, :-1] slice of the [m, n, V]
             # logits (whose backward would allocate a zero-filled copy of the whole tensor)
-            "logits_to_keep": torch.arange(P - 1, P - 1 + N, device=b.sequences.device),
+            "logits_to_keep": torch.arange(p - 1, p - 1 + n, device=seq.device),
         }
         with context or contextlib.nullcontext():
             if capture_layer is not None:
@@ -703,7 +879,7 @@ class GRPOTrainer:
             else:
                 logits = model(**kwargs).logits
                 res = None
-        lp, ent = selective_log_softmax(logits, b.sequences[:, P:], temperature=self.cfg.temperature)
+        lp, ent = selective_log_softmax(logits, seq[:, p:], temperature=self.cfg.temperature, entropy=entropy)
         return lp, ent, res
 
     def outcomes(self, b: _Batch) -> Tensor:
@@ -723,9 +899,18 @@ class GRPOTrainer:
         if not (cfg.beta > 0 or layer is not None):
             return None, None
         self.model.eval()
+        B, T = b.sequences.shape
+        ref_lp = torch.zeros(B, T - b.prompt_len)
+        res_full: Tensor | None = None
         with torch.no_grad(), self.model.disable_adapter():
-            ref_lp, _, res = self._logps(self.model, b, capture_layer=layer)
-        return (ref_lp if cfg.beta > 0 else None), res
+            for sl in micro_batches(b.attention_mask, b.prompt_len, cfg.micro_batch):
+                lp, _, res = self._logps(self.model, b, sl, capture_layer=layer, entropy=False)
+                ref_lp[sl.rows, : lp.shape[1]] = lp
+                if res is not None:
+                    if res_full is None:
+                        res_full = res.new_zeros(B, T, res.shape[-1])
+                    res_full[sl.rows, sl.start : sl.end] = res
+        return (ref_lp if cfg.beta > 0 else None), res_full
 
     def advantages(
         self, b: _Batch, outcome: Tensor, residuals: Tensor | None, lam: float
@@ -798,46 +983,73 @@ class GRPOTrainer:
     ) -> tuple[Tensor, dict[str, float], float, float]:
         """``epochs_per_batch`` optimizer steps on one batch; returns (loss, stats, grad norm, entropy).
 
-        Under data parallelism each rank holds part of the batch: the loss is divided by the global
-        number of response tokens and gradients are summed across ranks before clipping, so every
-        rank takes the step a single process would take on the whole batch.
+        Each step accumulates the gradients of ``micro_batch``-sized forwards (see
+        :func:`micro_batches`); every micro-batch's loss is divided by the batch's total number of
+        response tokens, so the accumulated gradient is the whole batch's. Under data parallelism each
+        rank holds part of the batch: the divisor is the global number of response tokens and gradients
+        are summed across ranks before clipping, so every rank takes the step a single process would
+        take on the whole batch.
         """
         from saereward.rl.reward import all_reduce_sum
 
         cfg = self.cfg
         resp = b.response_mask[:, b.prompt_len :]
         n_global = all_reduce_sum(resp.sum().double()).float()
-        old_lp = None
+        slices = micro_batches(b.attention_mask, b.prompt_len, cfg.micro_batch)
+        old_lp: Tensor | None = None
+        ent_all = torch.zeros(resp.shape)
         stats: dict[str, float] = {}
         gnorm, ent_mean = 0.0, 0.0
         loss = torch.zeros(())
-        for epoch in range(cfg.epochs_per_batch):
+        for _ in range(cfg.epochs_per_batch):
             self.model.train()
+            first = old_lp is None
+            new_old = torch.zeros(resp.shape) if first else None
+            loss = torch.zeros(())
+            stats = {}
+            self.opt.zero_grad(set_to_none=True)
             with self._no_input_cast():
                 if cfg.grad_checkpointing:
                     self.model.gradient_checkpointing_enable(
                         gradient_checkpointing_kwargs={"use_reentrant": False}
                     )
                 try:
-                    lp, ent, _ = self._logps(self.model, b, context=self._train_forward_context())
-                    if old_lp is None:
-                        old_lp = lp.detach()
-                    loss, stats = surrogate_loss(
-                        lp, old_lp, ref_lp, adv, resp, cfg.beta, cfg.kl, cfg.clip_eps, n_global
-                    )
-                    self.opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    for sl in slices:
+                        lp, ent, _ = self._logps(self.model, b, sl, context=self._train_forward_context())
+                        n = lp.shape[1]
+                        if new_old is not None:
+                            new_old[sl.rows, :n] = lp.detach()
+                            ent_all[sl.rows, :n] = ent
+                        old = lp.detach() if old_lp is None else old_lp[sl.rows, :n]
+                        part, st = surrogate_loss(
+                            lp,
+                            old,
+                            None if ref_lp is None else ref_lp[sl.rows, :n],
+                            adv[sl.rows, :n],
+                            resp[sl.rows, :n],
+                            cfg.beta,
+                            cfg.kl,
+                            cfg.clip_eps,
+                            n_global,
+                        )
+                        part.backward()
+                        loss = loss + part.detach()
+                        for k, v in st.items():
+                            stats[k] = stats.get(k, 0.0) + v
+                        del lp, ent, part
                 finally:
                     if cfg.grad_checkpointing:
                         self.model.gradient_checkpointing_disable()
+            if new_old is not None:
+                old_lp = new_old
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 p.grad = all_reduce_sum(p.grad)
             gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
             self.opt.step()
-            if epoch == 0:
-                ent_mean = float((ent * resp).sum() / resp.sum().clamp_min(1))
+            if first:
+                ent_mean = float((ent_all * resp).sum() / resp.sum().clamp_min(1))
         return loss, stats, gnorm, ent_mean
 
     @torch.no_grad()
@@ -1016,4 +1228,14 @@ def run_train_rl(cfg: GRPOConfig, lm: LoadedModel | None = None) -> dict[str, An
             dist.destroy_process_group()
 
 
-__all__ = ["GRPOConfig", "GRPOTrainer", "kl_term", "run_train_rl", "selective_log_softmax", "surrogate_loss"]
+__all__ = [
+    "GRPOConfig",
+    "GRPOTrainer",
+    "install_lean_lora",
+    "kl_term",
+    "micro_batches",
+    "run_train_rl",
+    "selective_log_softmax",
+    "skinny_linear",
+    "surrogate_loss",
+]
