@@ -7,8 +7,9 @@ chain_sum prompt, no stop strings on either side (TRL has none), the same dtype 
 ``bf16`` flag set explicitly). Outcome reward = the task verifier on both sides. Each trainer runs
 with its own defaults otherwise: TRL checkpoints the training forward's activations
 (``gradient_checkpointing=True``); ours accumulates gradients over length-sorted micro-batches of 4
-completions without checkpointing (``--grad-checkpointing`` / ``--micro-batch N`` override ours). ``BENCH_MMAP=0`` runs ours without ``mmap_large_allocations`` (glibc's own malloc
-policy, as TRL runs), to measure that setting.
+completions without checkpointing (``--grad-checkpointing`` / ``--micro-batch N`` override ours).
+``BENCH_MMAP=0`` runs ours without ``mmap_large_allocations`` (glibc's own malloc policy, as TRL
+runs), to measure that setting.
 
 Three trainers run in separate child processes, one after the other, so each peak RSS is its own:
 

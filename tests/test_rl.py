@@ -114,6 +114,8 @@ def test_selective_log_softmax_and_kl() -> None:
     torch.testing.assert_close(lp, ref)
     p = torch.softmax(logits, -1)
     torch.testing.assert_close(ent, -(p * p.log()).sum(-1))
+    lp2, ent2 = selective_log_softmax(logits, ids, chunk=2, entropy=False)  # reference log-probs
+    assert torch.equal(lp2, lp) and not ent2.any()
     a, b = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -2.0])
     torch.testing.assert_close(kl_term(a, b, "sq"), torch.tensor([0.25, 0.0]))
     k3 = kl_term(a, b, "k3")

@@ -13,9 +13,11 @@ One step (``GRPOTrainer.step``):
 3. **Rewards.** outcome = the task verifier; ``mech(t)`` from :class:`~saereward.features.scoring.
    PackScorer` (R1, the exact G1 statistic: true TopK, eager fp32) or the raw direction (R2);
    advantages by :func:`saereward.rl.reward.token_advantages` (the seed's G3 form by default).
-4. **Update.** ``epochs_per_batch`` passes of the clipped surrogate over the batch, with gradient
-   checkpointing on only for this training forward. Loss per response token, averaged over all
-   response tokens of the batch (the seed's ``/ N``):
+4. **Update.** ``epochs_per_batch`` passes of the clipped surrogate over the batch. Each pass
+   accumulates gradients over micro-batches of ``micro_batch`` completions, sorted by length and cut
+   to their own longest sequence (:func:`micro_batches`; the reference forward uses them too);
+   activation checkpointing, if asked for, is on only for this training forward. Loss per response
+   token, averaged over all response tokens of the batch (the seed's ``/ N``):
    ``−min(ρ·adv, clip(ρ, 1±ε)·adv) + β·KL``, KL the seed's squared log-ratio (``kl = sq``) or the
    k3 estimator. ``ρ = exp(logπ − logπ_old)`` is 1 on the first pass (so the first pass is the
    seed's ``−logπ·adv``).
@@ -210,8 +212,9 @@ class GRPOConfig:
 class _SelectiveLogSoftmax(torch.autograd.Function):
     """``log softmax(x / T)[id]`` (and, if asked, the entropy) of one chunk, with a hand-written backward.
 
-    The forward keeps no ``[.., V]`` temporary: it saves the chunk's logits (alive anyway) and the
-    log-normaliser ``[..]``; the backward rebuilds ``softmax = exp(x / T − lse)`` once and returns
+    The forward makes two ``[.., V]`` fp32 temporaries (the shifted logits and their exponentials)
+    and keeps neither: it saves the chunk's logits (alive anyway) and the log-normaliser ``[..]``;
+    the backward rebuilds ``softmax = exp(x / T − lse)`` once and returns
     ``(onehot − softmax) · g / T``. Autograd through ``gather − logsumexp`` under activation
     checkpointing would compute the division, the log-sum-exp and the softmax again.
     """
@@ -220,14 +223,16 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, logits: Tensor, ids: Tensor, temperature: float, entropy: bool
     ) -> tuple[Tensor, Tensor]:
-        f = logits.float() / temperature
-        lse = torch.logsumexp(f, -1)
-        lp = f.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
-        if entropy:
-            ent = lse - (torch.exp(f - lse.unsqueeze(-1)) * f).sum(-1)
-        else:
-            ent = lse.new_zeros(())
-        ctx.save_for_backward(logits, ids, lse)
+        z = logits.float() / temperature  # a copy: the logits stay as they are for the backward
+        top = z.amax(-1, keepdim=True)
+        z.sub_(top)  # shifted in place: exp cannot overflow, and one [.., V] pass fewer than logsumexp
+        e = torch.exp(z)
+        sum_e = e.sum(-1)
+        log_sum = sum_e.log()
+        lp = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - log_sum
+        # entropy = log Σe − Σ e·z / Σe (the shift cancels), on e in place
+        ent = log_sum - e.mul_(z).sum(-1) / sum_e if entropy else log_sum.new_zeros(())
+        ctx.save_for_backward(logits, ids, top.squeeze(-1) + log_sum)  # the log-normaliser of x / T
         ctx.temperature = temperature
         ctx.mark_non_differentiable(ent)
         return lp, ent
@@ -387,7 +392,7 @@ def skinny_linear(model: Any, max_rows: int = 64) -> Iterator[None]:
                     return F.linear(x, w, _m.bias)
                 x2 = x.reshape(-1, w.shape[1]).t()
                 y = torch.mm(w, x2) if _m.bias is None else torch.addmm(_m.bias.unsqueeze(1), w, x2)
-                return y.t().contiguous().view(*x.shape[:-1], w.shape[0])
+                return y.t().view(*x.shape[:-1], w.shape[0])  # a transposed view: no copy
 
             m.forward = forward  # type: ignore[method-assign,assignment]
             patched.append(m)
