@@ -287,7 +287,12 @@ def main() -> None:
             results[f"{which}/{dt}"] = r
             print(
                 f"{which:9} {dt}: median {r['median_step_s']:.2f} s/step over {len(r['step_times'])} steps, "  # noqa: T201
-                f"peak RSS {r['peak_rss_gb']:.2f} GB, mean completion {r['completion_len']:.1f} tokens",
+                f"peak RSS {r['peak_rss_gb']:.2f} GB, mean completion {r['completion_len']:.1f} tokens"
+                + (
+                    f", reward {100 * statistics.median(r['reward_seconds']) / r['median_step_s']:.2f} % of the step"
+                    if r.get("reward_seconds")
+                    else ""
+                ),
                 flush=True,
             )
     print(
