@@ -231,7 +231,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         log_sum = sum_e.log()
         lp = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - log_sum
         # entropy = log Σe − Σ e·z / Σe (the shift cancels), on e in place
-        ent = log_sum - e.mul_(z).sum(-1) / sum_e if entropy else log_sum.new_zeros(())
+        ent = log_sum - e.mul_(z).sum(-1) / sum_e if entropy else torch.zeros_like(lp)
         ctx.save_for_backward(logits, ids, top.squeeze(-1) + log_sum)  # the log-normaliser of x / T
         ctx.temperature = temperature
         ctx.mark_non_differentiable(ent)
@@ -265,8 +265,8 @@ def selective_log_softmax(
     for lg, idx in zip(logits.split(chunk), ids.split(chunk), strict=True):
         lp, ent = _SelectiveLogSoftmax.apply(lg, idx, temperature, entropy)
         logps.append(lp)
-        ents.append(ent if entropy else lp.new_zeros(lp.shape))
-    return torch.cat(logps), torch.cat(ents).detach()
+        ents.append(ent)
+    return torch.cat(logps), torch.cat(ents)
 
 
 def kl_term(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
@@ -373,7 +373,7 @@ def skinny_linear(model: Any, max_rows: int = 64) -> Iterator[None]:
     order: logits agree to rounding, not bit for bit, so this is used for GRPO rollouts only, never
     for evaluation. fp32 only: in bf16 on the same machine ``W @ xᵀ`` was no faster for the
     projections and slower for the head (84 vs 59 ms). Larger inputs, other dtypes and anything
-    under autograd take ``F.linear``.
+    under autograd or off the CPU take ``F.linear``.
     """
     from torch import nn
     from torch.nn import functional as F
@@ -386,6 +386,7 @@ def skinny_linear(model: Any, max_rows: int = 64) -> Iterator[None]:
                 w = _m.weight
                 if (
                     torch.is_grad_enabled()
+                    or x.device.type != "cpu"
                     or x.numel() > max_rows * w.shape[1]
                     or not (x.dtype == w.dtype == torch.float32)
                 ):
@@ -905,7 +906,7 @@ class GRPOTrainer:
             return None, None
         self.model.eval()
         B, T = b.sequences.shape
-        ref_lp = torch.zeros(B, T - b.prompt_len)
+        ref_lp = torch.zeros(B, T - b.prompt_len, device=b.sequences.device)
         res_full: Tensor | None = None
         with torch.no_grad(), self.model.disable_adapter():
             for sl in micro_batches(b.attention_mask, b.prompt_len, cfg.micro_batch):
@@ -1002,14 +1003,14 @@ class GRPOTrainer:
         n_global = all_reduce_sum(resp.sum().double()).float()
         slices = micro_batches(b.attention_mask, b.prompt_len, cfg.micro_batch)
         old_lp: Tensor | None = None
-        ent_all = torch.zeros(resp.shape)
+        ent_all = torch.zeros(resp.shape, device=resp.device)
         stats: dict[str, float] = {}
         gnorm, ent_mean = 0.0, 0.0
         loss = torch.zeros(())
         for _ in range(cfg.epochs_per_batch):
             self.model.train()
             first = old_lp is None
-            new_old = torch.zeros(resp.shape) if first else None
+            new_old = torch.zeros(resp.shape, device=resp.device) if first else None
             loss = torch.zeros(())
             stats = {}
             self.opt.zero_grad(set_to_none=True)
