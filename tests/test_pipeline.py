@@ -72,6 +72,25 @@ def test_every_stage_config_is_wired_into_one_run_folder(tmp_path: Path) -> None
     assert c["steer"]["steer"].seed != c["rollouts"]["rollouts"].seed  # steering questions stay held out
 
 
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_auto_dtype_resolves_per_machine_and_stages_record_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast_bf16: bool
+) -> None:
+    import torch
+
+    from saereward import lm
+    from saereward.sae import kernels
+
+    monkeypatch.setattr(kernels, "cpu_has_fast_bf16", lambda: fast_bf16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    want = "bf16" if fast_bf16 else "fp32"
+    assert lm.resolve_dtype("auto") == want and lm.resolve_dtype("fp16") == "fp16"
+    assert lm.torch_dtype("auto") == (torch.bfloat16 if fast_bf16 else torch.float32)
+    c = pl.stage_configs(_cfg(tmp_path, dtype="auto"))
+    assert c["rollouts"]["rollouts"].dtype == want and c["g2"]["gate_g2"].rl.dtype == want
+    assert c["sae"]["eval_sae"].dtype == want and c["layers"]["layers"].dtype == want
+
+
 def test_a_stage_table_may_not_set_a_wired_path(tmp_path: Path) -> None:
     with pytest.raises(SaeRewardError, match=r"\[discover\] sets 'out'"):
         _cfg(tmp_path, discover={"out": "elsewhere.json"})

@@ -90,11 +90,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SAEREWARD_CACHE", "~/.cache/saereward")).expanduser()
 
 
-def torch_dtype(dtype: DType) -> torch.dtype | str:
+def resolve_dtype(dtype: DType) -> str:
+    """``auto`` becomes the faster dtype on this hardware; other names are returned unchanged.
+
+    bf16 on a CUDA device or a CPU with native bf16 (AVX512-BF16 or AMX). Elsewhere (e.g. an AVX2 CPU)
+    bf16 matrix products are emulated and run several times slower than fp32, so ``auto`` is fp32.
+    """
+    if dtype != "auto":
+        return dtype
     import torch
 
-    if dtype == "auto":
-        return "auto"
+    from saereward.sae.kernels import cpu_has_fast_bf16
+
+    return "bf16" if torch.cuda.is_available() or cpu_has_fast_bf16() else "fp32"
+
+
+def torch_dtype(dtype: DType) -> torch.dtype:
+    import torch
+
+    dtype = resolve_dtype(dtype)  # type: ignore[assignment]
     if dtype not in _DTYPES:
         raise SaeRewardError(f"unknown dtype {dtype!r}: use one of fp32, bf16, fp16, auto")
     return getattr(torch, _DTYPES[dtype])
@@ -240,7 +254,7 @@ def _load_gguf(path: Path, dtype: DType) -> tuple[Any, Any]:
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch_dtype("fp32" if dtype == "auto" else dtype)
+            str(path.parent), gguf_file=path.name, dtype=torch_dtype(dtype)
         )
     except SaeRewardError:
         raise

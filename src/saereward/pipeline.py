@@ -38,7 +38,7 @@ from saereward import __version__
 from saereward.config import from_dict, option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import write_json
-from saereward.lm import DEFAULT_MODEL, DType
+from saereward.lm import DEFAULT_MODEL, DType, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,9 @@ class PipelineConfig:
 
     out: str = option("runs/pipeline", "the run folder every stage writes into")
     model: str = option(DEFAULT_MODEL, "model of every stage")
-    dtype: DType = option("bf16", "model dtype of every stage")
+    dtype: DType = option(
+        "auto", "model dtype of every stage (auto: bf16 on CUDA or a CPU with native bf16, else fp32)"
+    )
     threads: int | None = option(None, "torch CPU threads of every stage (default: torch's choice)")
     seed: int = option(0, "seed of every stage that takes one (RL seeds: [gate_g2] seeds)")
     task: str = option("chain_sum", "task of rollouts, RL, steering and the G3 held-out check")
@@ -172,7 +174,9 @@ def _build(cls_path: str, shared: dict[str, Any], table: dict[str, Any], wired: 
 
 
 def _shared(cfg: PipelineConfig) -> dict[str, Any]:
-    return {k: getattr(cfg, k) for k in _SHARED}
+    shared = {k: getattr(cfg, k) for k in _SHARED}
+    shared["dtype"] = resolve_dtype(cfg.dtype)  # the stages record the dtype they really ran in
+    return shared
 
 
 @dataclass(frozen=True)
@@ -304,7 +308,7 @@ def _stage_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any
         ),
         "eval_sae": _build(
             "saereward.sae.stages.EvalSAEStageConfig",
-            {"dtype": cfg.dtype, "model": cfg.model},
+            {"dtype": sh["dtype"], "model": cfg.model},
             {"ce_task": cfg.task, **eval_sae_table},
             {"sae": str(lay.sae), "activations": str(lay.activations), "out": str(lay.sae)},
         ),
@@ -312,7 +316,7 @@ def _stage_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any
     out["layers"] = lambda: {
         "layers": _build(
             "saereward.features.layers.LayersConfig",
-            {"model": cfg.model, "dtype": cfg.dtype},
+            {"model": cfg.model, "dtype": sh["dtype"]},
             cfg.layers,
             {"rollouts": str(lay.rollouts), "out": None},
         )
