@@ -3,7 +3,8 @@
 Configuration (both sides): SmolLM2-135M-Instruct (embedded), LoRA r=16 (α=32) on
 q/k/v/o/gate/up/down, 4 prompts × 4 completions (TRL: ``per_device_train_batch_size=16,
 num_generations=4``), 64 new tokens, temperature 0.9, top-p 0.95, β=0.05, lr 1e-5, the seed's raw
-chain_sum prompt, no stop strings on either side (TRL has none), the same dtype on both sides (TRL's
+chain_sum prompt (the same 4 questions every step on both sides unless ``--questions N``), no stop
+strings on either side (TRL has none), the same dtype on both sides (TRL's
 ``bf16`` flag set explicitly). Outcome reward = the task verifier on both sides. Each trainer runs
 with its own defaults otherwise: TRL checkpoints the training forward's activations
 (``gradient_checkpointing=True``); ours accumulates gradients over length-sorted micro-batches of 4
@@ -56,7 +57,7 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KB -> GB on Linux
 
 
-def child_trl(dtype: str, steps: int, threads: int, fix: bool = False) -> dict[str, Any]:
+def child_trl(dtype: str, steps: int, threads: int, n_questions: int, fix: bool = False) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -76,7 +77,7 @@ def child_trl(dtype: str, steps: int, threads: int, fix: bool = False) -> dict[s
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if fix:
         contiguous_lm_head(model)
-    task = load_task("chain_sum", n=200, seed=0)
+    task = load_task("chain_sum", n=n_questions, seed=0)
     items = list(task.items())
     ds = Dataset.from_list([{"prompt": format_prompt(task, it, "raw"), "qid": it.id} for it in items])
     times: list[float] = []
@@ -135,6 +136,7 @@ def child_ours(
     workdir: str,
     grad_ckpt: bool | None,
     micro_batch: int | None,
+    n_questions: int,
 ) -> dict[str, Any]:
     import torch
 
@@ -148,7 +150,7 @@ def child_ours(
     cfg = GRPOConfig(
         dtype="bf16" if dtype == "bf16" else "fp32",
         task="chain_sum",
-        n_train=200,
+        n_train=n_questions,
         n_eval=1,
         prompt_format="raw",
         questions_per_step=N_PROMPTS,
@@ -250,12 +252,22 @@ def main() -> None:
         action="store_true",
         help="also run TRL with saereward's contiguous LM-head hook (the trl+fix row)",
     )
+    ap.add_argument(
+        "--questions",
+        type=int,
+        default=N_PROMPTS,
+        help="both trainers draw each step's 4 prompts from the same first N chain_sum questions "
+        "(default 4: the same 4 prompts every step on both sides, so their work differs only by the "
+        "sampled completion lengths; 200 was the setting before 2026-11-29)",
+    )
     ap.add_argument("--child", choices=["trl", "trl+fix", "ours", "ours+sae"], help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         if args.child in ("trl", "trl+fix"):
-            res = child_trl(args.dtypes, args.steps, args.threads, fix=args.child == "trl+fix")
+            res = child_trl(
+                args.dtypes, args.steps, args.threads, args.questions, fix=args.child == "trl+fix"
+            )
         else:
             res = child_ours(
                 args.dtypes,
@@ -265,11 +277,12 @@ def main() -> None:
                 args.workdir,
                 args.grad_checkpointing,
                 args.micro_batch,
+                args.questions,
             )
         res["peak_rss_gb"] = round(_peak_rss_gb(), 3)
         print(json.dumps(res))  # noqa: T201
         return
-    extra = []
+    extra = ["--questions", str(args.questions)]
     if args.grad_checkpointing is not None:
         extra.append("--grad-checkpointing" if args.grad_checkpointing else "--no-grad-checkpointing")
     if args.micro_batch is not None:
@@ -282,7 +295,8 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     for dt in dtypes:
         for which in ("trl", "ours+sae", "ours", *(("trl+fix",) if args.trl_fix else ())):
-            r = run_child(which, dt, steps, args.threads, workdir, extra if which.startswith("ours") else [])
+            own = extra if which.startswith("ours") else extra[:2]
+            r = run_child(which, dt, steps, args.threads, workdir, own)
             r["median_step_s"] = statistics.median(r["step_times"])
             results[f"{which}/{dt}"] = r
             print(
@@ -300,7 +314,7 @@ def main() -> None:
     )  # noqa: T201
     print(
         f"{'dtype':6} {'trl s/step':>10} {'ours+sae':>9} {'ours':>7} {'ratio':>6} {'reward %':>9} "  # noqa: T201
-        f"{'RSS trl':>8} {'RSS ours':>9} {'RSS ratio':>9}"
+        f"{'RSS trl':>8} {'RSS ours':>9} {'RSS ratio':>9} {'per-token ratio':>15}"
     )
     first_ratio = None
     for dt in dtypes:
@@ -311,7 +325,8 @@ def main() -> None:
         print(
             f"{dt:6} {t['median_step_s']:>10.2f} {s['median_step_s']:>9.2f} {o['median_step_s']:>7.2f} "  # noqa: T201
             f"{ratio:>6.2f} {100 * overhead:>8.2f}% {t['peak_rss_gb']:>8.2f} {s['peak_rss_gb']:>9.2f} "
-            f"{s['peak_rss_gb'] / t['peak_rss_gb']:>9.2f}"
+            f"{s['peak_rss_gb'] / t['peak_rss_gb']:>9.2f} "
+            f"{ratio * t['completion_len'] / s['completion_len']:>15.2f}"
         )
         if f"trl+fix/{dt}" in results:
             f = results[f"trl+fix/{dt}"]
