@@ -9,7 +9,7 @@ bash scripts/setup.sh >&2
 S1=${S1:-runs/stage1_smollm2}
 SECONDS=0
 .venv/bin/saereward gate-g2 --seeds 0 1 2 --out "${RUN:-runs/g2_smollm2}" \
-    --rl-dtype bf16 --rl-threads "${THREADS:-2}" --rl-task chain_sum --rl-prompt-format raw \
+    --rl-dtype auto --rl-threads "${THREADS:-2}" --rl-task chain_sum --rl-prompt-format raw \
     --rl-questions-per-step 4 --rl-group-size 4 --rl-max-new-tokens 48 --rl-steps "${STEPS:-4}" --rl-lr 1e-4 \
     --rl-beta 0.05 --rl-lam 0.1 --rl-n-eval 40 --rl-eval-every 0 --rl-eval-batch-size 40 \
     --rl-pack "$S1/pack.json" --rl-direction-rollouts "$S1/rollouts" --rl-progress "$@"

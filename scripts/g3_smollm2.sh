@@ -11,6 +11,6 @@ EXTRA=()
 if [ -n "${MATH500:-}" ]; then EXTRA+=(--math500-path "$MATH500"); fi
 SECONDS=0
 .venv/bin/saereward gate-g3 --adapter "${ADAPTER:-runs/r1_smollm2}" --pack "$S1/pack.json" \
-    --dtype bf16 --threads "${THREADS:-2}" --task chain_sum --prompt-format raw --max-new-tokens 64 \
+    --dtype auto --threads "${THREADS:-2}" --task chain_sum --prompt-format raw --max-new-tokens 64 \
     --out "${RUN:-runs/g3_smollm2}" "${EXTRA[@]}" "$@"
 echo "gate-g3: ${SECONDS}s" >&2

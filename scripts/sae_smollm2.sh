@@ -25,7 +25,7 @@ for f in NarrativeQA/test.jsonl BoolQ/combined.jsonl BoolQ/dev.jsonl BoolQ/test.
 done
 
 SECONDS=0
-"$SAE" collect --out "$RUN/activations" --threads "$THREADS" --dtype bf16 --store-dtype bf16 \
+"$SAE" collect --out "$RUN/activations" --threads "$THREADS" --dtype auto --store-dtype bf16 \
     --layers 15 --task chain_sum --n 800 --sample --max-new-tokens 64 --batch-size 32 \
     --text-paths "${TEXT[@]}" --text-field document,passage,context --context-len 256
 echo "collect: ${SECONDS}s" >&2

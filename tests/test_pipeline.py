@@ -89,6 +89,9 @@ def test_auto_dtype_resolves_per_machine_and_stages_record_it(
     c = pl.stage_configs(_cfg(tmp_path, dtype="auto"))
     assert c["rollouts"]["rollouts"].dtype == want and c["g2"]["gate_g2"].rl.dtype == want
     assert c["sae"]["eval_sae"].dtype == want and c["layers"]["layers"].dtype == want
+    from saereward.rl.grpo import GRPOConfig
+
+    assert from_dict(GRPOConfig, {"dtype": "auto"}).dtype == want  # a stage's own CLI/TOML too
 
 
 def test_a_stage_table_may_not_set_a_wired_path(tmp_path: Path) -> None:

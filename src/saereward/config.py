@@ -120,6 +120,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> T:
             f"unknown config key {prefix + unknown[0]!r}: valid keys are {', '.join(prefix + k for k in fields)}"
         )
     kwargs = {k: _coerce(prefix + k, hints[k], v) for k, v in data.items()}
+    from saereward.lm import DType, resolve_dtype
+
+    for k, v in kwargs.items():
+        if v == "auto" and hints[k] == DType:  # record the dtype the stage really runs in
+            kwargs[k] = resolve_dtype(v)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
