@@ -5,5 +5,5 @@
 # --force g2 to redo a stage; see `saereward pipeline --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+SAEREWARD_EXTRAS= bash scripts/setup.sh  # the pipeline needs no extras
 exec .venv/bin/saereward pipeline --config examples/quick.toml "$@"
