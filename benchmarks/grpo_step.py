@@ -282,7 +282,8 @@ def main() -> None:
         res["peak_rss_gb"] = round(_peak_rss_gb(), 3)
         print(json.dumps(res))  # noqa: T201
         return
-    extra = ["--questions", str(args.questions)]
+    common = ["--questions", str(args.questions)]  # both trainers
+    extra = list(common)  # ours only, below
     if args.grad_checkpointing is not None:
         extra.append("--grad-checkpointing" if args.grad_checkpointing else "--no-grad-checkpointing")
     if args.micro_batch is not None:
@@ -295,7 +296,7 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     for dt in dtypes:
         for which in ("trl", "ours+sae", "ours", *(("trl+fix",) if args.trl_fix else ())):
-            own = extra if which.startswith("ours") else extra[:2]
+            own = extra if which.startswith("ours") else common
             r = run_child(which, dt, steps, args.threads, workdir, own)
             r["median_step_s"] = statistics.median(r["step_times"])
             results[f"{which}/{dt}"] = r

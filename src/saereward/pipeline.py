@@ -38,7 +38,7 @@ from saereward import __version__
 from saereward.config import from_dict, option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import write_json
-from saereward.lm import DEFAULT_MODEL, DType, resolve_dtype
+from saereward.lm import DEFAULT_MODEL, DType
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +174,7 @@ def _build(cls_path: str, shared: dict[str, Any], table: dict[str, Any], wired: 
 
 
 def _shared(cfg: PipelineConfig) -> dict[str, Any]:
-    shared = {k: getattr(cfg, k) for k in _SHARED}
-    shared["dtype"] = resolve_dtype(cfg.dtype)  # the stages record the dtype they really ran in
-    return shared
+    return {k: getattr(cfg, k) for k in _SHARED}  # from_dict resolves dtype "auto" per stage
 
 
 @dataclass(frozen=True)
@@ -308,7 +306,7 @@ def _stage_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any
         ),
         "eval_sae": _build(
             "saereward.sae.stages.EvalSAEStageConfig",
-            {"dtype": sh["dtype"], "model": cfg.model},
+            {"dtype": cfg.dtype, "model": cfg.model},
             {"ce_task": cfg.task, **eval_sae_table},
             {"sae": str(lay.sae), "activations": str(lay.activations), "out": str(lay.sae)},
         ),
@@ -316,7 +314,7 @@ def _stage_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any
     out["layers"] = lambda: {
         "layers": _build(
             "saereward.features.layers.LayersConfig",
-            {"model": cfg.model, "dtype": sh["dtype"]},
+            {"model": cfg.model, "dtype": cfg.dtype},
             cfg.layers,
             {"rollouts": str(lay.rollouts), "out": None},
         )
