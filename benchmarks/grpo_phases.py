@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import threading
 import time
 from typing import Any
@@ -37,8 +36,9 @@ def main() -> None:
 
     import torch
 
+    from grpo_step import bench_config  # the benchmark's configuration (this folder)
     from saereward.lm import load_model
-    from saereward.rl.grpo import GRPOConfig, GRPOTrainer
+    from saereward.rl.grpo import GRPOTrainer
 
     torch.set_num_threads(args.threads)
     over: dict[str, Any] = {}
@@ -48,29 +48,7 @@ def main() -> None:
             over[k] = json.loads(v)
         except json.JSONDecodeError:
             over[k] = v
-    cfg = GRPOConfig(
-        **{
-            "dtype": args.dtype,
-            "task": "chain_sum",
-            "n_train": 200,
-            "n_eval": 1,
-            "prompt_format": "raw",
-            "questions_per_step": 4,
-            "group_size": 4,
-            "max_new_tokens": 64,
-            "stop_strings": False,
-            "temperature": 0.9,
-            "top_p": 0.95,
-            "beta": 0.05,
-            "lr": 1e-5,
-            "lora_r": 16,
-            "lora_alpha": 32,
-            "steps": args.steps,
-            "out": tempfile.mkdtemp(prefix="grpo_phases_"),
-            "progress": False,
-            **over,
-        }
-    )
+    cfg = bench_config(args.dtype, 200, args.steps, **over)  # 200 questions: the pre-session-7 draw
     phase = ["setup"]
     peaks: dict[str, float] = {}
 

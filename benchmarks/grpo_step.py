@@ -8,7 +8,8 @@ strings on either side (TRL has none), the same dtype on both sides (TRL's
 ``bf16`` flag set explicitly). Outcome reward = the task verifier on both sides. Each trainer runs
 with its own defaults otherwise: TRL checkpoints the training forward's activations
 (``gradient_checkpointing=True``); ours accumulates gradients over length-sorted micro-batches of 4
-completions without checkpointing (``--grad-checkpointing`` / ``--micro-batch N`` override ours).
+completions without checkpointing and runs each prompt once per forward pass, its KV cache shared
+by the group (``--grad-checkpointing`` / ``--micro-batch N`` / ``--no-share-prompt`` override ours).
 ``BENCH_MMAP=0`` runs ours without ``mmap_large_allocations`` (glibc's own malloc policy, as TRL
 runs), to measure that setting.
 
@@ -19,7 +20,8 @@ Three trainers run in separate child processes, one after the other, so each pea
 * ``trl+fix`` (``--trl-fix``): the same, plus saereward's ``contiguous_lm_head`` hook on the model,
   to show how much of the difference is that one fix (see ``saereward.lm.contiguous_lm_head``);
 * ``ours+sae``: saereward with the per-token SAE reward on (R1, the policy's captured residuals);
-* ``ours``: saereward with the outcome reward only (the same run without the SAE reward).
+* ``ours``: saereward with the outcome reward only (the same run without the SAE reward; skipped
+  by ``--quick``, where the reward's share is its own timed seconds inside ``ours+sae``).
 
 The SAE for ``ours+sae`` is a random TopK SAE of the real shape (d=576, M=9216, k=32) with a
 20-feature pack: the reward's cost does not depend on the weights' values. Each child runs one
@@ -28,7 +30,7 @@ lengths differ between the trainers (different RNG streams), so the mean complet
 reported next to each time.
 
     .venv/bin/python benchmarks/grpo_step.py                 # bf16 and fp32, 5 timed steps each
-    .venv/bin/python benchmarks/grpo_step.py --quick         # bf16 only, 2 timed steps
+    .venv/bin/python benchmarks/grpo_step.py --quick         # bf16 only, 2 timed steps, no "ours" row
     .venv/bin/python benchmarks/grpo_step.py --quick --dtypes fp32   # fp32 only (CPUs without bf16 units)
 
 The last line is ``step_time_ratio_vs_trl=<ours+sae / trl>`` (the first dtype run).
@@ -128,6 +130,33 @@ def child_trl(dtype: str, steps: int, threads: int, n_questions: int, fix: bool 
     return {"step_times": times[1:], "completion_len": statistics.mean(lengths[1:]) if lengths[1:] else None}
 
 
+def bench_config(dtype: str, n_questions: int, steps: int, **overrides: Any) -> Any:
+    """Our ``GRPOConfig`` for the benchmark's configuration (see the module docstring)."""
+    from saereward.rl.grpo import GRPOConfig
+
+    base: dict[str, Any] = {
+        "dtype": "bf16" if dtype == "bf16" else "fp32",
+        "task": "chain_sum",
+        "n_train": n_questions,
+        "n_eval": 1,
+        "prompt_format": "raw",
+        "questions_per_step": N_PROMPTS,
+        "group_size": GROUP,
+        "max_new_tokens": NEW_TOKENS,
+        "stop_strings": False,
+        "temperature": 0.9,
+        "top_p": 0.95,
+        "beta": 0.05,
+        "lr": 1e-5,
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "steps": steps,
+        "out": tempfile.mkdtemp(prefix="ours_bench_"),
+        "progress": False,
+    }
+    return GRPOConfig(**{**base, **overrides})
+
+
 def child_ours(
     dtype: str,
     steps: int,
@@ -137,39 +166,26 @@ def child_ours(
     grad_ckpt: bool | None,
     micro_batch: int | None,
     n_questions: int,
+    share_prompt: bool | None = None,
 ) -> dict[str, Any]:
     import torch
 
     from saereward.lm import load_model
-    from saereward.rl.grpo import GRPOConfig, GRPOTrainer
+    from saereward.rl.grpo import GRPOTrainer
 
     torch.set_num_threads(threads)
     kw: dict[str, Any] = {}
     if sae_reward:
         kw = {"reward": "sae", "pack": str(Path(workdir) / "pack.json"), "layer": 15}
-    cfg = GRPOConfig(
-        dtype="bf16" if dtype == "bf16" else "fp32",
-        task="chain_sum",
-        n_train=n_questions,
-        n_eval=1,
-        prompt_format="raw",
-        questions_per_step=N_PROMPTS,
-        group_size=GROUP,
-        max_new_tokens=NEW_TOKENS,
-        stop_strings=False,
-        temperature=0.9,
-        top_p=0.95,
-        beta=0.05,
-        lr=1e-5,
-        lora_r=16,
-        lora_alpha=32,
+    cfg = bench_config(
+        dtype,
+        n_questions,
+        steps + 1,
         mmap_large_allocations=os.environ.get("BENCH_MMAP", "1") == "1",
-        steps=steps + 1,
-        out=tempfile.mkdtemp(prefix="ours_bench_"),
-        progress=False,
         **kw,
         **({} if grad_ckpt is None else {"grad_checkpointing": grad_ckpt}),
         **({} if micro_batch is None else {"micro_batch": micro_batch}),
+        **({} if share_prompt is None else {"share_prompt": share_prompt}),
     )
     tr = GRPOTrainer(cfg, lm=load_model(dtype=cfg.dtype))
     rows = [tr.step(s) for s in range(steps + 1)]
@@ -248,6 +264,13 @@ def main() -> None:
     )
     ap.add_argument("--micro-batch", type=int, help="ours: completions per forward (default: ours, 4)")
     ap.add_argument(
+        "--share-prompt",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ours with / without one prompt forward per question (its KV cache shared by the "
+        "group; default: ours, on)",
+    )
+    ap.add_argument(
         "--trl-fix",
         action="store_true",
         help="also run TRL with saereward's contiguous LM-head hook (the trl+fix row)",
@@ -278,6 +301,7 @@ def main() -> None:
                 args.grad_checkpointing,
                 args.micro_batch,
                 args.questions,
+                args.share_prompt,
             )
         res["peak_rss_gb"] = round(_peak_rss_gb(), 3)
         print(json.dumps(res))  # noqa: T201
@@ -288,6 +312,8 @@ def main() -> None:
         extra.append("--grad-checkpointing" if args.grad_checkpointing else "--no-grad-checkpointing")
     if args.micro_batch is not None:
         extra += ["--micro-batch", str(args.micro_batch)]
+    if args.share_prompt is not None:
+        extra.append("--share-prompt" if args.share_prompt else "--no-share-prompt")
     steps = 2 if args.quick else args.steps
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     dtypes = dtypes[:1] if args.quick else dtypes
@@ -295,7 +321,9 @@ def main() -> None:
     make_pack(workdir)
     results: dict[str, dict[str, Any]] = {}
     for dt in dtypes:
-        for which in ("trl", "ours+sae", "ours", *(("trl+fix",) if args.trl_fix else ())):
+        # --quick skips "ours" (the reward off): the reward's own seconds are timed inside ours+sae
+        ours_off = () if args.quick else ("ours",)
+        for which in ("trl", "ours+sae", *ours_off, *(("trl+fix",) if args.trl_fix else ())):
             own = extra if which.startswith("ours") else common
             r = run_child(which, dt, steps, args.threads, workdir, own)
             r["median_step_s"] = statistics.median(r["step_times"])
@@ -319,7 +347,8 @@ def main() -> None:
     )
     first_ratio = None
     for dt in dtypes:
-        t, s, o = results[f"trl/{dt}"], results[f"ours+sae/{dt}"], results[f"ours/{dt}"]
+        t, s = results[f"trl/{dt}"], results[f"ours+sae/{dt}"]
+        o = results.get(f"ours/{dt}", {"median_step_s": float("nan")})
         ratio = s["median_step_s"] / t["median_step_s"]
         overhead = statistics.median(s["reward_seconds"]) / s["median_step_s"]
         first_ratio = first_ratio if first_ratio is not None else ratio

@@ -127,3 +127,30 @@ def test_topk_sampler_in_generate_is_seeded(smollm) -> None:
     assert a.response_mask.any(1).all()
     with pytest.raises(ValueError, match="sampler"):
         SamplingConfig(sampler="beam")
+
+
+@pytest.mark.slow
+def test_shared_prompt_prefill_matches_per_row_prefill(smollm) -> None:
+    """GRPO groups repeat a prompt: one prefill per distinct prompt, its cache gathered to the rows,
+    gives the same tokens and the same captured residuals as prefilling every row."""
+    from saereward.generate import _shared_prefix_cache
+
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[1]]
+    sampling = SamplingConfig(max_new_tokens=10)
+    enc = smollm.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    cache = _shared_prefix_cache(smollm.model, dict(enc))
+    assert cache is not None and cache._rows.tolist() in ([0, 1, 0, 1, 0], [1, 0, 1, 0, 1])
+    assert cache.get_seq_length() == enc["input_ids"].shape[1] - 1
+    a = generate_batch(smollm, prompts, sampling, capture_layers=[15])
+    b = generate_batch(smollm, prompts, sampling, capture_layers=[15], share_prompts=True)
+    assert torch.equal(a.sequences, b.sequences) and a.completions == b.completions
+    m = a.attention_mask.bool().clone()
+    m[:, -1] = False
+    ra, rb = a.residuals[15], b.residuals[15]
+    assert ra.shape == rb.shape
+    assert ((ra - rb)[m].abs().max() / ra[m].abs().max()) < 1e-4
+    # no repeated prompt: nothing to share
+    assert (
+        _shared_prefix_cache(smollm.model, dict(smollm.tokenizer(PROMPTS, return_tensors="pt", padding=True)))
+        is None
+    )

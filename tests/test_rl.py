@@ -574,6 +574,20 @@ def test_micro_batches_cover_every_token() -> None:
     assert [(s.start, s.end) for s in micro_batches(am, P, 2)] == [(1, 6), (1, 8), (0, 9)]
 
 
+def _ragged_batch(tr: GRPOTrainer) -> Any:
+    """Non-zero LoRA B weights, then step 0's 6 rollouts with responses ended at different lengths,
+    as end tokens do (the tiny model never emits one)."""
+    with torch.no_grad():
+        for n, p in tr.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    b = tr._rollouts(0)
+    for i, n in enumerate([8, 3, 5, 8, 2, 6]):
+        for m in (b.attention_mask, b.response_mask, b.residual_mask):
+            m[i, b.prompt_len + n :] = 0
+    return b
+
+
 @pytest.mark.parametrize("epochs", [1, 2])
 def test_micro_batched_update_equals_whole_batch(tmp_path: Path, epochs: int) -> None:
     """Gradient accumulation over length-sorted, column-trimmed micro-batches = one padded forward."""
@@ -596,15 +610,7 @@ def test_micro_batched_update_equals_whole_batch(tmp_path: Path, epochs: int) ->
             ),
             lm=lm,
         )
-        with torch.no_grad():
-            for n, p in tr.model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.05)
-        b = tr._rollouts(0)
-        # end the responses at different lengths, as end tokens do (the tiny model never emits one)
-        for i, n in enumerate([8, 3, 5, 8, 2, 6]):
-            for m in (b.attention_mask, b.response_mask, b.residual_mask):
-                m[i, b.prompt_len + n :] = 0
+        b = _ragged_batch(tr)
         ref, res = tr.reference(b)
         outcome = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
         adv, *_ = tr.advantages(b, outcome, res, 0.5)
@@ -632,6 +638,50 @@ def test_micro_batched_update_equals_whole_batch(tmp_path: Path, epochs: int) ->
         torch.testing.assert_close(g2_, g0_, rtol=1e-4, atol=1e-5 * scale + 1e-12, msg=n)
         clear = g0_.abs() > 1e-3 * scale  # Adam's early steps are ~lr * sign(g): noise around g = 0
         torch.testing.assert_close(p2[clear], p0[clear], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("micro_batch", [0, 2, 4])
+def test_shared_prompt_forward_equals_one_pass(
+    tmp_path: Path, micro_batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each prompt run once with its KV cache gathered to its completions = every row run whole:
+    the same reference log-probs, loss, entropy and LoRA gradients (float rounding apart)."""
+    from saereward.rl import grpo
+
+    built: list[bool] = []
+    init = grpo.PromptPrefix.__init__
+
+    def counting_init(self: Any, model: Any, b: Any, *, grad: bool) -> None:
+        built.append(grad)
+        init(self, model, b, grad=grad)
+
+    monkeypatch.setattr(grpo.PromptPrefix, "__init__", counting_init)
+    lm = fresh_tiny()
+    out: dict[bool, Any] = {}
+    for share in (False, True):
+        torch.manual_seed(0)
+        tr = GRPOTrainer(
+            rl_cfg(tmp_path / f"s{share}", micro_batch=micro_batch, share_prompt=share, max_new_tokens=8),
+            lm=lm,
+        )
+        b = _ragged_batch(tr)
+        ref, _ = tr.reference(b)
+        adv = torch.linspace(-1, 1, 6)[:, None].expand(6, ref.shape[1]).contiguous()
+        loss, stats, gnorm, ent = tr.update(b, adv, ref)
+        grads = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
+        out[share] = (ref, float(loss), gnorm, ent, stats["kl"], grads)
+        tr.model.unload()
+    assert built == [False, True]  # the shared run built one prefix for the reference, one for training
+    (r0, l0, g0, e0, k0, w0), (r1, l1, g1, e1, k1, w1) = out[False], out[True]
+    resp = b.response_mask[:, b.prompt_len :]
+    assert resp.sum() > 0 and (r0[resp] != 0).all()
+    torch.testing.assert_close(r1[resp], r0[resp], rtol=1e-5, atol=1e-5)
+    assert l1 == pytest.approx(l0, rel=1e-4, abs=1e-6) and g1 == pytest.approx(g0, rel=1e-4)
+    assert e1 == pytest.approx(e0, rel=1e-5) and k1 == pytest.approx(k0, rel=1e-4, abs=1e-9)
+    assert w0.keys() == w1.keys() and w0
+    for n in w0:
+        scale = float(w0[n].abs().max())
+        torch.testing.assert_close(w1[n], w0[n], rtol=1e-4, atol=1e-5 * scale + 1e-12, msg=n)
 
 
 def test_lean_lora_forward_matches_peft(tmp_path: Path) -> None:

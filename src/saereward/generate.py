@@ -13,6 +13,7 @@ the last generated token has no residual and is excluded from ``residual_mask``)
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -174,6 +175,51 @@ def _generation_config(lm: LoadedModel, sampling: SamplingConfig):  # noqa: ANN2
     return GenerationConfig(**kw), eos_ids
 
 
+def gatherable_cache(cache: Any) -> bool:
+    """A cache made only of key/value layers (full or sliding window), whose rows
+    ``batch_select_indices`` can gather (linear-attention layers also keep recurrent states, which it
+    leaves alone)."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    layers = getattr(cache, "layers", None) or []
+    return bool(layers) and all(type(x) in (DynamicLayer, DynamicSlidingWindowLayer) for x in layers)
+
+
+def _shared_prefix_cache(model: Any, enc: dict[str, torch.Tensor]) -> Any | None:
+    """Prefill each distinct prompt once (all but its last token) and gather the cache to every row.
+
+    Returns the cache for ``generate(past_key_values=...)``, which then feeds only each row's last
+    prompt token before decoding; ``None`` when no two rows share a prompt or the cache's rows cannot
+    be gathered. The prefix forward's captured residuals are ``[U, P - 1, d]``: the caller expands
+    them with the returned cache's ``_rows`` index.
+    """
+    from saereward.capture import position_ids_from_mask
+
+    ids, am = enc["input_ids"], enc["attention_mask"]
+    if ids.shape[1] < 2:
+        return None
+    uniq, inv = torch.unique(torch.cat([ids[:, :-1], am[:, :-1]], 1), dim=0, return_inverse=True)
+    if len(uniq) == len(ids):
+        return None
+    first: dict[int, int] = {}
+    for row, u in enumerate(inv.tolist()):
+        first.setdefault(u, row)
+    reps = torch.tensor([first[u] for u in range(len(uniq))], device=ids.device)
+    pos = position_ids_from_mask(am)
+    cache = model(
+        input_ids=ids[reps, :-1],
+        attention_mask=am[reps, :-1],
+        position_ids=pos[reps, :-1],
+        use_cache=True,
+        logits_to_keep=1,
+    ).past_key_values
+    if not gatherable_cache(cache):
+        return None
+    cache.batch_select_indices(inv)
+    cache._rows = inv  # noqa: SLF001 - read back by generate_batch for the captured prefill
+    return cache
+
+
 @torch.no_grad()
 def generate_batch(
     lm: LoadedModel,
@@ -184,11 +230,13 @@ def generate_batch(
     capture_dtype: torch.dtype | None = None,
     seed: int | None = None,
     add_special_tokens: bool = False,
+    share_prompts: bool = False,
 ) -> Generation:
     """Generate for one batch of prompt strings; capture residuals at ``capture_layers`` if given.
 
     Prompts are used verbatim (``add_special_tokens=False``): chat prompts already carry their special
-    tokens from the template.
+    tokens from the template. ``share_prompts``: prefill each distinct prompt once and reuse its KV
+    cache for every row that repeats it (GRPO groups); the same samples up to float rounding.
     """
     tok, model = lm.tokenizer, lm.model
     enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
@@ -211,13 +259,20 @@ def generate_batch(
         kwargs["stopping_criteria"] = StoppingCriteriaList(
             [_TailStop(tok, sampling.stop, enc["input_ids"].shape[1])]
         )
-    if capture_layers:
-        with ResidualCapture(model, capture_layers, store_dtype=capture_dtype) as cap:
-            out = model.generate(**enc, **kwargs)
-            residuals = {layer: cap.sequence(layer, out.shape[1]) for layer in cap.layers}
-    else:
+    with (
+        ResidualCapture(model, capture_layers, store_dtype=capture_dtype)
+        if capture_layers
+        else contextlib.nullcontext()
+    ) as cap:
+        cache = _shared_prefix_cache(model, enc) if share_prompts else None
+        if cache is not None:
+            kwargs["past_key_values"] = cache
+            if cap is not None:  # the prefix forward ran once per distinct prompt: expand to the rows
+                for layer in cap.layers:
+                    chunks = cap.chunks(layer)
+                    chunks[0] = chunks[0][cache._rows]  # noqa: SLF001
         out = model.generate(**enc, **kwargs)
-        residuals = {}
+        residuals = {layer: cap.sequence(layer, out.shape[1]) for layer in cap.layers} if cap else {}
     seconds = time.perf_counter() - t0
     P = enc["input_ids"].shape[1]
     gen = out[:, P:]

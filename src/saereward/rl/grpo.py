@@ -15,7 +15,9 @@ One step (``GRPOTrainer.step``):
    advantages by :func:`saereward.rl.reward.token_advantages` (the seed's G3 form by default).
 4. **Update.** ``epochs_per_batch`` passes of the clipped surrogate over the batch. Each pass
    accumulates gradients over micro-batches of ``micro_batch`` completions, sorted by length and cut
-   to their own longest sequence (:func:`micro_batches`; the reference forward uses them too);
+   to their own longest sequence (:func:`micro_batches`; the reference forward uses them too).
+   Each distinct prompt runs once per forward pass, its KV cache shared by its group's completions
+   (:class:`PromptPrefix`; the rollouts' prefill does the same);
    activation checkpointing, if asked for, is on only for this training forward. Loss per response
    token, averaged over all response tokens of the batch (the seed's ``/ N``):
    ``−min(ρ·adv, clip(ρ, 1±ε)·adv) + β·KL``, KL the seed's squared log-ratio (``kl = sq``) or the
@@ -32,6 +34,7 @@ safetensors (LoRA weights, optimizer moments) + JSON (step, config), written ato
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -133,6 +136,12 @@ class GRPOConfig:
         4,
         "completions per reference / training forward (gradients accumulate across them; each is "
         "sorted by length and cut to its own longest sequence; 0: the whole batch at once)",
+    )
+    share_prompt: bool = option(
+        True,
+        "run each question's prompt once and reuse its KV cache for the group's completions, in "
+        "the rollouts' prefill and in the reference and training forwards (not with gradient "
+        "checkpointing or reference-source residuals); same values up to float rounding",
     )
     mmap_large_allocations: bool = option(
         True,
@@ -575,6 +584,87 @@ def micro_batches(attention_mask: Tensor, prompt_len: int, size: int) -> list[_S
     return [_Slice(g, int(first[g].min().clamp_max(prompt_len - 1)), int(end[g].max())) for g in groups]
 
 
+_NO_SHARED_PROMPT = "_saereward_no_shared_prompt"
+
+
+class PromptPrefix:
+    """The KV cache of a batch's distinct prompts (each but its last column), computed once.
+
+    GRPO repeats every prompt ``group_size`` times. The reference and training forwards run each
+    distinct prompt once here; every micro-batch then runs only its rows' last prompt token and
+    responses on top of the cache rows gathered for it (:meth:`for_rows`). Positions come from the
+    full mask, as in the one-pass forward, so the values equal it up to float rounding. With
+    ``grad``, the gathered cache reads detached leaf copies: each micro-batch's backward stops there
+    and sums its gradient into them, and :meth:`backward` sends the total through the prompt forward
+    once. A batch of ``U`` prompts × ``G`` completions costs ``U·P + U·G·N`` positions instead of
+    ``U·G·(P + N)`` (the raw chain_sum prompt is ~30 tokens, a completion ~45).
+    """
+
+    def __init__(self, model: Any, b: _Batch, *, grad: bool) -> None:
+        from saereward.capture import position_ids_from_mask
+
+        P = b.prompt_len
+        ids, am = b.sequences[:, : P - 1], b.attention_mask[:, : P - 1]
+        _, inv = torch.unique(torch.cat([ids, am], 1), dim=0, return_inverse=True)
+        first: dict[int, int] = {}
+        for row, u in enumerate(inv.tolist()):
+            first.setdefault(u, row)
+        reps = torch.tensor(list(first.values()), device=ids.device)
+        back = torch.empty(len(first), dtype=torch.long)
+        back[torch.tensor(list(first.keys()))] = torch.arange(len(first))
+        self.index = back.to(ids.device)[inv]  #: batch row -> row of the prefix cache
+        self.pos = position_ids_from_mask(b.attention_mask)
+        self.cache = model(
+            input_ids=ids[reps],
+            attention_mask=am[reps],
+            position_ids=self.pos[reps, : P - 1],
+            use_cache=True,
+            logits_to_keep=1,
+        ).past_key_values
+        layers = getattr(self.cache, "layers", None) or []
+        self.live = [t for layer in layers for t in (layer.keys, layer.values)]
+        self.leaves = [t.detach().requires_grad_() for t in self.live] if grad else self.live
+
+    @staticmethod
+    def wanted(model: Any, b: _Batch) -> bool:
+        """Whether the batch repeats a prompt (and the prompt has a column to cache)."""
+        if b.prompt_len < 2 or getattr(model, _NO_SHARED_PROMPT, False):
+            return False
+        key = torch.cat([b.sequences[:, : b.prompt_len - 1], b.attention_mask[:, : b.prompt_len - 1]], 1)
+        return len(torch.unique(key, dim=0)) < len(key)
+
+    @classmethod
+    def build(cls, model: Any, b: _Batch, *, grad: bool) -> PromptPrefix | None:
+        """The prefix, or ``None`` (and a note on the model) when its cache rows cannot be gathered."""
+        from saereward.generate import gatherable_cache
+
+        prefix = cls(model, b, grad=grad)
+        if gatherable_cache(prefix.cache):
+            return prefix
+        setattr(model, _NO_SHARED_PROMPT, True)
+        log.info("share_prompt: this model's cache rows cannot be gathered; one-pass forwards instead")
+        return None
+
+    def for_rows(self, rows: Tensor) -> Any:
+        """A cache for the batch rows ``rows``: their prompts' keys and values, gathered."""
+        idx = self.index[rows]
+        cache = copy.copy(self.cache)
+        cache.layers = []
+        for i, layer in enumerate(self.cache.layers):
+            new = copy.copy(layer)  # DynamicLayer.update rebinds keys/values: the original stays intact
+            new.keys, new.values = self.leaves[2 * i][idx], self.leaves[2 * i + 1][idx]
+            cache.layers.append(new)
+        return cache
+
+    def backward(self) -> None:
+        """Backpropagate the gradient the micro-batches left on the cache through the prompt forward."""
+        pairs = [
+            (t, leaf.grad) for t, leaf in zip(self.live, self.leaves, strict=True) if leaf.grad is not None
+        ]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+
+
 @dataclass
 class _Batch:
     sequences: Tensor  #: [B, T]
@@ -806,6 +896,7 @@ class GRPOTrainer:
                 sampling,
                 capture_layers=capture,
                 seed=cfg.seed * 7919 + step + 1_000_003 * self.rank,
+                share_prompts=cfg.share_prompt,
             )
         res = g.residuals[capture[0]] if capture else None
         return _Batch(
@@ -853,6 +944,7 @@ class GRPOTrainer:
         capture_layer: int | None = None,
         context: contextlib.AbstractContextManager[Any] | None = None,
         entropy: bool = True,
+        prefix: PromptPrefix | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Log-probs and entropies (zeros with ``entropy=False``) ``[m, n]`` of one micro-batch's response tokens; optional capture.
 
@@ -860,7 +952,8 @@ class GRPOTrainer:
         of these rows has a real token are dropped: exact, since attention masks them and positions
         come from the mask). Response position ``j < n`` is column ``prompt_len + j`` of the batch.
         The residuals, if captured, are ``[m, sl.end - sl.start, d]``. ``context`` wraps the model
-        forward only (the log-softmax runs outside it, in fp32).
+        forward only (the log-softmax runs outside it, in fp32). With ``prefix`` (no capture) the
+        rows run only from their last prompt column, on the prompts' shared cache.
         """
         from saereward.capture import ResidualCapture, position_ids_from_mask
 
@@ -882,11 +975,33 @@ class GRPOTrainer:
                 with ResidualCapture(model, [capture_layer]) as cap:
                     logits = model(**kwargs).logits
                 res = cap.sequence(capture_layer)
+            elif prefix is not None:
+                P, rows = b.prompt_len, sl.rows
+                logits = model(
+                    input_ids=b.sequences[rows, P - 1 : sl.end - 1],
+                    attention_mask=b.attention_mask[rows, : sl.end - 1],
+                    position_ids=prefix.pos[rows, P - 1 : sl.end - 1],
+                    past_key_values=prefix.for_rows(rows),
+                    use_cache=True,
+                    logits_to_keep=0,
+                ).logits
+                res = None
             else:
                 logits = model(**kwargs).logits
                 res = None
         lp, ent = selective_log_softmax(logits, seq[:, p:], temperature=self.cfg.temperature, entropy=entropy)
         return lp, ent, res
+
+    def _prompt_prefix(self, b: _Batch, grad: bool) -> PromptPrefix | None:
+        """The batch's shared prompt cache for the next forwards (``share_prompt``), if it helps.
+
+        Not under gradient checkpointing (transformers turns the cache off in checkpointed training).
+        """
+        if not self.cfg.share_prompt or (grad and self.cfg.grad_checkpointing):
+            return None
+        if not PromptPrefix.wanted(self.model, b):
+            return None
+        return PromptPrefix.build(self.model, b, grad=grad)
 
     def outcomes(self, b: _Batch) -> Tensor:
         """``[B]`` 1.0 where the task's verifier accepts the completion."""
@@ -909,8 +1024,9 @@ class GRPOTrainer:
         ref_lp = torch.zeros(B, T - b.prompt_len, device=b.sequences.device)
         res_full: Tensor | None = None
         with torch.no_grad(), self.model.disable_adapter():
+            prefix = None if layer is not None else self._prompt_prefix(b, grad=False)
             for sl in micro_batches(b.attention_mask, b.prompt_len, cfg.micro_batch):
-                lp, _, res = self._logps(self.model, b, sl, capture_layer=layer, entropy=False)
+                lp, _, res = self._logps(self.model, b, sl, capture_layer=layer, entropy=False, prefix=prefix)
                 ref_lp[sl.rows, : lp.shape[1]] = lp
                 if res is not None:
                     if res_full is None:
@@ -1020,8 +1136,12 @@ class GRPOTrainer:
                         gradient_checkpointing_kwargs={"use_reentrant": False}
                     )
                 try:
+                    with self._train_forward_context():
+                        prefix = self._prompt_prefix(b, grad=True)
                     for sl in slices:
-                        lp, ent, _ = self._logps(self.model, b, sl, context=self._train_forward_context())
+                        lp, ent, _ = self._logps(
+                            self.model, b, sl, context=self._train_forward_context(), prefix=prefix
+                        )
                         n = lp.shape[1]
                         if new_old is not None:
                             new_old[sl.rows, :n] = lp.detach()
@@ -1043,6 +1163,9 @@ class GRPOTrainer:
                         for k, v in st.items():
                             stats[k] = stats.get(k, 0.0) + v
                         del lp, ent, part
+                    if prefix is not None:
+                        prefix.backward()
+                    del prefix
                 finally:
                     if cfg.grad_checkpointing:
                         self.model.gradient_checkpointing_disable()
