@@ -185,6 +185,22 @@ def gatherable_cache(cache: Any) -> bool:
     return bool(layers) and all(type(x) in (DynamicLayer, DynamicSlidingWindowLayer) for x in layers)
 
 
+def distinct_prefix_cache(
+    model: Any, ids: torch.Tensor, am: torch.Tensor, pos: torch.Tensor
+) -> tuple[Any, torch.Tensor]:
+    """Run each distinct row of ``ids``/``am`` once with ``use_cache``: ``(cache, inv)``, where row
+    ``i`` of the batch is row ``inv[i]`` of the cache (gather it with ``batch_select_indices(inv)``)."""
+    uniq, inv = torch.unique(torch.cat([ids, am], 1), dim=0, return_inverse=True)
+    first: dict[int, int] = {}
+    for row, u in enumerate(inv.tolist()):
+        first.setdefault(u, row)
+    reps = torch.tensor([first[u] for u in range(len(uniq))], device=ids.device)
+    cache = model(
+        input_ids=ids[reps], attention_mask=am[reps], position_ids=pos[reps], use_cache=True, logits_to_keep=1
+    ).past_key_values
+    return cache, inv
+
+
 def _shared_prefix_cache(model: Any, enc: dict[str, torch.Tensor]) -> Any | None:
     """Prefill each distinct prompt once (all but its last token) and gather the cache to every row.
 
@@ -198,21 +214,10 @@ def _shared_prefix_cache(model: Any, enc: dict[str, torch.Tensor]) -> Any | None
     ids, am = enc["input_ids"], enc["attention_mask"]
     if ids.shape[1] < 2:
         return None
-    uniq, inv = torch.unique(torch.cat([ids[:, :-1], am[:, :-1]], 1), dim=0, return_inverse=True)
-    if len(uniq) == len(ids):
-        return None
-    first: dict[int, int] = {}
-    for row, u in enumerate(inv.tolist()):
-        first.setdefault(u, row)
-    reps = torch.tensor([first[u] for u in range(len(uniq))], device=ids.device)
     pos = position_ids_from_mask(am)
-    cache = model(
-        input_ids=ids[reps, :-1],
-        attention_mask=am[reps, :-1],
-        position_ids=pos[reps, :-1],
-        use_cache=True,
-        logits_to_keep=1,
-    ).past_key_values
+    if len(torch.unique(torch.cat([ids[:, :-1], am[:, :-1]], 1), dim=0)) == len(ids):
+        return None
+    cache, inv = distinct_prefix_cache(model, ids[:, :-1], am[:, :-1], pos[:, :-1])
     if not gatherable_cache(cache):
         return None
     cache.batch_select_indices(inv)

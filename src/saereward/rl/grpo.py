@@ -602,25 +602,13 @@ class PromptPrefix:
 
     def __init__(self, model: Any, b: _Batch, *, grad: bool) -> None:
         from saereward.capture import position_ids_from_mask
+        from saereward.generate import distinct_prefix_cache
 
         P = b.prompt_len
-        ids, am = b.sequences[:, : P - 1], b.attention_mask[:, : P - 1]
-        _, inv = torch.unique(torch.cat([ids, am], 1), dim=0, return_inverse=True)
-        first: dict[int, int] = {}
-        for row, u in enumerate(inv.tolist()):
-            first.setdefault(u, row)
-        reps = torch.tensor(list(first.values()), device=ids.device)
-        back = torch.empty(len(first), dtype=torch.long)
-        back[torch.tensor(list(first.keys()))] = torch.arange(len(first))
-        self.index = back.to(ids.device)[inv]  #: batch row -> row of the prefix cache
         self.pos = position_ids_from_mask(b.attention_mask)
-        self.cache = model(
-            input_ids=ids[reps],
-            attention_mask=am[reps],
-            position_ids=self.pos[reps, : P - 1],
-            use_cache=True,
-            logits_to_keep=1,
-        ).past_key_values
+        self.cache, self.index = distinct_prefix_cache(  # index: batch row -> row of the prefix cache
+            model, b.sequences[:, : P - 1], b.attention_mask[:, : P - 1], self.pos[:, : P - 1]
+        )
         layers = getattr(self.cache, "layers", None) or []
         self.live = [t for layer in layers for t in (layer.keys, layer.values)]
         self.leaves = [t.detach().requires_grad_() for t in self.live] if grad else self.live
