@@ -12,7 +12,6 @@ records the peak inside each phase.
 from __future__ import annotations
 
 import argparse
-import json
 import threading
 import time
 from typing import Any
@@ -36,19 +35,14 @@ def main() -> None:
 
     import torch
 
-    from grpo_step import bench_config  # the benchmark's configuration (this folder)
+    from grpo_step import bench_config, parse_sets  # the benchmark's configuration (this folder)
     from saereward.lm import load_model
     from saereward.rl.grpo import GRPOTrainer
 
     torch.set_num_threads(args.threads)
-    over: dict[str, Any] = {}
-    for kv in args.set:
-        k, _, v = kv.partition("=")
-        try:
-            over[k] = json.loads(v)
-        except json.JSONDecodeError:
-            over[k] = v
-    cfg = bench_config(args.dtype, 200, args.steps, **over)  # 200 questions: the pre-session-7 draw
+    cfg = bench_config(
+        args.dtype, 200, args.steps, **parse_sets(args.set)
+    )  # 200 questions: the pre-session-7 draw
     phase = ["setup"]
     peaks: dict[str, float] = {}
 

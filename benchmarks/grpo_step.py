@@ -9,7 +9,8 @@ strings on either side (TRL has none), the same dtype on both sides (TRL's
 with its own defaults otherwise: TRL checkpoints the training forward's activations
 (``gradient_checkpointing=True``); ours accumulates gradients over length-sorted micro-batches of 4
 completions without checkpointing and runs each prompt once per forward pass, its KV cache shared
-by the group (``--grad-checkpointing`` / ``--micro-batch N`` / ``--no-share-prompt`` override ours).
+by the group, and decodes with its own loop (``saereward.fastdecode``). ``--grad-checkpointing`` /
+``--micro-batch N`` / ``--no-share-prompt`` / ``--set KEY=VALUE`` (any ``GRPOConfig`` field) override ours.
 ``BENCH_MMAP=0`` runs ours without ``mmap_large_allocations`` (glibc's own malloc policy, as TRL
 runs), to measure that setting.
 
@@ -166,7 +167,7 @@ def child_ours(
     grad_ckpt: bool | None,
     micro_batch: int | None,
     n_questions: int,
-    share_prompt: bool | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     import torch
 
@@ -185,7 +186,7 @@ def child_ours(
         **kw,
         **({} if grad_ckpt is None else {"grad_checkpointing": grad_ckpt}),
         **({} if micro_batch is None else {"micro_batch": micro_batch}),
-        **({} if share_prompt is None else {"share_prompt": share_prompt}),
+        **(overrides or {}),
     )
     tr = GRPOTrainer(cfg, lm=load_model(dtype=cfg.dtype))
     rows = [tr.step(s) for s in range(steps + 1)]
@@ -249,6 +250,28 @@ def run_child(
     return res
 
 
+def parse_sets(pairs: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` pairs as GRPOConfig overrides (JSON values; anything else as a string)."""
+    out: dict[str, Any] = {}
+    for kv in pairs:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {kv!r}: expected KEY=VALUE, e.g. --set fast_decode=false")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Ours' GRPOConfig overrides: ``--share-prompt`` and ``--set``."""
+    out = parse_sets(args.set)
+    if args.share_prompt is not None:
+        out["share_prompt"] = args.share_prompt
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 timed steps, the first of --dtypes only")
@@ -269,6 +292,13 @@ def main() -> None:
         default=None,
         help="ours with / without one prompt forward per question (its KV cache shared by the "
         "group; default: ours, on)",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="ours: a GRPOConfig override (JSON value), e.g. --set fast_decode=false; repeatable",
     )
     ap.add_argument(
         "--trl-fix",
@@ -301,7 +331,7 @@ def main() -> None:
                 args.grad_checkpointing,
                 args.micro_batch,
                 args.questions,
-                args.share_prompt,
+                _overrides(args),
             )
         res["peak_rss_gb"] = round(_peak_rss_gb(), 3)
         print(json.dumps(res))  # noqa: T201
@@ -314,6 +344,8 @@ def main() -> None:
         extra += ["--micro-batch", str(args.micro_batch)]
     if args.share_prompt is not None:
         extra.append("--share-prompt" if args.share_prompt else "--no-share-prompt")
+    for kv in args.set:
+        extra += ["--set", kv]
     steps = 2 if args.quick else args.steps
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     dtypes = dtypes[:1] if args.quick else dtypes

@@ -147,10 +147,14 @@ class NucleusSampler:
         keep[:, 0] = True
         return vals.masked_fill(~keep, float("-inf")), idx
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def sample(self, scores: torch.Tensor) -> torch.Tensor:
+        """One token per row, ``[B]``, drawn from the nucleus of ``scores`` ``[B, V]``."""
         vals, idx = self.nucleus(scores)
         choice = torch.multinomial(torch.softmax(vals, -1), 1)
-        token = idx.gather(1, choice)
+        return idx.gather(1, choice).squeeze(1)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        token = self.sample(scores).unsqueeze(1)
         return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
 
 
@@ -225,6 +229,74 @@ def _shared_prefix_cache(model: Any, enc: dict[str, torch.Tensor]) -> Any | None
     return cache
 
 
+def _fast_generate(
+    lm: LoadedModel,
+    enc: dict[str, torch.Tensor],
+    sampling: SamplingConfig,
+    eos_ids: set[int],
+    cache: Any | None,
+    cap: ResidualCapture | None,
+    capture_dtype: torch.dtype | None,
+    skinny: bool,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """``generate_batch``'s ``fast_decode`` path: an HF prefill (on the shared prompt cache if any),
+    then :func:`saereward.fastdecode.decode`. Returns ``(sequences, residuals)`` as ``generate()``
+    and ``ResidualCapture.sequence`` would."""
+    from saereward import fastdecode
+    from saereward.capture import position_ids_from_mask
+
+    model, tok = lm.model, lm.tokenizer
+    ids, am = enc["input_ids"], enc["attention_mask"]
+    pos = position_ids_from_mask(am)
+    if cache is not None:  # the prompts minus their last token are cached: feed the last one
+        ids_in, pos_in = ids[:, -1:], pos[:, -1:]
+    else:
+        ids_in, pos_in = ids, pos
+    pre = model(
+        input_ids=ids_in,
+        attention_mask=am,
+        position_ids=pos_in,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    layers = list(cap.layers) if cap is not None else []
+    prefill_res = {layer: cap.sequence(layer) for layer in layers} if cap is not None else {}
+    if cap is not None:
+        cap.remove()  # the decode steps record their own residuals
+    if sampling.do_sample:
+        pick = NucleusSampler(sampling.temperature, sampling.top_p).sample
+    else:
+
+        def pick(scores: torch.Tensor) -> torch.Tensor:
+            return scores.argmax(-1)
+
+    stop = None
+    if sampling.stop:
+        tail = _TailStop(tok, sampling.stop, 0)
+
+        def stop(gen: torch.Tensor) -> torch.Tensor:
+            return tail(gen, None)
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos_ids)
+    new, res = fastdecode.decode(
+        model,
+        pre.past_key_values,
+        am,
+        pre.logits[:, -1],
+        max_new_tokens=sampling.max_new_tokens,
+        pick=pick,
+        end_ids=eos_ids,
+        pad_id=pad,
+        stop=stop,
+        capture_layers=layers,
+        capture_dtype=capture_dtype,
+        skinny=skinny,
+    )
+    residuals = {layer: torch.cat([prefill_res[layer], res[layer]], 1) for layer in layers}
+    return torch.cat([ids, new], 1), residuals
+
+
 @torch.no_grad()
 def generate_batch(
     lm: LoadedModel,
@@ -236,12 +308,18 @@ def generate_batch(
     seed: int | None = None,
     add_special_tokens: bool = False,
     share_prompts: bool = False,
+    fast_decode: bool = False,
+    skinny: bool = False,
 ) -> Generation:
     """Generate for one batch of prompt strings; capture residuals at ``capture_layers`` if given.
 
     Prompts are used verbatim (``add_special_tokens=False``): chat prompts already carry their special
     tokens from the template. ``share_prompts``: prefill each distinct prompt once and reuse its KV
     cache for every row that repeats it (GRPO groups); the same samples up to float rounding.
+    ``fast_decode``: decode with :func:`saereward.fastdecode.decode` (preallocated KV cache, ended
+    rows leave the batch) after an HF prefill, where the model and sampler allow it (greedy or
+    ``sampler="topk"``; see :func:`saereward.fastdecode.unsupported`), else ``generate()``; ``skinny``
+    is its ``(W xᵀ)ᵀ`` products. Same distribution, different random draws once a row has ended.
     """
     tok, model = lm.tokenizer, lm.model
     enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
@@ -264,6 +342,11 @@ def generate_batch(
         kwargs["stopping_criteria"] = StoppingCriteriaList(
             [_TailStop(tok, sampling.stop, enc["input_ids"].shape[1])]
         )
+    fast = fast_decode and (sampling.sampler == "topk" or not sampling.do_sample)
+    if fast:
+        from saereward import fastdecode
+
+        fast = fastdecode.unsupported(model) is None
     with (
         ResidualCapture(model, capture_layers, store_dtype=capture_dtype)
         if capture_layers
@@ -276,8 +359,11 @@ def generate_batch(
                 for layer in cap.layers:
                     chunks = cap.chunks(layer)
                     chunks[0] = chunks[0][cache._rows]  # noqa: SLF001
-        out = model.generate(**enc, **kwargs)
-        residuals = {layer: cap.sequence(layer, out.shape[1]) for layer in cap.layers} if cap else {}
+        if fast:
+            out, residuals = _fast_generate(lm, enc, sampling, eos_ids, cache, cap, capture_dtype, skinny)
+        else:
+            out = model.generate(**enc, **kwargs)
+            residuals = {layer: cap.sequence(layer, out.shape[1]) for layer in cap.layers} if cap else {}
     seconds = time.perf_counter() - t0
     P = enc["input_ids"].shape[1]
     gen = out[:, P:]

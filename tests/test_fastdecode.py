@@ -1,0 +1,140 @@
+"""saereward.fastdecode: the lean decode loop gives generate()'s tokens and residuals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saereward import fastdecode
+from saereward.capture import ResidualCapture, position_ids_from_mask
+from tiny_models import EOS_ID, PAD_ID, make_tiny
+
+ENDS = {EOS_ID, 5, 9, 17, 33, 41, 60, 77}  # many end tokens: rows end at different steps
+
+
+def _batch(B: int = 20, P: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 128, (B, P), generator=g)
+    am = torch.ones_like(ids)
+    for r in range(0, B, 3):  # ragged left padding
+        am[r, : 1 + r % 4] = 0
+    return ids.masked_fill(am == 0, PAD_ID), am
+
+
+class _StopOn:
+    """A stop criterion on generated tokens (stands in for stop strings): stop at token 11."""
+
+    def __call__(self, gen: torch.Tensor) -> torch.Tensor:
+        return (gen == 11).any(1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("capture", [False, True])
+@pytest.mark.parametrize("skinny", [False, True])
+def test_decode_matches_generate(arch: str, capture: bool, skinny: bool, monkeypatch) -> None:
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    model, _ = make_tiny(arch)
+    ids, am = _batch()
+    P, N, layer = ids.shape[1], 14, 2
+
+    class HFStop(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: object) -> torch.Tensor:
+            return _StopOn()(input_ids[:, P:])
+
+    sizes: list[int] = []
+    real = fastdecode._batch_size
+    monkeypatch.setattr(fastdecode, "_batch_size", lambda n: sizes.append(real(n)) or real(n))
+    with torch.no_grad(), ResidualCapture(model, [layer]) as cap:
+        ref = model.generate(
+            input_ids=ids,
+            attention_mask=am,
+            max_new_tokens=N,
+            do_sample=False,
+            eos_token_id=sorted(ENDS),
+            pad_token_id=PAD_ID,
+            stopping_criteria=StoppingCriteriaList([HFStop()]),
+        )
+        ref_res = cap.sequence(layer, ref.shape[1])[:, P:]
+    with torch.no_grad():
+        pre = model(
+            input_ids=ids,
+            attention_mask=am,
+            position_ids=position_ids_from_mask(am),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        new, res = fastdecode.decode(
+            model,
+            pre.past_key_values,
+            am,
+            pre.logits[:, -1],
+            max_new_tokens=N,
+            pick=lambda s: s.argmax(-1),
+            end_ids=ENDS,
+            pad_id=PAD_ID,
+            stop=_StopOn(),
+            capture_layers=[layer] if capture else [],
+            skinny=skinny,
+        )
+    assert torch.equal(new, ref[:, P:])
+    ended = torch.isin(new, torch.tensor(sorted(ENDS))) | (new == 11)
+    first_end = torch.where(ended.any(1), ended.int().argmax(1), N)
+    assert len(set(first_end.tolist())) > 3 and int(first_end.min()) < N // 2  # rows end at many steps
+    assert min(sizes) < len(ids)  # the batch shrank (20 rows -> 16 -> 4)
+    if capture:
+        after = torch.arange(new.shape[1])[None, :] > first_end[:, None]  # never fed (post-end)
+        valid = ~after
+        valid[:, -1] = False  # the last sampled token is not fed
+        got = res[layer]
+        assert got.shape == (len(ids), new.shape[1], model.config.hidden_size)
+        torch.testing.assert_close(got[valid], ref_res[valid], rtol=1e-4, atol=1e-4)
+        assert not got[after].any()
+    else:
+        assert res == {}
+
+
+def test_unsupported_models_and_adapters() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    gpt2, _ = make_tiny("gpt2")
+    assert "gpt2" in (fastdecode.unsupported(gpt2) or "")
+    model, _ = make_tiny("llama")
+    assert fastdecode.unsupported(model) is None
+    peft = get_peft_model(
+        model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    assert "LoRA" in (fastdecode.unsupported(peft) or "")
+    peft.merge_adapter()
+    assert fastdecode.unsupported(peft) is None
+    peft.unmerge_adapter()
+    with peft.disable_adapter():
+        assert fastdecode.unsupported(peft) is None
+
+
+def test_batch_sizes() -> None:
+    assert [fastdecode._batch_size(n) for n in (1, 2, 4, 5, 15, 16, 17, 33)] == [4, 4, 4, 16, 16, 16, 32, 48]
+
+
+@pytest.mark.slow
+def test_generate_batch_fast_decode_on_smollm(smollm) -> None:
+    """The real model through ``generate_batch``: greedy tokens, completions and captured residuals as
+    ``generate()``'s; seeded sampling with the top-k sampler reproducible; stop strings honoured."""
+    from saereward.generate import SamplingConfig, generate_batch
+
+    prompts = ["Q: What is 2 + 3?\nA:", "Q: Tom has 12 apples and gives away 5. How many are left?\nA:"] * 3
+    greedy = SamplingConfig(max_new_tokens=24)
+    a = generate_batch(smollm, prompts, greedy, capture_layers=[15])
+    b = generate_batch(smollm, prompts, greedy, capture_layers=[15], fast_decode=True, share_prompts=True)
+    assert torch.equal(a.sequences, b.sequences) and a.completions == b.completions
+    m = a.response_mask.clone()
+    m[:, -1] = False
+    ra, rb = a.residuals[15], b.residuals[15]
+    assert ra.shape == rb.shape
+    assert ((ra - rb)[m].abs().max() / ra[m].abs().max()) < 1e-4
+    sampling = SamplingConfig(max_new_tokens=16, do_sample=True, sampler="topk", stop=("\nQ:",))
+    c = generate_batch(smollm, prompts, sampling, seed=3, fast_decode=True, skinny=True)
+    d = generate_batch(smollm, prompts, sampling, seed=3, fast_decode=True, skinny=True)
+    assert torch.equal(c.sequences, d.sequences)
+    for t in c.completions:  # generation stopped within a few characters of the first stop string
+        assert "\nQ:" not in t or len(t) - t.index("\nQ:") <= 8
