@@ -9,6 +9,11 @@ both settings see the same process, model and machine state. Each step draws its
 step time per completion token is reported next to the step time.
 
     .venv/bin/python benchmarks/reward_overhead.py --pairs 4
+    .venv/bin/python benchmarks/reward_overhead.py --pairs 4 --source reference
+
+``--source reference``: the reward reads the frozen base model's residuals, captured in the reference
+forward (which then runs every row's prompt itself instead of sharing the group's prompt cache)
+rather than the policy's, captured during generation.
 
 The last line is ``reward_overhead=<(on - off) / on, from the medians of s/step>``.
 """
@@ -26,6 +31,9 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=4, help="timed (off, on) step pairs after 1 warm-up step")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument(
+        "--source", default="policy", choices=["policy", "reference"], help="GRPOConfig.reward_source"
+    )
     args = ap.parse_args()
 
     import torch
@@ -38,7 +46,13 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="reward_overhead_"))
     make_pack(workdir)
     cfg = bench_config(
-        args.dtype, 4, 2 * args.pairs + 1, reward="sae", pack=str(workdir / "pack.json"), layer=15
+        args.dtype,
+        4,
+        2 * args.pairs + 1,
+        reward="sae",
+        pack=str(workdir / "pack.json"),
+        layer=15,
+        reward_source=args.source,
     )
     tr = GRPOTrainer(cfg, lm=load_model(dtype=cfg.dtype))
     scorer = tr.scorer

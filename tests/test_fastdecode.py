@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -138,3 +140,43 @@ def test_generate_batch_fast_decode_on_smollm(smollm) -> None:
     assert torch.equal(c.sequences, d.sequences)
     for t in c.completions:  # generation stopped within a few characters of the first stop string
         assert "\nQ:" not in t or len(t) - t.index("\nQ:") <= 8
+
+
+@pytest.mark.slow
+def test_eval_fast_decode_matches_generate(smollm) -> None:
+    """``saereward eval --fast-decode``: the same greedy completions and verdicts as ``generate()``
+    on chain_sum (raw prompts, stop strings, batches of 4 that end at different lengths)."""
+    from saereward.evaluate import EvalConfig, run_eval
+
+    cfg = EvalConfig(
+        task="chain_sum", n=8, prompt_format="raw", max_new_tokens=40, batch_size=4, progress=False
+    )
+    slow = run_eval(cfg, lm=smollm)
+    fast = run_eval(replace(cfg, fast_decode=True), lm=smollm)
+    keys = ("id", "completion", "correct", "new_tokens")
+    assert [{k: r[k] for k in keys} for r in fast.rows] == [{k: r[k] for k in keys} for r in slow.rows]
+    assert fast.summary["accuracy"] == slow.summary["accuracy"]
+
+
+def test_cached_eval_reused_across_an_added_option(tmp_path, monkeypatch) -> None:
+    """A finished evaluation saved before ``fast_decode`` existed (its config lacks the key) is still
+    reused when the option is at its default, and run again when it is not."""
+    import json
+
+    from saereward import evaluate
+    from saereward.config import to_dict
+    from saereward.evaluate import EvalConfig, run_eval_cached
+
+    cfg = EvalConfig(task="chain_sum", n=2, out=str(tmp_path), progress=False)
+    old = to_dict(cfg)
+    del old["fast_decode"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    (tmp_path / "summary.json").write_text("{}")
+    (tmp_path / "items.jsonl").write_text('{"id": "a", "correct": true}\n')
+    ran: list[bool] = []
+    monkeypatch.setattr(
+        evaluate, "run_eval", lambda c, lm=None: ran.append(c.fast_decode) or evaluate.EvalResult({})
+    )
+    assert run_eval_cached(cfg) == [{"id": "a", "correct": True}] and not ran
+    run_eval_cached(replace(cfg, fast_decode=True))
+    assert ran == [True]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -150,6 +151,22 @@ def test_surrogate_first_pass_is_the_seed_loss() -> None:
     expect = (-adv + 0.05 * 2 * (lp.detach() - ref)) * mask / 2
     torch.testing.assert_close(lp.grad, expect)
     assert stats["clip_frac"] == 0.0 and stats["kl"] == pytest.approx(0.04 / 2)
+
+
+def test_surrogate_clips_a_reused_batch() -> None:
+    """A second pass over a batch (ρ ≠ 1): tokens whose ratio left [1 − ε, 1 + ε] in the advantage's
+    direction are clipped (counted in clip_frac, no gradient); the others keep −ρ·adv's gradient."""
+    old = torch.zeros(1, 4)
+    lp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.5]])).requires_grad_()
+    adv = torch.tensor([[1.0, -1.0, 1.0, 1.0]])  # clipped: ρ 1.5 with adv > 0, ρ 0.5 with adv < 0
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    loss, stats = surrogate_loss(lp, old, None, adv, mask, 0.0, "sq", 0.2)
+    loss.backward()
+    assert stats["clip_frac"] == pytest.approx(0.5) and "kl" not in stats
+    expect = torch.tensor([[0.0, 0.0, -1.1, -0.5]]) / 4  # d(−ρ·adv)/dlogp = −ρ·adv where not clipped
+    torch.testing.assert_close(lp.grad, expect)
+    # min(ρ·adv, clip(ρ)·adv) per token: 1.2, −0.8, 1.1, 0.5
+    torch.testing.assert_close(loss.detach(), torch.tensor(-(1.2 - 0.8 + 1.1 + 0.5) / 4))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,6 +349,19 @@ def test_resume_after_kill_is_identical(tmp_path: Path) -> None:
     assert strip(la) == strip(lb)
 
 
+def test_resume_after_kill_between_checkpoint_renames(tmp_path: Path) -> None:
+    """A kill after ``checkpoint`` became ``checkpoint.old`` and before ``checkpoint.tmp`` took its place:
+    the next run resumes from ``checkpoint.old`` instead of starting again."""
+    cfg = rl_cfg(tmp_path / "run", steps=2)
+    GRPOTrainer(cfg, lm=fresh_tiny()).fit()
+    ck = tmp_path / "run" / "checkpoint"
+    saved = json.loads((ck / "state.json").read_text())
+    assert saved["step"] == 2 and "manual_seed" in saved["rng"]
+    ck.rename(ck.with_name("checkpoint.old"))
+    tr = GRPOTrainer(GRPOConfig(**{**cfg.__dict__, "steps": 3}), lm=fresh_tiny())
+    assert tr._restore() == 2
+
+
 def test_gate_g2_runs_every_reward_and_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from saereward.gates.g2 import GateG2Config, format_g2, run_gate_g2
     from saereward.rollouts import run_rollouts
@@ -342,7 +372,12 @@ def test_gate_g2_runs_every_reward_and_seed(tmp_path: Path, capsys: pytest.Captu
     rl = rl_cfg(
         tmp_path / "unused", steps=1, pack=str(pack), direction_rollouts=str(tmp_path / "ro"), layer=1
     )
-    cfg = GateG2Config(seeds=(0, 1), out=str(tmp_path / "g2"), rl=rl)
+    cfg = GateG2Config(seeds=(0, 1), out=str(tmp_path / "g2"), rl=rl, min_seeds=2)
+    # bad input fails before any run, not after R0's: here R1's pack is from another layer
+    bad = dataclasses.replace(cfg, rl=dataclasses.replace(rl, layer=3))
+    with pytest.raises(SaeRewardError, match="discovered at layer 1, the reward reads layer 3"):
+        run_gate_g2(dataclasses.replace(bad, rewards=("outcome", "sae")), lm_factory=fresh_tiny)
+    assert not (tmp_path / "g2").exists()
     res = run_gate_g2(cfg, lm_factory=fresh_tiny)
     assert res["verdict"] in ("PASS", "FAIL")
     assert set(res["table"]) == {"outcome", "sae", "direction"}
@@ -355,8 +390,12 @@ def test_gate_g2_runs_every_reward_and_seed(tmp_path: Path, capsys: pytest.Captu
     assert "R1 sae" in text and "verdict:" in text
     # a second call reuses the finished runs
     mtime = (tmp_path / "g2" / "R0_outcome_seed0" / "summary.json").stat().st_mtime
-    run_gate_g2(cfg, lm_factory=fresh_tiny)
+    again = run_gate_g2(dataclasses.replace(cfg, min_seeds=3), lm_factory=fresh_tiny)
     assert (tmp_path / "g2" / "R0_outcome_seed0" / "summary.json").stat().st_mtime == mtime
+    assert again["verdict"] == "INCOMPLETE" and "min_seeds 3" in again["checks"]["note"]  # 2 seeds
+    # ...but not a finished run made with other settings
+    with pytest.raises(SaeRewardError, match=r"holds a run with other settings \(lr\)"):
+        run_gate_g2(dataclasses.replace(cfg, rl=dataclasses.replace(rl, lr=5e-3)), lm_factory=fresh_tiny)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -426,10 +465,13 @@ def _ddp_grpo_worker(rank: int, world: int, port: int, folder: str) -> None:
         rows = slice(3 * rank, 3 * rank + 3)  # one whole group per rank
         part = _split_batch(b, rows)
         ref_lp, _ = tr.reference(part)
-        adv, _, _, _ = tr.advantages(part, outcome[rows], part.residuals, 0.5)
-        tr.update(part, adv, ref_lp)
+        adv, total, mech, gated = tr.advantages(part, outcome[rows], part.residuals, 0.5)
+        loss, stats, _, ent = tr.update(part, adv, ref_lp)
+        logged = tr.batch_stats(part, outcome[rows], total, mech, gated, loss, stats, ent)
         if rank == 0:
             from safetensors.torch import save_file
+
+            (Path(folder) / "ddp_stats.json").write_text(json.dumps(logged))
 
             state = {n: p.detach().contiguous() for n, p in tr._lora_state().items()}
             state.update({f"grad.{n}": p.grad.contiguous() for n, p in tr._lora_state().items()})
@@ -452,8 +494,9 @@ def test_data_parallel_update_equals_single_process(tmp_path: Path) -> None:
     _save_batch(tmp_path, b, outcome, pack)
     init = {n: p.detach().clone() for n, p in tr._lora_state().items()}
     ref_lp, _ = tr.reference(b)
-    adv, _, _, _ = tr.advantages(b, outcome, b.residuals, 0.5)
-    tr.update(b, adv, ref_lp)
+    adv, total, mech, gated = tr.advantages(b, outcome, b.residuals, 0.5)
+    loss, stats, _, ent = tr.update(b, adv, ref_lp)
+    logged = tr.batch_stats(b, outcome, total, mech, gated, loss, stats, ent)
     single = {n: p.detach() for n, p in tr._lora_state().items()}
     grads = {n: p.grad for n, p in tr._lora_state().items()}
     with socket.socket() as s:
@@ -461,6 +504,11 @@ def test_data_parallel_update_equals_single_process(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     mp.spawn(_ddp_grpo_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     ddp = load_file(tmp_path / "ddp.st")
+    # rank 0 logs the whole batch's statistics, not its own half's
+    ddp_logged = json.loads((tmp_path / "ddp_stats.json").read_text())
+    assert ddp_logged.keys() == logged.keys() and logged["entropy"] > 0 and logged["completion_len"] > 0
+    for k, v in logged.items():
+        assert ddp_logged[k] == pytest.approx(v, rel=1e-4, abs=1e-7, nan_ok=True), k
     assert any(not torch.equal(single[n], init[n]) for n in single)  # the step did something
     for n in single:
         g = grads[n]
@@ -470,6 +518,55 @@ def test_data_parallel_update_equals_single_process(tmp_path: Path) -> None:
         torch.testing.assert_close(ddp[f"grad.{n}"], g, rtol=1e-4, atol=1e-5 * scale + 1e-12, msg=n)
         clear = g.abs() > 1e-3 * scale
         torch.testing.assert_close(ddp[n][clear], single[n][clear], rtol=1e-4, atol=1e-6, msg=n)
+
+
+ACCELERATE_RUNNER = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import torch
+import torch.distributed as dist
+import test_rl
+from saereward.rl.grpo import GRPOTrainer, _init_distributed
+
+torch.set_num_threads(1)
+assert _init_distributed()
+cfg = test_rl.rl_cfg(Path({out!r}), steps=2, reward="sae", pack={pack!r}, lam=0.5, eval_every=1)
+tr = GRPOTrainer(cfg, lm=test_rl.fresh_tiny())
+tr.fit()
+flat = torch.cat([p.detach().flatten() for p in tr._lora_state().values()])
+every = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+dist.all_gather(every, flat)
+if dist.get_rank() == 0:
+    Path({out!r}, "ranks.json").write_text(json.dumps({{
+        "world": tr.world, "backend": dist.get_backend(), "questions": len(tr._questions(0)),
+        "same_weights": all(torch.equal(every[0], w) for w in every),
+    }}))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_trainer_under_accelerate_launch(tmp_path: Path) -> None:
+    """``accelerate launch --multi_gpu --num_processes 2`` (accelerate's torchrun launcher; its ``--cpu``
+    launcher needs MPI for more than one process) on a CPU-only machine: both ranks join a gloo
+    group, split each step's questions, take identical steps; rank 0 alone evaluates, logs and
+    checkpoints."""
+    pack = str(tiny_pack(tmp_path))
+    script = tmp_path / "runner.py"
+    script.write_text(ACCELERATE_RUNNER.format(tests=str(TESTS), out=str(tmp_path / "run"), pack=pack))
+    launcher = Path(sys.executable).with_name("accelerate")
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = json.loads((tmp_path / "run" / "ranks.json").read_text())
+    assert ranks == {"world": 2, "backend": "gloo", "questions": 1, "same_weights": True}
+    rows = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]  # one writer
+    assert all("eval_accuracy" in r for r in rows) and rows[1]["grad_norm"] > 0
+    assert (tmp_path / "run" / "checkpoint" / "adapter.safetensors").is_file()
 
 
 def test_merged_lora_restores_exact_base_weights(tmp_path: Path) -> None:

@@ -185,6 +185,8 @@ def _cmd_train_rl(cfg: Any) -> int:
     from saereward.rl.grpo import run_train_rl
 
     s = run_train_rl(cfg)
+    if s["rank"]:  # data parallel: rank 0 reports
+        return 0
     for key in ("eval_first", "eval_last"):
         e = s.get(key)
         if e:

@@ -51,6 +51,11 @@ class EvalConfig:
     sample: bool = option(False, "sample instead of greedy decoding")
     temperature: float = option(0.9, "sampling temperature (with --sample)")
     top_p: float = option(0.95, "nucleus sampling top-p (with --sample)")
+    fast_decode: bool = option(
+        False,
+        "decode with saereward's own loop (preallocated KV cache, finished rows leave the batch) for "
+        "Llama/Qwen2 models; greedy tokens match generate() up to float rounding; others use generate()",
+    )
     out: str | None = option(None, "output folder for items.jsonl, summary.json and config.json")
     progress: bool = option(True, "show a progress bar")
 
@@ -105,7 +110,14 @@ def run_eval(cfg: EvalConfig, lm: LoadedModel | None = None) -> EvalResult:
     n_tokens, gen_seconds = 0, 0.0
     desc = f"{task.name}/{cfg.prompt_format}"
     for idx, g in iter_generate(
-        lm, prompts, sampling, batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress, desc=desc
+        lm,
+        prompts,
+        sampling,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        progress=cfg.progress,
+        desc=desc,
+        fast_decode=cfg.fast_decode,
     ):
         gen_seconds += g.seconds
         for j, i in enumerate(idx):
@@ -177,6 +189,9 @@ def run_eval_cached(cfg: EvalConfig, lm: LoadedModel | None = None) -> list[dict
             mine = json.loads(json.dumps(to_dict(cfg)))
             saved.pop("progress", None)
             mine.pop("progress", None)
+            defaults = json.loads(json.dumps(to_dict(EvalConfig())))
+            for k in mine.keys() - saved.keys():  # an option added since: the run used its default
+                saved[k] = defaults.get(k)
             if saved == mine:
                 log.info("reusing the finished evaluation in %s", folder)
                 return read_jsonl(folder / "items.jsonl")

@@ -329,24 +329,25 @@ def generate_batch(
     if seed is not None:
         torch.manual_seed(seed)
     t0 = time.perf_counter()
-    kwargs: dict[str, Any] = {"generation_config": gcfg}
-    if sampling.do_sample and sampling.sampler == "topk":
-        from transformers import LogitsProcessorList
-
-        kwargs["logits_processor"] = LogitsProcessorList(
-            [NucleusSampler(sampling.temperature, sampling.top_p)]
-        )
-    if sampling.stop:
-        from transformers import StoppingCriteriaList
-
-        kwargs["stopping_criteria"] = StoppingCriteriaList(
-            [_TailStop(tok, sampling.stop, enc["input_ids"].shape[1])]
-        )
     fast = fast_decode and (sampling.sampler == "topk" or not sampling.do_sample)
     if fast:
         from saereward import fastdecode
 
         fast = fastdecode.unsupported(model) is None
+    kwargs: dict[str, Any] = {"generation_config": gcfg}
+    if not fast:  # generate()'s sampler and stop criterion (the fast loop has its own)
+        if sampling.do_sample and sampling.sampler == "topk":
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [NucleusSampler(sampling.temperature, sampling.top_p)]
+            )
+        if sampling.stop:
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList(
+                [_TailStop(tok, sampling.stop, enc["input_ids"].shape[1])]
+            )
     with (
         ResidualCapture(model, capture_layers, store_dtype=capture_dtype)
         if capture_layers
@@ -393,8 +394,11 @@ def iter_generate(
     capture_dtype: torch.dtype | None = None,
     progress: bool = True,
     desc: str = "generate",
+    fast_decode: bool = False,
 ) -> Iterator[tuple[list[int], Generation]]:
-    """Yield ``(original indices, Generation)`` per length-bucketed batch, with a progress bar."""
+    """Yield ``(original indices, Generation)`` per length-bucketed batch, with a progress bar.
+
+    ``fast_decode``: as in :func:`generate_batch`."""
     from tqdm.auto import tqdm
 
     if batch_size < 1:
@@ -413,6 +417,7 @@ def iter_generate(
                 capture_layers=capture_layers,
                 capture_dtype=capture_dtype,
                 seed=seed * 1_000_003 + min(idx),
+                fast_decode=fast_decode,
             )
             n_tokens += int(g.response_mask.sum())
             seconds += g.seconds

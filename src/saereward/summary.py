@@ -134,9 +134,10 @@ def results_markdown(run: str | Path) -> str:
             for d in t.values()
             if isinstance(d, dict)
         ]
+        note = g2.get("checks", {}).get("note")
         rows.append(
             f"| G2 **{g2.get('verdict')}** | held-out accuracy after {g2.get('steps')} steps, seeds "
-            f"{g2.get('seeds')}: {'; '.join(parts)} |"
+            f"{g2.get('seeds')}: {'; '.join(parts)}{f' ({note})' if note else ''} |"
         )
     else:
         rows.append("| G2 | not run |")

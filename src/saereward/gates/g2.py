@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from saereward.errors import SaeRewardError
 from saereward.io import save_figure, write_json
 from saereward.rl.grpo import GRPOConfig
 from saereward.stats import wilson_ci
+
+log = logging.getLogger(__name__)
 
 LABELS = {"outcome": "R0", "sae": "R1", "direction": "R2"}
 
@@ -39,6 +42,7 @@ class GateG2Config:
     seeds: tuple[int, ...] = option((0, 1, 2), "seeds, one run per reward and seed")
     r1_over_r0: float = option(0.02, "PASS needs acc(R1) >= acc(R0) + this")
     r1_over_r2: float = option(0.05, "PASS needs acc(R1) - acc(R2) >= this")
+    min_seeds: int = option(3, "fewest seeds per reward for a PASS / FAIL verdict (fewer: INCOMPLETE)")
     out: str = option("runs/gate_g2", "folder: one run per reward/seed, gate_g2.json, gate_g2.png")
     rl: GRPOConfig = option(GRPOConfig(), "GRPO settings shared by every run")
 
@@ -48,6 +52,23 @@ class GateG2Config:
             raise ValueError(f"unknown reward(s) {bad}: choose from {', '.join(LABELS)}")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {list(self.seeds)} repeat a seed: name each once")
+
+
+def _finished(run: Path, rcfg: GRPOConfig) -> bool:
+    """Whether ``run`` holds a finished run of ``rcfg``; a run made with other settings is an error."""
+    from saereward.rl.grpo import settings_diff
+
+    if not (run / "config.json").is_file():
+        return False
+    diff = settings_diff(json.loads((run / "config.json").read_text()), rcfg)
+    if diff:
+        raise SaeRewardError(
+            f"{run} holds a run with other settings ({', '.join(diff[:4])}): use another --out, or delete it"
+        )
+    summary = run / "summary.json"
+    return summary.is_file() and json.loads(summary.read_text())["steps"] == rcfg.steps
 
 
 def _final_eval(run: Path) -> tuple[dict[str, Any], list[tuple[int, float]]]:
@@ -59,28 +80,44 @@ def _final_eval(run: Path) -> tuple[dict[str, Any], list[tuple[int, float]]]:
 
 
 def run_gate_g2(cfg: GateG2Config, lm_factory: Any = None) -> dict[str, Any]:
-    """Run (or resume) every reward × seed, then compute the table and verdict. ``lm_factory`` is for tests."""
-    from saereward.rl.grpo import run_train_rl
+    """Run (or resume) every reward × seed, then compute the table and verdict. ``lm_factory`` is for tests.
+
+    Before the first run, every reward's settings get the trainer's checks (pack and SAE against the
+    model and layer, the direction's rollouts, the verifier), so bad input fails at once, not after
+    the earlier rewards' runs. A finished run is reused only if its saved settings match."""
+    from saereward.rl.grpo import GRPOTrainer, run_train_rl
 
     out = Path(cfg.out)
     if "sae" in cfg.rewards and not cfg.rl.pack:
         raise SaeRewardError("gate-g2 with the sae reward needs --rl-pack")
     if "direction" in cfg.rewards and not cfg.rl.direction_rollouts:
         raise SaeRewardError("gate-g2 with the direction reward needs --rl-direction-rollouts")
-    curves: dict[str, dict[int, list[tuple[int, float]]]] = {}
-    finals: dict[str, dict[int, dict[str, Any]]] = {}
+    runs: list[tuple[str, int, Path, GRPOConfig]] = []
     for reward in cfg.rewards:
         for seed in cfg.seeds:
             run = out / f"{LABELS[reward]}_{reward}_seed{seed}"
             rcfg = dataclasses.replace(cfg.rl, reward=reward, seed=seed, out=str(run))  # type: ignore[arg-type]
-            if (
-                not (run / "summary.json").is_file()
-                or json.loads((run / "summary.json").read_text())["steps"] != rcfg.steps
-            ):
-                run_train_rl(rcfg, lm=lm_factory() if lm_factory else None)
-            final, curve = _final_eval(run)
-            finals.setdefault(reward, {})[seed] = final
-            curves.setdefault(reward, {})[seed] = curve
+            runs.append((reward, seed, run, rcfg))
+    todo = [r for r in runs if not _finished(r[2], r[3])]
+    if todo:
+        from saereward.lm import load_model
+
+        lm = (
+            lm_factory()
+            if lm_factory
+            else load_model(cfg.rl.model, dtype=cfg.rl.dtype, threads=cfg.rl.threads)
+        )
+        for reward in dict.fromkeys(r[0] for r in todo):
+            GRPOTrainer(next(r[3] for r in todo if r[0] == reward), lm=lm, check_only=True)
+        del lm
+    curves: dict[str, dict[int, list[tuple[int, float]]]] = {}
+    finals: dict[str, dict[int, dict[str, Any]]] = {}
+    for reward, seed, run, rcfg in runs:
+        if not _finished(run, rcfg):
+            run_train_rl(rcfg, lm=lm_factory() if lm_factory else None)
+        final, curve = _final_eval(run)
+        finals.setdefault(reward, {})[seed] = final
+        curves.setdefault(reward, {})[seed] = curve
     table: dict[str, Any] = {}
     for reward, per_seed in finals.items():
         k = sum(int(f["eval_correct"]) for f in per_seed.values())
@@ -100,7 +137,10 @@ def run_gate_g2(cfg: GateG2Config, lm_factory: Any = None) -> dict[str, Any]:
         }
     verdict = "INCOMPLETE"
     checks: dict[str, Any] = {}
-    if {"outcome", "sae", "direction"} <= set(table):
+    if len(cfg.seeds) < cfg.min_seeds:
+        checks["note"] = f"{len(cfg.seeds)} seed(s) < min_seeds {cfg.min_seeds}: no verdict"
+        log.warning("gate-g2: %s", checks["note"])
+    elif {"outcome", "sae", "direction"} <= set(table):
         r0, r1, r2 = (table[x]["accuracy"] for x in ("outcome", "sae", "direction"))
         checks = {
             "r1_minus_r0": r1 - r0,

@@ -24,11 +24,19 @@ One step (``GRPOTrainer.step``):
    k3 estimator. ``ρ = exp(logπ − logπ_old)`` is 1 on the first pass (so the first pass is the
    seed's ``−logπ·adv``).
 5. **Log** (JSONL + TensorBoard): outcome, mech, KL, the grad norm returned by ``clip_grad_norm_``,
-   entropy, clip fraction, completion length, seconds in generate / reward / train.
+   entropy, clip fraction, completion length, seconds in generate / verify / reference / reward /
+   train. Under data parallelism these are over the whole batch (sums all-reduced), not one rank's.
 
 Every random draw is seeded from ``(seed, step)``, so a run resumed from a checkpoint replays
-exactly what an uninterrupted run does (tested with a real kill on CPU). Checkpoints are
-safetensors (LoRA weights, optimizer moments) + JSON (step, config), written atomically.
+exactly what an uninterrupted run does (tested with a real kill on CPU); the checkpoint's step is
+the RNG state. Checkpoints are safetensors (LoRA weights, optimizer moments) + JSON (step, config),
+written to a temp folder and renamed into place (a kill between the renames resumes from
+``checkpoint.old``).
+
+**Processes.** The model stays on the CPU. ``accelerate launch --multi_gpu --num_processes N`` (accelerate's
+torchrun launcher; its ``--cpu`` launcher needs MPI for N > 1) or ``torchrun --nproc_per_node N``
+runs N data-parallel processes over gloo: each samples ``questions_per_step / N`` questions, and the
+summed gradients give the single-process step. GPUs: the TRL subclass (:mod:`saereward.rl.trl`).
 """
 
 from __future__ import annotations
@@ -476,6 +484,18 @@ def _lean_lora_forward(m: Any, peft_forward: Any) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
+def settings_diff(saved: dict[str, Any], cfg: GRPOConfig) -> list[str]:
+    """Settings of ``cfg`` that differ from a run's saved ``config.json``, leaving out those that do not
+    change what a step computes (``steps`` too: a longer run resumes a shorter one's checkpoint)."""
+    mine = json.loads(json.dumps(to_dict(cfg)))
+    default = json.loads(json.dumps(to_dict(GRPOConfig())))  # for options added since the run
+    skip = ("out", "resume", "progress", "steps", "threads", "snapshot_every", "checkpoint_every")
+    return [k for k in mine if k not in skip and saved.get(k, default.get(k)) != mine[k]]
+
+
+_STEP_SEED = 104_729  # torch is seeded with seed * _STEP_SEED + step before each step
+
+
 def _save_checkpoint(
     folder: Path, step: int, lora: dict[str, Tensor], opt: torch.optim.Optimizer, cfg: GRPOConfig
 ) -> None:
@@ -502,11 +522,13 @@ def _save_checkpoint(
             "step": step,
             "param_groups": state["param_groups"],
             "scalars": scalars,
+            # no generator state to store: fit() reseeds torch before every step from (seed, step)
+            "rng": f"torch.manual_seed({cfg.seed} * {_STEP_SEED} + step) before each step",
             "saereward_version": __version__,
         },
     )
     write_json(tmp / "config.json", to_dict(cfg))
-    if folder.exists():
+    if folder.exists():  # a kill between the two renames leaves the previous checkpoint in .old
         old = folder.with_name(folder.name + ".old")
         if old.exists():
             shutil.rmtree(old)
@@ -678,7 +700,7 @@ class _Batch:
 class GRPOTrainer:
     """The loop; see the module docstring. ``lm`` may be passed in (tests); otherwise it is loaded."""
 
-    def __init__(self, cfg: GRPOConfig, lm: LoadedModel | None = None) -> None:
+    def __init__(self, cfg: GRPOConfig, lm: LoadedModel | None = None, *, check_only: bool = False) -> None:
         import torch.distributed as dist
         from peft import LoraConfig, get_peft_model
 
@@ -700,6 +722,7 @@ class GRPOTrainer:
         kw = {"source": cfg.task_source, "path": cfg.task_path, **cfg.task_params}
         self.task = load_task(cfg.task, n=cfg.n_train, seed=cfg.train_seed, **kw)
         self.train_items = list(self.task.items())
+        self._check_verifier_fires()
         train_q = {it.question for it in self.train_items}
         # held-out questions: a different task seed, minus any question text that training also has
         # (small generators repeat questions); draw extra so that n_eval remain where possible
@@ -723,6 +746,8 @@ class GRPOTrainer:
         ]
         self.scorer, self.layer = self._build_scorer()
         self.probe = self._load_probe()
+        if check_only:  # every check on the settings has run; no adapter, no optimizer
+            return
         torch.manual_seed(cfg.seed)
         base = self.lm.model
         targets = [t for t in cfg.lora_targets if any(n.endswith(t) for n, _ in base.named_modules())]
@@ -745,7 +770,6 @@ class GRPOTrainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.lam = LambdaSchedule(cfg.lam_schedule, cfg.lam, cfg.lam_end, cfg.steps)
-        self._check_verifier_fires()
 
     # -- setup ------------------------------------------------------------------------------------
     def _build_scorer(self) -> tuple[Any, int | None]:
@@ -757,6 +781,7 @@ class GRPOTrainer:
         if cfg.reward == "sae":
             from saereward.features.pack import load_pack
             from saereward.features.scoring import PackScorer
+            from saereward.rl.reward import check_pack_scorer
             from saereward.sae.formats import check_sae_matches_model, load_sae
 
             pack = load_pack(cfg.pack)  # type: ignore[arg-type]
@@ -764,29 +789,9 @@ class GRPOTrainer:
             if not sae_path:
                 raise SaeRewardError(f"pack {cfg.pack} records no SAE: pass --sae")
             sae = load_sae(sae_path)
-            layer = (
-                cfg.layer
-                if cfg.layer is not None
-                else (pack.layer if pack.layer is not None else sae.cfg.layer)
-            )
-            if layer is None:
-                raise SaeRewardError("no reward layer: the pack and SAE record none; pass --layer")
-            layer = resolve_layer(self.lm.model, layer)
-            if pack.layer is not None and pack.layer != layer:
-                raise SaeRewardError(
-                    f"pack {pack.name!r} was discovered at layer {pack.layer}, the reward reads layer {layer}: "
-                    "use the pack's layer or re-run discovery at this layer"
-                )
-            if pack.model_name and pack.model_name != cfg.model:
-                msg = (
-                    f"pack {pack.name!r} was built on model {pack.model_name}, training uses {cfg.model}: "
-                    "use a pack discovered on this model"
-                )
-                if pack.source_format == "saereward.pack":
-                    raise SaeRewardError(msg)
-                log.warning("%s (a foreign pack: checked by width only)", msg)
-            check_sae_matches_model(sae, self.lm.d_model, layer)
-            return PackScorer(sae, pack, d_model=self.lm.d_model), layer
+            check_sae_matches_model(sae, self.lm.d_model)
+            scorer = PackScorer(sae, pack, d_model=self.lm.d_model)
+            return scorer, check_pack_scorer(scorer, self.lm.model, cfg.layer, model_name=cfg.model)
         from saereward.features.layers import contrastive_direction
         from saereward.rl.reward import DirectionScorer
         from saereward.rollouts import load_rollouts
@@ -1068,7 +1073,7 @@ class GRPOTrainer:
         b = self._rollouts(step)
         t_gen = time.perf_counter() - t0
         outcome = self.outcomes(b)
-        resp = b.response_mask[:, b.prompt_len :]
+        t_verify = time.perf_counter() - t0 - t_gen
         t1 = time.perf_counter()
         ref_lp, ref_res = self.reference(b)
         residuals = ref_res if cfg.reward_source == "reference" else b.residuals
@@ -1082,22 +1087,61 @@ class GRPOTrainer:
         t_train = time.perf_counter() - t3
         return {
             "step": step + 1,
-            "outcome": float(outcome.mean()),
-            "reward": float(total.mean()),
-            "mech": mech_mean,
-            "gated_frac": gated,
+            **self.batch_stats(b, outcome, total, mech_mean, gated, loss, stats, ent_mean),
             "lam": lam,
-            "loss": float(loss.detach()),
-            "kl": stats.get("kl", 0.0),
-            "clip_frac": stats.get("clip_frac", 0.0),
             "grad_norm": gnorm,
-            "entropy": ent_mean,
-            "completion_len": float(resp.sum(1).float().mean()),
             "sec_generate": round(t_gen, 3),
+            "sec_verify": round(t_verify, 4),
             "sec_reference": round(t_ref, 3),
             "sec_reward": round(t_reward, 4),
             "sec_train": round(t_train, 3),
             "sec_step": round(time.perf_counter() - t0, 3),
+        }
+
+    def batch_stats(
+        self,
+        b: _Batch,
+        outcome: Tensor,
+        total: Tensor,
+        mech_mean: float,
+        gated: float,
+        loss: Tensor,
+        stats: dict[str, float],
+        ent_mean: float,
+    ) -> dict[str, float]:
+        """The step's logged statistics over the whole batch: under data parallelism each rank's sums
+        and counts are all-reduced (``loss``, ``kl`` and ``clip_frac`` are already divided by the
+        global token count), so every rank logs what a single process would."""
+        from saereward.rl.reward import all_reduce_sum
+
+        resp = b.response_mask[:, b.prompt_len :]
+        n_resp = float(resp.sum())
+        n_mech = float(b.residual_mask[:, b.prompt_len :].sum()) if self.scorer is not None else 0.0
+        local = [
+            float(outcome.float().sum()),
+            float(total.sum()),
+            float(outcome.numel()),
+            mech_mean * n_mech if n_mech else 0.0,
+            gated * n_mech if n_mech and not math.isnan(gated) else 0.0,
+            n_mech,
+            ent_mean * n_resp,
+            n_resp,
+            float(loss),
+            stats.get("kl", 0.0),
+            stats.get("clip_frac", 0.0),
+        ]
+        g = all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
+        rows, mech_n = max(g[2], 1.0), max(g[5], 1.0)
+        return {
+            "outcome": g[0] / rows,
+            "reward": g[1] / rows,
+            "mech": g[3] / mech_n if self.scorer is not None else float("nan"),
+            "gated_frac": g[4] / mech_n if not math.isnan(gated) else float("nan"),
+            "loss": g[8],
+            "kl": g[9],
+            "clip_frac": g[10],
+            "entropy": g[6] / max(g[7], 1.0),
+            "completion_len": g[7] / rows,
         }
 
     def update(
@@ -1216,16 +1260,11 @@ class GRPOTrainer:
         from safetensors.torch import load_file
 
         ck = self.out / "checkpoint"
+        if not (ck / "state.json").is_file():  # killed between _save_checkpoint's two renames
+            ck = ck.with_name("checkpoint.old")
         if not (self.cfg.resume and (ck / "state.json").is_file()):
             return 0
-        saved = json.loads((ck / "config.json").read_text())
-        mine = to_dict(self.cfg)
-        diff = [
-            k
-            for k in mine
-            if k not in ("resume", "progress", "steps", "threads", "snapshot_every", "checkpoint_every")
-            and saved.get(k) != mine[k]
-        ]
+        diff = settings_diff(json.loads((ck / "config.json").read_text()), self.cfg)
         if diff:
             raise SaeRewardError(
                 f"the checkpoint in {ck} was made with different settings ({', '.join(diff[:4])}): "
@@ -1272,7 +1311,7 @@ class GRPOTrainer:
         )
         try:
             for s in range(start, cfg.steps):
-                torch.manual_seed(cfg.seed * 104_729 + s)
+                torch.manual_seed(cfg.seed * _STEP_SEED + s)
                 row = self.step(s)
                 last = s + 1 == cfg.steps
                 if not main:
@@ -1311,7 +1350,7 @@ class GRPOTrainer:
         }
         if main:
             write_json(self.out / "summary.json", summary)
-        return summary
+        return {**summary, "rank": self.rank}
 
 
 def _median(xs: Sequence[float]) -> float | None:
@@ -1330,14 +1369,17 @@ def _tensorboard(path: Path) -> Any:
 
 
 def _init_distributed() -> bool:
-    """Join the process group that ``accelerate launch`` / ``torchrun`` describe in the environment."""
+    """Join the process group that ``accelerate launch`` / ``torchrun`` describe in the environment.
+
+    Always gloo: the lean trainer keeps its model and gradients on the CPU (NCCL would refuse CPU
+    tensors on a GPU host). GPU training goes through the TRL subclass, :mod:`saereward.rl.trl`."""
     import os
 
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
         return False
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group("gloo")
     return True
 
 
@@ -1365,6 +1407,7 @@ __all__ = [
     "micro_batches",
     "run_train_rl",
     "selective_log_softmax",
+    "settings_diff",
     "skinny_linear",
     "surrogate_loss",
 ]

@@ -176,3 +176,39 @@ class OutcomeReward:
                 raise SaeRewardError(f"question id {qid!r} is not in task {self.task.name!r}")
             out.append(1.0 if self.task.verify(item, text) else 0.0)
         return out
+
+
+def check_pack_scorer(scorer: Any, model: Any, layer: int | None, model_name: str | None = None) -> int:
+    """Refuse a :class:`~saereward.features.scoring.PackScorer` that cannot read ``model`` at ``layer``;
+    return the layer as a non-negative index (``None``: the pack's, else the SAE's).
+
+    The checks both GRPO trainers make before training: a layer the model has, the pack's discovery
+    layer, the SAE's width against the residual stream, and (given ``model_name``) the model a
+    saereward pack was built on. Foreign packs, which record another naming of the model, only warn.
+    """
+    import logging
+
+    from saereward.lm import hidden_size, resolve_layer
+    from saereward.sae.formats import check_sae_matches_model
+
+    pack, sae = scorer.pack, scorer.sae
+    if layer is None:
+        layer = pack.layer if pack.layer is not None else sae.cfg.layer
+    if layer is None:
+        raise SaeRewardError("no reward layer: the pack and SAE record none; pass --layer")
+    layer = resolve_layer(model, layer)
+    if pack.layer is not None and pack.layer != layer:
+        raise SaeRewardError(
+            f"pack {pack.name!r} was discovered at layer {pack.layer}, the reward reads layer {layer}: "
+            "use the pack's layer or re-run discovery at this layer"
+        )
+    if model_name and pack.model_name and pack.model_name != model_name:
+        msg = (
+            f"pack {pack.name!r} was built on model {pack.model_name}, training uses {model_name}: "
+            "use a pack discovered on this model"
+        )
+        if pack.source_format == "saereward.pack":
+            raise SaeRewardError(msg)
+        logging.getLogger(__name__).warning("%s (a foreign pack: checked by width only)", msg)
+    check_sae_matches_model(sae, hidden_size(model), layer)
+    return layer

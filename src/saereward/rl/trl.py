@@ -30,7 +30,7 @@ import torch
 from trl import GRPOTrainer
 
 from saereward.capture import ResidualCapture
-from saereward.rl.reward import masked_zscore
+from saereward.rl.reward import check_pack_scorer, masked_zscore
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,21 @@ def _adapters_disabled(model: Any) -> bool:
 class SAEGRPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` + per-token SAE advantage; see the module docstring."""
 
-    def __init__(self, *args: Any, scorer: Any, layer: int, lam: float = 0.1, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, scorer: Any, layer: int | None = None, lam: float = 0.1, **kwargs: Any
+    ) -> None:
+        """``scorer``: a :class:`~saereward.features.scoring.PackScorer`; ``layer``: the decoder layer
+        it reads (default: the pack's). The pack and SAE are checked against the model (layer, SAE
+        width) before TRL builds anything when ``model`` is a module, else right after."""
+        model = kwargs.get("model", args[0] if args else None)
+        checked = isinstance(model, torch.nn.Module)
+        if checked:
+            layer = check_pack_scorer(scorer, model, layer)
         super().__init__(*args, **kwargs)
+        if not checked:
+            layer = check_pack_scorer(scorer, self.accelerator.unwrap_model(self.model), layer)
         self.sae_scorer = scorer
-        self.sae_layer = int(layer)
+        self.sae_layer = int(layer)  # type: ignore[arg-type]
         self.sae_lam = float(lam)
         self._sae_hidden: torch.Tensor | None = None
         self._sae_collecting = False
