@@ -283,6 +283,19 @@ def test_trainer_rejects_bad_setups(tmp_path: Path) -> None:
         GRPOTrainer(rl_cfg(tmp_path / "r", reward="sae", pack=str(tmp_path / "other.json")), lm=fresh_tiny())
 
 
+def test_sae_from_another_model_of_the_same_width_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    save_sae(random_sae(d_in=D_MODEL, d_sae=128, k=8, layer=1, model="other"), tmp_path / "sae_other")
+    cfg = rl_cfg(tmp_path / "r", reward="sae", pack=str(tiny_pack(tmp_path)), sae=str(tmp_path / "sae_other"))
+    with caplog.at_level(logging.WARNING):
+        tr = GRPOTrainer(cfg, lm=fresh_tiny(), check_only=True)
+    assert "the SAE was trained on other, training uses tiny" in caplog.text
+    assert tr.layer == 1 and not hasattr(tr, "opt")  # checked only: no adapter, no optimizer
+
+
 def test_verifier_that_never_fires_is_refused(tmp_path: Path) -> None:
     from saereward.tasks import register_task
     from test_stage1 import HashTask

@@ -211,4 +211,10 @@ def check_pack_scorer(scorer: Any, model: Any, layer: int | None, model_name: st
             raise SaeRewardError(msg)
         logging.getLogger(__name__).warning("%s (a foreign pack: checked by width only)", msg)
     check_sae_matches_model(sae, hidden_size(model), layer)
+    if model_name and sae.cfg.model and sae.cfg.model != model_name:  # same width, maybe another model
+        logging.getLogger(__name__).warning(
+            "the SAE was trained on %s, training uses %s: check that it reads this model",
+            sae.cfg.model,
+            model_name,
+        )
     return layer
