@@ -92,6 +92,12 @@ def run_gate_g2(cfg: GateG2Config, lm_factory: Any = None) -> dict[str, Any]:
         raise SaeRewardError("gate-g2 with the sae reward needs --rl-pack")
     if "direction" in cfg.rewards and not cfg.rl.direction_rollouts:
         raise SaeRewardError("gate-g2 with the direction reward needs --rl-direction-rollouts")
+    if len(cfg.seeds) < cfg.min_seeds:
+        log.warning(
+            "gate-g2: %d seed(s) < min_seeds %d: the verdict will be INCOMPLETE",
+            len(cfg.seeds),
+            cfg.min_seeds,
+        )
     runs: list[tuple[str, int, Path, GRPOConfig]] = []
     for reward in cfg.rewards:
         for seed in cfg.seeds:
@@ -139,7 +145,6 @@ def run_gate_g2(cfg: GateG2Config, lm_factory: Any = None) -> dict[str, Any]:
     checks: dict[str, Any] = {}
     if len(cfg.seeds) < cfg.min_seeds:
         checks["note"] = f"{len(cfg.seeds)} seed(s) < min_seeds {cfg.min_seeds}: no verdict"
-        log.warning("gate-g2: %s", checks["note"])
     elif {"outcome", "sae", "direction"} <= set(table):
         r0, r1, r2 = (table[x]["accuracy"] for x in ("outcome", "sae", "direction"))
         checks = {
