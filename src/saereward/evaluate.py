@@ -189,7 +189,7 @@ def run_eval_cached(cfg: EvalConfig, lm: LoadedModel | None = None) -> list[dict
             mine = json.loads(json.dumps(to_dict(cfg)))
             saved.pop("progress", None)
             mine.pop("progress", None)
-            defaults = json.loads(json.dumps(to_dict(EvalConfig())))
+            defaults = to_dict(EvalConfig())
             for k in mine.keys() - saved.keys():  # an option added since: the run used its default
                 saved[k] = defaults.get(k)
             if saved == mine:

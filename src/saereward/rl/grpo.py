@@ -487,8 +487,8 @@ def _lean_lora_forward(m: Any, peft_forward: Any) -> Any:
 def settings_diff(saved: dict[str, Any], cfg: GRPOConfig) -> list[str]:
     """Settings of ``cfg`` that differ from a run's saved ``config.json``, leaving out those that do not
     change what a step computes (``steps`` too: a longer run resumes a shorter one's checkpoint)."""
-    mine = json.loads(json.dumps(to_dict(cfg)))
-    default = json.loads(json.dumps(to_dict(GRPOConfig())))  # for options added since the run
+    mine = to_dict(cfg)  # JSON-plain, as the saved file
+    default = to_dict(GRPOConfig())  # for options added since the run
     skip = ("out", "resume", "progress", "steps", "threads", "snapshot_every", "checkpoint_every")
     return [k for k in mine if k not in skip and saved.get(k, default.get(k)) != mine[k]]
 
@@ -782,15 +782,13 @@ class GRPOTrainer:
             from saereward.features.pack import load_pack
             from saereward.features.scoring import PackScorer
             from saereward.rl.reward import check_pack_scorer
-            from saereward.sae.formats import check_sae_matches_model, load_sae
+            from saereward.sae.formats import load_sae
 
             pack = load_pack(cfg.pack)  # type: ignore[arg-type]
             sae_path = cfg.sae or pack.metadata.get("sae_path")
             if not sae_path:
                 raise SaeRewardError(f"pack {cfg.pack} records no SAE: pass --sae")
-            sae = load_sae(sae_path)
-            check_sae_matches_model(sae, self.lm.d_model)
-            scorer = PackScorer(sae, pack, d_model=self.lm.d_model)
+            scorer = PackScorer(load_sae(sae_path), pack, d_model=self.lm.d_model)
             return scorer, check_pack_scorer(scorer, self.lm.model, cfg.layer, model_name=cfg.model)
         from saereward.features.layers import contrastive_direction
         from saereward.rl.reward import DirectionScorer
