@@ -64,6 +64,14 @@ from saereward.sae.train import SAETrainConfig, SAETrainer, lr_at
 LR = 2e-4
 AUX = 1 / 8
 DEAD_TOKENS = 10_000_000
+#: where every trainer runs (``--device``); batches are moved there before the timed steps
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so host timers measure it (no-op on CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,7 +183,7 @@ class Ours:
             progress=False,
             kernels=mode,
         )
-        self.trainer = SAETrainer(cfg, d)
+        self.trainer = SAETrainer(cfg, d, device=DEVICE)
 
     def step(self, x: Tensor) -> None:
         with kernels.use_kernels(self.mode):  # type: ignore[arg-type]
@@ -196,11 +204,11 @@ class Sparsify:
         with contextlib.redirect_stdout(io.StringIO()):  # it prints a Triton notice on import
             from sparsify import SparseCoder, SparseCoderConfig
         torch.manual_seed(0)
-        self.sae = SparseCoder(d, SparseCoderConfig(num_latents=m, k=k), device="cpu", dtype=torch.float32)
+        self.sae = SparseCoder(d, SparseCoderConfig(num_latents=m, k=k), device=DEVICE, dtype=torch.float32)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=LR)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule(steps, warmup))
-        self.since_fired = torch.zeros(m, dtype=torch.long)
-        self.did_fire = torch.zeros(m, dtype=torch.bool)
+        self.since_fired = torch.zeros(m, dtype=torch.long, device=DEVICE)
+        self.did_fire = torch.zeros(m, dtype=torch.bool, device=DEVICE)
         self.first = True
 
     def step(self, x: Tensor) -> None:  # the body of sparsify.Trainer.fit for one SAE, loss_fn="fvu"
@@ -236,14 +244,16 @@ class SaeLens:
         from sae_lens.training.sae_trainer import SAETrainer as LensTrainer
 
         torch.manual_seed(0)
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=m, k=k, dtype="float32", device="cpu"))
+        sae = TopKTrainingSAE(
+            TopKTrainingSAEConfig(d_in=d, d_sae=m, k=k, dtype="float32", device=str(DEVICE))
+        )
         cfg = SAETrainerConfig(
             total_training_samples=steps * batch,
             train_batch_size_samples=batch,
             lr=LR,
             lr_end=0.3 * LR,
             lr_warm_up_steps=warmup,
-            device="cpu",
+            device=str(DEVICE),
         )
         self.trainer = LensTrainer(cfg, sae, data_provider=iter(()))
         self.trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -269,7 +279,7 @@ PEERS: dict[str, Callable[..., Runner]] = {"sparsify": Sparsify, "saelens": SaeL
 
 
 def fvu(runner: Runner, data: Synthetic | FileActs, eval_tokens: int, batch: int) -> float:
-    xs = [data.batch(10**6 + i, batch) for i in range(max(1, eval_tokens // batch))]
+    xs = [data.batch(10**6 + i, batch).to(DEVICE) for i in range(max(1, eval_tokens // batch))]
     x_all = torch.cat(xs)
     mean = x_all.mean(0)
     sse = sum(float((x - runner.recon(x)).pow(2).sum()) for x in xs)
@@ -298,12 +308,14 @@ def run(
     times: dict[str, list[float]] = {r.name: [] for r in runners}
     t_start = time.perf_counter()
     for r in range(rounds):
-        batches = [data.batch(r * args.interval + j, args.batch) for j in range(args.interval)]
+        batches = [data.batch(r * args.interval + j, args.batch).to(DEVICE) for j in range(args.interval)]
         order = runners[r % len(runners) :] + runners[: r % len(runners)]
         for runner in order:
+            _sync()
             t0 = time.perf_counter()
             for x in batches:
                 runner.step(x)
+            _sync()
             times[runner.name].append(time.perf_counter() - t0)
         if args.verbose and (r % 10 == 0 or r == rounds - 1):
             live = {
@@ -337,6 +349,10 @@ def table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _device_name() -> str:
+    return torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--acts", help="a safetensors file with a [N, d] tensor of real residuals")
@@ -358,9 +374,21 @@ def main() -> None:
         "--threads", type=int, default=0, help="torch intra-op threads for every trainer (0: torch's default)"
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--d-in", type=int, default=576, help="synthetic data width (SmolLM2-135M: 576)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: every trainer runs there")
+    ap.add_argument(
+        "--tf32",
+        action="store_true",
+        help="CUDA: allow TF32 for every trainer's fp32 matmuls (off by default)",
+    )
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here; use --device cpu")
+    torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
     if args.threads:
         torch.set_num_threads(args.threads)
     peers = [p for p in args.peers.split(",") if p]
@@ -370,11 +398,12 @@ def main() -> None:
         data = FileActs(args.acts, args.seed)
         source = f"real activations from {args.acts} ({len(data.train):,} train tokens)"
     else:
-        data = Synthetic(576, 4 * args.d_sae, seed=args.seed)
+        data = Synthetic(args.d_in, 4 * args.d_sae, seed=args.seed)
         source = "synthetic real-ish residuals (see docstring)"
     d = data.d
     header = (
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        f"device {_device_name()}{' (TF32 on)' if args.tf32 else ''}, "
         f"SAEREWARD_KERNELS={os.environ.get('SAEREWARD_KERNELS', 'fast')}; data: {source}"
     )
     print(header)

@@ -45,6 +45,13 @@ class PackScorer:
         self.ids = torch.tensor(pack.feature_ids, dtype=torch.long, device=p.device)
         self.weights = torch.tensor(pack.signed_weights(), dtype=torch.float32, device=p.device)
 
+    def to(self, device: torch.device | str) -> PackScorer:
+        """Move the SAE and the pack's tensors to ``device`` (in place); returns ``self``."""
+        self.sae.to(device)
+        self.ids = self.ids.to(device)
+        self.weights = self.weights.to(device)
+        return self
+
     @torch.no_grad()
     def feature_acts(self, x: Tensor, chunk: int = 8192) -> Tensor:
         """``[..., d] -> [..., F]`` true-TopK activations of the pack's features (chunked over tokens)."""

@@ -59,7 +59,8 @@ class SAEGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         if not checked:
             layer = check_pack_scorer(scorer, self.accelerator.unwrap_model(self.model), layer)
-        self.sae_scorer = scorer
+        # the SAE reads hidden states where TRL computes them (the accelerator's device)
+        self.sae_scorer = scorer.to(self.accelerator.device) if hasattr(scorer, "to") else scorer
         self.sae_layer = int(layer)  # type: ignore[arg-type]
         self.sae_lam = float(lam)
         self._sae_hidden: torch.Tensor | None = None
@@ -110,7 +111,8 @@ class SAEGRPOTrainer(GRPOTrainer):
         hidden = self._sae_hidden if self._sae_hidden is not None else self._extra_forward(output)
         self._sae_hidden = None
         mask = output["completion_mask"].bool()
-        mech = self.sae_scorer.token_scores(hidden.float()).where(mask, torch.zeros((), device=mask.device))
+        mech = self.sae_scorer.token_scores(hidden.float()).to(mask.device)
+        mech = mech.where(mask, torch.zeros((), device=mask.device))
         adv = output["advantages"]
         adv2d = adv.unsqueeze(1).expand_as(mask).float() + self.sae_lam * masked_zscore(mech, mask)
         output["advantages"] = adv2d.where(mask, torch.zeros((), device=mask.device))

@@ -1,0 +1,146 @@
+"""The CUDA paths: SAE training, the pack scorer, the own decode loop, the TRL subclass.
+
+Each test runs on ``cuda`` where torch sees a GPU (skipped elsewhere, e.g. in CI), and the TRL test also
+runs on ``cpu``, so its logic is checked on every machine. Tiny random models only: no download, no
+embedded model (the GPU machine of this project receives at most 64 MiB of files).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tiny_models import char_tokenizer, make_tiny, random_sae
+
+CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+
+
+def cuda_only(fn: Any) -> Any:
+    for mark in CUDA:
+        fn = mark(fn)
+    return fn
+
+
+@cuda_only
+def test_sae_trainer_fits_on_cuda(tmp_path: Path) -> None:
+    """Training on CUDA (bf16 selection through cuBLAS, the sparse kernels without the worker pool)
+    learns like the CPU path, and its saved SAE loads on the CPU with the same reconstructions."""
+    from saereward.sae.formats import load_sae
+    from saereward.sae.train import SAETrainer
+    from test_sae_train import D, _cfg, synthetic
+
+    cfg = _cfg(total_tokens=64 * 80, dead_tokens=64 * 10, lr=3e-3)  # test_sae_train's learning setting
+    gpu = SAETrainer(cfg, D, device="cuda", run_dir=tmp_path).fit(synthetic)
+    cpu = SAETrainer(cfg, D).fit(synthetic)
+    assert gpu.W_enc.is_cuda and gpu.W_dec.is_cuda
+    x = next(synthetic(500))
+    with torch.no_grad():
+        fvu_gpu, fvu_cpu = float(gpu(x.cuda()).fvu), float(cpu(x).fvu)
+        assert fvu_gpu < 0.25 and abs(fvu_gpu - fvu_cpu) < 0.03, (fvu_gpu, fvu_cpu)
+        loaded = load_sae(tmp_path / "sae")
+        torch.testing.assert_close(loaded(x).recon, gpu(x.cuda()).recon.cpu(), rtol=1e-4, atol=1e-4)
+
+
+@cuda_only
+def test_pack_scorer_on_cuda_matches_cpu() -> None:
+    from saereward.features.pack import Feature, FeaturePack
+    from saereward.features.scoring import PackScorer
+
+    pack = FeaturePack("t", [Feature(i, 1.0) for i in range(0, 8)], [Feature(i, -0.5) for i in range(8, 16)])
+    x = torch.randn(3, 7, 64) * 3
+    cpu = PackScorer(random_sae(d_in=64, d_sae=256, k=8), pack)
+    gpu = PackScorer(random_sae(d_in=64, d_sae=256, k=8), pack).to("cuda")
+    assert gpu.ids.is_cuda and gpu.weights.is_cuda
+    want = cpu.token_scores(x)
+    torch.testing.assert_close(gpu.token_scores(x.cuda()).cpu(), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gpu.token_scores(x).cpu(), want, rtol=1e-4, atol=1e-4)  # moved for you
+
+
+@cuda_only
+def test_fast_decode_on_cuda_matches_generate() -> None:
+    """Greedy tokens and captured residuals of the own decode loop equal ``generate()``'s on CUDA."""
+    from saereward.generate import SamplingConfig, generate_batch
+    from saereward.lm import LoadedModel
+
+    model, _ = make_tiny("llama")
+    lm = LoadedModel(model=model.cuda(), tokenizer=char_tokenizer(), spec="tiny:llama", source="hf", path="")
+    prompts = [f"{a}+{b}=" for a, b in zip(range(3, 23), range(40, 60))]
+    prompts[::3] = [p * 2 for p in prompts[::3]]  # ragged left padding
+    sampling = SamplingConfig(max_new_tokens=16)
+    ref = generate_batch(lm, prompts, sampling, capture_layers=[1])
+    fast = generate_batch(lm, prompts, sampling, capture_layers=[1], fast_decode=True)
+    assert ref.sequences.is_cuda and fast.sequences.is_cuda
+    assert torch.equal(fast.sequences, ref.sequences)
+    assert fast.completions == ref.completions
+    m = ref.residual_mask
+    torch.testing.assert_close(fast.residuals[1][m], ref.residuals[1][m], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sae_grpo_trainer_runs_on_the_models_device(tmp_path: Path, device: str) -> None:
+    """SAEGRPOTrainer on a tiny model: the scorer follows the model to TRL's device, the per-token
+    advantages reach the loss, and the LoRA weights move."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import GRPOConfig
+
+    from saereward.features.pack import Feature, FeaturePack
+    from saereward.features.scoring import PackScorer
+    from saereward.rl.trl import SAEGRPOTrainer
+
+    model, _ = make_tiny("llama")
+    tok = char_tokenizer()
+    ds = Dataset.from_list([{"prompt": f"{a}+{a}=", "answer": 2 * a} for a in range(10, 18)])
+
+    def reward(completions: list[Any], answer: list[int], **_: Any) -> list[float]:
+        return [float(str(a)[:1] in c) for c, a in zip(completions, answer)]
+
+    pack = FeaturePack(
+        "t", [Feature(i, 1.0) for i in range(16)], [Feature(i, -1.0) for i in range(16, 32)], layer=2
+    )
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=2,
+        beta=0.05,
+        learning_rate=1e-2,
+        bf16=False,
+        use_cpu=device == "cpu",
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+    )
+    trainer = SAEGRPOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+        scorer=PackScorer(random_sae(d_in=64, d_sae=256, k=8, layer=2), pack),
+        lam=0.5,
+    )
+    assert trainer.sae_scorer.weights.device.type == device
+    assert next(trainer.model.parameters()).device.type == device
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    seen: list[torch.Tensor] = []
+    orig = trainer._compute_loss
+
+    def spy(model: Any, inputs: dict[str, Any]) -> Any:
+        seen.append(inputs["advantages"].detach())
+        return orig(model, inputs)
+
+    trainer._compute_loss = spy  # type: ignore[method-assign]
+    trainer.train()
+    assert seen and all(a.dim() == 2 and a.device.type == device for a in seen)
+    assert any((a[:, 1:] - a[:, :-1]).abs().sum() > 0 for a in seen)  # varies along the tokens
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(p, after[n].detach()) for n, p in before.items())
+    assert any("sae/mech_mean" in h for h in trainer.state.log_history)
