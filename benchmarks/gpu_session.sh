@@ -16,9 +16,11 @@ OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_session.log") 2>&1
 start=$(date +%s)
+ONLY=" $* "  # step names to run (default: all), e.g. `bash benchmarks/gpu_session.sh tests sae_576`
 step() {  # step NAME SECONDS CMD...: run with a limit, report the exit code and the time taken
   local name=$1 limit=$2 t0 rc
   shift 2
+  if [ "$ONLY" != "  " ] && [[ "$ONLY" != *" $name "* ]]; then return; fi
   t0=$(date +%s)
   echo "=== $name (limit ${limit}s, at +$((t0 - start))s)"
   timeout "$limit" "$@"
