@@ -37,13 +37,13 @@ step tests 150 python3 -m pytest -q -p no:cacheprovider -W ignore::FutureWarning
   tests/test_cuda.py tests/test_sae_kernels.py
 step random_model 45 python3 benchmarks/random_model.py /tmp/smol-random --src .gpu/smollm2-shape
 # SAE training vs sparsify (its Triton decoder on CUDA): SmolLM2 width, then a 4B-class width
-step sae_576 90 python3 benchmarks/sae_throughput.py --device cuda --peers sparsify --tokens 20000000 \
-  --interval 10 --min-intervals 8 --out "$OUT/sae_576.json"
-step trl_sae 160 python3 benchmarks/trl_sae_step.py --model /tmp/smol-random --device cuda --dtype bf16 \
-  --steps 4 --rounds 2 --json "$OUT/trl_sae.json"
-step decode 60 python3 benchmarks/decode_speed.py --model /tmp/smol-random --device cuda --dtype bf16 \
-  --batches 16,64,256 --reps 3
+step sae_576 80 python3 benchmarks/sae_throughput.py --device cuda --peers sparsify --tokens 2000000 \
+  --interval 10 --min-intervals 8 --verbose --out "$OUT/sae_576.json"
 step sae_2560 90 python3 benchmarks/sae_throughput.py --device cuda --peers sparsify --d-in 2560 \
   --d-sae 40960 --k 64 --batch 8192 --tokens 1500000 --interval 3 --min-intervals 5 --eval-tokens 32768 \
-  --out "$OUT/sae_2560.json"
+  --verbose --out "$OUT/sae_2560.json"
+step decode 60 python3 benchmarks/decode_speed.py --model /tmp/smol-random --device cuda --dtype bf16 \
+  --batches "${DECODE_BATCHES:-16,64,256}" --reps "${DECODE_REPS:-3}"
+step trl_sae 160 python3 benchmarks/trl_sae_step.py --model /tmp/smol-random --device cuda --dtype bf16 \
+  --steps 4 --rounds "${TRL_ROUNDS:-2}" --first "${TRL_FIRST:-trl}" --json "$OUT/trl_sae.json"
 echo "=== all steps done in $(($(date +%s) - start))s"

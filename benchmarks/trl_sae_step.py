@@ -148,6 +148,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--steps", type=int, default=5, help="timed steps per trainer (after 1 warm-up)")
     ap.add_argument("--rounds", type=int, default=1, help="run both children this many times, alternating")
+    ap.add_argument(
+        "--first", default="trl", choices=["trl", "trl+sae"], help="which child runs first in odd rounds"
+    )
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child", choices=["trl", "trl+sae"], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -161,7 +164,8 @@ def main() -> None:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     results: dict[str, list[dict[str, Any]]] = {"trl": [], "trl+sae": []}
     for r in range(args.rounds):
-        for which in ("trl", "trl+sae") if r % 2 == 0 else ("trl+sae", "trl"):
+        pair = ("trl", "trl+sae") if args.first == "trl" else ("trl+sae", "trl")
+        for which in pair if r % 2 == 0 else pair[::-1]:
             cmd = [sys.executable, __file__, "--child", which, "--model", args.model, "--device", args.device]
             cmd += ["--dtype", args.dtype, "--steps", str(args.steps)]
             t0 = time.perf_counter()

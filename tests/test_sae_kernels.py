@@ -46,7 +46,10 @@ def _loss_and_grads(mode, x, params, k, dead=None, k_aux=0, sel_dtype=None):
         recon, e_hat = kernels.reconstruct_eager(enc, w_dec, b_dec)
     g = torch.Generator().manual_seed(7)
     probe = torch.randn(recon.shape, generator=g, dtype=recon.dtype).to(recon.device)
-    loss = (recon * probe).sum() + (enc.top_acts.pow(2) * torch.arange(k, device=x.device)).sum()
+    # weights by latent id, not by slot: top-k's order within a row is unspecified (CUDA's differs from
+    # the CPU's), so a slot-weighted loss would differ between devices for the same selection
+    slot_w = (enc.top_indices % 7).to(enc.top_acts.dtype)
+    loss = (recon * probe).sum() + (enc.top_acts.pow(2) * slot_w).sum()
     if e_hat is not None:
         loss = loss + (e_hat * probe.flip(0)).sum()
     loss.backward()
