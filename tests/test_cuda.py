@@ -7,6 +7,7 @@ embedded model (the GPU machine of this project receives at most 64 MiB of files
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +145,79 @@ def test_sae_grpo_trainer_runs_on_the_models_device(tmp_path: Path, device: str)
     after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(p, after[n].detach()) for n, p in before.items())
     assert any("sae/mech_mean" in h for h in trainer.state.log_history)
+
+
+@cuda_only
+@pytest.mark.parametrize("source", ["policy", "reference"])
+def test_lean_grpo_trainer_on_cuda(tmp_path: Path, source: str) -> None:
+    """``saereward train-rl --device cuda``'s trainer: two steps with the per-token SAE reward on a tiny
+    model on the GPU; the LoRA weights move, the logged numbers are finite, the checkpoint is written."""
+    import math
+
+    from saereward.rl.grpo import GRPOTrainer
+    from test_rl import fresh_tiny, rl_cfg, tiny_pack
+
+    lm = fresh_tiny()
+    lm.model.cuda()
+    cfg = rl_cfg(
+        tmp_path / "run",
+        reward="sae",
+        pack=str(tiny_pack(tmp_path)),
+        reward_source=source,
+        lam=0.5,
+        device="cuda",
+    )
+    tr = GRPOTrainer(cfg, lm=lm)
+    assert tr.device.type == "cuda" and tr.scorer is not None and tr.scorer.weights.is_cuda
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad}
+    summary = tr.fit()
+    after = dict(tr.model.named_parameters())
+    assert any(not torch.equal(p, after[n].detach()) for n, p in before.items())
+    assert summary["eval_last"]["eval_n"] == 6
+    rows = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "sec_step" in r]
+    assert len(steps) == 2
+    for r in steps:
+        assert all(math.isfinite(r[k]) for k in ("outcome", "mech", "kl", "grad_norm"))
+    assert (tmp_path / "run" / "checkpoint" / "adapter.safetensors").is_file()
+
+
+def test_device_settings_are_checked_shared_and_ignored_by_resume(tmp_path: Path) -> None:
+    """``device``: its form is checked when a config is built; a GPU that is not there is one clear error
+    before any model loads; the pipeline shares it with the stages that take it; and where a run ran
+    does not make a finished stage or a saved GRPO run count as changed."""
+    from saereward import pipeline as pl
+    from saereward.config import from_dict, to_dict
+    from saereward.errors import SaeRewardError
+    from saereward.lm import load_model, require_device
+    from saereward.rl.grpo import GRPOConfig, settings_diff
+    from saereward.rollouts import RolloutsConfig
+
+    with pytest.raises(SaeRewardError, match="device 'gpu' is not cpu, cuda or cuda:N"):
+        from_dict(RolloutsConfig, {"device": "gpu"})
+    if not torch.cuda.is_available():
+        with pytest.raises(SaeRewardError, match="torch sees no CUDA GPU here"):
+            load_model("no/such-model", device="cuda")  # refused before the model is looked up
+        with pytest.raises(SaeRewardError, match="torch sees no CUDA GPU here"):
+            from saereward.sae.stages import TrainSAEStageConfig, run_train_sae
+
+            run_train_sae(TrainSAEStageConfig(activations=str(tmp_path / "missing"), device="cuda"))
+    else:
+        with pytest.raises(SaeRewardError, match="CUDA GPU"):
+            require_device(f"cuda:{torch.cuda.device_count()}")
+    assert from_dict(GRPOConfig, {"dtype": "auto", "device": "cuda"}).dtype == "bf16"
+
+    cfg = from_dict(pl.PipelineConfig, {"out": str(tmp_path / "run"), "progress": False, "device": "cuda:0"})
+    c = pl.stage_configs(cfg)
+    assert c["rollouts"]["rollouts"].device == "cuda:0" and c["collect"]["collect"].device == "cuda:0"
+    assert c["sae"]["train_sae"].device == "cuda:0" and c["sae"]["eval_sae"].device == "cuda:0"
+    assert c["g2"]["gate_g2"].rl.device == "cuda:0"
+    assert not hasattr(c["steer"]["steer"], "device")  # stays on the CPU
+    rec = {"a": 1, "device": "cpu", "rl": {"device": "cpu", "lr": 2}}
+    assert pl._placeless(rec) == pl._placeless(
+        {"a": 1, "device": "cuda:0", "rl": {"device": "cuda", "lr": 2}}
+    )
+    assert pl._placeless(rec) != pl._placeless({"a": 1, "rl": {"lr": 3}})
+    saved = to_dict(GRPOConfig())
+    assert settings_diff(saved, GRPOConfig(device="cuda")) == []
+    assert settings_diff(saved, GRPOConfig(lr=0.5)) == ["lr"]

@@ -82,9 +82,11 @@ def test_auto_dtype_resolves_per_machine_and_stages_record_it(
     from saereward.sae import kernels
 
     monkeypatch.setattr(kernels, "cpu_has_fast_bf16", lambda: fast_bf16)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # a GPU in the machine does not change it: the stages run the model on the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     want = "bf16" if fast_bf16 else "fp32"
     assert lm.resolve_dtype("auto") == want and lm.resolve_dtype("fp16") == "fp16"
+    assert lm.resolve_dtype("auto", device="cuda") == "bf16"
     assert lm.torch_dtype("auto") == (torch.bfloat16 if fast_bf16 else torch.float32)
     c = pl.stage_configs(_cfg(tmp_path, dtype="auto"))
     assert c["rollouts"]["rollouts"].dtype == want and c["g2"]["gate_g2"].rl.dtype == want

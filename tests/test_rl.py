@@ -262,6 +262,16 @@ def test_trainer_sae_reward_updates_lora(tmp_path: Path, source: str) -> None:
     assert steps[0]["grad_norm"] > 0 and "eval_accuracy" in rows[0] and "eval_accuracy" in rows[-1]
     assert summary["eval_last"]["eval_n"] == 6
     assert (tmp_path / "run" / "checkpoint" / "adapter.safetensors").is_file()
+    # TensorBoard holds the same numbers as the JSONL log, at the same steps (the step-0 evaluation too)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    ea.Reload()
+    for key in ("outcome", "mech", "kl", "grad_norm", "sec_reward", "eval_accuracy"):
+        want = [(r["step"], r[key]) for r in rows if key in r]
+        got = [(e.step, e.value) for e in ea.Scalars(key)]
+        assert [s for s, _ in got] == [s for s, _ in want], key
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6), key
 
 
 def test_trainer_rejects_bad_setups(tmp_path: Path) -> None:

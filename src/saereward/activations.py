@@ -78,7 +78,7 @@ from saereward import __version__
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import atomic_path, file_sha256, iter_jsonl, write_json
-from saereward.lm import DEFAULT_MODEL, DType, LoadedModel
+from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, check_device
 from saereward.tasks.prompts import PromptFormat
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ MANIFEST = "manifest.json"
 CONFIG = "config.json"
 _STORE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Settings that do not change what is collected: a re-run may differ in these.
-_NOT_CONTENT = ("progress", "threads", "out")
+_NOT_CONTENT = ("progress", "threads", "out", "device")
 _PIECES_PER_BUFFER = 8
 
 
@@ -104,6 +104,7 @@ class CollectConfig:
     model: str = option(DEFAULT_MODEL, "model: embedded:<key>, a .gguf file, an HF folder or a hub id")
     dtype: DType = option("fp32", "model dtype")
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
+    device: str = option("cpu", "where the model runs: cpu, cuda or cuda:N")
     layers: tuple[int, ...] = option(
         (15,), "decoder layers to capture, all in one pass (layer L = output of block L)"
     )
@@ -155,6 +156,7 @@ class CollectConfig:
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         if not self.layers:
             raise ValueError("layers must name at least one layer")
         if len(set(self.layers)) != len(self.layers):
@@ -738,7 +740,7 @@ def run_collect(cfg: CollectConfig, lm: LoadedModel | None = None) -> Path:
     if cfg.text_paths or cfg.hf_dataset:
         sources.append(_CorpusSource(cfg))
     if lm is None:
-        lm = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads)
+        lm = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads, device=cfg.device)
     layers = sorted({resolve_layer(lm.model, layer) for layer in cfg.layers})
     for s in sources:
         s.prepare(lm)

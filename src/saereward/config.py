@@ -124,7 +124,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> T:
 
     for k, v in kwargs.items():
         if v == "auto" and hints[k] == DType:  # record the dtype the stage really runs in
-            kwargs[k] = resolve_dtype(v)
+            device = kwargs.get("device", getattr(fields.get("device"), "default", "cpu"))
+            kwargs[k] = resolve_dtype(v, device if isinstance(device, str) else "cpu")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:

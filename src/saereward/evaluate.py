@@ -23,7 +23,7 @@ from saereward import __version__
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import write_json, write_jsonl
-from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, load_model
+from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, check_device, load_model
 from saereward.stats import wilson_ci
 from saereward.tasks.prompts import PromptFormat
 
@@ -38,6 +38,7 @@ class EvalConfig:
     dtype: DType = option("fp32", "model dtype")
     adapter: str | None = option(None, "LoRA adapter to merge in: a `saereward train-rl` run folder")
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
+    device: str = option("cpu", "where the model runs: cpu, cuda or cuda:N")
     task: str = option("chain_sum", "task name: chain_sum, gsm8k, mmlu, math500, rg:<reasoning-gym name>")
     task_source: str = option("auto", "where the task data comes from: auto, offline, hf, jsonl")
     task_path: str | None = option(None, "local JSONL file for the task (GSM8K or MATH format)")
@@ -60,6 +61,7 @@ class EvalConfig:
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         if self.n is not None and self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.batch_size < 1:
@@ -92,7 +94,9 @@ def run_eval(cfg: EvalConfig, lm: LoadedModel | None = None) -> EvalResult:
     task = _load_task(cfg)  # validate the task before paying for the model
     items = list(task.items())
     if lm is None:
-        lm = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads, adapter=cfg.adapter)
+        lm = load_model(
+            cfg.model, dtype=cfg.dtype, threads=cfg.threads, adapter=cfg.adapter, device=cfg.device
+        )
     if cfg.prompt_format == "chat" and not getattr(lm.tokenizer, "chat_template", None):
         raise SaeRewardError(f"model {cfg.model} has no chat template: use --prompt-format raw or fewshot")
     prompts = [
@@ -187,8 +191,9 @@ def run_eval_cached(cfg: EvalConfig, lm: LoadedModel | None = None) -> list[dict
         if (folder / "summary.json").is_file() and (folder / "items.jsonl").is_file():
             saved = json.loads((folder / "config.json").read_text())
             mine = json.loads(json.dumps(to_dict(cfg)))
-            saved.pop("progress", None)
-            mine.pop("progress", None)
+            for key in ("progress", "device"):  # where it ran does not change what was asked
+                saved.pop(key, None)
+                mine.pop(key, None)
             defaults = to_dict(EvalConfig())
             for k in mine.keys() - saved.keys():  # an option added since: the run used its default
                 saved[k] = defaults.get(k)
@@ -210,6 +215,7 @@ class BaselineConfig:
     model: str = option(DEFAULT_MODEL, "model to evaluate")
     dtype: DType = option("fp32", "model dtype")
     threads: int | None = option(None, "torch CPU threads")
+    device: str = option("cpu", "where the model runs: cpu, cuda or cuda:N")
     n: int = option(200, "chain_sum items per prompt format")
     formats: tuple[str, ...] = option(("raw", "fewshot"), "chain_sum prompt formats (comma-separated)")
     gsm8k: bool = option(True, "also evaluate the 100 real GSM8K test items (offline copy)")
@@ -220,6 +226,7 @@ class BaselineConfig:
     progress: bool = option(True, "show progress bars")
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         bad = [f for f in self.formats if f not in ("raw", "fewshot", "chat")]
         if bad:
             raise ValueError(f"unknown prompt format {bad[0]!r}: use raw, fewshot or chat")
@@ -236,6 +243,7 @@ def baseline_configs(cfg: BaselineConfig) -> list[EvalConfig]:
         model=cfg.model,
         dtype=cfg.dtype,
         threads=cfg.threads,
+        device=cfg.device,
         seed=cfg.seed,
         batch_size=cfg.batch_size,
         progress=cfg.progress,
@@ -259,7 +267,7 @@ def baseline_configs(cfg: BaselineConfig) -> list[EvalConfig]:
 
 
 def run_baseline(cfg: BaselineConfig) -> list[dict[str, Any]]:
-    lm = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads)
+    lm = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads, device=cfg.device)
     summaries = [run_eval(ec, lm=lm).summary for ec in baseline_configs(cfg)]
     write_json(Path(cfg.out) / "baseline.json", {"config": to_dict(cfg), "results": summaries})
     return summaries

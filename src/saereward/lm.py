@@ -90,19 +90,44 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SAEREWARD_CACHE", "~/.cache/saereward")).expanduser()
 
 
-def resolve_dtype(dtype: DType) -> str:
-    """``auto`` becomes the faster dtype on this hardware; other names are returned unchanged.
+def resolve_dtype(dtype: DType, device: str = "cpu") -> str:
+    """``auto`` becomes the faster dtype where the model runs (``device``); other names are unchanged.
 
-    bf16 on a CUDA device or a CPU with native bf16 (AVX512-BF16 or AMX). Elsewhere (e.g. an AVX2 CPU)
-    bf16 matrix products are emulated and run several times slower than fp32, so ``auto`` is fp32.
+    bf16 on CUDA, or on a CPU with native bf16 (AVX512-BF16 or AMX). On other CPUs (e.g. AVX2 only)
+    bf16 matrix products are emulated and run several times slower than fp32, so ``auto`` is fp32. The
+    CLI's stages keep the model on the CPU, so a GPU in the machine does not make their ``auto`` bf16.
     """
     if dtype != "auto":
         return dtype
-    import torch
-
     from saereward.sae.kernels import cpu_has_fast_bf16
 
-    return "bf16" if torch.cuda.is_available() or cpu_has_fast_bf16() else "fp32"
+    return "bf16" if str(device).startswith("cuda") or cpu_has_fast_bf16() else "fp32"
+
+
+def check_device(device: str) -> str:
+    """Validate a ``device`` setting's form (``cpu``, ``cuda`` or ``cuda:N``); returns it unchanged."""
+    if device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        return device
+    raise SaeRewardError(f'device {device!r} is not cpu, cuda or cuda:N: set device = "cpu" or "cuda"')
+
+
+def require_device(device: str) -> str:
+    """:func:`check_device`, and for CUDA that torch sees a GPU here (one clear error otherwise)."""
+    check_device(device)
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SaeRewardError(
+                f"device {device!r} asked for, but torch sees no CUDA GPU here (CPU build of torch, or no "
+                'GPU): set device = "cpu", or install a CUDA build of torch'
+            )
+        index = int(device[5:]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise SaeRewardError(
+                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use cuda:0"
+            )
+    return device
 
 
 def torch_dtype(dtype: DType) -> torch.dtype:
@@ -400,7 +425,10 @@ def load_model(
     The tokenizer is set up for batched generation: left padding, and a pad token (EOS if none).
     ``threads`` calls ``torch.set_num_threads``; ``None`` leaves torch's default. ``adapter``: a
     ``saereward train-rl`` run folder (or its ``checkpoint/``) whose LoRA weights are merged in.
+    ``device``: ``cpu``, ``cuda`` or ``cuda:N``; ``dtype="auto"`` resolves for that device.
     """
+    require_device(device)
+    dtype = resolve_dtype(dtype, device)  # type: ignore[assignment]
     if adapter is not None:
         adapter_dir(adapter)  # validate before paying for the model
     import torch

@@ -38,7 +38,7 @@ from saereward import __version__
 from saereward.config import from_dict, option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import write_json
-from saereward.lm import DEFAULT_MODEL, DType
+from saereward.lm import DEFAULT_MODEL, DType, check_device
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ DEPENDS: dict[str, tuple[str, ...]] = {
 # Keys the pipeline sets itself (paths between stages): a preset may not set them in a stage table.
 _WIRED = ("out", "rollouts", "sae", "pack", "activations", "adapter", "run", "run_dir")
 # Settings shared by every stage that has a field of that name.
-_SHARED = ("model", "dtype", "threads", "seed", "task", "progress")
+_SHARED = ("model", "dtype", "threads", "device", "seed", "task", "progress")
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,14 @@ class PipelineConfig:
     out: str = option("runs/pipeline", "the run folder every stage writes into")
     model: str = option(DEFAULT_MODEL, "model of every stage")
     dtype: DType = option(
-        "auto", "model dtype of every stage (auto: bf16 on CUDA or a CPU with native bf16, else fp32)"
+        "auto", "model dtype of every stage (auto: bf16 on a CPU with native bf16, else fp32)"
     )
     threads: int | None = option(None, "torch CPU threads of every stage (default: torch's choice)")
+    device: str = option(
+        "cpu",
+        "where the model runs in rollouts, collect, the SAE's training and evaluation and GRPO (G2): cpu, "
+        "cuda or cuda:N; the other stages run on the CPU",
+    )
     seed: int = option(0, "seed of every stage that takes one (RL seeds: [gate_g2] seeds)")
     task: str = option("chain_sum", "task of rollouts, RL, steering and the G3 held-out check")
     layer: int = option(15, "residual layer of the SAE, the pack, the probe and steering")
@@ -113,6 +118,7 @@ class PipelineConfig:
     report: dict[str, Any] = option({}, "settings of `saereward report`")
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         for name in ("stages", "force"):
             bad = [s for s in getattr(self, name) if s not in STAGE_ORDER]
             if bad:
@@ -300,13 +306,13 @@ def _stage_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any
     out["sae"] = lambda: {
         "train_sae": _build(
             "saereward.sae.stages.TrainSAEStageConfig",
-            {"threads": cfg.threads},
+            {"threads": cfg.threads, "device": cfg.device},
             {"layer": layer, **train_table, "train": train_sub},
             {"activations": str(lay.activations), "out": str(lay.sae_run)},
         ),
         "eval_sae": _build(
             "saereward.sae.stages.EvalSAEStageConfig",
-            {"dtype": cfg.dtype, "model": cfg.model},
+            {"dtype": cfg.dtype, "model": cfg.model, "device": cfg.device},
             {"ce_task": cfg.task, **eval_sae_table},
             {"sae": str(lay.sae), "activations": str(lay.activations), "out": str(lay.sae)},
         ),
@@ -542,7 +548,7 @@ def plan(cfg: PipelineConfig, configs: dict[str, dict[str, Any]]) -> dict[str, s
             why = "not done"
         elif not lay.artifact(stage).exists():
             why = "artifact missing"
-        elif rec.get("config") != resolved:
+        elif _placeless(rec.get("config")) != _placeless(resolved):
             why = "config changed"
         elif rerun.intersection(DEPENDS[stage]):
             why = "an input stage re-ran"
@@ -552,6 +558,13 @@ def plan(cfg: PipelineConfig, configs: dict[str, dict[str, Any]]) -> dict[str, s
         decision[stage] = f"run ({why})"
         rerun.add(stage)
     return decision
+
+
+def _placeless(cfg: Any) -> Any:
+    """A recorded config without its ``device`` keys: where a stage ran does not change what it was asked."""
+    if isinstance(cfg, dict):
+        return {k: _placeless(v) for k, v in cfg.items() if k != "device"}
+    return cfg
 
 
 # Reasons that start a stage from scratch; "not done" and "artifact missing" let the stage resume.

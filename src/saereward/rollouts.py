@@ -40,7 +40,7 @@ from saereward import __version__
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import atomic_path, read_jsonl, write_json, write_jsonl
-from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, load_model
+from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, check_device, load_model
 from saereward.stats import wilson_ci
 from saereward.tasks.prompts import PromptFormat
 
@@ -58,6 +58,7 @@ class RolloutsConfig:
     dtype: DType = option("fp32", "model dtype")
     adapter: str | None = option(None, "LoRA adapter to merge in: a `saereward train-rl` run folder")
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
+    device: str = option("cpu", "where the model runs: cpu, cuda or cuda:N")
     task: str = option("chain_sum", "task (see `saereward tasks`)")
     task_source: str = option("auto", "where the task data comes from: auto, offline, hf, jsonl")
     task_path: str | None = option(None, "local JSONL file for the task")
@@ -85,6 +86,7 @@ class RolloutsConfig:
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         if self.n < 2:
             raise ValueError(f"n must be >= 2 (two splits), got {self.n}")
         if self.samples < 1 or (self.decoding == "greedy+sample" and self.samples < 2):
@@ -128,7 +130,9 @@ def run_rollouts(cfg: RolloutsConfig, lm: LoadedModel | None = None) -> Path:
     )
     items = list(task.items())
     if lm is None:
-        lm = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads, adapter=cfg.adapter)
+        lm = load_model(
+            cfg.model, dtype=cfg.dtype, threads=cfg.threads, adapter=cfg.adapter, device=cfg.device
+        )
     if cfg.prompt_format == "chat" and not getattr(lm.tokenizer, "chat_template", None):
         raise SaeRewardError(f"model {cfg.model} has no chat template: use --prompt-format raw or fewshot")
     layers = (
@@ -176,7 +180,9 @@ def run_rollouts(cfg: RolloutsConfig, lm: LoadedModel | None = None) -> Path:
             tuple[int, dict[str, Any], dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor]
         ] = []
         for idx, g in batches:
-            mask = g.residual_mask
+            mask = g.residual_mask.cpu()  # results are kept on the CPU, wherever the model runs
+            residuals = {x: g.residuals[x].cpu() for x in capture}
+            sequences = g.sequences.cpu()
             for j, i in enumerate(idx):
                 item, completion = items[i], g.completions[j]
                 m = mask[j]
@@ -193,9 +199,9 @@ def run_rollouts(cfg: RolloutsConfig, lm: LoadedModel | None = None) -> Path:
                     "correct": bool(task.verify(item, completion)),
                     "n_tokens": n_tok,
                 }
-                tok = {x: g.residuals[x][j][m].float() for x in capture}
+                tok = {x: residuals[x][j][m].float() for x in capture}
                 mean = {x: (tok[x].mean(0) if n_tok else torch.zeros(lm.d_model)) for x in layers}
-                pass_rows.append((i, row, mean, {x: tok[x] for x in token_layers}, g.sequences[j][m]))
+                pass_rows.append((i, row, mean, {x: tok[x] for x in token_layers}, sequences[j][m]))
         for _i, row, mean, tok, ids in sorted(pass_rows, key=lambda r: r[0]):  # question order
             rows.append(row)
             for x in layers:

@@ -33,10 +33,13 @@ the RNG state. Checkpoints are safetensors (LoRA weights, optimizer moments) + J
 written to a temp folder and renamed into place (a kill between the renames resumes from
 ``checkpoint.old``).
 
-**Processes.** The model stays on the CPU. ``accelerate launch --multi_gpu --num_processes N`` (accelerate's
+**Processes and devices.** ``device`` (default ``cpu``) is where the model runs; ``cuda`` puts it on the
+GPU of the process's ``LOCAL_RANK``. ``accelerate launch --multi_gpu --num_processes N`` (accelerate's
 torchrun launcher; its ``--cpu`` launcher needs MPI for N > 1) or ``torchrun --nproc_per_node N``
-runs N data-parallel processes over gloo: each samples ``questions_per_step / N`` questions, and the
-summed gradients give the single-process step. GPUs: the TRL subclass (:mod:`saereward.rl.trl`).
+runs N data-parallel processes (gloo on the CPU, NCCL on CUDA): each samples
+``questions_per_step / N`` questions, and the summed gradients give the single-process step. The
+bit-identical resume is tested on the CPU; on CUDA some kernels (e.g. attention's backward) are not
+deterministic. TRL users: the subclass in :mod:`saereward.rl.trl`.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ from saereward import __version__
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import read_jsonl, write_json, write_jsonl
-from saereward.lm import DEFAULT_MODEL, DType, LoadedModel
+from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, check_device, require_device
 from saereward.rl.reward import Aggregation, LambdaSchedule, RewardKind, token_advantages
 from saereward.tasks.prompts import PromptFormat
 
@@ -78,6 +81,7 @@ class GRPOConfig:
     model: str = option(DEFAULT_MODEL, "model: embedded:<key>, a .gguf file, an HF folder or a hub id")
     dtype: DType = option("fp32", "model dtype (bf16 halves memory; the LoRA weights stay fp32)")
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
+    device: str = option("cpu", "where the policy runs: cpu, cuda (the GPU of LOCAL_RANK) or cuda:N")
     task: str = option("chain_sum", "task (see `saereward tasks`)")
     task_source: str = option("auto", "where the task data comes from: auto, offline, hf, jsonl")
     task_path: str | None = option(None, "local JSONL file for the task")
@@ -197,6 +201,7 @@ class GRPOConfig:
     progress: bool = option(True, "progress bar")
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         if self.group_size < 2:
             raise ValueError(
                 f"group_size {self.group_size} < 2: GRPO compares completions within a group; use >= 2"
@@ -489,7 +494,7 @@ def settings_diff(saved: dict[str, Any], cfg: GRPOConfig) -> list[str]:
     change what a step computes (``steps`` too: a longer run resumes a shorter one's checkpoint)."""
     mine = to_dict(cfg)  # JSON-plain, as the saved file
     default = to_dict(GRPOConfig())  # for options added since the run
-    skip = ("out", "resume", "progress", "steps", "threads", "snapshot_every", "checkpoint_every")
+    skip = ("out", "resume", "progress", "steps", "threads", "device", "snapshot_every", "checkpoint_every")
     return [k for k in mine if k not in skip and saved.get(k, default.get(k)) != mine[k]]
 
 
@@ -709,7 +714,8 @@ class GRPOTrainer:
 
         self.cfg = cfg
         self.out = Path(cfg.out)
-        if cfg.mmap_large_allocations and not mmap_large_allocations():
+        device = _local_device(cfg.device)
+        if cfg.mmap_large_allocations and device == "cpu" and not mmap_large_allocations():
             log.info("mmap_large_allocations: not glibc, left as is")
         dist_on = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if dist_on else 0
@@ -734,7 +740,8 @@ class GRPOTrainer:
             )
         if len(self.eval_items) < cfg.n_eval:
             log.warning("only %d held-out questions are disjoint from training", len(self.eval_items))
-        self.lm = lm or load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads)
+        self.lm = lm or load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads, device=device)
+        self.device = next(self.lm.model.parameters()).device  # a model passed in decides
         tok = self.lm.tokenizer
         self.prompt = {
             it.id: format_prompt(self.task, it, cfg.prompt_format, tokenizer=tok, shots=cfg.shots)
@@ -789,6 +796,7 @@ class GRPOTrainer:
             if not sae_path:
                 raise SaeRewardError(f"pack {cfg.pack} records no SAE: pass --sae")
             scorer = PackScorer(load_sae(sae_path), pack, d_model=self.lm.d_model)
+            scorer.to(next(self.lm.model.parameters()).device)
             return scorer, check_pack_scorer(scorer, self.lm.model, cfg.layer, model_name=cfg.model)
         from saereward.features.layers import contrastive_direction
         from saereward.rl.reward import DirectionScorer
@@ -1013,7 +1021,8 @@ class GRPOTrainer:
             [
                 1.0 if self.task.verify(items[q], c) else 0.0
                 for q, c in zip(b.qids, b.completions, strict=True)
-            ]
+            ],
+            device=b.sequences.device,
         )
 
     def reference(self, b: _Batch) -> tuple[Tensor | None, Tensor | None]:
@@ -1128,7 +1137,7 @@ class GRPOTrainer:
             stats.get("kl", 0.0),
             stats.get("clip_frac", 0.0),
         ]
-        g = all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
+        g = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=self.device)).tolist()
         rows, mech_n = max(g[2], 1.0), max(g[5], 1.0)
         return {
             "outcome": g[0] / rows,
@@ -1300,6 +1309,7 @@ class GRPOTrainer:
             if start == 0:
                 rows.append({"step": 0, **self.evaluate()})
                 write_jsonl(log_path, rows)
+                _add_scalars(tb, rows[-1], 0)
         bar = tqdm(
             total=cfg.steps,
             initial=start,
@@ -1318,10 +1328,7 @@ class GRPOTrainer:
                     row.update(self.evaluate())
                 rows.append(row)
                 write_jsonl(log_path, rows)
-                if tb is not None:
-                    for k, v in row.items():
-                        if k != "step" and isinstance(v, int | float) and math.isfinite(v):
-                            tb.add_scalar(k, v, s + 1)
+                _add_scalars(tb, row, s + 1)
                 if cfg.snapshot_every and (s + 1) % cfg.snapshot_every == 0:
                     _save_snapshot(self.out / "snapshots" / f"step_{s + 1:05d}", self._lora_state(), cfg)
                 if last or (s + 1) % cfg.checkpoint_every == 0:
@@ -1358,6 +1365,15 @@ def _median(xs: Sequence[float]) -> float | None:
     return s[len(s) // 2]
 
 
+def _add_scalars(tb: Any, row: dict[str, Any], step: int) -> None:
+    """Every finite number of a log row as a TensorBoard scalar at ``step`` (no-op without a writer)."""
+    if tb is None:
+        return
+    for k, v in row.items():
+        if k != "step" and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+            tb.add_scalar(k, v, step)
+
+
 def _tensorboard(path: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -1366,18 +1382,29 @@ def _tensorboard(path: Path) -> Any:
     return SummaryWriter(str(path))
 
 
-def _init_distributed() -> bool:
-    """Join the process group that ``accelerate launch`` / ``torchrun`` describe in the environment.
+def _local_device(device: str) -> str:
+    """``device`` for this process: ``cuda`` becomes the GPU of ``LOCAL_RANK`` (set by torchrun /
+    ``accelerate launch``), so data-parallel ranks do not all land on GPU 0; checked to exist."""
+    import os
 
-    Always gloo: the lean trainer keeps its model and gradients on the CPU (NCCL would refuse CPU
-    tensors on a GPU host). GPU training goes through the TRL subclass, :mod:`saereward.rl.trl`."""
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    require_device(device)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    return device
+
+
+def _init_distributed(device: str = "cpu") -> bool:
+    """Join the process group that ``accelerate launch`` / ``torchrun`` describe in the environment:
+    gloo when the model runs on the CPU, NCCL on CUDA (NCCL refuses CPU tensors, gloo is slow on GPU ones)."""
     import os
 
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
         return False
-    dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return True
 
 
@@ -1387,7 +1414,7 @@ def run_train_rl(cfg: GRPOConfig, lm: LoadedModel | None = None) -> dict[str, An
     Under ``accelerate launch --num_processes N`` (or torchrun) every process joins the group and
     takes ``questions_per_step / N`` questions per step; see :meth:`GRPOTrainer.update`.
     """
-    started = _init_distributed()
+    started = _init_distributed(cfg.device)
     try:
         return GRPOTrainer(cfg, lm=lm).fit()
     finally:

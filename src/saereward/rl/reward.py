@@ -104,6 +104,7 @@ def token_advantages(
     m = mask.bool()
     lm = m if loss_mask is None else loss_mask.bool()
     zero = torch.zeros(())
+    outcome = outcome.to(m.device)  # verifier results may be built on the CPU
     if mech is None or lam == 0.0:
         adv = group_advantages(outcome.float(), group_size, eps)
         return adv[:, None].expand_as(lm).where(lm, zero).float(), outcome.float()

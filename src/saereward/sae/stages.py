@@ -22,6 +22,7 @@ from typing import Any
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import write_json
+from saereward.lm import check_device, require_device
 from saereward.sae.train import SAETrainConfig
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,11 @@ class TrainSAEStageConfig:
     threads: int | None = option(
         None, "torch CPU threads (default: torch's choice; a bit-identical resume needs the same number)"
     )
+    device: str = option("cpu", "where the SAE trains: cpu, cuda or cuda:N (activations stay on disk)")
     train: SAETrainConfig = option(SAETrainConfig(), "training settings")
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         if self.buffer_tokens < 1 or self.eval_tokens < 0:
             raise ValueError("buffer_tokens must be >= 1 and eval_tokens >= 0")
 
@@ -66,7 +69,11 @@ class EvalSAEStageConfig:
     ce_text_field: str = option("text", "field of ce_text_paths .jsonl rows (comma list: first present)")
     ce_max_docs: int = option(256, "use at most this many documents from ce_text_paths (first ones)")
     max_length: int = option(256, "max tokens per CE/KL sequence")
+    device: str = option("cpu", "where the SAE and the model run: cpu, cuda or cuda:N")
     out: str | None = option(None, "write eval.json here (default: next to the SAE)")
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
 
 
 def _store_layer(folder: str, layer: int | None) -> int:
@@ -96,6 +103,7 @@ def run_train_sae(cfg: TrainSAEStageConfig) -> Path:
     from saereward.sae.formats import save_sae
     from saereward.sae.train import SAETrainer
 
+    require_device(cfg.device)
     if cfg.threads:
         import torch
 
@@ -142,6 +150,7 @@ def run_train_sae(cfg: TrainSAEStageConfig) -> Path:
     trainer = SAETrainer(
         cfg.train,
         store.d_model,
+        device=cfg.device,
         run_dir=out,
         evaluate=evaluate,
         save=save,
@@ -163,7 +172,8 @@ def run_eval_sae(cfg: EvalSAEStageConfig) -> dict[str, Any]:
     """Evaluate an SAE; writes ``eval.json`` and returns the metrics."""
     from saereward.sae.formats import check_sae_matches_model, load_sae
 
-    sae = load_sae(cfg.sae)
+    require_device(cfg.device)
+    sae = load_sae(cfg.sae, device=cfg.device)
     layer = cfg.layer if cfg.layer is not None else sae.cfg.layer
     result: dict[str, Any] = {"sae": cfg.sae, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k}
     if cfg.activations:
@@ -177,7 +187,7 @@ def run_eval_sae(cfg: EvalSAEStageConfig) -> dict[str, Any]:
         from saereward.lm import load_model, resolve_layer
         from saereward.sae.evaluate import ce_kl_recovered
 
-        lm = load_model(model_spec, dtype=cfg.dtype)  # type: ignore[arg-type]
+        lm = load_model(model_spec, dtype=cfg.dtype, device=cfg.device)  # type: ignore[arg-type]
         layer = resolve_layer(lm.model, layer)
         check_sae_matches_model(sae, lm.d_model, layer)
         result["ce_kl"] = ce_kl_recovered(

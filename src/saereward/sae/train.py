@@ -614,7 +614,8 @@ class SAETrainer:
                 f"checkpoint {folder} has format {meta.get('format')}; this saereward reads 1"
             )
         saved_threads = meta.get("torch_threads")
-        if saved_threads is not None and saved_threads != torch.get_num_threads():
+        on_cpu = self.device.type == "cpu"
+        if on_cpu and saved_threads is not None and saved_threads != torch.get_num_threads():
             log.warning(
                 "checkpoint %s was written with %d torch threads, resuming with %d: the result will be "
                 "close to, but not bit-identical with, an uninterrupted run (pass --threads %d for that)",
