@@ -60,12 +60,62 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KB -> GB on Linux
 
 
+def trl_config(dtype: str, steps: int, *, use_cpu: bool = True) -> Any:
+    """TRL's ``GRPOConfig`` for the benchmark's configuration (module docstring): ``steps`` + 1 warm-up."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl_bench_"),
+        per_device_train_batch_size=N_PROMPTS * GROUP,
+        num_generations=GROUP,
+        max_completion_length=NEW_TOKENS,
+        temperature=0.9,
+        top_p=0.95,
+        beta=0.05,
+        learning_rate=1e-5,
+        max_steps=steps + 1,
+        logging_steps=1,
+        report_to=[],
+        bf16=dtype == "bf16",
+        use_cpu=use_cpu,
+        save_strategy="no",
+        seed=0,
+        dataloader_num_workers=0,
+    )
+
+
+def step_timer(times: list[float], lengths: list[float], cuda: bool = False) -> Any:
+    """A ``TrainerCallback`` appending each step's wall time (after a CUDA sync when ``cuda``) to ``times``
+    and each logged mean completion length to ``lengths``."""
+    import torch
+    from transformers import TrainerCallback
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN201
+            sync()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN201
+            sync()
+            times.append(time.perf_counter() - self.t0)
+
+        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001, ANN201
+            if logs and "completions/mean_length" in logs:
+                lengths.append(float(logs["completions/mean_length"]))
+
+    return Timer()
+
+
 def child_trl(dtype: str, steps: int, threads: int, n_questions: int, fix: bool = False) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOTrainer
 
     from saereward.lm import contiguous_lm_head, convert_embedded
     from saereward.rl.reward import OutcomeReward
@@ -85,37 +135,7 @@ def child_trl(dtype: str, steps: int, threads: int, n_questions: int, fix: bool 
     ds = Dataset.from_list([{"prompt": format_prompt(task, it, "raw"), "qid": it.id} for it in items])
     times: list[float] = []
     lengths: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN201
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN201
-            times.append(time.perf_counter() - self.t0)
-
-        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001, ANN201
-            if logs and "completions/mean_length" in logs:
-                lengths.append(float(logs["completions/mean_length"]))
-
-    out = tempfile.mkdtemp(prefix="trl_bench_")
-    cfg = GRPOConfig(
-        output_dir=out,
-        per_device_train_batch_size=N_PROMPTS * GROUP,
-        num_generations=GROUP,
-        max_completion_length=NEW_TOKENS,
-        temperature=0.9,
-        top_p=0.95,
-        beta=0.05,
-        learning_rate=1e-5,
-        max_steps=steps + 1,
-        logging_steps=1,
-        report_to=[],
-        bf16=dtype == "bf16",
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-        dataloader_num_workers=0,
-    )
+    cfg = trl_config(dtype, steps)
     for p in model.parameters():
         p.requires_grad_(False)
     trainer = GRPOTrainer(
@@ -125,7 +145,7 @@ def child_trl(dtype: str, steps: int, threads: int, n_questions: int, fix: bool 
         train_dataset=ds,
         processing_class=tokenizer,
         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=LORA, task_type="CAUSAL_LM"),
-        callbacks=[Timer()],
+        callbacks=[step_timer(times, lengths)],
     )
     trainer.train()
     return {"step_times": times[1:], "completion_len": statistics.mean(lengths[1:]) if lengths[1:] else None}
@@ -239,12 +259,17 @@ def run_child(
         str(workdir),
         *extra,
     ]
+    return json_child(cmd, f"{which} ({dtype})")
+
+
+def json_child(cmd: list[str], label: str) -> dict[str, Any]:
+    """Run a benchmark child process; returns the JSON object on its last stdout line plus ``wall_s``."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"child {which} ({dtype}) failed")
+        raise SystemExit(f"child {label} failed (exit {proc.returncode})")
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     return res

@@ -22,18 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import resource
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from typing import Any
 
-LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-N_PROMPTS, GROUP, NEW_TOKENS = 4, 4, 64
+from grpo_step import LORA, N_PROMPTS, json_child, step_timer, trl_config  # the same TRL configuration
 
 
 def _sums(n: int, seed: int = 0) -> list[tuple[str, int]]:
@@ -53,8 +48,8 @@ def child(which: str, model_path: str, device: str, dtype: str, steps: int) -> d
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOTrainer
 
     cuda = device == "cuda"
     model = AutoModelForCausalLM.from_pretrained(
@@ -66,40 +61,7 @@ def child(which: str, model_path: str, device: str, dtype: str, steps: int) -> d
     ds = Dataset.from_list([{"prompt": p, "answer": a} for p, a in _sums(N_PROMPTS)])
     times: list[float] = []
     lengths: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN201
-            if cuda:
-                torch.cuda.synchronize()
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN201
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t0)
-
-        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001, ANN201
-            if logs and "completions/mean_length" in logs:
-                lengths.append(float(logs["completions/mean_length"]))
-
-    cfg = GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl_sae_bench_"),
-        per_device_train_batch_size=N_PROMPTS * GROUP,
-        num_generations=GROUP,
-        max_completion_length=NEW_TOKENS,
-        temperature=0.9,
-        top_p=0.95,
-        beta=0.05,
-        learning_rate=1e-5,
-        max_steps=steps + 1,
-        logging_steps=1,
-        report_to=[],
-        bf16=dtype == "bf16",
-        use_cpu=not cuda,
-        save_strategy="no",
-        seed=0,
-        dataloader_num_workers=0,
-    )
+    cfg = trl_config(dtype, steps, use_cpu=not cuda)
     kw: dict[str, Any] = {
         "model": model,
         "reward_funcs": _reward,
@@ -107,7 +69,7 @@ def child(which: str, model_path: str, device: str, dtype: str, steps: int) -> d
         "train_dataset": ds,
         "processing_class": tok,
         "peft_config": LoraConfig(r=16, lora_alpha=32, target_modules=LORA, task_type="CAUSAL_LM"),
-        "callbacks": [Timer()],
+        "callbacks": [step_timer(times, lengths, cuda)],
     }
     if which == "trl":
         trainer = GRPOTrainer(**kw)
@@ -161,20 +123,13 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.model, args.device, args.dtype, args.steps)))  # noqa: T201
         return
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     results: dict[str, list[dict[str, Any]]] = {"trl": [], "trl+sae": []}
     for r in range(args.rounds):
         pair = ("trl", "trl+sae") if args.first == "trl" else ("trl+sae", "trl")
         for which in pair if r % 2 == 0 else pair[::-1]:
             cmd = [sys.executable, __file__, "--child", which, "--model", args.model, "--device", args.device]
             cmd += ["--dtype", args.dtype, "--steps", str(args.steps)]
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                sys.stderr.write(proc.stderr[-4000:])
-                raise SystemExit(f"child {which} failed (exit {proc.returncode})")
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
-            res["wall_s"] = round(time.perf_counter() - t0, 1)
+            res = json_child(cmd, which)
             res["median_step_s"] = statistics.median(res["step_times"])
             results[which].append(res)
             print(  # noqa: T201
