@@ -796,7 +796,7 @@ class GRPOTrainer:
             if not sae_path:
                 raise SaeRewardError(f"pack {cfg.pack} records no SAE: pass --sae")
             scorer = PackScorer(load_sae(sae_path), pack, d_model=self.lm.d_model)
-            scorer.to(next(self.lm.model.parameters()).device)
+            scorer.to(self.device)  # where the model runs
             return scorer, check_pack_scorer(scorer, self.lm.model, cfg.layer, model_name=cfg.model)
         from saereward.features.layers import contrastive_direction
         from saereward.rl.reward import DirectionScorer
