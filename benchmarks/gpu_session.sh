@@ -47,5 +47,5 @@ step decode 60 python3 benchmarks/decode_speed.py --model /tmp/smol-random --dev
 step trl_sae 160 python3 benchmarks/trl_sae_step.py --model /tmp/smol-random --device cuda --dtype bf16 \
   --steps 4 --rounds "${TRL_ROUNDS:-2}" --first "${TRL_FIRST:-trl}" --json "$OUT/trl_sae.json"
 # the CLI stages with --device cuda at toy size (added after this script's first GPU session; not yet run there)
-step cli_cuda 240 env DEVICE=cuda MODEL=/tmp/smol-random bash benchmarks/cli_device_check.sh
+step cli_cuda 300 env DEVICE=cuda MODEL=/tmp/smol-random bash benchmarks/cli_device_check.sh
 echo "=== all steps done in $(($(date +%s) - start))s"

@@ -1,4 +1,4 @@
-"""The CUDA paths: SAE training, the pack scorer, the own decode loop, the TRL subclass.
+"""The CUDA paths: SAE training, the pack scorer, the own decode loop, the GRPO trainers, steering.
 
 Each test runs on ``cuda`` where torch sees a GPU (skipped elsewhere, e.g. in CI), and the TRL test also
 runs on ``cpu``, so its logic is checked on every machine. Tiny random models only: no download, no
@@ -182,6 +182,36 @@ def test_lean_grpo_trainer_on_cuda(tmp_path: Path, source: str) -> None:
     assert (tmp_path / "run" / "checkpoint" / "adapter.safetensors").is_file()
 
 
+@cuda_only
+def test_steer_and_logit_lens_on_cuda_match_cpu(tmp_path: Path) -> None:
+    """``steer --device cuda`` (vector and SAE-feature clamp conditions, the prompt residual norm) and the
+    logit lens of ``layers`` on a tiny model on the GPU: they run, and their numbers match the CPU's."""
+    import test_stage1  # noqa: F401  (registers the hash_test task)
+    from saereward.features.layers import logit_lens
+    from saereward.steer import SteerConfig, run_steer
+    from test_steer import tiny_pack, write_rollouts
+    from tiny_models import tiny_lm
+
+    ro = write_rollouts(tmp_path / "ro", layer=1)
+    pack = tiny_pack(tmp_path / "p")
+    res = {}
+    for device in ("cpu", "cuda"):
+        lm = tiny_lm("llama")
+        lm.model.to(device)
+        cfg = SteerConfig(model="tiny", task="hash_test", n=6, max_new_tokens=4, batch_size=6, rollouts=str(ro),
+                          pack=str(pack), scales=(0.5, -0.5), feature=3, feature_mode="clamp",
+                          feature_values=(0.0, 20.0), device=device, out=str(tmp_path / device), progress=False)  # fmt: skip
+        res[device] = run_steer(cfg, lm=lm)
+        ex = [("Q: 1+2\nA:", " it is 3", "3")]
+        res[device]["lens"] = logit_lens(lm, ex, norm=True)["answer_prob"]
+    cpu, gpu = res["cpu"], res["cuda"]
+    assert gpu["residual_norm"]["value"] == pytest.approx(cpu["residual_norm"]["value"], rel=1e-4)
+    assert [r["label"] for r in gpu["rows"]] == [r["label"] for r in cpu["rows"]]
+    for rc, rg in zip(cpu["rows"], gpu["rows"], strict=True):
+        assert rg["perturbation_norm"] == pytest.approx(rc["perturbation_norm"], rel=1e-3, abs=1e-4)
+    assert gpu["lens"] == pytest.approx(cpu["lens"], rel=1e-3, abs=1e-6)
+
+
 def test_device_settings_are_checked_shared_and_ignored_by_resume(tmp_path: Path) -> None:
     """``device``: its form is checked when a config is built; a GPU that is not there is one clear error
     before any model loads; the pipeline shares it with the stages that take it; and where a run ran
@@ -212,7 +242,9 @@ def test_device_settings_are_checked_shared_and_ignored_by_resume(tmp_path: Path
     assert c["rollouts"]["rollouts"].device == "cuda:0" and c["collect"]["collect"].device == "cuda:0"
     assert c["sae"]["train_sae"].device == "cuda:0" and c["sae"]["eval_sae"].device == "cuda:0"
     assert c["g2"]["gate_g2"].rl.device == "cuda:0"
-    assert not hasattr(c["steer"]["steer"], "device")  # stays on the CPU
+    for stage, name in (("layers", "layers"), ("g3", "gate_g3"), ("steer", "steer"), ("drift", "drift")):
+        assert c[stage][name].device == "cuda:0", stage
+    assert not hasattr(c["g1"]["gate_g1"], "device")  # the statistics stages read saved tensors on the CPU
     rec = {"a": 1, "device": "cpu", "rl": {"device": "cpu", "lr": 2}}
     assert pl._placeless(rec) == pl._placeless(
         {"a": 1, "device": "cuda:0", "rl": {"device": "cuda", "lr": 2}}

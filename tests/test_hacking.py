@@ -354,7 +354,9 @@ def test_adapter_merge_matches_the_trained_policy(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_gate_g3_end_to_end_on_the_embedded_model(tmp_path: Path, smollm: Any) -> None:
+def test_gate_g3_end_to_end_on_the_embedded_model(
+    tmp_path: Path, smollm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from saereward.cli import main
     from saereward.features.pack import Feature, FeaturePack, save_pack
     from saereward.sae.formats import save_sae
@@ -392,8 +394,14 @@ def test_gate_g3_end_to_end_on_the_embedded_model(tmp_path: Path, smollm: Any) -
     )
     mon = json.loads((tmp_path / "g3" / "monitor" / "monitor.json").read_text())
     assert mon["policies"]["trained"]["n_responses"] == 8
-    # a re-run reuses every finished piece (no generation) and gives the same verdict
+    # a re-run reuses every finished piece (no generation, not even a model load) and gives the same verdict
     stamp = (tmp_path / "g3" / "eval_suite" / "trained" / "gsm8k" / "items.jsonl").stat().st_mtime_ns
+
+    def no_load(*a: Any, **k: Any) -> None:
+        raise AssertionError("a fully finished G3 loaded a model again")
+
+    for mod in ("evalsuite", "evaluate", "rollouts"):
+        monkeypatch.setattr(f"saereward.{mod}.load_model", no_load)
     assert main(args) == 0
     assert (tmp_path / "g3" / "eval_suite" / "trained" / "gsm8k" / "items.jsonl").stat().st_mtime_ns == stamp
     assert json.loads((tmp_path / "g3" / "gate_g3.json").read_text())["checks"] == res["checks"]

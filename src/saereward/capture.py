@@ -170,7 +170,10 @@ def forward_residuals(
     is recorded, so the blocks above it and the unembedding never run: capturing layer 15 of
     SmolLM2's 30 costs about half a forward. Blocks run in order in every HF decoder, so everything
     requested has been recorded by then; the result is identical to a full forward (tested).
+    The inputs are moved to the model's device; the outputs stay there.
     """
+    device = next(model.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     with ResidualCapture(model, layers, store_dtype=store_dtype) as cap:
         handle = None
         if stop_early:

@@ -55,7 +55,7 @@ from saereward import __version__
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import file_sha256, iter_jsonl, save_figure, write_json
-from saereward.lm import DType
+from saereward.lm import DType, check_device
 
 if TYPE_CHECKING:
     import torch
@@ -98,6 +98,9 @@ class DriftConfig:
         "fp32", "model dtype (fp32 keeps the merged LoRA deltas; bf16 rounds small ones away)"
     )
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
+    device: str = option(
+        "cpu", "where the model runs: cpu, cuda or cuda:N (the SAE statistics stay on the CPU)"
+    )
     heldout_fraction: float = option(
         0.2, "fraction of corpus tokens held out for NMSE (seeded split, the same tokens at every stage)"
     )
@@ -115,6 +118,7 @@ class DriftConfig:
     out: str = option("runs/drift", "output folder: drift.json, drift.png, saes/step_NNNNN/, stages/")
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         for name in ("max_length", "batch_size", "refit_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -493,7 +497,7 @@ class _Policies:
         if self._lm is None:
             from saereward.lm import load_model
 
-            self._lm = load_model(self.spec, dtype=self.cfg.dtype)
+            self._lm = load_model(self.spec, dtype=self.cfg.dtype, device=self.cfg.device)
         if not self._checked:
             self._check(self._lm)
             self.batches = tokenize_corpus(

@@ -17,6 +17,7 @@ finished ones with the same settings, so a killed suite resumes. Writes ``eval_s
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from saereward import __version__
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import write_json
-from saereward.lm import DEFAULT_MODEL, DType, load_model
+from saereward.lm import DEFAULT_MODEL, DType, check_device, load_model
 from saereward.stats import mcnemar, wilson_ci
 from saereward.tasks.prompts import PromptFormat
 
@@ -45,6 +46,7 @@ class EvalSuiteConfig:
     )
     dtype: DType = option("fp32", "model dtype")
     threads: int | None = option(None, "torch CPU threads")
+    device: str = option("cpu", "where the model runs: cpu, cuda or cuda:N")
     benches: tuple[str, ...] = option(BENCHES, "benchmarks: task, mmlu, math500, gsm8k")
     task: str = option("chain_sum", "the RL task")
     task_n: int = option(100, "held-out task questions")
@@ -65,6 +67,7 @@ class EvalSuiteConfig:
     progress: bool = option(True, "show progress bars")
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         bad = [b for b in self.benches if b not in BENCHES]
         if bad:
             raise ValueError(f"unknown benchmark {bad[0]!r}: use {', '.join(BENCHES)}")
@@ -81,6 +84,7 @@ def bench_configs(cfg: EvalSuiteConfig, policy: str, adapter: str | None) -> dic
         "adapter": adapter,
         "dtype": cfg.dtype,
         "threads": cfg.threads,
+        "device": cfg.device,
         "batch_size": cfg.batch_size,
         "progress": cfg.progress,
     }
@@ -141,7 +145,17 @@ def run_eval_suite(cfg: EvalSuiteConfig) -> dict[str, Any]:
     policies = base_and_trained(cfg.adapter)
     rows: dict[str, dict[str, list[dict[str, Any]] | str]] = {b: {} for b in cfg.benches}
     for policy, adapter in policies:
-        lm = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads, adapter=adapter)
+        # loaded on the first benchmark that has to run, once per policy; a fully reused suite loads nothing
+        lm = functools.cache(
+            functools.partial(
+                load_model,
+                cfg.model,
+                dtype=cfg.dtype,
+                threads=cfg.threads,
+                adapter=adapter,
+                device=cfg.device,
+            )
+        )
         for bench, ec in bench_configs(cfg, policy, adapter).items():
             try:
                 rows[bench][policy] = run_eval_cached(ec, lm=lm)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -86,13 +87,18 @@ def _load_task(cfg: EvalConfig):  # noqa: ANN202
     )
 
 
-def run_eval(cfg: EvalConfig, lm: LoadedModel | None = None) -> EvalResult:
-    """Evaluate ``cfg.model`` on ``cfg.task``; write artifacts to ``cfg.out`` if set."""
+def run_eval(cfg: EvalConfig, lm: LoadedModel | Callable[[], LoadedModel] | None = None) -> EvalResult:
+    """Evaluate ``cfg.model`` on ``cfg.task``; write artifacts to ``cfg.out`` if set.
+
+    ``lm``: the loaded model, or a loader called once the task has loaded (None: load ``cfg.model``).
+    """
     from saereward.generate import SamplingConfig, iter_generate, stop_strings_for
     from saereward.tasks import format_prompt
 
     task = _load_task(cfg)  # validate the task before paying for the model
     items = list(task.items())
+    if callable(lm):
+        lm = lm()
     if lm is None:
         lm = load_model(
             cfg.model, dtype=cfg.dtype, threads=cfg.threads, adapter=cfg.adapter, device=cfg.device
@@ -176,8 +182,12 @@ def base_and_trained(adapter: str | None) -> list[tuple[str, str | None]]:
     return [("base", None)] + ([("trained", adapter)] if adapter else [])
 
 
-def run_eval_cached(cfg: EvalConfig, lm: LoadedModel | None = None) -> list[dict[str, Any]]:
+def run_eval_cached(
+    cfg: EvalConfig, lm: LoadedModel | Callable[[], LoadedModel] | None = None
+) -> list[dict[str, Any]]:
     """Rows of a finished evaluation in ``cfg.out`` made with the same settings, else :func:`run_eval`'s.
+
+    ``lm`` may be a loader: called only when the evaluation has to run (a reused one loads nothing).
 
     ``summary.json`` is written last, so its presence marks a finished run; ``progress`` is ignored
     in the comparison (it does not change results). Lets multi-evaluation stages resume after a kill.

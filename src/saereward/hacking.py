@@ -39,7 +39,7 @@ from saereward import __version__
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import write_json
-from saereward.lm import DEFAULT_MODEL, DType
+from saereward.lm import DEFAULT_MODEL, DType, check_device
 from saereward.stats import mcnemar, two_proportion_test, wilson_ci
 from saereward.tasks.prompts import PromptFormat
 
@@ -122,6 +122,7 @@ class CanaryConfig:
     adapter: str | None = option(None, "trained policy: a `saereward train-rl` run folder (base vs trained)")
     dtype: DType = option("fp32", "model dtype")
     threads: int | None = option(None, "torch CPU threads")
+    device: str = option("cpu", "where the model runs: cpu, cuda or cuda:N")
     per_pattern: int = option(10, "canaries per pattern (5 patterns)")
     seed: int = option(0, "seed of the canary items (decoding is greedy)")
     prompt_format: PromptFormat = option("raw", "prompt format (raw: the seed's Q:/A: prompt)")
@@ -134,6 +135,7 @@ class CanaryConfig:
     progress: bool = option(True, "show progress bars")
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         HackRule(self.tail_chars, self.theatre_words, self.theatre_threshold)  # validates
         if self.per_pattern < 1:
             raise ValueError(f"per_pattern must be >= 1, got {self.per_pattern}")
@@ -161,6 +163,7 @@ def run_canaries(cfg: CanaryConfig) -> dict[str, Any]:
             adapter=adapter,
             dtype=cfg.dtype,
             threads=cfg.threads,
+            device=cfg.device,
             task="canaries",
             task_params={"per_pattern": cfg.per_pattern},
             n=None,
@@ -239,6 +242,7 @@ class MonitorConfig:
     sae: str | None = option(None, "SAE of the pack (default: the pack's recorded sae_path)")
     dtype: DType = option("fp32", "model dtype")
     threads: int | None = option(None, "torch CPU threads")
+    device: str = option("cpu", "where the model runs: cpu, cuda or cuda:N")
     task: str = option("chain_sum", "task of the fresh held-out rollouts")
     n: int = option(150, "held-out questions")
     seed: int = option(12_345, "task seed of the held-out questions (training uses another)")
@@ -252,6 +256,7 @@ class MonitorConfig:
     progress: bool = option(True, "show progress bars")
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         if self.n < 2 or self.samples < 1:
             raise ValueError("n must be >= 2 and samples >= 1")
 
@@ -298,6 +303,7 @@ def run_monitor(cfg: MonitorConfig) -> dict[str, Any]:
             adapter=adapter,
             dtype=cfg.dtype,
             threads=cfg.threads,
+            device=cfg.device,
             task=cfg.task,
             n=cfg.n,
             seed=cfg.seed,

@@ -88,8 +88,8 @@ class PipelineConfig:
     threads: int | None = option(None, "torch CPU threads of every stage (default: torch's choice)")
     device: str = option(
         "cpu",
-        "where the model runs in rollouts, collect, the SAE's training and evaluation and GRPO (G2): cpu, "
-        "cuda or cuda:N; the other stages run on the CPU",
+        "where every stage that runs the model (or trains the SAE) runs it: cpu, cuda or cuda:N; the "
+        "statistics stages (discover, G1, probe, report) read saved tensors on the CPU",
     )
     seed: int = option(0, "seed of every stage that takes one (RL seeds: [gate_g2] seeds)")
     task: str = option("chain_sum", "task of rollouts, RL, steering and the G3 held-out check")
@@ -320,7 +320,7 @@ def _stage_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any
     out["layers"] = lambda: {
         "layers": _build(
             "saereward.features.layers.LayersConfig",
-            {"model": cfg.model, "dtype": cfg.dtype},
+            {"model": cfg.model, "dtype": cfg.dtype, "device": cfg.device},
             cfg.layers,
             {"rollouts": str(lay.rollouts), "out": None},
         )

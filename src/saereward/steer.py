@@ -40,6 +40,7 @@ SAE); a re-run with a matching key reuses it, so a killed sweep resumes. Writes 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -55,7 +56,7 @@ from saereward import __version__
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import read_jsonl, save_figure, write_json
-from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, load_model
+from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, check_device, load_model
 from saereward.stats import mcnemar, wilson_ci
 from saereward.tasks.prompts import PromptFormat
 
@@ -82,6 +83,7 @@ class SteerConfig:
     model: str = option(DEFAULT_MODEL, "model: embedded:<key>, a .gguf file, an HF folder or a hub id")
     dtype: DType = option("fp32", "model dtype")
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
+    device: str = option("cpu", "where the model runs: cpu, cuda or cuda:N")
     adapter: str | None = option(None, "LoRA adapter to merge in: a `saereward train-rl` run folder")
     task: str = option("chain_sum", "task of the held-out questions (see `saereward tasks`)")
     task_source: str = option("auto", "where the task data comes from: auto, offline, hf, jsonl")
@@ -124,6 +126,7 @@ class SteerConfig:
     progress: bool = option(True, "show progress bars")
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
@@ -255,9 +258,14 @@ def clamp_delta(sae: TopKSAE, feature: int, value: float) -> DeltaFn:
     ``h + delta = SAE.decode(codes with a_f := value) + (h − SAE(h))``: the SAE error term is kept.
     """
     row = feature_row(sae, feature)
+    placed: dict[Any, TopKSAE] = {}  # the SAE on the model's device (a copy, made once per device)
 
     def fn(h: torch.Tensor) -> torch.Tensor:
-        a = feature_activation(sae, h, feature).to(h.device)
+        on = placed.get(h.device)
+        if on is None:
+            same = sae.W_enc.device == h.device
+            on = placed[h.device] = sae if same else copy.deepcopy(sae).to(h.device)
+        a = feature_activation(on, h, feature).to(h.device)
         return (value - a).unsqueeze(-1) * row.to(h.device)
 
     return fn
@@ -394,7 +402,7 @@ def prompt_residual_norm(
         keep = mask.bool().clone()
         first = mask.long().argmax(dim=1)  # first real position under left padding
         keep[torch.arange(keep.shape[0]), first] = False
-        norms = h.norm(dim=-1)[keep]
+        norms = h.norm(dim=-1).cpu()[keep]
         total += float(norms.sum())
         count += int(norms.numel())
     if count == 0:
@@ -489,6 +497,7 @@ def eval_config(cfg: SteerConfig) -> EvalConfig:
         dtype=cfg.dtype,
         adapter=cfg.adapter,
         threads=cfg.threads,
+        device=cfg.device,
         task=cfg.task,
         task_source=cfg.task_source,
         task_path=cfg.task_path,
@@ -629,7 +638,9 @@ def run_steer(cfg: SteerConfig, lm: LoadedModel | None = None) -> dict[str, Any]
     items = list(task.items())
 
     if lm is None:
-        lm = load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads, adapter=cfg.adapter)
+        lm = load_model(
+            cfg.model, dtype=cfg.dtype, threads=cfg.threads, adapter=cfg.adapter, device=cfg.device
+        )
     elif cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     layer = resolve_layer(lm.model, setup.layer)
@@ -687,7 +698,8 @@ def run_steer(cfg: SteerConfig, lm: LoadedModel | None = None) -> dict[str, Any]
             "how": "mean L2 norm of the rollouts' pooled (per-response mean) residuals, discovery split",
         }
 
-    eval_key = {k: v for k, v in to_dict(ec).items() if k not in ("progress", "out", "threads")}
+    # where it ran does not change what was asked: device is not part of a condition's cache key
+    eval_key = {k: v for k, v in to_dict(ec).items() if k not in ("progress", "out", "threads", "device")}
     common_key = {"eval": eval_key, "layer": layer, "saereward_version": __version__}
     sae_sha = (
         _sha(setup.sae.W_enc, setup.sae.b_enc, setup.sae.W_dec, setup.sae.b_dec)

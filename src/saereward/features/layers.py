@@ -25,7 +25,7 @@ from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.features.discover import cohens_d, require_both_outcomes
 from saereward.io import save_figure, write_json
-from saereward.lm import DEFAULT_MODEL, DType
+from saereward.lm import DEFAULT_MODEL, DType, check_device
 
 
 def layer_scores(pooled: dict[int, Tensor], correct: Tensor, top: int = 10) -> dict[int, float]:
@@ -112,7 +112,7 @@ def logit_lens(
             h = res[layer][0, pos]
             if fnorm is not None:
                 h = fnorm(h)
-            p = torch.softmax(head(h.to(head.weight.dtype)).double(), -1)
+            p = torch.softmax(head(h.to(head.weight.dtype)).double(), -1).cpu()
             probs_answer[layer] += p[target]
             mean_dist[layer] += p
         used += 1
@@ -142,7 +142,11 @@ class LayersConfig:
     lens_n: int = option(32, "correct responses used by the logit lens (0: skip the lens)")
     model: str | None = option(None, "model for the logit lens (default: the rollouts' model)")
     dtype: DType = option("fp32", "model dtype for the logit lens")
+    device: str = option("cpu", "where the logit lens's model runs: cpu, cuda or cuda:N")
     out: str | None = option(None, "output folder (default: the rollouts folder)")
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
 
 
 def run_layers(cfg: LayersConfig) -> dict[str, Any]:
@@ -166,7 +170,9 @@ def run_layers(cfg: LayersConfig) -> dict[str, Any]:
     if cfg.lens_n > 0:
         from saereward.lm import load_model
 
-        lm = load_model(cfg.model or ro.summary.get("model") or DEFAULT_MODEL, dtype=cfg.dtype)
+        lm = load_model(
+            cfg.model or ro.summary.get("model") or DEFAULT_MODEL, dtype=cfg.dtype, device=cfg.device
+        )
         ex = [
             (r["prompt"], r["completion"], str(r["gold"]))
             for r, m in zip(ro.rows, mask.tolist(), strict=True)

@@ -28,7 +28,7 @@ from typing import Any
 from saereward import __version__
 from saereward.config import option, to_dict
 from saereward.io import write_json
-from saereward.lm import DEFAULT_MODEL, DType
+from saereward.lm import DEFAULT_MODEL, DType, check_device
 from saereward.tasks.prompts import PromptFormat
 
 
@@ -41,6 +41,7 @@ class GateG3Config:
     pack: str = option("runs/pack.json", "the feature pack of the RL reward (for monitor validity)")
     dtype: DType = option("fp32", "model dtype")
     threads: int | None = option(None, "torch CPU threads")
+    device: str = option("cpu", "where the model runs: cpu, cuda or cuda:N")
     task: str = option("chain_sum", "the RL task")
     prompt_format: PromptFormat = option("raw", "the RL run's prompt format")
     max_new_tokens: int = option(64, "max tokens for task evaluations and monitor rollouts (the RL run's)")
@@ -61,6 +62,9 @@ class GateG3Config:
     batch_size: int = option(25, "generation batch size")
     out: str = option("runs/g3", "output folder")
     progress: bool = option(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
 
 
 def decide(
@@ -119,6 +123,7 @@ def run_gate_g3(cfg: GateG3Config) -> dict[str, Any]:
         "adapter": cfg.adapter,
         "dtype": cfg.dtype,
         "threads": cfg.threads,
+        "device": cfg.device,
     }
     suite = run_eval_suite(
         EvalSuiteConfig(
