@@ -405,3 +405,22 @@ def test_gate_g3_end_to_end_on_the_embedded_model(
     assert main(args) == 0
     assert (tmp_path / "g3" / "eval_suite" / "trained" / "gsm8k" / "items.jsonl").stat().st_mtime_ns == stamp
     assert json.loads((tmp_path / "g3" / "gate_g3.json").read_text())["checks"] == res["checks"]
+
+
+def test_eval_suite_model_errors_are_not_read_as_missing_math500_data(tmp_path: Path) -> None:
+    """MATH-500 is skipped when its data is missing (offline, no path); a model that fails to load while
+    MATH-500 is the first benchmark to run is an error, not a skipped benchmark."""
+    from saereward.evalsuite import EvalSuiteConfig, run_eval_suite
+
+    data = tmp_path / "math500.jsonl"
+    data.write_text(
+        "".join(json.dumps({"problem": f"What is {i}+1?", "answer": str(i + 1)}) + "\n" for i in range(3))
+    )
+    cfg = EvalSuiteConfig(model=str(tmp_path / "no-model"), benches=("math500",), math500_path=str(data),
+                          math500_n=2, out=str(tmp_path / "suite"), progress=False)  # fmt: skip
+    with pytest.raises(SaeRewardError, match="does not exist"):
+        run_eval_suite(cfg)
+    missing = EvalSuiteConfig(model=str(tmp_path / "no-model"), benches=("math500",),
+                              math500_path=str(tmp_path / "none.jsonl"), out=str(tmp_path / "s2"), progress=False)  # fmt: skip
+    res = run_eval_suite(missing)  # the data is missing first: skipped, the model is never loaded
+    assert "skipped" in res["table"]["math500"]["base"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from saereward import __version__
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import write_json
-from saereward.lm import DEFAULT_MODEL, DType, check_device, load_model
+from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, check_device, load_model
 from saereward.stats import mcnemar, wilson_ci
 from saereward.tasks.prompts import PromptFormat
 
@@ -135,6 +136,32 @@ def bench_configs(cfg: EvalSuiteConfig, policy: str, adapter: str | None) -> dic
     return {b: every[b] for b in cfg.benches}
 
 
+class ModelLoadError(SaeRewardError):
+    """The suite's model failed to load (kept apart from a benchmark's missing data)."""
+
+
+def _lazy_model(cfg: EvalSuiteConfig, adapter: str | None) -> Callable[[], LoadedModel]:
+    """A loader of the policy's model: loads on the first benchmark that has to run, then reuses it.
+
+    A fully reused suite loads nothing. Its errors become :class:`ModelLoadError`.
+    """
+    load = functools.cache(
+        functools.partial(
+            load_model, cfg.model, dtype=cfg.dtype, threads=cfg.threads, adapter=adapter, device=cfg.device
+        )
+    )
+
+    def get() -> LoadedModel:
+        try:
+            return load()
+        except ModelLoadError:
+            raise
+        except SaeRewardError as exc:
+            raise ModelLoadError(str(exc)) from exc
+
+    return get
+
+
 def run_eval_suite(cfg: EvalSuiteConfig) -> dict[str, Any]:
     """Run every benchmark for base (and trained); compare; write ``eval_suite.json``."""
     from saereward.evaluate import base_and_trained, run_eval_cached
@@ -145,23 +172,13 @@ def run_eval_suite(cfg: EvalSuiteConfig) -> dict[str, Any]:
     policies = base_and_trained(cfg.adapter)
     rows: dict[str, dict[str, list[dict[str, Any]] | str]] = {b: {} for b in cfg.benches}
     for policy, adapter in policies:
-        # loaded on the first benchmark that has to run, once per policy; a fully reused suite loads nothing
-        lm = functools.cache(
-            functools.partial(
-                load_model,
-                cfg.model,
-                dtype=cfg.dtype,
-                threads=cfg.threads,
-                adapter=adapter,
-                device=cfg.device,
-            )
-        )
+        lm = _lazy_model(cfg, adapter)
         for bench, ec in bench_configs(cfg, policy, adapter).items():
             try:
                 rows[bench][policy] = run_eval_cached(ec, lm=lm)
             except SaeRewardError as exc:
-                if bench != "math500":
-                    raise
+                if bench != "math500" or isinstance(exc, ModelLoadError):
+                    raise  # only MATH-500's own data may be missing (offline, no --math500-path)
                 log.warning("MATH-500 skipped: %s", exc)
                 rows[bench][policy] = f"skipped: {exc}"
     table: dict[str, Any] = {}

@@ -271,9 +271,9 @@ def transpose_pattern(indices: Tensor, num_latents: int) -> Transposed:
 def _latent_ranges(pattern: Transposed, pieces: int) -> list[tuple[int, int, int, int]]:
     """Split latents into ``pieces`` ranges with about equal entry counts: ``(m0, m1, e0, e1)``."""
     m = pattern.offsets.numel() - 1
+    total = pattern.tokens.numel()  # = offsets[-1] (every entry is in one bag), read without a device sync
     if pieces == 1:
-        return [(0, m, 0, int(pattern.offsets[-1]))]
-    total = int(pattern.offsets[-1])
+        return [(0, m, 0, total)]
     targets = torch.tensor(_bounds(total, pieces)[1:-1], dtype=torch.int64, device=pattern.offsets.device)
     cuts = [0, *torch.searchsorted(pattern.offsets, targets).tolist(), m]
     offs = pattern.offsets[cuts].tolist()
