@@ -220,12 +220,9 @@ def collect_residuals(model: Any, batches: Sequence[tuple[Any, Any]], layer: int
 
     from saereward.capture import forward_residuals
 
-    device = next(model.parameters()).device
     chunks = []
-    for ids, mask in batches:
-        h = forward_residuals(model, ids.to(device), mask.to(device), [layer], store_dtype=torch.float32)[
-            layer
-        ]
+    for ids, mask in batches:  # forward_residuals moves them to the model's device
+        h = forward_residuals(model, ids, mask, [layer], store_dtype=torch.float32)[layer]
         chunks.append(h[token_mask(mask).to(h.device)].cpu())
     return torch.cat(chunks) if chunks else torch.zeros(0, 0)
 

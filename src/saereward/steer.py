@@ -258,13 +258,12 @@ def clamp_delta(sae: TopKSAE, feature: int, value: float) -> DeltaFn:
     ``h + delta = SAE.decode(codes with a_f := value) + (h − SAE(h))``: the SAE error term is kept.
     """
     row = feature_row(sae, feature)
-    placed: dict[Any, TopKSAE] = {}  # the SAE on the model's device (a copy, made once per device)
+    on = sae  # the SAE on the model's device: a copy, made on the first call where they differ
 
     def fn(h: torch.Tensor) -> torch.Tensor:
-        on = placed.get(h.device)
-        if on is None:
-            same = sae.W_enc.device == h.device
-            on = placed[h.device] = sae if same else copy.deepcopy(sae).to(h.device)
+        nonlocal on
+        if on.W_enc.device != h.device:
+            on = copy.deepcopy(sae).to(h.device)
         a = feature_activation(on, h, feature).to(h.device)
         return (value - a).unsqueeze(-1) * row.to(h.device)
 
