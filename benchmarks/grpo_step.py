@@ -18,8 +18,9 @@ Three trainers run in separate child processes, one after the other, so each pea
 
 * ``trl``: ``trl.GRPOTrainer`` with the outcome reward only (TRL has no per-token reward), the
   model loaded with ``AutoModelForCausalLM.from_pretrained`` as a TRL user does;
-* ``trl+fix`` (``--trl-fix``): the same, plus saereward's ``contiguous_lm_head`` hook on the model,
-  to show how much of the difference is that one fix (see ``saereward.lm.contiguous_lm_head``);
+* ``trl+fix`` (``--trl-fix``): the same, plus the two model-level fixes that ``saereward.lm.load_model``
+  applies: the ``contiguous_lm_head`` hook and, in bf16 on a CPU without bf16 units,
+  ``saereward.bf16cpu`` (bf16 products through fp32 GEMM); it shows how much of the difference they are;
 * ``ours+sae``: saereward with the per-token SAE reward on (R1, the policy's captured residuals);
 * ``ours``: saereward with the outcome reward only (the same run without the SAE reward; skipped
   by ``--quick``, where the reward's share is its own timed seconds inside ``ours+sae``).
@@ -35,7 +36,9 @@ reported next to each time.
     .venv/bin/python benchmarks/grpo_step.py --quick --dtypes bf16   # bf16 only, on any CPU
 
 The default order is bf16, fp32 on a CPU with native bf16 (AVX512-BF16 or AMX) and fp32, bf16 on
-others, where bf16 is emulated and 7-9x slower: ``--quick`` runs the first, so it stays quick there.
+others, where PyTorch's bf16 products are slow (TRL's bf16 step took 6 min on 2 AVX2 cores; ours
+multiplies through fp32 GEMM there, ``saereward.bf16cpu``): ``--quick`` runs the first, so it stays
+quick there.
 
 The last line is ``step_time_ratio_vs_trl=<ours+sae / trl>`` (the first dtype run).
 """
@@ -120,6 +123,7 @@ def child_trl(dtype: str, steps: int, threads: int, n_questions: int, fix: bool 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOTrainer
 
+    from saereward import bf16cpu
     from saereward.lm import contiguous_lm_head, convert_embedded
     from saereward.rl.reward import OutcomeReward
     from saereward.tasks import format_prompt, load_task
@@ -133,6 +137,7 @@ def child_trl(dtype: str, steps: int, threads: int, n_questions: int, fix: bool 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if fix:
         contiguous_lm_head(model)
+        bf16cpu.install(model)  # bf16 through fp32 GEMM on a CPU without bf16 units (else no-op)
     task = load_task("chain_sum", n=n_questions, seed=0)
     items = list(task.items())
     ds = Dataset.from_list([{"prompt": format_prompt(task, it, "raw"), "qid": it.id} for it in items])
@@ -308,7 +313,7 @@ def main() -> None:
         "--dtypes",
         default=None,
         help="comma-separated, run in this order; --quick runs only the first (default: bf16,fp32 on a "
-        "CPU with native bf16, else fp32,bf16: bf16 is emulated, and several times slower, on AVX2-only CPUs)",
+        "CPU with native bf16, else fp32,bf16: TRL's bf16 is several times slower on AVX2-only CPUs)",
     )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="also write the results here")
@@ -336,7 +341,8 @@ def main() -> None:
     ap.add_argument(
         "--trl-fix",
         action="store_true",
-        help="also run TRL with saereward's contiguous LM-head hook (the trl+fix row)",
+        help="also run TRL with saereward's model fixes: the contiguous LM-head hook, and bf16 products "
+        "through fp32 GEMM on a CPU without bf16 units (the trl+fix row)",
     )
     ap.add_argument(
         "--questions",

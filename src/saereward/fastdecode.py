@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from saereward import bf16cpu
 from saereward.lm import decoder_layers, unwrap
 
 _ARCHES = ("llama", "qwen2")
@@ -77,9 +78,12 @@ def unsupported(model: Any) -> str | None:
     return None
 
 
-def _linear(x: Tensor, w: Tensor, b: Tensor | None, skinny: bool) -> Tensor:
+def _linear(x: Tensor, w: Tensor, b: Tensor | None, skinny: bool | None) -> Tensor:
     """``x @ wᵀ + b`` for ``x`` ``[rows, in]``. ``skinny``: as ``(w @ xᵀ)ᵀ``, a transposed view (see
-    ``saereward.rl.grpo.skinny_linear`` for why that is faster on CPU for a few rows)."""
+    ``saereward.rl.grpo.skinny_linear`` for why that is faster on CPU for a few rows); ``None``: bf16
+    through fp32 GEMM (:mod:`saereward.bf16cpu`)."""
+    if skinny is None:
+        return bf16cpu.linear(x, w, b)
     if not skinny:
         return F.linear(x, w, b)
     xt = x.t()
@@ -146,7 +150,8 @@ def decode(
     step at which the last row ended (or ``max_new_tokens``), as ``generate()`` returns; tokens after a
     row's end are ``pad_id``. ``residuals[layer][:, j]`` is block ``layer``'s output (``capture_layers``
     are non-negative block indices) when new token ``j`` was fed (zero where it never was: after the row's end, and the last step's token).
-    ``skinny``: the ``(w @ xᵀ)ᵀ`` products (CPU fp32; other rounding order than ``F.linear``).
+    ``skinny``: the ``(w @ xᵀ)ᵀ`` products (CPU fp32; other rounding order than ``F.linear``). bf16 on
+    a CPU without bf16 units takes :func:`saereward.bf16cpu.linear`, as ``load_model``'s models do.
     """
     base = unwrap(model)
     inner = base.model
@@ -158,7 +163,9 @@ def decode(
     final_norm = (inner.norm.weight, inner.norm.variance_epsilon)
     B, P = attention_mask.shape
     device = first_logits.device
-    skinny = skinny and device.type == "cpu" and emb.dtype == torch.float32
+    products: bool | None = skinny and device.type == "cpu" and emb.dtype == torch.float32
+    if device.type == "cpu" and emb.dtype == torch.bfloat16 and bf16cpu.enabled():
+        products = None  # bf16 through fp32 GEMM, as the model's own nn.Linear forward after load_model
     T = P + max_new_tokens
     keys, values = [], []
     for layer in cache.layers:
@@ -210,9 +217,9 @@ def decode(
         for li, blk in enumerate(blocks):
             h = _rms(x, blk.ln1)
             D = blk.head_dim
-            q = _linear(h, *blk.w["q_proj"], skinny).reshape(n, -1, 1, D)
-            k = _linear(h, *blk.w["k_proj"], skinny).reshape(n, -1, 1, D)
-            v = _linear(h, *blk.w["v_proj"], skinny).reshape(n, -1, 1, D)
+            q = _linear(h, *blk.w["q_proj"], products).reshape(n, -1, 1, D)
+            k = _linear(h, *blk.w["k_proj"], products).reshape(n, -1, 1, D)
+            v = _linear(h, *blk.w["v_proj"], products).reshape(n, -1, 1, D)
             q, k = blk.rope(q, k, cos, sin)
             kv_heads = k.shape[1]
             keys[li][:, :, P + t] = k[:, :, 0]
@@ -225,13 +232,13 @@ def decode(
                 attn_mask=mask[:, None, None, :L],
                 scale=blk.scaling,
             )
-            x = x + _linear(a.reshape(n, -1), *blk.w["o_proj"], skinny)
+            x = x + _linear(a.reshape(n, -1), *blk.w["o_proj"], products)
             h = _rms(x, blk.ln2)
-            g = _linear(h, *blk.w["gate_proj"], skinny)
-            u = _linear(h, *blk.w["up_proj"], skinny)
-            x = x + _linear(F.silu(g) * u, *blk.w["down_proj"], skinny)
+            g = _linear(h, *blk.w["gate_proj"], products)
+            u = _linear(h, *blk.w["up_proj"], products)
+            x = x + _linear(F.silu(g) * u, *blk.w["down_proj"], products)
             if li in res:
                 res[li][rows[fed], t] = x[fed].to(res[li].dtype)
         pos = pos + 1
-        logits = _linear(_rms(x, final_norm), head.weight, head.bias, skinny).contiguous()
+        logits = _linear(_rms(x, final_norm), head.weight, head.bias, products).contiguous()
     return out[:, :n_steps], {layer: r[:, :n_steps] for layer, r in res.items()}

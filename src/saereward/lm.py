@@ -94,7 +94,8 @@ def resolve_dtype(dtype: DType, device: str = "cpu") -> str:
     """``auto`` becomes the faster dtype where the model runs (``device``); other names are unchanged.
 
     bf16 on CUDA, or on a CPU with native bf16 (AVX512-BF16 or AMX). On other CPUs (e.g. AVX2 only)
-    bf16 matrix products are emulated and run several times slower than fp32, so ``auto`` is fp32. The
+    PyTorch's bf16 products are several times slower than fp32; :mod:`saereward.bf16cpu` brings
+    ``load_model``'s bf16 models back to about fp32's speed there, not faster, so ``auto`` is fp32. The
     CLI's stages keep the model on the CPU, so a GPU in the machine does not make their ``auto`` bf16.
     """
     if dtype != "auto":
@@ -469,6 +470,10 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     contiguous_lm_head(model)
+    if device == "cpu" and dtype == "bf16":
+        from saereward import bf16cpu
+
+        bf16cpu.install(model)  # fp32 GEMM for bf16 products where the CPU has no bf16 units
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
