@@ -100,10 +100,18 @@ def test_fastdecode_takes_the_same_products_as_the_installed_model(
         n_generate = len(calls)
         pre = model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am), use_cache=True,
                     logits_to_keep=1)  # fmt: skip
+        calls.clear()  # from here on: only decode's own products
         new, _ = fastdecode.decode(model, pre.past_key_values, am, pre.logits[:, -1], max_new_tokens=8,
                                    pick=lambda s: s.argmax(-1), end_ids={EOS_ID}, pad_id=PAD_ID)  # fmt: skip
-    assert n_generate > 0 and len(calls) > n_generate  # both paths took bf16cpu.linear
+    assert n_generate > 0 and len(calls) > 0  # both generate() and decode() took bf16cpu.linear
     assert torch.equal(new, ref[:, 5:])
+    for m in model.modules():  # a model without the patch: decode keeps PyTorch's products, as its forward
+        m.__dict__.pop("forward", None)
+    calls.clear()
+    with torch.no_grad():
+        fastdecode.decode(model, pre.past_key_values, am, pre.logits[:, -1], max_new_tokens=8,
+                          pick=lambda s: s.argmax(-1), end_ids={EOS_ID}, pad_id=PAD_ID)  # fmt: skip
+    assert calls == []
 
 
 def test_load_model_installs_for_bf16_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,7 +120,7 @@ def test_load_model_installs_for_bf16_on_cpu(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv(bf16cpu.ENV, "fp32")
     lm = load_model(dtype="bf16")
     linears = [m for m in lm.model.modules() if type(m) is torch.nn.Linear]
-    assert linears and all("forward" in m.__dict__ for m in linears)
+    assert linears and all(bf16cpu.installed(m) for m in linears)
     ids = lm.tokenizer("Q: What is 2 + 3?\nA:", return_tensors="pt").input_ids
     with torch.no_grad():
         wide = lm.model(ids).logits.float()
@@ -123,7 +131,7 @@ def test_load_model_installs_for_bf16_on_cpu(monkeypatch: pytest.MonkeyPatch) ->
     assert (wide - native).abs().max() < 0.05 * native.abs().max()
     monkeypatch.setenv(bf16cpu.ENV, "native")
     plain = load_model(dtype="bf16")
-    assert not any("forward" in m.__dict__ for m in plain.model.modules())
+    assert not any(bf16cpu.installed(m) for m in plain.model.modules())
 
 
 def test_under_autocast_the_operands_are_cast_as_autocast_would() -> None:
@@ -142,3 +150,88 @@ def test_under_autocast_the_operands_are_cast_as_autocast_would() -> None:
     torch.testing.assert_close(w32.grad.double(), wd.grad, rtol=2e-2, atol=0.5)
     with torch.autocast("cpu", dtype=torch.float16):  # another autocast dtype: left to autocast
         assert bf16cpu.linear(x.detach(), w32.detach()).dtype == torch.float16
+
+
+def test_large_weight_blocks_and_backward() -> None:
+    """A weight over SMALL_WEIGHT is widened block by block (no whole fp32 copy); same values."""
+    n_in = 256
+    n_out = 2 * bf16cpu.SMALL_WEIGHT // n_in + 40  # three blocks
+    assert len(bf16cpu._chunks(n_out, n_in)) == 3
+    x, w, b = _operands(bf16cpu.MANY_ROWS, n_in, n_out, grad=True)
+    y = bf16cpu.linear(x.view(2, -1, n_in), w, b)
+    torch.testing.assert_close(
+        y.view(-1, n_out), F.linear(x.float(), w.float(), b.float()).bfloat16(), rtol=0, atol=0
+    )
+    g = torch.randn(y.shape).bfloat16()
+    y.backward(g)
+    xd, wd, bd = (t.detach().double().requires_grad_(True) for t in (x, w, b))
+    F.linear(xd, wd, bd).backward(g.view(-1, n_out).double())
+    for got, want in ((x.grad, xd.grad), (w.grad, wd.grad), (b.grad, bd.grad)):
+        assert got is not None and want is not None
+        torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=5e-2)
+
+
+def test_saves_only_what_the_backward_needs() -> None:
+    """A frozen weight (a LoRA base layer): the backward keeps the weight, not the activation."""
+    x, w, _ = _operands(80, 64, 32)
+    x.requires_grad_(True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        bf16cpu.linear(x, w).sum().backward()
+    assert len(saved) == 1 and saved[0].data_ptr() == w.data_ptr() and saved[0].dtype == torch.bfloat16
+
+
+def test_installed_models_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    monkeypatch.setenv(bf16cpu.ENV, "fp32")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8)).bfloat16()
+    bf16cpu.install(model)
+    copy = pickle.loads(pickle.dumps(model))
+    assert bf16cpu.installed(copy[0]) and copy[0].forward.args[0] is copy[0]
+    x = torch.randn(3, 8).bfloat16()
+    assert torch.equal(copy(x), model(x))
+
+
+def test_lean_lora_under_autocast_matches_peft(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GRPO's lean LoRA forward on a patched bf16 base: bf16cpu products, PEFT's function."""
+    from peft import LoraConfig, get_peft_model
+
+    from saereward.rl.grpo import install_lean_lora
+    from tiny_models import LORA_TARGETS
+
+    monkeypatch.setenv(bf16cpu.ENV, "fp32")
+    outs, grads = [], []
+    for lean in (False, True):
+        model, _ = make_tiny("llama")
+        model.to(torch.bfloat16).requires_grad_(False)
+        bf16cpu.install(model)
+        peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS["llama"]))
+        for n, p in peft.named_parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+                if "lora_B" in n:
+                    torch.nn.init.normal_(p, 0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+        calls: list[bool] = []
+        if lean:
+            assert install_lean_lora(peft) > 0
+            real = bf16cpu.linear
+            monkeypatch.setattr(
+                bf16cpu,
+                "linear",
+                lambda *a, _c=calls, _r=real: (
+                    _c.append(a[1].requires_grad and torch.is_autocast_enabled("cpu")) or _r(*a)
+                ),
+            )
+        ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = peft(input_ids=ids).logits
+        logits.float().logsumexp(-1).mean().backward()
+        outs.append(logits.float())
+        grads.append(torch.cat([p.grad.flatten() for p in peft.parameters() if p.requires_grad]))
+        assert all(p.grad.dtype == torch.float32 for p in peft.parameters() if p.requires_grad)
+        if lean:
+            assert sum(calls) == 2 * 4 * len(LORA_TARGETS["llama"])  # A and B of every adapted projection
+            monkeypatch.setattr(bf16cpu, "linear", real)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0.05, atol=0.1)
+    assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.99

@@ -150,8 +150,9 @@ def decode(
     step at which the last row ended (or ``max_new_tokens``), as ``generate()`` returns; tokens after a
     row's end are ``pad_id``. ``residuals[layer][:, j]`` is block ``layer``'s output (``capture_layers``
     are non-negative block indices) when new token ``j`` was fed (zero where it never was: after the row's end, and the last step's token).
-    ``skinny``: the ``(w @ xᵀ)ᵀ`` products (CPU fp32; other rounding order than ``F.linear``). bf16 on
-    a CPU without bf16 units takes :func:`saereward.bf16cpu.linear`, as ``load_model``'s models do.
+    ``skinny``: the ``(w @ xᵀ)ᵀ`` products (CPU fp32; other rounding order than ``F.linear``). A model whose
+    linear layers :func:`saereward.bf16cpu.install` patched (bf16 ``load_model`` models on a CPU without
+    bf16 units) decodes with :func:`saereward.bf16cpu.linear` too.
     """
     base = unwrap(model)
     inner = base.model
@@ -164,8 +165,8 @@ def decode(
     B, P = attention_mask.shape
     device = first_logits.device
     products: bool | None = skinny and device.type == "cpu" and emb.dtype == torch.float32
-    if device.type == "cpu" and emb.dtype == torch.bfloat16 and bf16cpu.enabled():
-        products = None  # bf16 through fp32 GEMM, as the model's own nn.Linear forward after load_model
+    if device.type == "cpu" and emb.dtype == torch.bfloat16 and bf16cpu.installed(head):
+        products = None  # bf16 through fp32 GEMM, as the model's own (patched) nn.Linear forwards
     T = P + max_new_tokens
     keys, values = [], []
     for layer in cache.layers:

@@ -464,7 +464,7 @@ def _lean_lora_forward(m: Any, peft_forward: Any) -> Any:
 
     from saereward import bf16cpu
 
-    wide = bf16cpu.enabled()  # bf16 products through fp32 GEMM on a CPU without bf16 units
+    wide = bf16cpu.installed(m.base_layer)  # bf16 products through fp32 GEMM (CPU without bf16 units)
 
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if args or kwargs or m.disable_adapters or m.merged or len(m.active_adapters) != 1:
@@ -481,7 +481,7 @@ def _lean_lora_forward(m: Any, peft_forward: Any) -> Any:
         xin = m._cast_input_dtype(x, a.dtype)
         if not torch.is_autocast_enabled(x.device.type) and not (result.dtype == xin.dtype == b.dtype):
             return peft_forward(x, *args, **kwargs)
-        if wide and result.dtype == torch.bfloat16 and x.device.type == "cpu":
+        if wide and result.dtype == torch.bfloat16:
             return result + bf16cpu.linear(bf16cpu.linear(xin, a) * m.scaling[name], b)
         h = F.linear(xin, a) * m.scaling[name]
         out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
