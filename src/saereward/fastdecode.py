@@ -78,14 +78,9 @@ def unsupported(model: Any) -> str | None:
     return None
 
 
-def _linear(x: Tensor, w: Tensor, b: Tensor | None, skinny: bool | None) -> Tensor:
-    """``x @ wᵀ + b`` for ``x`` ``[rows, in]``. ``skinny``: as ``(w @ xᵀ)ᵀ``, a transposed view (see
-    ``saereward.rl.grpo.skinny_linear`` for why that is faster on CPU for a few rows); ``None``: bf16
-    through fp32 GEMM (:mod:`saereward.bf16cpu`)."""
-    if skinny is None:
-        return bf16cpu.linear(x, w, b)
-    if not skinny:
-        return F.linear(x, w, b)
+def _skinny(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``x @ wᵀ + b`` for ``x`` ``[rows, in]`` as ``(w @ xᵀ)ᵀ``, a transposed view (see
+    ``saereward.rl.grpo.skinny_linear`` for why that is faster on CPU for a few rows)."""
     xt = x.t()
     y = torch.mm(w, xt) if b is None else torch.addmm(b.unsqueeze(1), w, xt)
     return y.t()
@@ -164,9 +159,11 @@ def decode(
     final_norm = (inner.norm.weight, inner.norm.variance_epsilon)
     B, P = attention_mask.shape
     device = first_logits.device
-    products: bool | None = skinny and device.type == "cpu" and emb.dtype == torch.float32
-    if device.type == "cpu" and emb.dtype == torch.bfloat16 and bf16cpu.installed(head):
-        products = None  # bf16 through fp32 GEMM, as the model's own (patched) nn.Linear forwards
+    linear: Callable[[Tensor, Tensor, Tensor | None], Tensor] = F.linear
+    if skinny and device.type == "cpu" and emb.dtype == torch.float32:
+        linear = _skinny
+    elif bf16cpu.installed(head):
+        linear = bf16cpu.linear  # bf16 through fp32 GEMM, as the model's own (patched) nn.Linear forwards
     T = P + max_new_tokens
     keys, values = [], []
     for layer in cache.layers:
@@ -218,9 +215,9 @@ def decode(
         for li, blk in enumerate(blocks):
             h = _rms(x, blk.ln1)
             D = blk.head_dim
-            q = _linear(h, *blk.w["q_proj"], products).reshape(n, -1, 1, D)
-            k = _linear(h, *blk.w["k_proj"], products).reshape(n, -1, 1, D)
-            v = _linear(h, *blk.w["v_proj"], products).reshape(n, -1, 1, D)
+            q = linear(h, *blk.w["q_proj"]).reshape(n, -1, 1, D)
+            k = linear(h, *blk.w["k_proj"]).reshape(n, -1, 1, D)
+            v = linear(h, *blk.w["v_proj"]).reshape(n, -1, 1, D)
             q, k = blk.rope(q, k, cos, sin)
             kv_heads = k.shape[1]
             keys[li][:, :, P + t] = k[:, :, 0]
@@ -233,13 +230,13 @@ def decode(
                 attn_mask=mask[:, None, None, :L],
                 scale=blk.scaling,
             )
-            x = x + _linear(a.reshape(n, -1), *blk.w["o_proj"], products)
+            x = x + linear(a.reshape(n, -1), *blk.w["o_proj"])
             h = _rms(x, blk.ln2)
-            g = _linear(h, *blk.w["gate_proj"], products)
-            u = _linear(h, *blk.w["up_proj"], products)
-            x = x + _linear(F.silu(g) * u, *blk.w["down_proj"], products)
+            g = linear(h, *blk.w["gate_proj"])
+            u = linear(h, *blk.w["up_proj"])
+            x = x + linear(F.silu(g) * u, *blk.w["down_proj"])
             if li in res:
                 res[li][rows[fed], t] = x[fed].to(res[li].dtype)
         pos = pos + 1
-        logits = _linear(_rms(x, final_norm), head.weight, head.bias, products).contiguous()
+        logits = linear(_rms(x, final_norm), head.weight, head.bias).contiguous()
     return out[:, :n_steps], {layer: r[:, :n_steps] for layer, r in res.items()}
