@@ -26,13 +26,17 @@ Three trainers run in separate child processes, one after the other, so each pea
   by ``--quick``, where the reward's share is its own timed seconds inside ``ours+sae``).
 
 The SAE for ``ours+sae`` is a random TopK SAE of the real shape (d=576, M=9216, k=32) with a
-20-feature pack: the reward's cost does not depend on the weights' values. Each child runs one
-warm-up step and then ``--steps`` timed steps; we report the median step time. Sampled completion
+20-feature pack: the reward's cost does not depend on the weights' values. Each child runs
+``--warmup-steps`` untimed steps (default 1) and then ``--steps`` timed steps; we report the median step
+time and print every step's. ``--quick`` runs no warm-up step, to stay within 3 minutes on a slow CPU. On
+the 2-core development VM the first step took 6-13 % longer than the second for TRL and 1-23 % for ours
+(3 runs), so the quick ratio carries that noise (both sides pay it); the recorded figures come from the
+full run. Sampled completion
 lengths differ between the trainers (different RNG streams), so the mean completion length is
 reported next to each time.
 
     .venv/bin/python benchmarks/grpo_step.py                 # both dtypes, 5 timed steps each
-    .venv/bin/python benchmarks/grpo_step.py --quick         # one dtype, 2 timed steps, no "ours" row
+    .venv/bin/python benchmarks/grpo_step.py --quick         # one dtype, 2 timed steps, no warm-up, no "ours" row
     .venv/bin/python benchmarks/grpo_step.py --quick --dtypes bf16   # bf16 only, on any CPU
 
 The default order is bf16, fp32 on a CPU with native bf16 (AVX512-BF16 or AMX) and fp32, bf16 on
@@ -66,8 +70,8 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KB -> GB on Linux
 
 
-def trl_config(dtype: str, steps: int, *, use_cpu: bool = True) -> Any:
-    """TRL's ``GRPOConfig`` for the benchmark's configuration (module docstring): ``steps`` + 1 warm-up."""
+def trl_config(dtype: str, steps: int, *, use_cpu: bool = True, warmup: int = 1) -> Any:
+    """TRL's ``GRPOConfig`` for the benchmark's configuration (module docstring): ``steps`` + ``warmup``."""
     from trl import GRPOConfig
 
     return GRPOConfig(
@@ -79,7 +83,7 @@ def trl_config(dtype: str, steps: int, *, use_cpu: bool = True) -> Any:
         top_p=0.95,
         beta=0.05,
         learning_rate=1e-5,
-        max_steps=steps + 1,
+        max_steps=steps + warmup,
         logging_steps=1,
         report_to=[],
         bf16=dtype == "bf16",
@@ -116,7 +120,9 @@ def step_timer(times: list[float], lengths: list[float], cuda: bool = False) -> 
     return Timer()
 
 
-def child_trl(dtype: str, steps: int, threads: int, n_questions: int, fix: bool = False) -> dict[str, Any]:
+def child_trl(
+    dtype: str, steps: int, threads: int, n_questions: int, fix: bool = False, warmup: int = 1
+) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -143,7 +149,7 @@ def child_trl(dtype: str, steps: int, threads: int, n_questions: int, fix: bool 
     ds = Dataset.from_list([{"prompt": format_prompt(task, it, "raw"), "qid": it.id} for it in items])
     times: list[float] = []
     lengths: list[float] = []
-    cfg = trl_config(dtype, steps)
+    cfg = trl_config(dtype, steps, warmup=warmup)
     for p in model.parameters():
         p.requires_grad_(False)
     trainer = GRPOTrainer(
@@ -156,7 +162,11 @@ def child_trl(dtype: str, steps: int, threads: int, n_questions: int, fix: bool 
         callbacks=[step_timer(times, lengths)],
     )
     trainer.train()
-    return {"step_times": times[1:], "completion_len": statistics.mean(lengths[1:]) if lengths[1:] else None}
+    return {
+        "step_times": times[warmup:],
+        "warmup_s": times[:warmup],
+        "completion_len": statistics.mean(lengths[warmup:]) if lengths[warmup:] else None,
+    }
 
 
 def bench_config(dtype: str, n_questions: int, steps: int, **overrides: Any) -> Any:
@@ -196,6 +206,7 @@ def child_ours(
     micro_batch: int | None,
     n_questions: int,
     overrides: dict[str, Any] | None = None,
+    warmup: int = 1,
 ) -> dict[str, Any]:
     import torch
 
@@ -209,7 +220,7 @@ def child_ours(
     cfg = bench_config(
         dtype,
         n_questions,
-        steps + 1,
+        steps + warmup,
         mmap_large_allocations=os.environ.get("BENCH_MMAP", "1") == "1",
         **kw,
         **({} if grad_ckpt is None else {"grad_checkpointing": grad_ckpt}),
@@ -217,11 +228,12 @@ def child_ours(
         **(overrides or {}),
     )
     tr = GRPOTrainer(cfg, lm=load_model(dtype=cfg.dtype))
-    rows = [tr.step(s) for s in range(steps + 1)]
+    rows = [tr.step(s) for s in range(steps + warmup)]
     return {
-        "step_times": [r["sec_step"] for r in rows[1:]],
-        "reward_seconds": [r["sec_reward"] for r in rows[1:]],
-        "completion_len": statistics.mean(r["completion_len"] for r in rows[1:]),
+        "step_times": [r["sec_step"] for r in rows[warmup:]],
+        "warmup_s": [r["sec_step"] for r in rows[:warmup]],
+        "reward_seconds": [r["sec_reward"] for r in rows[warmup:]],
+        "completion_len": statistics.mean(r["completion_len"] for r in rows[warmup:]),
     }
 
 
@@ -250,7 +262,7 @@ def make_pack(workdir: Path) -> None:
 
 
 def run_child(
-    which: str, dtype: str, steps: int, threads: int, workdir: Path, extra: list[str]
+    which: str, dtype: str, steps: int, threads: int, workdir: Path, extra: list[str], warmup: int = 1
 ) -> dict[str, Any]:
     cmd = [
         sys.executable,
@@ -261,6 +273,8 @@ def run_child(
         dtype,
         "--steps",
         str(steps),
+        "--warmup-steps",
+        str(warmup),
         "--threads",
         str(threads),
         "--workdir",
@@ -307,8 +321,16 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="2 timed steps, the first of --dtypes only")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per trainer (after 1 warm-up)")
+    ap.add_argument(
+        "--quick", action="store_true", help="2 timed steps and no warm-up step, the first of --dtypes only"
+    )
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per trainer (after the warm-up)")
+    ap.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help="untimed steps before the timed ones (default 1; 0 under --quick)",
+    )
     ap.add_argument(
         "--dtypes",
         default=None,
@@ -355,6 +377,10 @@ def main() -> None:
     ap.add_argument("--child", choices=["trl", "trl+fix", "ours", "ours+sae"], help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.warmup_steps is None:
+        args.warmup_steps = 0 if args.quick else 1
+    if args.warmup_steps < 0:
+        raise SystemExit("--warmup-steps must be 0 or more")
     if args.dtypes is None:
         from saereward.lm import resolve_dtype
 
@@ -362,7 +388,12 @@ def main() -> None:
     if args.child:
         if args.child in ("trl", "trl+fix"):
             res = child_trl(
-                args.dtypes, args.steps, args.threads, args.questions, fix=args.child == "trl+fix"
+                args.dtypes,
+                args.steps,
+                args.threads,
+                args.questions,
+                fix=args.child == "trl+fix",
+                warmup=args.warmup_steps,
             )
         else:
             res = child_ours(
@@ -375,6 +406,7 @@ def main() -> None:
                 args.micro_batch,
                 args.questions,
                 _overrides(args),
+                warmup=args.warmup_steps,
             )
         res["peak_rss_gb"] = round(_peak_rss_gb(), 3)
         print(json.dumps(res))  # noqa: T201
@@ -390,6 +422,8 @@ def main() -> None:
     for kv in args.set:
         extra += ["--set", kv]
     steps = 2 if args.quick else args.steps
+    if steps < 1:
+        raise SystemExit("--steps must be at least 1")
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     dtypes = dtypes[:1] if args.quick else dtypes
     workdir = Path(tempfile.mkdtemp(prefix="grpo_bench_"))
@@ -400,11 +434,13 @@ def main() -> None:
         ours_off = () if args.quick else ("ours",)
         for which in ("trl", "ours+sae", *ours_off, *(("trl+fix",) if args.trl_fix else ())):
             own = extra if which.startswith("ours") else common
-            r = run_child(which, dt, steps, args.threads, workdir, own)
+            r = run_child(which, dt, steps, args.threads, workdir, own, args.warmup_steps)
             r["median_step_s"] = statistics.median(r["step_times"])
             results[f"{which}/{dt}"] = r
             print(
-                f"{which:9} {dt}: median {r['median_step_s']:.2f} s/step over {len(r['step_times'])} steps, "  # noqa: T201
+                f"{which:9} {dt}: median {r['median_step_s']:.2f} s/step over {len(r['step_times'])} steps "  # noqa: T201
+                f"(warm-up {', '.join(f'{w:.2f}' for w in r['warmup_s']) or 'none'}; "
+                f"timed {', '.join(f'{w:.2f}' for w in r['step_times'])} s; child {r['wall_s']:.0f} s wall), "
                 f"peak RSS {r['peak_rss_gb']:.2f} GB, mean completion {r['completion_len']:.1f} tokens"
                 + (
                     f", reward {100 * statistics.median(r['reward_seconds']) / r['median_step_s']:.2f} % of the step"
