@@ -207,6 +207,14 @@ def _cmd_gate_g2(cfg: Any) -> int:
     return 0
 
 
+def _cmd_audit_reward(cfg: Any) -> int:
+    from saereward.rl.audit import format_audit, run_audit
+
+    _echo(format_audit(run_audit(cfg)))
+    _echo(f"wrote {cfg.out}/audit.json and audit.png")
+    return 0
+
+
 def _cmd_reasonscore(cfg: Any) -> int:
     from saereward.features.reasonscore import run_reasonscore
 
@@ -362,6 +370,12 @@ COMMANDS: tuple[Command, ...] = (
         "GRPO with LoRA: outcome (R0), + per-token SAE pack score (R1) or + raw direction (R2)",
         _lazy("saereward.rl.grpo", "GRPOConfig"),
         _cmd_train_rl,
+    ),
+    Command(
+        "audit-reward",
+        "truncation audit: each reward form's gain from cutting completions after k tokens, or padding them",
+        _lazy("saereward.rl.audit", "AuditConfig"),
+        _cmd_audit_reward,
     ),
     Command(
         "gate-g2",

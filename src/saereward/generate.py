@@ -33,6 +33,37 @@ def stop_strings_for(prompt_format: str) -> tuple[str, ...]:
     return () if prompt_format == "chat" else PATTERN_STOPS
 
 
+def end_positions(
+    ids: torch.Tensor, mask: torch.Tensor, tokenizer: Any, stops: Sequence[str], end_ids: set[int]
+) -> torch.Tensor:
+    """``[B, N]`` True on each response's end token and on the trailing tokens that spell a stop string.
+
+    ``ids``/``mask`` are response token ids and the positions that belong to the response. A row
+    that stopped on a stop string (e.g. ``"\\nQ:"``) has it in its last few tokens: the shortest
+    tail whose text contains it is marked. These positions say that the response ended; rewards
+    that score content leave them out.
+    """
+    out = torch.zeros_like(mask, dtype=torch.bool)
+    for b in range(ids.shape[0]):
+        pos = torch.nonzero(mask[b]).flatten().tolist()
+        if not pos:
+            continue
+        n = len(pos)
+        if int(ids[b, pos[-1]]) in end_ids:
+            out[b, pos[-1]] = True
+            n -= 1
+        if not stops or n == 0:
+            continue
+        toks = ids[b, pos[:n]].tolist()
+        if not any(s in tokenizer.decode(toks[-8:], skip_special_tokens=True) for s in stops):
+            continue
+        for j in range(n - 1, -1, -1):
+            if any(s in tokenizer.decode(toks[j:], skip_special_tokens=True) for s in stops):
+                out[b, pos[j:n]] = True
+                break
+    return out
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How to decode."""

@@ -561,3 +561,19 @@ def _load_hub(spec: str, dtype: DType, trust_remote_code: bool) -> tuple[Any, An
             f"download it where there is network (`hf download {spec}`), pass a local folder or .gguf, "
             f"or use {DEFAULT_MODEL}"
         ) from exc
+
+
+def load_tokenizer(spec: str = DEFAULT_MODEL) -> Any:
+    """The tokenizer of ``spec`` alone (no weights): for stages that only read saved tensors."""
+    from transformers import AutoTokenizer
+
+    try:
+        if spec.startswith(EMBEDDED_PREFIX):
+            return AutoTokenizer.from_pretrained(str(convert_embedded(spec[len(EMBEDDED_PREFIX) :])))
+        p = Path(spec).expanduser()
+        if p.is_file():
+            return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        return AutoTokenizer.from_pretrained(str(p) if p.is_dir() else spec, local_files_only=not p.is_dir())
+    except OSError as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SaeRewardError(f"cannot load the tokenizer of {spec!r}: {msg[:200]}") from exc

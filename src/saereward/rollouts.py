@@ -283,6 +283,17 @@ class Rollouts:
     summary: dict[str, Any]
 
     @property
+    def generation(self) -> dict[str, Any]:
+        """How the responses were made: ``prompt_format``, ``shots``, ``task``, ``temperature``,
+        ``top_p``, ``max_new_tokens``, ``decoding`` (from the folder's ``config.json``; {} if absent)."""
+        import json
+
+        f = self.path / "config.json"
+        cfg = json.loads(f.read_text()) if f.is_file() else {}
+        keys = ("prompt_format", "shots", "task", "temperature", "top_p", "max_new_tokens", "decoding")
+        return {k: cfg[k] for k in keys if k in cfg}
+
+    @property
     def correct(self) -> Any:
         import torch
 

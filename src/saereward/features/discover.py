@@ -173,6 +173,9 @@ def run_discover(cfg: DiscoverConfig) -> FeaturePack:
             "sae_path": str(Path(cfg.sae).resolve()),
             "sae_sha256": file_sha256(cfg.sae),
             "rollouts": str(Path(cfg.rollouts).resolve()),
+            "task": (ro.summary.get("task") or {}).get("name"),
+            "prompt_format": ro.generation.get("prompt_format"),
+            "generation": ro.generation,
             "discovery_qids": splits["discovery"],
             "validation_qids": splits["validation"],
             "stats": {
@@ -190,8 +193,25 @@ def run_discover(cfg: DiscoverConfig) -> FeaturePack:
     )
     out = save_pack(pack, cfg.out)
     write_json(Path(out).with_suffix(".config.json"), to_dict(cfg))
+    _save_reward_baseline(pack, sae, ro, layer, Path(out))
     log.info("wrote pack %s: %d helpful, %d harmful", out, len(pack.helpful), len(pack.harmful))
     return pack
+
+
+def _save_reward_baseline(pack: FeaturePack, sae: Any, ro: Any, layer: int, out: Path) -> None:
+    """The pack's score on the discovery rollouts, position by position, beside the pack: the
+    baseline of the fixed-scale reward forms (:mod:`saereward.rl.baseline`)."""
+    from saereward.features.scoring import PackScorer
+    from saereward.lm import load_tokenizer
+    from saereward.rl.baseline import baseline_beside, measure_baseline, save_baseline
+
+    try:
+        tok = load_tokenizer(ro.summary.get("model") or "embedded:smollm2-135m-instruct")
+    except SaeRewardError as exc:  # train-rl measures it itself, with the model's own tokenizer
+        log.warning("no reward baseline beside the pack: %s", exc)
+        return
+    b = measure_baseline(PackScorer(sae, pack), ro, layer, tok, meta={"scorer": f"pack:{pack.name}"})
+    save_baseline(b, baseline_beside(out))
 
 
 def _tokens(ro: Any, layer: int) -> Tensor:

@@ -12,7 +12,11 @@ One step (``GRPOTrainer.step``):
    activations). No other forward pass is made for the reward.
 3. **Rewards.** outcome = the task verifier; ``mech(t)`` from :class:`~saereward.features.scoring.
    PackScorer` (R1, the exact G1 statistic: true TopK, eager fp32) or the raw direction (R2);
-   advantages by :func:`saereward.rl.reward.token_advantages` (the seed's G3 form by default).
+   advantages by :func:`saereward.rl.reward.token_advantages` in the configured ``reward_form``
+   (default ``position``: the group-normalised outcome advantage plus a fixed-scale, clipped,
+   position-centred per-token credit; ``mechreward`` keeps mechreward's length-biased form). The
+   fixed-scale forms read a :class:`~saereward.rl.reward.RewardBaseline` (the base model's score
+   by response position in the RL prompt format) and leave end and stop-string tokens unscored.
 4. **Update.** ``epochs_per_batch`` passes of the clipped surrogate over the batch. Each pass
    accumulates gradients over micro-batches of ``micro_batch`` completions, sorted by length and cut
    to their own longest sequence (:func:`micro_batches`; the reference forward uses them too).
@@ -26,6 +30,16 @@ One step (``GRPOTrainer.step``):
 5. **Log** (JSONL + TensorBoard): outcome, mech, KL, the grad norm returned by ``clip_grad_norm_``,
    entropy, clip fraction, completion length, seconds in generate / verify / reference / reward /
    train. Under data parallelism these are over the whole batch (sums all-reduced), not one rank's.
+
+**Collapse guard.** Every step logs the mean completion length, the share of completions with at
+most 3 tokens (``short_frac``), the within-group correlation of length with the mech part of the
+advantage (``len_mech_corr``: positive when the reward pays for length, negative when it pays for
+stopping) and an online monitor, Spearman ρ of the per-completion score with the outcome over the
+last ``collapse_window`` steps (``monitor_rho``). :func:`collapse_check` marks a run collapsed when,
+over ``collapse_window`` steps, half the completions have at most 3 tokens, or the mean length has
+fallen below half the first steps'; by default the run is evaluated, checkpointed and stopped there,
+and ``summary.json`` records it. A warning is logged (and kept in the summary) when RL trains on
+another prompt format or task than the score was discovered on.
 
 Every random draw is seeded from ``(seed, step)``, so a run resumed from a checkpoint replays
 exactly what an uninterrupted run does (tested with a real kill on CPU); the checkpoint's step is
@@ -66,7 +80,16 @@ from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import read_jsonl, write_json, write_jsonl
 from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, check_device, require_device
-from saereward.rl.reward import Aggregation, LambdaSchedule, RewardKind, token_advantages
+from saereward.rl.reward import (
+    REWARD_FORMS,
+    Aggregation,
+    LambdaSchedule,
+    RewardBaseline,
+    RewardForm,
+    RewardKind,
+    token_advantages,
+    within_group_corr,
+)
 from saereward.tasks.prompts import PromptFormat
 
 log = logging.getLogger(__name__)
@@ -111,8 +134,30 @@ class GRPOConfig:
     lam: float = option(0.1, "λ: weight of the mech term")
     lam_schedule: Literal["constant", "linear"] = option("constant", "λ schedule")
     lam_end: float = option(0.0, "λ at the last step (linear schedule)")
+    reward_form: RewardForm = option(
+        "position",
+        "how the mech score enters the advantage: " + "; ".join(f"{k}: {v}" for k, v in REWARD_FORMS.items()),
+    )
+    reward_clip: float = option(
+        3.0, "fixed-scale forms: clip the standardized score at ± this many reference SDs"
+    )
+    reward_baseline: str | None = option(
+        None,
+        "fixed-scale forms: a reward_baseline.json, or a rollout folder (base model, RL prompt format) to "
+        "measure it on (default: the pack's discovery rollouts for R1, direction_rollouts for R2)",
+    )
     aggregation: Aggregation = option(
-        "both", "both (seed G3), trajectory (mean in r only), token (z-term only)"
+        "both",
+        "reward_form=mechreward only: both (its G3 form), trajectory (mean in r only), token (z-term only)",
+    )
+    # -- collapse guard --
+    collapse_stop: bool = option(True, "stop a run the collapse rule marks as collapsed (see the module doc)")
+    collapse_window: int = option(3, "collapse rule: steps averaged (and monitor ρ window, in steps)")
+    collapse_short_frac: float = option(
+        0.5, "collapse rule: mean share of completions with <= 3 tokens over the window at or above this"
+    )
+    collapse_len_ratio: float = option(
+        0.5, "collapse rule: or mean completion length over the window below this × the first window's"
     )
     # -- rollouts --
     questions_per_step: int = option(4, "questions per step")
@@ -229,6 +274,10 @@ class GRPOConfig:
             raise ValueError(f"snapshot_every must be >= 0, got {self.snapshot_every}")
         if self.lr <= 0 or self.beta < 0 or self.lam < 0:
             raise ValueError("lr must be > 0, beta and lam >= 0")
+        if self.reward_clip <= 0 or self.collapse_window < 1:
+            raise ValueError("reward_clip must be > 0 and collapse_window >= 1")
+        if not (0 < self.collapse_short_frac <= 1 and 0 <= self.collapse_len_ratio < 1):
+            raise ValueError("collapse_short_frac must be in (0, 1] and collapse_len_ratio in [0, 1)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -495,15 +544,62 @@ def _lean_lora_forward(m: Any, peft_forward: Any) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
+def collapse_check(
+    rows: Sequence[dict[str, Any]], window: int, short_frac: float, len_ratio: float
+) -> dict[str, Any]:
+    """The collapse rule over a run's training rows (``completion_len``, ``short_frac`` per step).
+
+    A run is **collapsed** at the first step ``s`` where, over the last ``window`` steps,
+    (a) the mean share of completions with at most :data:`SHORT_TOKENS` tokens is ``>= short_frac``
+    (from step ``window`` on), or (b) the mean completion length is below ``len_ratio`` times the
+    mean length of the first ``window`` steps (from step ``2 · window`` on). This is the failure
+    mechreward's form produces: completions shrink to a few tokens.
+    """
+    train = [r for r in rows if r.get("step", 0) >= 1 and "completion_len" in r]
+    for i in range(window - 1, len(train)):
+        last = train[i - window + 1 : i + 1]
+        short = sum(float(r.get("short_frac", 0.0)) for r in last) / window
+        if short >= short_frac:
+            return {
+                "collapsed": True,
+                "step": int(train[i]["step"]),
+                "reason": f"{short:.0%} of completions had <= {SHORT_TOKENS} tokens over steps "
+                f"{last[0]['step']}-{last[-1]['step']} (rule: >= {short_frac:.0%})",
+            }
+        if i + 1 >= 2 * window:
+            first = sum(float(r["completion_len"]) for r in train[:window]) / window
+            now = sum(float(r["completion_len"]) for r in last) / window
+            if now < len_ratio * first:
+                return {
+                    "collapsed": True,
+                    "step": int(train[i]["step"]),
+                    "reason": f"mean completion length {now:.1f} tokens over steps {last[0]['step']}-"
+                    f"{last[-1]['step']}, below {len_ratio} × the first steps' {first:.1f}",
+                }
+    return {"collapsed": False, "step": None, "reason": None}
+
+
 def settings_diff(saved: dict[str, Any], cfg: GRPOConfig) -> list[str]:
     """Settings of ``cfg`` that differ from a run's saved ``config.json``, leaving out those that do not
     change what a step computes (``steps`` too: a longer run resumes a shorter one's checkpoint)."""
     mine = to_dict(cfg)  # JSON-plain, as the saved file
     default = to_dict(GRPOConfig())  # for options added since the run
-    skip = ("out", "resume", "progress", "steps", "threads", "device", "snapshot_every", "checkpoint_every")
+    skip: tuple[str, ...] = (
+        "out",
+        "resume",
+        "progress",
+        "steps",
+        "threads",
+        "device",
+        "snapshot_every",
+        "checkpoint_every",
+    )
+    if cfg.reward == "outcome":  # R0 reads no score: how a score would enter changes nothing
+        skip += ("reward_form", "reward_clip", "reward_baseline", "aggregation", "pack", "sae", "lam")
     return [k for k in mine if k not in skip and saved.get(k, default.get(k)) != mine[k]]
 
 
+SHORT_TOKENS = 3  # the collapse guard counts completions of at most this many tokens
 _STEP_SEED = 104_729  # torch is seeded with seed * _STEP_SEED + step before each step
 
 
@@ -759,6 +855,9 @@ class GRPOTrainer:
         ]
         self.scorer, self.layer = self._build_scorer()
         self.probe = self._load_probe()
+        self.format_warning = self._check_prompt_format()
+        self.baseline = self._build_baseline()
+        self._monitor: list[tuple[int, list[float], list[float]]] = []  # (step, scores, outcomes)
         if check_only:  # every check on the settings has run; no adapter, no optimizer
             return
         torch.manual_seed(cfg.seed)
@@ -830,6 +929,72 @@ class GRPOTrainer:
             )
         disc = ro.split_mask("discovery")
         return DirectionScorer(contrastive_direction(ro.pooled[layer][disc], ro.correct[disc])), layer
+
+    def _scorer_rollouts(self) -> str | None:
+        """The rollout folder the reward's score was defined on (the pack's discovery rollouts, or R2's)."""
+        if self.cfg.reward == "direction":
+            return self.cfg.direction_rollouts
+        return self.scorer.pack.metadata.get("rollouts") if self.scorer is not None else None
+
+    def _check_prompt_format(self) -> str | None:
+        """Warn when RL trains on another prompt format or task than the score was discovered on."""
+        if self.scorer is None:
+            return None
+        meta: dict[str, Any] = {}
+        if self.cfg.reward == "sae":
+            meta = {k: self.scorer.pack.metadata.get(k) for k in ("prompt_format", "task")}
+        src = self._scorer_rollouts()
+        if (meta.get("prompt_format") is None) and src and Path(src, "config.json").is_file():
+            meta = {
+                k: json.loads(Path(src, "config.json").read_text()).get(k) for k in ("prompt_format", "task")
+            }
+        diffs = [
+            f"{k} {meta[k]!r} (discovery) vs {getattr(self.cfg, k)!r} (RL)"
+            for k in ("prompt_format", "task")
+            if meta.get(k) is not None and meta[k] != getattr(self.cfg, k)
+        ]
+        if not diffs:
+            return None
+        msg = (
+            "the reward's score was validated on another distribution than RL trains on: "
+            + "; ".join(diffs)
+            + ". G1's correlation need not hold here: discover on rollouts in the RL format"
+        )
+        log.warning(msg)
+        return msg
+
+    def _build_baseline(self) -> RewardBaseline | None:
+        """The fixed-scale forms' reference statistics: loaded, or measured on base rollouts."""
+        cfg = self.cfg
+        if self.scorer is None or cfg.reward_form == "mechreward":
+            return None
+        from saereward.rl.baseline import baseline_beside, load_baseline, measure_baseline
+        from saereward.rollouts import load_rollouts
+
+        beside = baseline_beside(cfg.pack) if (cfg.reward == "sae" and cfg.pack) else None
+        src = cfg.reward_baseline or (str(beside) if beside and beside.is_file() else self._scorer_rollouts())
+        if not src:
+            raise SaeRewardError(
+                f"reward_form {cfg.reward_form!r} needs base rollouts to measure the reward baseline on: "
+                "pass --reward-baseline (a rollout folder or reward_baseline.json)"
+            )
+        if Path(src).is_file():
+            b = load_baseline(src)
+            if b.meta.get("layer") not in (None, self.layer):
+                raise SaeRewardError(
+                    f"the reward baseline {src} was measured at layer {b.meta.get('layer')}, the reward reads "
+                    f"layer {self.layer}: re-measure it"
+                )
+        else:
+            ro = load_rollouts(src)
+            b = measure_baseline(self.scorer, ro, self.layer, self.lm.tokenizer, meta={"scorer": cfg.reward})  # type: ignore[arg-type]
+        if b.meta.get("prompt_format") not in (None, cfg.prompt_format):
+            log.warning(
+                "the reward baseline was measured on %s prompts, RL uses %s: its position means may not apply",
+                b.meta.get("prompt_format"),
+                cfg.prompt_format,
+            )
+        return b
 
     def _load_probe(self) -> Any:
         if not self.cfg.dual_verifier:
@@ -1052,32 +1217,92 @@ class GRPOTrainer:
                     res_full[sl.rows, sl.start : sl.end] = res
         return (ref_lp if cfg.beta > 0 else None), res_full
 
+    def scored_mask(self, b: _Batch) -> Tensor:
+        """``[B, N]`` response positions whose score counts: with a residual, and (fixed-scale forms)
+        not the end token or a stop string's tokens, which only say that the completion ended."""
+        P = b.prompt_len
+        rmask = b.residual_mask[:, P:]
+        if self.cfg.reward_form == "mechreward":
+            return rmask
+        from saereward.generate import end_positions, stop_strings_for
+
+        tok = self.lm.tokenizer
+        ends = set(tok.all_special_ids) | ({int(tok.eos_token_id)} if tok.eos_token_id is not None else set())
+        stops = stop_strings_for(self.cfg.prompt_format) if self.cfg.stop_strings else ()
+        resp = b.response_mask[:, P:]
+        return rmask & ~end_positions(b.sequences[:, P:].cpu(), resp.cpu(), tok, stops, ends).to(rmask.device)
+
     def advantages(
         self, b: _Batch, outcome: Tensor, residuals: Tensor | None, lam: float
-    ) -> tuple[Tensor, Tensor, float, float]:
-        """Per-token advantages ``[B, N]``, total rewards ``[B]``, the mean mech score (NaN for R0) and
-        the fraction of response tokens whose mech term the dual verifier zeroed (NaN without one)."""
+    ) -> tuple[Tensor, Tensor, dict[str, float]]:
+        """Per-token advantages ``[B, N]``, total rewards ``[B]``, and the reward's statistics: the mean
+        mech score, the share of tokens the dual verifier zeroed, the within-group correlation of
+        completion length with the mech part of the advantage (all NaN for R0)."""
         cfg = self.cfg
         P = b.prompt_len
         resp = b.response_mask[:, P:]
+        nan = float("nan")
         if self.scorer is None:
             adv, total = token_advantages(outcome, None, resp, cfg.group_size, 0.0)
-            return adv, total, float("nan"), float("nan")
+            return adv, total, {"mech": nan, "gated": nan, "len_mech_corr": nan}
         if residuals is None:
             raise SaeRewardError("no residuals for the mech reward: internal error, please report")
-        rmask = b.residual_mask[:, P:]
+        rmask = self.scored_mask(b)
         x = residuals[:, P:].float()
-        mech = self.scorer.token_scores(x).where(rmask, torch.zeros(()))
-        gate, gated = None, float("nan")
+        mech = self.scorer.token_scores(x).where(rmask, torch.zeros((), device=rmask.device))
+        gate, gated = None, nan
         if self.probe is not None:
             from saereward.probes import dual_gate
 
             gate = dual_gate(mech, self.probe.logits(x), rmask)
             gated = float(1 - gate.sum() / rmask.sum().clamp_min(1))
         adv, total = token_advantages(
-            outcome, mech, rmask, cfg.group_size, lam, cfg.aggregation, loss_mask=resp, gate=gate
+            outcome,
+            mech,
+            rmask,
+            cfg.group_size,
+            lam,
+            cfg.aggregation,
+            loss_mask=resp,
+            gate=gate,
+            form=cfg.reward_form,
+            baseline=self.baseline,
+            clip=cfg.reward_clip,
         )
-        return adv, total, float(mech.sum() / rmask.sum().clamp_min(1)), gated
+        zero = torch.zeros((), device=resp.device)
+        base = token_advantages(outcome, None, resp, cfg.group_size, 0.0)[0]
+        lengths = resp.sum(1).float()
+        mech_part = (adv - base).where(resp, zero).sum(1) / lengths.clamp_min(1)
+        self._monitor_add(b, mech, rmask, outcome)
+        return (
+            adv,
+            total,
+            {
+                "mech": float(mech.sum() / rmask.sum().clamp_min(1)),
+                "gated": gated,
+                "len_mech_corr": within_group_corr(lengths, mech_part, cfg.group_size),
+            },
+        )
+
+    def _monitor_add(self, b: _Batch, mech: Tensor, mask: Tensor, outcome: Tensor) -> None:
+        """Keep this step's per-completion pack scores and outcomes for the online monitor."""
+        from saereward.features.scoring import masked_mean
+
+        self._monitor.append((-1, masked_mean(mech, mask).tolist(), outcome.float().tolist()))
+
+    def monitor_rho(self, step: int) -> float:
+        """Spearman ρ of the per-completion score with the outcome over the last ``collapse_window`` steps."""
+        from scipy.stats import spearmanr
+
+        if self._monitor and self._monitor[-1][0] == -1:
+            self._monitor[-1] = (step, *self._monitor[-1][1:])
+        window = [m for m in self._monitor if m[0] > step - self.cfg.collapse_window]
+        self._monitor = window
+        xs = [v for m in window for v in m[1]]
+        ys = [v for m in window for v in m[2]]
+        if len(set(ys)) < 2 or len(set(xs)) < 2:
+            return float("nan")
+        return float(spearmanr(xs, ys).statistic)
 
     def step(self, step: int) -> dict[str, Any]:
         """One GRPO step (rollouts, reference, rewards, update); returns the log row."""
@@ -1093,14 +1318,16 @@ class GRPOTrainer:
         t_ref = time.perf_counter() - t1
         t2 = time.perf_counter()
         lam = self.lam(step)
-        adv, total, mech_mean, gated = self.advantages(b, outcome, residuals, lam)
+        adv, total, rstats = self.advantages(b, outcome, residuals, lam)
         t_reward = time.perf_counter() - t2
         t3 = time.perf_counter()
         loss, stats, gnorm, ent_mean = self.update(b, adv, ref_lp)
         t_train = time.perf_counter() - t3
         return {
             "step": step + 1,
-            **self.batch_stats(b, outcome, total, mech_mean, gated, loss, stats, ent_mean),
+            **self.batch_stats(b, outcome, total, rstats["mech"], rstats["gated"], loss, stats, ent_mean),
+            "len_mech_corr": rstats["len_mech_corr"],
+            "monitor_rho": self.monitor_rho(step + 1) if self.scorer is not None else float("nan"),
             "lam": lam,
             "grad_norm": gnorm,
             "sec_generate": round(t_gen, 3),
@@ -1142,6 +1369,7 @@ class GRPOTrainer:
             float(loss),
             stats.get("kl", 0.0),
             stats.get("clip_frac", 0.0),
+            float((resp.sum(1) <= SHORT_TOKENS).sum()),
         ]
         g = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=self.device)).tolist()
         rows, mech_n = max(g[2], 1.0), max(g[5], 1.0)
@@ -1155,6 +1383,7 @@ class GRPOTrainer:
             "clip_frac": g[10],
             "entropy": g[6] / max(g[7], 1.0),
             "completion_len": g[7] / rows,
+            "short_frac": g[11] / rows,
         }
 
     def update(
@@ -1249,15 +1478,16 @@ class GRPOTrainer:
         sampling = SamplingConfig(
             max_new_tokens=self.cfg.max_new_tokens, stop=stop_strings_for(self.cfg.prompt_format)
         )
-        k = 0
+        bits = ["0"] * len(self.eval_items)
         for idx, g in iter_generate(
             lm, self.eval_prompts, sampling, batch_size=self.cfg.eval_batch_size, progress=False
         ):
-            k += sum(
-                self.eval_task.verify(self.eval_items[i], c) for i, c in zip(idx, g.completions, strict=True)
-            )
+            for i, c in zip(idx, g.completions, strict=True):
+                bits[i] = "1" if self.eval_task.verify(self.eval_items[i], c) else "0"
+        k = bits.count("1")
         ci = wilson_ci(k, len(self.eval_items))
         return {
+            "eval_bits": "".join(bits),
             "eval_correct": k,
             "eval_n": ci.n,
             "eval_accuracy": ci.p,
@@ -1294,13 +1524,61 @@ class GRPOTrainer:
         return _load_optimizer(ck, self.opt)
 
     def fit(self) -> dict[str, Any]:
-        """Train ``steps`` steps (resuming if a checkpoint exists); rank 0 evaluates, logs and checkpoints."""
+        """Train ``steps`` steps (resuming if a checkpoint exists); rank 0 evaluates, logs and checkpoints.
+
+        After every step the collapse rule (:func:`collapse_check`) runs on the logged rows; a
+        collapsed run is evaluated, checkpointed and (``collapse_stop``) stopped there.
+        """
         from tqdm.auto import tqdm
 
         cfg = self.cfg
         main = self.rank == 0
         self.out.mkdir(parents=True, exist_ok=True)
         start = self._restore()
+        rows, tb = self._open_log(start, main)
+        collapse = self._collapse(rows)
+        stop_at = collapse["step"] if (collapse["collapsed"] and cfg.collapse_stop) else None
+        bar = tqdm(
+            total=cfg.steps,
+            initial=start,
+            desc=f"grpo {cfg.reward}",
+            disable=not (cfg.progress and main),
+            dynamic_ncols=True,
+        )
+        try:
+            for s in range(start, cfg.steps if stop_at is None else start):
+                torch.manual_seed(cfg.seed * _STEP_SEED + s)
+                row = self.step(s)
+                rows.append(row)  # every rank: the batch statistics are all-reduced, the rule agrees
+                collapse = self._collapse(rows)
+                stop = collapse["collapsed"] and cfg.collapse_stop
+                last = s + 1 == cfg.steps or stop
+                if stop:
+                    log.warning(
+                        "run %s collapsed at step %d: %s; stopping", self.out, s + 1, collapse["reason"]
+                    )
+                if main:
+                    self._log_step(rows, tb, s, last)
+                    bar.update(1)
+                    bar.set_postfix(
+                        outcome=f"{row['outcome']:.2f}",
+                        len=f"{row['completion_len']:.1f}",
+                        kl=f"{row['kl']:.3g}",
+                    )
+                if stop:
+                    break
+        finally:
+            bar.close()
+            if tb is not None:
+                tb.close()
+        return self._summary(rows, collapse, main)
+
+    def _collapse(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        c = self.cfg
+        return collapse_check(rows, c.collapse_window, c.collapse_short_frac, c.collapse_len_ratio)
+
+    def _open_log(self, start: int, main: bool) -> tuple[list[dict[str, Any]], Any]:
+        """The log rows up to the checkpoint (later ones dropped); a fresh run evaluates step 0."""
         log_path = self.out / "train_log.jsonl"
         rows = (
             [r for r in read_jsonl(log_path) if r.get("step", 0) <= start]
@@ -1310,53 +1588,51 @@ class GRPOTrainer:
         tb = None
         if main:
             write_jsonl(log_path, rows)  # drop lines written after the checkpoint
-            write_json(self.out / "config.json", to_dict(cfg))
+            write_json(self.out / "config.json", to_dict(self.cfg))
+            if self.baseline is not None:
+                from saereward.rl.baseline import BASELINE_FILE, save_baseline
+
+                save_baseline(self.baseline, self.out / BASELINE_FILE)
             tb = _tensorboard(self.out / "tensorboard")
             if start == 0:
                 rows.append({"step": 0, **self.evaluate()})
                 write_jsonl(log_path, rows)
                 _add_scalars(tb, rows[-1], 0)
-        bar = tqdm(
-            total=cfg.steps,
-            initial=start,
-            desc=f"grpo {cfg.reward}",
-            disable=not (cfg.progress and main),
-            dynamic_ncols=True,
-        )
-        try:
-            for s in range(start, cfg.steps):
-                torch.manual_seed(cfg.seed * _STEP_SEED + s)
-                row = self.step(s)
-                last = s + 1 == cfg.steps
-                if not main:
-                    continue
-                if last or (cfg.eval_every and (s + 1) % cfg.eval_every == 0):
-                    row.update(self.evaluate())
-                rows.append(row)
-                write_jsonl(log_path, rows)
-                _add_scalars(tb, row, s + 1)
-                if cfg.snapshot_every and (s + 1) % cfg.snapshot_every == 0:
-                    _save_snapshot(self.out / "snapshots" / f"step_{s + 1:05d}", self._lora_state(), cfg)
-                if last or (s + 1) % cfg.checkpoint_every == 0:
-                    _save_checkpoint(self.out / "checkpoint", s + 1, self._lora_state(), self.opt, cfg)
-                bar.update(1)
-                bar.set_postfix(
-                    outcome=f"{row['outcome']:.2f}", kl=f"{row['kl']:.3g}", gnorm=f"{row['grad_norm']:.2f}"
-                )
-        finally:
-            bar.close()
-            if tb is not None:
-                tb.close()
+        return rows, tb
+
+    def _log_step(self, rows: list[dict[str, Any]], tb: Any, s: int, last: bool) -> None:
+        """Rank 0 after step ``s``: evaluate when due, log, snapshot and checkpoint."""
+        cfg = self.cfg
+        row = rows[-1]
+        if last or (cfg.eval_every and (s + 1) % cfg.eval_every == 0):
+            row.update(self.evaluate())
+        write_jsonl(self.out / "train_log.jsonl", rows)
+        _add_scalars(tb, row, s + 1)
+        if cfg.snapshot_every and (s + 1) % cfg.snapshot_every == 0:
+            _save_snapshot(self.out / "snapshots" / f"step_{s + 1:05d}", self._lora_state(), cfg)
+        if last or (s + 1) % cfg.checkpoint_every == 0:
+            _save_checkpoint(self.out / "checkpoint", s + 1, self._lora_state(), self.opt, cfg)
+
+    def _summary(self, rows: list[dict[str, Any]], collapse: dict[str, Any], main: bool) -> dict[str, Any]:
+        cfg = self.cfg
         evals = [r for r in rows if "eval_accuracy" in r]
+        train = [r for r in rows if "sec_step" in r]
         summary = {
             "reward": cfg.reward,
+            "reward_form": cfg.reward_form if self.scorer is not None else None,
+            "prompt_format": cfg.prompt_format,
             "seed": cfg.seed,
             "steps": cfg.steps,
+            "steps_done": int(train[-1]["step"]) if train else 0,
             "lr": cfg.lr,
             "processes": self.world,
             "eval_first": evals[0] if evals else None,
             "eval_last": evals[-1] if evals else None,
-            "seconds_per_step": _median([r["sec_step"] for r in rows if "sec_step" in r]),
+            "eval_qids": [it.id for it in self.eval_items],
+            "collapse": collapse,
+            "final_completion_len": train[-1]["completion_len"] if train else None,
+            "format_warning": self.format_warning,
+            "seconds_per_step": _median([r["sec_step"] for r in train]),
             "saereward_version": __version__,
         }
         if main:

@@ -1,20 +1,51 @@
 """Rewards and advantages for GRPO: outcome (R0), SAE pack (R1), raw direction (R2).
 
 Pure tensor functions; shapes are ``B`` completions (``B = questions × G``, grouped contiguously),
-``T`` positions, ``mask [B, T]`` the response positions (see :mod:`saereward.rollouts` for the one
-definition). The seed's G3 form, with ``mech(t)`` the per-token score of
-:class:`saereward.features.scoring.PackScorer` (R1) or the projection on the raw contrastive
-direction (R2):
+``T`` response positions, ``mask [B, T]`` the positions whose per-token score ``mech(t)`` counts
+(:class:`saereward.features.scoring.PackScorer` for R1, the projection on the raw contrastive
+direction for R2), ``loss_mask [B, T]`` the tokens that receive an advantage. R0 is ``λ = 0``.
 
-    r_b   = outcome_b + λ · mean_{t ∈ mask_b} mech_b(t)
-    A_b   = (r_b − mean_group(r)) / (std_group(r) + ε)
-    adv_bt = A_b + λ · z(mech)_bt      on response positions, 0 elsewhere
+**Reward forms** (``form``; registry :data:`REWARD_FORMS`). Each returns per-token advantages and a
+per-completion reward ``o_b + M_b``, where ``M_b`` is the form's mechanistic reward of the whole
+completion (what :func:`completion_mech_reward` computes and the truncation audit cuts):
 
-``z`` is a z-score over the **response positions of the whole batch only** (the seed's z-score also
-counted prompt and pad zeros, which shifts the mean toward 0 and shrinks the spread by the share of
-padding). ``aggregation`` picks the seed's form (``both``), only the trajectory term
-(``trajectory``: ``adv = A_b`` with the mech mean inside ``r``), or only the token term (``token``:
-``A_b`` from the outcome alone, plus ``λ z``). R0 is ``λ = 0``.
+``mechreward`` (mechreward's G3 form, kept as the ablation; **length-biased**)::
+
+    r_b = o_b + λ · mean_{t ∈ mask_b} mech_b(t)
+    A_b = (r_b − mean_group(r)) / (std_group(r) + ε)
+    adv_bt = A_b + λ · z(mech)_bt
+
+  Two faults make it pay to stop early. In a group whose outcomes tie (most groups at low base
+  accuracy) ``A_b = (m̄_b − m̄_g)/(std_g(m̄) + ε/λ)``: λ divides out and the mech mean ranks the
+  completions at the strength of a correct-vs-wrong signal. And the mean over a completion's own
+  tokens inherits the score's profile over positions: when the first tokens score high, a 1-token
+  completion has the best mean. ``aggregation`` keeps its variants (``trajectory``: the mean in
+  ``r`` only; ``token``: ``A_b`` from the outcome plus ``λ z``).
+
+The other forms share one shape: the outcome advantage ``A_b = (o_b − mean_g o)/(std_g o + ε)``
+(normalised within its group, 0 in a tied group) plus a per-token mech credit ``u_bt`` at a **fixed
+scale** (never divided by a group's SD), clipped to ``±λ·clip``::
+
+    adv_bt = A_b + u_bt            M_b = Σ_t u_bt / L_ref
+
+``L_ref``, the mean scored length of base rollouts, is a fixed denominator: a completion's mech
+reward does not change when it is merely shorter. In a tied group ``A_b = 0`` and only the O(λ)
+credits remain.
+
+``decoupled``: ``u_bt = λ · clip((mech_bt − μ_ref) / σ_ref)`` with the mean and SD of the score on
+  base rollouts (:class:`RewardBaseline`). Decouples the two terms, but keeps the position profile.
+``position``: ``u_bt = λ · clip((mech_bt − μ_ref(t)) / σ_ref)``, ``μ_ref(t)`` the base model's mean
+  score at response position ``t`` in the RL prompt format, ``σ_ref`` the SD of that centred score.
+  The base policy's expected credit is 0 at every position, so cutting or extending a completion
+  gains nothing in expectation. End and stop-string tokens are left out of ``mask`` by the caller.
+``shaped``: potential-based shaping (Ng et al. 1999) on the same centred score: potential
+  ``Φ_t = λ · clip(s_t)`` after token ``t`` (0 before the first token and after the last), credit
+  ``u_t = Φ_t − Φ_{t−1}``; the last token also gets the terminal ``−Φ``. Each completion's credits
+  sum to exactly 0, so neither truncation nor padding can pay; the term only moves credit between
+  a completion's tokens (towards those that raise the score).
+
+``z`` (mechreward form) is a z-score over the **response positions of the whole batch only**
+(mechreward's own z-score also counted prompt and pad zeros).
 
 :class:`OutcomeReward` is a TRL-compatible reward callable (``(prompts, completions, **columns) ->
 list[float]``) built on a task's verifier.
@@ -23,7 +54,7 @@ list[float]``) built on a task's verifier.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import torch
@@ -33,6 +64,13 @@ from saereward.errors import SaeRewardError
 
 RewardKind = Literal["outcome", "sae", "direction"]
 Aggregation = Literal["both", "trajectory", "token"]
+RewardForm = Literal["mechreward", "decoupled", "position", "shaped"]
+REWARD_FORMS: dict[str, str] = {
+    "mechreward": "mechreward's form: λ·mean mech inside a group-normalised reward (length-biased; ablation)",
+    "decoupled": "group-normalised outcome + λ·clip((mech − μ_ref)/σ_ref) per token, fixed scale",
+    "position": "as decoupled, the score centred by the base model's mean at each response position",
+    "shaped": "potential-based shaping of the position-centred score: each completion's credits sum to 0",
+}
 REWARD_KINDS: dict[str, str] = {
     "outcome": "R0: verifier outcome only",
     "sae": "R1: outcome + λ · per-token SAE pack score (the G1 statistic)",
@@ -83,6 +121,172 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4, scale:
     return adv.reshape(-1)
 
 
+@dataclass(frozen=True)
+class RewardBaseline:
+    """The per-token score of the base model on its own rollouts in the RL prompt format.
+
+    ``pos_mean[t]``: mean score at response position ``t`` over the completions that reach it, for
+    the positions at least ``min_count`` completions reach; later positions use ``tail_mean`` (the
+    mean over all of them). ``mean``/``sd_raw``: the score's overall mean and SD; ``sd``: the SD of
+    the position-centred score; ``mean_len``: mean scored tokens per completion (the fixed
+    denominator ``L_ref``). ``meta`` records where it was measured (model, layer, task, prompt
+    format, scorer, rollouts).
+    """
+
+    pos_mean: tuple[float, ...]
+    tail_mean: float
+    mean: float
+    sd_raw: float
+    sd: float
+    mean_len: float
+    n_completions: int
+    n_tokens: int
+    min_count: int = 20
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def position_means(self, T: int, device: Any = None) -> Tensor:
+        """``[T]`` the mean score at response positions ``0 .. T−1`` (tail-filled)."""
+        table = list(self.pos_mean[:T]) + [self.tail_mean] * max(0, T - len(self.pos_mean))
+        return torch.tensor(table, dtype=torch.float32, device=device)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "pos_mean": list(self.pos_mean), "format": "saereward.reward_baseline"}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RewardBaseline:
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["pos_mean"] = tuple(float(x) for x in kw.get("pos_mean", ()))
+        return cls(**kw)
+
+
+def fit_baseline(
+    scores: Sequence[Tensor], min_count: int = 20, meta: dict[str, Any] | None = None
+) -> RewardBaseline:
+    """Fit a :class:`RewardBaseline` from per-completion scores (1-D, response positions 0, 1, ...)."""
+    scores = [s.double().flatten() for s in scores]
+    if not scores or not any(len(s) for s in scores):
+        raise SaeRewardError(
+            "no scored tokens to measure the reward baseline on: need base rollouts with responses"
+        )
+    T = max(len(s) for s in scores)
+    sums, counts = torch.zeros(T, dtype=torch.float64), torch.zeros(T, dtype=torch.float64)
+    for s in scores:
+        sums[: len(s)] += s
+        counts[: len(s)] += 1
+    reliable = int((counts >= min_count).sum()) if counts[0] >= min_count else 1
+    flat = torch.cat(scores)
+    pos_idx = torch.cat([torch.arange(len(s)) for s in scores])
+    tail = flat[pos_idx >= reliable]
+    tail_mean = float(tail.mean()) if len(tail) else float(sums[reliable - 1] / counts[reliable - 1])
+    pos_mean = (sums[:reliable] / counts[:reliable]).tolist()
+    table = torch.tensor(pos_mean + [tail_mean] * (T - reliable), dtype=torch.float64)
+    centred = flat - table[pos_idx]
+    return RewardBaseline(
+        pos_mean=tuple(float(x) for x in pos_mean),
+        tail_mean=tail_mean,
+        mean=float(flat.mean()),
+        sd_raw=float(flat.std(unbiased=False)),
+        sd=float(centred.std(unbiased=False)),
+        mean_len=float(len(flat) / len(scores)),
+        n_completions=len(scores),
+        n_tokens=len(flat),
+        min_count=min_count,
+        meta=dict(meta or {}),
+    )
+
+
+def _require_baseline(form: str, baseline: RewardBaseline | None) -> RewardBaseline:
+    if baseline is None:
+        raise SaeRewardError(
+            f"reward form {form!r} needs a reward baseline measured on base rollouts: pass one "
+            "(train-rl measures it from the pack's rollouts), or use reward_form=mechreward"
+        )
+    for name in ("sd", "sd_raw", "mean_len"):
+        if not getattr(baseline, name) > 0:
+            raise SaeRewardError(f"the reward baseline has {name} = {getattr(baseline, name)}: re-measure it")
+    return baseline
+
+
+def standardized_score(form: str, mech: Tensor, baseline: RewardBaseline) -> Tensor:
+    """``s_bt``: the score in reference-SD units, centred overall (decoupled) or per position."""
+    if form == "decoupled":
+        return (mech.float() - baseline.mean) / baseline.sd_raw
+    return (mech.float() - baseline.position_means(mech.shape[1], mech.device)) / baseline.sd
+
+
+def last_position(mask: Tensor) -> Tensor:
+    """``[B]`` index of each row's last True position (−1 for an empty row)."""
+    T = mask.shape[1]
+    idx = torch.arange(T, device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), idx, torch.full_like(idx, -1)).max(1).values
+
+
+def shaping_credits(phi: Tensor, loss_mask: Tensor) -> Tensor:
+    """Potential-based credits ``Φ_t − Φ_{t−1}`` on ``loss_mask`` (``Φ_{−1} = 0``), the last token
+    also paying the terminal ``−Φ``: every row's credits sum to exactly 0.
+
+    ``phi [B, T]`` is 0 where no potential is defined (unscored tokens such as the end token).
+    """
+    lm = loss_mask.bool()
+    phi = phi.where(lm, torch.zeros((), dtype=phi.dtype, device=phi.device))
+    prev = torch.nn.functional.pad(phi[:, :-1], (1, 0))
+    credit = (phi - prev).where(lm, torch.zeros((), dtype=phi.dtype, device=phi.device))
+    last = last_position(lm)
+    rows = torch.nonzero(last >= 0).flatten()
+    credit[rows, last[rows]] -= phi[rows, last[rows]]
+    # positions after the last loss token would otherwise carry −Φ_last: they are outside lm anyway
+    return credit
+
+
+def mech_credit(
+    form: str,
+    mech: Tensor,
+    mask: Tensor,
+    lam: float,
+    baseline: RewardBaseline | None,
+    clip: float = 3.0,
+    loss_mask: Tensor | None = None,
+    gate: Tensor | None = None,
+) -> Tensor:
+    """Per-token mech credit ``u [B, T]`` of the fixed-scale forms (0 off ``mask``/``loss_mask``)."""
+    if form not in ("decoupled", "position", "shaped"):
+        raise ValueError(f"mech_credit covers the fixed-scale forms, not {form!r}")
+    b = _require_baseline(form, baseline)
+    m = mask.bool()
+    zero = torch.zeros((), device=mech.device)
+    s = standardized_score(form, mech, b).clamp(-clip, clip).where(m, zero)
+    if gate is not None:
+        s = s.where(gate.bool(), zero)
+    u = lam * s
+    if form == "shaped":
+        return shaping_credits(u, m if loss_mask is None else loss_mask.bool() | m)
+    return u
+
+
+def completion_mech_reward(
+    form: str,
+    mech: Tensor,
+    mask: Tensor,
+    lam: float,
+    baseline: RewardBaseline | None = None,
+    clip: float = 3.0,
+    loss_mask: Tensor | None = None,
+) -> Tensor:
+    """``M_b [B]``: the mechanistic reward a form gives each whole completion.
+
+    mechreward: ``λ · mean_t mech`` (the term inside its group-normalised reward); the fixed-scale
+    forms: ``Σ_t u_bt / L_ref``. This is what the truncation audit compares before and after a cut.
+    """
+    m = mask.bool()
+    if form == "mechreward":
+        mech = mech.float().where(m, torch.zeros((), device=mech.device))
+        return lam * mech.sum(1) / m.sum(1).clamp_min(1)
+    b = _require_baseline(form, baseline)
+    u = mech_credit(form, mech, m, lam, b, clip, loss_mask=loss_mask)
+    return u.sum(1) / b.mean_len
+
+
 def token_advantages(
     outcome: Tensor,
     mech: Tensor | None,
@@ -93,24 +297,34 @@ def token_advantages(
     eps: float = 1e-4,
     loss_mask: Tensor | None = None,
     gate: Tensor | None = None,
+    form: RewardForm = "mechreward",
+    baseline: RewardBaseline | None = None,
+    clip: float = 3.0,
 ) -> tuple[Tensor, Tensor]:
-    """Per-token advantages ``[B, T]`` and the per-completion total rewards ``[B]``.
+    """Per-token advantages ``[B, T]`` and the per-completion total rewards ``[B]`` of ``form``.
 
-    ``mask`` marks the positions that carry ``mech`` (its mean and z-score use only them);
-    ``loss_mask`` (default ``mask``) the tokens that receive the advantage; 0 elsewhere. ``gate``
-    ``[B, T]`` (bool, the dual verifier) keeps the per-token ``λ·z(mech)`` term only where True; the
-    z-score itself is computed over all of ``mask``.
+    ``mask`` marks the positions that carry ``mech``; ``loss_mask`` (default ``mask``) the tokens
+    that receive the advantage; 0 elsewhere. ``gate`` ``[B, T]`` (bool, the dual verifier) keeps
+    the per-token mech term only where True. ``aggregation`` applies to the mechreward form only;
+    ``baseline`` and ``clip`` to the fixed-scale forms (see the module docstring).
     """
+    if form not in REWARD_FORMS:
+        raise SaeRewardError(f"unknown reward form {form!r}: choose from {', '.join(REWARD_FORMS)}")
     m = mask.bool()
     lm = m if loss_mask is None else loss_mask.bool()
-    zero = torch.zeros(())
-    outcome = outcome.to(m.device)  # verifier results may be built on the CPU
+    zero = torch.zeros((), device=m.device)
+    outcome = outcome.to(m.device).float()  # verifier results may be built on the CPU
     if mech is None or lam == 0.0:
-        adv = group_advantages(outcome.float(), group_size, eps)
-        return adv[:, None].expand_as(lm).where(lm, zero).float(), outcome.float()
+        adv = group_advantages(outcome, group_size, eps)
+        return adv[:, None].expand_as(lm).where(lm, zero).float(), outcome
+    if form != "mechreward":
+        A = group_advantages(outcome, group_size, eps)
+        u = mech_credit(form, mech, m, lam, baseline, clip, loss_mask=lm, gate=gate)
+        adv = (A[:, None].expand_as(lm).float() + u).where(lm, zero)
+        return adv, outcome + u.sum(1) / baseline.mean_len  # type: ignore[union-attr]
     mech = mech.float().where(m, zero)
     mech_mean = mech.sum(1) / m.sum(1).clamp_min(1)
-    total = outcome.float() + (lam * mech_mean if aggregation in ("both", "trajectory") else 0.0)
+    total = outcome + (lam * mech_mean if aggregation in ("both", "trajectory") else 0.0)
     A = group_advantages(total, group_size, eps)
     adv = A[:, None].expand_as(lm).float().where(lm, zero)
     if aggregation in ("both", "token"):
@@ -119,6 +333,16 @@ def token_advantages(
             z = z.where(gate.bool(), zero)
         adv = adv + lam * z
     return adv, total
+
+
+def within_group_corr(x: Tensor, y: Tensor, group_size: int) -> float:
+    """Pearson correlation of ``x`` and ``y`` ``[B]`` after removing each group's mean (NaN if flat)."""
+    xg = x.double().view(-1, group_size)
+    yg = y.double().view(-1, group_size)
+    xd = (xg - xg.mean(1, keepdim=True)).flatten()
+    yd = (yg - yg.mean(1, keepdim=True)).flatten()
+    den = float((xd.square().sum() * yd.square().sum()).sqrt())
+    return float((xd * yd).sum()) / den if den > 1e-12 else float("nan")
 
 
 @dataclass(frozen=True)

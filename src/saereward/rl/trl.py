@@ -2,13 +2,17 @@
 
 TRL computes one scalar reward per completion and a ``(B,)`` advantage; its loss also accepts a
 ``(B, T)`` advantage from subclasses (it unsqueezes only 1-D advantages). This subclass keeps TRL's
-group-normalized outcome advantage ``A_b`` and adds, on completion tokens,
+group-normalized outcome advantage ``A_b`` and adds a per-token mech credit on completion tokens,
+``mech(t) = Σ_i w_i a_i(t)`` from :class:`~saereward.features.scoring.PackScorer` (the same true-TopK
+statistic G1 validated), in one of the reward forms of :mod:`saereward.rl.reward`:
 
-    adv_bt = A_b + λ · z(mech)_bt,        mech(t) = Σ_i w_i a_i(t)
+    reward_form="position" (default):  adv_bt = A_b + λ · clip((mech_bt − μ_ref(t)) / σ_ref)
+    reward_form="decoupled" / "shaped": see saereward.rl.reward
+    reward_form="mechreward":          adv_bt = A_b + λ · z(mech)_bt   (the ``token`` aggregation)
 
-(the ``token`` aggregation of :func:`saereward.rl.reward.token_advantages`; ``z`` over completion
-tokens only), with ``mech`` from :class:`~saereward.features.scoring.PackScorer`: the same true-TopK
-statistic G1 validated.
+The fixed-scale forms need ``baseline``, a :class:`~saereward.rl.reward.RewardBaseline` measured on
+base rollouts in the training prompt format (``saereward discover`` writes one beside the pack;
+:func:`saereward.rl.baseline.load_baseline` reads it); they leave the end token out of the score.
 
 **No extra forward pass.** With ``beta > 0`` TRL already runs the reference model over
 prompt + completion to get reference log-probs; a hook on the pack's layer records the hidden states
@@ -30,7 +34,7 @@ import torch
 from trl import GRPOTrainer
 
 from saereward.capture import ResidualCapture
-from saereward.rl.reward import check_pack_scorer, masked_zscore
+from saereward.rl.reward import REWARD_FORMS, RewardBaseline, check_pack_scorer, masked_zscore, mech_credit
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +51,32 @@ class SAEGRPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` + per-token SAE advantage; see the module docstring."""
 
     def __init__(
-        self, *args: Any, scorer: Any, layer: int | None = None, lam: float = 0.1, **kwargs: Any
+        self,
+        *args: Any,
+        scorer: Any,
+        layer: int | None = None,
+        lam: float = 0.1,
+        reward_form: str = "position",
+        baseline: RewardBaseline | None = None,
+        clip: float = 3.0,
+        **kwargs: Any,
     ) -> None:
         """``scorer``: a :class:`~saereward.features.scoring.PackScorer`; ``layer``: the decoder layer
         it reads (default: the pack's). The pack and SAE are checked against the model (layer, SAE
-        width) before TRL builds anything when ``model`` is a module, else right after."""
+        width) before TRL builds anything when ``model`` is a module, else right after.
+        ``reward_form``/``baseline``/``clip``: see the module docstring."""
+        from saereward.errors import SaeRewardError
+
+        if reward_form not in REWARD_FORMS:
+            raise SaeRewardError(
+                f"unknown reward form {reward_form!r}: choose from {', '.join(REWARD_FORMS)}"
+            )
+        if reward_form != "mechreward" and baseline is None:
+            raise SaeRewardError(
+                f"reward_form {reward_form!r} needs baseline= (a RewardBaseline: load_baseline('<pack>.baseline.json')), "
+                "or use reward_form='mechreward'"
+            )
+        self.sae_form, self.sae_baseline, self.sae_clip = reward_form, baseline, float(clip)
         model = kwargs.get("model", args[0] if args else None)
         checked = isinstance(model, torch.nn.Module)
         if checked:
@@ -114,9 +139,27 @@ class SAEGRPOTrainer(GRPOTrainer):
         mech = self.sae_scorer.token_scores(hidden.float()).to(mask.device)
         mech = mech.where(mask, torch.zeros((), device=mask.device))
         adv = output["advantages"]
-        adv2d = adv.unsqueeze(1).expand_as(mask).float() + self.sae_lam * masked_zscore(mech, mask)
-        output["advantages"] = adv2d.where(mask, torch.zeros((), device=mask.device))
+        output["advantages"] = self._token_advantages(output, adv, mech, mask)
         mode = "train" if getattr(self.model, "training", True) else "eval"
         denom = mask.sum().clamp_min(1)
         self._metrics[mode]["sae/mech_mean"].append(float(mech.sum() / denom))
         return output
+
+    def _token_advantages(
+        self, output: dict[str, Any], adv: torch.Tensor, mech: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """TRL's ``(B,)`` outcome advantage plus the form's per-token mech credit, ``(B, T)``."""
+        zero = torch.zeros((), device=mask.device)
+        adv2d = adv.unsqueeze(1).expand_as(mask).float()
+        if self.sae_form == "mechreward":
+            return (adv2d + self.sae_lam * masked_zscore(mech, mask)).where(mask, zero)
+        from saereward.generate import end_positions
+
+        proc: Any = self.processing_class
+        tok: Any = getattr(proc, "tokenizer", proc)  # a processor wraps its tokenizer
+        ends = end_positions(output["completion_ids"].cpu(), mask.cpu(), tok, (), set(tok.all_special_ids))
+        scored = mask & ~ends.to(mask.device)
+        u = mech_credit(
+            self.sae_form, mech, scored, self.sae_lam, self.sae_baseline, self.sae_clip, loss_mask=mask
+        )
+        return (adv2d + u).where(mask, zero)

@@ -1,0 +1,229 @@
+"""Truncation audit: can a reward form be won by stopping early, or by padding?
+
+Residuals are causal: the first ``k`` tokens of a completion have exactly the residuals (and so the
+per-token scores) they have inside the whole completion. Cutting a completion after ``k`` tokens is
+therefore an exact counterfactual for any reward computed from the scores, with no forward pass.
+For every form of :mod:`saereward.rl.reward` this module measures, on real rollouts,
+
+* the expected change of the form's mechanistic reward ``M_b`` when each completion longer than
+  ``k`` is cut after its ``k``-th token (``k`` in ``cuts``): a cut completion has no end token;
+* the change from padding: ``pad`` extra loss positions after the end that carry no score (what a
+  batch's padding or extra end tokens add);
+
+in units of ``σ``, the SD over completions of the form's whole reward ``o_b + M_b``. A form whose
+best gain from cutting exceeds ``warn_sigma`` (0.1 σ) pays the policy to stop early: ``gate-g2``
+warns and refuses it a PASS. The baseline of the fixed-scale forms is measured on the discovery
+split and the audit runs on the validation split, so the position means are not fitted to the
+very completions they are audited on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saereward import __version__
+from saereward.config import option, to_dict
+from saereward.errors import SaeRewardError
+from saereward.io import save_figure, write_json
+from saereward.rl.reward import REWARD_FORMS, RewardBaseline, completion_mech_reward
+
+log = logging.getLogger(__name__)
+
+
+def _mech_mask(form: str, full: Tensor, scored: Tensor) -> Tensor:
+    """mechreward scores every position with a residual (its own form); the others leave ends out."""
+    return full if form == "mechreward" else scored
+
+
+def truncation_gains(
+    form: str,
+    mech: Tensor,
+    full: Tensor,
+    scored: Tensor,
+    outcome: Tensor,
+    lam: float,
+    baseline: RewardBaseline | None,
+    cuts: Sequence[int] = (1, 2, 5, 10, 20),
+    pad: int = 8,
+    clip: float = 3.0,
+) -> dict[str, Any]:
+    """Gains of one form from cutting after ``k`` tokens and from padding (pure; see the module doc).
+
+    ``mech [B, T]`` per-token scores, ``full [B, T]`` the response positions with a residual,
+    ``scored [B, T]`` those minus end/stop tokens, ``outcome [B]`` 0/1. Returns the gains in reward
+    units and in σ units, with the number of completions each cut applies to.
+    """
+    B, T = mech.shape
+    pos = torch.arange(T + pad).expand(B, T + pad)
+    mech_p = torch.nn.functional.pad(mech.float(), (0, pad))
+    full_p = torch.nn.functional.pad(full, (0, pad))
+    scored_p = torch.nn.functional.pad(scored, (0, pad))
+    mask = _mech_mask(form, full_p, scored_p)
+    M = completion_mech_reward(form, mech_p, mask, lam, baseline, clip, loss_mask=full_p)
+    sigma = float((outcome.float() + M).std(unbiased=False))
+    lengths = full.sum(1)
+    rows: dict[str, Any] = {}
+    for k in cuts:
+        keep = lengths > k
+        n = int(keep.sum())
+        if n == 0:
+            rows[str(k)] = {"n": 0, "gain": None, "gain_sigma": None}
+            continue
+        cut = pos < k
+        Mk = completion_mech_reward(form, mech_p, mask & cut, lam, baseline, clip, loss_mask=full_p & cut)
+        gain = float((Mk - M)[keep].mean())
+        rows[str(k)] = {"n": n, "gain": gain, "gain_sigma": _in_sigma(gain, sigma)}
+    last = torch.where(full_p, pos, torch.full_like(pos, -1)).max(1).values
+    padded = full_p | ((pos > last[:, None]) & (pos <= last[:, None] + pad))
+    Mp = completion_mech_reward(form, mech_p, mask, lam, baseline, clip, loss_mask=padded)
+    pad_gain = float((Mp - M).mean())
+    gains = [r["gain_sigma"] for r in rows.values() if r["gain_sigma"] is not None]
+    return {
+        "sigma": sigma,
+        "mech_mean": float(M.mean()),
+        "mech_sd": float(M.std(unbiased=False)),
+        "cut": rows,
+        "pad": {"tokens": pad, "gain": pad_gain, "gain_sigma": _in_sigma(pad_gain, sigma)},
+        "max_cut_gain_sigma": max(gains) if gains else None,
+    }
+
+
+def _in_sigma(gain: float, sigma: float) -> float:
+    if sigma > 0:
+        return gain / sigma
+    return 0.0 if abs(gain) < 1e-12 else float("inf") * (1 if gain > 0 else -1)
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Settings of ``saereward audit-reward``."""
+
+    rollouts: str = option("runs/rollouts", "rollout folder (base model, per-token residuals at the layer)")
+    pack: str = option("runs/pack.json", "feature pack whose per-token score is audited")
+    sae: str | None = option(None, "SAE of the pack (default: the pack's recorded sae_path)")
+    layer: int | None = option(None, "layer (default: the pack's)")
+    model: str | None = option(None, "model whose tokenizer finds end/stop tokens (default: the rollouts')")
+    forms: tuple[str, ...] = option(tuple(REWARD_FORMS), "reward forms to audit")
+    lam: float = option(0.1, "λ of the mech term")
+    clip: float = option(3.0, "clip of the fixed-scale forms, in reference SDs")
+    cuts: tuple[int, ...] = option((1, 2, 5, 10, 20), "cut each completion after k tokens, for each k")
+    pad: int = option(8, "unscored loss positions appended for the padding check")
+    warn_sigma: float = option(0.1, "a form whose gain from cutting exceeds this many σ is flagged")
+    out: str = option("runs/audit", "folder for audit.json and audit.png")
+
+    def __post_init__(self) -> None:
+        bad = [f for f in self.forms if f not in REWARD_FORMS]
+        if bad:
+            raise ValueError(f"unknown reward form(s) {bad}: choose from {', '.join(REWARD_FORMS)}")
+        if not self.cuts or min(self.cuts) < 1:
+            raise ValueError("cuts must be positive token counts")
+        if self.pad < 0 or self.lam < 0 or self.clip <= 0:
+            raise ValueError("pad and lam must be >= 0, clip > 0")
+
+
+def run_audit(cfg: AuditConfig) -> dict[str, Any]:
+    """Audit every form in ``cfg.forms`` on the validation split of ``cfg.rollouts``; write JSON + plot."""
+    from saereward.features.pack import load_pack
+    from saereward.features.scoring import PackScorer
+    from saereward.lm import load_tokenizer
+    from saereward.rl.baseline import measure_baseline, scored_rows
+    from saereward.rollouts import load_rollouts
+    from saereward.sae.formats import load_sae
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)  # fail on an unwritable folder before the work
+    ro = load_rollouts(cfg.rollouts)
+    pack = load_pack(cfg.pack)
+    sae_path = cfg.sae or pack.metadata.get("sae_path")
+    if not sae_path:
+        raise SaeRewardError(f"pack {cfg.pack} records no SAE: pass --sae")
+    scorer = PackScorer(load_sae(sae_path), pack)
+    layer = cfg.layer if cfg.layer is not None else pack.layer
+    if layer is None:
+        raise SaeRewardError("the pack records no layer: pass --layer")
+    tok = load_tokenizer(cfg.model or ro.summary.get("model") or "embedded:smollm2-135m-instruct")
+    baseline = measure_baseline(
+        scorer, ro, layer, tok, split="discovery", meta={"scorer": f"pack:{pack.name}"}
+    )
+    rows = [i for i, r in enumerate(ro.rows) if r.get("split") == "validation"] or list(range(len(ro.rows)))
+    mech, full, scored = scored_rows(scorer, ro, layer, tok, rows)
+    outcome = torch.tensor([float(ro.rows[i]["correct"]) for i in rows])
+    forms = {
+        f: truncation_gains(f, mech, full, scored, outcome, cfg.lam, baseline, cfg.cuts, cfg.pad, cfg.clip)
+        for f in cfg.forms
+    }
+    for r in forms.values():
+        worst = r["max_cut_gain_sigma"]
+        r["warn"] = bool(worst is not None and worst > cfg.warn_sigma)
+    result = {
+        "n_completions": len(rows),
+        "split": "validation",
+        "layer": layer,
+        "lam": cfg.lam,
+        "warn_sigma": cfg.warn_sigma,
+        "position_profile": baseline_profile(mech, scored),
+        "baseline": baseline.to_dict(),
+        "forms": forms,
+        "config": to_dict(cfg),
+        "saereward_version": __version__,
+    }
+    write_json(out / "audit.json", result)
+    _plot(result, out / "audit.png")
+    return result
+
+
+def baseline_profile(mech: Tensor, scored: Tensor, upto: int = 30) -> list[float | None]:
+    """Mean score at each response position ``0 .. upto−1`` (None where no completion reaches it)."""
+    out: list[float | None] = []
+    for t in range(min(upto, mech.shape[1])):
+        m = scored[:, t]
+        out.append(float(mech[m, t].mean()) if m.any() else None)
+    return out
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for form, r in result["forms"].items():
+        ks = [int(k) for k, v in r["cut"].items() if v["gain_sigma"] is not None]
+        ax.plot(ks, [r["cut"][str(k)]["gain_sigma"] for k in ks], marker="o", label=form)
+    w = result["warn_sigma"]
+    ax.axhspan(-w, w, color="0.9", zorder=0)
+    ax.set_xscale("log")
+    ax.set_xlabel("cut after k tokens")
+    ax.set_ylabel("reward gain from cutting (σ)")
+    ax.set_title(f"truncation audit (n={result['n_completions']})")
+    ax.legend(fontsize=8)
+    prof = result["position_profile"]
+    ax2.plot(range(len(prof)), [float("nan") if p is None else p for p in prof], marker=".")
+    ax2.set_xlabel("response position")
+    ax2.set_ylabel("mean per-token score")
+    ax2.set_title("the score's position profile")
+    save_figure(fig, path)
+
+
+def format_audit(result: dict[str, Any]) -> str:
+    cuts = list(next(iter(result["forms"].values()))["cut"])
+    lines = [
+        f"truncation audit: gain of each form's reward from cutting after k tokens, in σ "
+        f"(n={result['n_completions']} {result['split']} completions, λ {result['lam']})",
+        f"{'form':12} " + " ".join(f"{'k=' + k:>8}" for k in cuts) + f" {'pad':>8}  flag",
+    ]
+    for form, r in result["forms"].items():
+        cells = " ".join(
+            f"{'-':>8}" if v["gain_sigma"] is None else f"{v['gain_sigma']:>+8.3f}" for v in r["cut"].values()
+        )
+        flag = f"WARN: > {result['warn_sigma']} σ" if r["warn"] else "ok"
+        lines.append(f"{form:12} {cells} {r['pad']['gain_sigma']:>+8.3f}  {flag}")
+    return "\n".join(lines)
