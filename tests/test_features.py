@@ -27,7 +27,7 @@ from saereward.features.scoring import (
     pooled_sae_acts,
     segment_mean,
 )
-from saereward.gates.g1 import association, verdict
+from saereward.gates.g1 import association, gate_verdict, length_control, partial_association, verdict
 from tiny_models import char_tokenizer, random_sae
 
 # --------------------------------------------------------------------------------------------------
@@ -318,6 +318,111 @@ def test_association_degenerate_inputs() -> None:
     assert np.isnan(a["spearman_rho"]) and a["note"] == "one outcome class only"
     with pytest.raises(SaeRewardError, match="NaN or inf"):
         association(np.array([1.0, np.nan, 2.0]), np.array([0, 1, 1]), n_boot=100)
+
+
+def _questions(n_q: int, k: int, rng: np.random.Generator, shared: bool) -> tuple[np.ndarray, ...]:
+    """``n_q`` questions × ``k`` samples; with ``shared`` a question's samples are copies of one draw."""
+    qid = np.repeat(np.arange(n_q), k)
+    if shared:
+        y = np.repeat(rng.random(n_q) < 0.5, k)
+        s = np.repeat(rng.normal(size=n_q), k) + 0.8 * y
+    else:
+        y = rng.random(n_q * k) < 0.5
+        s = rng.normal(size=n_q * k) + 0.8 * y
+    return s, y, qid
+
+
+def _width(ci: list[float]) -> float:
+    return ci[1] - ci[0]
+
+
+def test_cluster_bootstrap_widens_the_ci_when_samples_of_a_question_agree() -> None:
+    s, y, qid = _questions(40, 4, np.random.default_rng(0), shared=True)
+    flat = association(s, y, n_boot=2000, seed=0)
+    clustered = association(s, y, n_boot=2000, seed=0, clusters=qid)
+    # the point statistics do not depend on the resampling
+    assert clustered["spearman_rho"] == flat["spearman_rho"] and clustered["auroc"] == flat["auroc"]
+    assert clustered["n_clusters"] == 40 and clustered["bootstrap_unit"] == "cluster"
+    assert flat["n_clusters"] == 160 and flat["bootstrap_unit"] == "response"
+    # 160 responses but only 40 independent questions: the honest CI is about sqrt(4) = 2 times wider
+    assert _width(clustered["rho_ci"]) / _width(flat["rho_ci"]) > 1.5
+    assert _width(clustered["auroc_ci"]) / _width(flat["auroc_ci"]) > 1.5
+
+
+def test_cluster_bootstrap_matches_the_row_bootstrap_for_independent_samples() -> None:
+    s, y, qid = _questions(40, 4, np.random.default_rng(1), shared=False)
+    flat = association(s, y, n_boot=2000, seed=0)
+    clustered = association(s, y, n_boot=2000, seed=0, clusters=qid)
+    assert 0.8 < _width(clustered["rho_ci"]) / _width(flat["rho_ci"]) < 1.25
+    # one response per cluster is exactly the per-response bootstrap of the same seed
+    same = association(s, y, n_boot=500, seed=4, clusters=[f"q{i}" for i in range(len(s))])
+    assert same["rho_ci"] == association(s, y, n_boot=500, seed=4)["rho_ci"]
+
+
+def test_cluster_bootstrap_with_unequal_question_sizes() -> None:
+    rng = np.random.default_rng(2)
+    qid = np.repeat(np.arange(30), rng.integers(1, 6, size=30))
+    y = rng.random(len(qid)) < 0.5
+    s = rng.normal(size=len(qid)) + y
+    a = association(s, y, n_boot=400, seed=0, clusters=qid)
+    assert a["rho_ci"][0] < a["spearman_rho"] < a["rho_ci"][1] and 350 < a["n_boot"] <= 400
+    with pytest.raises(SaeRewardError, match="clusters has 3 labels"):
+        association(s, y, n_boot=100, clusters=[1, 2, 3])
+
+
+def test_partial_association_point_and_ci() -> None:
+    from saereward.stats import partial_spearman
+
+    rng = np.random.default_rng(3)
+    qid = np.repeat(np.arange(50), 3)
+    length = rng.integers(10, 90, size=150).astype(float)
+    y = rng.random(150) < 1 / (1 + np.exp((length - 50) / 10))
+    s = -length + rng.normal(0, 20, size=150) + 15 * y
+    pa = partial_association(s, y, length, n_boot=1000, seed=0, clusters=qid)
+    assert pa["partial_rho"] == partial_spearman(s, y, length)
+    lo, hi = pa["partial_rho_ci"]
+    assert lo < pa["partial_rho"] < hi and pa["n_boot"] == 1000
+    # a score that is a function of length has nothing left once length is held fixed
+    assert np.isnan(partial_association(-length, y, length, n_boot=100)["partial_rho"])
+
+
+def test_gate_verdict_requires_beating_length() -> None:
+    assert gate_verdict(0.55, 0.2) == ("PASS-EXCELLENT", gate_verdict(0.55, 0.2)[1])
+    assert "exceeds |rho_length| 0.200" in gate_verdict(0.55, -0.2)[1]
+    # a pack that merely matches (or trails) the length baseline fails, whatever its tier
+    for rho, rho_len in ((0.4, -0.4), (0.4, 0.45), (0.6, -0.7), (0.12, 0.12)):
+        decided, reason = gate_verdict(rho, rho_len)
+        assert decided == "FAIL" and "does not exceed |rho_length|" in reason
+    assert gate_verdict(0.35, float("nan"))[0] == "PASS"  # constant lengths: the rule cannot apply
+    assert gate_verdict(float("nan"), 0.1)[0] == "FAIL"
+    # the tiers themselves are unchanged
+    assert [gate_verdict(r, 0.0)[0] for r in (0.5, 0.3, 0.1, 0.09)] == [
+        "PASS-EXCELLENT",
+        "PASS",
+        "WEAK",
+        "FAIL",
+    ]
+
+
+def test_a_length_only_pack_fails_the_gate() -> None:
+    """Correctness tracks length (short answers are right); a 'pack' scoring −length looks like a PASS."""
+    rng = np.random.default_rng(5)
+    qid = [f"q{i}" for i in np.repeat(np.arange(60), 4)]
+    length = rng.integers(10, 97, size=240).astype(float)
+    y = rng.random(240) < 1 / (1 + np.exp((length - 50) / 8))
+    honest = -length + rng.normal(0, 10, size=240) + 40 * y  # knows something beyond length
+    scores = {"pack": -length, "honest": honest}
+    base, partial = length_control(scores, y, length, qid, n_boot=500, seed=0)
+    assert base["spearman_rho"] < -0.3 and base["rho_ci"][1] < 0 and base["bootstrap_unit"] == "cluster"
+    assert base["mean_tokens_correct"] < base["mean_tokens_wrong"]
+    rho = association(-length, y, n_boot=100)["spearman_rho"]
+    assert rho == pytest.approx(-base["spearman_rho"]) and verdict(rho) in ("PASS", "PASS-EXCELLENT")
+    assert gate_verdict(rho, base["spearman_rho"])[0] == "FAIL"
+    assert np.isnan(partial["pack"]["partial_rho_length"])
+    # the honest score beats length and keeps a clearly positive partial rho
+    rho_h = association(honest, y, n_boot=100)["spearman_rho"]
+    assert gate_verdict(rho_h, base["spearman_rho"])[0].startswith("PASS")
+    assert partial["honest"]["partial_rho_length_ci"][0] > 0.1
 
 
 @pytest.mark.parametrize(

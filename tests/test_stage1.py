@@ -20,7 +20,7 @@ from saereward.errors import SaeRewardError
 from saereward.features.discover import DiscoverConfig, run_discover
 from saereward.features.layers import LayersConfig, logit_lens, run_layers
 from saereward.features.pack import load_pack, save_pack
-from saereward.gates.g1 import GateG1Config, run_gate_g1
+from saereward.gates.g1 import GateG1Config, gate_verdict, run_gate_g1
 from saereward.rollouts import RolloutsConfig, load_rollouts, run_rollouts
 from saereward.sae.formats import save_sae
 from saereward.tasks import register_task
@@ -158,8 +158,9 @@ def test_discover_and_gate(stage: dict[str, Path], capsys: pytest.CaptureFixture
     )
     assert rc == 0
     out = capsys.readouterr().out
-    for label in ("SAE pack", "raw dir L", "probe L", "random packs", "verdict:"):
-        assert label in out
+    labels = ("SAE pack", "raw dir L", "probe L", "length (tokens)", "random packs", "verdict:", "reason:")
+    assert all(label in out for label in labels)
+    assert "clustered by question" in out
     g1 = json.loads((stage["root"] / "gate_g1.json").read_text())
     assert g1["verdict"] in ("PASS-EXCELLENT", "PASS", "WEAK", "FAIL")
     assert g1["n_responses"] == sum(
@@ -169,6 +170,22 @@ def test_discover_and_gate(stage: dict[str, Path], capsys: pytest.CaptureFixture
     for m in ("pack", "raw_direction", "probe"):
         a = g1["methods"][m]
         assert a["rho_ci"][0] <= a["spearman_rho"] <= a["rho_ci"][1]
+        assert a["bootstrap_unit"] == "cluster" and a["n_clusters"] == g1["n_questions"]
+        assert "partial_rho_length" in a and len(a["partial_rho_length_ci"]) == 2
+    # CIs resample questions, recorded with n, the number of questions and the seed
+    ro = load_rollouts(stage["rollouts"])
+    val_q = {r["qid"] for r in ro.rows if r["split"] == "validation"}
+    assert g1["n_questions"] == len(val_q) < g1["n_responses"]
+    boot = g1["bootstrap"]
+    assert boot["resampling"] == "clustered by question" and boot["seed"] == 0 and boot["n_boot"] == 200
+    assert (boot["n_responses"], boot["n_questions"]) == (g1["n_responses"], g1["n_questions"])
+    # the length baseline, and the verdict's length rule
+    lb = g1["length_baseline"]
+    assert lb["n"] == g1["n_responses"] and lb["bootstrap_unit"] == "cluster"
+    rho, rho_len = g1["methods"]["pack"]["spearman_rho"], lb["spearman_rho"]
+    assert g1["verdict"] == gate_verdict(rho, rho_len)[0] and g1["verdict_reason"]
+    if g1["verdict"] != "FAIL":
+        assert rho > abs(rho_len)
     # the pack now carries its validation record
     assert load_pack(pack_path).validation["verdict"] == g1["verdict"]
 

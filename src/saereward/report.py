@@ -617,14 +617,25 @@ def section_g1(run: Path, view: Mapping[str, Any] | None, seed: int) -> Section:
     if g1 is None:
         return not_run("g1", "Gate G1: does the pack score track correctness?", "gate_g1.json")
     sec = Section("g1", "Gate G1: does the pack score track correctness?", verdict=g1.get("verdict"))
-    for k in ("statistic", "split", "n_responses", "n_correct", "n_wrong", "layer", "leak_check"):
+    keys = ("statistic", "split", "n_responses", "n_questions", "n_correct", "n_wrong", "layer", "leak_check")
+    for k in (*keys, "verdict_reason"):
         if g1.get(k) is not None:
             sec.facts.append((k, fmt(g1[k])))
     th = g1.get("thresholds")
     if isinstance(th, dict):
         sec.facts.append(("thresholds (ρ)", ", ".join(f"{k} ≥ {fmt(v)}" for k, v in th.items())))
+    b = g1.get("bootstrap")
+    if isinstance(b, dict):
+        boot = f"{b.get('resampling')}, {fmt(b.get('n_boot'))} resamples, seed {fmt(b.get('seed'))}"
+        sec.facts.append(("bootstrap", boot))
     methods = _d(g1.get("methods"))
+    for name, d in methods.items():
+        if isinstance(d, dict) and "partial_rho_length" in d:
+            ci = fmt_ci(*_pair(d.get("partial_rho_length_ci")))
+            sec.facts.append((f"{name}: partial ρ given length", f"{fmt3(d['partial_rho_length'])} {ci}"))
     rows = [_assoc_row(name, d) for name, d in methods.items() if isinstance(d, dict) and "auroc" in d]
+    if isinstance(g1.get("length_baseline"), dict):
+        rows.append(_assoc_row("length (n_tokens)", g1["length_baseline"]))
     if rows:
         sec.tables.append(Table("Pack vs baselines (bootstrap 95 % CIs)", _ASSOC_COLS, rows))
     rp = methods.get("random_packs")
@@ -744,36 +755,21 @@ def section_g2(run: Path) -> Section:
     if g2 is None:
         sec.notes.append("g2/gate_g2.json is missing: the runs below have not all finished")
         g2 = {}
-    for k in ("rule", "seeds", "steps", "n_eval_per_run"):
+    for k in ("rule", "seeds", "steps", "n_eval_per_run", "step0_identical"):
         if g2.get(k) is not None:
             sec.facts.append((k, fmt(g2[k])))
+    for w in g2.get("warnings") or []:
+        if isinstance(w, dict):
+            block = " (blocks PASS)" if w.get("blocks_pass") else ""
+            sec.notes.append(f"WARNING [{w.get('kind')}]{block}: {w.get('message')}")
     table = _d(g2.get("table"))
-    rows = []
-    for reward, d in table.items():
-        if not isinstance(d, dict):
-            continue
-        per_seed = d.get("per_seed")
-        rows.append(
-            [
-                str(d.get("label", reward)),
-                reward,
-                fmt3(d.get("accuracy")),
-                fmt_ci(d.get("ci_low"), d.get("ci_high")),
-                f"{fmt(d.get('pooled_correct'))}/{fmt(d.get('pooled_n'))}",
-                ", ".join(f"{k}: {fmt3(v)}" for k, v in per_seed.items())
-                if isinstance(per_seed, dict)
-                else "—",
-                fmt3(d.get("start_accuracy")),
-            ]
-        )
-    if rows:
-        sec.tables.append(
-            Table(
-                "Held-out accuracy per reward (pooled over seeds, Wilson 95 % CI)",
-                ["reward", "kind", "accuracy", "95 % CI", "pooled", "per seed", "at step 0"],
-                rows,
-            )
-        )
+    for t in (
+        g2_accuracy_table(table, _d(g2.get("collapse"))),
+        g2_paired_table(_d(g2.get("paired")), _d(g2.get("lift"))),
+        g2_collapse_table(_d(g2.get("collapse"))),
+    ):
+        if t is not None:
+            sec.tables.append(t)
     checks = g2.get("checks")
     if isinstance(checks, dict):
         sec.tables.append(
@@ -783,35 +779,9 @@ def section_g2(run: Path) -> Section:
                 [[k, fmt3(v) if _num(v) is not None else fmt(v)] for k, v in checks.items()],
             )
         )
-
-    def bars() -> Any:
-        items = [(str(d.get("label", r)), d) for r, d in table.items() if isinstance(d, dict)]
-        items = [(lab, d) for lab, d in items if _num(d.get("accuracy")) is not None]
-        if not items:
-            return None
-        fig = _figure(5.0, 3.2)
-        ax = fig.add_subplot(1, 1, 1)
-        xs = list(range(len(items)))
-        acc = [float(d["accuracy"]) for _, d in items]
-        err = [_yerr(a, d.get("ci_low"), d.get("ci_high")) for a, (_, d) in zip(acc, items, strict=True)]
-        ax.bar(
-            xs,
-            acc,
-            yerr=[[e[0] for e in err], [e[1] for e in err]],
-            capsize=5,
-            color=[_REWARD_COLOURS.get(lab, "#6b7280") for lab, _ in items],
-        )
-        starts = [_num(d.get("start_accuracy")) for _, d in items]
-        if any(s is not None for s in starts):
-            s0 = next(s for s in starts if s is not None)
-            ax.axhline(s0, color="black", ls=":", lw=1, label="step 0")
-            ax.legend(frameon=False, fontsize=8)
-        ax.set_xticks(xs, [lab for lab, _ in items])
-        ax.set_ylabel("held-out accuracy")
-        ax.grid(alpha=0.3, axis="y")
-        return fig
-
-    p = _plot("G2 accuracy per reward", bars, "bars: pooled accuracy; whiskers: Wilson 95 % CI")
+    p = _plot(
+        "G2 accuracy per reward", lambda: g2_bars(table), "bars: pooled accuracy; whiskers: Wilson 95 % CI"
+    )
     if p:
         sec.plots.append(p)
     logs = {}
@@ -825,7 +795,182 @@ def section_g2(run: Path) -> Section:
         sec.plots.append(p)
     elif runs:
         sec.notes.append("RL curves: no train_log.jsonl rows in the g2 runs")
+    stops: dict[str, list[float]] = {}
+    for arm in _d(g2.get("collapse")).values():
+        for c in _d(_d(arm).get("runs")).values():
+            if _d(c).get("collapsed") and _num(c.get("step")) is not None:
+                stops.setdefault(str(_d(arm).get("label")), []).append(float(c["step"]))
+    p = _plot(
+        "G2 completion length",
+        lambda: g2_length_plot(logs, stops),
+        "mean over the seeds that reached each step; x: a collapsed run's stop step",
+    )
+    if p:
+        sec.plots.append(p)
     return sec
+
+
+def _g2_seed_cell(seed: str, acc: Any, collapse_runs: Mapping[str, Any]) -> str:
+    c = _d(collapse_runs.get(seed))
+    return f"{seed}: {fmt3(acc)}" + (f" (COLLAPSED @{fmt(c.get('step'))})" if c.get("collapsed") else "")
+
+
+def g2_accuracy_table(table: Mapping[str, Any], collapse: Mapping[str, Any]) -> Table | None:
+    """Unpaired held-out accuracy per reward (pooled Wilson CI), collapsed runs marked per seed."""
+    rows = []
+    for reward, d in table.items():
+        if not isinstance(d, dict):
+            continue
+        per_seed = d.get("per_seed")
+        runs = _d(_d(collapse.get(reward)).get("runs"))
+        rows.append(
+            [
+                str(d.get("label", reward)),
+                reward,
+                fmt3(d.get("accuracy")),
+                fmt_ci(d.get("ci_low"), d.get("ci_high")),
+                f"{fmt(d.get('pooled_correct'))}/{fmt(d.get('pooled_n'))}",
+                ", ".join(_g2_seed_cell(str(k), v, runs) for k, v in per_seed.items())
+                if isinstance(per_seed, dict)
+                else "—",
+                fmt3(d.get("start_accuracy")),
+            ]
+        )
+    if not rows:
+        return None
+    return Table(
+        "Held-out accuracy per reward (pooled over seeds, Wilson 95 % CI)",
+        ["reward", "kind", "accuracy", "95 % CI", "pooled", "per seed", "at step 0"],
+        rows,
+    )
+
+
+def g2_paired_table(paired: Mapping[str, Any], lift: Mapping[str, Any]) -> Table | None:
+    """Paired differences (R1 − R0, R1 − R2) and each arm's lift over step 0, same questions."""
+    rows = []
+    items = [(k, "paired", d) for k, d in paired.items()]
+    items += [(f"{_d(d).get('label', r)} − step 0", "lift", d) for r, d in lift.items()]
+    for name, kind, d in items:
+        if not isinstance(d, dict):
+            continue
+        if "mean_diff" not in d:
+            rows.append([name, kind, "—", "—", "—", "—", str(d.get("note", "—"))])
+            continue
+        rows.append(
+            [
+                name,
+                kind,
+                fmt3(d.get("mean_diff")),
+                fmt_ci(d.get("ci_low"), d.get("ci_high")),
+                f"{fmt(d.get('a_only'))} / {fmt(d.get('b_only'))}",
+                fmt_p(d.get("p_value")),
+                f"{fmt(d.get('n_seeds'))} seeds × {fmt(d.get('n_questions'))} questions",
+            ]
+        )
+    if not rows:
+        return None
+    return Table(
+        "Paired differences of final correctness (same questions and seed)",
+        ["comparison", "kind", "mean diff", "95 % CI", "discordant +/−", "McNemar p", "pairs"],
+        rows,
+        note="CI: percentile bootstrap resampling seeds, then questions; McNemar: exact, pooled over seeds",
+    )
+
+
+def g2_collapse_table(collapse: Mapping[str, Any]) -> Table | None:
+    """Per run: collapse flag and stop step, steps done, final completion length (and vs R0 per arm)."""
+    rows = []
+    for reward, arm in collapse.items():
+        if not isinstance(arm, dict):
+            continue
+        for seed, c in _d(arm.get("runs")).items():
+            c = _d(c)
+            rows.append(
+                [
+                    f"{arm.get('label', reward)} {reward}",
+                    str(seed),
+                    "COLLAPSED" if c.get("collapsed") else "no",
+                    fmt(c.get("step")),
+                    fmt(c.get("reason")),
+                    fmt(c.get("steps_done")),
+                    fmt3(c.get("final_completion_len")),
+                    fmt3(c.get("final_short_frac")),
+                    fmt3(arm.get("len_vs_r0")),
+                ]
+            )
+    if not rows:
+        return None
+    return Table(
+        "Collapse and completion length (last training rows)",
+        [
+            "reward",
+            "seed",
+            "collapsed",
+            "stop step",
+            "reason",
+            "steps done",
+            "length",
+            "≤3-token share",
+            "arm length / R0",
+        ],
+        rows,
+    )
+
+
+def g2_bars(table: Mapping[str, Any]) -> Any:
+    items = [(str(d.get("label", r)), d) for r, d in table.items() if isinstance(d, dict)]
+    items = [(lab, d) for lab, d in items if _num(d.get("accuracy")) is not None]
+    if not items:
+        return None
+    fig = _figure(5.0, 3.2)
+    ax = fig.add_subplot(1, 1, 1)
+    xs = list(range(len(items)))
+    acc = [float(d["accuracy"]) for _, d in items]
+    err = [_yerr(a, d.get("ci_low"), d.get("ci_high")) for a, (_, d) in zip(acc, items, strict=True)]
+    ax.bar(
+        xs,
+        acc,
+        yerr=[[e[0] for e in err], [e[1] for e in err]],
+        capsize=5,
+        color=[_REWARD_COLOURS.get(lab, "#6b7280") for lab, _ in items],
+    )
+    starts = [_num(d.get("start_accuracy")) for _, d in items]
+    if any(s is not None for s in starts):
+        s0 = next(s for s in starts if s is not None)
+        ax.axhline(s0, color="black", ls=":", lw=1, label="step 0")
+        ax.legend(frameon=False, fontsize=8)
+    ax.set_xticks(xs, [lab for lab, _ in items])
+    ax.set_ylabel("held-out accuracy")
+    ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def g2_length_plot(
+    logs: Mapping[tuple[str, int], list[dict[str, Any]]], stops: Mapping[str, Sequence[float]] | None = None
+) -> Any:
+    """Mean completion length per step and reward (over the seeds that reached the step); ``stops``:
+    per reward label, the steps where the collapse guard stopped a run (marked ``x``)."""
+    per_label: dict[str, dict[float, list[float]]] = {}
+    for (label, _seed), rows in logs.items():
+        for x, y in zip(*series(rows, "completion_len"), strict=True):
+            per_label.setdefault(label, {}).setdefault(x, []).append(y)
+    if not per_label:
+        return None
+    fig = _figure(6.0, 3.2)
+    ax = fig.add_subplot(1, 1, 1)
+    for label, by_step in sorted(per_label.items()):
+        steps = sorted(by_step)
+        mean = [sum(by_step[s]) / len(by_step[s]) for s in steps]
+        colour = _REWARD_COLOURS.get(label)
+        ax.plot(steps, mean, label=label, lw=1.2, color=colour)
+        for st in (stops or {}).get(label, []):
+            if st in by_step:
+                ax.plot(st, mean[steps.index(st)], "x", ms=9, color=colour)
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("mean completion length (tokens)")
+    ax.legend(frameon=False, fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
 
 
 RL_KEYS = (

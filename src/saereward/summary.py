@@ -55,6 +55,52 @@ def _num(v: Any, digits: int = 3) -> str:
     return "undefined" if math.isnan(v) else f"{v:.{digits}f}"
 
 
+def _g2_diff(name: str, d: Any) -> str:
+    """``R1-R0 +2.5 pp [lo, hi] pp, McNemar p 0.12 (6/1 discordant)`` of a paired G2 record."""
+    if not isinstance(d, dict) or "mean_diff" not in d:
+        return f"{name} —"
+    return (
+        f"{name} {100 * d['mean_diff']:+.1f} pp {_ci(d.get('ci_low'), d.get('ci_high'), unit=' pp')}, "
+        f"McNemar p {_num(d.get('p_value'))} ({d.get('a_only')}/{d.get('b_only')} discordant)"
+    )
+
+
+def _g2_row(run: Path) -> str:
+    """The G2 row: accuracies per arm, paired differences and lifts with CIs, collapses, warnings."""
+    g2 = _j(run / "g2" / "gate_g2.json")
+    if not g2:
+        return "| G2 | not run |"
+    parts = [
+        f"{d.get('label')} {d.get('pooled_correct')}/{d.get('pooled_n')} = {_pct(d.get('accuracy'))} "
+        f"{_ci(d.get('ci_low'), d.get('ci_high'))} (start {_pct(d.get('start_accuracy'))})"
+        for d in (g2.get("table") or {}).values()
+        if isinstance(d, dict)
+    ]
+    text = f"held-out accuracy after {g2.get('steps')} steps, seeds {g2.get('seeds')}: {'; '.join(parts)}"
+    paired = g2.get("paired") or {}
+    if paired:
+        text += "; paired " + "; ".join(_g2_diff(k, d) for k, d in paired.items())
+    lift = g2.get("lift") or {}
+    if lift:
+        text += "; lift over step 0 " + "; ".join(
+            _g2_diff(str(d.get("label", r)), d) for r, d in lift.items() if isinstance(d, dict)
+        )
+    collapsed = [
+        f"{arm.get('label', r)} seed {s} at step {c.get('step')}"
+        for r, arm in (g2.get("collapse") or {}).items()
+        if isinstance(arm, dict)
+        for s, c in (arm.get("runs") or {}).items()
+        if isinstance(c, dict) and c.get("collapsed")
+    ]
+    if collapsed:
+        text += f"; COLLAPSED: {', '.join(collapsed)}"
+    for w in g2.get("warnings") or []:
+        if isinstance(w, dict):
+            text += f"; WARNING {w.get('kind')}{' (blocks PASS)' if w.get('blocks_pass') else ''}"
+    note = (g2.get("checks") or {}).get("note")
+    return f"| G2 **{g2.get('verdict')}** | {text}{f' ({note})' if note else ''} |"
+
+
 def results_markdown(run: str | Path) -> str:
     """The summary of ``run`` as Markdown (tables; every number with its n and CI where it has one)."""
     run = Path(run)
@@ -125,22 +171,7 @@ def results_markdown(run: str | Path) -> str:
     else:
         rows.append("| G1 | not run |")
 
-    g2 = _j(run / "g2" / "gate_g2.json")
-    if g2:
-        t = g2.get("table", {})
-        parts = [
-            f"{d.get('label')} {d.get('pooled_correct')}/{d.get('pooled_n')} = {_pct(d.get('accuracy'))} "
-            f"{_ci(d.get('ci_low'), d.get('ci_high'))} (start {_pct(d.get('start_accuracy'))})"
-            for d in t.values()
-            if isinstance(d, dict)
-        ]
-        note = g2.get("checks", {}).get("note")
-        rows.append(
-            f"| G2 **{g2.get('verdict')}** | held-out accuracy after {g2.get('steps')} steps, seeds "
-            f"{g2.get('seeds')}: {'; '.join(parts)}{f' ({note})' if note else ''} |"
-        )
-    else:
-        rows.append("| G2 | not run |")
+    rows.append(_g2_row(run))
 
     g3 = _j(run / "g3" / "gate_g3.json")
     if g3:

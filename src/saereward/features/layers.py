@@ -1,8 +1,10 @@
 """Where in the stack the outcome is readable: the layer map and the logit lens.
 
 **Layer map.** Per layer, Cohen's d of every residual dimension between correct and wrong responses
-(pooled response residuals, discovery split); the layer score is the sum of the ten largest |d|.
-The peak layer is where a raw contrastive direction (and the G1 baselines) is taken.
+(pooled response residuals, discovery split); the layer score is the mean of the ten largest |d|
+(``top``), so it reads in the units of Cohen's d. The peak layer is where a raw contrastive direction
+(and the G1 baselines) is taken. Older ``layer_map.json`` files may hold the sum instead (``top``
+times the mean, e.g. 11.86 at layer 17 in BENCHMARKS.md); the peak layer is the same either way.
 
 **Logit lens.** For each layer, the residual at the position that predicts the response's final
 answer is passed through the final norm and the unembedding (``norm=False`` skips the norm, the
@@ -29,10 +31,10 @@ from saereward.lm import DEFAULT_MODEL, DType, check_device
 
 
 def layer_scores(pooled: dict[int, Tensor], correct: Tensor, top: int = 10) -> dict[int, float]:
-    """``{layer: sum of the top-``top`` |d| over residual dimensions}``."""
+    """``{layer: mean of the ``top`` largest |d| over residual dimensions}`` (Cohen's d units)."""
     correct = correct.bool()
     return {
-        layer: float(cohens_d(x[correct], x[~correct]).abs().topk(min(top, x.shape[1])).values.sum())
+        layer: float(cohens_d(x[correct], x[~correct]).abs().topk(min(top, x.shape[1])).values.mean())
         for layer, x in sorted(pooled.items())
     }
 
@@ -138,7 +140,7 @@ class LayersConfig:
 
     rollouts: str = option("runs/rollouts", "folder written by `saereward rollouts`")
     split: str = option("discovery", "split whose responses are used")
-    top: int = option(10, "layer score = sum of the top-N |Cohen's d| over residual dimensions")
+    top: int = option(10, "layer score = mean of the top-N |Cohen's d| over residual dimensions")
     lens_n: int = option(32, "correct responses used by the logit lens (0: skip the lens)")
     model: str | None = option(None, "model for the logit lens (default: the rollouts' model)")
     dtype: DType = option("fp32", "model dtype for the logit lens")
@@ -201,7 +203,7 @@ def plot_layers(result: dict[str, Any], path: Path) -> Path:
     colors = ["tab:red" if k == result["peak_layer"] else "tab:blue" for k in layers]
     ax.bar(layers, vals, color=colors)
     ax.set_xlabel("layer (output of block L)")
-    ax.set_ylabel("sum of top-10 |Cohen's d|")
+    ax.set_ylabel(f"mean |Cohen's d| of the top {(result.get('config') or {}).get('top', 10)} dims")
     ax.set_title(f"layer map ({result['split']}, n={result['n_responses']}), peak L{result['peak_layer']}")
     if lens:
         ax = axes[0][1]

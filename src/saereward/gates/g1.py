@@ -2,9 +2,25 @@
 
 On the validation split of a rollout folder, each response gets the pack score
 ``R = Σ helpful pooled_act − Σ harmful pooled_act`` (:mod:`saereward.features.scoring`, the same
-code the RL reward uses). Against the binary outcome we report Spearman ρ (the seed's statistic)
-with its p-value, Pearson r, AUROC, and percentile-bootstrap 95 % CIs for ρ and AUROC (resampling
-responses; resamples with one class only are dropped and counted).
+code the RL reward uses). Against the binary outcome we report Spearman ρ (mechreward's statistic)
+with its p-value, Pearson r, AUROC, and percentile-bootstrap 95 % CIs for ρ and AUROC.
+
+**The bootstrap is clustered by question.** A rollout folder holds several samples per question,
+and samples of one question share its difficulty, so their scores and outcomes are correlated.
+Every bootstrap resample therefore draws *questions* with replacement and keeps all responses of a
+drawn question together (:func:`saereward.stats.cluster_bootstrap_indices`); resampling responses
+one by one would treat a question's samples as independent evidence and give CIs that are too
+narrow. Resamples with one class only are dropped and counted. The result records ``n_responses``,
+``n_questions``, the bootstrap seed and the resampling unit (``bootstrap``).
+
+**Length control.** Longer completions are more often wrong (they ramble, or hit the token limit),
+and many activation features simply grow or shrink with length. So on the same responses we report
+
+* the **length baseline**: Spearman ρ of the completion length ``n_tokens`` with correctness, with
+  its clustered CI (``length_baseline``);
+* the **partial ρ** of each method's score with correctness, length held fixed: ranks of score,
+  outcome and length, length ranks regressed out of both, Pearson of the residuals
+  (:func:`saereward.stats.partial_spearman`), with its clustered CI (``partial_rho_length``).
 
 Side by side, on the same responses:
 
@@ -16,11 +32,17 @@ Side by side, on the same responses:
   from the features that pass the pack's activity filter on discovery. We report their median ρ,
   the 2.5–97.5 percentile range, and the share that reach the pack's ρ (an empirical p-value).
 
-Verdict tiers on the pack's ρ (the seed's): ≥ 0.50 PASS-EXCELLENT, ≥ 0.30 PASS, ≥ 0.10 WEAK, else
-FAIL; configurable. The verdict is computed here, never typed in.
+**Verdict.** Tiers on the pack's ρ (mechreward's): ≥ 0.50 PASS-EXCELLENT, ≥ 0.30 PASS, ≥ 0.10
+WEAK, else FAIL; configurable. On top of the tiers, **the pack must beat length**: if the pack's ρ
+does not exceed ``|ρ_length|``, the verdict is FAIL whatever its tier, because a response's token
+count alone predicts correctness at least as well, and a reward built on the pack could be gamed by
+writing shorter or longer answers. ``rho_tier`` keeps the tier before this rule and
+``verdict_reason`` says which rule decided (:func:`gate_verdict`). The verdict is computed here,
+never typed in.
 
-Differences from the seed: the seed computed ρ in a notebook with no CI and no baselines; its
-validation responses were greedy only. Nothing else in the statistic differs.
+Differences from mechreward: mechreward computed ρ in a notebook with no CI, no baselines and no
+length control; its validation responses were greedy only (one per question, so there was nothing
+to cluster). Nothing else in the statistic differs.
 """
 
 from __future__ import annotations
@@ -44,7 +66,7 @@ TIERS = ("PASS-EXCELLENT", "PASS", "WEAK", "FAIL")
 
 
 def verdict(rho: float, excellent: float = 0.50, passing: float = 0.30, weak: float = 0.10) -> str:
-    """The seed's tiers on Spearman ρ (NaN fails)."""
+    """mechreward's tiers on Spearman ρ (NaN fails); :func:`gate_verdict` adds the length rule."""
     if not np.isfinite(rho):
         return "FAIL"
     if rho >= excellent:
@@ -54,6 +76,32 @@ def verdict(rho: float, excellent: float = 0.50, passing: float = 0.30, weak: fl
     if rho >= weak:
         return "WEAK"
     return "FAIL"
+
+
+def gate_verdict(
+    rho: float,
+    rho_length: float,
+    excellent: float = 0.50,
+    passing: float = 0.30,
+    weak: float = 0.10,
+) -> tuple[str, str]:
+    """The G1 verdict and why: the ρ tier, then FAIL unless ρ exceeds ``|rho_length|``.
+
+    ``rho`` is the pack's Spearman ρ, ``rho_length`` the length baseline's. A pack that does not beat
+    the token count is no evidence of anything length does not already tell. When ``rho_length`` is
+    undefined (every response has the same length) the length rule cannot apply and the tier stands.
+    """
+    tier = verdict(rho, excellent, passing, weak)
+    if not np.isfinite(rho):
+        return "FAIL", "the pack's rho is undefined (one outcome class or a constant score)"
+    if not np.isfinite(rho_length):
+        return tier, f"rho {rho:.3f} gives tier {tier}; length baseline undefined (constant lengths)"
+    if not rho > abs(rho_length):
+        return "FAIL", (
+            f"rho {rho:.3f} does not exceed |rho_length| {abs(rho_length):.3f}: "
+            f"completion length predicts correctness as well as the pack (tier alone: {tier})"
+        )
+    return tier, f"rho {rho:.3f} gives tier {tier} and exceeds |rho_length| {abs(rho_length):.3f}"
 
 
 def _row_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -73,10 +121,47 @@ def _row_auroc(score_ranks: np.ndarray, y: np.ndarray) -> np.ndarray:
         return np.where((n1 > 0) & (n0 > 0), (r1 - n1 * (n1 + 1) / 2) / (n1 * n0), np.nan)
 
 
+def _equal_length_groups(draws: list[np.ndarray]) -> list[np.ndarray]:
+    """Stack bootstrap resamples of equal length into ``[B_k, L]`` index matrices, one per length.
+
+    A cluster bootstrap with unequal cluster sizes gives resamples of unequal lengths; grouping them
+    keeps the row-wise (vectorised) ranks. Quantiles do not depend on the order of the replicates.
+    """
+    by_len: dict[int, list[np.ndarray]] = {}
+    for d in draws:
+        by_len.setdefault(len(d), []).append(d)
+    return [np.stack(v) for v in by_len.values()]
+
+
+def _resamples(n: int, clusters: Any, n_boot: int, seed: int) -> list[np.ndarray]:
+    """Index matrices of the bootstrap: by cluster when ``clusters`` is given, else by row."""
+    from saereward.stats import cluster_bootstrap_indices
+
+    labels = range(n) if clusters is None else list(np.asarray(clusters).ravel())
+    if len(labels) != n:
+        raise SaeRewardError(f"clusters has {len(labels)} labels for {n} responses")
+    return _equal_length_groups(cluster_bootstrap_indices(labels, n_boot, seed))
+
+
 def association(
-    score: Any, outcome: Any, *, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95
+    score: Any,
+    outcome: Any,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    clusters: Any = None,
 ) -> dict[str, Any]:
-    """Spearman ρ (+p, bootstrap CI), Pearson r (+p), AUROC (+bootstrap CI) of ``score`` vs binary ``outcome``."""
+    """Spearman ρ (+p, bootstrap CI), Pearson r (+p), AUROC (+bootstrap CI) of ``score`` vs binary ``outcome``.
+
+    The CIs are percentile bootstraps. With ``clusters`` (one label per response, e.g. its question
+    id) the bootstrap draws whole clusters (:func:`saereward.stats.cluster_bootstrap_indices`):
+    samples of one question are correlated, and resampling them one by one would count each
+    question several times as independent evidence and narrow the CI. Without ``clusters`` every
+    response is its own cluster. Resamples where ρ or AUROC is undefined (one class only, constant
+    score) are dropped; ``n_boot`` counts the ones kept. p-values are the usual per-response tests
+    and ignore the clustering (so they are optimistic when questions repeat).
+    """
     from scipy.stats import pearsonr, rankdata, spearmanr
 
     s = np.asarray(score, dtype=np.float64).ravel()
@@ -88,7 +173,15 @@ def association(
         raise SaeRewardError("scores contain NaN or inf: check the SAE and the rollouts")
     both = 0 < y.sum() < n
     const = bool(np.ptp(s) == 0)
-    res: dict[str, Any] = {"n": n, "n_correct": int(y.sum()), "seed": seed, "confidence": confidence}
+    n_clusters = n if clusters is None else len(set(np.asarray(clusters).ravel().tolist()))
+    res: dict[str, Any] = {
+        "n": n,
+        "n_correct": int(y.sum()),
+        "n_clusters": n_clusters,
+        "bootstrap_unit": "response" if clusters is None else "cluster",
+        "seed": seed,
+        "confidence": confidence,
+    }
     if not both or const:
         res.update(
             {
@@ -104,19 +197,19 @@ def association(
             }
         )
         return res
+    from saereward.stats import percentile_ci
+
     sp = spearmanr(s, y)
     pr = pearsonr(s, y)
-    ranks = rankdata(s)
-    auc = float(_row_auroc(ranks[None], y[None])[0])
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    bs, by = s[idx], y[idx]
-    bsr = rankdata(bs, axis=1)
-    byr = rankdata(by, axis=1)
-    rho_b = _row_pearson(bsr, byr)
-    auc_b = _row_auroc(bsr, by)
+    auc = float(_row_auroc(rankdata(s)[None], y[None])[0])
+    rho_parts, auc_parts = [], []
+    for idx in _resamples(n, clusters, n_boot, seed):
+        bs, by = s[idx], y[idx]
+        bsr = rankdata(bs, axis=1)
+        rho_parts.append(_row_pearson(bsr, rankdata(by, axis=1)))
+        auc_parts.append(_row_auroc(bsr, by))
+    rho_b, auc_b = np.concatenate(rho_parts), np.concatenate(auc_parts)
     ok = np.isfinite(rho_b) & np.isfinite(auc_b)
-    a = (1 - confidence) / 2
     res.update(
         {
             "spearman_rho": float(sp.statistic),
@@ -124,11 +217,52 @@ def association(
             "pearson_r": float(pr.statistic),
             "pearson_p": float(pr.pvalue),
             "auroc": auc,
-            "rho_ci": [float(np.quantile(rho_b[ok], a)), float(np.quantile(rho_b[ok], 1 - a))],
-            "auroc_ci": [float(np.quantile(auc_b[ok], a)), float(np.quantile(auc_b[ok], 1 - a))],
+            "rho_ci": list(percentile_ci(rho_b[ok], confidence)),
+            "auroc_ci": list(percentile_ci(auc_b[ok], confidence)),
             "n_boot": int(ok.sum()),
         }
     )
+    return res
+
+
+def partial_association(
+    score: Any,
+    outcome: Any,
+    control: Any,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    clusters: Any = None,
+) -> dict[str, Any]:
+    """Spearman partial ρ of ``score`` vs ``outcome`` with ``control`` held fixed, + bootstrap CI.
+
+    The point value is :func:`saereward.stats.partial_spearman`. The bootstrap (by cluster when
+    ``clusters`` is given, with the same resamples as :func:`association` for the same seed) uses the
+    closed form on row-wise rank correlations, ``(r_xy − r_xz r_yz) / sqrt((1 − r_xz²)(1 − r_yz²))``,
+    which equals the residual definition; resamples where it is undefined are dropped.
+    """
+    from scipy.stats import rankdata
+
+    from saereward.stats import partial_spearman, percentile_ci
+
+    s, y, z = (np.asarray(v, dtype=np.float64).ravel() for v in (score, outcome, control))
+    n = len(s)
+    if not n == len(y) == len(z) or n < 3:
+        raise SaeRewardError(f"partial association needs >= 3 triples, got {n}, {len(y)}, {len(z)}")
+    rho = partial_spearman(s, y, z)
+    res: dict[str, Any] = {"partial_rho": rho, "partial_rho_ci": [float("nan")] * 2, "n_boot": 0}
+    if not np.isfinite(rho):
+        return res
+    parts = []
+    for idx in _resamples(n, clusters, n_boot, seed):
+        rs, ry, rz = (rankdata(v[idx], axis=1) for v in (s, y, z))
+        r_sy, r_sz, r_yz = _row_pearson(rs, ry), _row_pearson(rs, rz), _row_pearson(ry, rz)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            parts.append((r_sy - r_sz * r_yz) / np.sqrt((1 - r_sz**2) * (1 - r_yz**2)))
+    b = np.concatenate(parts)
+    b = b[np.isfinite(b) & (np.abs(b) <= 1 + 1e-9)]
+    res.update({"partial_rho_ci": list(percentile_ci(b, confidence)), "n_boot": len(b)})
     return res
 
 
@@ -137,14 +271,14 @@ class GateG1Config:
     """Settings of ``saereward gate-g1``."""
 
     rollouts: str = option("runs/rollouts", "folder written by `saereward rollouts`")
-    pack: str = option("runs/pack.json", "feature pack (ours or the seed's)")
+    pack: str = option("runs/pack.json", "feature pack (ours or mechreward's)")
     sae: str | None = option(None, "SAE the pack indexes (default: the pack's recorded sae_path)")
     layer: int | None = option(None, "layer the SAE reads (default: the pack's / SAE's layer)")
     split: str = option("validation", "split scored (must not share questions with discovery)")
     baseline_layer: int | None = option(
         None, "layer for the raw-direction and probe baselines (default: the layer map's peak on discovery)"
     )
-    n_boot: int = option(2000, "bootstrap resamples for the CIs")
+    n_boot: int = option(2000, "bootstrap resamples (of questions) for the CIs")
     n_random: int = option(200, "random-pack controls")
     min_active_frac: float | None = option(
         None, "activity filter for random-pack features (default: the pack's discovery setting, else 0.05)"
@@ -152,7 +286,7 @@ class GateG1Config:
     excellent: float = option(0.50, "ρ threshold for PASS-EXCELLENT")
     passing: float = option(0.30, "ρ threshold for PASS")
     weak: float = option(0.10, "ρ threshold for WEAK")
-    seed: int = option(0, "seed for the bootstrap, the probe's CV folds and the random packs")
+    seed: int = option(0, "random seed for the bootstrap, the probe's CV folds and the random packs")
     update_pack: bool = option(True, "write the validation record into the pack file (atomically)")
     out: str | None = option(None, "gate_g1.json path (default: next to the pack)")
 
@@ -174,60 +308,111 @@ def _probe_scores(
     return clf.decision_function(x_test), info
 
 
-def run_gate_g1(cfg: GateG1Config) -> dict[str, Any]:
-    """Score the pack and the baselines on ``cfg.split``; write ``gate_g1.json``; return the result."""
-    from saereward.features.discover import require_both_outcomes, resolve_sae_layer
-    from saereward.features.layers import contrastive_direction, layer_scores
-    from saereward.features.pack import load_pack, save_pack
-    from saereward.features.scoring import PackScorer, pack_scores_from_pooled, pooled_sae_acts
-    from saereward.rollouts import load_rollouts
-    from saereward.sae.formats import check_sae_matches_model, load_sae
+def response_lengths(ro: Any, mask: Any) -> np.ndarray:
+    """Completion length in tokens (``n_tokens`` of rollouts.jsonl) of the responses in ``mask``.
 
-    pack = load_pack(cfg.pack)
-    ro = load_rollouts(cfg.rollouts)
-    sae_path = cfg.sae or pack.metadata.get("sae_path")
-    if not sae_path:
-        raise SaeRewardError(f"pack {cfg.pack} records no SAE path: pass --sae")
-    sae = load_sae(sae_path)
-    layer = cfg.layer if cfg.layer is not None else pack.layer
-    layer = resolve_sae_layer(sae, layer, ro)
-    d_model = int(ro.summary["d_model"])
-    check_sae_matches_model(sae, d_model, layer)
-    scorer = PackScorer(sae, pack, d_model=d_model)
+    Rows written before ``n_tokens`` was recorded fall back to the token offsets, which count the
+    same positions.
+    """
+    rows = [r for r, m in zip(ro.rows, mask.tolist(), strict=True) if m]
+    if all(r.get("n_tokens") is not None for r in rows):
+        return np.asarray([float(r["n_tokens"]) for r in rows])
+    return np.diff(ro.offsets.numpy()).astype(np.float64)[mask.numpy()]
 
-    val = ro.split_mask(cfg.split)
-    disc = ro.split_mask("discovery") if cfg.split != "discovery" else ~val
-    correct = ro.correct
-    val_q = {r["qid"] for r, m in zip(ro.rows, val.tolist(), strict=True) if m}
-    leak_check = "not checked (the pack records no discovery question ids)"
-    if pack.metadata.get("discovery_qids") is not None:
-        leaked = val_q & set(pack.metadata["discovery_qids"])
-        if leaked:
-            raise SaeRewardError(
-                f"{len(leaked)} of the {len(val_q)} {cfg.split} questions were used to discover this pack "
-                f"(e.g. {sorted(leaked)[:3]}): validate on questions discovery never saw"
-            )
-        leak_check = "passed: no validation question was used in discovery"
-    n_c, n_w = require_both_outcomes(
-        correct[val], f"the {cfg.split} split", "raise n/samples or use a task with a mix of outcomes"
+
+def length_control(
+    scores: dict[str, np.ndarray],
+    outcome: np.ndarray,
+    lengths: np.ndarray,
+    qids: list[Any],
+    *,
+    n_boot: int,
+    seed: int,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The length baseline and, per method, the partial ρ of its score with length held fixed.
+
+    Returns ``(length_baseline, partial)``: ``length_baseline`` is :func:`association` of the token
+    counts with the outcome (plus mean length of correct and wrong responses); ``partial[name]`` has
+    ``partial_rho_length``, its CI and the bootstrap count for ``scores[name]``. All bootstraps are
+    clustered by ``qids`` with the same seed, so every CI resamples the same questions.
+    """
+    y = np.asarray(outcome, dtype=bool)
+    base = association(lengths, y, n_boot=n_boot, seed=seed, clusters=qids)
+    base.update(
+        {
+            "statistic": "Spearman rho of completion length (n_tokens) vs correctness",
+            "mean_tokens_correct": float(lengths[y].mean()) if y.any() else float("nan"),
+            "mean_tokens_wrong": float(lengths[~y].mean()) if (~y).any() else float("nan"),
+        }
     )
-    require_both_outcomes(correct[disc], "the discovery split", "raise n/samples")
-    y_val = correct[val].numpy()
-    idx_val = torch.nonzero(val).flatten().tolist()
+    partial = {}
+    for name, sc in scores.items():
+        pa = partial_association(sc, y, lengths, n_boot=n_boot, seed=seed, clusters=qids)
+        partial[name] = {
+            "partial_rho_length": pa["partial_rho"],
+            "partial_rho_length_ci": pa["partial_rho_ci"],
+            "partial_rho_length_n_boot": pa["n_boot"],
+        }
+    return base, partial
 
-    # -- the pack: per-token scores pooled per response, the RL reward's code path ----------------
-    tokens = ro.tokens.get(layer)
-    if tokens is None:
+
+def _random_packs(
+    cfg: GateG1Config,
+    sae: Any,
+    pack: Any,
+    tokens: Any,
+    ro: Any,
+    disc: Any,
+    idx_val: list[int],
+    y_val: Any,
+    rho_pack: float,
+) -> dict[str, Any]:
+    """ρ of ``cfg.n_random`` random packs of the pack's size (features active on discovery)."""
+    from scipy.stats import spearmanr
+
+    from saereward.features.scoring import pack_scores_from_pooled, pooled_sae_acts
+
+    pooled = pooled_sae_acts(sae, tokens, ro.offsets)
+    frac = cfg.min_active_frac
+    if frac is None:
+        frac = float(pack.metadata.get("stats", {}).get("min_active_frac", 0.05))
+    active = (pooled[disc] > 0).float().mean(0)
+    pool = torch.nonzero((active >= frac) & (active > 0)).flatten()
+    nh, nm = len(pack.helpful), len(pack.harmful)
+    if len(pool) < nh + nm:
         raise SaeRewardError(
-            f"rollouts kept per-token residuals for layers {sorted(ro.tokens)}, not the pack's layer {layer}: "
-            f"re-run `saereward rollouts --token-layers {layer}`"
+            f"only {len(pool)} features pass the activity filter {frac}: lower min_active_frac"
         )
-    pack_score = scorer.response_scores(tokens, ro.offsets)[val].numpy()
-    methods: dict[str, dict[str, Any]] = {}
-    methods["pack"] = association(pack_score, y_val, n_boot=cfg.n_boot, seed=cfg.seed)
-    methods["pack"]["n_features"] = len(pack)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    pv = pooled[idx_val]
+    rhos = []
+    for _ in range(cfg.n_random):
+        pick = pool[torch.randperm(len(pool), generator=gen)[: nh + nm]].tolist()
+        sc = pack_scores_from_pooled(pv, pick, [1.0] * nh + [-1.0] * nm).numpy()
+        rhos.append(float(spearmanr(sc, y_val).statistic) if np.ptp(sc) > 0 else 0.0)
+    r = np.nan_to_num(np.asarray(rhos))
+    return {
+        "n_packs": cfg.n_random,
+        "features_per_pack": [nh, nm],
+        "min_active_frac": frac,
+        "eligible_features": len(pool),
+        "median_rho": float(np.median(r)),
+        "rho_range_95": [float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))],
+        "share_ge_pack": float(np.mean(r >= rho_pack)) if np.isfinite(rho_pack) else None,
+    }
 
-    # -- raw contrastive direction and probe at the layer map's peak --------------------------------
+
+def _baselines(
+    cfg: GateG1Config, ro: Any, disc: Any, val: Any, scores: dict[str, np.ndarray]
+) -> tuple[int, dict[int, float], dict[str, Any]]:
+    """Add the raw-direction and probe scores of the ``val`` responses to ``scores``.
+
+    Both read pooled residuals at ``cfg.baseline_layer`` (default: the layer map's peak on
+    discovery) and are fitted on ``disc``. Returns ``(layer, layer map on discovery, probe info)``.
+    """
+    from saereward.features.layers import contrastive_direction, layer_scores
+
+    correct = ro.correct
     scores_by_layer = layer_scores({k: v[disc] for k, v in ro.pooled.items()}, correct[disc])
     base_layer = (
         cfg.baseline_layer
@@ -239,55 +424,93 @@ def run_gate_g1(cfg: GateG1Config) -> dict[str, Any]:
             f"baseline_layer {base_layer} was not captured: choose one of {sorted(ro.pooled)}"
         )
     x_disc, x_val = ro.pooled[base_layer][disc], ro.pooled[base_layer][val]
-    v = contrastive_direction(x_disc, correct[disc])
-    methods["raw_direction"] = association((x_val @ v).numpy(), y_val, n_boot=cfg.n_boot, seed=cfg.seed)
-    methods["raw_direction"]["layer"] = base_layer
-    probe_score, probe_info = _probe_scores(
+    scores["raw_direction"] = (x_val @ contrastive_direction(x_disc, correct[disc])).numpy()
+    scores["probe"], probe_info = _probe_scores(
         x_disc.double().numpy(), correct[disc].numpy(), x_val.double().numpy(), cfg.seed
     )
-    methods["probe"] = association(probe_score, y_val, n_boot=cfg.n_boot, seed=cfg.seed)
+    return base_layer, scores_by_layer, probe_info
+
+
+def _check_leak(pack: Any, val_q: set[Any], split: str) -> str:
+    if pack.metadata.get("discovery_qids") is None:
+        return "not checked (the pack records no discovery question ids)"
+    leaked = val_q & set(pack.metadata["discovery_qids"])
+    if leaked:
+        raise SaeRewardError(
+            f"{len(leaked)} of the {len(val_q)} {split} questions were used to discover this pack "
+            f"(e.g. {sorted(leaked)[:3]}): validate on questions discovery never saw"
+        )
+    return "passed: no validation question was used in discovery"
+
+
+def run_gate_g1(cfg: GateG1Config) -> dict[str, Any]:
+    """Score the pack and the baselines on ``cfg.split``; write ``gate_g1.json``; return the result."""
+    from saereward.features.discover import require_both_outcomes, resolve_sae_layer
+    from saereward.features.pack import load_pack
+    from saereward.features.scoring import PackScorer
+    from saereward.rollouts import load_rollouts
+    from saereward.sae.formats import check_sae_matches_model, load_sae
+
+    pack = load_pack(cfg.pack)
+    ro = load_rollouts(cfg.rollouts)
+    sae_path = cfg.sae or pack.metadata.get("sae_path")
+    if not sae_path:
+        raise SaeRewardError(f"pack {cfg.pack} records no SAE path: pass --sae")
+    sae = load_sae(sae_path)
+    layer = resolve_sae_layer(sae, cfg.layer if cfg.layer is not None else pack.layer, ro)
+    d_model = int(ro.summary["d_model"])
+    check_sae_matches_model(sae, d_model, layer)
+    scorer = PackScorer(sae, pack, d_model=d_model)
+
+    val = ro.split_mask(cfg.split)
+    disc = ro.split_mask("discovery") if cfg.split != "discovery" else ~val
+    correct = ro.correct
+    qids = [r["qid"] for r, m in zip(ro.rows, val.tolist(), strict=True) if m]
+    val_q = set(qids)
+    leak_check = _check_leak(pack, val_q, cfg.split)
+    n_c, n_w = require_both_outcomes(
+        correct[val], f"the {cfg.split} split", "raise n/samples or use a task with a mix of outcomes"
+    )
+    require_both_outcomes(correct[disc], "the discovery split", "raise n/samples")
+    y_val = correct[val].numpy()
+    boot: dict[str, Any] = {"n_boot": cfg.n_boot, "seed": cfg.seed, "clusters": qids}
+
+    # -- the pack: per-token scores pooled per response, the RL reward's code path ----------------
+    tokens = ro.tokens.get(layer)
+    if tokens is None:
+        raise SaeRewardError(
+            f"rollouts kept per-token residuals for layers {sorted(ro.tokens)}, not the pack's layer {layer}: "
+            f"re-run `saereward rollouts --token-layers {layer}`"
+        )
+    scores = {"pack": scorer.response_scores(tokens, ro.offsets)[val].numpy()}
+
+    # -- raw contrastive direction and probe at the layer map's peak --------------------------------
+    base_layer, scores_by_layer, probe_info = _baselines(cfg, ro, disc, val, scores)
+    methods = {k: association(v, y_val, **boot) for k, v in scores.items()}
+    methods["pack"]["n_features"] = len(pack)
+    methods["raw_direction"]["layer"] = base_layer
     methods["probe"].update({"layer": base_layer, **probe_info})
+    length, partial = length_control(
+        scores, y_val, response_lengths(ro, val), qids, n_boot=cfg.n_boot, seed=cfg.seed
+    )
+    for k, v in partial.items():
+        methods[k].update(v)
 
-    # -- random packs ---------------------------------------------------------------------------------
     if cfg.n_random:
-        pooled = pooled_sae_acts(sae, tokens, ro.offsets)
-        frac = cfg.min_active_frac
-        if frac is None:
-            frac = float(pack.metadata.get("stats", {}).get("min_active_frac", 0.05))
-        active = (pooled[disc] > 0).float().mean(0)
-        pool = torch.nonzero((active >= frac) & (active > 0)).flatten()
-        nh, nm = len(pack.helpful), len(pack.harmful)
-        if len(pool) < nh + nm:
-            raise SaeRewardError(
-                f"only {len(pool)} features pass the activity filter {frac}: lower min_active_frac"
-            )
-        gen = torch.Generator().manual_seed(cfg.seed)
-        pv = pooled[idx_val]
-        rhos = []
-        from scipy.stats import spearmanr
-
-        for _ in range(cfg.n_random):
-            pick = pool[torch.randperm(len(pool), generator=gen)[: nh + nm]].tolist()
-            sc = pack_scores_from_pooled(pv, pick, [1.0] * nh + [-1.0] * nm).numpy()
-            rhos.append(float(spearmanr(sc, y_val).statistic) if np.ptp(sc) > 0 else 0.0)
-        r = np.nan_to_num(np.asarray(rhos))
+        idx_val = torch.nonzero(val).flatten().tolist()
         rho_pack = methods["pack"]["spearman_rho"]
-        methods["random_packs"] = {
-            "n_packs": cfg.n_random,
-            "features_per_pack": [nh, nm],
-            "min_active_frac": frac,
-            "eligible_features": len(pool),
-            "median_rho": float(np.median(r)),
-            "rho_range_95": [float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))],
-            "share_ge_pack": float(np.mean(r >= rho_pack)) if np.isfinite(rho_pack) else None,
-        }
+        methods["random_packs"] = _random_packs(cfg, sae, pack, tokens, ro, disc, idx_val, y_val, rho_pack)
 
     thresholds = {"excellent": cfg.excellent, "passing": cfg.passing, "weak": cfg.weak}
     rho = methods["pack"]["spearman_rho"]
+    decided, reason = gate_verdict(rho, length["spearman_rho"], cfg.excellent, cfg.passing, cfg.weak)
     result: dict[str, Any] = {
         "gate": "G1",
-        "verdict": verdict(rho, cfg.excellent, cfg.passing, cfg.weak),
+        "verdict": decided,
+        "verdict_reason": reason,
+        "rho_tier": verdict(rho, cfg.excellent, cfg.passing, cfg.weak),
         "statistic": "Spearman rho of the pack score vs correctness",
+        "rule": "verdict = rho tier, but FAIL unless the pack's rho exceeds |rho_length|",
         "thresholds": thresholds,
         "split": cfg.split,
         "n_responses": int(val.sum()),
@@ -295,6 +518,16 @@ def run_gate_g1(cfg: GateG1Config) -> dict[str, Any]:
         "n_correct": n_c,
         "n_wrong": n_w,
         "seed": cfg.seed,
+        "bootstrap": {
+            "resampling": "clustered by question",
+            "unit": "question",
+            "method": "percentile; each resample draws questions with replacement and keeps all their responses",
+            "n_boot": cfg.n_boot,
+            "seed": cfg.seed,
+            "n_responses": int(val.sum()),
+            "n_questions": len(val_q),
+        },
+        "length_baseline": length,
         "layer": layer,
         "pack": str(Path(cfg.pack).resolve()),
         "pack_name": pack.name,
@@ -310,60 +543,89 @@ def run_gate_g1(cfg: GateG1Config) -> dict[str, Any]:
     out = Path(cfg.out) if cfg.out else Path(cfg.pack).with_name("gate_g1.json")
     write_json(out, result)
     if cfg.update_pack:
-        m = methods["pack"]
-        pack.validation = {
-            "n_questions": len(val_q),
-            "n_responses": int(val.sum()),
-            "n_correct": n_c,
-            "spearman_rho": m["spearman_rho"],
-            "spearman_p": m["spearman_p"],
-            "spearman_rho_ci95": m["rho_ci"],
-            "pearson_r": m["pearson_r"],
-            "auroc": m["auroc"],
-            "pass_threshold": cfg.passing,
-            "verdict": result["verdict"],
-            "split": cfg.split,
-            "seed": cfg.seed,
-            "gate_file": str(out.resolve()),
-        }
-        passed = result["verdict"].startswith("PASS")
-        pack.helpful = [_validated(f, passed) for f in pack.helpful]
-        pack.harmful = [_validated(f, passed) for f in pack.harmful]
-        save_pack(pack, cfg.pack)
+        _record_validation(pack, cfg, result, out)
     return result
 
 
-def _validated(f: Any, ok: bool) -> Any:
+def _record_validation(pack: Any, cfg: GateG1Config, result: dict[str, Any], out: Path) -> None:
+    """Write the gate's summary into the pack file and mark its features validated (or not)."""
     from dataclasses import replace
 
-    return replace(f, validated=ok)
+    from saereward.features.pack import save_pack
+
+    m = result["methods"]["pack"]
+    pack.validation = {
+        "n_questions": result["n_questions"],
+        "n_responses": result["n_responses"],
+        "n_correct": result["n_correct"],
+        "spearman_rho": m["spearman_rho"],
+        "spearman_p": m["spearman_p"],
+        "spearman_rho_ci95": m["rho_ci"],
+        "ci_resampling": "clustered by question",
+        "pearson_r": m["pearson_r"],
+        "auroc": m["auroc"],
+        "length_rho": result["length_baseline"]["spearman_rho"],
+        "partial_rho_length": m["partial_rho_length"],
+        "pass_threshold": cfg.passing,
+        "verdict": result["verdict"],
+        "verdict_reason": result["verdict_reason"],
+        "split": cfg.split,
+        "seed": cfg.seed,
+        "gate_file": str(out.resolve()),
+    }
+    passed = result["verdict"].startswith("PASS")
+    pack.helpful = [replace(f, validated=passed) for f in pack.helpful]
+    pack.harmful = [replace(f, validated=passed) for f in pack.harmful]
+    save_pack(pack, cfg.pack)
 
 
 def format_g1(result: dict[str, Any]) -> str:
-    """The G1 table: one row per method, CIs included."""
+    """The G1 table: one row per method (ρ, partial ρ given length, AUROC, with CIs), then the verdict."""
     m = result["methods"]
+    boot = result.get("bootstrap") or {}
+    unit = boot.get("resampling", "by response")
     lines = [
         f"Stage Gate 1 on {result['split']}: n={result['n_responses']} responses ({result['n_questions']} questions, "
         f"{result['n_correct']} correct), seed {result['seed']}, layer {result['layer']}",
-        f"{'method':16} {'rho':>7} {'95% CI':>17} {'p':>9} {'pearson':>8} {'AUROC':>6} {'95% CI':>15}",
+        f"95% CIs: percentile bootstrap, {boot.get('n_boot', '?')} resamples, {unit}",
+        f"{'method':16} {'rho':>7} {'95% CI':>17} {'p':>9} {'pearson':>8} {'AUROC':>6} {'95% CI':>15}"
+        f"  {'rho|len':>7} {'95% CI':>17}",
     ]
+
+    def ci(pair: Any, w: int = 6) -> str:
+        return f"[{pair[0]:>{w}.3f}, {pair[1]:>{w}.3f}]"
+
     for key, label in (
         ("pack", "SAE pack"),
         ("raw_direction", f"raw dir L{m['raw_direction']['layer']}"),
         ("probe", f"probe L{m['probe']['layer']}"),
     ):
         a = m[key]
+        row = (
+            f"{label:16} {a['spearman_rho']:>7.3f} {ci(a['rho_ci'])} "
+            f"{a['spearman_p']:>9.2g} {a['pearson_r']:>8.3f} {a['auroc']:>6.3f} {ci(a['auroc_ci'], 5)}"
+        )
+        if "partial_rho_length" in a:
+            row += f"  {a['partial_rho_length']:>7.3f} {ci(a['partial_rho_length_ci'])}"
+        lines.append(row)
+    if "length_baseline" in result:
+        a = result["length_baseline"]
         lines.append(
-            f"{label:16} {a['spearman_rho']:>7.3f} [{a['rho_ci'][0]:>6.3f}, {a['rho_ci'][1]:>6.3f}] "
-            f"{a['spearman_p']:>9.2g} {a['pearson_r']:>8.3f} {a['auroc']:>6.3f} "
-            f"[{a['auroc_ci'][0]:.3f}, {a['auroc_ci'][1]:.3f}]"
+            f"{'length (tokens)':16} {a['spearman_rho']:>7.3f} {ci(a['rho_ci'])} "
+            f"{a['spearman_p']:>9.2g} {a['pearson_r']:>8.3f} {a['auroc']:>6.3f} {ci(a['auroc_ci'], 5)}"
+            f"  (mean tokens: correct {a['mean_tokens_correct']:.1f}, wrong {a['mean_tokens_wrong']:.1f})"
         )
     if "random_packs" in m:
         r = m["random_packs"]
         share = "n/a" if r["share_ge_pack"] is None else f"{r['share_ge_pack']:.3f}"
         lines.append(
-            f"{'random packs':16} {r['median_rho']:>7.3f} [{r['rho_range_95'][0]:>6.3f}, {r['rho_range_95'][1]:>6.3f}]"
+            f"{'random packs':16} {r['median_rho']:>7.3f} {ci(r['rho_range_95'])}"
             f"  (median and 95% range of {r['n_packs']} packs; share >= pack: {share})"
         )
-    lines.append(f"verdict: {result['verdict']}  (thresholds {result['thresholds']})")
+    lines.append("rho|len: Spearman partial rho given completion length (tokens)")
+    lines.append(
+        f"verdict: {result['verdict']}  (thresholds {result['thresholds']}; the pack must also beat |rho_length|)"
+    )
+    if result.get("verdict_reason"):
+        lines.append(f"reason: {result['verdict_reason']}")
     return "\n".join(lines)
