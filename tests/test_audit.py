@@ -58,7 +58,8 @@ def test_audit_reward_cli(audited: dict[str, Path], capsys: pytest.CaptureFixtur
 
 def test_audit_reward_errors(audited: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     root = audited["root"]
-    rc = main(["audit-reward", "--rollouts", str(root / "nope"), "--pack", str(root / "pack.json")])
+    out = ["--out", str(root / "audit_err")]
+    rc = main(["audit-reward", "--rollouts", str(root / "nope"), "--pack", str(root / "pack.json"), *out])
     assert rc == 2
     assert "not a rollout folder" in capsys.readouterr().err
     rc = main(
@@ -74,3 +75,4 @@ def test_audit_reward_errors(audited: dict[str, Path], capsys: pytest.CaptureFix
     )
     assert rc == 2
     assert "unknown reward form" in capsys.readouterr().err
+    assert not (root / "audit_err").exists()  # nothing written for bad input

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from saereward.capture import forward_residuals
-from saereward.generate import SamplingConfig, _response_mask, generate_batch, iter_generate
+from saereward.generate import (
+    PATTERN_STOPS,
+    SamplingConfig,
+    _response_mask,
+    end_positions,
+    generate_batch,
+    iter_generate,
+)
 
 
 def test_response_mask_stops_after_first_end_token() -> None:
@@ -17,6 +24,59 @@ def test_response_mask_stops_after_first_end_token() -> None:
         [True, True, False, False, False],
         [True, True, True, True, True],
     ]
+
+
+@pytest.fixture(scope="module", params=["char", "smollm2"])
+def end_tokenizer(request: pytest.FixtureRequest) -> object:
+    """The tiny models' character tokenizer, and the embedded SmolLM2's (a BPE tokenizer)."""
+    if request.param == "char":
+        from tiny_models import char_tokenizer
+
+        return char_tokenizer()
+    from saereward.lm import load_tokenizer
+
+    return load_tokenizer()
+
+
+def test_end_positions_marks_the_end_token_and_stop_strings(end_tokenizer: object) -> None:
+    tok = end_tokenizer
+    eos, pad = tok.eos_token_id, tok.pad_token_id  # SmolLM2 pads with its end token
+    ends = set(tok.all_special_ids) | {eos}
+
+    def enc(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    rows = {
+        "eos": enc(" The answer is 7.") + [eos],
+        "stop": enc(" The answer is 7.\nQ:"),
+        "stop_eos": enc(" 3 + 4 = 7\nQuestion:") + [eos],
+        "none": enc(" Q: 3 + 4 = 7, so A: 7"),  # "Q:" but not after a newline
+        "short": enc("7"),
+        "only_stop": enc("\nQ:"),
+    }
+    T = max(len(r) for r in rows.values()) + 2  # pads after every row
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, r in enumerate(rows.values()):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = True
+    got = end_positions(ids, mask, tok, PATTERN_STOPS, ends)
+    assert got.shape == mask.shape and not (got & ~mask).any()  # pads are never marked
+    marked = {name: ids[i][got[i]].tolist() for i, name in enumerate(rows)}
+    kept = {name: ids[i][mask[i] & ~got[i]].tolist() for i, name in enumerate(rows)}
+    assert marked["eos"] == [eos] and kept["eos"] == enc(" The answer is 7.")
+    # exactly the tokens that spell the stop string: the text before it keeps every token
+    assert tok.decode(marked["stop"]) == "\nQ:" and tok.decode(kept["stop"]) == " The answer is 7."
+    assert marked["stop_eos"][-1] == eos and tok.decode(marked["stop_eos"][:-1]) == "\nQuestion:"
+    assert tok.decode(kept["stop_eos"]) == " 3 + 4 = 7"
+    assert marked["none"] == [] and marked["short"] == []
+    assert tok.decode(marked["only_stop"]) == "\nQ:" and kept["only_stop"] == []
+    # no stop strings (chat): only the end token
+    chat = end_positions(ids, mask, tok, (), ends)
+    assert chat.sum() == 2 and chat[0, len(rows["eos"]) - 1] and chat[2, len(rows["stop_eos"]) - 1]
+    # a row without response positions is left alone
+    empty = end_positions(ids[:1], torch.zeros_like(mask[:1]), tok, PATTERN_STOPS, ends)
+    assert not empty.any()
 
 
 def test_sampling_config_validates() -> None:

@@ -1,4 +1,4 @@
-"""Issue 6: canaries and their classifier, the dual verifier, monitor validity, eval-suite and G3."""
+"""Canaries and their classifier, the dual verifier, monitor validity, the eval suite and G3."""
 
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def test_rates_and_tests() -> None:
         and r["hack"]["p"] == 0.25
         and r["hack"]["ci_low"] < 0.25 < r["hack"]["ci_high"]
     )
-    t = two_proportion_test(2, 50, 4, 50)  # the seed's 4 % -> 8 %
+    t = two_proportion_test(2, 50, 4, 50)  # mechreward's 4 % -> 8 %
     pool = 6 / 100
     z = (0.08 - 0.04) / math.sqrt(pool * (1 - pool) * (2 / 50))
     assert t["z"] == pytest.approx(z) and t["diff"] == pytest.approx(0.04)
@@ -155,17 +155,32 @@ def test_dual_gate_sign_agreement() -> None:
     assert not dual_gate(mech, same, torch.zeros_like(mask)).any()
 
 
-def test_gate_zeroes_only_the_mech_term() -> None:
+@pytest.mark.parametrize("form", ["mechreward", "decoupled", "position", "shaped"])
+def test_gate_zeroes_only_the_mech_term(form: str) -> None:
+    from saereward.rl.reward import fit_baseline
+
     outcome = torch.tensor([1.0, 0.0])
     mech = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.0, -1.0]])
     mask = torch.ones(2, 3, dtype=torch.bool)
-    full, _ = token_advantages(outcome, mech, mask, 2, 0.5, "token")
-    none, _ = token_advantages(outcome, mech, mask, 2, 0.5, "token", gate=torch.zeros_like(mask))
+    # mechreward: its ``token`` aggregation; the fixed-scale forms: a baseline of base-model scores
+    kw: dict[str, Any] = {"form": form, "aggregation": "token"}
+    if form != "mechreward":
+        kw["baseline"] = fit_baseline([torch.tensor([0.5, 1.0, 1.5]), torch.tensor([1.0, 0.0])], min_count=1)
+    full, _ = token_advantages(outcome, mech, mask, 2, 0.5, **kw)
+    none, _ = token_advantages(outcome, mech, mask, 2, 0.5, gate=torch.zeros_like(mask), **kw)
     base, _ = token_advantages(outcome, None, mask, 2, 0.0)
+    assert not torch.allclose(full, base)
     torch.testing.assert_close(none, base)
     half = torch.tensor([[True, False, True], [False, True, False]])
-    part, _ = token_advantages(outcome, mech, mask, 2, 0.5, "token", gate=half)
-    torch.testing.assert_close(part.where(half, base), full.where(half, base))
+    part, _ = token_advantages(outcome, mech, mask, 2, 0.5, gate=half, **kw)
+    if (
+        form == "shaped"
+    ):  # shaping moves the kept tokens' potential onto their neighbours: rows still sum to A·L
+        torch.testing.assert_close(part.sum(1), base.sum(1))
+        assert not torch.allclose(part, base)
+    else:
+        torch.testing.assert_close(part.where(half, base), full.where(half, base))
+        torch.testing.assert_close(part.where(~half, full), base.where(~half, full))  # gated: A only
 
 
 def test_probe_roundtrip_matches_sklearn(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,7 +19,14 @@ import torch
 
 from saereward.errors import SaeRewardError
 from saereward.features.pack import Feature, FeaturePack, save_pack
-from saereward.rl.grpo import GRPOConfig, GRPOTrainer, kl_term, selective_log_softmax, surrogate_loss
+from saereward.rl.grpo import (
+    GRPOConfig,
+    GRPOTrainer,
+    kl_term,
+    monitor_rho,
+    selective_log_softmax,
+    surrogate_loss,
+)
 from saereward.rl.reward import (
     DirectionScorer,
     LambdaSchedule,
@@ -45,7 +53,7 @@ def test_masked_zscore_ignores_pads() -> None:
     ref = (vals - vals.mean()) / (vals.std(unbiased=False) + 1e-6)
     torch.testing.assert_close(z[mask], ref)
     assert (z[~mask] == 0).all()
-    # the seed's unmasked z-score differs (pads pull the mean toward 0)
+    # mechreward's unmasked z-score differs (pads pull the mean toward 0)
     assert not torch.allclose(((x - x.mean()) / x.std())[mask], ref)
 
 
@@ -64,19 +72,21 @@ def test_token_advantages_forms() -> None:
     mask = torch.tensor([[0, 1, 1], [0, 1, 1], [1, 1, 1], [1, 0, 0]]).bool()
     r0, t0 = token_advantages(outcome, None, mask, 2, 0.1)
     assert torch.equal(t0, outcome) and (r0[~mask] == 0).all()
-    both, total = token_advantages(outcome, mech, mask, 2, 0.1, "both")
+    # mechreward's form (the function's default, passed explicitly here): its exact values
+    mr = {"form": "mechreward"}
+    both, total = token_advantages(outcome, mech, mask, 2, 0.1, "both", **mr)
     mean = (mech * mask).sum(1) / mask.sum(1)
     torch.testing.assert_close(total, outcome + 0.1 * mean)
     A = group_advantages(total, 2)
     torch.testing.assert_close(both, (A[:, None] + 0.1 * masked_zscore(mech, mask)) * mask)
-    traj, _ = token_advantages(outcome, mech, mask, 2, 0.1, "trajectory")
+    traj, _ = token_advantages(outcome, mech, mask, 2, 0.1, "trajectory", **mr)
     torch.testing.assert_close(traj, A[:, None].expand(4, 3) * mask)
-    tok, total_t = token_advantages(outcome, mech, mask, 2, 0.1, "token")
+    tok, total_t = token_advantages(outcome, mech, mask, 2, 0.1, "token", **mr)
     torch.testing.assert_close(total_t, outcome)
     # loss_mask: the final token gets A without a mech term
     lm = mask.clone()
     lm[3, 1] = True
-    adv, _ = token_advantages(outcome, mech, mask, 2, 0.1, "both", loss_mask=lm)
+    adv, _ = token_advantages(outcome, mech, mask, 2, 0.1, "both", loss_mask=lm, **mr)
     assert adv[3, 1] == A[3] and adv[3, 2] == 0
 
 
@@ -140,7 +150,7 @@ def test_selective_log_softmax_checkpointed_gradient_and_temperature() -> None:
     assert not ent.requires_grad
 
 
-def test_surrogate_first_pass_is_the_seed_loss() -> None:
+def test_surrogate_first_pass_is_mechreward_loss() -> None:
     lp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
     adv = torch.tensor([[0.5, -1.0, 0.0]])
     mask = torch.tensor([[1, 1, 0]]).bool()
@@ -167,6 +177,46 @@ def test_surrogate_clips_a_reused_batch() -> None:
     torch.testing.assert_close(lp.grad, expect)
     # min(ρ·adv, clip(ρ)·adv) per token: 1.2, −0.8, 1.1, 0.5
     torch.testing.assert_close(loss.detach(), torch.tensor(-(1.2 - 0.8 + 1.1 + 0.5) / 4))
+
+
+def _rows(short: list[float], length: list[float]) -> list[dict[str, Any]]:
+    """A run's log: the step-0 evaluation, then one training row per step."""
+    rows: list[dict[str, Any]] = [{"step": 0, "eval_accuracy": 0.1, "eval_bits": "0"}]
+    for i, (sf, n) in enumerate(zip(short, length, strict=True)):
+        rows.append({"step": i + 1, "short_frac": sf, "completion_len": n, "sec_step": 1.0})
+    return rows
+
+
+def test_collapse_check_marks_shrinking_runs() -> None:
+    from saereward.rl.grpo import SHORT_TOKENS, collapse_check
+
+    rule = {"window": 3, "short_frac": 0.5, "len_ratio": 0.5}
+    # more and more completions of <= 3 tokens: the mean over steps 4-6 is 0.6, the first window at 0.5
+    climbing = collapse_check(_rows([0.0, 0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0], [20.0] * 8), **rule)
+    assert climbing["collapsed"] is True and climbing["step"] == 6
+    assert f"<= {SHORT_TOKENS} tokens" in climbing["reason"] and "steps 4-6" in climbing["reason"]
+    at_rule = collapse_check(_rows([0.5, 0.5, 0.5, 0.0], [20.0] * 4), **rule)  # >= the rule: collapsed
+    assert at_rule["collapsed"] and at_rule["step"] == 3
+    below = collapse_check(_rows([0.49, 0.49, 0.49, 0.0], [20.0] * 4), **rule)
+    assert below == {"collapsed": False, "step": None, "reason": None}
+    # one short step does not make a window
+    assert not collapse_check(_rows([0.0, 1.0, 0.0, 0.0, 0.4], [20.0] * 5), **rule)["collapsed"]
+    # lengths fall to 10 from 40: (25 + 15 + 10) / 3 < 0.5 × 40 over steps 5-7, (30 + 25 + 15) / 3 is not
+    shrinking = collapse_check(_rows([0.0] * 8, [40, 40, 40, 30, 25, 15, 10, 10]), **rule)
+    assert shrinking["collapsed"] and shrinking["step"] == 7
+    assert "mean completion length 16.7" in shrinking["reason"] and "40.0" in shrinking["reason"]
+    # the length rule waits for 2 · window steps: steps 3-5 already average 16.7, step 6 is the first checked
+    early = collapse_check(_rows([0.0] * 6, [40, 40, 40, 5, 5, 5]), **rule)
+    assert early["collapsed"] and early["step"] == 6
+    assert not collapse_check(_rows([0.0] * 5, [40, 40, 40, 5, 5]), **rule)["collapsed"]
+    # a healthy run: lengths wander, a few short completions
+    healthy = _rows([0.1, 0.0, 0.2, 0.1, 0.3, 0.1, 0.0, 0.2, 0.1], [42, 38, 45, 36, 40, 33, 44, 39, 41])
+    assert collapse_check(healthy, **rule) == {"collapsed": False, "step": None, "reason": None}
+    assert not collapse_check(healthy[:2], **rule)["collapsed"]  # fewer steps than a window
+    # a window of 1 reacts to a single step; rows from before short_frac was logged count as 0
+    assert collapse_check(_rows([0.0, 0.6], [20, 20]), 1, 0.5, 0.5)["step"] == 2
+    old = [{k: v for k, v in r.items() if k != "short_frac"} for r in _rows([0.9] * 4, [20.0] * 4)]
+    assert not collapse_check(old, **rule)["collapsed"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,18 +258,48 @@ def fresh_tiny() -> Any:
     return LoadedModel(model=model, tokenizer=char_tokenizer(), spec="tiny", source="hf", path="")
 
 
-def tiny_pack(folder: Path, layer: int = 1) -> Path:
+def tiny_rollouts(folder: Path, layer: int = 1) -> Path:
+    """Base rollouts of the tiny model (its weights are ``fresh_tiny``'s) on the trainer's task and
+    prompt format, with per-token residuals at ``layer``: what a reward baseline is measured on."""
+    from saereward.rollouts import run_rollouts
+    from test_stage1 import rollouts_cfg
+
+    run_rollouts(
+        rollouts_cfg(folder, n=12, samples=2, layers=(layer,), token_layers=(layer,)), lm=tiny_lm("llama")
+    )
+    return folder
+
+
+def tiny_pack(folder: Path, layer: int = 1, baseline: bool = True, **metadata: Any) -> Path:
+    """A pack on a random SAE of the tiny model, saved as discovery saves one: with ``baseline``, its
+    metadata names the base rollouts it came from (``tiny_rollouts``) and the reward baseline measured
+    on them lies beside it (``pack.baseline.json``), as the fixed-scale reward forms need."""
+    from saereward.features.scoring import PackScorer
+    from saereward.rl.baseline import baseline_beside, measure_baseline, save_baseline
+    from saereward.rollouts import load_rollouts
+    from tiny_models import char_tokenizer
+
     sae = random_sae(d_in=D_MODEL, d_sae=128, k=8, layer=layer, model="tiny")
     save_sae(sae, folder / "sae")
+    meta: dict[str, Any] = {"d_model": D_MODEL, "d_sae": 128, "sae_path": str(folder / "sae")}
+    ro = tiny_rollouts(folder / "base_rollouts", layer) if baseline else None
+    if ro is not None:
+        meta.update(rollouts=str(ro), task="hash_test", prompt_format="raw")
+    meta.update(metadata)
     pack = FeaturePack(
         "t",
         [Feature(i, 1.0) for i in range(0, 40)],
         [Feature(i, -1.0) for i in range(40, 80)],
         layer=layer,
         model_name="tiny",
-        metadata={"d_model": D_MODEL, "d_sae": 128, "sae_path": str(folder / "sae")},
+        metadata=meta,
     )
-    return save_pack(pack, folder / "pack.json")
+    path = save_pack(pack, folder / "pack.json")
+    if ro is not None:
+        scorer = PackScorer(sae, pack, d_model=D_MODEL)
+        b = measure_baseline(scorer, load_rollouts(ro), layer, char_tokenizer(), meta={"scorer": "pack:t"})
+        save_baseline(b, baseline_beside(path))
+    return path
 
 
 @pytest.mark.parametrize("source", ["policy", "reference"])
@@ -261,6 +341,14 @@ def test_trainer_sae_reward_updates_lora(tmp_path: Path, source: str) -> None:
         assert key in steps[0]
     assert steps[0]["grad_norm"] > 0 and "eval_accuracy" in rows[0] and "eval_accuracy" in rows[-1]
     assert summary["eval_last"]["eval_n"] == 6
+    check_log_rows(tmp_path / "run", n_eval=6, mech=True)
+    assert summary["reward_form"] == "position" and summary["collapse"]["collapsed"] is False
+    assert summary["steps_done"] == 2 and summary["format_warning"] is None
+    # the trainer used the baseline beside the pack, and keeps a copy in the run folder
+    from saereward.rl.baseline import BASELINE_FILE, baseline_beside, load_baseline
+
+    assert tr.baseline == load_baseline(baseline_beside(pack))
+    assert load_baseline(tmp_path / "run" / BASELINE_FILE) == tr.baseline
     assert (tmp_path / "run" / "checkpoint" / "adapter.safetensors").is_file()
     # TensorBoard holds the same numbers as the JSONL log, at the same steps (the step-0 evaluation too)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -272,6 +360,216 @@ def test_trainer_sae_reward_updates_lora(tmp_path: Path, source: str) -> None:
         got = [(e.step, e.value) for e in ea.Scalars(key)]
         assert [s for s, _ in got] == [s for s, _ in want], key
         assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6), key
+
+
+def read_run(run: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A run folder's log rows and its summary.json."""
+    rows = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    return rows, json.loads((run / "summary.json").read_text())
+
+
+def check_log_rows(run: Path, n_eval: int, mech: bool) -> None:
+    """What every run logs: per training step the collapse guard's inputs and the reward monitors, per
+    evaluation the held-out questions' verdicts bit by bit, and the held-out ids in the summary."""
+    rows, summary = read_run(run)
+    train = [r for r in rows if "sec_step" in r]
+    evals = [r for r in rows if "eval_accuracy" in r]
+    assert train and evals and evals[0]["step"] == 0 and evals[-1]["step"] == train[-1]["step"]
+    for r in train:
+        assert 0.0 <= r["short_frac"] <= 1.0
+        assert isinstance(r["len_mech_corr"], float) and isinstance(r["monitor_rho"], float)
+        if not mech:  # R0 has no mech term to correlate with anything
+            assert math.isnan(r["len_mech_corr"]) and math.isnan(r["monitor_rho"])
+        for key in ("len_mech_corr", "monitor_rho"):
+            assert math.isnan(r[key]) or -1.0 - 1e-9 <= r[key] <= 1.0 + 1e-9, key
+    for r in evals:
+        bits = r["eval_bits"]
+        assert len(bits) == r["eval_n"] == n_eval and set(bits) <= {"0", "1"}
+        assert bits.count("1") == r["eval_correct"]
+    assert len(summary["eval_qids"]) == n_eval == len(set(summary["eval_qids"]))
+
+
+def test_collapse_guard_stops_the_run(tmp_path: Path) -> None:
+    """Completions of at most 2 tokens (max_new_tokens = 2) are a collapsed run by the rule: it stops at
+    step collapse_window, evaluated and checkpointed there, and a second fit() does not train on."""
+    run = tmp_path / "run"
+    cfg = rl_cfg(run, max_new_tokens=2, steps=5, collapse_window=2)
+    summary = GRPOTrainer(cfg, lm=fresh_tiny()).fit()
+    rows, saved = read_run(run)
+    collapse = saved["collapse"]
+    assert collapse["collapsed"] is True and collapse["step"] == 2 and "<= 3 tokens" in collapse["reason"]
+    assert saved["steps_done"] == summary["steps_done"] == 2 < cfg.steps
+    assert [r["step"] for r in rows] == [0, 1, 2] and "eval_bits" in rows[-1]
+    assert all(r["short_frac"] == 1.0 and r["completion_len"] <= 2 for r in rows[1:])
+    assert saved["final_completion_len"] == rows[-1]["completion_len"] and saved["reward_form"] is None
+    check_log_rows(run, n_eval=6, mech=False)
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 2
+    log_before = (run / "train_log.jsonl").read_text()
+
+    again = GRPOTrainer(cfg, lm=fresh_tiny())
+
+    def no_step(step: int) -> dict[str, Any]:
+        raise AssertionError(f"a collapsed run trained on (step {step})")
+
+    again.step = no_step  # type: ignore[method-assign]
+    summary2 = again.fit()
+    assert summary2["steps_done"] == 2 and summary2["collapse"] == collapse
+    assert (run / "train_log.jsonl").read_text() == log_before
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 2
+
+    # collapse_stop = False: every step runs, the collapse is still recorded where it happened
+    go_on = rl_cfg(tmp_path / "go_on", max_new_tokens=2, steps=3, collapse_window=2, collapse_stop=False)
+    summary3 = GRPOTrainer(go_on, lm=fresh_tiny()).fit()
+    rows3, saved3 = read_run(tmp_path / "go_on")
+    assert saved3["steps_done"] == summary3["steps_done"] == 3 and [r["step"] for r in rows3] == [0, 1, 2, 3]
+    assert saved3["collapse"] == collapse
+
+
+def test_prompt_format_mismatch_warns_and_is_recorded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pack discovered on few-shot prompts, RL on raw prompts: a warning at construction, kept in the summary."""
+    import logging
+
+    pack = tiny_pack(tmp_path, prompt_format="fewshot")
+    cfg = rl_cfg(tmp_path / "run", reward="sae", pack=str(pack), lam=0.5, steps=1)
+    with caplog.at_level(logging.WARNING):
+        tr = GRPOTrainer(cfg, lm=fresh_tiny(), check_only=True)
+    assert "prompt_format 'fewshot' (discovery) vs 'raw' (RL)" in caplog.text
+    assert tr.format_warning is not None and "prompt_format 'fewshot'" in tr.format_warning
+    assert "task '" not in tr.format_warning  # the task agrees
+    GRPOTrainer(cfg, lm=fresh_tiny()).fit()
+    _, saved = read_run(tmp_path / "run")
+    assert saved["format_warning"] == tr.format_warning and saved["prompt_format"] == "raw"
+    # the pack's own record decides; without one, the config of the rollouts it came from
+    bare = tiny_pack(tmp_path / "b", prompt_format=None, task=None)
+    assert (
+        GRPOTrainer(dataclasses.replace(cfg, pack=str(bare)), lm=fresh_tiny(), check_only=True).format_warning
+        is None
+    )
+    other = tiny_pack(tmp_path / "c", task="hash_always")
+    warn = GRPOTrainer(
+        dataclasses.replace(cfg, pack=str(other)), lm=fresh_tiny(), check_only=True
+    ).format_warning
+    assert warn is not None and "task 'hash_always' (discovery) vs 'hash_test' (RL)" in warn
+
+
+def test_trainer_reward_baseline_sources(tmp_path: Path) -> None:
+    """Where the fixed-scale forms' baseline comes from: --reward-baseline (a JSON or a rollout folder),
+    else the JSON beside the pack, else the pack's recorded rollouts (R1) / direction_rollouts (R2)."""
+    from saereward.rl.baseline import baseline_beside, load_baseline, save_baseline
+    from saereward.rl.reward import fit_baseline
+
+    pack = tiny_pack(tmp_path)
+    ro = tmp_path / "base_rollouts"
+    beside = load_baseline(baseline_beside(pack))
+    assert beside.meta["layer"] == 1 and beside.meta["prompt_format"] == "raw" and beside.sd > 0
+
+    def baseline(**kw: Any) -> Any:
+        cfg = rl_cfg(tmp_path / "run", **{"reward": "sae", "pack": str(pack), **kw})
+        return GRPOTrainer(cfg, lm=fresh_tiny(), check_only=True).baseline
+
+    def stats(b: Any) -> Any:
+        return dataclasses.replace(b, meta={})
+
+    assert baseline() == beside
+    assert stats(baseline(reward_baseline=str(ro))) == stats(beside)  # measured on the same rollouts
+    own = fit_baseline([torch.arange(5.0), torch.arange(3.0) - 1], min_count=1, meta={"layer": 1})
+    save_baseline(own, tmp_path / "own.json")
+    assert baseline(reward_baseline=str(tmp_path / "own.json")) == own
+    save_baseline(dataclasses.replace(own, meta={"layer": 2}), tmp_path / "l2.json")
+    with pytest.raises(SaeRewardError, match="measured at layer 2, the reward reads layer 1"):
+        baseline(reward_baseline=str(tmp_path / "l2.json"))
+    baseline_beside(pack).unlink()  # no JSON beside the pack: its discovery rollouts
+    measured = baseline()
+    assert stats(measured) == stats(beside) and measured.meta["rollouts"] == str(ro.resolve())
+    assert baseline(reward_form="mechreward") is None
+    bare = tiny_pack(tmp_path / "bare", baseline=False)  # neither: refused before training, with the way out
+    with pytest.raises(SaeRewardError, match="needs base rollouts .* --reward-baseline"):
+        baseline(pack=str(bare))
+    assert baseline(pack=str(bare), reward_form="mechreward") is None
+    r2 = baseline(reward="direction", pack=None, direction_rollouts=str(ro), layer=1, reward_form="shaped")
+    assert r2.meta["rollouts"] == str(ro.resolve()) and r2.meta["scorer"] == "direction" and r2.sd > 0
+    assert baseline(reward="outcome", pack=None) is None
+
+
+def _text_batch(tr: GRPOTrainer, texts: list[str]) -> Any:
+    """Step 0's rollouts with each row's response replaced by ``texts[i]`` (``</s>``: the end token)."""
+    tok = tr.lm.tokenizer
+    b = tr._rollouts(0)
+    P = b.prompt_len
+    for i, text in enumerate(texts):
+        parts = text.split("</s>")
+        ids = tok(parts[0], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] * (len(parts) - 1)
+        n = len(ids)
+        b.sequences[i, P : P + n] = torch.tensor(ids)
+        for m in (b.attention_mask, b.response_mask, b.residual_mask):
+            m[i, P + n :] = 0
+            m[i, P : P + n] = 1
+    b.residual_mask[:, -1] = 0  # the last column is never fed through the model
+    return b
+
+
+def test_trainer_position_advantages(tmp_path: Path) -> None:
+    """The default form on a batch with an end token and a stop string: the outcome advantage plus
+    λ·clip((mech − μ_ref(t)) / σ_ref) on the scored tokens (not the end token, not "\\nQ:"'s three),
+    the length/mech correlation and the monitor's ρ as logged."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    pack = tiny_pack(tmp_path)
+    cfg = rl_cfg(tmp_path / "run", reward="sae", pack=str(pack), reward_source="reference", max_new_tokens=8)
+    tr = GRPOTrainer(cfg, lm=fresh_tiny())
+    texts = ["12 and 5", "7 </s>", "19\nQ:", "the sum ", "42", "x = 3."]
+    b = _text_batch(tr, texts)
+    P = b.prompt_len
+    _, res = tr.reference(b)
+    outcome = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+    lam = 0.5
+    adv, total, rs = tr.advantages(b, outcome, res, lam)
+
+    resp = b.response_mask[:, P:]
+    lengths = resp.sum(1)
+    assert lengths.tolist() == [8, 3, 5, 8, 2, 6]
+    scored = b.residual_mask[:, P:].clone()
+    scored[1, 2] = False  # the end token
+    scored[2, 2:5] = False  # "\n", "Q", ":"
+    assert torch.equal(tr.scored_mask(b), scored)
+    base = tr.baseline
+    N = resp.shape[1]
+    mu = torch.tensor([base.pos_mean[t] if t < len(base.pos_mean) else base.tail_mean for t in range(N)])
+    mech = tr.scorer.token_scores(res[:, P:].float())
+    u = torch.where(scored, lam * ((mech - mu) / base.sd).clamp(-3.0, 3.0), torch.zeros(()))
+    g = outcome.view(2, 3)
+    A = ((g - g.mean(1, keepdim=True)) / (g.std(1, unbiased=False, keepdim=True) + 1e-4)).flatten()
+    want = torch.where(resp, A[:, None] + u, torch.zeros(()))
+    torch.testing.assert_close(adv, want)
+    assert (adv[1, 2] == A[1]) and (adv[2, 2:5] == A[2]).all()  # no mech credit for ending
+    torch.testing.assert_close(total, outcome + u.sum(1) / base.mean_len)
+    per_row = (mech * scored).sum(1) / scored.sum(1)
+    assert rs["mech"] == pytest.approx(float((mech * scored).sum() / scored.sum()), rel=1e-5)
+    # within each group: completion length against the mech part of the mean advantage
+    mech_part = ((adv - A[:, None]) * resp).sum(1) / lengths
+    x = (lengths.double().view(2, 3) - lengths.double().view(2, 3).mean(1, keepdim=True)).flatten()
+    y = (mech_part.double().view(2, 3) - mech_part.double().view(2, 3).mean(1, keepdim=True)).flatten()
+    assert rs["len_mech_corr"] == pytest.approx(float(np.corrcoef(x, y)[0, 1]), abs=1e-6)
+    assert rs["scores"] == pytest.approx(per_row.tolist(), abs=1e-4)
+    row = {"completion_scores": rs["scores"], "completion_outcomes": [int(v) for v in outcome]}
+    assert monitor_rho([row], 3) == pytest.approx(
+        spearmanr(per_row.tolist(), outcome.tolist()).statistic, abs=1e-3
+    )
+    assert monitor_rho([row, {**row, "completion_outcomes": [0] * len(outcome)}], 1) != monitor_rho([row], 1)
+    # mechreward's form (asked for explicitly) scores every position with a residual, the end token too
+    mr = GRPOTrainer(dataclasses.replace(cfg, reward_form="mechreward"), lm=fresh_tiny(), check_only=True)
+    assert mr.baseline is None
+    rmask = b.residual_mask[:, P:]
+    assert torch.equal(mr.scored_mask(b), rmask)
+    adv_mr, total_mr, _ = mr.advantages(b, outcome, res, lam)
+    want_mr, want_total = token_advantages(
+        outcome, mech.where(rmask, torch.zeros(())), rmask, 3, lam, "both", loss_mask=resp, form="mechreward"
+    )
+    torch.testing.assert_close(adv_mr, want_mr)
+    torch.testing.assert_close(total_mr, want_total)
 
 
 def test_trainer_rejects_bad_setups(tmp_path: Path) -> None:
@@ -361,15 +659,34 @@ def test_resume_after_kill_is_identical(tmp_path: Path) -> None:
     kw = {"reward": "sae", "pack": str(pack), "lam": 0.5, "threads": 1}
     _run(tmp_path / "full", kw)
     _run(tmp_path / "killed", kw, kill_after_step=3)
-    assert json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())["step"] < 6
+    resumed_at = json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())["step"]
+    assert resumed_at < 6
     _run(tmp_path / "killed", kw)  # resumes
     a = load_file(tmp_path / "full" / "checkpoint" / "adapter.safetensors")
     b = load_file(tmp_path / "killed" / "checkpoint" / "adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     la = [json.loads(x) for x in (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("sec_")} for r in rows]  # noqa: E731
+    strip = lambda rows: [  # noqa: E731  (NaN != NaN: compare the monitor as text)
+        {k: (str(v) if k == "monitor_rho" else v) for k, v in r.items() if not k.startswith("sec_")}
+        for r in rows
+    ]
     assert strip(la) == strip(lb)
+
+
+def test_resume_keeps_the_monitor_window(tmp_path: Path) -> None:
+    """monitor_rho at step 3 of a run resumed after step 2 = that of the uninterrupted run."""
+    kw = {"reward": "sae", "pack": str(tiny_pack(tmp_path)), "lam": 0.5}
+    GRPOTrainer(rl_cfg(tmp_path / "full", steps=3, **kw), lm=fresh_tiny()).fit()
+    GRPOTrainer(rl_cfg(tmp_path / "split", steps=2, **kw), lm=fresh_tiny()).fit()
+    GRPOTrainer(rl_cfg(tmp_path / "split", steps=3, **kw), lm=fresh_tiny()).fit()
+    full, _ = read_run(tmp_path / "full")
+    split, _ = read_run(tmp_path / "split")
+    assert [r["step"] for r in split] == [0, 1, 2, 3]
+    want = [r["monitor_rho"] for r in full[1:]]
+    if any(math.isnan(v) for v in want):  # a window without both outcomes compares nothing
+        pytest.skip("the uninterrupted run's monitor ρ is undefined here")
+    assert [r["monitor_rho"] for r in split[1:]] == pytest.approx(want, rel=1e-6)
 
 
 def test_resume_after_kill_between_checkpoint_renames(tmp_path: Path) -> None:
@@ -395,7 +712,8 @@ def test_gate_g2_runs_every_reward_and_seed(tmp_path: Path, capsys: pytest.Captu
     rl = rl_cfg(
         tmp_path / "unused", steps=1, pack=str(pack), direction_rollouts=str(tmp_path / "ro"), layer=1
     )
-    cfg = GateG2Config(seeds=(0, 1), out=str(tmp_path / "g2"), rl=rl, min_seeds=2)
+    # no truncation audit: it reads the tokenizer by model name, which the tiny model has none of
+    cfg = GateG2Config(seeds=(0, 1), out=str(tmp_path / "g2"), rl=rl, min_seeds=2, audit=False)
     # bad input fails before any run, not after R0's: here R1's pack is from another layer
     bad = dataclasses.replace(cfg, rl=dataclasses.replace(rl, layer=3))
     with pytest.raises(SaeRewardError, match="discovered at layer 1, the reward reads layer 3"):
@@ -488,9 +806,9 @@ def _ddp_grpo_worker(rank: int, world: int, port: int, folder: str) -> None:
         rows = slice(3 * rank, 3 * rank + 3)  # one whole group per rank
         part = _split_batch(b, rows)
         ref_lp, _ = tr.reference(part)
-        adv, total, mech, gated = tr.advantages(part, outcome[rows], part.residuals, 0.5)
+        adv, total, rs = tr.advantages(part, outcome[rows], part.residuals, 0.5)
         loss, stats, _, ent = tr.update(part, adv, ref_lp)
-        logged = tr.batch_stats(part, outcome[rows], total, mech, gated, loss, stats, ent)
+        logged = tr.batch_stats(part, outcome[rows], total, rs["mech"], rs["gated"], loss, stats, ent)
         if rank == 0:
             from safetensors.torch import save_file
 
@@ -517,9 +835,9 @@ def test_data_parallel_update_equals_single_process(tmp_path: Path) -> None:
     _save_batch(tmp_path, b, outcome, pack)
     init = {n: p.detach().clone() for n, p in tr._lora_state().items()}
     ref_lp, _ = tr.reference(b)
-    adv, total, mech, gated = tr.advantages(b, outcome, b.residuals, 0.5)
+    adv, total, rs = tr.advantages(b, outcome, b.residuals, 0.5)
     loss, stats, _, ent = tr.update(b, adv, ref_lp)
-    logged = tr.batch_stats(b, outcome, total, mech, gated, loss, stats, ent)
+    logged = tr.batch_stats(b, outcome, total, rs["mech"], rs["gated"], loss, stats, ent)
     single = {n: p.detach() for n, p in tr._lora_state().items()}
     grads = {n: p.grad for n, p in tr._lora_state().items()}
     with socket.socket() as s:

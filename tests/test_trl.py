@@ -52,9 +52,43 @@ def _setup(tmp_path: Path, n: int, **args: Any) -> tuple[Any, Any, dict[str, Any
     return lm, pack, common
 
 
-def test_sae_grpo_trainer_two_steps(tmp_path: Path) -> None:
+def _base_baseline(lm: Any, scorer: Any, prompts: list[str], layer: int = 15) -> Any:
+    """The reward baseline of the base model (before TRL wraps it): the pack's per-token score on its own
+    sampled completions of the training prompts, read at ``layer`` during generation, end tokens left out."""
+    from saereward.generate import SamplingConfig, end_positions, generate_batch
+    from saereward.rl.reward import fit_baseline
+
+    sampling = SamplingConfig(max_new_tokens=8, do_sample=True, temperature=1.0, top_p=1.0)
+    g = generate_batch(lm, prompts * 2, sampling, capture_layers=[layer], seed=0)
+    P, tok = g.prompt_len, lm.tokenizer
+    mask = g.residual_mask[:, P:]
+    ends = end_positions(g.sequences[:, P:], mask, tok, (), set(tok.all_special_ids))
+    with torch.no_grad():
+        mech = scorer.token_scores(g.residuals[layer][:, P:].float())
+    scores = [mech[i][mask[i] & ~ends[i]] for i in range(len(mech))]
+    return fit_baseline(
+        scores, min_count=4, meta={"layer": layer, "prompt_format": "raw", "task": "chain_sum"}
+    )
+
+
+def _last_special(ids: torch.Tensor, mask: torch.Tensor, special: set[int]) -> torch.Tensor:
+    """``[B, T]`` True on each row's last completion token where it is a special (end) token."""
+    out = torch.zeros_like(mask)
+    for b in range(mask.shape[0]):
+        pos = torch.nonzero(mask[b]).flatten()
+        if len(pos) and int(ids[b, pos[-1]]) in special:
+            out[b, pos[-1]] = True
+    return out
+
+
+def test_sae_grpo_trainer_two_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default reward form: the advantage that reaches TRL's loss is TRL's own ``(B,)`` outcome
+    advantage plus the position-centred mech credit on the completion tokens, end token unscored."""
+    import trl
+
     from saereward.errors import SaeRewardError
     from saereward.features.scoring import PackScorer
+    from saereward.rl.reward import masked_zscore, mech_credit
     from saereward.rl.trl import SAEGRPOTrainer
     from tiny_models import random_sae
 
@@ -62,22 +96,56 @@ def test_sae_grpo_trainer_two_steps(tmp_path: Path) -> None:
         tmp_path, 8, max_completion_length=8, max_steps=2, beta=0.05, learning_rate=1e-3
     )
     sae = random_sae(d_in=576, d_sae=512, k=16, layer=15)
+    baseline = _base_baseline(lm, PackScorer(sae, pack), list(common["train_dataset"]["prompt"]))
+    assert baseline.sd > 0 and baseline.n_completions == 16
     # bad input is refused before TRL builds anything (the model is not wrapped yet)
     narrow = PackScorer(random_sae(d_in=64, d_sae=512, k=16, layer=15), pack)
     with pytest.raises(SaeRewardError, match="d_in 64 does not match model width 576"):
-        SAEGRPOTrainer(model=lm.model, scorer=narrow, **common)
+        SAEGRPOTrainer(model=lm.model, scorer=narrow, baseline=baseline, **common)
     with pytest.raises(SaeRewardError, match="discovered at layer 15, the reward reads layer 3"):
-        SAEGRPOTrainer(model=lm.model, scorer=PackScorer(sae, pack), layer=3, **common)
+        SAEGRPOTrainer(model=lm.model, scorer=PackScorer(sae, pack), layer=3, baseline=baseline, **common)
+    # the fixed-scale forms need a baseline; the form must be one of REWARD_FORMS
+    with pytest.raises(SaeRewardError, match="reward_form 'position' needs baseline="):
+        SAEGRPOTrainer(model=lm.model, scorer=PackScorer(sae, pack), reward_form="position", **common)
+    with pytest.raises(SaeRewardError, match="reward_form 'shaped' needs baseline="):
+        SAEGRPOTrainer(model=lm.model, scorer=PackScorer(sae, pack), reward_form="shaped", **common)
+    with pytest.raises(SaeRewardError, match="unknown reward form 'mean'"):
+        SAEGRPOTrainer(model=lm.model, scorer=PackScorer(sae, pack), reward_form="mean", **common)
     assert not hasattr(lm.model, "peft_config")
-    trainer = SAEGRPOTrainer(model=lm.model, scorer=PackScorer(sae, pack), layer=15, lam=0.5, **common)
+
+    # TRL's own outputs (before the subclass adds the mech credit) and the per-token scores
+    generated: list[dict[str, torch.Tensor]] = []
+    parent = trl.GRPOTrainer._generate_and_score_completions
+
+    def record(self: Any, inputs: Any) -> dict[str, Any]:
+        out = parent(self, inputs)
+        keys = ("advantages", "prompt_ids", "completion_ids", "completion_mask")
+        generated.append({k: out[k].detach().clone() for k in keys})
+        return out
+
+    monkeypatch.setattr(trl.GRPOTrainer, "_generate_and_score_completions", record)
+    lam = 0.5
+    trainer = SAEGRPOTrainer(
+        model=lm.model, scorer=PackScorer(sae, pack), layer=15, lam=lam, baseline=baseline, **common
+    )
+    assert trainer.sae_form == "position" and trainer.sae_clip == 3.0
+    scores: list[torch.Tensor] = []
+    token_scores = trainer.sae_scorer.token_scores
+
+    def score_spy(x: torch.Tensor) -> torch.Tensor:
+        out = token_scores(x)
+        scores.append(out.detach().clone())
+        return out
+
+    trainer.sae_scorer.token_scores = score_spy  # type: ignore[method-assign]
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
-    seen: list[torch.Tensor] = []
+    seen: list[dict[str, torch.Tensor]] = []
     loss_gap: list[float] = []
     orig = trainer._compute_loss
 
     def spy(model: Any, inputs: dict[str, Any]) -> Any:
         adv = inputs["advantages"]
-        seen.append(adv.detach().clone())
+        seen.append({k: inputs[k].detach().clone() for k in ("advantages", "prompt_ids", "completion_ids")})
         loss = orig(model, inputs)
         with torch.no_grad():  # the same batch with each row's advantage flattened to its first token's
             flat = orig(model, {**inputs, "advantages": adv[:, :1].expand_as(adv).contiguous()})
@@ -88,14 +156,39 @@ def test_sae_grpo_trainer_two_steps(tmp_path: Path) -> None:
     extra: list[int] = []
     trainer._extra_forward = lambda out: extra.append(1)  # type: ignore[method-assign,assignment,return-value]
     trainer.train()
-    assert seen and all(a.dim() == 2 for a in seen)
+    assert len(seen) == len(generated) == len(scores) == 2 and all(s["advantages"].dim() == 2 for s in seen)
+    special = set(lm.tokenizer.all_special_ids)
+    for got, gen, score in zip(seen, generated, scores, strict=True):
+        mask = gen["completion_mask"].bool()
+        mech = score.where(mask, torch.zeros(()))
+        scored = mask & ~_last_special(gen["completion_ids"], mask, special)
+        u = mech_credit("position", mech, scored, lam, baseline, 3.0, loss_mask=mask)
+        want = (gen["advantages"][:, None].expand_as(mask).float() + u).where(mask, torch.zeros(()))
+        assert (u[mask & ~scored] == 0).all() and u[scored].abs().sum() > 0
+        # TRL shuffles the generated batch before the loss: match rows by their tokens
+        for i in range(len(got["advantages"])):
+            rows = [
+                j
+                for j in range(len(want))
+                if torch.equal(got["prompt_ids"][i], gen["prompt_ids"][j])
+                and torch.equal(got["completion_ids"][i], gen["completion_ids"][j])
+            ]
+            assert rows and any(torch.equal(got["advantages"][i], want[j]) for j in rows), i
     # per-token: within a completion the advantage varies along the tokens
-    assert any((a[:, 1:] - a[:, :-1]).abs().sum() > 0 for a in seen)
+    assert any((s["advantages"][:, 1:] - s["advantages"][:, :-1]).abs().sum() > 0 for s in seen)
     assert max(loss_gap) > 1e-6  # the per-token part of the advantage reaches the loss
     assert not extra  # hidden states came from TRL's own reference forward
     after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(p, after[n].detach()) for n, p in before.items())
     assert any("sae/mech_mean" in h for h in trainer.state.log_history)
+    # mechreward's form (the ``token`` aggregation): λ·z(mech) over every completion token, end token too
+    gen = generated[-1]
+    mask = gen["completion_mask"].bool()
+    mech = scores[-1].where(mask, torch.zeros(()))
+    trainer.sae_form = "mechreward"
+    old = trainer._token_advantages(gen, gen["advantages"], mech, mask)
+    want = (gen["advantages"][:, None] + lam * masked_zscore(mech, mask)).where(mask, torch.zeros(()))
+    torch.testing.assert_close(old, want)
 
 
 def test_sae_grpo_trainer_beta_zero_reads_the_base_model(tmp_path: Path) -> None:
@@ -106,12 +199,9 @@ def test_sae_grpo_trainer_beta_zero_reads_the_base_model(tmp_path: Path) -> None
     from tiny_models import random_sae
 
     lm, pack, common = _setup(tmp_path, 4, max_completion_length=6, max_steps=1, beta=0.0)
-    trainer = SAEGRPOTrainer(
-        model=lm.model,
-        scorer=PackScorer(random_sae(d_in=576, d_sae=512, k=16, layer=15), pack),
-        lam=0.5,
-        **common,
-    )
+    scorer = PackScorer(random_sae(d_in=576, d_sae=512, k=16, layer=15), pack)
+    baseline = _base_baseline(lm, scorer, list(common["train_dataset"]["prompt"]))
+    trainer = SAEGRPOTrainer(model=lm.model, scorer=scorer, lam=0.5, baseline=baseline, **common)
     assert trainer.sae_layer == 15  # the pack's layer
     seen: list[torch.Tensor] = []
     orig = trainer._compute_loss

@@ -55,7 +55,8 @@ def end_positions(
         if not stops or n == 0:
             continue
         toks = ids[b, pos[:n]].tolist()
-        if not any(s in tokenizer.decode(toks[-8:], skip_special_tokens=True) for s in stops):
+        span = 4 * max(len(s) for s in stops)  # a character is at most 4 (byte-level) tokens
+        if not any(s in tokenizer.decode(toks[-span:], skip_special_tokens=True) for s in stops):
             continue
         for j in range(n - 1, -1, -1):
             if any(s in tokenizer.decode(toks[j:], skip_special_tokens=True) for s in stops):

@@ -137,10 +137,15 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     from saereward.rollouts import load_rollouts
     from saereward.sae.formats import load_sae
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)  # fail on an unwritable folder before the work
     ro = load_rollouts(cfg.rollouts)
     pack = load_pack(cfg.pack)
+    out = Path(cfg.out)
+    try:  # an unwritable output fails before the work
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SaeRewardError(
+            f"cannot create the output folder {out}: {exc.strerror}; pass another --out"
+        ) from None
     sae_path = cfg.sae or pack.metadata.get("sae_path")
     if not sae_path:
         raise SaeRewardError(f"pack {cfg.pack} records no SAE: pass --sae")

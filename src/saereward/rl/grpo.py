@@ -274,6 +274,10 @@ class GRPOConfig:
             raise ValueError(f"snapshot_every must be >= 0, got {self.snapshot_every}")
         if self.lr <= 0 or self.beta < 0 or self.lam < 0:
             raise ValueError("lr must be > 0, beta and lam >= 0")
+        if self.reward_form not in REWARD_FORMS:
+            raise ValueError(
+                f"unknown reward_form {self.reward_form!r}: choose from {', '.join(REWARD_FORMS)}"
+            )
         if self.reward_clip <= 0 or self.collapse_window < 1:
             raise ValueError("reward_clip must be > 0 and collapse_window >= 1")
         if not (0 < self.collapse_short_frac <= 1 and 0 <= self.collapse_len_ratio < 1):
@@ -579,6 +583,19 @@ def collapse_check(
     return {"collapsed": False, "step": None, "reason": None}
 
 
+def monitor_rho(rows: Sequence[dict[str, Any]], window: int) -> float:
+    """The online monitor: Spearman ρ of the per-completion score with the outcome, pooled over the
+    last ``window`` training rows (``completion_scores``/``completion_outcomes``); NaN when either is flat."""
+    from scipy.stats import spearmanr
+
+    train = [r for r in rows if "completion_scores" in r][-window:]
+    xs = [v for r in train for v in r["completion_scores"]]
+    ys = [v for r in train for v in r["completion_outcomes"]]
+    if len(set(ys)) < 2 or len(set(xs)) < 2:
+        return float("nan")
+    return float(spearmanr(xs, ys).statistic)
+
+
 def settings_diff(saved: dict[str, Any], cfg: GRPOConfig) -> list[str]:
     """Settings of ``cfg`` that differ from a run's saved ``config.json``, leaving out those that do not
     change what a step computes (``steps`` too: a longer run resumes a shorter one's checkpoint)."""
@@ -857,7 +874,6 @@ class GRPOTrainer:
         self.probe = self._load_probe()
         self.format_warning = self._check_prompt_format()
         self.baseline = self._build_baseline()
-        self._monitor: list[tuple[int, list[float], list[float]]] = []  # (step, scores, outcomes)
         if check_only:  # every check on the settings has run; no adapter, no optimizer
             return
         torch.manual_seed(cfg.seed)
@@ -944,9 +960,11 @@ class GRPOTrainer:
         if self.cfg.reward == "sae":
             meta = {k: self.scorer.pack.metadata.get(k) for k in ("prompt_format", "task")}
         src = self._scorer_rollouts()
-        if (meta.get("prompt_format") is None) and src and Path(src, "config.json").is_file():
+        if src and Path(src, "config.json").is_file():  # fill what the pack does not record
+            ro_cfg = json.loads(Path(src, "config.json").read_text())
             meta = {
-                k: json.loads(Path(src, "config.json").read_text()).get(k) for k in ("prompt_format", "task")
+                k: meta.get(k) if meta.get(k) is not None else ro_cfg.get(k)
+                for k in ("prompt_format", "task")
             }
         diffs = [
             f"{k} {meta[k]!r} (discovery) vs {getattr(self.cfg, k)!r} (RL)"
@@ -1234,7 +1252,7 @@ class GRPOTrainer:
 
     def advantages(
         self, b: _Batch, outcome: Tensor, residuals: Tensor | None, lam: float
-    ) -> tuple[Tensor, Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, Tensor, dict[str, Any]]:
         """Per-token advantages ``[B, N]``, total rewards ``[B]``, and the reward's statistics: the mean
         mech score, the share of tokens the dual verifier zeroed, the within-group correlation of
         completion length with the mech part of the advantage (all NaN for R0)."""
@@ -1244,7 +1262,11 @@ class GRPOTrainer:
         nan = float("nan")
         if self.scorer is None:
             adv, total = token_advantages(outcome, None, resp, cfg.group_size, 0.0)
-            return adv, total, {"mech": nan, "gated": nan, "len_mech_corr": nan}
+            return (
+                adv,
+                total,
+                {"mech": nan, "n_scored": 0.0, "gated": nan, "len_mech_corr": nan, "scores": []},
+            )
         if residuals is None:
             raise SaeRewardError("no residuals for the mech reward: internal error, please report")
         rmask = self.scored_mask(b)
@@ -1269,40 +1291,28 @@ class GRPOTrainer:
             baseline=self.baseline,
             clip=cfg.reward_clip,
         )
+        from saereward.features.scoring import masked_mean
+        from saereward.rl.reward import all_gather_floats
+
         zero = torch.zeros((), device=resp.device)
         base = token_advantages(outcome, None, resp, cfg.group_size, 0.0)[0]
         lengths = resp.sum(1).float()
         mech_part = (adv - base).where(resp, zero).sum(1) / lengths.clamp_min(1)
-        self._monitor_add(b, mech, rmask, outcome)
+        # whole groups live on one rank: the gathered rows keep them contiguous
+        lengths_all, part_all = all_gather_floats(lengths), all_gather_floats(mech_part)
         return (
             adv,
             total,
             {
                 "mech": float(mech.sum() / rmask.sum().clamp_min(1)),
+                "n_scored": float(rmask.sum()),
                 "gated": gated,
-                "len_mech_corr": within_group_corr(lengths, mech_part, cfg.group_size),
+                "len_mech_corr": within_group_corr(
+                    torch.tensor(lengths_all), torch.tensor(part_all), cfg.group_size
+                ),
+                "scores": [round(v, 5) for v in all_gather_floats(masked_mean(mech, rmask))],
             },
         )
-
-    def _monitor_add(self, b: _Batch, mech: Tensor, mask: Tensor, outcome: Tensor) -> None:
-        """Keep this step's per-completion pack scores and outcomes for the online monitor."""
-        from saereward.features.scoring import masked_mean
-
-        self._monitor.append((-1, masked_mean(mech, mask).tolist(), outcome.float().tolist()))
-
-    def monitor_rho(self, step: int) -> float:
-        """Spearman ρ of the per-completion score with the outcome over the last ``collapse_window`` steps."""
-        from scipy.stats import spearmanr
-
-        if self._monitor and self._monitor[-1][0] == -1:
-            self._monitor[-1] = (step, *self._monitor[-1][1:])
-        window = [m for m in self._monitor if m[0] > step - self.cfg.collapse_window]
-        self._monitor = window
-        xs = [v for m in window for v in m[1]]
-        ys = [v for m in window for v in m[2]]
-        if len(set(ys)) < 2 or len(set(xs)) < 2:
-            return float("nan")
-        return float(spearmanr(xs, ys).statistic)
 
     def step(self, step: int) -> dict[str, Any]:
         """One GRPO step (rollouts, reference, rewards, update); returns the log row."""
@@ -1323,11 +1333,12 @@ class GRPOTrainer:
         t3 = time.perf_counter()
         loss, stats, gnorm, ent_mean = self.update(b, adv, ref_lp)
         t_train = time.perf_counter() - t3
-        return {
+        from saereward.rl.reward import all_gather_floats
+
+        row: dict[str, Any] = {
             "step": step + 1,
-            **self.batch_stats(b, outcome, total, rstats["mech"], rstats["gated"], loss, stats, ent_mean),
+            **self.batch_stats(b, outcome, total, rstats, loss, stats, ent_mean),
             "len_mech_corr": rstats["len_mech_corr"],
-            "monitor_rho": self.monitor_rho(step + 1) if self.scorer is not None else float("nan"),
             "lam": lam,
             "grad_norm": gnorm,
             "sec_generate": round(t_gen, 3),
@@ -1337,14 +1348,17 @@ class GRPOTrainer:
             "sec_train": round(t_train, 3),
             "sec_step": round(time.perf_counter() - t0, 3),
         }
+        if self.scorer is not None:  # the online monitor's raw material, logged so a resume rebuilds it
+            row["completion_scores"] = rstats["scores"]
+            row["completion_outcomes"] = [int(v) for v in all_gather_floats(outcome.float())]
+        return row
 
     def batch_stats(
         self,
         b: _Batch,
         outcome: Tensor,
         total: Tensor,
-        mech_mean: float,
-        gated: float,
+        rstats: dict[str, Any],
         loss: Tensor,
         stats: dict[str, float],
         ent_mean: float,
@@ -1356,7 +1370,8 @@ class GRPOTrainer:
 
         resp = b.response_mask[:, b.prompt_len :]
         n_resp = float(resp.sum())
-        n_mech = float(b.residual_mask[:, b.prompt_len :].sum()) if self.scorer is not None else 0.0
+        mech_mean, gated = rstats["mech"], rstats["gated"]
+        n_mech = float(rstats["n_scored"]) if self.scorer is not None else 0.0
         local = [
             float(outcome.float().sum()),
             float(total.sum()),
@@ -1550,8 +1565,14 @@ class GRPOTrainer:
                 torch.manual_seed(cfg.seed * _STEP_SEED + s)
                 row = self.step(s)
                 rows.append(row)  # every rank: the batch statistics are all-reduced, the rule agrees
+                row["monitor_rho"] = monitor_rho(rows, cfg.collapse_window)
+                was = collapse["collapsed"]
                 collapse = self._collapse(rows)
                 stop = collapse["collapsed"] and cfg.collapse_stop
+                if collapse["collapsed"] and not (was or stop):
+                    log.warning(
+                        "run %s collapsed at step %d: %s", self.out, collapse["step"], collapse["reason"]
+                    )
                 last = s + 1 == cfg.steps or stop
                 if stop:
                     log.warning(

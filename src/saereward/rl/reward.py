@@ -88,6 +88,19 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     return t
 
 
+def all_gather_floats(t: Tensor) -> list[float]:
+    """The values of a 1-D ``t`` from every data-parallel rank, in rank order (``t`` itself without
+    an initialized process group)."""
+    import torch.distributed as dist
+
+    vals = [float(v) for v in t.detach().flatten().tolist()]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, vals)
+        return [v for p in parts for v in p]
+    return vals
+
+
 def masked_zscore(x: Tensor, mask: Tensor, eps: float = 1e-6) -> Tensor:
     """z-score of ``x [B, T]`` using only the positions in ``mask``; 0 outside the mask.
 
