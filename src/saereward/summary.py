@@ -164,9 +164,22 @@ def results_markdown(run: str | Path) -> str:
                     f"{name} ρ {_num(d['spearman_rho'])} {_rci(d.get('rho_ci'))}, "
                     f"AUROC {_num(d.get('auroc'))} {_rci(d.get('auroc_ci'))}"
                 )
+        pack = m.get("pack") if isinstance(m.get("pack"), dict) else {}
+        if "partial_rho_length" in pack:
+            parts.append(
+                f"pack ρ with length controlled {_num(pack['partial_rho_length'])} "
+                f"{_rci(pack.get('partial_rho_length_ci'))}"
+            )
+        lb = g1.get("length_baseline")
+        if isinstance(lb, dict) and "spearman_rho" in lb:
+            parts.append(f"length-only baseline ρ {_num(lb['spearman_rho'])} {_rci(lb.get('rho_ci'))}")
+        boot = g1.get("bootstrap") or {}
+        clustered = (
+            f", {boot['n_questions']} questions, CIs clustered by question" if "n_questions" in boot else ""
+        )
         rows.append(
             f"| G1 **{g1.get('verdict')}** | {'; '.join(parts)} (n={g1.get('n_responses')} held-out responses, "
-            f"{g1.get('n_correct')} correct, seed {g1.get('seed')}) |"
+            f"{g1.get('n_correct')} correct{clustered}, seed {g1.get('seed')}) |"
         )
     else:
         rows.append("| G1 | not run |")
