@@ -166,3 +166,12 @@ def test_within_group_corr() -> None:
     assert within_group_corr(x, -x, 4) == pytest.approx(-1.0)
     assert within_group_corr(x, torch.zeros(8), 4) != within_group_corr(x, torch.zeros(8), 4)  # NaN
     assert group_advantages(torch.zeros(4), 4).abs().max() == 0
+
+
+def test_shaped_credits_telescope_over_a_mask_with_gaps() -> None:
+    phi = torch.tensor([[1.0, 5.0, 2.0, 4.0]])
+    lm = torch.tensor([[True, False, True, True]])
+    c = shaping_credits(phi, lm)
+    # loss positions 0, 2, 3: credits 1, 2 - 1, (4 - 2) - 4; position 1 carries nothing
+    torch.testing.assert_close(c, torch.tensor([[1.0, 0.0, 1.0, -2.0]]))
+    assert float(c.sum()) == 0.0

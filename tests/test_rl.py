@@ -393,7 +393,8 @@ def test_collapse_guard_stops_the_run(tmp_path: Path) -> None:
     """Completions of at most 2 tokens (max_new_tokens = 2) are a collapsed run by the rule: it stops at
     step collapse_window, evaluated and checkpointed there, and a second fit() does not train on."""
     run = tmp_path / "run"
-    cfg = rl_cfg(run, max_new_tokens=2, steps=5, collapse_window=2)
+    pack = str(tiny_pack(tmp_path))
+    cfg = rl_cfg(run, reward="sae", pack=pack, lam=0.5, max_new_tokens=2, steps=5, collapse_window=2)
     summary = GRPOTrainer(cfg, lm=fresh_tiny()).fit()
     rows, saved = read_run(run)
     collapse = saved["collapse"]
@@ -401,8 +402,8 @@ def test_collapse_guard_stops_the_run(tmp_path: Path) -> None:
     assert saved["steps_done"] == summary["steps_done"] == 2 < cfg.steps
     assert [r["step"] for r in rows] == [0, 1, 2] and "eval_bits" in rows[-1]
     assert all(r["short_frac"] == 1.0 and r["completion_len"] <= 2 for r in rows[1:])
-    assert saved["final_completion_len"] == rows[-1]["completion_len"] and saved["reward_form"] is None
-    check_log_rows(run, n_eval=6, mech=False)
+    assert saved["final_completion_len"] == rows[-1]["completion_len"] and saved["reward_form"] == "position"
+    check_log_rows(run, n_eval=6, mech=True)
     assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 2
     log_before = (run / "train_log.jsonl").read_text()
 
@@ -418,11 +419,30 @@ def test_collapse_guard_stops_the_run(tmp_path: Path) -> None:
     assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 2
 
     # collapse_stop = False: every step runs, the collapse is still recorded where it happened
-    go_on = rl_cfg(tmp_path / "go_on", max_new_tokens=2, steps=3, collapse_window=2, collapse_stop=False)
+    kw = {"reward": "sae", "pack": pack, "lam": 0.5, "max_new_tokens": 2, "steps": 3, "collapse_window": 2}
+    go_on = rl_cfg(tmp_path / "go_on", collapse_stop=False, **kw)
     summary3 = GRPOTrainer(go_on, lm=fresh_tiny()).fit()
     rows3, saved3 = read_run(tmp_path / "go_on")
     assert saved3["steps_done"] == summary3["steps_done"] == 3 and [r["step"] for r in rows3] == [0, 1, 2, 3]
     assert saved3["collapse"] == collapse
+    # R0 has no score to hack: its collapse is recorded, the run is not stopped
+    r0 = rl_cfg(tmp_path / "r0", max_new_tokens=2, steps=3, collapse_window=2)
+    summary4 = GRPOTrainer(r0, lm=fresh_tiny()).fit()
+    assert summary4["steps_done"] == 3 and summary4["collapse"]["collapsed"] is True
+    assert summary4["reward_form"] is None
+
+
+def test_settings_diff_reads_old_runs_as_mechreward_form() -> None:
+    """A run saved before reward forms existed trained mechreward's form: it matches that, not the default."""
+    from saereward.config import to_dict
+    from saereward.rl.grpo import settings_diff
+
+    new = GRPOConfig(reward="sae", pack="p.json")
+    old = {k: v for k, v in to_dict(new).items() if k != "reward_form"}
+    assert settings_diff(old, new) == ["reward_form"]
+    assert settings_diff(old, GRPOConfig(reward="sae", pack="p.json", reward_form="mechreward")) == []
+    r0 = GRPOConfig()  # R0 ignores how a score would enter
+    assert settings_diff({**to_dict(r0), "reward_form": "shaped", "lam": 0.3}, r0) == []
 
 
 def test_prompt_format_mismatch_warns_and_is_recorded(

@@ -465,7 +465,8 @@ def run_gate_g1(cfg: GateG1Config) -> dict[str, Any]:
     val = ro.split_mask(cfg.split)
     disc = ro.split_mask("discovery") if cfg.split != "discovery" else ~val
     correct = ro.correct
-    qids = [r["qid"] for r, m in zip(ro.rows, val.tolist(), strict=True) if m]
+    # clusters are questions by text: generators repeat a question under a new id (the splits do the same)
+    qids = [r.get("prompt", r["qid"]) for r, m in zip(ro.rows, val.tolist(), strict=True) if m]
     val_q = set(qids)
     leak_check = _check_leak(pack, val_q, cfg.split)
     n_c, n_w = require_both_outcomes(

@@ -10,7 +10,8 @@ For every form of :mod:`saereward.rl.reward` this module measures, on real rollo
 * the change from padding: ``pad`` extra loss positions after the end that carry no score (what a
   batch's padding or extra end tokens add);
 
-in units of ``σ``, the SD over completions of the form's whole reward ``o_b + M_b``. A form whose
+in units of ``σ``, the SD over completions of the form's whole reward ``o_b + M_b`` (and, as
+``gain_sigma_mech``, of ``M_b`` alone: a stricter unit that shows a small bias). A form whose
 best gain from cutting exceeds ``warn_sigma`` (0.1 σ) pays the policy to stop early: ``gate-g2``
 warns and refuses it a PASS. The baseline of the fixed-scale forms is measured on the discovery
 split and the audit runs on the validation split, so the position means are not fitted to the
@@ -61,13 +62,14 @@ def truncation_gains(
     units and in σ units, with the number of completions each cut applies to.
     """
     B, T = mech.shape
-    pos = torch.arange(T + pad).expand(B, T + pad)
+    pos = torch.arange(T + pad, device=mech.device).expand(B, T + pad)
     mech_p = torch.nn.functional.pad(mech.float(), (0, pad))
     full_p = torch.nn.functional.pad(full, (0, pad))
     scored_p = torch.nn.functional.pad(scored, (0, pad))
     mask = _mech_mask(form, full_p, scored_p)
     M = completion_mech_reward(form, mech_p, mask, lam, baseline, clip, loss_mask=full_p)
-    sigma = float((outcome.float() + M).std(unbiased=False))
+    sigma = float((outcome.double().to(M.device) + M.double()).std(unbiased=False))
+    sigma_mech = float(M.double().std(unbiased=False))  # the mech term's own spread (stricter unit)
     lengths = full.sum(1)
     rows: dict[str, Any] = {}
     for k in cuts:
@@ -79,7 +81,12 @@ def truncation_gains(
         cut = pos < k
         Mk = completion_mech_reward(form, mech_p, mask & cut, lam, baseline, clip, loss_mask=full_p & cut)
         gain = float((Mk - M)[keep].mean())
-        rows[str(k)] = {"n": n, "gain": gain, "gain_sigma": _in_sigma(gain, sigma)}
+        rows[str(k)] = {
+            "n": n,
+            "gain": gain,
+            "gain_sigma": _in_sigma(gain, sigma),
+            "gain_sigma_mech": _in_sigma(gain, sigma_mech),
+        }
     last = torch.where(full_p, pos, torch.full_like(pos, -1)).max(1).values
     padded = full_p | ((pos > last[:, None]) & (pos <= last[:, None] + pad))
     Mp = completion_mech_reward(form, mech_p, mask, lam, baseline, clip, loss_mask=padded)
@@ -96,9 +103,11 @@ def truncation_gains(
 
 
 def _in_sigma(gain: float, sigma: float) -> float:
-    if sigma > 0:
-        return gain / sigma
-    return 0.0 if abs(gain) < 1e-12 else float("inf") * (1 if gain > 0 else -1)
+    """``gain / σ``; float rounding (|gain| < 1e-7) is 0, and σ is floored so that a constant reward
+    cannot turn rounding into a large ratio."""
+    if abs(gain) < 1e-7:
+        return 0.0
+    return gain / max(sigma, 1e-6)
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,9 @@ advantage (``len_mech_corr``: positive when the reward pays for length, negative
 stopping) and an online monitor, Spearman ρ of the per-completion score with the outcome over the
 last ``collapse_window`` steps (``monitor_rho``). :func:`collapse_check` marks a run collapsed when,
 over ``collapse_window`` steps, half the completions have at most 3 tokens, or the mean length has
-fallen below half the first steps'; by default the run is evaluated, checkpointed and stopped there,
-and ``summary.json`` records it. A warning is logged (and kept in the summary) when RL trains on
+fallen below half the first steps'; by default a run with a mech reward is evaluated, checkpointed
+and stopped there (an R0 run, which has no score to hack, is only marked), and ``summary.json``
+records it. A warning is logged (and kept in the summary) when RL trains on
 another prompt format or task than the score was discovered on.
 
 Every random draw is seeded from ``(seed, step)``, so a run resumed from a checkpoint replays
@@ -600,7 +601,8 @@ def settings_diff(saved: dict[str, Any], cfg: GRPOConfig) -> list[str]:
     """Settings of ``cfg`` that differ from a run's saved ``config.json``, leaving out those that do not
     change what a step computes (``steps`` too: a longer run resumes a shorter one's checkpoint)."""
     mine = to_dict(cfg)  # JSON-plain, as the saved file
-    default = to_dict(GRPOConfig())  # for options added since the run
+    # options added since the run: what such a run did, else today's default
+    default = {**to_dict(GRPOConfig()), **_LEGACY}
     skip: tuple[str, ...] = (
         "out",
         "resume",
@@ -616,6 +618,8 @@ def settings_diff(saved: dict[str, Any], cfg: GRPOConfig) -> list[str]:
     return [k for k in mine if k not in skip and saved.get(k, default.get(k)) != mine[k]]
 
 
+#: runs saved before an option existed behaved like this (the reward form was mechreward's)
+_LEGACY: dict[str, Any] = {"reward_form": "mechreward"}
 SHORT_TOKENS = 3  # the collapse guard counts completions of at most this many tokens
 _STEP_SEED = 104_729  # torch is seeded with seed * _STEP_SEED + step before each step
 
@@ -986,11 +990,18 @@ class GRPOTrainer:
         cfg = self.cfg
         if self.scorer is None or cfg.reward_form == "mechreward":
             return None
-        from saereward.rl.baseline import baseline_beside, load_baseline, measure_baseline
+        from saereward.rl.baseline import BASELINE_FILE, baseline_beside, load_baseline, measure_baseline
+        from saereward.rl.reward import require_baseline
         from saereward.rollouts import load_rollouts
 
         beside = baseline_beside(cfg.pack) if (cfg.reward == "sae" and cfg.pack) else None
-        src = cfg.reward_baseline or (str(beside) if beside and beside.is_file() else self._scorer_rollouts())
+        own = self.out / BASELINE_FILE  # a resumed run keeps the baseline it started with
+        src = (
+            str(own)
+            if (cfg.resume and own.is_file())
+            else cfg.reward_baseline
+            or (str(beside) if beside and beside.is_file() else self._scorer_rollouts())
+        )
         if not src:
             raise SaeRewardError(
                 f"reward_form {cfg.reward_form!r} needs base rollouts to measure the reward baseline on: "
@@ -1006,6 +1017,7 @@ class GRPOTrainer:
         else:
             ro = load_rollouts(src)
             b = measure_baseline(self.scorer, ro, self.layer, self.lm.tokenizer, meta={"scorer": cfg.reward})  # type: ignore[arg-type]
+        require_baseline(cfg.reward_form, b)  # a degenerate baseline fails before any step
         if b.meta.get("prompt_format") not in (None, cfg.prompt_format):
             log.warning(
                 "the reward baseline was measured on %s prompts, RL uses %s: its position means may not apply",
@@ -1552,7 +1564,11 @@ class GRPOTrainer:
         start = self._restore()
         rows, tb = self._open_log(start, main)
         collapse = self._collapse(rows)
-        stop_at = collapse["step"] if (collapse["collapsed"] and cfg.collapse_stop) else None
+        stop_at = (
+            collapse["step"]
+            if (collapse["collapsed"] and cfg.collapse_stop and self.scorer is not None)
+            else None
+        )
         bar = tqdm(
             total=cfg.steps,
             initial=start,
@@ -1568,7 +1584,8 @@ class GRPOTrainer:
                 row["monitor_rho"] = monitor_rho(rows, cfg.collapse_window)
                 was = collapse["collapsed"]
                 collapse = self._collapse(rows)
-                stop = collapse["collapsed"] and cfg.collapse_stop
+                # R0 has no mech reward to hack: a shrinking R0 run is recorded, never stopped
+                stop = collapse["collapsed"] and cfg.collapse_stop and self.scorer is not None
                 if collapse["collapsed"] and not (was or stop):
                     log.warning(
                         "run %s collapsed at step %d: %s", self.out, collapse["step"], collapse["reason"]

@@ -24,7 +24,7 @@ completion (what :func:`completion_mech_reward` computes and the truncation audi
 
 The other forms share one shape: the outcome advantage ``A_b = (o_b − mean_g o)/(std_g o + ε)``
 (normalised within its group, 0 in a tied group) plus a per-token mech credit ``u_bt`` at a **fixed
-scale** (never divided by a group's SD), clipped to ``±λ·clip``::
+scale** (never divided by a group's SD), from a score clipped to ``±clip`` reference SDs::
 
     adv_bt = A_b + u_bt            M_b = Σ_t u_bt / L_ref
 
@@ -42,7 +42,10 @@ credits remain.
   ``Φ_t = λ · clip(s_t)`` after token ``t`` (0 before the first token and after the last), credit
   ``u_t = Φ_t − Φ_{t−1}``; the last token also gets the terminal ``−Φ``. Each completion's credits
   sum to exactly 0, so neither truncation nor padding can pay; the term only moves credit between
-  a completion's tokens (towards those that raise the score).
+  a completion's tokens (towards those that raise the score). Credits reach ±2λ·clip. Since the
+  credit is per token (no return-to-go), the end token carries ``−Φ`` of the last state: once RL
+  has raised the score above the base model's, ending is penalised, a pull towards longer
+  completions that the truncation audit (which sees ``M_b ≡ 0``) cannot show.
 
 ``z`` (mechreward form) is a z-score over the **response positions of the whole batch only**
 (mechreward's own z-score also counted prompt and pad zeros).
@@ -177,7 +180,7 @@ def fit_baseline(
     scores: Sequence[Tensor], min_count: int = 20, meta: dict[str, Any] | None = None
 ) -> RewardBaseline:
     """Fit a :class:`RewardBaseline` from per-completion scores (1-D, response positions 0, 1, ...)."""
-    scores = [s.double().flatten() for s in scores]
+    scores = [s.detach().double().flatten().cpu() for s in scores]
     if not scores or not any(len(s) for s in scores):
         raise SaeRewardError(
             "no scored tokens to measure the reward baseline on: need base rollouts with responses"
@@ -209,7 +212,7 @@ def fit_baseline(
     )
 
 
-def _require_baseline(form: str, baseline: RewardBaseline | None) -> RewardBaseline:
+def require_baseline(form: str, baseline: RewardBaseline | None) -> RewardBaseline:
     if baseline is None:
         raise SaeRewardError(
             f"reward form {form!r} needs a reward baseline measured on base rollouts: pass one "
@@ -242,13 +245,17 @@ def shaping_credits(phi: Tensor, loss_mask: Tensor) -> Tensor:
     ``phi [B, T]`` is 0 where no potential is defined (unscored tokens such as the end token).
     """
     lm = loss_mask.bool()
-    phi = phi.where(lm, torch.zeros((), dtype=phi.dtype, device=phi.device))
-    prev = torch.nn.functional.pad(phi[:, :-1], (1, 0))
-    credit = (phi - prev).where(lm, torch.zeros((), dtype=phi.dtype, device=phi.device))
+    zero = torch.zeros((), dtype=phi.dtype, device=phi.device)
+    phi = phi.where(lm, zero)
+    # Φ of the previous *loss* position (a mask with gaps still telescopes)
+    idx = torch.arange(lm.shape[1], device=lm.device).expand_as(lm)
+    last_seen = torch.where(lm, idx, torch.full_like(idx, -1)).cummax(1).values
+    j = torch.nn.functional.pad(last_seen[:, :-1], (1, 0), value=-1)
+    prev = phi.gather(1, j.clamp_min(0)).where(j >= 0, zero)
+    credit = (phi - prev).where(lm, zero)
     last = last_position(lm)
     rows = torch.nonzero(last >= 0).flatten()
     credit[rows, last[rows]] -= phi[rows, last[rows]]
-    # positions after the last loss token would otherwise carry −Φ_last: they are outside lm anyway
     return credit
 
 
@@ -265,7 +272,7 @@ def mech_credit(
     """Per-token mech credit ``u [B, T]`` of the fixed-scale forms (0 off ``mask``/``loss_mask``)."""
     if form not in ("decoupled", "position", "shaped"):
         raise ValueError(f"mech_credit covers the fixed-scale forms, not {form!r}")
-    b = _require_baseline(form, baseline)
+    b = require_baseline(form, baseline)
     m = mask.bool()
     zero = torch.zeros((), device=mech.device)
     s = standardized_score(form, mech, b).clamp(-clip, clip).where(m, zero)
@@ -295,7 +302,7 @@ def completion_mech_reward(
     if form == "mechreward":
         mech = mech.float().where(m, torch.zeros((), device=mech.device))
         return lam * mech.sum(1) / m.sum(1).clamp_min(1)
-    b = _require_baseline(form, baseline)
+    b = require_baseline(form, baseline)
     u = mech_credit(form, mech, m, lam, b, clip, loss_mask=loss_mask)
     return u.sum(1) / b.mean_len
 
@@ -333,6 +340,7 @@ def token_advantages(
     if form != "mechreward":
         A = group_advantages(outcome, group_size, eps)
         u = mech_credit(form, mech, m, lam, baseline, clip, loss_mask=lm, gate=gate)
+        u = u.where(lm, zero)
         adv = (A[:, None].expand_as(lm).float() + u).where(lm, zero)
         return adv, outcome + u.sum(1) / baseline.mean_len  # type: ignore[union-attr]
     mech = mech.float().where(m, zero)

@@ -157,7 +157,11 @@ class SAEGRPOTrainer(GRPOTrainer):
 
         proc: Any = self.processing_class
         tok: Any = getattr(proc, "tokenizer", proc)  # a processor wraps its tokenizer
-        ends = end_positions(output["completion_ids"].cpu(), mask.cpu(), tok, (), set(tok.all_special_ids))
+        from saereward.generate import stop_strings_for
+
+        fmt = (self.sae_baseline.meta if self.sae_baseline is not None else {}).get("prompt_format")
+        stops = stop_strings_for(fmt) if fmt else ()  # as the baseline was measured
+        ends = end_positions(output["completion_ids"].cpu(), mask.cpu(), tok, stops, set(tok.all_special_ids))
         scored = mask & ~ends.to(mask.device)
         u = mech_credit(
             self.sae_form, mech, scored, self.sae_lam, self.sae_baseline, self.sae_clip, loss_mask=mask
