@@ -828,7 +828,7 @@ def _ddp_grpo_worker(rank: int, world: int, port: int, folder: str) -> None:
         ref_lp, _ = tr.reference(part)
         adv, total, rs = tr.advantages(part, outcome[rows], part.residuals, 0.5)
         loss, stats, _, ent = tr.update(part, adv, ref_lp)
-        logged = tr.batch_stats(part, outcome[rows], total, rs["mech"], rs["gated"], loss, stats, ent)
+        logged = tr.batch_stats(part, outcome[rows], total, rs, loss, stats, ent)
         if rank == 0:
             from safetensors.torch import save_file
 
@@ -857,7 +857,7 @@ def test_data_parallel_update_equals_single_process(tmp_path: Path) -> None:
     ref_lp, _ = tr.reference(b)
     adv, total, rs = tr.advantages(b, outcome, b.residuals, 0.5)
     loss, stats, _, ent = tr.update(b, adv, ref_lp)
-    logged = tr.batch_stats(b, outcome, total, rs["mech"], rs["gated"], loss, stats, ent)
+    logged = tr.batch_stats(b, outcome, total, rs, loss, stats, ent)
     single = {n: p.detach() for n, p in tr._lora_state().items()}
     grads = {n: p.grad for n, p in tr._lora_state().items()}
     with socket.socket() as s:
