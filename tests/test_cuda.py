@@ -91,8 +91,10 @@ def test_sae_grpo_trainer_runs_on_the_models_device(tmp_path: Path, device: str)
 
     from saereward.features.pack import Feature, FeaturePack
     from saereward.features.scoring import PackScorer
+    from saereward.rl.reward import fit_baseline
     from saereward.rl.trl import SAEGRPOTrainer
 
+    gen = torch.Generator().manual_seed(0)
     model, _ = make_tiny("llama")
     tok = char_tokenizer()
     ds = Dataset.from_list([{"prompt": f"{a}+{a}=", "answer": 2 * a} for a in range(10, 18)])
@@ -127,6 +129,8 @@ def test_sae_grpo_trainer_runs_on_the_models_device(tmp_path: Path, device: str)
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
         scorer=PackScorer(random_sae(d_in=64, d_sae=256, k=8, layer=2), pack),
         lam=0.5,
+        # the default (position) form's fixed scale: a baseline fitted on seeded synthetic scores
+        baseline=fit_baseline([torch.randn(6, generator=gen) for _ in range(24)], min_count=4),
     )
     assert trainer.sae_scorer.weights.device.type == device
     assert next(trainer.model.parameters()).device.type == device

@@ -466,9 +466,9 @@ def run_gate_g1(cfg: GateG1Config) -> dict[str, Any]:
     disc = ro.split_mask("discovery") if cfg.split != "discovery" else ~val
     correct = ro.correct
     # clusters are questions by text: generators repeat a question under a new id (the splits do the same)
-    qids = [r.get("prompt", r["qid"]) for r, m in zip(ro.rows, val.tolist(), strict=True) if m]
-    val_q = set(qids)
-    leak_check = _check_leak(pack, val_q, cfg.split)
+    val_rows = [r for r, m in zip(ro.rows, val.tolist(), strict=True) if m]
+    qids = [r.get("prompt", r["qid"]) for r in val_rows]
+    leak_check = _check_leak(pack, {r["qid"] for r in val_rows}, cfg.split)
     n_c, n_w = require_both_outcomes(
         correct[val], f"the {cfg.split} split", "raise n/samples or use a task with a mix of outcomes"
     )
@@ -515,7 +515,7 @@ def run_gate_g1(cfg: GateG1Config) -> dict[str, Any]:
         "thresholds": thresholds,
         "split": cfg.split,
         "n_responses": int(val.sum()),
-        "n_questions": len(val_q),
+        "n_questions": len(set(qids)),
         "n_correct": n_c,
         "n_wrong": n_w,
         "seed": cfg.seed,
@@ -526,7 +526,7 @@ def run_gate_g1(cfg: GateG1Config) -> dict[str, Any]:
             "n_boot": cfg.n_boot,
             "seed": cfg.seed,
             "n_responses": int(val.sum()),
-            "n_questions": len(val_q),
+            "n_questions": len(set(qids)),
         },
         "length_baseline": length,
         "layer": layer,
