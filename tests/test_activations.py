@@ -180,19 +180,18 @@ def test_corpus_rows_equal_unpadded_forward_all_layers_in_one_pass(tmp_path: Pat
 
 
 def test_task_rows_are_the_generation_residuals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import saereward.generate as gen
     from saereward.tasks import format_prompt, load_task
 
     lm = tiny_lm()
     seen: list[Any] = []
-    real_iter = gen.iter_generate
+    real_iter = act.iter_generate
 
     def recording(*args: Any, **kw: Any):  # noqa: ANN202
         for idx, g in real_iter(*args, **kw):
             seen.append(g)
             yield idx, g
 
-    monkeypatch.setattr(gen, "iter_generate", recording)
+    monkeypatch.setattr(act, "iter_generate", recording)
     cfg = config(tmp_path / "out", n=7, shots=1, sample=True, held_out_fraction=0.0, shard_tokens=10_000)
     run_collect(cfg, lm)
     src = read_manifest(cfg.out)["sources"][0]
@@ -365,8 +364,6 @@ def test_non_finite_activations_are_refused(tmp_path: Path, corpus: Path, store_
 
 
 def test_hf_dataset_fails_fast_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import saereward.hub as hub
-
     cfg = config(tmp_path / "out", task=None, hf_dataset="wikitext", hf_config="wikitext-2-raw-v1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SaeRewardError, match="offline mode is set.*text_paths"):
@@ -374,7 +371,7 @@ def test_hf_dataset_fails_fast_offline(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.delenv("HF_HUB_OFFLINE")
     for flag in ("HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(flag, raising=False)
-    monkeypatch.setattr(hub, "hub_reachable", lambda: (False, "https://huggingface.co"))
+    monkeypatch.setattr(act, "hub_reachable", lambda: (False, "https://huggingface.co"))
     with pytest.raises(SaeRewardError, match="cannot reach https://huggingface.co.*text_paths"):
         run_collect(cfg, tiny_lm())
     assert not (tmp_path / "out").exists()

@@ -89,9 +89,9 @@ def test_sae_grpo_trainer_runs_on_the_models_device(tmp_path: Path, device: str)
     from peft import LoraConfig
     from trl import GRPOConfig
 
+    from saereward.features.baseline import fit_baseline
     from saereward.features.pack import Feature, FeaturePack
     from saereward.features.scoring import PackScorer
-    from saereward.rl.reward import fit_baseline
     from saereward.rl.trl import SAEGRPOTrainer
 
     gen = torch.Generator().manual_seed(0)

@@ -16,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 
 from saereward import load_pack
 from saereward.errors import SaeRewardError
-from saereward.features.discover import cohens_d, require_both_outcomes, select_features
+from saereward.features.discover import select_features
 from saereward.features.layers import answer_position, contrastive_direction, layer_scores
 from saereward.features.pack import Feature, FeaturePack, check_pack, save_pack
 from saereward.features.reasonscore import reason_score, word_hits
@@ -27,7 +27,8 @@ from saereward.features.scoring import (
     pooled_sae_acts,
     segment_mean,
 )
-from saereward.gates.g1 import association, gate_verdict, length_control, partial_association, verdict
+from saereward.gates.g1 import gate_verdict, length_control, verdict
+from saereward.stats import association, cohens_d, partial_association, require_both_outcomes
 from tiny_models import char_tokenizer, random_sae
 
 # --------------------------------------------------------------------------------------------------

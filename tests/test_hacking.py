@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from saereward.errors import SaeRewardError
+from saereward.features.probe import LinearProbe, fit_logistic, load_probe
 from saereward.gates.g3 import GateG3Config, decide
 from saereward.hacking import (
     THEATRE_WORDS,
@@ -24,8 +25,7 @@ from saereward.hacking import (
     rates,
     theatre_count,
 )
-from saereward.probes import LinearProbe, dual_gate, fit_logistic, load_probe
-from saereward.rl.reward import token_advantages
+from saereward.rl.reward import dual_gate, token_advantages
 from saereward.stats import mcnemar, two_proportion_test
 from saereward.tasks import load_task
 
@@ -157,7 +157,7 @@ def test_dual_gate_sign_agreement() -> None:
 
 @pytest.mark.parametrize("form", ["mechreward", "decoupled", "position", "shaped"])
 def test_gate_zeroes_only_the_mech_term(form: str) -> None:
-    from saereward.rl.reward import fit_baseline
+    from saereward.features.baseline import fit_baseline
 
     outcome = torch.tensor([1.0, 0.0])
     mech = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.0, -1.0]])

@@ -6,12 +6,11 @@ import pytest
 import torch
 
 from saereward.errors import SaeRewardError
+from saereward.features.baseline import RewardBaseline, fit_baseline
 from saereward.rl.audit import truncation_gains
 from saereward.rl.reward import (
     REWARD_FORMS,
-    RewardBaseline,
     completion_mech_reward,
-    fit_baseline,
     group_advantages,
     mech_credit,
     shaping_credits,

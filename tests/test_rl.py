@@ -274,8 +274,8 @@ def tiny_pack(folder: Path, layer: int = 1, baseline: bool = True, **metadata: A
     """A pack on a random SAE of the tiny model, saved as discovery saves one: with ``baseline``, its
     metadata names the base rollouts it came from (``tiny_rollouts``) and the reward baseline measured
     on them lies beside it (``pack.baseline.json``), as the fixed-scale reward forms need."""
+    from saereward.features.baseline import baseline_beside, measure_baseline, save_baseline
     from saereward.features.scoring import PackScorer
-    from saereward.rl.baseline import baseline_beside, measure_baseline, save_baseline
     from saereward.rollouts import load_rollouts
     from tiny_models import char_tokenizer
 
@@ -345,7 +345,7 @@ def test_trainer_sae_reward_updates_lora(tmp_path: Path, source: str) -> None:
     assert summary["reward_form"] == "position" and summary["collapse"]["collapsed"] is False
     assert summary["steps_done"] == 2 and summary["format_warning"] is None
     # the trainer used the baseline beside the pack, and keeps a copy in the run folder
-    from saereward.rl.baseline import BASELINE_FILE, baseline_beside, load_baseline
+    from saereward.features.baseline import BASELINE_FILE, baseline_beside, load_baseline
 
     assert tr.baseline == load_baseline(baseline_beside(pack))
     assert load_baseline(tmp_path / "run" / BASELINE_FILE) == tr.baseline
@@ -477,8 +477,7 @@ def test_prompt_format_mismatch_warns_and_is_recorded(
 def test_trainer_reward_baseline_sources(tmp_path: Path) -> None:
     """Where the fixed-scale forms' baseline comes from: --reward-baseline (a JSON or a rollout folder),
     else the JSON beside the pack, else the pack's recorded rollouts (R1) / direction_rollouts (R2)."""
-    from saereward.rl.baseline import baseline_beside, load_baseline, save_baseline
-    from saereward.rl.reward import fit_baseline
+    from saereward.features.baseline import baseline_beside, fit_baseline, load_baseline, save_baseline
 
     pack = tiny_pack(tmp_path)
     ro = tmp_path / "base_rollouts"

@@ -75,10 +75,14 @@ from typing import Any, Literal
 import torch
 
 from saereward import __version__
+from saereward.capture import forward_residuals
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
+from saereward.generate import SamplingConfig, iter_generate, stop_strings_for
+from saereward.hub import hub_offline, hub_reachable
 from saereward.io import atomic_path, file_sha256, iter_jsonl, write_json
-from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, check_device
+from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, check_device, load_model, resolve_layer
+from saereward.tasks import format_prompt, load_task
 from saereward.tasks.prompts import PromptFormat
 
 log = logging.getLogger(__name__)
@@ -116,7 +120,7 @@ class CollectConfig:
     task_path: str | None = option(None, "local JSONL file for the task (GSM8K or MATH format)")
     task_params: dict[str, Any] = option({}, "extra task settings, e.g. reasoning-gym config (TOML table)")
     n: int | None = option(200, "number of task items (None = all the task has)")
-    prompt_format: PromptFormat = option("fewshot", "prompt format: raw (seed's Q:/A: CoT), fewshot, chat")
+    prompt_format: PromptFormat = option("fewshot", "prompt format: raw (mechreward's Q:/A: CoT), fewshot, chat")
     shots: int = option(2, "few-shot demos for prompt_format=fewshot")
     max_new_tokens: int = option(128, "max tokens to generate per item")
     sample: bool = option(False, "sample instead of greedy decoding")
@@ -351,8 +355,6 @@ class _TaskSource:
     kind = "task"
 
     def __init__(self, cfg: CollectConfig) -> None:
-        from saereward.tasks import load_task
-
         assert cfg.task
         self.cfg = cfg
         self.task = load_task(
@@ -364,8 +366,6 @@ class _TaskSource:
         self.prefix_len = 0
 
     def prepare(self, lm: LoadedModel) -> None:
-        from saereward.tasks import format_prompt
-
         cfg = self.cfg
         if cfg.prompt_format == "chat" and not getattr(lm.tokenizer, "chat_template", None):
             raise SaeRewardError(
@@ -386,8 +386,6 @@ class _TaskSource:
             self.prefix_len = k
 
     def sampling(self) -> Any:
-        from saereward.generate import SamplingConfig, stop_strings_for
-
         cfg = self.cfg
         return SamplingConfig(
             max_new_tokens=cfg.max_new_tokens,
@@ -413,8 +411,6 @@ class _TaskSource:
         }
 
     def units(self, lm: LoadedModel, layers: Sequence[int], start: int) -> Iterator[tuple[int, _Rows]]:
-        from saereward.generate import iter_generate
-
         sampling = self.sampling()
         for u in range(start, len(self.groups)):
             group = self.groups[u]
@@ -513,8 +509,6 @@ class _CorpusSource:
                     yield doc_id, chunk
 
     def units(self, lm: LoadedModel, layers: Sequence[int], start: int) -> Iterator[tuple[int, _Rows]]:
-        from saereward.capture import forward_residuals
-
         bs = self.cfg.batch_size
         pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
         device = next(lm.model.parameters()).device
@@ -554,8 +548,6 @@ class _CorpusSource:
 
 def _open_hf_stream(cfg: CollectConfig) -> Any:
     """Open ``cfg.hf_dataset`` as a streaming dataset, failing in seconds when the hub is unreachable."""
-    from saereward.hub import hub_offline, hub_reachable
-
     name = cfg.hf_dataset
     fix = "save the text as .txt or .jsonl files and pass them as text_paths instead"
     if hub_offline():
@@ -729,8 +721,6 @@ def run_collect(cfg: CollectConfig, lm: LoadedModel | None = None) -> Path:
 
     A finished collection with the same config is left as it is; an interrupted one is resumed.
     """
-    from saereward.lm import load_model, resolve_layer
-
     out = Path(cfg.out)
     old = _prepare_out(cfg)
     # Sources are checked before the model is loaded: a typo in a path should not cost a model load.

@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from saereward.errors import SaeRewardError
+
 #: a weight up to this many elements is widened on every call even for a few rows (a decode step):
 #: widening SmolLM2's 0.9 M-element projections costs less than the slow bf16 product it replaces,
 #: widening its 28 M-element LM head for 16 rows costs more (104 ms against 65 ms native).
@@ -54,8 +56,6 @@ def enabled() -> bool:
     if mode == "fp32":
         return True
     if mode != "auto":
-        from saereward.errors import SaeRewardError
-
         raise SaeRewardError(f"{ENV}={mode!r} is not a mode: use auto, native or fp32")
     return _cpu_bf16_is_slow()
 
@@ -177,3 +177,14 @@ def install(model: Any) -> int:
             m.forward = functools.partial(_forward, m)  # type: ignore[method-assign]  # picklable
             n += 1
     return n
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX); otherwise bf16 is emulated."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = fh.read(1 << 16)
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -1,6 +1,6 @@
 """``saereward drift``: how an SAE's fit and features drift across the checkpoints of one RL run.
 
-The seed card's recipe (Qwen2.5-0.5B strict-reward chain), scaled to one ``train-rl`` run folder:
+mechreward's model-card recipe (Qwen2.5-0.5B strict-reward chain), scaled to one ``train-rl`` run folder:
 
 * **Stages.** Stage 0 is the base model (no adapter), then every adapter snapshot the run kept
   (``train-rl --snapshot-every N`` -> ``RUN/snapshots/step_NNNNN``) in step order, then, with
@@ -52,10 +52,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from saereward import __version__
+from saereward.capture import forward_residuals
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
-from saereward.io import file_sha256, iter_jsonl, save_figure, write_json
-from saereward.lm import DType, check_device
+from saereward.features.pack import check_pack, load_pack
+from saereward.io import atomic_path, file_sha256, iter_jsonl, save_figure, write_json
+from saereward.lm import DType, LoadedModel, apply_adapter, check_device, load_model, resolve_layer
+from saereward.rl.grpo import snapshots
+from saereward.sae.evaluate import evaluate_sae
+from saereward.sae.formats import check_sae_matches_model, load_sae, resolve_sae_path, save_sae
+from saereward.sae.kernels import use_kernels
+from saereward.sae.train import SAETrainConfig, SAETrainer
 
 if TYPE_CHECKING:
     import torch
@@ -142,8 +149,6 @@ def run_stages(run: str | Path, *, include_final: bool = True) -> list[tuple[int
     With ``include_final`` the final ``checkpoint/`` is added when its step is not a snapshot. Raises
     when the run has nothing after the base model.
     """
-    from saereward.rl.grpo import snapshots
-
     root = Path(run).expanduser()
     if not (root / "config.json").is_file():
         raise SaeRewardError(f"{run} is not a train-rl run folder (no config.json): {NEED_SNAPSHOTS}")
@@ -218,8 +223,6 @@ def collect_residuals(model: Any, batches: Sequence[tuple[Any, Any]], layer: int
     """Block-``layer`` outputs at the :func:`token_mask` positions of every batch, ``[N, d]`` float32, in order."""
     import torch
 
-    from saereward.capture import forward_residuals
-
     chunks = []
     for ids, mask in batches:  # forward_residuals moves them to the model's device
         h = forward_residuals(model, ids, mask, [layer], store_dtype=torch.float32)[layer]
@@ -245,16 +248,12 @@ def split_tokens(n: int, heldout_fraction: float, seed: int) -> tuple[torch.Tens
 
 def heldout_eval(sae: TopKSAE, x: torch.Tensor) -> dict[str, float]:
     """eval-sae's metrics (``nmse``, ``fvu``, ...) of ``sae`` on ``x`` ``[N, d]`` (float64 sums)."""
-    from saereward.sae.evaluate import evaluate_sae
-
     return {k: float(v) for k, v in evaluate_sae(sae, x.split(_EVAL_BATCH)).items()}
 
 
 def latent_stats(sae: TopKSAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean activation, firing fraction)`` per latent over the rows of ``x``, float64 ``[d_sae]``."""
     import torch
-
-    from saereward.sae.kernels import use_kernels
 
     sums = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     fires = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
@@ -321,8 +320,6 @@ def refit_sae(
     to 0.3 lr. Zero steps (``epochs`` or ``tokens`` 0) return the warm start itself: ``prev``'s weights.
     """
     import torch
-
-    from saereward.sae.train import SAETrainConfig, SAETrainer
 
     n_use = min(tokens, x_train.shape[0])
     pick = torch.randperm(x_train.shape[0], generator=torch.Generator().manual_seed(seed))[:n_use]
@@ -426,8 +423,6 @@ def _load_stage(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], TopKSAE] | None:
     from safetensors.torch import load_file
 
-    from saereward.sae.formats import load_sae
-
     sae_dir, stats_file, json_file = _stage_paths(out, step)
     if not (json_file.is_file() and stats_file.is_file() and sae_dir.is_dir()):
         return None
@@ -454,9 +449,6 @@ def _save_stage(
     sae: TopKSAE,
 ) -> None:
     from safetensors.torch import save_file
-
-    from saereward.io import atomic_path
-    from saereward.sae.formats import save_sae
 
     sae_dir, stats_file, json_file = _stage_paths(out, step)
     json_file.unlink(missing_ok=True)  # the json marks a complete stage: it goes last
@@ -492,8 +484,6 @@ class _Policies:
 
     def base(self) -> LoadedModel:
         if self._lm is None:
-            from saereward.lm import load_model
-
             self._lm = load_model(self.spec, dtype=self.cfg.dtype, device=self.cfg.device)
         if not self._checked:
             self._check(self._lm)
@@ -504,9 +494,6 @@ class _Policies:
         return self._lm
 
     def _check(self, lm: LoadedModel) -> None:
-        from saereward.lm import resolve_layer
-        from saereward.sae.formats import check_sae_matches_model
-
         layer = resolve_layer(lm.model, self.layer)
         sae_layer = self.base_sae.cfg.layer
         if sae_layer is not None and sae_layer != layer:
@@ -523,8 +510,6 @@ class _Policies:
         self.layer = layer
 
     def residuals(self, adapter: Path | None) -> torch.Tensor:
-        from saereward.lm import LoadedModel, apply_adapter
-
         base = self.base()
         if adapter is None:
             return collect_residuals(base.model, self.batches, self.layer)
@@ -560,9 +545,6 @@ def run_drift(cfg: DriftConfig, lm: LoadedModel | None = None) -> dict[str, Any]
     """
     import torch
     from tqdm.auto import tqdm
-
-    from saereward.features.pack import check_pack, load_pack
-    from saereward.sae.formats import load_sae, resolve_sae_path
 
     t_start = time.perf_counter()
     if cfg.threads:

@@ -27,8 +27,9 @@ from typing import Any
 from saereward import __version__
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
+from saereward.evaluate import EvalConfig, base_and_trained, run_eval_cached
 from saereward.io import write_json
-from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, check_device, load_model
+from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, adapter_dir, check_device, load_model
 from saereward.stats import mcnemar, wilson_ci
 from saereward.tasks.prompts import PromptFormat
 
@@ -78,8 +79,6 @@ class EvalSuiteConfig:
 
 def bench_configs(cfg: EvalSuiteConfig, policy: str, adapter: str | None) -> dict[str, Any]:
     """One :class:`EvalConfig` per benchmark for ``policy``."""
-    from saereward.evaluate import EvalConfig
-
     common: dict[str, Any] = {
         "model": cfg.model,
         "adapter": adapter,
@@ -164,9 +163,6 @@ def _lazy_model(cfg: EvalSuiteConfig, adapter: str | None) -> Callable[[], Loade
 
 def run_eval_suite(cfg: EvalSuiteConfig) -> dict[str, Any]:
     """Run every benchmark for base (and trained); compare; write ``eval_suite.json``."""
-    from saereward.evaluate import base_and_trained, run_eval_cached
-    from saereward.lm import adapter_dir
-
     if cfg.adapter:
         adapter_dir(cfg.adapter)
     policies = base_and_trained(cfg.adapter)

@@ -23,9 +23,11 @@ from typing import Any
 from saereward import __version__
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
-from saereward.io import write_json, write_jsonl
+from saereward.generate import SamplingConfig, iter_generate, stop_strings_for
+from saereward.io import read_jsonl, write_json, write_jsonl
 from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, check_device, load_model
 from saereward.stats import wilson_ci
+from saereward.tasks import format_prompt, load_task
 from saereward.tasks.prompts import PromptFormat
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ class EvalConfig:
     task_params: dict[str, Any] = option({}, "extra task settings, e.g. reasoning-gym config (TOML table)")
     n: int | None = option(200, "number of items (None = all the task has)")
     seed: int = option(0, "seed for task generation and sampling")
-    prompt_format: PromptFormat = option("fewshot", "prompt format: raw (seed's Q:/A: CoT), fewshot, chat")
+    prompt_format: PromptFormat = option("fewshot", "prompt format: raw (mechreward's Q:/A: CoT), fewshot, chat")
     shots: int = option(2, "few-shot demos for prompt_format=fewshot")
     max_new_tokens: int = option(128, "max tokens to generate per item")
     batch_size: int = option(16, "generation batch size")
@@ -80,7 +82,6 @@ class EvalResult:
 
 
 def _load_task(cfg: EvalConfig):  # noqa: ANN202
-    from saereward.tasks import load_task
 
     return load_task(
         cfg.task, n=cfg.n, seed=cfg.seed, source=cfg.task_source, path=cfg.task_path, **cfg.task_params
@@ -92,9 +93,6 @@ def run_eval(cfg: EvalConfig, lm: LoadedModel | Callable[[], LoadedModel] | None
 
     ``lm``: the loaded model, or a loader called once the task has loaded (None: load ``cfg.model``).
     """
-    from saereward.generate import SamplingConfig, iter_generate, stop_strings_for
-    from saereward.tasks import format_prompt
-
     task = _load_task(cfg)  # validate the task before paying for the model
     items = list(task.items())
     if callable(lm):
@@ -194,8 +192,6 @@ def run_eval_cached(
     """
     import json
 
-    from saereward.io import read_jsonl
-
     if cfg.out:
         folder = Path(cfg.out)
         if (folder / "summary.json").is_file() and (folder / "items.jsonl").is_file():
@@ -244,7 +240,7 @@ class BaselineConfig:
             raise ValueError(f"n must be >= 1, got {self.n}")
 
 
-# Generation budgets: the seed's raw prompt asks for step-by-step reasoning, so it needs room.
+# Generation budgets: mechreward's raw prompt asks for step-by-step reasoning, so it needs room.
 _MAX_NEW = {"raw": 128, "fewshot": 48, "chat": 128}
 
 

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from saereward.capture import ResidualCapture
+from saereward import fastdecode
+from saereward.capture import ResidualCapture, position_ids_from_mask
 from saereward.lm import LoadedModel
 
 #: Raw and few-shot prompts make the model continue the ``Q:/A:`` pattern; generation stops there.
@@ -245,8 +246,6 @@ def _shared_prefix_cache(model: Any, enc: dict[str, torch.Tensor]) -> Any | None
     be gathered. The prefix forward's captured residuals are ``[U, P - 1, d]``: the caller expands
     them with the returned cache's ``_rows`` index.
     """
-    from saereward.capture import position_ids_from_mask
-
     ids, am = enc["input_ids"], enc["attention_mask"]
     if ids.shape[1] < 2:
         return None
@@ -274,9 +273,6 @@ def _fast_generate(
     """``generate_batch``'s ``fast_decode`` path: an HF prefill (on the shared prompt cache if any),
     then :func:`saereward.fastdecode.decode`. Returns ``(sequences, residuals)`` as ``generate()``
     and ``ResidualCapture.sequence`` would."""
-    from saereward import fastdecode
-    from saereward.capture import position_ids_from_mask
-
     model, tok = lm.model, lm.tokenizer
     ids, am = enc["input_ids"], enc["attention_mask"]
     pos = position_ids_from_mask(am)
@@ -363,8 +359,6 @@ def generate_batch(
     t0 = time.perf_counter()
     fast = fast_decode and (sampling.sampler == "topk" or not sampling.do_sample)
     if fast:
-        from saereward import fastdecode
-
         fast = fastdecode.unsupported(model) is None
     kwargs: dict[str, Any] = {"generation_config": gcfg}
     if not fast:  # generate()'s sampler and stop criterion (the fast loop has its own)

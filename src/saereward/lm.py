@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from saereward import bf16cpu
 from saereward.errors import SaeRewardError
 from saereward.hub import hub_offline, hub_reachable
 
@@ -101,9 +102,7 @@ def resolve_dtype(dtype: DType, device: str = "cpu") -> str:
     """
     if dtype != "auto":
         return dtype
-    from saereward.sae.kernels import cpu_has_fast_bf16
-
-    return "bf16" if str(device).startswith("cuda") or cpu_has_fast_bf16() else "fp32"
+    return "bf16" if str(device).startswith("cuda") or bf16cpu.cpu_has_fast_bf16() else "fp32"
 
 
 def check_device(device: str) -> str:
@@ -472,8 +471,6 @@ def load_model(
     model.requires_grad_(False)
     contiguous_lm_head(model)
     if device == "cpu" and dtype == "bf16":
-        from saereward import bf16cpu
-
         bf16cpu.install(model)  # fp32 GEMM for bf16 products where the CPU has no bf16 units
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -40,7 +40,12 @@ from typing import Any
 from saereward import __version__
 from saereward.config import option
 from saereward.errors import SaeRewardError
-from saereward.io import atomic_path, file_sha256, read_jsonl, write_json
+from saereward.features.pack import load_pack
+from saereward.features.scoring import PackScorer, segment_mean
+from saereward.io import atomic_path, atomic_write, file_sha256, read_jsonl, write_json
+from saereward.lm import EMBEDDED_PREFIX, cache_dir, embedded_gguf_path
+from saereward.sae.formats import load_sae
+from saereward.summary import results_markdown
 
 log = logging.getLogger(__name__)
 
@@ -1562,8 +1567,6 @@ def load_tokenizer(spec: str | None) -> Any | None:
     try:
         from transformers import AutoTokenizer
 
-        from saereward.lm import EMBEDDED_PREFIX, cache_dir, embedded_gguf_path
-
         if spec.startswith(EMBEDDED_PREFIX):
             key = spec[len(EMBEDDED_PREFIX) :]
             folder = cache_dir() / "models" / key
@@ -1633,10 +1636,6 @@ def compute_token_view(run: Path, cfg: ReportConfig) -> dict[str, Any]:
     """Score every response token with the pack (the R1 per-token reward) and build the viewer's sample."""
     import torch
     from safetensors import safe_open
-
-    from saereward.features.pack import load_pack
-    from saereward.features.scoring import PackScorer, segment_mean
-    from saereward.sae.formats import load_sae
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -1862,9 +1861,6 @@ def run_report(cfg: ReportConfig) -> Path:
         tmp.chmod(0o644)  # a report is for sharing (mkstemp makes 0600)
     log.info("report written in %.1f s -> %s", time.perf_counter() - t0, out)
     if cfg.markdown:
-        from saereward.io import atomic_write
-        from saereward.summary import results_markdown
-
         atomic_write(cfg.markdown, lambda fh: fh.write(results_markdown(run)))
     return out
 

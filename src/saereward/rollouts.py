@@ -39,9 +39,11 @@ from typing import Any, Literal
 from saereward import __version__
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
+from saereward.generate import SamplingConfig, iter_generate, stop_strings_for
 from saereward.io import atomic_path, read_jsonl, write_json, write_jsonl
-from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, check_device, load_model
+from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, check_device, load_model, resolve_layer
 from saereward.stats import wilson_ci
+from saereward.tasks import format_prompt, load_task
 from saereward.tasks.prompts import PromptFormat
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ class RolloutsConfig:
     task_params: dict[str, Any] = option({}, "extra task settings, e.g. reasoning-gym config (TOML table)")
     n: int = option(300, "number of questions")
     seed: int = option(0, "seed for the task items, sampling and the split")
-    prompt_format: PromptFormat = option("fewshot", "prompt format: raw (seed's Q:/A: CoT), fewshot, chat")
+    prompt_format: PromptFormat = option("fewshot", "prompt format: raw (mechreward's Q:/A: CoT), fewshot, chat")
     shots: int = option(2, "few-shot demos for prompt_format=fewshot")
     decoding: Decoding = option(
         "sample", "greedy (1 response per question), sample, or greedy+sample (1 greedy + samples-1)"
@@ -120,10 +122,6 @@ def run_rollouts(cfg: RolloutsConfig, lm: LoadedModel | None = None) -> Path:
     """Generate, verify, capture and write the rollout folder; return its path."""
     import torch
     from safetensors.torch import save_file
-
-    from saereward.generate import SamplingConfig, iter_generate, stop_strings_for
-    from saereward.lm import resolve_layer
-    from saereward.tasks import format_prompt, load_task
 
     task = load_task(
         cfg.task, n=cfg.n, seed=cfg.seed, source=cfg.task_source, path=cfg.task_path, **cfg.task_params

@@ -7,14 +7,23 @@
   response to one question), the honest resampling unit when samples within a cluster are correlated.
 * :func:`percentile_ci`: percentile interval of bootstrap replicates, ignoring undefined ones.
 * :func:`partial_spearman`: Spearman correlation of two variables with a third held fixed.
+* :func:`association` / :func:`partial_association`: a score against a binary outcome (Spearman,
+  Pearson, AUROC; partial ρ given a control), with cluster-bootstrap CIs.
+* :func:`cohens_d`, :func:`require_both_outcomes`: the contrastive statistics of discovery, the
+  layer map and the gates.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
+
+from saereward.errors import SaeRewardError
 
 
 @dataclass(frozen=True)
@@ -175,3 +184,181 @@ def partial_spearman(
     if not den > 1e-12 * max(scale, 1.0):
         return float("nan")
     return float((res[:, 0] * res[:, 1]).sum() / den)
+
+
+def cohens_d(x: Tensor, y: Tensor) -> Tensor:
+    """Column-wise Cohen's d of ``x [n_c, F]`` vs ``y [n_w, F]`` (pooled SD, ddof=1); 0 where the SD is 0."""
+    if x.shape[0] < 2 or y.shape[0] < 2:
+        raise ValueError(f"Cohen's d needs >= 2 rows per group, got {x.shape[0]} and {y.shape[0]}")
+    x, y = x.double(), y.double()
+    diff = x.mean(0) - y.mean(0)
+    sd = ((x.var(0, unbiased=True) + y.var(0, unbiased=True)) / 2).sqrt()
+    return torch.where(sd > 0, diff / sd.clamp_min(1e-300), torch.zeros_like(diff)).float()
+
+
+def require_both_outcomes(correct: Tensor, where: str, fix: str) -> tuple[int, int]:
+    """Raise unless there are >= 2 correct and >= 2 wrong responses; return (n_correct, n_wrong)."""
+    n_c = int(correct.sum())
+    n_w = int((~correct).sum())
+    if n_c < 2 or n_w < 2:
+        raise SaeRewardError(
+            f"{where} has {n_c} correct and {n_w} wrong responses; contrastive statistics need at least 2 "
+            f"of each: {fix}"
+        )
+    return n_c, n_w
+
+
+def _row_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a - a.mean(1, keepdims=True)
+    b = b - b.mean(1, keepdims=True)
+    den = np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (a * b).sum(1) / den, np.nan)
+
+
+def _row_auroc(score_ranks: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Mann–Whitney AUROC per row from average ranks of the scores (ties count 1/2)."""
+    n1 = y.sum(1)
+    n0 = y.shape[1] - n1
+    r1 = (score_ranks * y).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n1 > 0) & (n0 > 0), (r1 - n1 * (n1 + 1) / 2) / (n1 * n0), np.nan)
+
+
+def _equal_length_groups(draws: list[np.ndarray]) -> list[np.ndarray]:
+    """Stack bootstrap resamples of equal length into ``[B_k, L]`` index matrices, one per length.
+
+    A cluster bootstrap with unequal cluster sizes gives resamples of unequal lengths; grouping them
+    keeps the row-wise (vectorised) ranks. Quantiles do not depend on the order of the replicates.
+    """
+    by_len: dict[int, list[np.ndarray]] = {}
+    for d in draws:
+        by_len.setdefault(len(d), []).append(d)
+    return [np.stack(v) for v in by_len.values()]
+
+
+def _resamples(n: int, clusters: Any, n_boot: int, seed: int) -> list[np.ndarray]:
+    """Index matrices of the bootstrap: by cluster when ``clusters`` is given, else by row."""
+    labels = range(n) if clusters is None else list(np.asarray(clusters).ravel())
+    if len(labels) != n:
+        raise SaeRewardError(f"clusters has {len(labels)} labels for {n} responses")
+    return _equal_length_groups(cluster_bootstrap_indices(labels, n_boot, seed))
+
+
+def association(
+    score: Any,
+    outcome: Any,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    clusters: Any = None,
+) -> dict[str, Any]:
+    """Spearman ρ (+p, bootstrap CI), Pearson r (+p), AUROC (+bootstrap CI) of ``score`` vs binary ``outcome``.
+
+    The CIs are percentile bootstraps. With ``clusters`` (one label per response, e.g. its question
+    id) the bootstrap draws whole clusters (:func:`cluster_bootstrap_indices`):
+    samples of one question are correlated, and resampling them one by one would count each
+    question several times as independent evidence and narrow the CI. Without ``clusters`` every
+    response is its own cluster. Resamples where ρ or AUROC is undefined (one class only, constant
+    score) are dropped; ``n_boot`` counts the ones kept. p-values are the usual per-response tests
+    and ignore the clustering (so they are optimistic when questions repeat).
+    """
+    from scipy.stats import pearsonr, rankdata, spearmanr
+
+    s = np.asarray(score, dtype=np.float64).ravel()
+    y = np.asarray(outcome, dtype=np.float64).ravel()
+    n = len(s)
+    if n != len(y) or n < 3:
+        raise SaeRewardError(f"association needs >= 3 paired values, got {n} scores and {len(y)} outcomes")
+    if not np.isfinite(s).all():
+        raise SaeRewardError("scores contain NaN or inf: check the SAE and the rollouts")
+    both = 0 < y.sum() < n
+    const = bool(np.ptp(s) == 0)
+    n_clusters = n if clusters is None else len(set(np.asarray(clusters).ravel().tolist()))
+    res: dict[str, Any] = {
+        "n": n,
+        "n_correct": int(y.sum()),
+        "n_clusters": n_clusters,
+        "bootstrap_unit": "response" if clusters is None else "cluster",
+        "seed": seed,
+        "confidence": confidence,
+    }
+    if not both or const:
+        res.update(
+            {
+                "spearman_rho": float("nan"),
+                "spearman_p": float("nan"),
+                "pearson_r": float("nan"),
+                "pearson_p": float("nan"),
+                "auroc": float("nan"),
+                "rho_ci": [float("nan")] * 2,
+                "auroc_ci": [float("nan")] * 2,
+                "n_boot": 0,
+                "note": "one outcome class only" if not both else "constant score",
+            }
+        )
+        return res
+    sp = spearmanr(s, y)
+    pr = pearsonr(s, y)
+    auc = float(_row_auroc(rankdata(s)[None], y[None])[0])
+    rho_parts, auc_parts = [], []
+    for idx in _resamples(n, clusters, n_boot, seed):
+        bs, by = s[idx], y[idx]
+        bsr = rankdata(bs, axis=1)
+        rho_parts.append(_row_pearson(bsr, rankdata(by, axis=1)))
+        auc_parts.append(_row_auroc(bsr, by))
+    rho_b, auc_b = np.concatenate(rho_parts), np.concatenate(auc_parts)
+    ok = np.isfinite(rho_b) & np.isfinite(auc_b)
+    res.update(
+        {
+            "spearman_rho": float(sp.statistic),
+            "spearman_p": float(sp.pvalue),
+            "pearson_r": float(pr.statistic),
+            "pearson_p": float(pr.pvalue),
+            "auroc": auc,
+            "rho_ci": list(percentile_ci(rho_b[ok], confidence)),
+            "auroc_ci": list(percentile_ci(auc_b[ok], confidence)),
+            "n_boot": int(ok.sum()),
+        }
+    )
+    return res
+
+
+def partial_association(
+    score: Any,
+    outcome: Any,
+    control: Any,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    clusters: Any = None,
+) -> dict[str, Any]:
+    """Spearman partial ρ of ``score`` vs ``outcome`` with ``control`` held fixed, + bootstrap CI.
+
+    The point value is :func:`partial_spearman`. The bootstrap (by cluster when
+    ``clusters`` is given, with the same resamples as :func:`association` for the same seed) uses the
+    closed form on row-wise rank correlations, ``(r_xy − r_xz r_yz) / sqrt((1 − r_xz²)(1 − r_yz²))``,
+    which equals the residual definition; resamples where it is undefined are dropped.
+    """
+    from scipy.stats import rankdata
+
+    s, y, z = (np.asarray(v, dtype=np.float64).ravel() for v in (score, outcome, control))
+    n = len(s)
+    if not n == len(y) == len(z) or n < 3:
+        raise SaeRewardError(f"partial association needs >= 3 triples, got {n}, {len(y)}, {len(z)}")
+    rho = partial_spearman(s, y, z)
+    res: dict[str, Any] = {"partial_rho": rho, "partial_rho_ci": [float("nan")] * 2, "n_boot": 0}
+    if not np.isfinite(rho):
+        return res
+    parts = []
+    for idx in _resamples(n, clusters, n_boot, seed):
+        rs, ry, rz = (rankdata(v[idx], axis=1) for v in (s, y, z))
+        r_sy, r_sz, r_yz = _row_pearson(rs, ry), _row_pearson(rs, rz), _row_pearson(ry, rz)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            parts.append((r_sy - r_sz * r_yz) / np.sqrt((1 - r_sz**2) * (1 - r_yz**2)))
+    b = np.concatenate(parts)
+    b = b[np.isfinite(b) & (np.abs(b) <= 1 + 1e-9)]
+    res.update({"partial_rho_ci": list(percentile_ci(b, confidence)), "n_boot": len(b)})
+    return res

@@ -3,7 +3,7 @@ and single-feature SAE steering (add or clamp).
 
 **Direction** (``vector``), unit-normalised:
 
-* ``contrastive`` (CAA, the seed's Gemma L27 experiment): ``mean(h_L | correct) − mean(h_L | wrong)``
+* ``contrastive`` (CAA, mechreward's Gemma L27 experiment): ``mean(h_L | correct) − mean(h_L | wrong)``
   over the pooled response residuals of a ``saereward rollouts`` folder (``pooled.safetensors`` key
   ``layer_<L>``), using the **discovery split only**, so the direction is never fit on held-out data;
 * ``pack``: ``Σ_i signed_weight_i · W_dec[f_i] / ||W_dec[f_i]||`` over the pack's features (helpful
@@ -16,7 +16,7 @@ norm is measured either on the prompts of the evaluation questions (``norm_sourc
 L2 norm over real prompt tokens, the first token of each prompt excluded because it is an attention
 sink whose norm is ~100× the others on SmolLM2) or on the rollouts' pooled response residuals
 (``"rollouts"``: mean norm of the per-response mean vectors, discovery split; smaller, as averaging
-cancels part of each token's norm). Negative scales are the **negative control** (the seed's −5 %):
+cancels part of each token's norm). Negative scales are the **negative control** (mechreward's −5 %):
 a direction effect should hurt there; a magnitude effect looks the same in both signs.
 
 **Single feature** (``feature`` set), values in the SAE's activation units (decoder row ``W_dec[f]``,
@@ -53,11 +53,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from saereward import __version__
+from saereward.capture import block_output, forward_residuals
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
+from saereward.evaluate import EvalConfig, _load_task, run_eval
+from saereward.features.pack import check_pack, load_pack
 from saereward.io import read_jsonl, save_figure, write_json
-from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, check_device, load_model
+from saereward.lm import (
+    DEFAULT_MODEL,
+    DType,
+    LoadedModel,
+    check_device,
+    decoder_layers,
+    load_model,
+    resolve_layer,
+)
+from saereward.sae.formats import check_sae_matches_model, load_sae
 from saereward.stats import mcnemar, wilson_ci
+from saereward.tasks import format_prompt
 from saereward.tasks.prompts import PromptFormat
 
 if TYPE_CHECKING:
@@ -91,7 +104,7 @@ class SteerConfig:
     task_params: dict[str, Any] = option({}, "extra task settings, e.g. reasoning-gym config (TOML table)")
     n: int = option(50, "held-out questions")
     seed: int = option(12_345, "task seed of the held-out questions (the rollouts use another)")
-    prompt_format: PromptFormat = option("raw", "prompt format: raw (seed's Q:/A: CoT), fewshot, chat")
+    prompt_format: PromptFormat = option("raw", "prompt format: raw (mechreward's Q:/A: CoT), fewshot, chat")
     shots: int = option(2, "few-shot demos for prompt_format=fewshot")
     max_new_tokens: int = option(64, "max tokens per answer (greedy)")
     batch_size: int = option(16, "generation batch size")
@@ -182,8 +195,6 @@ class SteeringHook:
     """
 
     def __init__(self, model: nn.Module, layer: int, delta_fn: DeltaFn) -> None:
-        from saereward.lm import decoder_layers, resolve_layer
-
         self.layer = resolve_layer(model, layer)
         self.block = decoder_layers(model)[self.layer]
         self.delta_fn = delta_fn
@@ -209,8 +220,6 @@ class SteeringHook:
 
     def _hook(self, _module: nn.Module, _inputs: Any, output: Any) -> Any:
         import torch
-
-        from saereward.capture import block_output
 
         h = block_output(output)
         with torch.no_grad():
@@ -391,8 +400,6 @@ def prompt_residual_norm(
     """
     import torch
 
-    from saereward.capture import forward_residuals
-
     total, count = 0.0, 0
     for start in range(0, len(prompts), batch_size):
         enc = lm.tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True)
@@ -489,8 +496,6 @@ def _cache_read(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
 
 def eval_config(cfg: SteerConfig) -> EvalConfig:
     """The greedy :class:`EvalConfig` every condition is evaluated with (nothing written by it)."""
-    from saereward.evaluate import EvalConfig
-
     return EvalConfig(
         model=cfg.model,
         dtype=cfg.dtype,
@@ -535,9 +540,6 @@ def _rollouts_config(path: str) -> dict[str, Any]:
 
 def _resolve(cfg: SteerConfig) -> _Setup:
     """Check the inputs (before the model is loaded) and settle the layer, pack and SAE."""
-    from saereward.features.pack import check_pack, load_pack
-    from saereward.sae.formats import load_sae
-
     if cfg.vector == "contrastive" and cfg.scales and not cfg.rollouts:
         raise SaeRewardError(
             "vector=contrastive needs --rollouts (a `saereward rollouts` folder), or use --vector pack"
@@ -623,11 +625,6 @@ def run_steer(cfg: SteerConfig, lm: LoadedModel | None = None) -> dict[str, Any]
     """Base run, then each steering condition; compare; write ``steer.json``, ``steer.png``, ``config.json``."""
     import torch
     from tqdm.auto import tqdm
-
-    from saereward.evaluate import _load_task, run_eval
-    from saereward.lm import resolve_layer
-    from saereward.sae.formats import check_sae_matches_model
-    from saereward.tasks import format_prompt
 
     t0 = time.perf_counter()
     setup = _resolve(cfg)

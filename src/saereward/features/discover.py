@@ -28,32 +28,16 @@ from torch import Tensor
 from saereward import __version__
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
+from saereward.features.baseline import baseline_beside, measure_baseline, save_baseline
 from saereward.features.pack import Feature, FeaturePack, save_pack
+from saereward.features.scoring import PackScorer, pooled_sae_acts
 from saereward.io import file_sha256, write_json
+from saereward.lm import load_tokenizer
+from saereward.rollouts import load_rollouts
+from saereward.sae.formats import check_sae_matches_model, load_sae
+from saereward.stats import cohens_d, require_both_outcomes
 
 log = logging.getLogger(__name__)
-
-
-def cohens_d(x: Tensor, y: Tensor) -> Tensor:
-    """Column-wise Cohen's d of ``x [n_c, F]`` vs ``y [n_w, F]`` (pooled SD, ddof=1); 0 where the SD is 0."""
-    if x.shape[0] < 2 or y.shape[0] < 2:
-        raise ValueError(f"Cohen's d needs >= 2 rows per group, got {x.shape[0]} and {y.shape[0]}")
-    x, y = x.double(), y.double()
-    diff = x.mean(0) - y.mean(0)
-    sd = ((x.var(0, unbiased=True) + y.var(0, unbiased=True)) / 2).sqrt()
-    return torch.where(sd > 0, diff / sd.clamp_min(1e-300), torch.zeros_like(diff)).float()
-
-
-def require_both_outcomes(correct: Tensor, where: str, fix: str) -> tuple[int, int]:
-    """Raise unless there are >= 2 correct and >= 2 wrong responses; return (n_correct, n_wrong)."""
-    n_c = int(correct.sum())
-    n_w = int((~correct).sum())
-    if n_c < 2 or n_w < 2:
-        raise SaeRewardError(
-            f"{where} has {n_c} correct and {n_w} wrong responses; contrastive statistics need at least 2 "
-            f"of each: {fix}"
-        )
-    return n_c, n_w
 
 
 @dataclass(frozen=True)
@@ -124,10 +108,6 @@ def resolve_sae_layer(sae: Any, layer: int | None, rollouts: Any) -> int:
 
 def run_discover(cfg: DiscoverConfig) -> FeaturePack:
     """Discover a pack on the discovery split of ``cfg.rollouts`` and write it to ``cfg.out``."""
-    from saereward.features.scoring import pooled_sae_acts
-    from saereward.rollouts import load_rollouts
-    from saereward.sae.formats import check_sae_matches_model, load_sae
-
     ro = load_rollouts(cfg.rollouts)
     sae = load_sae(cfg.sae)
     layer = resolve_sae_layer(sae, cfg.layer, ro)
@@ -200,11 +180,7 @@ def run_discover(cfg: DiscoverConfig) -> FeaturePack:
 
 def _save_reward_baseline(pack: FeaturePack, sae: Any, ro: Any, layer: int, out: Path) -> None:
     """The pack's score on the discovery rollouts, position by position, beside the pack: the
-    baseline of the fixed-scale reward forms (:mod:`saereward.rl.baseline`)."""
-    from saereward.features.scoring import PackScorer
-    from saereward.lm import load_tokenizer
-    from saereward.rl.baseline import baseline_beside, measure_baseline, save_baseline
-
+    baseline of the fixed-scale reward forms (:mod:`saereward.features.baseline`)."""
     try:
         tok = load_tokenizer(ro.summary.get("model") or "embedded:smollm2-135m-instruct")
     except SaeRewardError as exc:  # train-rl measures it itself, with the model's own tokenizer

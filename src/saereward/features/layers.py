@@ -23,11 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saereward.capture import forward_residuals
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
-from saereward.features.discover import cohens_d, require_both_outcomes
 from saereward.io import save_figure, write_json
-from saereward.lm import DEFAULT_MODEL, DType, check_device
+from saereward.lm import DEFAULT_MODEL, DType, check_device, decoder_layers, load_model, unwrap
+from saereward.rollouts import load_rollouts
+from saereward.stats import cohens_d, require_both_outcomes
 
 
 def layer_scores(pooled: dict[int, Tensor], correct: Tensor, top: int = 10) -> dict[int, float]:
@@ -50,8 +52,6 @@ def contrastive_direction(x: Tensor, correct: Tensor) -> Tensor:
 
 
 def _final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
-    from saereward.lm import decoder_layers, unwrap
-
     m = unwrap(model)
     blocks = decoder_layers(m)
     for name, mod in m.named_modules():
@@ -92,8 +92,6 @@ def logit_lens(
     lm: Any, examples: Sequence[tuple[str, str, str]], *, norm: bool = True, top: int = 5
 ) -> dict[str, Any]:
     """Per-layer answer-token probability and top tokens; ``examples`` are (prompt, completion, answer)."""
-    from saereward.capture import forward_residuals
-
     model, tok = lm.model, lm.tokenizer
     head = model.get_output_embeddings()
     fnorm = _final_norm(model) if norm else None
@@ -153,8 +151,6 @@ class LayersConfig:
 
 def run_layers(cfg: LayersConfig) -> dict[str, Any]:
     """Layer map (+ logit lens) of a rollout folder; writes ``layer_map.json`` and plots."""
-    from saereward.rollouts import load_rollouts
-
     ro = load_rollouts(cfg.rollouts)
     mask = ro.split_mask(cfg.split)
     correct = ro.correct[mask]
@@ -170,8 +166,6 @@ def run_layers(cfg: LayersConfig) -> dict[str, Any]:
         "config": to_dict(cfg),
     }
     if cfg.lens_n > 0:
-        from saereward.lm import load_model
-
         lm = load_model(
             cfg.model or ro.summary.get("model") or DEFAULT_MODEL, dtype=cfg.dtype, device=cfg.device
         )

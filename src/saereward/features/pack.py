@@ -1,19 +1,19 @@
 """Feature packs: which SAE features count, with which sign, validated how.
 
-Our pack JSON is a superset of the seed's schema, so the seed's tools can read ours:
+Our pack JSON is a superset of mechreward's schema, so mechreward's tools can read ours:
 
 * top level: ``name``, ``version``, ``model_name``, ``release``, ``sae_id``, ``description``,
   ``helpful_features[]``, ``harmful_features[]``, ``validation{}``, ``metadata{}``;
 * each feature: ``feature_id``, ``effect_size``, ``mean_correct``, ``mean_wrong``, ``weight``,
   ``validated`` (plus our ``active_frac``);
-* ``metadata``: ``d_model``, ``d_sae``, ``k``, ``target_layer``, ``num_hidden_layers`` (the seed's),
+* ``metadata``: ``d_model``, ``d_sae``, ``k``, ``target_layer``, ``num_hidden_layers`` (mechreward's),
   plus ours: ``format`` = ``saereward.pack``, ``format_version``, ``sae_path``, ``sae_sha256``,
   ``rollouts``, ``discovery_qids``, ``validation_qids``, ``stats``.
 
-:func:`load_pack` also reads the seed's older packs with one ``features[]`` list, where each entry's
+:func:`load_pack` also reads mechreward's older packs with one ``features[]`` list, where each entry's
 sign comes from ``weight`` (or ``direction``/``polarity``/``type`` = helpful/harmful).
 
-Scoring convention (the seed's G1 statistic): ``R = Σ_helpful |w| a − Σ_harmful |w| a``. A pack's
+Scoring convention (mechreward's G1 statistic): ``R = Σ_helpful |w| a − Σ_harmful |w| a``. A pack's
 weights are therefore stored as given but applied with the sign of the list they are in
 (:meth:`FeaturePack.signed_weights`), so packs that write harmful weights as ``-1`` and packs that
 write them as ``+1`` score the same.
@@ -46,7 +46,7 @@ class Feature:
     mean_wrong: float | None = None
     validated: bool = False
     active_frac: float | None = None
-    name: str | None = None  #: a label some packs carry (the seed's older packs)
+    name: str | None = None  #: a label some packs carry (mechreward's older packs)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -164,7 +164,7 @@ def _layer_of(meta: dict[str, Any], top: dict[str, Any]) -> int | None:
 
 
 def load_pack(path: str | Path) -> FeaturePack:
-    """Read a pack JSON: ours, the seed's (``helpful_features``/``harmful_features``) or the older ``features[]``.
+    """Read a pack JSON: ours, mechreward's (``helpful_features``/``harmful_features``) or the older ``features[]``.
 
     Every feature of the file is kept; a malformed one is a one-line error naming it.
     """

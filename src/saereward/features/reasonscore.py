@@ -12,9 +12,9 @@ Given per-token SAE activations ``a [N, M]`` of a text corpus and the occurrence
 * ``H_i = −Σ_r q_i(r) log q_i(r) / log |R|`` with ``q_i(r) = μ_i(D_r) / Σ_r' μ_i(D_r')`` is the
   normalized entropy of its activation across words: 1 when it fires equally around every word,
   0 when it fires around one word only (a token detector, not a reasoning feature);
-* ``RS_i = p_R(i) · H_i^α − p_NR(i)`` with α = 0.7 (the seed's value).
+* ``RS_i = p_R(i) · H_i^α − p_NR(i)`` with α = 0.7 (mechreward's value).
 
-The seed ported this ranking and found that on Qwen3.5-4B it picks rhetoric features, not
+mechreward ported this ranking and found that on Qwen3.5-4B it picks rhetoric features, not
 correctness features; saereward keeps it as an alternative ranking to contrastive discovery.
 """
 
@@ -30,7 +30,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saereward.activations import iter_text_documents
+from saereward.capture import forward_residuals
 from saereward.config import option, to_dict
+from saereward.errors import SaeRewardError
+from saereward.io import read_jsonl, write_json
+from saereward.lm import load_model
+from saereward.sae.formats import check_sae_matches_model, load_sae
 
 DEFAULT_WORDS = (
     "wait",
@@ -124,8 +130,6 @@ def rank_features(
     top: int = 20,
 ) -> dict[str, Any]:
     """Run the model over ``texts``, encode layer ``layer`` with the SAE, and rank features by ReasonScore."""
-    from saereward.capture import forward_residuals
-
     acts, seqs, wids = [], [], []
     for s, text in enumerate(texts):
         ids = lm.tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)[
@@ -182,12 +186,6 @@ class ReasonScoreConfig:
 
 def run_reasonscore(cfg: ReasonScoreConfig) -> dict[str, Any]:
     """Rank the SAE's features by ReasonScore over the given texts; write ``cfg.out``."""
-    from saereward.activations import iter_text_documents
-    from saereward.errors import SaeRewardError
-    from saereward.io import read_jsonl, write_json
-    from saereward.lm import load_model
-    from saereward.sae.formats import check_sae_matches_model, load_sae
-
     sae = load_sae(cfg.sae)
     layer = cfg.layer if cfg.layer is not None else sae.cfg.layer
     model = cfg.model or sae.cfg.model

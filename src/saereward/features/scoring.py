@@ -11,11 +11,11 @@ and a response's score is its mean over the response's pooled positions (see
 
     R = mean_t mech(t) = Σ_helpful |w| · pooled_a − Σ_harmful |w| · pooled_a,
 
-which is the seed's G1 statistic. Encoding here uses the SAE's eager fp32 reference
+which is mechreward's G1 statistic. Encoding here uses the SAE's eager fp32 reference
 (``exact=True``, the default), not the training fast path whose top-k selection runs in bf16: a
 score that gates a pack and then rewards a policy should not depend on bf16 rounding near ties. The RL reward uses :meth:`PackScorer.token_scores` on residuals
 captured during generation and the same mask, so the reward is exactly the quantity G1 validated
-(the seed's RL reward applied ReLU to 20 columns without the TopK mask, which is not).
+(mechreward's RL reward applied ReLU to 20 columns without the TopK mask, which is not).
 """
 
 from __future__ import annotations

@@ -58,7 +58,15 @@ import torch
 from saereward import __version__
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
+from saereward.features.discover import resolve_sae_layer
+from saereward.features.layers import contrastive_direction, layer_scores
+from saereward.features.pack import load_pack, save_pack
+from saereward.features.probe import fit_logistic
+from saereward.features.scoring import PackScorer, pack_scores_from_pooled, pooled_sae_acts
 from saereward.io import write_json
+from saereward.rollouts import load_rollouts
+from saereward.sae.formats import check_sae_matches_model, load_sae
+from saereward.stats import association, partial_association, require_both_outcomes
 
 log = logging.getLogger(__name__)
 
@@ -104,168 +112,6 @@ def gate_verdict(
     return tier, f"rho {rho:.3f} gives tier {tier} and exceeds |rho_length| {abs(rho_length):.3f}"
 
 
-def _row_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a - a.mean(1, keepdims=True)
-    b = b - b.mean(1, keepdims=True)
-    den = np.sqrt((a * a).sum(1) * (b * b).sum(1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (a * b).sum(1) / den, np.nan)
-
-
-def _row_auroc(score_ranks: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Mann–Whitney AUROC per row from average ranks of the scores (ties count 1/2)."""
-    n1 = y.sum(1)
-    n0 = y.shape[1] - n1
-    r1 = (score_ranks * y).sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where((n1 > 0) & (n0 > 0), (r1 - n1 * (n1 + 1) / 2) / (n1 * n0), np.nan)
-
-
-def _equal_length_groups(draws: list[np.ndarray]) -> list[np.ndarray]:
-    """Stack bootstrap resamples of equal length into ``[B_k, L]`` index matrices, one per length.
-
-    A cluster bootstrap with unequal cluster sizes gives resamples of unequal lengths; grouping them
-    keeps the row-wise (vectorised) ranks. Quantiles do not depend on the order of the replicates.
-    """
-    by_len: dict[int, list[np.ndarray]] = {}
-    for d in draws:
-        by_len.setdefault(len(d), []).append(d)
-    return [np.stack(v) for v in by_len.values()]
-
-
-def _resamples(n: int, clusters: Any, n_boot: int, seed: int) -> list[np.ndarray]:
-    """Index matrices of the bootstrap: by cluster when ``clusters`` is given, else by row."""
-    from saereward.stats import cluster_bootstrap_indices
-
-    labels = range(n) if clusters is None else list(np.asarray(clusters).ravel())
-    if len(labels) != n:
-        raise SaeRewardError(f"clusters has {len(labels)} labels for {n} responses")
-    return _equal_length_groups(cluster_bootstrap_indices(labels, n_boot, seed))
-
-
-def association(
-    score: Any,
-    outcome: Any,
-    *,
-    n_boot: int = 2000,
-    seed: int = 0,
-    confidence: float = 0.95,
-    clusters: Any = None,
-) -> dict[str, Any]:
-    """Spearman ρ (+p, bootstrap CI), Pearson r (+p), AUROC (+bootstrap CI) of ``score`` vs binary ``outcome``.
-
-    The CIs are percentile bootstraps. With ``clusters`` (one label per response, e.g. its question
-    id) the bootstrap draws whole clusters (:func:`saereward.stats.cluster_bootstrap_indices`):
-    samples of one question are correlated, and resampling them one by one would count each
-    question several times as independent evidence and narrow the CI. Without ``clusters`` every
-    response is its own cluster. Resamples where ρ or AUROC is undefined (one class only, constant
-    score) are dropped; ``n_boot`` counts the ones kept. p-values are the usual per-response tests
-    and ignore the clustering (so they are optimistic when questions repeat).
-    """
-    from scipy.stats import pearsonr, rankdata, spearmanr
-
-    s = np.asarray(score, dtype=np.float64).ravel()
-    y = np.asarray(outcome, dtype=np.float64).ravel()
-    n = len(s)
-    if n != len(y) or n < 3:
-        raise SaeRewardError(f"association needs >= 3 paired values, got {n} scores and {len(y)} outcomes")
-    if not np.isfinite(s).all():
-        raise SaeRewardError("scores contain NaN or inf: check the SAE and the rollouts")
-    both = 0 < y.sum() < n
-    const = bool(np.ptp(s) == 0)
-    n_clusters = n if clusters is None else len(set(np.asarray(clusters).ravel().tolist()))
-    res: dict[str, Any] = {
-        "n": n,
-        "n_correct": int(y.sum()),
-        "n_clusters": n_clusters,
-        "bootstrap_unit": "response" if clusters is None else "cluster",
-        "seed": seed,
-        "confidence": confidence,
-    }
-    if not both or const:
-        res.update(
-            {
-                "spearman_rho": float("nan"),
-                "spearman_p": float("nan"),
-                "pearson_r": float("nan"),
-                "pearson_p": float("nan"),
-                "auroc": float("nan"),
-                "rho_ci": [float("nan")] * 2,
-                "auroc_ci": [float("nan")] * 2,
-                "n_boot": 0,
-                "note": "one outcome class only" if not both else "constant score",
-            }
-        )
-        return res
-    from saereward.stats import percentile_ci
-
-    sp = spearmanr(s, y)
-    pr = pearsonr(s, y)
-    auc = float(_row_auroc(rankdata(s)[None], y[None])[0])
-    rho_parts, auc_parts = [], []
-    for idx in _resamples(n, clusters, n_boot, seed):
-        bs, by = s[idx], y[idx]
-        bsr = rankdata(bs, axis=1)
-        rho_parts.append(_row_pearson(bsr, rankdata(by, axis=1)))
-        auc_parts.append(_row_auroc(bsr, by))
-    rho_b, auc_b = np.concatenate(rho_parts), np.concatenate(auc_parts)
-    ok = np.isfinite(rho_b) & np.isfinite(auc_b)
-    res.update(
-        {
-            "spearman_rho": float(sp.statistic),
-            "spearman_p": float(sp.pvalue),
-            "pearson_r": float(pr.statistic),
-            "pearson_p": float(pr.pvalue),
-            "auroc": auc,
-            "rho_ci": list(percentile_ci(rho_b[ok], confidence)),
-            "auroc_ci": list(percentile_ci(auc_b[ok], confidence)),
-            "n_boot": int(ok.sum()),
-        }
-    )
-    return res
-
-
-def partial_association(
-    score: Any,
-    outcome: Any,
-    control: Any,
-    *,
-    n_boot: int = 2000,
-    seed: int = 0,
-    confidence: float = 0.95,
-    clusters: Any = None,
-) -> dict[str, Any]:
-    """Spearman partial ρ of ``score`` vs ``outcome`` with ``control`` held fixed, + bootstrap CI.
-
-    The point value is :func:`saereward.stats.partial_spearman`. The bootstrap (by cluster when
-    ``clusters`` is given, with the same resamples as :func:`association` for the same seed) uses the
-    closed form on row-wise rank correlations, ``(r_xy − r_xz r_yz) / sqrt((1 − r_xz²)(1 − r_yz²))``,
-    which equals the residual definition; resamples where it is undefined are dropped.
-    """
-    from scipy.stats import rankdata
-
-    from saereward.stats import partial_spearman, percentile_ci
-
-    s, y, z = (np.asarray(v, dtype=np.float64).ravel() for v in (score, outcome, control))
-    n = len(s)
-    if not n == len(y) == len(z) or n < 3:
-        raise SaeRewardError(f"partial association needs >= 3 triples, got {n}, {len(y)}, {len(z)}")
-    rho = partial_spearman(s, y, z)
-    res: dict[str, Any] = {"partial_rho": rho, "partial_rho_ci": [float("nan")] * 2, "n_boot": 0}
-    if not np.isfinite(rho):
-        return res
-    parts = []
-    for idx in _resamples(n, clusters, n_boot, seed):
-        rs, ry, rz = (rankdata(v[idx], axis=1) for v in (s, y, z))
-        r_sy, r_sz, r_yz = _row_pearson(rs, ry), _row_pearson(rs, rz), _row_pearson(ry, rz)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            parts.append((r_sy - r_sz * r_yz) / np.sqrt((1 - r_sz**2) * (1 - r_yz**2)))
-    b = np.concatenate(parts)
-    b = b[np.isfinite(b) & (np.abs(b) <= 1 + 1e-9)]
-    res.update({"partial_rho_ci": list(percentile_ci(b, confidence)), "n_boot": len(b)})
-    return res
-
-
 @dataclass(frozen=True)
 class GateG1Config:
     """Settings of ``saereward gate-g1``."""
@@ -302,8 +148,6 @@ class GateG1Config:
 def _probe_scores(
     x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, seed: int
 ) -> tuple[np.ndarray, dict]:
-    from saereward.probes import fit_logistic
-
     clf, info = fit_logistic(x_train, y_train, seed)
     return clf.decision_function(x_test), info
 
@@ -370,8 +214,6 @@ def _random_packs(
     """ρ of ``cfg.n_random`` random packs of the pack's size (features active on discovery)."""
     from scipy.stats import spearmanr
 
-    from saereward.features.scoring import pack_scores_from_pooled, pooled_sae_acts
-
     pooled = pooled_sae_acts(sae, tokens, ro.offsets)
     frac = cfg.min_active_frac
     if frac is None:
@@ -410,8 +252,6 @@ def _baselines(
     Both read pooled residuals at ``cfg.baseline_layer`` (default: the layer map's peak on
     discovery) and are fitted on ``disc``. Returns ``(layer, layer map on discovery, probe info)``.
     """
-    from saereward.features.layers import contrastive_direction, layer_scores
-
     correct = ro.correct
     scores_by_layer = layer_scores({k: v[disc] for k, v in ro.pooled.items()}, correct[disc])
     base_layer = (
@@ -445,12 +285,6 @@ def _check_leak(pack: Any, val_q: set[Any], split: str) -> str:
 
 def run_gate_g1(cfg: GateG1Config) -> dict[str, Any]:
     """Score the pack and the baselines on ``cfg.split``; write ``gate_g1.json``; return the result."""
-    from saereward.features.discover import require_both_outcomes, resolve_sae_layer
-    from saereward.features.pack import load_pack
-    from saereward.features.scoring import PackScorer
-    from saereward.rollouts import load_rollouts
-    from saereward.sae.formats import check_sae_matches_model, load_sae
-
     pack = load_pack(cfg.pack)
     ro = load_rollouts(cfg.rollouts)
     sae_path = cfg.sae or pack.metadata.get("sae_path")
@@ -551,8 +385,6 @@ def run_gate_g1(cfg: GateG1Config) -> dict[str, Any]:
 def _record_validation(pack: Any, cfg: GateG1Config, result: dict[str, Any], out: Path) -> None:
     """Write the gate's summary into the pack file and mark its features validated (or not)."""
     from dataclasses import replace
-
-    from saereward.features.pack import save_pack
 
     m = result["methods"]["pack"]
     pack.validation = {

@@ -55,9 +55,12 @@ from typing import Any
 from saereward import __version__
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
+from saereward.features.pack import load_pack
 from saereward.gates.paired import paired_compare
 from saereward.io import save_figure, write_json
-from saereward.rl.grpo import GRPOConfig
+from saereward.lm import load_model
+from saereward.rl.audit import AuditConfig, format_audit, run_audit
+from saereward.rl.grpo import GRPOConfig, GRPOTrainer, run_train_rl, settings_diff
 from saereward.stats import wilson_ci
 
 log = logging.getLogger(__name__)
@@ -127,8 +130,6 @@ def _finished(run: Path, rcfg: GRPOConfig) -> bool:
     Finished: ``summary.json`` exists and either the run did all ``rcfg.steps`` steps
     (``steps_done``, or ``steps`` in summaries that predate it) or the collapse guard stopped it
     early (``collapse.collapsed``) in a run configured for ``rcfg.steps``."""
-    from saereward.rl.grpo import settings_diff
-
     if not (run / "config.json").is_file():
         return False
     diff = settings_diff(json.loads((run / "config.json").read_text()), rcfg)
@@ -390,7 +391,6 @@ def _pack_meta(cfg: GateG2Config) -> dict[str, Any] | None:
     """The ``metadata`` of ``cfg.rl.pack``, or None without a pack (a missing file is the trainer's error)."""
     if not cfg.rl.pack or not Path(cfg.rl.pack).expanduser().is_file():
         return None
-    from saereward.features.pack import load_pack
 
     return load_pack(cfg.rl.pack).metadata
 
@@ -405,7 +405,6 @@ def _audit(
     stopping early, so G2 may not call it a PASS."""
     if not cfg.audit or "sae" not in cfg.rewards or pack_meta is None:
         return None, []
-    from saereward.rl.audit import AuditConfig, format_audit, run_audit
 
     rollouts = pack_meta.get("rollouts") or cfg.rl.direction_rollouts
     if not rollouts or not Path(rollouts, "tokens.safetensors").is_file():
@@ -501,12 +500,9 @@ def _plan(cfg: GateG2Config) -> list[tuple[str, int, Path, GRPOConfig]]:
 
 def _train_missing(runs: list[tuple[str, int, Path, GRPOConfig]], cfg: GateG2Config, lm_factory: Any) -> None:
     """Check every reward's settings once (before any run), then train the unfinished runs."""
-    from saereward.rl.grpo import GRPOTrainer, run_train_rl
-
     todo = [r for r in runs if not _finished(r[2], r[3])]
     if not todo:
         return
-    from saereward.lm import load_model
 
     lm = lm_factory() if lm_factory else load_model(cfg.rl.model, dtype=cfg.rl.dtype, threads=cfg.rl.threads)
     for reward in dict.fromkeys(r[0] for r in todo):

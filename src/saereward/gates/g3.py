@@ -27,8 +27,10 @@ from typing import Any
 
 from saereward import __version__
 from saereward.config import option, to_dict
+from saereward.evalsuite import EvalSuiteConfig, run_eval_suite
+from saereward.hacking import CanaryConfig, MonitorConfig, run_canaries, run_monitor
 from saereward.io import write_json
-from saereward.lm import DEFAULT_MODEL, DType, check_device
+from saereward.lm import DEFAULT_MODEL, DType, adapter_dir, check_device
 from saereward.tasks.prompts import PromptFormat
 
 
@@ -112,10 +114,6 @@ def decide(
 
 
 def run_gate_g3(cfg: GateG3Config) -> dict[str, Any]:
-    from saereward.evalsuite import EvalSuiteConfig, run_eval_suite
-    from saereward.hacking import CanaryConfig, MonitorConfig, run_canaries, run_monitor
-    from saereward.lm import adapter_dir
-
     adapter_dir(cfg.adapter)
     out = Path(cfg.out)
     common: dict[str, Any] = {

@@ -32,8 +32,14 @@ from torch import Tensor
 from saereward import __version__
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
+from saereward.features.baseline import RewardBaseline, measure_baseline, scored_rows
+from saereward.features.pack import load_pack
+from saereward.features.scoring import PackScorer
 from saereward.io import save_figure, write_json
-from saereward.rl.reward import REWARD_FORMS, RewardBaseline, completion_mech_reward
+from saereward.lm import load_tokenizer
+from saereward.rl.reward import REWARD_FORMS, completion_mech_reward
+from saereward.rollouts import load_rollouts
+from saereward.sae.formats import load_sae
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +145,6 @@ class AuditConfig:
 
 def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     """Audit every form in ``cfg.forms`` on the validation split of ``cfg.rollouts``; write JSON + plot."""
-    from saereward.features.pack import load_pack
-    from saereward.features.scoring import PackScorer
-    from saereward.lm import load_tokenizer
-    from saereward.rl.baseline import measure_baseline, scored_rows
-    from saereward.rollouts import load_rollouts
-    from saereward.sae.formats import load_sae
-
     ro = load_rollouts(cfg.rollouts)
     pack = load_pack(cfg.pack)
     out = Path(cfg.out)

@@ -23,10 +23,10 @@ One step (``GRPOTrainer.step``):
    Each distinct prompt runs once per forward pass, its KV cache shared by its group's completions
    (:class:`PromptPrefix`; the rollouts' prefill does the same);
    activation checkpointing, if asked for, is on only for this training forward. Loss per response
-   token, averaged over all response tokens of the batch (the seed's ``/ N``):
-   ``−min(ρ·adv, clip(ρ, 1±ε)·adv) + β·KL``, KL the seed's squared log-ratio (``kl = sq``) or the
+   token, averaged over all response tokens of the batch (mechreward's ``/ N``):
+   ``−min(ρ·adv, clip(ρ, 1±ε)·adv) + β·KL``, KL mechreward's squared log-ratio (``kl = sq``) or the
    k3 estimator. ``ρ = exp(logπ − logπ_old)`` is 1 on the first pass (so the first pass is the
-   seed's ``−logπ·adv``).
+   mechreward's ``−logπ·adv``).
 5. **Log** (JSONL + TensorBoard): outcome, mech, KL, the grad norm returned by ``clip_grad_norm_``,
    entropy, clip fraction, completion length, seconds in generate / verify / reference / reward /
    train. Under data parallelism these are over the whole batch (sums all-reduced), not one rank's.
@@ -76,21 +76,60 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from saereward import __version__
+from saereward import __version__, bf16cpu
+from saereward.capture import ResidualCapture, position_ids_from_mask
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
+from saereward.features.baseline import (
+    BASELINE_FILE,
+    RewardBaseline,
+    baseline_beside,
+    load_baseline,
+    measure_baseline,
+    save_baseline,
+)
+from saereward.features.layers import contrastive_direction
+from saereward.features.pack import load_pack
+from saereward.features.probe import load_probe
+from saereward.features.scoring import PackScorer, masked_mean
+from saereward.generate import (
+    SamplingConfig,
+    distinct_prefix_cache,
+    end_positions,
+    gatherable_cache,
+    generate_batch,
+    iter_generate,
+    stop_strings_for,
+)
 from saereward.io import read_jsonl, write_json, write_jsonl
-from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, check_device, require_device
+from saereward.lm import (
+    DEFAULT_MODEL,
+    DType,
+    LoadedModel,
+    check_device,
+    load_model,
+    require_device,
+    resolve_layer,
+)
 from saereward.rl.reward import (
     REWARD_FORMS,
     Aggregation,
+    DirectionScorer,
     LambdaSchedule,
-    RewardBaseline,
     RewardForm,
     RewardKind,
+    all_gather_floats,
+    all_reduce_sum,
+    check_pack_scorer,
+    dual_gate,
+    require_baseline,
     token_advantages,
     within_group_corr,
 )
+from saereward.rollouts import load_rollouts
+from saereward.sae.formats import load_sae
+from saereward.stats import wilson_ci
+from saereward.tasks import format_prompt, load_task
 from saereward.tasks.prompts import PromptFormat
 
 log = logging.getLogger(__name__)
@@ -116,7 +155,7 @@ class GRPOConfig:
     )
     n_eval: int = option(100, "held-out questions for evaluation (a different task seed)")
     eval_seed: int = option(12_345, "task seed of the held-out questions (disjoint ids from training)")
-    prompt_format: PromptFormat = option("raw", "prompt format: raw (seed's Q:/A: CoT), fewshot, chat")
+    prompt_format: PromptFormat = option("raw", "prompt format: raw (mechreward's Q:/A: CoT), fewshot, chat")
     shots: int = option(2, "few-shot demos for prompt_format=fewshot")
     # -- reward --
     reward: RewardKind = option("outcome", "outcome (R0), sae (R1: pack score), direction (R2)")
@@ -351,7 +390,7 @@ def selective_log_softmax(
 
 
 def kl_term(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
-    """Per-token KL penalty: the seed's ``(logπ − logπ_ref)²`` or k3 ``exp(r) − r − 1`` with ``r = ref − logπ``."""
+    """Per-token KL penalty: mechreward's ``(logπ − logπ_ref)²`` or k3 ``exp(r) − r − 1`` with ``r = ref − logπ``."""
     if kind == "sq":
         return (logp - ref_logp) ** 2
     r = ref_logp - logp
@@ -515,8 +554,6 @@ def install_lean_lora(model: Any) -> int:
 def _lean_lora_forward(m: Any, peft_forward: Any) -> Any:
     from torch import nn
     from torch.nn import functional as F
-
-    from saereward import bf16cpu
 
     wide = bf16cpu.installed(m.base_layer)  # bf16 products through fp32 GEMM (CPU without bf16 units)
 
@@ -761,9 +798,6 @@ class PromptPrefix:
     """
 
     def __init__(self, model: Any, b: _Batch, *, grad: bool) -> None:
-        from saereward.capture import position_ids_from_mask
-        from saereward.generate import distinct_prefix_cache
-
         P = b.prompt_len
         self.pos = position_ids_from_mask(b.attention_mask)
         self.cache, self.index = distinct_prefix_cache(  # index: batch row -> row of the prefix cache
@@ -784,8 +818,6 @@ class PromptPrefix:
     @classmethod
     def build(cls, model: Any, b: _Batch, *, grad: bool) -> PromptPrefix | None:
         """The prefix, or ``None`` (and a note on the model) when its cache rows cannot be gathered."""
-        from saereward.generate import gatherable_cache
-
         prefix = cls(model, b, grad=grad)
         if gatherable_cache(prefix.cache):
             return prefix
@@ -831,9 +863,6 @@ class GRPOTrainer:
     def __init__(self, cfg: GRPOConfig, lm: LoadedModel | None = None, *, check_only: bool = False) -> None:
         import torch.distributed as dist
         from peft import LoraConfig, get_peft_model
-
-        from saereward.lm import load_model
-        from saereward.tasks import format_prompt, load_task
 
         self.cfg = cfg
         self.out = Path(cfg.out)
@@ -908,14 +937,8 @@ class GRPOTrainer:
         cfg = self.cfg
         if cfg.reward == "outcome":
             return None, None
-        from saereward.lm import resolve_layer
 
         if cfg.reward == "sae":
-            from saereward.features.pack import load_pack
-            from saereward.features.scoring import PackScorer
-            from saereward.rl.reward import check_pack_scorer
-            from saereward.sae.formats import load_sae
-
             pack = load_pack(cfg.pack)  # type: ignore[arg-type]
             sae_path = cfg.sae or pack.metadata.get("sae_path")
             if not sae_path:
@@ -923,9 +946,6 @@ class GRPOTrainer:
             scorer = PackScorer(load_sae(sae_path), pack, d_model=self.lm.d_model)
             scorer.to(self.device)  # where the model runs
             return scorer, check_pack_scorer(scorer, self.lm.model, cfg.layer, model_name=cfg.model)
-        from saereward.features.layers import contrastive_direction
-        from saereward.rl.reward import DirectionScorer
-        from saereward.rollouts import load_rollouts
 
         ro = load_rollouts(cfg.direction_rollouts)  # type: ignore[arg-type]
         if ro.summary.get("model") not in (None, cfg.model):
@@ -990,9 +1010,6 @@ class GRPOTrainer:
         cfg = self.cfg
         if self.scorer is None or cfg.reward_form == "mechreward":
             return None
-        from saereward.rl.baseline import BASELINE_FILE, baseline_beside, load_baseline, measure_baseline
-        from saereward.rl.reward import require_baseline
-        from saereward.rollouts import load_rollouts
 
         beside = baseline_beside(cfg.pack) if (cfg.reward == "sae" and cfg.pack) else None
         own = self.out / BASELINE_FILE  # a resumed run keeps the baseline it started with
@@ -1029,7 +1046,6 @@ class GRPOTrainer:
     def _load_probe(self) -> Any:
         if not self.cfg.dual_verifier:
             return None
-        from saereward.probes import load_probe
 
         probe = load_probe(self.cfg.dual_verifier)
         if probe.layer != self.layer:
@@ -1075,8 +1091,6 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def _rollouts(self, step: int) -> _Batch:
-        from saereward.generate import SamplingConfig, generate_batch, stop_strings_for
-
         cfg = self.cfg
         items = self._questions(step)
         prompts = [self.prompt[it.id] for it in items for _ in range(cfg.group_size)]
@@ -1167,8 +1181,6 @@ class GRPOTrainer:
         forward only (the log-softmax runs outside it, in fp32). With ``prefix`` (no capture) the
         rows run only from their last prompt column, on the prompts' shared cache.
         """
-        from saereward.capture import ResidualCapture, position_ids_from_mask
-
         seq = b.sequences[sl.rows, sl.start : sl.end]
         am = b.attention_mask[sl.rows, sl.start : sl.end]
         p = b.prompt_len - sl.start
@@ -1254,7 +1266,6 @@ class GRPOTrainer:
         rmask = b.residual_mask[:, P:]
         if self.cfg.reward_form == "mechreward":
             return rmask
-        from saereward.generate import end_positions, stop_strings_for
 
         tok = self.lm.tokenizer
         ends = set(tok.all_special_ids) | ({int(tok.eos_token_id)} if tok.eos_token_id is not None else set())
@@ -1286,8 +1297,6 @@ class GRPOTrainer:
         mech = self.scorer.token_scores(x).where(rmask, torch.zeros((), device=rmask.device))
         gate, gated = None, nan
         if self.probe is not None:
-            from saereward.probes import dual_gate
-
             gate = dual_gate(mech, self.probe.logits(x), rmask)
             gated = float(1 - gate.sum() / rmask.sum().clamp_min(1))
         adv, total = token_advantages(
@@ -1303,8 +1312,6 @@ class GRPOTrainer:
             baseline=self.baseline,
             clip=cfg.reward_clip,
         )
-        from saereward.features.scoring import masked_mean
-        from saereward.rl.reward import all_gather_floats
 
         zero = torch.zeros((), device=resp.device)
         base = token_advantages(outcome, None, resp, cfg.group_size, 0.0)[0]
@@ -1345,7 +1352,6 @@ class GRPOTrainer:
         t3 = time.perf_counter()
         loss, stats, gnorm, ent_mean = self.update(b, adv, ref_lp)
         t_train = time.perf_counter() - t3
-        from saereward.rl.reward import all_gather_floats
 
         row: dict[str, Any] = {
             "step": step + 1,
@@ -1378,8 +1384,6 @@ class GRPOTrainer:
         """The step's logged statistics over the whole batch: under data parallelism each rank's sums
         and counts are all-reduced (``loss``, ``kl`` and ``clip_frac`` are already divided by the
         global token count), so every rank logs what a single process would."""
-        from saereward.rl.reward import all_reduce_sum
-
         resp = b.response_mask[:, b.prompt_len :]
         n_resp = float(resp.sum())
         mech_mean, gated = rstats["mech"], rstats["gated"]
@@ -1425,8 +1429,6 @@ class GRPOTrainer:
         are summed across ranks before clipping, so every rank takes the step a single process would
         take on the whole batch.
         """
-        from saereward.rl.reward import all_reduce_sum
-
         cfg = self.cfg
         resp = b.response_mask[:, b.prompt_len :]
         n_global = all_reduce_sum(resp.sum().double()).float()
@@ -1497,9 +1499,6 @@ class GRPOTrainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """Greedy accuracy on the held-out questions, with a Wilson 95 % CI."""
-        from saereward.generate import SamplingConfig, iter_generate, stop_strings_for
-        from saereward.stats import wilson_ci
-
         self.model.eval()
         lm = self._policy_lm()
         sampling = SamplingConfig(
@@ -1628,8 +1627,6 @@ class GRPOTrainer:
             write_jsonl(log_path, rows)  # drop lines written after the checkpoint
             write_json(self.out / "config.json", to_dict(self.cfg))
             if self.baseline is not None:
-                from saereward.rl.baseline import BASELINE_FILE, save_baseline
-
                 save_baseline(self.baseline, self.out / BASELINE_FILE)
             tb = _tensorboard(self.out / "tensorboard")
             if start == 0:

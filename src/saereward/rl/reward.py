@@ -57,13 +57,16 @@ list[float]``) built on a task's verifier.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from saereward.errors import SaeRewardError
+from saereward.features.baseline import RewardBaseline
+from saereward.lm import hidden_size, resolve_layer
+from saereward.sae.formats import check_sae_matches_model
 
 RewardKind = Literal["outcome", "sae", "direction"]
 Aggregation = Literal["both", "trajectory", "token"]
@@ -135,81 +138,6 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4, scale:
     if scale:
         adv = adv / (g.std(1, unbiased=False, keepdim=True) + eps)
     return adv.reshape(-1)
-
-
-@dataclass(frozen=True)
-class RewardBaseline:
-    """The per-token score of the base model on its own rollouts in the RL prompt format.
-
-    ``pos_mean[t]``: mean score at response position ``t`` over the completions that reach it, for
-    the positions at least ``min_count`` completions reach; later positions use ``tail_mean`` (the
-    mean over all of them). ``mean``/``sd_raw``: the score's overall mean and SD; ``sd``: the SD of
-    the position-centred score; ``mean_len``: mean scored tokens per completion (the fixed
-    denominator ``L_ref``). ``meta`` records where it was measured (model, layer, task, prompt
-    format, scorer, rollouts).
-    """
-
-    pos_mean: tuple[float, ...]
-    tail_mean: float
-    mean: float
-    sd_raw: float
-    sd: float
-    mean_len: float
-    n_completions: int
-    n_tokens: int
-    min_count: int = 20
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def position_means(self, T: int, device: Any = None) -> Tensor:
-        """``[T]`` the mean score at response positions ``0 .. T−1`` (tail-filled)."""
-        table = list(self.pos_mean[:T]) + [self.tail_mean] * max(0, T - len(self.pos_mean))
-        return torch.tensor(table, dtype=torch.float32, device=device)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "pos_mean": list(self.pos_mean), "format": "saereward.reward_baseline"}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RewardBaseline:
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        kw["pos_mean"] = tuple(float(x) for x in kw.get("pos_mean", ()))
-        return cls(**kw)
-
-
-def fit_baseline(
-    scores: Sequence[Tensor], min_count: int = 20, meta: dict[str, Any] | None = None
-) -> RewardBaseline:
-    """Fit a :class:`RewardBaseline` from per-completion scores (1-D, response positions 0, 1, ...)."""
-    scores = [s.detach().double().flatten().cpu() for s in scores]
-    if not scores or not any(len(s) for s in scores):
-        raise SaeRewardError(
-            "no scored tokens to measure the reward baseline on: need base rollouts with responses"
-        )
-    T = max(len(s) for s in scores)
-    sums, counts = torch.zeros(T, dtype=torch.float64), torch.zeros(T, dtype=torch.float64)
-    for s in scores:
-        sums[: len(s)] += s
-        counts[: len(s)] += 1
-    reliable = int((counts >= min_count).sum()) if counts[0] >= min_count else 1
-    flat = torch.cat(scores)
-    pos_idx = torch.cat([torch.arange(len(s)) for s in scores])
-    tail = flat[pos_idx >= reliable]
-    tail_mean = float(tail.mean()) if len(tail) else float(sums[reliable - 1] / counts[reliable - 1])
-    pos_mean = (sums[:reliable] / counts[:reliable]).tolist()
-    table = torch.tensor(pos_mean + [tail_mean] * (T - reliable), dtype=torch.float64)
-    centred = flat - table[pos_idx]
-    return RewardBaseline(
-        pos_mean=tuple(float(x) for x in pos_mean),
-        tail_mean=tail_mean,
-        mean=float(flat.mean()),
-        sd_raw=float(flat.std(unbiased=False)),
-        sd=float(centred.std(unbiased=False)),
-        mean_len=float(len(flat) / len(scores)),
-        n_completions=len(scores),
-        n_tokens=len(flat),
-        min_count=min_count,
-        meta=dict(meta or {}),
-    )
 
 
 def require_baseline(form: str, baseline: RewardBaseline | None) -> RewardBaseline:
@@ -434,9 +362,6 @@ def check_pack_scorer(scorer: Any, model: Any, layer: int | None, model_name: st
     """
     import logging
 
-    from saereward.lm import hidden_size, resolve_layer
-    from saereward.sae.formats import check_sae_matches_model
-
     pack, sae = scorer.pack, scorer.sae
     if layer is None:
         layer = pack.layer if pack.layer is not None else sae.cfg.layer
@@ -464,3 +389,14 @@ def check_pack_scorer(scorer: Any, model: Any, layer: int | None, model_name: st
             model_name,
         )
     return layer
+
+
+def dual_gate(mech: Tensor, probe_logit: Tensor, mask: Tensor) -> Tensor:
+    """``[B, T]`` bool: response tokens where z(mech) and z(probe logit) share a sign (the dual verifier: :mod:`saereward.probes`).
+
+    Positions outside ``mask`` are False. A z-score of exactly 0 agrees with nothing.
+    """
+    m = mask.bool()
+    zm = masked_zscore(mech.float().where(m, torch.zeros(())), m)
+    zp = masked_zscore(probe_logit.float().where(m, torch.zeros(())), m)
+    return (torch.sign(zm) * torch.sign(zp) > 0) & m

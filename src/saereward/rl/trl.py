@@ -12,7 +12,7 @@ statistic G1 validated), in one of the reward forms of :mod:`saereward.rl.reward
 
 The fixed-scale forms need ``baseline``, a :class:`~saereward.rl.reward.RewardBaseline` measured on
 base rollouts in the training prompt format (``saereward discover`` writes one beside the pack;
-:func:`saereward.rl.baseline.load_baseline` reads it); they leave the end token out of the score.
+:func:`saereward.features.baseline.load_baseline` reads it); they leave the end token out of the score.
 
 **No extra forward pass.** With ``beta > 0`` TRL already runs the reference model over
 prompt + completion to get reference log-probs; a hook on the pack's layer records the hidden states
@@ -33,8 +33,11 @@ from typing import Any
 import torch
 from trl import GRPOTrainer
 
-from saereward.capture import ResidualCapture
-from saereward.rl.reward import REWARD_FORMS, RewardBaseline, check_pack_scorer, masked_zscore, mech_credit
+from saereward.capture import ResidualCapture, forward_residuals
+from saereward.errors import SaeRewardError
+from saereward.features.baseline import RewardBaseline
+from saereward.generate import end_positions, stop_strings_for
+from saereward.rl.reward import REWARD_FORMS, check_pack_scorer, masked_zscore, mech_credit
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +68,6 @@ class SAEGRPOTrainer(GRPOTrainer):
         it reads (default: the pack's). The pack and SAE are checked against the model (layer, SAE
         width) before TRL builds anything when ``model`` is a module, else right after.
         ``reward_form``/``baseline``/``clip``: see the module docstring."""
-        from saereward.errors import SaeRewardError
-
         if reward_form not in REWARD_FORMS:
             raise SaeRewardError(
                 f"unknown reward form {reward_form!r}: choose from {', '.join(REWARD_FORMS)}"
@@ -116,7 +117,6 @@ class SAEGRPOTrainer(GRPOTrainer):
                 "beta = 0: no reference forward to read hidden states from; running one extra forward"
             )
             self._warned_extra_forward = True
-        from saereward.capture import forward_residuals
 
         ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
@@ -153,11 +153,9 @@ class SAEGRPOTrainer(GRPOTrainer):
         adv2d = adv.unsqueeze(1).expand_as(mask).float()
         if self.sae_form == "mechreward":
             return (adv2d + self.sae_lam * masked_zscore(mech, mask)).where(mask, zero)
-        from saereward.generate import end_positions
 
         proc: Any = self.processing_class
         tok: Any = getattr(proc, "tokenizer", proc)  # a processor wraps its tokenizer
-        from saereward.generate import stop_strings_for
 
         fmt = (self.sae_baseline.meta if self.sae_baseline is not None else {}).get("prompt_format")
         stops = stop_strings_for(fmt) if fmt else ()  # as the baseline was measured

@@ -1,6 +1,6 @@
 """The TopK sparse autoencoder: pure encode/decode math plus the ``nn.Module`` that holds the weights.
 
-Algorithm (the seed's, matching Gao et al. 2024 "Scaling and evaluating sparse autoencoders"):
+Algorithm (mechreward's, matching Gao et al. 2024 "Scaling and evaluating sparse autoencoders"):
 
 * encode: ``pre = (x - b_dec) @ W_enc + b_enc``; keep the ``k`` largest entries of each row; ReLU.
 * decode: ``recon = acts @ W_dec + b_dec``.
@@ -17,7 +17,7 @@ Algorithm (the seed's, matching Gao et al. 2024 "Scaling and evaluating sparse a
   ``auxk = sum((e_hat - e)^2) / sum((e - mean(e))^2)``, i.e. the fraction of the residual's variance
   the dead latents fail to explain: it is scale-free and near 1 while they explain nothing. (Gao et al.
   divide by the residual's uncentered mean square; sparsify divides by the variance of ``x`` instead
-  and rescales by ``min(#dead / k_aux, 1)``; we keep the seed's fixed ``k_aux = min(512, #dead)``.)
+  and rescales by ``min(#dead / k_aux, 1)``; we keep mechreward's fixed ``k_aux = min(512, #dead)``.)
 
 Input normalization (``SAEConfig.normalize_input``): with ``"unit_mean_norm"`` inputs are multiplied
 by ``input_scale`` (chosen by the trainer so the mean L2 norm of a sample is 1) before encoding, and

@@ -1,4 +1,4 @@
-"""Read and write TopK SAE checkpoints: saereward's native folder, SAELens, sparsify and the seed's ``.pt``.
+"""Read and write TopK SAE checkpoints: saereward's native folder, SAELens, sparsify and mechreward's ``.pt``.
 
 Every loader returns a :class:`~saereward.sae.coder.TopKSAE` whose encode/decode reproduce the source
 library's own encode/decode on raw residuals (to float tolerance). Source conventions that our coder
@@ -74,6 +74,7 @@ import torch
 
 from saereward import __version__
 from saereward.errors import SaeRewardError
+from saereward.io import atomic_path, write_json
 from saereward.sae.coder import SAEConfig, TopKSAE
 
 log = logging.getLogger(__name__)
@@ -677,13 +678,13 @@ def _load_seed_pt(path: Path, device: str | torch.device, dtype: torch.dtype) ->
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) and "W_enc" not in obj:
         obj = {**obj, **obj["state_dict"]}
     if not isinstance(obj, dict):
-        raise SaeRewardError(f"{path} holds a {type(obj).__name__}, expected the seed's dict of SAE tensors")
+        raise SaeRewardError(f"{path} holds a {type(obj).__name__}, expected mechreward's dict of SAE tensors")
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     _require(tensors, ("W_enc", "b_enc", "W_dec", "b_dec"), path)
     W_enc = tensors["W_enc"]
     _check_cfg_dims(path, W_enc, obj.get("d_model"), obj.get("d_sae"))
     if "k" not in obj:
-        raise SaeRewardError(f"{path} has no k: the seed checkpoint is incomplete")
+        raise SaeRewardError(f"{path} has no k: the mechreward checkpoint is incomplete")
     side = _seed_sidecar(path)
     model = side.get("model", side.get("model_name"))
     layer = next((side[key] for key in ("layer", "target_layer", "hook_layer") if key in side), None)
@@ -704,9 +705,7 @@ def _load_seed_pt(path: Path, device: str | torch.device, dtype: torch.dtype) ->
 
 
 def save_seed_pt(sae: TopKSAE, path: PathLike, *, step: int | None = None) -> Path:
-    """Write the seed's ``.pt`` dict (+ sidecar ``.json`` with model and layer), atomically."""
-    from saereward.io import atomic_path, write_json
-
+    """Write mechreward's ``.pt`` dict (+ sidecar ``.json`` with model and layer), atomically."""
     target = Path(path)
     w = _raw_space_weights(sae)
     obj: dict[str, Any] = {**w, "d_model": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k}
@@ -748,7 +747,7 @@ FORMATS: dict[str, SaeFormat] = {
         ),
         SaeFormat(
             "seed_pt",
-            "a .pt/.pth file holding the seed's dict of tensors",
+            "a .pt/.pth file holding mechreward's dict of tensors",
             _is_seed_pt,
             _load_seed_pt,
             save_seed_pt,

@@ -53,7 +53,6 @@ fast kernel against its eager reference.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import functools
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -64,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saereward import bf16cpu
 from saereward.errors import SaeRewardError
 
 KernelMode = Literal["fast", "eager"]
@@ -96,17 +96,6 @@ def use_kernels(mode: KernelMode | Literal["auto"] | None) -> Iterator[None]:
         _local.mode = prev
 
 
-@functools.cache
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX); otherwise bf16 is emulated."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = fh.read(1 << 16)
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def select_dtype(weight: Tensor) -> torch.dtype:
     """Precision of the selection matmul (and of AuxK's matmuls) in the fast path.
 
@@ -114,7 +103,7 @@ def select_dtype(weight: Tensor) -> torch.dtype:
     (fp64 weights keep fp64, so exact reference computations stay exact).
     """
     if weight.dtype == torch.float32 and (
-        weight.is_cuda or (weight.device.type == "cpu" and cpu_has_fast_bf16())
+        weight.is_cuda or (weight.device.type == "cpu" and bf16cpu.cpu_has_fast_bf16())
     ):
         return torch.bfloat16
     return weight.dtype

@@ -19,11 +19,15 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from saereward.activations import ActivationStore, iter_text_documents, read_manifest
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import write_json
-from saereward.lm import check_device, require_device
-from saereward.sae.train import SAETrainConfig
+from saereward.lm import check_device, load_model, require_device, resolve_layer
+from saereward.sae.evaluate import ce_kl_recovered, evaluate_sae
+from saereward.sae.formats import check_sae_matches_model, load_sae, save_sae
+from saereward.sae.train import SAETrainConfig, SAETrainer
+from saereward.tasks import format_prompt, load_task
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +81,12 @@ class EvalSAEStageConfig:
 
 
 def _store_layer(folder: str, layer: int | None) -> int:
-    from saereward.activations import read_manifest
-
     m = read_manifest(Path(folder))
     return int(m["layers"][0]) if layer is None else layer
 
 
 def heldout_metrics(sae: Any, folder: str, layer: int, eval_tokens: int) -> dict[str, Any]:
     """:func:`~saereward.sae.evaluate.evaluate_sae` on up to ``eval_tokens`` held-out rows of a collect folder."""
-    from saereward.activations import ActivationStore
-    from saereward.sae.evaluate import evaluate_sae
-
     store = ActivationStore(folder, layer, "heldout")
     if store.n_tokens == 0:
         raise SaeRewardError(f"{folder} has no held-out tokens: collect with --held-out-fraction > 0")
@@ -99,10 +98,6 @@ def heldout_metrics(sae: Any, folder: str, layer: int, eval_tokens: int) -> dict
 
 def run_train_sae(cfg: TrainSAEStageConfig) -> Path:
     """Train an SAE on a collect folder; returns the folder of the saved SAE."""
-    from saereward.activations import ActivationStore, read_manifest
-    from saereward.sae.formats import save_sae
-    from saereward.sae.train import SAETrainer
-
     require_device(cfg.device)
     if cfg.threads:
         import torch
@@ -170,8 +165,6 @@ def _manifest_ref(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def run_eval_sae(cfg: EvalSAEStageConfig) -> dict[str, Any]:
     """Evaluate an SAE; writes ``eval.json`` and returns the metrics."""
-    from saereward.sae.formats import check_sae_matches_model, load_sae
-
     require_device(cfg.device)
     sae = load_sae(cfg.sae, device=cfg.device)
     layer = cfg.layer if cfg.layer is not None else sae.cfg.layer
@@ -184,8 +177,6 @@ def run_eval_sae(cfg: EvalSAEStageConfig) -> dict[str, Any]:
     if model_spec and model_spec.lower() != "none" and texts:
         if layer is None:
             raise SaeRewardError(f"{cfg.sae} records no layer: pass --layer for CE/KL recovered")
-        from saereward.lm import load_model, resolve_layer
-        from saereward.sae.evaluate import ce_kl_recovered
 
         lm = load_model(model_spec, dtype=cfg.dtype, device=cfg.device)  # type: ignore[arg-type]
         layer = resolve_layer(lm.model, layer)
@@ -203,13 +194,9 @@ def run_eval_sae(cfg: EvalSAEStageConfig) -> dict[str, Any]:
 def _ce_texts(cfg: EvalSAEStageConfig) -> list[str]:
     texts: list[str] = []
     if cfg.ce_task and cfg.ce_task.lower() != "none":
-        from saereward.tasks import format_prompt, load_task
-
         task = load_task(cfg.ce_task, n=cfg.ce_n, seed=cfg.ce_seed)
         texts += [format_prompt(task, it, "fewshot") + " " + it.gold for it in task.items()]
     if cfg.ce_text_paths:
-        from saereward.activations import iter_text_documents
-
         docs: list[str] = []
         for path in cfg.ce_text_paths:
             for doc in iter_text_documents(path, text_field=cfg.ce_text_field):

@@ -1,6 +1,6 @@
-"""Train a TopK SAE on a stream of activation batches: the seed's recipe, resumable bit for bit.
+"""Train a TopK SAE on a stream of activation batches: mechreward's recipe, resumable bit for bit.
 
-Recipe (the seed's, :mod:`saereward.sae.coder` for the model itself):
+Recipe (mechreward's, :mod:`saereward.sae.coder` for the model itself):
 
 * Adam (lr 2e-4), linear warmup, then cosine decay to a floor of ``lr_floor`` (0.3) x peak;
 * loss ``recon + aux_coef * auxk`` with ``aux_coef`` 1/8 and ``k_aux`` 512; a latent is *dead* once it
@@ -8,7 +8,7 @@ Recipe (the seed's, :mod:`saereward.sae.coder` for the model itself):
 * ``b_dec`` starts at the geometric median of the first batch; decoder rows are re-normalized every
   ``renorm_every`` (10) steps.
 
-Departures from the seed, all switchable:
+Departures from mechreward, all switchable:
 
 * ``init_enc_scale`` (default 1/sqrt(3) = 0.577): a fresh run starts from ``W_enc = 0.577 * W_dec.T``
   instead of the tied ``W_enc = W_dec.T``; directions stay tied, only the encoder's norm shrinks to
@@ -16,9 +16,9 @@ Departures from the seed, all switchable:
   encoder turns faster. Measured on the benchmark data (d=576, M=9216, k=32, synthetic, held-out FVU
   vs sparsify at 0.1066): the tied init trails by 0.03 for most of the run and still by 0.009 after 2M
   tokens (0.1156); 0.577 tracks sparsify throughout and ends at 0.1094 (``benchmarks/RESULTS_sae.md``).
-  Set 1.0 for the seed's exact init.
+  Set 1.0 for mechreward's exact init.
 * ``recon_loss="fvu"`` (default) divides the summed squared error by the batch's total variance instead
-  of by ``N*d`` (the seed's MSE). Both give the same gradient *direction* each step; FVU makes the
+  of by ``N*d`` (mechreward's MSE). Both give the same gradient *direction* each step; FVU makes the
   relative weight of ``aux_coef`` independent of the residual stream's scale.
 * ``remove_parallel_grad`` (off; sparsify does it and re-normalizes every step), ``grad_clip`` (off),
   ``resample_dead`` (off; re-initializes dead latents toward badly reconstructed inputs).
@@ -77,6 +77,7 @@ from saereward.errors import SaeRewardError
 from saereward.io import atomic_path, read_jsonl, write_json
 from saereward.sae import kernels
 from saereward.sae.coder import ForwardOutput, SAEConfig, TopKSAE, geometric_median, unit_mean_norm_scale
+from saereward.sae.formats import load_sae, save_sae
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class SAETrainConfig:
     )
     recon_loss: Literal["fvu", "mse"] = option(
         "fvu",
-        help="reconstruction term: fvu (squared error / total variance) or mse (the seed's, per element)",
+        help="reconstruction term: fvu (squared error / total variance) or mse (mechreward's, per element)",
     )
     aux_coef: float = option(1 / 8, help="weight of the AuxK loss (0 turns AuxK and its cost off)")
     k_aux: int = option(512, help="dead latents per token used by AuxK (at most the number of dead latents)")
@@ -120,7 +121,7 @@ class SAETrainConfig:
     init_tokens: int = option(16384, help="rows of the first batch used for the b_dec median and input scale")
     init_enc_scale: float = option(
         3**-0.5,
-        help="fresh runs start from W_enc = init_enc_scale * W_dec.T (1: the seed's tied init; 0.577: the "
+        help="fresh runs start from W_enc = init_enc_scale * W_dec.T (1: mechreward's tied init; 0.577: the "
         "encoder norm of sparsify's nn.Linear init, which Adam trains faster)",
     )
     resample_dead: bool = option(False, help="re-initialize dead latents every resample_every steps")
@@ -535,7 +536,6 @@ class SAETrainer:
         if self.save_fn is not None:
             self.save_fn(self.sae, self.run_dir / "sae")
             return
-        from saereward.sae.formats import save_sae
 
         save_sae(self.sae, self.run_dir / "sae", train_config=to_dict(self.cfg))
 
@@ -681,7 +681,6 @@ def _load_warm_start(path: str) -> TopKSAE | Mapping[str, Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(p))
-    from saereward.sae.formats import load_sae
 
     return load_sae(path)
 

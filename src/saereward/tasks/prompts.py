@@ -4,7 +4,7 @@ Three formats (:data:`PROMPT_FORMATS`). On the embedded SmolLM2-135M with 2-term
 (greedy, n=64) the design notes measured accuracies of 8/64, 17/64 and 33/64 respectively:
 
 ``raw``
-    ``Q: {question}\\nA: Let's think step by step.``, the seed project's prompt, kept byte-for-byte
+    ``Q: {question}\\nA: Let's think step by step.``, mechreward's prompt, kept byte-for-byte
     so that its numbers can be reproduced.
 ``fewshot``
     ``shots`` demos from :meth:`Task.fewshot`, each ``Q: {demo question}\\nA: {demo answer}\\n\\n``,
