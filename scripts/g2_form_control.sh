@@ -7,7 +7,8 @@
 # FORM defaults to mechreward (mechreward's length-biased form: the control for the default form);
 # REWARDs default to "outcome sae direction". R0 (outcome) reads no score, so its runs do not depend
 # on the form: the run's own finished R0 folders are copied in and reused (the gate checks that their
-# saved settings match), and only R1/R2 train. Env: THREADS is not needed (the run's own setting).
+# saved settings match), and only R1/R2 train. It then compares each trained arm under the run's own
+# form with the same arm under FORM, paired by seed and question (RUN/g2_<FORM>/form_comparison.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >&2
@@ -25,6 +26,18 @@ from pathlib import Path
 from saereward.config import from_dict
 from saereward.errors import SaeRewardError
 from saereward.gates.g2 import GateG2Config, format_g2, run_gate_g2
+from saereward.gates.paired import paired_compare
+from saereward.io import write_json
+
+
+def final_bits(run: Path) -> str:
+    """The run's last held-out correctness string (one '0'/'1' per question)."""
+    rows = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines() if x.strip()]
+    bits = [r["eval_bits"] for r in rows if "eval_bits" in r]
+    if not bits:
+        sys.exit(f"error: {run} logged no eval_bits: re-run it with the current code")
+    return bits[-1]
+
 
 run, form, rewards = Path(sys.argv[1]), sys.argv[2], tuple(sys.argv[3:])
 stages = run / "stages.json"
@@ -42,5 +55,25 @@ try:
 except SaeRewardError as exc:
     sys.exit(f"error: {exc}")
 print(f"wrote {out}/gate_g2.json")
+
+# each trained arm under the run's own form against the same arm under FORM: same seeds, same questions
+own = g2["rl"].get("reward_form", "mechreward")
+comparison = {}
+for reward in (r for r in rewards if r != "outcome"):
+    pairs = []
+    for mine in sorted(Path(g2["out"]).glob(f"R*_{reward}_seed*")):
+        other = out / mine.name
+        if (other / "summary.json").is_file() and (mine / "summary.json").is_file():
+            pairs.append((final_bits(mine), final_bits(other)))
+    if pairs:
+        res = paired_compare([a for a, _ in pairs], [b for _, b in pairs], seed=g2.get("seed", 0))
+        comparison[reward] = res
+        print(
+            f"{reward}: {own} - {form} = {res['mean_diff']:+.3f} [{res['ci_low']:+.3f}, {res['ci_high']:+.3f}], "
+            f"discordant {res['a_only']}/{res['b_only']}, McNemar p={res['p_value']:.3g} "
+            f"(n={res['n_seeds']}x{res['n_questions']})"
+        )
+write_json(out / "form_comparison.json", {"own_form": own, "control_form": form, "arms": comparison})
+print(f"wrote {out}/form_comparison.json")
 PY
 echo "g2_form_control: ${SECONDS}s" >&2
