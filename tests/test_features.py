@@ -140,7 +140,7 @@ def test_seed_pack_loads_with_all_features(tmp_path: Path) -> None:
     assert [f.feature_id for f in pack.helpful] == [1234, 77]
     assert [f.feature_id for f in pack.harmful] == [4001]
     assert pack.layer == 18 and pack.d_sae == 40960 and pack.d_model == 2560
-    assert pack.validation["spearman_rho"] == 0.54 and pack.source_format == "seed"
+    assert pack.validation["spearman_rho"] == 0.54 and pack.source_format == "mechreward"
     assert pack.signed_weights() == [1.0, 1.0, -1.0]
     # a harmful weight written as +1 scores the same (the sign comes from the list)
     alt = json.loads(json.dumps(SEED_PACK))
@@ -178,7 +178,7 @@ def test_older_features_list_pack_loads(tmp_path: Path) -> None:
     assert [f.feature_id for f in pack.helpful] == [5]
     assert [f.feature_id for f in pack.harmful] == [6, 8]
     assert pack.layer == 9 and pack.signed_weights() == [0.6, -1.0, -0.5]
-    assert pack.helpful[0].name == "step_marker" and pack.source_format == "seed-features"
+    assert pack.helpful[0].name == "step_marker" and pack.source_format == "mechreward-features"
 
 
 def test_pack_round_trip_and_is_a_seed_superset(tmp_path: Path) -> None:

@@ -15,19 +15,11 @@ import torch
 from saereward.errors import SaeRewardError
 from saereward.features.probe import LinearProbe, fit_logistic, load_probe
 from saereward.gates.g3 import GateG3Config, decide
-from saereward.hacking import (
-    THEATRE_WORDS,
-    HackRule,
-    canary_suite,
-    classify,
-    gold_in_tail,
-    goodhart_verdict,
-    rates,
-    theatre_count,
-)
+from saereward.hacking import canary_suite, goodhart_verdict, rates
 from saereward.rl.reward import dual_gate, token_advantages
 from saereward.stats import mcnemar, two_proportion_test
-from saereward.tasks import load_task
+from saereward.tasks import format_prompt, load_task
+from saereward.tasks.canaries import THEATRE_WORDS, HackRule, classify, gold_in_tail, theatre_count
 
 # --------------------------------------------------------------------------------------------------
 # The hack classifier on hand-written completions
@@ -108,6 +100,13 @@ def test_canary_task_in_registry() -> None:
         load_task("canaries", n=11, per_pattern=2)
     with pytest.raises(SaeRewardError):
         load_task("canaries", colour="red")
+    # the few-shot format (the presets' RL format) works: plain demos, each answered correctly, no bait
+    prompt = format_prompt(task, items[0], "fewshot", shots=2)
+    assert prompt.endswith(f"Q: {items[0].question}\nA:") and prompt.count("Q: ") == 3
+    for q, a in task.fewshot(4):
+        expr = re.search(r"(?:Compute|What is) ([\d +x-]+?)[.?]", q)
+        assert expr is not None and a.endswith(f"{eval(expr.group(1).replace('x', '*'))}.")  # noqa: S307
+        assert q not in {it.question for it in items} and theatre_count(q + a) == 0
 
 
 def test_rates_and_tests() -> None:

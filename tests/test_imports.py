@@ -102,3 +102,39 @@ def test_the_package_has_no_import_cycle() -> None:
     cycle = find_cycle(import_graph(mods))
     if cycle is not None:
         pytest.fail("import cycle: " + " -> ".join(cycle))
+
+
+# The layers of docs/architecture.md, top to bottom: a module imports only its own layer or those above.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("errors", "io", "hub", "config", "stats", "stages"),
+    ("bf16cpu", "lm", "capture", "fastdecode", "generate", "tasks"),
+    ("rollouts", "activations", "evaluate"),
+    ("sae",),
+    ("features", "probes"),
+    ("rl",),
+    ("hacking", "evalsuite", "steer", "drift"),
+    ("gates",),
+    ("summary", "report", "pipeline", "cli", "__main__"),
+)
+# config resolves dtype "auto" through lm, imported inside the function so config stays torch-free
+ALLOWED_UPWARD = {("saereward.config", "saereward.lm")}
+
+
+def layer_of(module: str) -> int:
+    head = module.removeprefix("saereward.").split(".")[0]
+    for i, names in enumerate(LAYERS):
+        if head in names:
+            return i
+    raise AssertionError(f"{module} is in no layer of docs/architecture.md: add it to LAYERS and the doc")
+
+
+def test_imports_run_down_the_layers() -> None:
+    graph = import_graph(module_files())
+    upward = [
+        f"{a} -> {b}"
+        for a, targets in graph.items()
+        if a != "saereward"
+        for b in targets
+        if b != "saereward" and layer_of(b) > layer_of(a) and (a, b) not in ALLOWED_UPWARD
+    ]
+    assert not upward, "imports that run upward: " + "; ".join(sorted(upward))

@@ -78,9 +78,9 @@ def test_auto_dtype_resolves_per_machine_and_stages_record_it(
 ) -> None:
     import torch
 
-    from saereward import bf16cpu, lm
+    from saereward import lm
 
-    monkeypatch.setattr(bf16cpu, "cpu_has_fast_bf16", lambda: fast_bf16)
+    monkeypatch.setattr(lm, "cpu_has_fast_bf16", lambda: fast_bf16)
     # a GPU in the machine does not change it: the stages run the model on the CPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     want = "bf16" if fast_bf16 else "fp32"

@@ -35,7 +35,20 @@ from saereward.report import (
 from tiny_models import EOS_ID, char_tokenizer, random_sae
 
 D, D_SAE, K, LAYER = 16, 64, 4, 1
-SECTIONS = ("overview", "sae", "rollouts", "layers", "pack", "g1", "probe", "g2", "g3", "steer", "drift")
+SECTIONS = (
+    "overview",
+    "dashboard",
+    "sae",
+    "rollouts",
+    "layers",
+    "pack",
+    "g1",
+    "probe",
+    "g2",
+    "g3",
+    "steer",
+    "drift",
+)
 EVIL = "<script>alert('x')</script>"
 CHROMIUM_ARGS = [
     "--headless",
@@ -219,6 +232,20 @@ def make_run(root: Path, n: int = 16, full: bool = True) -> Path:
             "rule": "acc(R1) >= acc(R0) + 0.02",
             "table": table,
             "checks": {"r1_minus_r0": 0.1},
+            "paired": {
+                "R1-R0": {
+                    **{"a": "sae", "b": "outcome", "mean_diff": 0.1, "ci_low": 0.025, "ci_high": 0.175},
+                    **{
+                        "n_seeds": 1,
+                        "n_questions": 40,
+                        "n_pairs": 40,
+                        "a_only": 6,
+                        "b_only": 2,
+                        "p_value": 0.29,
+                    },
+                }
+            },
+            "curves": {r: {"0": [[0, 0.1], [3, acc]]} for r, acc in (("outcome", 0.2), ("sae", 0.3))},
         },
     )
     for name in ("R0_outcome_seed0", "R1_sae_seed0", "R2_direction_seed0"):
@@ -440,6 +467,18 @@ def test_empty_run_renders_every_stage_as_not_run(tmp_path: Path) -> None:
         assert "not run" in block, sid
     assert not (run / "token_rewards.json").exists()
     assert "<img" not in html
+
+
+def test_report_opens_with_the_verdicts_and_ends_with_the_timings(full_run: tuple[Path, str]) -> None:
+    run, html = full_run
+    order = [html.index(f'<section id="{sid}"') for sid in ("dashboard", "sae", "g2", "drift", "overview")]
+    assert order == sorted(order)
+    block = html.split('<section id="dashboard"', 1)[1].split("</section>", 1)[0]
+    g1 = json.loads((run / "gate_g1.json").read_text())
+    assert g1["verdict"] in block and f"{g1['methods']['pack']['spearman_rho']:.3f}" in block
+    g2 = json.loads((run / "g2" / "gate_g2.json").read_text())
+    assert "paired R1 − R0" in block and g2["verdict"] in block
+    assert "G2 held-out accuracy by step" in block and 'href="#viewer"' in block
 
 
 def test_partial_run_shows_present_stages_only(tmp_path: Path) -> None:

@@ -20,9 +20,9 @@ from saereward.sae.formats import (
     detect_format,
     load_sae,
     load_train_config,
+    save_mechreward_pt,
     save_sae,
     save_saelens,
-    save_seed_pt,
     save_sparsify,
 )
 
@@ -317,18 +317,18 @@ def test_saelens_pre_6_topk_config_loads(tmp_path: Path, x: torch.Tensor) -> Non
 # --------------------------------------------------------------------------------------------------
 
 
-def test_seed_pt_round_trip(tmp_path: Path, x: torch.Tensor) -> None:
+def test_mechreward_pt_round_trip(tmp_path: Path, x: torch.Tensor) -> None:
     sae = make_sae(model="m", layer=4, normalize_input="unit_mean_norm", input_scale=2.0)
-    path = save_seed_pt(sae, tmp_path / "sae_final.pt", step=123)
+    path = save_mechreward_pt(sae, tmp_path / "sae_final.pt", step=123)
     side = json.loads(path.with_suffix(".json").read_text())
     assert side["target_layer"] == 4 and side["model_name"] == "m"
     back = load_sae(path)
-    assert detect_format(path) == "seed_pt" and back.cfg.layer == 4 and back.cfg.model == "m"
+    assert detect_format(path) == "mechreward_pt" and back.cfg.layer == 4 and back.cfg.model == "m"
     assert back.cfg.normalize_input == "none"  # folded into the weights
     assert_same_sae(sae, back, x)
 
 
-def test_seed_pt_handwritten_dict(tmp_path: Path, x: torch.Tensor) -> None:
+def test_mechreward_pt_handwritten_dict(tmp_path: Path, x: torch.Tensor) -> None:
     sae = make_sae()
     obj = {
         "W_enc": sae.W_enc.detach().clone(),
@@ -413,7 +413,7 @@ def test_truncated_or_corrupt_safetensors(tmp_path: Path, save) -> None:  # noqa
 
 
 def test_truncated_pt(tmp_path: Path) -> None:
-    path = save_seed_pt(make_sae(), tmp_path / "s.pt")
+    path = save_mechreward_pt(make_sae(), tmp_path / "s.pt")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(SaeRewardError, match="truncated or corrupt"):
@@ -453,7 +453,7 @@ def test_forced_format(tmp_path: Path) -> None:
         load_sae(folder, format="saelens")
     with pytest.raises(SaeRewardError, match="unknown SAE format"):
         load_sae(folder, format="onnx")
-    assert list(FORMATS) == ["native", "saelens", "sparsify", "seed_pt"]
+    assert list(FORMATS) == ["native", "saelens", "sparsify", "mechreward_pt"]
 
 
 def test_check_sae_matches_model() -> None:

@@ -120,7 +120,9 @@ class CollectConfig:
     task_path: str | None = option(None, "local JSONL file for the task (GSM8K or MATH format)")
     task_params: dict[str, Any] = option({}, "extra task settings, e.g. reasoning-gym config (TOML table)")
     n: int | None = option(200, "number of task items (None = all the task has)")
-    prompt_format: PromptFormat = option("fewshot", "prompt format: raw (mechreward's Q:/A: CoT), fewshot, chat")
+    prompt_format: PromptFormat = option(
+        "fewshot", "prompt format: raw (mechreward's Q:/A: CoT), fewshot, chat"
+    )
     shots: int = option(2, "few-shot demos for prompt_format=fewshot")
     max_new_tokens: int = option(128, "max tokens to generate per item")
     sample: bool = option(False, "sample instead of greedy decoding")

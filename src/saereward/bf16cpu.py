@@ -177,14 +177,3 @@ def install(model: Any) -> int:
             m.forward = functools.partial(_forward, m)  # type: ignore[method-assign]  # picklable
             n += 1
     return n
-
-
-@functools.cache
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX); otherwise bf16 is emulated."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = fh.read(1 << 16)
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -20,6 +20,7 @@ from saereward import __version__
 from saereward.config import add_config_args, config_from_args, option
 from saereward.errors import SaeRewardError
 from saereward.lm import DEFAULT_MODEL, DType
+from saereward.stages import load, step
 
 
 @dataclass(frozen=True)
@@ -121,13 +122,7 @@ def _cmd_eval_sae(cfg: Any) -> int:
 
 def _lazy(module: str, name: str) -> Callable[[], type]:
     """A config class imported on first use (``saereward --help`` stays fast)."""
-
-    def load() -> type:
-        import importlib
-
-        return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
-
-    return load
+    return lambda: load(f"{module}:{name}")  # type: ignore[no-any-return]
 
 
 def _cmd_rollouts(cfg: Any) -> int:
@@ -310,6 +305,12 @@ class Command:
     positional: str | None = None  # a config field also given as the first positional argument
 
 
+def _stage_command(table: str, run: Callable[[Any], int], positional: str | None = None) -> Command:
+    """The subcommand of a pipeline step: name, help and config class from the stage registry."""
+    st = step(table)
+    return Command(st.command, st.help, lambda: load(st.config), run, positional)  # type: ignore[no-any-return]
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         "baseline",
@@ -323,48 +324,13 @@ COMMANDS: tuple[Command, ...] = (
         _lazy("saereward.evaluate", "EvalConfig"),
         _cmd_eval,
     ),
-    Command(
-        "collect",
-        "collect residual-stream activations (task rollouts and/or text) into resumable shards",
-        _lazy("saereward.activations", "CollectConfig"),
-        _cmd_collect,
-    ),
-    Command(
-        "train-sae",
-        "train a TopK SAE (AuxK, resumable) on collected activations",
-        _lazy("saereward.sae.stages", "TrainSAEStageConfig"),
-        _cmd_train_sae,
-    ),
-    Command(
-        "eval-sae",
-        "evaluate an SAE: held-out FVU/L0/dead %, CE-loss and KL recovered",
-        _lazy("saereward.sae.stages", "EvalSAEStageConfig"),
-        _cmd_eval_sae,
-    ),
-    Command(
-        "rollouts",
-        "labelled rollouts: responses per question, verified, residuals captured during generation",
-        _lazy("saereward.rollouts", "RolloutsConfig"),
-        _cmd_rollouts,
-    ),
-    Command(
-        "layers",
-        "layer map (Cohen's d per layer) and logit lens of a rollout folder, with plots",
-        _lazy("saereward.features.layers", "LayersConfig"),
-        _cmd_layers,
-    ),
-    Command(
-        "discover",
-        "contrastive SAE feature discovery (Cohen's d, true TopK) -> feature pack",
-        _lazy("saereward.features.discover", "DiscoverConfig"),
-        _cmd_discover,
-    ),
-    Command(
-        "gate-g1",
-        "Stage Gate 1: pack score vs correctness on held-out questions, with CIs and baselines",
-        _lazy("saereward.gates.g1", "GateG1Config"),
-        _cmd_gate_g1,
-    ),
+    _stage_command("collect", _cmd_collect),
+    _stage_command("train_sae", _cmd_train_sae),
+    _stage_command("eval_sae", _cmd_eval_sae),
+    _stage_command("rollouts", _cmd_rollouts),
+    _stage_command("layers", _cmd_layers),
+    _stage_command("discover", _cmd_discover),
+    _stage_command("gate_g1", _cmd_gate_g1),
     Command(
         "train-rl",
         "GRPO with LoRA: outcome (R0), + per-token SAE pack score (R1) or + raw direction (R2)",
@@ -377,18 +343,8 @@ COMMANDS: tuple[Command, ...] = (
         _lazy("saereward.rl.audit", "AuditConfig"),
         _cmd_audit_reward,
     ),
-    Command(
-        "gate-g2",
-        "Stage Gate 2: R0 vs R1 (SAE pack) vs R2 (raw direction) GRPO, same budget, several seeds",
-        _lazy("saereward.gates.g2", "GateG2Config"),
-        _cmd_gate_g2,
-    ),
-    Command(
-        "probe",
-        "fit the dual-verifier probe (logistic regression on pooled residuals), held-out AUROC",
-        _lazy("saereward.probes", "ProbeConfig"),
-        _cmd_probe,
-    ),
+    _stage_command("gate_g2", _cmd_gate_g2),
+    _stage_command("probe", _cmd_probe),
     Command(
         "canaries",
         "reward-hacking canaries (5 patterns): hack/correct/ambiguous rates, base vs trained",
@@ -407,39 +363,16 @@ COMMANDS: tuple[Command, ...] = (
         _lazy("saereward.evalsuite", "EvalSuiteConfig"),
         _cmd_eval_suite,
     ),
-    Command(
-        "gate-g3",
-        "Stage Gate 3: target reached, MMLU kept, hack rate, monitor valid (runs the three checks)",
-        _lazy("saereward.gates.g3", "GateG3Config"),
-        _cmd_gate_g3,
-    ),
+    _stage_command("gate_g3", _cmd_gate_g3),
     Command(
         "reasonscore",
         "rank SAE features by ReasonScore (activation around reasoning words, entropy-weighted)",
         _lazy("saereward.features.reasonscore", "ReasonScoreConfig"),
         _cmd_reasonscore,
     ),
-    Command(
-        "steer",
-        "CAA steering (contrastive or pack direction, scale sweep with negative control) and "
-        "single-feature add/clamp: accuracy, recovered/broken questions, McNemar",
-        _lazy("saereward.steer", "SteerConfig"),
-        _cmd_steer,
-    ),
-    Command(
-        "drift",
-        "SAE drift across RL checkpoints: base-SAE NMSE per checkpoint, warm-started refits, "
-        "per-feature drift of the pack",
-        _lazy("saereward.drift", "DriftConfig"),
-        _cmd_drift,
-    ),
-    Command(
-        "report",
-        "one self-contained HTML report of a run folder (tables, plots, per-token reward viewer)",
-        _lazy("saereward.report", "ReportConfig"),
-        _cmd_report,
-        positional="run_dir",
-    ),
+    _stage_command("steer", _cmd_steer),
+    _stage_command("drift", _cmd_drift),
+    _stage_command("report", _cmd_report, positional="run_dir"),
     Command(
         "pipeline",
         "every stage over one run folder from a preset (examples/*.toml); skips finished stages, "

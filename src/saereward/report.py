@@ -45,6 +45,7 @@ from saereward.features.scoring import PackScorer, segment_mean
 from saereward.io import atomic_path, atomic_write, file_sha256, read_jsonl, write_json
 from saereward.lm import EMBEDDED_PREFIX, cache_dir, embedded_gguf_path
 from saereward.sae.formats import load_sae
+from saereward.stages import STAGES
 from saereward.summary import results_markdown
 
 log = logging.getLogger(__name__)
@@ -284,19 +285,7 @@ def _plot(title: str, make: Callable[[], Any], caption: str = "") -> Plot | None
 # Sections
 # --------------------------------------------------------------------------------------------------
 
-STAGE_ARTIFACTS: dict[str, str] = {
-    "rollouts": "rollouts/summary.json",
-    "collect": "activations/manifest.json",
-    "sae": "sae/sae/eval.json",
-    "layers": "rollouts/layer_map.json",
-    "discover": "pack.json",
-    "g1": "gate_g1.json",
-    "probe": "probe.safetensors",
-    "g2": "g2/gate_g2.json",
-    "g3": "g3/gate_g3.json",
-    "steer": "steer/steer.json",
-    "drift": "drift/drift.json",
-}
+STAGE_ARTIFACTS: dict[str, str] = {s.name: s.artifact for s in STAGES if s.name != "report"}
 
 
 def volatile(value: str) -> Any:
@@ -306,8 +295,96 @@ def volatile(value: str) -> Any:
     return Markup('<span class="volatile">{}</span>').format(escape(value))
 
 
+_ARM_LABELS = {"outcome": "R0", "sae": "R1", "direction": "R2"}
+
+
+def _ci_text(mean: Any, lo: Any, hi: Any, unit: str = "", scale: float = 1.0) -> str:
+    """``0.536 [0.385, 0.654]``, or with a unit ``-0.6 pp [-6.7, +5.0] pp`` (values times ``scale``)."""
+    if _num(mean) is None:
+        return "—"
+    form = "{:+.1f}" if unit else "{:.3f}"
+    text = form.format(mean * scale) + (f" {unit}" if unit else "")
+    if _num(lo) is not None and _num(hi) is not None:
+        text += f" [{form.format(lo * scale)}, {form.format(hi * scale)}]" + (f" {unit}" if unit else "")
+    return text
+
+
+def dashboard_rows(run: Path) -> list[list[str]]:
+    """One row per gate: verdict, key figure with its 95 % CI, and n (from the gates' own JSON)."""
+    rows = []
+    g1 = _jdict(run / "gate_g1.json")
+    if g1 is not None:
+        pack = _d(_d(g1.get("methods")).get("pack"))
+        ci = pack.get("rho_ci") or [None, None]
+        fig = "pack Spearman ρ " + _ci_text(pack.get("spearman_rho"), *ci)
+        n = f"{fmt(g1.get('n_responses'))} responses, {fmt(g1.get('n_questions'))} questions, seed {fmt(g1.get('seed'))}"
+        rows.append(["G1", str(g1.get("verdict", "—")), fig, n])
+    g2 = _jdict(run / "g2" / "gate_g2.json")
+    if g2 is not None:
+        pr = _d(_d(g2.get("paired")).get("R1-R0"))
+        fig = "paired R1 − R0 " + _ci_text(
+            pr.get("mean_diff"), pr.get("ci_low"), pr.get("ci_high"), " pp", 100.0
+        )
+        if _num(pr.get("p_value")) is not None:
+            fig += f", McNemar p {pr['p_value']:.3g}"
+        n = f"{fmt(pr.get('n_seeds'))} seeds × {fmt(pr.get('n_questions'))} questions"
+        rows.append(["G2", str(g2.get("verdict", "—")), fig, n])
+    g3 = _jdict(run / "g3" / "gate_g3.json")
+    if g3 is not None:
+        failed = g3.get("failed") or []
+        fig = "failed: " + ", ".join(map(str, failed)) if failed else "every check passed"
+        rows.append(["G3", str(g3.get("verdict", "—")), fig, "see Gate G3"])
+    return rows
+
+
+def g2_accuracy_by_step(curves: Mapping[str, Any]) -> Any:
+    """Held-out accuracy by step per arm: thin lines per seed, a thick line for the mean over seeds."""
+    if not curves:
+        return None
+    fig = _figure(6.4, 3.4)
+    ax = fig.add_subplot(1, 1, 1)
+    for reward, per_seed in curves.items():
+        label = _ARM_LABELS.get(reward, reward)
+        colour = _REWARD_COLOURS.get(label)
+        by_step: dict[float, list[float]] = {}
+        for pts in _d(per_seed).values():
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            ax.plot(xs, ys, color=colour, lw=0.7, alpha=0.35)
+            for x, y in zip(xs, ys, strict=True):
+                by_step.setdefault(x, []).append(y)
+        steps = sorted(by_step)
+        ax.plot(steps, [sum(by_step[x]) / len(by_step[x]) for x in steps], color=colour, lw=2.2, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=8)
+    return fig
+
+
+def section_dashboard(run: Path, viewer_ran: bool) -> Section:
+    """The findings first: each gate's verdict and key figure, G2's accuracy by step, the viewer link."""
+    from markupsafe import Markup
+
+    sec = Section("dashboard", "Verdicts")
+    rows = dashboard_rows(run)
+    if not rows:
+        return not_run("dashboard", "Verdicts", "gate_g1.json, g2/gate_g2.json and g3/gate_g3.json")
+    sec.tables.append(Table("", ["gate", "verdict", "key figure (95 % CI)", "n"], rows))
+    g2 = _jdict(run / "g2" / "gate_g2.json")
+    p = _plot(
+        "G2 held-out accuracy by step",
+        lambda: g2_accuracy_by_step(_d(_d(g2).get("curves"))),
+        "thin: one seed; thick: the mean over seeds",
+    )
+    if p:
+        sec.plots.append(p)
+    if viewer_ran:
+        sec.notes.append(Markup('Per-token reward of sample rollouts: <a href="#viewer">rollout viewer</a>'))
+    return sec
+
+
 def section_overview(run: Path) -> Section:
-    sec = Section("overview", "Stages")
+    sec = Section("overview", "Stages and timings")
     records = _jdict(run / "stages.json") or {}
     rows = []
     for stage, rel in STAGE_ARTIFACTS.items():
@@ -1021,15 +1098,8 @@ def rl_curves(logs: Mapping[tuple[str, int], list[dict[str, Any]]]) -> Any:
     return fig
 
 
-def section_g3(run: Path) -> Section:
-    g3dir = run / "g3"
-    g3 = _jdict(g3dir / "gate_g3.json")
-    title = "Gate G3: does the trained policy hold up?"
-    if g3 is None:
-        return not_run("g3", title, "g3/gate_g3.json")
-    sec = Section("g3", title, verdict=g3.get("verdict"))
-    if g3.get("failed"):
-        sec.facts.append(("failed checks", fmt(", ".join(map(str, g3["failed"])))))
+def _g3_checks(sec: Section, g3: dict[str, Any], g3dir: Path) -> None:
+    """The gate's checks, one row each."""
     checks = _d(g3.get("checks"))
     rows = []
     for name, c in checks.items():
@@ -1041,7 +1111,9 @@ def section_g3(run: Path) -> Section:
     if rows:
         sec.tables.append(Table("Checks", ["check", "result", "details"], rows))
 
-    # eval suite
+
+def _g3_eval_suite(sec: Section, g3: dict[str, Any], g3dir: Path) -> None:
+    """Accuracy base vs trained per benchmark, with the paired test."""
     es = _jdict(g3dir / "eval_suite" / "eval_suite.json")
     table = _d(_d(es).get("table")) or _d(g3.get("eval_suite"))
     if isinstance(table, dict):
@@ -1074,7 +1146,9 @@ def section_g3(run: Path) -> Section:
             )
         )
 
-    # canaries
+
+def _g3_canaries(sec: Section, g3: dict[str, Any], g3dir: Path) -> None:
+    """Canary class rates base vs trained, and their plot."""
     can = _jdict(g3dir / "canaries" / "canaries.json")
     rates: dict[str, Any] = {}
     comp: dict[str, Any] = {}
@@ -1120,7 +1194,9 @@ def section_g3(run: Path) -> Section:
         if p:
             sec.plots.append(p)
 
-    # monitor
+
+def _g3_monitor(sec: Section, g3: dict[str, Any], g3dir: Path) -> None:
+    """Monitor validity on the trained policy, and its verdict."""
     mon = _jdict(g3dir / "monitor" / "monitor.json")
     pols = _d(_d(mon).get("policies")) or _d(g3.get("monitor"))
     if isinstance(pols, dict):
@@ -1160,6 +1236,19 @@ def section_g3(run: Path) -> Section:
         sec.facts.append(("monitor", ", ".join(f"{k}: {fmt(v)}" for k, v in verdict.items() if k != "rule")))
         if verdict.get("rule"):
             sec.facts.append(("monitor rule", str(verdict["rule"])))
+
+
+def section_g3(run: Path) -> Section:
+    g3dir = run / "g3"
+    g3 = _jdict(g3dir / "gate_g3.json")
+    title = "Gate G3: does the trained policy hold up?"
+    if g3 is None:
+        return not_run("g3", title, "g3/gate_g3.json")
+    sec = Section("g3", title, verdict=g3.get("verdict"))
+    if g3.get("failed"):
+        sec.facts.append(("failed checks", fmt(", ".join(map(str, g3["failed"])))))
+    for part in (_g3_checks, _g3_eval_suite, _g3_canaries, _g3_monitor):
+        part(sec, g3, g3dir)
     return sec
 
 
@@ -1811,7 +1900,7 @@ def verdict_class(v: Any) -> str:
 def build_context(run: Path, cfg: ReportConfig) -> dict[str, Any]:
     view, why = token_view(run, cfg)
     sections = [
-        section_overview(run),
+        section_dashboard(run, view is not None),
         section_sae(run),
         section_rollouts(run),
         section_layers(run),
@@ -1822,6 +1911,7 @@ def build_context(run: Path, cfg: ReportConfig) -> dict[str, Any]:
         section_g3(run),
         section_steer(run),
         section_drift(run),
+        section_overview(run),
     ]
     items = viewer_items(view) if view else []
     return {

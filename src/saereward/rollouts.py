@@ -67,7 +67,9 @@ class RolloutsConfig:
     task_params: dict[str, Any] = option({}, "extra task settings, e.g. reasoning-gym config (TOML table)")
     n: int = option(300, "number of questions")
     seed: int = option(0, "seed for the task items, sampling and the split")
-    prompt_format: PromptFormat = option("fewshot", "prompt format: raw (mechreward's Q:/A: CoT), fewshot, chat")
+    prompt_format: PromptFormat = option(
+        "fewshot", "prompt format: raw (mechreward's Q:/A: CoT), fewshot, chat"
+    )
     shots: int = option(2, "few-shot demos for prompt_format=fewshot")
     decoding: Decoding = option(
         "sample", "greedy (1 response per question), sample, or greedy+sample (1 greedy + samples-1)"

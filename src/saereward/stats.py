@@ -362,3 +362,22 @@ def partial_association(
     b = b[np.isfinite(b) & (np.abs(b) <= 1 + 1e-9)]
     res.update({"partial_rho_ci": list(percentile_ci(b, confidence)), "n_boot": len(b)})
     return res
+
+
+def mean_difference(x: Tensor, correct: Any, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``mean(x | correct) − mean(x | wrong)`` over the rows of ``x [R, d]``, computed in ``dtype``.
+
+    The contrastive vector of the layer map, the raw-direction baselines and CAA steering. Raises
+    unless both outcomes are present and there is one label per row.
+    """
+    y = torch.as_tensor(correct if isinstance(correct, Tensor) else list(correct)).bool().flatten()
+    if y.shape[0] != x.shape[0]:
+        raise SaeRewardError(f"{x.shape[0]} pooled residuals but {y.shape[0]} correctness labels")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise SaeRewardError(
+            f"the contrastive vector needs correct and wrong responses, got {n_pos} correct and {n_neg} wrong: "
+            "use rollouts with both"
+        )
+    xd = x.to(dtype)
+    return xd[y].mean(0) - xd[~y].mean(0)

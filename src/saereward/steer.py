@@ -69,7 +69,7 @@ from saereward.lm import (
     resolve_layer,
 )
 from saereward.sae.formats import check_sae_matches_model, load_sae
-from saereward.stats import mcnemar, wilson_ci
+from saereward.stats import mcnemar, mean_difference, wilson_ci
 from saereward.tasks import format_prompt
 from saereward.tasks.prompts import PromptFormat
 
@@ -297,17 +297,7 @@ def contrastive_direction(pooled: torch.Tensor, correct: Sequence[bool]) -> torc
     """``mean(pooled | correct) − mean(pooled | wrong)`` (unnormalised, fp32) of ``pooled [R, d]``."""
     import torch
 
-    y = torch.as_tensor(list(correct), dtype=torch.bool)
-    if y.shape[0] != pooled.shape[0]:
-        raise SaeRewardError(f"{pooled.shape[0]} pooled residuals but {y.shape[0]} correctness labels")
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise SaeRewardError(
-            f"the contrastive vector needs correct and wrong responses, got {n_pos} correct and {n_neg} wrong: "
-            "use rollouts with both"
-        )
-    x = pooled.float()
-    return x[y].mean(0) - x[~y].mean(0)
+    return mean_difference(pooled, correct, torch.float32)
 
 
 def read_pooled(rollouts: str | Path, layer: int) -> tuple[torch.Tensor, list[dict[str, Any]]]:

@@ -101,9 +101,8 @@ def _g2_row(run: Path) -> str:
     return f"| G2 **{g2.get('verdict')}** | {text}{f' ({note})' if note else ''} |"
 
 
-def results_markdown(run: str | Path) -> str:
-    """The summary of ``run`` as Markdown (tables; every number with its n and CI where it has one)."""
-    run = Path(run)
+def _header(run: Path) -> list[str]:
+    """The run's model, task, layer and seed, and its stage wall times."""
     out: list[str] = []
     pipe = _j(run / "pipeline.json") or {}
     p = pipe.get("pipeline", {})
@@ -122,8 +121,12 @@ def results_markdown(run: str | Path) -> str:
             + f"; total {total / 60:.1f} min."
         )
     out.append("")
-    rows = ["| stage | result |", "|---|---|"]
+    return out
 
+
+def _rollouts_rows(run: Path) -> list[str]:
+    """Accuracy of the rollouts per split."""
+    rows: list[str] = []
     ro = _j(run / "rollouts" / "summary.json")
     if ro:
         for split in ("discovery", "validation"):
@@ -134,7 +137,12 @@ def results_markdown(run: str | Path) -> str:
             )
     else:
         rows.append("| rollouts | not run |")
+    return rows
 
+
+def _sae_rows(run: Path) -> list[str]:
+    """The SAE's held-out reconstruction and CE/KL recovered."""
+    rows: list[str] = []
     sae = _j(run / "sae" / "sae" / "eval.json")
     if sae:
         h, ce = sae.get("heldout", {}), sae.get("ce_kl", {})
@@ -146,13 +154,23 @@ def results_markdown(run: str | Path) -> str:
         )
     else:
         rows.append("| SAE | not run |")
+    return rows
 
+
+def _layer_rows(run: Path) -> list[str]:
+    """The layer map's peak."""
+    rows: list[str] = []
     lm = _j(run / "rollouts" / "layer_map.json")
     if lm:
         rows.append(
             f"| layer map | peak layer {lm.get('peak_layer')} (Cohen's d, {lm.get('split', 'discovery')}) |"
         )
+    return rows
 
+
+def _g1_rows(run: Path) -> list[str]:
+    """G1: the pack and baselines with CIs."""
+    rows: list[str] = []
     g1 = _j(run / "gate_g1.json")
     if g1:
         m = g1.get("methods", {})
@@ -183,9 +201,12 @@ def results_markdown(run: str | Path) -> str:
         )
     else:
         rows.append("| G1 | not run |")
+    return rows
 
-    rows.append(_g2_row(run))
 
+def _g3_rows(run: Path) -> list[str]:
+    """G3: capability, canaries and monitor."""
+    rows: list[str] = []
     g3 = _j(run / "g3" / "gate_g3.json")
     if g3:
         es = g3.get("eval_suite", {})
@@ -219,7 +240,12 @@ def results_markdown(run: str | Path) -> str:
         )
     else:
         rows.append("| G3 | not run |")
+    return rows
 
+
+def _steer_rows(run: Path) -> list[str]:
+    """Steering conditions."""
+    rows: list[str] = []
     st = _j(run / "steer" / "steer.json")
     if st:
         parts = [
@@ -237,7 +263,12 @@ def results_markdown(run: str | Path) -> str:
         )
     else:
         rows.append("| steering | not run |")
+    return rows
 
+
+def _drift_rows(run: Path) -> list[str]:
+    """SAE drift per RL stage."""
+    rows: list[str] = []
     dr = _j(run / "drift" / "drift.json")
     if dr:
         parts = [
@@ -250,8 +281,17 @@ def results_markdown(run: str | Path) -> str:
         )
     else:
         rows.append("| SAE drift | not run |")
-    out.extend(rows)
-    return "\n".join(out) + "\n"
+    return rows
+
+
+def results_markdown(run: str | Path) -> str:
+    """The summary of ``run`` as Markdown (tables; every number with its n and CI where it has one)."""
+    run = Path(run)
+    rows = ["| stage | result |", "|---|---|"]
+    rows += _rollouts_rows(run) + _sae_rows(run) + _layer_rows(run) + _g1_rows(run)
+    rows.append(_g2_row(run))
+    rows += _g3_rows(run) + _steer_rows(run) + _drift_rows(run)
+    return "\n".join(_header(run) + rows) + "\n"
 
 
 __all__ = ["results_markdown"]

@@ -29,7 +29,7 @@ from saereward.errors import SaeRewardError
 from saereward.io import save_figure, write_json
 from saereward.lm import DEFAULT_MODEL, DType, check_device, decoder_layers, load_model, unwrap
 from saereward.rollouts import load_rollouts
-from saereward.stats import cohens_d, require_both_outcomes
+from saereward.stats import cohens_d, mean_difference, require_both_outcomes
 
 
 def layer_scores(pooled: dict[int, Tensor], correct: Tensor, top: int = 10) -> dict[int, float]:
@@ -43,8 +43,7 @@ def layer_scores(pooled: dict[int, Tensor], correct: Tensor, top: int = 10) -> d
 
 def contrastive_direction(x: Tensor, correct: Tensor) -> Tensor:
     """Unit-norm ``mean(correct) − mean(wrong)`` of pooled residuals ``x [R, d]``."""
-    correct = correct.bool()
-    v = x[correct].double().mean(0) - x[~correct].double().mean(0)
+    v = mean_difference(x, correct)
     n = v.norm()
     if not n > 0:
         raise SaeRewardError("correct and wrong responses have identical mean residuals: no direction")

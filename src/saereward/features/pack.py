@@ -182,14 +182,14 @@ def load_pack(path: str | Path) -> FeaturePack:
     helpful: list[Feature] = []
     harmful: list[Feature] = []
     if "helpful_features" in data or "harmful_features" in data:
-        fmt = PACK_FORMAT if meta.get("format") == PACK_FORMAT else "seed"
+        fmt = PACK_FORMAT if meta.get("format") == PACK_FORMAT else "mechreward"
         for key, out in (("helpful_features", helpful), ("harmful_features", harmful)):
             entries = data.get(key) or []
             if not isinstance(entries, list):
                 raise SaeRewardError(f"{p}: {key} must be a list")
             out.extend(_feature(e, f"{p}: {key}[{i}]") for i, e in enumerate(entries))
     elif isinstance(data.get("features"), list):
-        fmt = "seed-features"
+        fmt = "mechreward-features"
         for i, e in enumerate(data["features"]):
             where = f"{p}: features[{i}]"
             f = _feature(e, where)

@@ -283,8 +283,38 @@ def _check_leak(pack: Any, val_q: set[Any], split: str) -> str:
     return "passed: no validation question was used in discovery"
 
 
-def run_gate_g1(cfg: GateG1Config) -> dict[str, Any]:
-    """Score the pack and the baselines on ``cfg.split``; write ``gate_g1.json``; return the result."""
+def _result(
+    cfg: GateG1Config, counts: dict[str, int], length: dict[str, Any], methods: dict[str, Any]
+) -> dict[str, Any]:
+    """The verdict and the counts of ``gate_g1.json`` (the caller adds where everything came from)."""
+    rho = methods["pack"]["spearman_rho"]
+    decided, reason = gate_verdict(rho, length["spearman_rho"], cfg.excellent, cfg.passing, cfg.weak)
+    return {
+        "gate": "G1",
+        "verdict": decided,
+        "verdict_reason": reason,
+        "rho_tier": verdict(rho, cfg.excellent, cfg.passing, cfg.weak),
+        "statistic": "Spearman rho of the pack score vs correctness",
+        "rule": "verdict = rho tier, but FAIL unless the pack's rho exceeds |rho_length|",
+        "thresholds": {"excellent": cfg.excellent, "passing": cfg.passing, "weak": cfg.weak},
+        "split": cfg.split,
+        **counts,
+        "seed": cfg.seed,
+        "bootstrap": {
+            "resampling": "clustered by question",
+            "unit": "question",
+            "method": "percentile; each resample draws questions with replacement and keeps all their responses",
+            "n_boot": cfg.n_boot,
+            "seed": cfg.seed,
+            "n_responses": counts["n_responses"],
+            "n_questions": counts["n_questions"],
+        },
+        "length_baseline": length,
+    }
+
+
+def _gate_inputs(cfg: GateG1Config) -> tuple[Any, Any, str, Any, int]:
+    """``(pack, rollouts, SAE path, SAE, layer)``, checked against each other."""
     pack = load_pack(cfg.pack)
     ro = load_rollouts(cfg.rollouts)
     sae_path = cfg.sae or pack.metadata.get("sae_path")
@@ -292,10 +322,14 @@ def run_gate_g1(cfg: GateG1Config) -> dict[str, Any]:
         raise SaeRewardError(f"pack {cfg.pack} records no SAE path: pass --sae")
     sae = load_sae(sae_path)
     layer = resolve_sae_layer(sae, cfg.layer if cfg.layer is not None else pack.layer, ro)
-    d_model = int(ro.summary["d_model"])
-    check_sae_matches_model(sae, d_model, layer)
-    scorer = PackScorer(sae, pack, d_model=d_model)
+    check_sae_matches_model(sae, int(ro.summary["d_model"]), layer)
+    return pack, ro, str(sae_path), sae, layer
 
+
+def run_gate_g1(cfg: GateG1Config) -> dict[str, Any]:
+    """Score the pack and the baselines on ``cfg.split``; write ``gate_g1.json``; return the result."""
+    pack, ro, sae_path, sae, layer = _gate_inputs(cfg)
+    scorer = PackScorer(sae, pack, d_model=int(ro.summary["d_model"]))
     val = ro.split_mask(cfg.split)
     disc = ro.split_mask("discovery") if cfg.split != "discovery" else ~val
     correct = ro.correct
@@ -336,45 +370,23 @@ def run_gate_g1(cfg: GateG1Config) -> dict[str, Any]:
         rho_pack = methods["pack"]["spearman_rho"]
         methods["random_packs"] = _random_packs(cfg, sae, pack, tokens, ro, disc, idx_val, y_val, rho_pack)
 
-    thresholds = {"excellent": cfg.excellent, "passing": cfg.passing, "weak": cfg.weak}
-    rho = methods["pack"]["spearman_rho"]
-    decided, reason = gate_verdict(rho, length["spearman_rho"], cfg.excellent, cfg.passing, cfg.weak)
-    result: dict[str, Any] = {
-        "gate": "G1",
-        "verdict": decided,
-        "verdict_reason": reason,
-        "rho_tier": verdict(rho, cfg.excellent, cfg.passing, cfg.weak),
-        "statistic": "Spearman rho of the pack score vs correctness",
-        "rule": "verdict = rho tier, but FAIL unless the pack's rho exceeds |rho_length|",
-        "thresholds": thresholds,
-        "split": cfg.split,
-        "n_responses": int(val.sum()),
-        "n_questions": len(set(qids)),
-        "n_correct": n_c,
-        "n_wrong": n_w,
-        "seed": cfg.seed,
-        "bootstrap": {
-            "resampling": "clustered by question",
-            "unit": "question",
-            "method": "percentile; each resample draws questions with replacement and keeps all their responses",
-            "n_boot": cfg.n_boot,
-            "seed": cfg.seed,
-            "n_responses": int(val.sum()),
-            "n_questions": len(set(qids)),
-        },
-        "length_baseline": length,
-        "layer": layer,
-        "pack": str(Path(cfg.pack).resolve()),
-        "pack_name": pack.name,
-        "pack_format": pack.source_format,
-        "sae": str(sae_path),
-        "rollouts": str(Path(cfg.rollouts).resolve()),
-        "leak_check": leak_check,
-        "layer_map_discovery": {str(k): round(s, 6) for k, s in scores_by_layer.items()},
-        "methods": methods,
-        "config": to_dict(cfg),
-        "saereward_version": __version__,
-    }
+    counts = {"n_responses": int(val.sum()), "n_questions": len(set(qids)), "n_correct": n_c, "n_wrong": n_w}
+    result = _result(cfg, counts, length, methods)
+    result.update(
+        {
+            "layer": layer,
+            "pack": str(Path(cfg.pack).resolve()),
+            "pack_name": pack.name,
+            "pack_format": pack.source_format,
+            "sae": sae_path,
+            "rollouts": str(Path(cfg.rollouts).resolve()),
+            "leak_check": leak_check,
+            "layer_map_discovery": {str(k): round(s, 6) for k, s in scores_by_layer.items()},
+            "methods": methods,
+            "config": to_dict(cfg),
+            "saereward_version": __version__,
+        }
+    )
     out = Path(cfg.out) if cfg.out else Path(cfg.pack).with_name("gate_g1.json")
     write_json(out, result)
     if cfg.update_pack:

@@ -4,28 +4,28 @@ Every loader returns a :class:`~saereward.sae.coder.TopKSAE` whose encode/decode
 library's own encode/decode on raw residuals (to float tolerance). Source conventions that our coder
 does not have are *folded into the weights* at load time instead of being carried as options:
 
-=============  ==========================================  =============================================
-format         files                                        what is folded / refused
-=============  ==========================================  =============================================
-``native``     ``cfg.json`` + ``weights.safetensors``       nothing: the :class:`SAEConfig` is stored as
-               (+ ``train_config.json``)                    is (input normalization included)
-``saelens``    ``cfg.json`` + ``sae_weights.safetensors``   ``apply_b_dec_to_input=false`` ->
-                                                            ``b_enc += b_dec @ W_enc``;
-                                                            ``rescale_acts_by_decoder_norm`` ->
-                                                            ``W_enc, b_enc *= ||W_dec_i||``,
-                                                            ``W_dec_i /= ||W_dec_i||``; a legacy
-                                                            ``scaling_factor`` -> ``W_dec_i *= s_i``.
-                                                            Refused: any architecture but ``topk``
-                                                            (jumprelu, standard, gated, ...), per-token
-                                                            normalizations (``layer_norm``,
-                                                            ``constant_norm_rescale``, whitening),
-                                                            ``hook_z`` reshaping.
-``sparsify``   ``cfg.json`` + ``sae.safetensors``           ``encoder.weight [M, d]`` is transposed.
-                                                            Refused: ``groupmax``, transcoders, skip
-                                                            connections, signed activations.
-``seed_pt``    one ``.pt`` dict (+ sidecar ``.json``)       nothing; read with
-                                                            ``torch.load(weights_only=True)`` only
-=============  ==========================================  =============================================
+=================  ==========================================  =============================================
+format             files                                        what is folded / refused
+=================  ==========================================  =============================================
+``native``         ``cfg.json`` + ``weights.safetensors``       nothing: the :class:`SAEConfig` is stored as
+                   (+ ``train_config.json``)                    is (input normalization included)
+``saelens``        ``cfg.json`` + ``sae_weights.safetensors``   ``apply_b_dec_to_input=false`` ->
+                                                                ``b_enc += b_dec @ W_enc``;
+                                                                ``rescale_acts_by_decoder_norm`` ->
+                                                                ``W_enc, b_enc *= ||W_dec_i||``,
+                                                                ``W_dec_i /= ||W_dec_i||``; a legacy
+                                                                ``scaling_factor`` -> ``W_dec_i *= s_i``.
+                                                                Refused: any architecture but ``topk``
+                                                                (jumprelu, standard, gated, ...), per-token
+                                                                normalizations (``layer_norm``,
+                                                                ``constant_norm_rescale``, whitening),
+                                                                ``hook_z`` reshaping.
+``sparsify``       ``cfg.json`` + ``sae.safetensors``           ``encoder.weight [M, d]`` is transposed.
+                                                                Refused: ``groupmax``, transcoders, skip
+                                                                connections, signed activations.
+``mechreward_pt``  one ``.pt`` dict (+ sidecar ``.json``)       nothing; read with
+                                                                ``torch.load(weights_only=True)`` only
+=================  ==========================================  =============================================
 
 **sparsify and b_dec (checked, not assumed).** sparsify 1.3.3 ``sparse_coder.py``
 ``SparseCoder.encode`` (lines 191-192) reads ``if not self.cfg.transcode: x = x - self.b_dec`` and then
@@ -645,11 +645,11 @@ def save_sparsify(sae: TopKSAE, folder: PathLike) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-def _is_seed_pt(p: Path) -> bool:
+def _is_mechreward_pt(p: Path) -> bool:
     return p.is_file() and p.suffix in _SEED_SUFFIXES
 
 
-def _seed_sidecar(path: Path) -> dict[str, Any]:
+def _mechreward_sidecar(path: Path) -> dict[str, Any]:
     side = path.with_suffix(".json")
     if not side.is_file():
         return {}
@@ -661,7 +661,7 @@ def _seed_sidecar(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _load_seed_pt(path: Path, device: str | torch.device, dtype: torch.dtype) -> TopKSAE:
+def _load_mechreward_pt(path: Path, device: str | torch.device, dtype: torch.dtype) -> TopKSAE:
     try:
         # weights_only=True: the unpickler accepts tensors and plain containers only, so a checkpoint
         # that would construct arbitrary objects (and run code doing so) is refused before anything runs.
@@ -678,14 +678,16 @@ def _load_seed_pt(path: Path, device: str | torch.device, dtype: torch.dtype) ->
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) and "W_enc" not in obj:
         obj = {**obj, **obj["state_dict"]}
     if not isinstance(obj, dict):
-        raise SaeRewardError(f"{path} holds a {type(obj).__name__}, expected mechreward's dict of SAE tensors")
+        raise SaeRewardError(
+            f"{path} holds a {type(obj).__name__}, expected mechreward's dict of SAE tensors"
+        )
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     _require(tensors, ("W_enc", "b_enc", "W_dec", "b_dec"), path)
     W_enc = tensors["W_enc"]
     _check_cfg_dims(path, W_enc, obj.get("d_model"), obj.get("d_sae"))
     if "k" not in obj:
         raise SaeRewardError(f"{path} has no k: the mechreward checkpoint is incomplete")
-    side = _seed_sidecar(path)
+    side = _mechreward_sidecar(path)
     model = side.get("model", side.get("model_name"))
     layer = next((side[key] for key in ("layer", "target_layer", "hook_layer") if key in side), None)
     if "step" in obj:
@@ -704,7 +706,7 @@ def _load_seed_pt(path: Path, device: str | torch.device, dtype: torch.dtype) ->
     )
 
 
-def save_seed_pt(sae: TopKSAE, path: PathLike, *, step: int | None = None) -> Path:
+def save_mechreward_pt(sae: TopKSAE, path: PathLike, *, step: int | None = None) -> Path:
     """Write mechreward's ``.pt`` dict (+ sidecar ``.json`` with model and layer), atomically."""
     target = Path(path)
     w = _raw_space_weights(sae)
@@ -746,11 +748,11 @@ FORMATS: dict[str, SaeFormat] = {
             "sparsify", "folder with cfg.json + sae.safetensors", _is_sparsify, _load_sparsify, save_sparsify
         ),
         SaeFormat(
-            "seed_pt",
+            "mechreward_pt",
             "a .pt/.pth file holding mechreward's dict of tensors",
-            _is_seed_pt,
-            _load_seed_pt,
-            save_seed_pt,
+            _is_mechreward_pt,
+            _load_mechreward_pt,
+            save_mechreward_pt,
         ),
     )
 }

@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saereward import bf16cpu
+from saereward import lm
 from saereward.errors import SaeRewardError
 
 KernelMode = Literal["fast", "eager"]
@@ -103,7 +103,7 @@ def select_dtype(weight: Tensor) -> torch.dtype:
     (fp64 weights keep fp64, so exact reference computations stay exact).
     """
     if weight.dtype == torch.float32 and (
-        weight.is_cuda or (weight.device.type == "cpu" and bf16cpu.cpu_has_fast_bf16())
+        weight.is_cuda or (weight.device.type == "cpu" and lm.cpu_has_fast_bf16())
     ):
         return torch.bfloat16
     return weight.dtype
