@@ -536,3 +536,25 @@ def test_collect_smollm(smollm: LoadedModel, tmp_path: Path, corpus: Path) -> No
     # skip_first drops the attention sink (norm ~2e4 at layer 15); the other rows are ~1e2
     assert rows.norm(dim=-1).max() < 5_000
     json.dumps(man)  # the manifest is plain JSON
+
+
+def test_nan_rows_in_a_shard_are_named_when_read(tmp_path: Path, reference: Path) -> None:
+    """A shard whose bytes are sound but whose rows hold NaN is refused as it is read: the error names
+    the shard and the rows, so no SAE is trained on it."""
+    import shutil
+
+    out = tmp_path / "acts"
+    shutil.copytree(reference, out)
+    path = out / read_manifest(out)["shards"][1]["file"]
+    raw = bytearray(path.read_bytes())  # overwrite rows 3..5 of layer_1 in place: same size, same header
+    n_header = int.from_bytes(raw[:8], "little")
+    meta = json.loads(raw[8 : 8 + n_header])["layer_1"]
+    dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[meta["dtype"]]
+    nan = torch.full((3, meta["shape"][1]), float("nan"), dtype=dtype).view(torch.uint8).flatten()
+    start = 8 + n_header + meta["data_offsets"][0] + nan.numel()  # row 3 = 3 rows' bytes in
+    raw[start : start + nan.numel()] = nan.numpy().tobytes()
+    path.write_bytes(bytes(raw))
+    store = ActivationStore(out, 1, "all")  # header, size and shapes are still right
+    with pytest.raises(SaeRewardError, match=rf"{path.name} has NaN/inf in layer_1 at 3 rows \(3..5\)"):
+        store.read()
+    assert ActivationStore(out, 3, "all").read().isfinite().all()  # the other layer is untouched

@@ -209,6 +209,7 @@ def test_pack_round_trip_and_is_a_seed_superset(tmp_path: Path) -> None:
         ({"helpful_features": [], "harmful_features": []}, "no features"),
         ({"something": 1}, "not a feature pack"),
         ({"features": [{"feature_id": 1}]}, "helpful or harmful"),
+        ({"helpful_features": [{"feature_id": 1, "weight": float("nan")}]}, "weights must be finite"),
     ],
 )
 def test_malformed_packs_are_rejected(tmp_path: Path, bad: dict, match: str) -> None:

@@ -348,3 +348,30 @@ def test_ddp_two_shards_equal_one_big_batch(tmp_path, recon_loss):
         # noise around 0 may legitimately move the other way, so compare where the sign is clear.
         clear = grad.abs() > 1e-4 * scale
         torch.testing.assert_close(ddp[name][clear], ref[name][clear], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_non_finite_loss_stops_before_any_update(tmp_path):
+    """A NaN batch (here at step 12) stops training with one error line; the weights are those after
+    step 11 and the checkpoint of step 10 is still the latest, so the run can resume from it."""
+
+    def batches(start, *, poison_at=None, stop_at=None):
+        for i, x in enumerate(synthetic(start), start):
+            if i == stop_at:
+                return
+            if i == poison_at:
+                x = x.clone()
+                x[0] = float("nan")
+            yield x
+
+    cfg = _cfg(total_tokens=64 * 30, checkpoint_every=10)
+    trainer = SAETrainer(cfg, D, run_dir=tmp_path)
+    with pytest.raises(
+        SaeRewardError, match=r"diverged at step 12: the loss is nan.*last checkpoint is kept"
+    ):
+        trainer.fit(lambda start: batches(start, poison_at=12))
+    assert trainer.state.step == 12
+    assert all(torch.isfinite(w).all() for w in _weights(trainer.sae).values())
+    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["step"] == 10
+    clean = SAETrainer(_cfg(total_tokens=64 * 30), D).fit(lambda start: batches(start, stop_at=12))
+    for name, t in _weights(clean).items():  # steps 0..11 ran exactly as without the bad batch
+        assert torch.equal(t, getattr(trainer.sae, name)), name

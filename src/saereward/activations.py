@@ -961,10 +961,19 @@ class ActivationStore:
         return self.n_tokens
 
     def _load(self, path: Path, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of this split's tensor in shard ``path``; NaN/inf there is an error."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as fh:
-            return fh.get_slice(self.key)[start:stop]
+            rows = fh.get_slice(self.key)[start:stop]
+        bad = ~torch.isfinite(rows).all(dim=-1)
+        if bool(bad.any()):
+            idx = torch.nonzero(bad).flatten()
+            raise SaeRewardError(
+                f"activation shard {path.name} has NaN/inf in {self.key} at {len(idx)} rows "
+                f"({start + int(idx[0])}..{start + int(idx[-1])}): re-collect it (`saereward collect --force`)"
+            )
+        return rows
 
     def read(self, max_tokens: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The split's rows in stored order, ``[min(n_tokens, max_tokens), d]`` (all in memory)."""

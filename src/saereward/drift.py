@@ -537,23 +537,22 @@ def _run_model(run: Path) -> str:
     return str(model)
 
 
-def run_drift(cfg: DriftConfig, lm: LoadedModel | None = None) -> dict[str, Any]:
-    """Run (or resume) the drift analysis; writes ``drift.json`` and ``drift.png`` and returns the result.
+#: the settings that change a stage's numbers (its cache key, beside the model, SAE and corpus)
+_KEY_FIELDS = (
+    "max_texts",
+    "max_length",
+    "batch_size",
+    "heldout_fraction",
+    "refit_tokens",
+    "refit_epochs",
+    "refit_lr",
+    "refit_batch_size",
+    "seed",
+)
 
-    ``lm``: the run's base model already loaded (tests); by default the run's recorded ``model`` is
-    loaded with ``cfg.dtype``, only if some stage has to be computed.
-    """
-    import torch
-    from tqdm.auto import tqdm
 
-    t_start = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    run = Path(cfg.run).expanduser()
-    stages = run_stages(run, include_final=cfg.include_final)
-    spec = _run_model(run)
-    if lm is not None and lm.spec != spec:
-        raise SaeRewardError(f"run {cfg.run} was trained on {spec}, the model given is {lm.spec}")
+def _drift_inputs(cfg: DriftConfig) -> tuple[Any, str, Any, int, Path, list[str]]:
+    """``(pack, SAE path, base SAE, layer, corpus file, corpus texts)``, checked against each other."""
     pack = load_pack(cfg.pack) if cfg.pack else None
     sae_path = cfg.sae or (pack.metadata.get("sae_path") if pack is not None else None)
     if not sae_path:
@@ -571,6 +570,27 @@ def run_drift(cfg: DriftConfig, lm: LoadedModel | None = None) -> dict[str, Any]
     texts_file = _texts_file(rollouts)
     texts = load_corpus(texts_file, cfg.max_texts, cfg.seed)
 
+    return pack, str(sae_path), base_sae, int(layer), texts_file, texts
+
+
+def run_drift(cfg: DriftConfig, lm: LoadedModel | None = None) -> dict[str, Any]:
+    """Run (or resume) the drift analysis; writes ``drift.json`` and ``drift.png`` and returns the result.
+
+    ``lm``: the run's base model already loaded (tests); by default the run's recorded ``model`` is
+    loaded with ``cfg.dtype``, only if some stage has to be computed.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run = Path(cfg.run).expanduser()
+    stages = run_stages(run, include_final=cfg.include_final)
+    spec = _run_model(run)
+    if lm is not None and lm.spec != spec:
+        raise SaeRewardError(f"run {cfg.run} was trained on {spec}, the model given is {lm.spec}")
+    pack, sae_path, base_sae, layer, texts_file, texts = _drift_inputs(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     common = {
@@ -580,20 +600,7 @@ def run_drift(cfg: DriftConfig, lm: LoadedModel | None = None) -> dict[str, Any]
         "layer": layer,
         "sae_sha256": file_sha256(resolve_sae_path(sae_path)[0]),
         "corpus_sha256": file_sha256(texts_file),
-        **{
-            k: getattr(cfg, k)
-            for k in (
-                "max_texts",
-                "max_length",
-                "batch_size",
-                "heldout_fraction",
-                "refit_tokens",
-                "refit_epochs",
-                "refit_lr",
-                "refit_batch_size",
-                "seed",
-            )
-        },
+        **{k: getattr(cfg, k) for k in _KEY_FIELDS},
     }
     policies = _Policies(cfg, spec, texts, layer, base_sae, pack, lm)
     split: tuple[torch.Tensor, torch.Tensor] | None = None

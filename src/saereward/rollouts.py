@@ -120,10 +120,101 @@ def _decoding_plan(cfg: RolloutsConfig) -> list[str]:
     return ["greedy"] + ["sample"] * (cfg.samples - 1)
 
 
+def _row(
+    task: Any, item: Any, completion: str, split: str, s: int, mode: str, prompt: str, n_tok: int
+) -> dict[str, Any]:
+    """One response's record in ``rollouts.jsonl`` (``rid`` is added once all passes are in)."""
+    return {
+        "qid": item.id,
+        "split": split,
+        "sample": s,
+        "decoding": mode,
+        "prompt": prompt,
+        "completion": completion,
+        "extracted": task.extract(item, completion),
+        "gold": item.gold,
+        "correct": bool(task.verify(item, completion)),
+        "n_tokens": n_tok,
+    }
+
+
+def _generate_pass(
+    cfg: RolloutsConfig,
+    lm: LoadedModel,
+    task: Any,
+    prompts: list[str],
+    split_of: dict[str, str],
+    s: int,
+    mode: str,
+    layers: list[int],
+    token_layers: list[int],
+) -> list[tuple[dict[str, Any], dict[int, Any], dict[int, Any], Any]]:
+    """Decoding pass ``s``: ``(row, pooled mean per layer, per-token residuals, token ids)`` per question, in question order."""
+    import torch
+
+    items = list(task.items())
+    capture = sorted(set(layers) | set(token_layers))
+    sampling = SamplingConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=mode == "sample",
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        stop=stop_strings_for(cfg.prompt_format),
+    )
+    # every pass has its own seed stream, so sample s differs from sample s' for a question
+    batches = iter_generate(
+        lm,
+        prompts,
+        sampling,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed * 1000 + s,
+        capture_layers=capture,
+        progress=cfg.progress,
+        desc=f"rollouts {s + 1}/{cfg.samples if cfg.decoding != 'greedy' else 1}",
+    )
+    pass_rows: list[tuple[int, dict[str, Any], dict[int, Any], dict[int, Any], Any]] = []
+    for idx, g in batches:
+        mask = g.residual_mask.cpu()  # results are kept on the CPU, wherever the model runs
+        residuals = {x: g.residuals[x].cpu() for x in capture}
+        sequences = g.sequences.cpu()
+        for j, i in enumerate(idx):
+            item, m = items[i], mask[j]
+            n_tok = int(m.sum())
+            row = _row(task, item, g.completions[j], split_of[item.id], s, mode, prompts[i], n_tok)
+            tok = {x: residuals[x][j][m].float() for x in capture}
+            mean = {x: (tok[x].mean(0) if n_tok else torch.zeros(lm.d_model)) for x in layers}
+            pass_rows.append((i, row, mean, {x: tok[x] for x in token_layers}, sequences[j][m]))
+    return [r[1:] for r in sorted(pass_rows, key=lambda r: r[0])]
+
+
+def _write_tensors(
+    out: Path,
+    cfg: RolloutsConfig,
+    pooled: dict[int, list[Any]],
+    per_token: dict[int, list[Any]],
+    token_ids: list[Any],
+) -> None:
+    """``pooled.safetensors`` and ``tokens.safetensors`` (with ``token_ids`` and ``offsets``), atomically."""
+    import torch
+    from safetensors.torch import save_file
+
+    lengths = torch.tensor([len(t) for t in token_ids], dtype=torch.long)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    meta = {"format": "saereward.rollouts", "format_version": "1", "model": cfg.model}
+    with atomic_path(out / "pooled.safetensors") as tmp:
+        save_file(
+            {f"layer_{x}": torch.stack(v).contiguous() for x, v in pooled.items()}, str(tmp), metadata=meta
+        )
+    tensors = {f"layer_{x}": torch.cat(v).contiguous() for x, v in per_token.items()}
+    tensors["token_ids"] = torch.cat(token_ids).long()
+    tensors["offsets"] = offsets
+    with atomic_path(out / "tokens.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
 def run_rollouts(cfg: RolloutsConfig, lm: LoadedModel | None = None) -> Path:
     """Generate, verify, capture and write the rollout folder; return its path."""
     import torch
-    from safetensors.torch import save_file
 
     task = load_task(
         cfg.task, n=cfg.n, seed=cfg.seed, source=cfg.task_source, path=cfg.task_path, **cfg.task_params
@@ -141,7 +232,6 @@ def run_rollouts(cfg: RolloutsConfig, lm: LoadedModel | None = None) -> Path:
         else sorted({resolve_layer(lm.model, x) for x in cfg.layers})
     )
     token_layers = sorted({resolve_layer(lm.model, x) for x in cfg.token_layers})
-    capture = sorted(set(layers) | set(token_layers))
     # split by question *text*: generators repeat questions under new ids, and a repeat must not
     # land on the other side of the split
     by_text = split_questions([it.question for it in items], cfg.validation_fraction, cfg.seed)
@@ -158,51 +248,9 @@ def run_rollouts(cfg: RolloutsConfig, lm: LoadedModel | None = None) -> Path:
     token_ids: list[torch.Tensor] = []
     t0 = time.perf_counter()
     for s, mode in enumerate(_decoding_plan(cfg)):
-        sampling = SamplingConfig(
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=mode == "sample",
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            stop=stop_strings_for(cfg.prompt_format),
-        )
-        # every pass has its own seed stream, so sample s differs from sample s' for a question
-        batches = iter_generate(
-            lm,
-            prompts,
-            sampling,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed * 1000 + s,
-            capture_layers=capture,
-            progress=cfg.progress,
-            desc=f"rollouts {s + 1}/{cfg.samples if cfg.decoding != 'greedy' else 1}",
-        )
-        pass_rows: list[
-            tuple[int, dict[str, Any], dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor]
-        ] = []
-        for idx, g in batches:
-            mask = g.residual_mask.cpu()  # results are kept on the CPU, wherever the model runs
-            residuals = {x: g.residuals[x].cpu() for x in capture}
-            sequences = g.sequences.cpu()
-            for j, i in enumerate(idx):
-                item, completion = items[i], g.completions[j]
-                m = mask[j]
-                n_tok = int(m.sum())
-                row = {
-                    "qid": item.id,
-                    "split": split_of[item.id],
-                    "sample": s,
-                    "decoding": mode,
-                    "prompt": prompts[i],
-                    "completion": completion,
-                    "extracted": task.extract(item, completion),
-                    "gold": item.gold,
-                    "correct": bool(task.verify(item, completion)),
-                    "n_tokens": n_tok,
-                }
-                tok = {x: residuals[x][j][m].float() for x in capture}
-                mean = {x: (tok[x].mean(0) if n_tok else torch.zeros(lm.d_model)) for x in layers}
-                pass_rows.append((i, row, mean, {x: tok[x] for x in token_layers}, sequences[j][m]))
-        for _i, row, mean, tok, ids in sorted(pass_rows, key=lambda r: r[0]):  # question order
+        for row, mean, tok, ids in _generate_pass(
+            cfg, lm, task, prompts, split_of, s, mode, layers, token_layers
+        ):
             rows.append(row)
             for x in layers:
                 pooled[x].append(mean[x])
@@ -213,20 +261,9 @@ def run_rollouts(cfg: RolloutsConfig, lm: LoadedModel | None = None) -> Path:
     for r, row in enumerate(rows):
         row["rid"] = r
 
-    lengths = torch.tensor([len(t) for t in token_ids], dtype=torch.long)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "saereward.rollouts", "format_version": "1", "model": cfg.model}
-    with atomic_path(out / "pooled.safetensors") as tmp:
-        save_file(
-            {f"layer_{x}": torch.stack(v).contiguous() for x, v in pooled.items()}, str(tmp), metadata=meta
-        )
-    tensors = {f"layer_{x}": torch.cat(v).contiguous() for x, v in per_token.items()}
-    tensors["token_ids"] = torch.cat(token_ids).long()
-    tensors["offsets"] = offsets
-    with atomic_path(out / "tokens.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    _write_tensors(out, cfg, pooled, per_token, token_ids)
     write_jsonl(out / "rollouts.jsonl", rows)
     write_json(
         out / "splits.json", {"seed": cfg.seed, "validation_fraction": cfg.validation_fraction, **splits}

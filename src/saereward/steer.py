@@ -611,109 +611,96 @@ def _check_layer(cfg: SteerConfig, setup: _Setup, layer: int) -> None:
         )
 
 
-def run_steer(cfg: SteerConfig, lm: LoadedModel | None = None) -> dict[str, Any]:
-    """Base run, then each steering condition; compare; write ``steer.json``, ``steer.png``, ``config.json``."""
-    import torch
-    from tqdm.auto import tqdm
+def _steering_vector(cfg: SteerConfig, setup: Any, layer: int) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """The CAA vector of the scale sweep (``None`` without scales) and where it came from."""
+    if not cfg.scales:
+        return None, {}
+    if cfg.vector == "contrastive":
+        assert cfg.rollouts is not None
+        vec, vec_info = contrastive_vector(cfg.rollouts, layer)
+    else:
+        assert setup.pack is not None and setup.sae is not None
+        vec = pack_vector(setup.pack, setup.sae)
+        vec_info = {"source": "pack", "pack": cfg.pack, "sae": setup.sae_path, "n_features": len(setup.pack)}
+    if setup.pack is not None and setup.sae is not None and cfg.vector == "contrastive":
+        vec_info["cosine_with_pack_direction"] = float(vec @ pack_vector(setup.pack, setup.sae))
+    return vec, vec_info
 
-    t0 = time.perf_counter()
-    setup = _resolve(cfg)
-    out = Path(cfg.out)
-    ec = eval_config(cfg)
-    task = _load_task(ec)  # validate the task before paying for the model
-    items = list(task.items())
 
-    if lm is None:
-        lm = load_model(
-            cfg.model, dtype=cfg.dtype, threads=cfg.threads, adapter=cfg.adapter, device=cfg.device
-        )
-    elif cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    layer = resolve_layer(lm.model, setup.layer)
-    _check_layer(cfg, setup, layer)
-    vec: torch.Tensor | None = None
-    vec_info: dict[str, Any] = {}
-    if cfg.scales:
-        if cfg.vector == "contrastive":
-            assert cfg.rollouts is not None
-            vec, vec_info = contrastive_vector(cfg.rollouts, layer)
-        else:
-            assert setup.pack is not None and setup.sae is not None
-            vec = pack_vector(setup.pack, setup.sae)
-            vec_info = {
-                "source": "pack",
-                "pack": cfg.pack,
-                "sae": setup.sae_path,
-                "n_features": len(setup.pack),
-            }
-        if setup.pack is not None and setup.sae is not None and cfg.vector == "contrastive":
-            vec_info["cosine_with_pack_direction"] = float(vec @ pack_vector(setup.pack, setup.sae))
-
-    d_model = lm.d_model
-    if vec is not None and vec.shape[0] != d_model:
-        raise SaeRewardError(
-            f"the {cfg.vector} vector has width {vec.shape[0]} but {cfg.model} has d_model {d_model}: "
-            "the rollouts/pack belong to a different model"
-        )
-    if setup.sae is not None:
-        check_sae_matches_model(setup.sae, d_model, layer)
-    if cfg.prompt_format == "chat" and not getattr(lm.tokenizer, "chat_template", None):
-        raise SaeRewardError(f"model {cfg.model} has no chat template: use --prompt-format raw or fewshot")
-
-    prompts = [
-        format_prompt(task, it, cfg.prompt_format, tokenizer=lm.tokenizer, shots=cfg.shots) for it in items
-    ]
+def _residual_norm(
+    cfg: SteerConfig, lm: LoadedModel, prompts: list[str], layer: int
+) -> tuple[float, dict[str, Any]]:
+    """The residual norm the scales are fractions of, and how it was measured."""
     if cfg.norm_source == "prompts":
         mean_norm, n_pos = prompt_residual_norm(lm, prompts, layer, cfg.batch_size)
-        norm_info = {
+        return mean_norm, {
             "value": mean_norm,
             "source": "prompts",
             "positions": n_pos,
             "how": "mean L2 norm of the layer output over the eval prompts' tokens, each prompt's first token "
             "(attention sink) excluded",
         }
-    else:
-        assert cfg.rollouts is not None
-        pooled, rows = read_pooled(cfg.rollouts, layer)
-        disc = [i for i, r in enumerate(rows) if r["split"] == "discovery"]
-        mean_norm = float(pooled[disc].float().norm(dim=-1).mean())
-        norm_info = {
-            "value": mean_norm,
-            "source": "rollouts",
-            "positions": len(disc),
-            "how": "mean L2 norm of the rollouts' pooled (per-response mean) residuals, discovery split",
-        }
+    assert cfg.rollouts is not None
+    pooled, rows = read_pooled(cfg.rollouts, layer)
+    disc = [i for i, r in enumerate(rows) if r["split"] == "discovery"]
+    mean_norm = float(pooled[disc].float().norm(dim=-1).mean())
+    return mean_norm, {
+        "value": mean_norm,
+        "source": "rollouts",
+        "positions": len(disc),
+        "how": "mean L2 norm of the rollouts' pooled (per-response mean) residuals, discovery split",
+    }
 
+
+def _condition_delta(
+    cond: Condition,
+    cfg: SteerConfig,
+    setup: Any,
+    vec: torch.Tensor | None,
+    mean_norm: float,
+    key: dict[str, Any],
+) -> DeltaFn | None:
+    """The residual edit of one condition (``None`` for the base run); adds its identity to ``key``."""
+    if cond.kind in ("vector", "negative_control"):
+        assert vec is not None
+        alpha = cond.scale * mean_norm
+        key.update({"alpha": round(alpha, 6), "vector_sha": _sha(vec)})
+        return constant_delta(alpha * vec)
+    if cond.kind in ("feature_add", "feature_clamp"):
+        assert setup.sae is not None and cfg.feature is not None
+        sae_sha = _sha(setup.sae.W_enc, setup.sae.b_enc, setup.sae.W_dec, setup.sae.b_dec)
+        key.update({"feature": cfg.feature, "sae_sha": sae_sha})
+        if cond.kind == "feature_add":
+            return constant_delta(cond.scale * feature_row(setup.sae, cfg.feature))
+        return clamp_delta(setup.sae, cfg.feature, cond.scale)
+    return None
+
+
+def _run_conditions(
+    cfg: SteerConfig,
+    setup: Any,
+    lm: LoadedModel,
+    ec: Any,
+    layer: int,
+    vec: torch.Tensor | None,
+    mean_norm: float,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate every condition (a finished one is read back from its cache file); ``{label: record}``."""
+    from tqdm.auto import tqdm
+
+    out = Path(cfg.out)
     # where it ran does not change what was asked: device is not part of a condition's cache key
     eval_key = {k: v for k, v in to_dict(ec).items() if k not in ("progress", "out", "threads", "device")}
     common_key = {"eval": eval_key, "layer": layer, "saereward_version": __version__}
-    sae_sha = (
-        _sha(setup.sae.W_enc, setup.sae.b_enc, setup.sae.W_dec, setup.sae.b_dec)
-        if setup.sae is not None and cfg.feature is not None
-        else None
-    )
-    conds = conditions(cfg)
     results: dict[str, dict[str, Any]] = {}
     (out / "conditions").mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", to_dict(cfg))
-    bar = tqdm(conds, desc="steer", unit="cond", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(conditions(cfg), desc="steer", unit="cond", disable=not cfg.progress, dynamic_ncols=True)
     try:
         for cond in bar:
             bar.set_postfix_str(cond.label)
-            delta: DeltaFn | None = None
             key: dict[str, Any] = {**common_key, "kind": cond.kind, "scale": cond.scale}
-            if cond.kind in ("vector", "negative_control"):
-                assert vec is not None
-                alpha = cond.scale * mean_norm
-                delta = constant_delta(alpha * vec)
-                key.update({"alpha": round(alpha, 6), "vector_sha": _sha(vec)})
-            elif cond.kind in ("feature_add", "feature_clamp"):
-                assert setup.sae is not None and cfg.feature is not None
-                key.update({"feature": cfg.feature, "sae_sha": sae_sha})
-                if cond.kind == "feature_add":
-                    delta = constant_delta(cond.scale * feature_row(setup.sae, cfg.feature))
-                else:
-                    delta = clamp_delta(setup.sae, cfg.feature, cond.scale)
+            delta = _condition_delta(cond, cfg, setup, vec, mean_norm, key)
             path = out / "conditions" / _filename(cond.label)
             cached = _cache_read(path, key)
             if cached is not None:
@@ -728,21 +715,26 @@ def run_steer(cfg: SteerConfig, lm: LoadedModel | None = None) -> dict[str, Any]
                 with SteeringHook(lm.model, layer, delta) as hook:
                     res = run_eval(ec, lm=lm)
                 pert = hook.mean_norm
-            rows = [{k: v for k, v in r.items() if k != "prompt"} for r in res.rows]
             record = {
                 "key": key,
                 "label": cond.label,
                 "kind": cond.kind,
                 "scale": cond.scale,
                 "perturbation_norm": pert,
-                "rows": rows,
+                "rows": [{k: v for k, v in r.items() if k != "prompt"} for r in res.rows],
                 "seconds": round(time.perf_counter() - tc, 3),
             }
             write_json(path, record)
             results[cond.label] = {**json.loads(json.dumps(record, default=str)), "cached": False}
     finally:
         bar.close()
+    return results
 
+
+def _steer_table(
+    conds: list[Condition], results: dict[str, dict[str, Any]], mean_norm: float
+) -> list[dict[str, Any]]:
+    """One row per condition: accuracy with its Wilson CI, the perturbation, and the paired test vs base."""
     base_rows = results["base"]["rows"]
     table: list[dict[str, Any]] = []
     for cond in conds:
@@ -766,6 +758,49 @@ def run_steer(cfg: SteerConfig, lm: LoadedModel | None = None) -> dict[str, Any]
         if cond.kind != "base":
             row.update(paired_comparison(base_rows, r["rows"]))
         table.append(row)
+    return table
+
+
+def _check_inputs(
+    cfg: SteerConfig, setup: Any, lm: LoadedModel, layer: int, vec: torch.Tensor | None
+) -> None:
+    """The vector, SAE and prompt format fit the model, or one error line says why not."""
+    d_model = lm.d_model
+    if vec is not None and vec.shape[0] != d_model:
+        raise SaeRewardError(
+            f"the {cfg.vector} vector has width {vec.shape[0]} but {cfg.model} has d_model {d_model}: "
+            "the rollouts/pack belong to a different model"
+        )
+    if setup.sae is not None:
+        check_sae_matches_model(setup.sae, d_model, layer)
+    if cfg.prompt_format == "chat" and not getattr(lm.tokenizer, "chat_template", None):
+        raise SaeRewardError(f"model {cfg.model} has no chat template: use --prompt-format raw or fewshot")
+
+
+def run_steer(cfg: SteerConfig, lm: LoadedModel | None = None) -> dict[str, Any]:
+    """Base run, then each steering condition; compare; write ``steer.json``, ``steer.png``, ``config.json``."""
+    import torch
+
+    t0 = time.perf_counter()
+    setup = _resolve(cfg)
+    ec = eval_config(cfg)
+    task = _load_task(ec)  # validate the task before paying for the model
+    items = list(task.items())
+    if lm is None:
+        lm = load_model(
+            cfg.model, dtype=cfg.dtype, threads=cfg.threads, adapter=cfg.adapter, device=cfg.device
+        )
+    elif cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    layer = resolve_layer(lm.model, setup.layer)
+    _check_layer(cfg, setup, layer)
+    vec, vec_info = _steering_vector(cfg, setup, layer)
+    _check_inputs(cfg, setup, lm, layer, vec)
+    prompts = [
+        format_prompt(task, it, cfg.prompt_format, tokenizer=lm.tokenizer, shots=cfg.shots) for it in items
+    ]
+    mean_norm, norm_info = _residual_norm(cfg, lm, prompts, layer)
+    results = _run_conditions(cfg, setup, lm, ec, layer, vec, mean_norm)
     result: dict[str, Any] = {
         "n": len(items),
         "seed": cfg.seed,
@@ -778,11 +813,12 @@ def run_steer(cfg: SteerConfig, lm: LoadedModel | None = None) -> dict[str, Any]
             if cfg.feature is not None
             else None
         ),
-        "rows": table,
+        "rows": _steer_table(conditions(cfg), results, mean_norm),
         "wall_seconds": round(time.perf_counter() - t0, 3),
         "config": to_dict(cfg),
         "saereward_version": __version__,
     }
+    out = Path(cfg.out)
     plot_steer(result, out / "steer.png")
     write_json(out / "steer.json", result)
     return result

@@ -22,6 +22,7 @@ write them as ``+1`` score the same.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,13 @@ class Feature:
     validated: bool = False
     active_frac: float | None = None
     name: str | None = None  #: a label some packs carry (mechreward's older packs)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.weight):
+            raise SaeRewardError(
+                f"pack feature {self.feature_id} has weight {self.weight}: pack weights must be finite; "
+                "fix the pack file or re-run `saereward discover`"
+            )
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

@@ -403,6 +403,12 @@ class SAETrainer:
         dead = self.dead_mask() if cfg.aux_coef > 0 else None
         out = self.sae(x, dead_mask=dead, k_aux=cfg.k_aux)
         loss = self._loss(out, x)
+        if not bool(torch.isfinite(loss)):  # before any update: the weights and checkpoints stay good
+            raise SaeRewardError(
+                f"SAE training diverged at step {self.state.step}: the loss is {float(loss)}; the weights "
+                "were not updated and the last checkpoint is kept. Check the activations for NaN/inf "
+                "or lower lr, then resume"
+            )
         for p in self._params:
             p.grad = None
         loss.backward()
