@@ -439,6 +439,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SaeRewardError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return exc.exit_code
+    except OSError as exc:  # unwritable or missing folder, full disk, read-only file system, ...
+        where = f": {exc.filename}" if exc.filename else ""
+        sys.stderr.write(
+            f"error: {exc.strerror or exc}{where}; check that the path exists, is writable and has free space\n"
+        )
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
