@@ -281,6 +281,14 @@ def _plot(title: str, make: Callable[[], Any], caption: str = "") -> Plot | None
     return Plot(title, png_uri(fig), caption)
 
 
+def _add_plot(sec: Section, title: str, make: Callable[[], Any], caption: str = "") -> bool:
+    """Add the plot to ``sec`` when it has something to draw; whether it did."""
+    p = _plot(title, make, caption)
+    if p:
+        sec.plots.append(p)
+    return p is not None
+
+
 # --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------
@@ -371,13 +379,12 @@ def section_dashboard(run: Path, viewer_ran: bool) -> Section:
         return not_run("dashboard", "Verdicts", "gate_g1.json, g2/gate_g2.json and g3/gate_g3.json")
     sec.tables.append(Table("", ["gate", "verdict", "key figure (95 % CI)", "n"], rows))
     g2 = _jdict(run / "g2" / "gate_g2.json")
-    p = _plot(
+    _add_plot(
+        sec,
         "G2 held-out accuracy by step",
         lambda: g2_accuracy_by_step(_d(_d(g2).get("curves"))),
         "thin: one seed; thick: the mean over seeds",
     )
-    if p:
-        sec.plots.append(p)
     if viewer_ran:
         sec.notes.append(Markup('Per-token reward of sample rollouts: <a href="#viewer">rollout viewer</a>'))
     return sec
@@ -515,9 +522,7 @@ def section_sae(run: Path) -> Section:
             ax.grid(alpha=0.3)
         return fig
 
-    p = _plot("SAE training curves", curves, "FVU (log scale), L0 and dead features % against the step")
-    if p:
-        sec.plots.append(p)
+    _add_plot(sec, "SAE training curves", curves, "FVU (log scale), L0 and dead features % against the step")
     return sec
 
 
@@ -745,13 +750,12 @@ def section_g1(run: Path, view: Mapping[str, Any] | None, seed: int) -> Section:
         rho = (
             (methods.get("pack") or {}).get("spearman_rho") if isinstance(methods.get("pack"), dict) else None
         )
-        p = _plot(
+        _add_plot(
+            sec,
             "G1 scatter",
             lambda: g1_scatter(pts[0], pts[1], seed, rho),
             f"pack score R per response on the {g1.get('split', 'validation')} split; x jittered",
         )
-        if p:
-            sec.plots.append(p)
     return sec
 
 
@@ -861,34 +865,34 @@ def section_g2(run: Path) -> Section:
                 [[k, fmt3(v) if _num(v) is not None else fmt(v)] for k, v in checks.items()],
             )
         )
-    p = _plot(
-        "G2 accuracy per reward", lambda: g2_bars(table), "bars: pooled accuracy; whiskers: Wilson 95 % CI"
+    _add_plot(
+        sec,
+        "G2 accuracy per reward",
+        lambda: g2_bars(table),
+        "bars: pooled accuracy; whiskers: Wilson 95 % CI",
     )
-    if p:
-        sec.plots.append(p)
     logs = {}
     for rd in runs:
         m = _G2_RUN.match(rd.name)
         rows_ = read_log(rd / "train_log.jsonl")
         if m and rows_:
             logs[(m.group(1), int(m.group(3)))] = rows_
-    p = _plot("RL curves", lambda: rl_curves(logs), "one line per seed, coloured by reward")
-    if p:
-        sec.plots.append(p)
-    elif runs:
+    if (
+        not _add_plot(sec, "RL curves", lambda: rl_curves(logs), "one line per seed, coloured by reward")
+        and runs
+    ):
         sec.notes.append("RL curves: no train_log.jsonl rows in the g2 runs")
     stops: dict[str, list[float]] = {}
     for arm in _d(g2.get("collapse")).values():
         for c in _d(_d(arm).get("runs")).values():
             if _d(c).get("collapsed") and _num(c.get("step")) is not None:
                 stops.setdefault(str(_d(arm).get("label")), []).append(float(c["step"]))
-    p = _plot(
+    _add_plot(
+        sec,
         "G2 completion length",
         lambda: g2_length_plot(logs, stops),
         "mean over the seeds that reached each step; x: a collapsed run's stop step",
     )
-    if p:
-        sec.plots.append(p)
     return sec
 
 
@@ -1190,9 +1194,7 @@ def _g3_canaries(sec: Section, g3: dict[str, Any], g3dir: Path) -> None:
                 crows,
             )
         )
-        p = _plot("Canaries", lambda: canary_bars(rates, classes), "share of canary prompts per class")
-        if p:
-            sec.plots.append(p)
+        _add_plot(sec, "Canaries", lambda: canary_bars(rates, classes), "share of canary prompts per class")
 
 
 def _g3_monitor(sec: Section, g3: dict[str, Any], g3dir: Path) -> None:
@@ -1457,14 +1459,13 @@ def section_steer(run: Path) -> Section:
         sec.tables.append(t)
     else:
         sec.notes.append("steer.json has no rows")
-    p = _plot(
+    _add_plot(
+        sec,
         "Steering sweep",
         lambda: steer_plot(rows, base),
         "accuracy against the scale (vector: fraction of the mean residual norm; feature: SAE activation units); "
         "grey band: unsteered accuracy with its CI",
     )
-    if p:
-        sec.plots.append(p)
     return sec
 
 
@@ -1544,13 +1545,12 @@ def section_drift(run: Path) -> Section:
         sec.tables.append(t)
     if not stages and not feats:
         sec.notes.append("drift.json has no stages")
-    p = _plot(
+    _add_plot(
+        sec,
         "Drift",
         lambda: drift_plot(stages, feats),
         "held-out NMSE per checkpoint; decoder drift of the pack's features (green helpful, red harmful)",
     )
-    if p:
-        sec.plots.append(p)
     return sec
 
 
