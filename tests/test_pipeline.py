@@ -125,6 +125,26 @@ def test_first_run_runs_all_second_run_skips_all(tmp_path: Path, fake_stages: li
     assert json.loads((tmp_path / "run" / "pipeline.json").read_text())["pipeline"]["out"] == cfg.out
 
 
+def test_a_moved_respelled_or_quiet_run_is_still_done(
+    tmp_path: Path, fake_stages: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Settings that cannot change results never count as a change: the run folder's location or
+    spelling (paths inside it are compared relative to it), progress bars, the device."""
+    import shutil
+
+    _run(_cfg(tmp_path))
+    fake_stages.clear()
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    _run(from_dict(pl.PipelineConfig, {"out": str(tmp_path / "moved"), "progress": True}))
+    assert fake_stages == []
+    shutil.copytree(tmp_path / "moved", tmp_path / "copy")
+    monkeypatch.chdir(tmp_path)
+    _run(from_dict(pl.PipelineConfig, {"out": "copy", "progress": False}))  # a relative spelling
+    assert fake_stages == []
+    _run(from_dict(pl.PipelineConfig, {"out": "copy", "progress": False, "discover": {"top_n": 4}}))
+    assert fake_stages == ["discover", "g1", "g2", "g3", "steer", "drift", "report"]  # a real change
+
+
 def test_force_redoes_the_stage_and_its_dependants_only(tmp_path: Path, fake_stages: list[str]) -> None:
     _run(_cfg(tmp_path))
     fake_stages.clear()

@@ -421,7 +421,7 @@ def plan(cfg: PipelineConfig, configs: dict[str, dict[str, Any]]) -> dict[str, s
             why = "not done"
         elif not lay.artifact(stage).exists():
             why = "artifact missing"
-        elif _placeless(rec.get("config")) != _placeless(resolved):
+        elif _placeless(rec.get("config"), _recorded_root(stage, rec)) != _placeless(resolved, str(lay.root)):
             why = "config changed"
         elif rerun.intersection(DEPENDS[stage]):
             why = "an input stage re-ran"
@@ -433,11 +433,26 @@ def plan(cfg: PipelineConfig, configs: dict[str, dict[str, Any]]) -> dict[str, s
     return decision
 
 
-def _placeless(cfg: Any) -> Any:
-    """A recorded config without its ``device`` keys: where a stage ran does not change what it was asked."""
+#: settings that cannot change a stage's results: where it ran and whether it drew progress bars
+_NOT_RESULTS = ("device", "progress")
+
+
+def _placeless(cfg: Any, root: str | None = None) -> Any:
+    """A stage's config as it bears on results: without :data:`_NOT_RESULTS` keys, and with paths inside
+    the run folder ``root`` written ``RUN/...``, so a moved, copied or respelled run folder is the same."""
     if isinstance(cfg, dict):
-        return {k: _placeless(v) for k, v in cfg.items() if k != "device"}
+        return {k: _placeless(v, root) for k, v in cfg.items() if k not in _NOT_RESULTS}
+    if isinstance(cfg, list | tuple):
+        return [_placeless(v, root) for v in cfg]
+    if root and isinstance(cfg, str) and (cfg == root or cfg.startswith(root + "/")):
+        return "RUN" + cfg[len(root) :]
     return cfg
+
+
+def _recorded_root(stage: str, rec: dict[str, Any]) -> str | None:
+    """The run folder a stage record was written under (from its artifact path)."""
+    art, rel = str(rec.get("artifact", "")), stage_of(stage).artifact
+    return art[: -len(rel) - 1] if art.endswith("/" + rel) else None
 
 
 # Reasons that start a stage from scratch; "not done" and "artifact missing" let the stage resume.
