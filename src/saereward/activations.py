@@ -82,6 +82,7 @@ from saereward.generate import SamplingConfig, iter_generate, stop_strings_for
 from saereward.hub import hub_offline, hub_reachable
 from saereward.io import atomic_path, file_sha256, iter_jsonl, write_json
 from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, check_device, load_model, resolve_layer
+from saereward.lock import folder_lock
 from saereward.tasks import format_prompt, load_task
 from saereward.tasks.prompts import PromptFormat
 
@@ -721,8 +722,14 @@ def _recount(manifest: dict[str, Any]) -> None:
 def run_collect(cfg: CollectConfig, lm: LoadedModel | None = None) -> Path:
     """Collect activations as described in the module docstring; return the ``out`` folder.
 
-    A finished collection with the same config is left as it is; an interrupted one is resumed.
+    A finished collection with the same config is left as it is; an interrupted one is resumed. The
+    ``out`` folder is locked while it collects.
     """
+    with folder_lock(cfg.out, "saereward collect"):
+        return _run_collect(cfg, lm)
+
+
+def _run_collect(cfg: CollectConfig, lm: LoadedModel | None) -> Path:
     out = Path(cfg.out)
     old = _prepare_out(cfg)
     # Sources are checked before the model is loaded: a typo in a path should not cost a model load.

@@ -39,6 +39,7 @@ from saereward.config import from_dict, option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import write_json
 from saereward.lm import DEFAULT_MODEL, DType, check_device
+from saereward.lock import folder_lock
 from saereward.stages import STAGE_NAMES, STAGES, depends, load, step
 from saereward.stages import stage as stage_of
 
@@ -493,6 +494,13 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
             "saereward_version": __version__,
         },
     )
+    with folder_lock(lay.root, "saereward pipeline"):
+        _run_stages(cfg, lay, configs)
+    return lay.artifact("report")
+
+
+def _run_stages(cfg: PipelineConfig, lay: Layout, configs: dict[str, dict[str, Any]]) -> None:
+    """Run the stages the plan selects, recording each in ``stages.json`` as it finishes."""
     decision = plan(cfg, configs)
     records_path = lay.root / "stages.json"
     for stage in STAGE_ORDER:
@@ -523,7 +531,6 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         }
         write_json(records_path, records)
         _say(f"[{stage}] finished in {seconds:.0f} s")
-    return lay.artifact("report")
 
 
 def _say(text: str) -> None:

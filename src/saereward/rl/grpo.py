@@ -111,6 +111,7 @@ from saereward.lm import (
     require_device,
     resolve_layer,
 )
+from saereward.lock import folder_lock
 from saereward.rl.reward import (
     REWARD_FORMS,
     Aggregation,
@@ -1551,6 +1552,14 @@ class GRPOTrainer:
 
     def fit(self) -> dict[str, Any]:
         """Train ``steps`` steps (resuming if a checkpoint exists); rank 0 evaluates, logs and checkpoints.
+
+        The run folder is locked while it trains (:func:`saereward.lock.folder_lock`).
+        """
+        with folder_lock(self.cfg.out, "saereward train-rl"):
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
+        """The training loop of :meth:`fit`.
 
         After every step the collapse rule (:func:`collapse_check`) runs on the logged rows; a
         collapsed run is evaluated, checkpointed and (``collapse_stop``) stopped there.

@@ -24,6 +24,7 @@ from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import write_json
 from saereward.lm import check_device, load_model, require_device, resolve_layer
+from saereward.lock import folder_lock
 from saereward.sae.evaluate import ce_kl_recovered, evaluate_sae
 from saereward.sae.formats import check_sae_matches_model, load_sae, save_sae
 from saereward.sae.train import SAETrainConfig, SAETrainer
@@ -97,6 +98,12 @@ def heldout_metrics(sae: Any, folder: str, layer: int, eval_tokens: int) -> dict
 
 
 def run_train_sae(cfg: TrainSAEStageConfig) -> Path:
+    """Train an SAE on a collect folder; returns the folder of the saved SAE (``cfg.out`` is locked)."""
+    with folder_lock(cfg.out, "saereward train-sae"):
+        return _train_sae(cfg)
+
+
+def _train_sae(cfg: TrainSAEStageConfig) -> Path:
     """Train an SAE on a collect folder; returns the folder of the saved SAE."""
     require_device(cfg.device)
     if cfg.threads:
