@@ -219,6 +219,25 @@ def test_corrupt_checkpoint_is_a_user_error(tmp_path):
         SAETrainer(cfg, D, run_dir=tmp_path).fit(synthetic, resume=True)
 
 
+def test_resume_refuses_other_settings_but_not_logging_ones(tmp_path):
+    """A checkpoint resumes only into the settings it started with (k, expansion, seed, ...); the
+    error lists what differs. Logging, checkpoint cadence and progress bars may change."""
+    cfg = _cfg(total_tokens=64 * 10, checkpoint_every=5)
+    SAETrainer(cfg, D, run_dir=tmp_path).fit(synthetic)
+    for change, shown in (
+        ({"k": 8}, "k 4 -> 8"),
+        ({"d_sae": 128}, "d_sae 64 -> 128"),
+        ({"seed": 3}, "seed 0 -> 3"),
+    ):
+        other = _cfg(total_tokens=64 * 10, checkpoint_every=5, **change)
+        with pytest.raises(SaeRewardError, match=rf"other settings \({shown}\).*new --out"):
+            SAETrainer(other, D, run_dir=tmp_path).fit(synthetic, resume=True)
+    same = _cfg(total_tokens=64 * 10, checkpoint_every=2, log_every=1, progress=False)
+    resumed = SAETrainer(same, D, run_dir=tmp_path)
+    resumed.fit(synthetic, resume=True)
+    assert resumed.state.step == 10
+
+
 # -- a real kill ------------------------------------------------------------------------------------
 
 SCRIPT = """

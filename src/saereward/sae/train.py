@@ -601,6 +601,19 @@ class SAETrainer:
             pass
         return tensors, meta
 
+    def _check_resume_settings(self, folder: Path, saved: Any) -> None:
+        """Refuse to resume a checkpoint written with other result-changing settings (one error line)."""
+        if not isinstance(saved, dict):
+            return  # a checkpoint from before the settings were saved with it
+        saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(to_dict(self.cfg)))
+        diff = sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE and saved.get(k) != now.get(k))
+        if diff:
+            changes = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:6])
+            raise SaeRewardError(
+                f"checkpoint {folder} was trained with other settings ({changes}): resume with the settings "
+                "it started with, or train into a new --out"
+            )
+
     def load_checkpoint(self, folder: str | Path) -> None:
         """Restore weights, Adam state, dead statistics, RNGs and the data position from ``folder``."""
         from safetensors import SafetensorError
@@ -619,6 +632,7 @@ class SAETrainer:
             raise SaeRewardError(
                 f"checkpoint {folder} has format {meta.get('format')}; this saereward reads 1"
             )
+        self._check_resume_settings(folder, meta.get("train_config"))
         saved_threads = meta.get("torch_threads")
         on_cpu = self.device.type == "cpu"
         if on_cpu and saved_threads is not None and saved_threads != torch.get_num_threads():
@@ -655,6 +669,10 @@ class SAETrainer:
             np.random.set_state(("MT19937", keys, pos, has_gauss, cached))
         if self.rank == 0:
             log.info("resumed from %s (step %d)", folder, self.state.step)
+
+
+#: training settings a resumed run may change: they decide what is logged and saved, not the weights
+RESUME_FREE = frozenset({"checkpoint_every", "log_every", "eval_every", "progress"})
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
