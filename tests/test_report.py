@@ -688,3 +688,19 @@ def test_report_in_headless_chromium(full_run: tuple[Path, str], tmp_path: Path)
     greenish = int(((g > r + 30) & (g > b + 30)).sum())
     reddish = int(((r > g + 30) & (r > b + 30)).sum())
     assert greenish > 200 and reddish > 200, (greenish, reddish)
+
+
+def test_a_copied_run_reads_its_own_sae(tmp_path: Path) -> None:
+    """The pack records the original run's absolute SAE path; a copy of the run reads the copy's SAE."""
+    import shutil
+
+    from saereward import report
+    from saereward.features.pack import load_pack
+
+    run = make_run(tmp_path / "a", n=8, full=False)
+    copy = tmp_path / "b"
+    shutil.copytree(run, copy)
+    shutil.rmtree(run / "sae")  # the original's SAE is gone: only the copy's can be read
+    pack = load_pack(copy / "pack.json")
+    assert str(run) in pack.metadata["sae_path"]
+    assert report._sae_path(copy, pack) == copy / "sae" / "sae"

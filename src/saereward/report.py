@@ -1702,9 +1702,17 @@ def _model_spec(folder: Path) -> str | None:
 
 
 def _sae_path(run: Path, pack: Any) -> Path | None:
-    for cand in (pack.metadata.get("sae_path"), run / "sae" / "sae", pack.sae_id):
-        if cand and Path(cand).expanduser().exists():
-            return Path(cand).expanduser()
+    """The SAE the pack indexes: the run's own ``sae/sae`` first (a copied or moved run must not read
+    the original's), else the path the pack recorded. A hash that differs from the one the pack
+    recorded is logged (the pack may have been discovered on another SAE)."""
+    for cand in (run / "sae" / "sae", pack.metadata.get("sae_path"), pack.sae_id):
+        if not cand or not Path(cand).expanduser().exists():
+            continue
+        path = Path(cand).expanduser()
+        want = pack.metadata.get("sae_sha256")
+        if want and file_sha256(path) != want:
+            log.warning("the SAE at %s differs from the one the pack was discovered on (sha256)", path)
+        return path
     return None
 
 
