@@ -103,8 +103,10 @@ def test_a_stage_table_may_not_set_a_wired_path(tmp_path: Path) -> None:
 def test_unknown_stage_and_unknown_stage_key_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(SaeRewardError, match="unknown stage 'sea'"):
         _cfg(tmp_path, force=["sea"])
-    with pytest.raises(SaeRewardError, match="unknown config key 'top_k'"):
+    with pytest.raises(SaeRewardError, match="unknown config key 'discover.top_k'"):
         pl.stage_configs(_cfg(tmp_path, discover={"top_k": 3}))
+    with pytest.raises(SaeRewardError, match=r"gate_g2\.rl\.lr='fast' is not a valid float"):
+        pl.stage_configs(_cfg(tmp_path, gate_g2={"rl": {"lr": "fast"}}))
 
 
 def test_dependants_follow_the_graph() -> None:

@@ -139,7 +139,7 @@ def _build(table_name: str, shared: dict[str, Any], table: dict[str, Any], wired
     data = {k: v for k, v in shared.items() if k in fields}
     data.update(table)
     data.update({k: v for k, v in wired.items() if k in fields})
-    return from_dict(cls, data, prefix="")
+    return from_dict(cls, data, prefix=f"{table_name}.")  # errors name the preset table
 
 
 def _shared(cfg: PipelineConfig) -> dict[str, Any]:
