@@ -4,7 +4,7 @@ PyTorch multiplies bf16 matrices on the CPU with oneDNN only where the CPU has A
 or AMX (``torch.ops.mkldnn._is_mkldnn_bf16_supported()``). Elsewhere, on AVX2-only CPUs, it falls
 back to a generic loop that is several times slower than an fp32 GEMM of the same shape. On a
 2-core AVX2 EPYC, a SmolLM2-135M forward of 16 x 64 tokens took 17.5 s that way and 3.5 s through
-this module, a forward + backward 23x longer (``benchmarks/bf16_cpu.py``, BENCHMARKS.md session 13).
+this module, a forward + backward 23x longer (``benchmarks/bf16_cpu.py``, BENCHMARKS.md, "bf16 on a CPU without bf16 units").
 
 :func:`linear` computes the same product through an fp32 GEMM: the bf16 operands are widened
 (exactly: every bf16 value is an fp32 value), multiplied and summed in fp32, and the result is
