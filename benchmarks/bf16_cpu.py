@@ -1,4 +1,4 @@
-"""bf16 on a CPU without bf16 units: PyTorch's own bf16 products vs ``saereward.bf16cpu`` vs fp32.
+"""bf16 on a CPU without bf16 units: PyTorch's own bf16 products vs ``saereward.model.bf16cpu`` vs fp32.
 
 One process, the embedded SmolLM2-135M-Instruct, three ways of running it, alternated round by
 round (``--reps`` rounds; medians):
@@ -6,7 +6,7 @@ round (``--reps`` rounds; medians):
 * ``native``: the model in bf16 with PyTorch's bf16 matrix products (what a stock ``transformers``
   model does; on an AVX2-only CPU a generic, slow loop);
 * ``bf16cpu``: the same bf16 model, its ``nn.Linear`` products through fp32 GEMM on the bf16
-  operands with one rounding to bf16 (``saereward.bf16cpu``, installed by ``load_model``);
+  operands with one rounding to bf16 (``saereward.model.bf16cpu``, installed by ``load_model``);
 * ``fp32``: the model in fp32, for scale.
 
 Workloads: a no-grad forward of 16 x 64 tokens (a prefill / reference forward), a forward and
@@ -37,7 +37,7 @@ from typing import Any
 def _set_mode(model: Any, wide: bool) -> None:
     from torch import nn
 
-    from saereward import bf16cpu
+    from saereward.model import bf16cpu
 
     for m in model.modules():
         if type(m) is nn.Linear and "forward" in m.__dict__:
@@ -61,8 +61,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from saereward import bf16cpu
-    from saereward.lm import load_model
+    from saereward.model import bf16cpu
+    from saereward.model.lm import load_model
 
     torch.set_num_threads(args.threads)
     reps = 1 if args.quick else args.reps

@@ -1,6 +1,6 @@
 """Residual collection throughput: forward stopped after the captured block vs a full forward, one process.
 
-`saereward collect` calls :func:`saereward.capture.forward_residuals`, which by default stops the model
+`saereward collect` calls :func:`saereward.model.capture.forward_residuals`, which by default stops the model
 after the deepest captured block (``stop_early=True``); the alternative runs all blocks and the
 unembedding. Both are timed here on the same batches of real text (16 chunks of 256 tokens), taking
 turns, and the outputs are checked equal. The median tokens/s over ``--repeats`` timed rounds (after one
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from saereward.activations import iter_text_documents
-from saereward.capture import forward_residuals
-from saereward.lm import DEFAULT_MODEL, load_model
+from saereward.data.activations import iter_text_documents
+from saereward.model.capture import forward_residuals
+from saereward.model.lm import DEFAULT_MODEL, load_model
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Batched greedy decoding: transformers' ``generate()`` vs saereward's own decode loop, any device.
 
-Times :func:`saereward.generate.generate_batch` with ``fast_decode`` off (HF ``generate()``) and on
-(:mod:`saereward.fastdecode`), alternating, on the same loaded model and prompts (two-number sums in
+Times :func:`saereward.model.generate.generate_batch` with ``fast_decode`` off (HF ``generate()``) and on
+(:mod:`saereward.model.fastdecode`), alternating, on the same loaded model and prompts (two-number sums in
 the seed's raw prompt), and reports the median wall time per batch, new tokens/s, and the share of rows
 whose greedy tokens agree (bf16 rounding can differ between the two paths' kernels and flip a
 near-tie). Rows never end early on a model with random weights, so each row decodes the full
@@ -33,8 +33,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
 
-    from saereward.generate import SamplingConfig, generate_batch
-    from saereward.lm import load_model
+    from saereward.model.generate import SamplingConfig, generate_batch
+    from saereward.model.lm import load_model
 
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"

@@ -2,7 +2,7 @@
 
 ``saereward eval`` on chain_sum with the R0 check's held-out settings (SmolLM2-135M-Instruct, fp32, raw
 prompts, 100 questions, ≤ 64 new tokens, batches of 50), alternating ``fast_decode`` off (HF
-``generate()``, the peer every evaluation harness uses) and on (:mod:`saereward.fastdecode`) for
+``generate()``, the peer every evaluation harness uses) and on (:mod:`saereward.model.fastdecode`) for
 ``--reps`` rounds on the same loaded model. Prints each run's wall time and tokens/s, the medians,
 whether completions and verdicts agree, and as its last line ``eval_time_ratio_vs_generate=<x>``
 (on / off; below 1 is faster).
@@ -29,8 +29,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     args = ap.parse_args()
 
-    from saereward.evaluate import EvalConfig, run_eval
-    from saereward.lm import load_model
+    from saereward.analysis.evaluate import EvalConfig, run_eval
+    from saereward.model.lm import load_model
 
     torch.set_num_threads(args.threads)
     lm = load_model(dtype=args.dtype)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from transformers import GenerationConfig
 
-from saereward.lm import DEFAULT_MODEL, LoadedModel, load_model
+from saereward.model.lm import DEFAULT_MODEL, LoadedModel, load_model
 from saereward.tasks import format_prompt, load_task
 
 

@@ -36,7 +36,7 @@ def main() -> None:
     import torch
 
     from grpo_step import bench_config, parse_sets  # the benchmark's configuration (this folder)
-    from saereward.lm import load_model
+    from saereward.model.lm import load_model
     from saereward.rl.grpo import GRPOTrainer
 
     torch.set_num_threads(args.threads)

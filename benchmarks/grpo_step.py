@@ -9,7 +9,7 @@ strings on either side (TRL has none), the same dtype on both sides (TRL's
 with its own defaults otherwise: TRL checkpoints the training forward's activations
 (``gradient_checkpointing=True``); ours accumulates gradients over length-sorted micro-batches of 4
 completions without checkpointing and runs each prompt once per forward pass, its KV cache shared
-by the group, and decodes with its own loop (``saereward.fastdecode``). ``--grad-checkpointing`` /
+by the group, and decodes with its own loop (``saereward.model.fastdecode``). ``--grad-checkpointing`` /
 ``--micro-batch N`` / ``--no-share-prompt`` / ``--set KEY=VALUE`` (any ``GRPOConfig`` field) override ours.
 ``BENCH_MMAP=0`` runs ours without ``mmap_large_allocations`` (glibc's own malloc policy, as TRL
 runs), to measure that setting.
@@ -18,9 +18,9 @@ Three trainers run in separate child processes, one after the other, so each pea
 
 * ``trl``: ``trl.GRPOTrainer`` with the outcome reward only (TRL has no per-token reward), the
   model loaded with ``AutoModelForCausalLM.from_pretrained`` as a TRL user does;
-* ``trl+fix`` (``--trl-fix``): the same, plus the two model-level fixes that ``saereward.lm.load_model``
+* ``trl+fix`` (``--trl-fix``): the same, plus the two model-level fixes that ``saereward.model.lm.load_model``
   applies: the ``contiguous_lm_head`` hook and, in bf16 on a CPU without bf16 units,
-  ``saereward.bf16cpu`` (bf16 products through fp32 GEMM); it shows how much of the difference they are;
+  ``saereward.model.bf16cpu`` (bf16 products through fp32 GEMM); it shows how much of the difference they are;
 * ``ours+sae``: saereward with the per-token SAE reward on (R1, the policy's captured residuals);
 * ``ours``: saereward with the outcome reward only (the same run without the SAE reward; skipped
   by ``--quick``, where the reward's share is its own timed seconds inside ``ours+sae``).
@@ -41,7 +41,7 @@ reported next to each time.
 
 The default order is bf16, fp32 on a CPU with native bf16 (AVX512-BF16 or AMX) and fp32, bf16 on
 others, where PyTorch's bf16 products are slow (TRL's bf16 step took 6 min on 2 AVX2 cores; ours
-multiplies through fp32 GEMM there, ``saereward.bf16cpu``): ``--quick`` runs the first, so it stays
+multiplies through fp32 GEMM there, ``saereward.model.bf16cpu``): ``--quick`` runs the first, so it stays
 quick there.
 
 The last line is ``step_time_ratio_vs_trl=<ours+sae / trl>`` (the first dtype run).
@@ -129,8 +129,8 @@ def child_trl(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOTrainer
 
-    from saereward import bf16cpu
-    from saereward.lm import contiguous_lm_head, convert_embedded
+    from saereward.model import bf16cpu
+    from saereward.model.lm import contiguous_lm_head, convert_embedded
     from saereward.rl.reward import OutcomeReward
     from saereward.tasks import format_prompt, load_task
 
@@ -210,7 +210,7 @@ def child_ours(
 ) -> dict[str, Any]:
     import torch
 
-    from saereward.lm import load_model
+    from saereward.model.lm import load_model
     from saereward.rl.grpo import GRPOTrainer
 
     torch.set_num_threads(threads)
@@ -382,7 +382,7 @@ def main() -> None:
     if args.warmup_steps < 0:
         raise SystemExit("--warmup-steps must be 0 or more")
     if args.dtypes is None:
-        from saereward.lm import resolve_dtype
+        from saereward.model.lm import resolve_dtype
 
         args.dtypes = "bf16,fp32" if resolve_dtype("auto") == "bf16" else "fp32,bf16"
     if args.child:

@@ -30,7 +30,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from grpo_step import bench_config  # the benchmark's configuration (this folder)
-    from saereward.lm import load_model
+    from saereward.model.lm import load_model
     from saereward.rl.grpo import GRPOTrainer
 
     torch.set_num_threads(args.threads)

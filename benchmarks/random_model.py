@@ -3,7 +3,7 @@
 For benchmarks on a machine that cannot hold the real weights (the GPU machine here takes at most
 64 MiB of files per call; SmolLM2-135M's weights are 538 MB in fp32): step times depend on the shape,
 not on the weights' values. ``SRC`` is a folder with ``config.json`` and the tokenizer files (by
-default the converted embedded model, ``saereward.lm.convert_embedded``); ``model.safetensors`` in it is
+default the converted embedded model, ``saereward.model.lm.convert_embedded``); ``model.safetensors`` in it is
 ignored. Weights are drawn with the config's ``initializer_range`` after ``torch.manual_seed(--seed)``.
 
     python benchmarks/random_model.py --shape-only .gpu/smollm2-shape   # copy config + tokenizer only
@@ -46,7 +46,7 @@ def main() -> None:
     if args.src:
         src = Path(args.src)
     else:
-        from saereward.lm import convert_embedded
+        from saereward.model.lm import convert_embedded
 
         src = Path(convert_embedded("smollm2-135m-instruct"))
     dst = Path(args.dst)

@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--child", choices=["trl", "trl+sae"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.model is None:
-        from saereward.lm import convert_embedded
+        from saereward.model.lm import convert_embedded
 
         args.model = str(convert_embedded("smollm2-135m-instruct"))
     if args.child:

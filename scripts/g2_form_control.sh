@@ -25,7 +25,7 @@ from pathlib import Path
 
 from saereward.config import from_dict
 from saereward.errors import SaeRewardError
-from saereward.gates.g2 import GateG2Config, format_g2, run_gate_g2
+from saereward.gates.g2_rl_ablation import GateG2Config, format_g2, run_gate_g2
 from saereward.gates.paired import paired_compare
 from saereward.io import write_json
 

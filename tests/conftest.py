@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 # A stable cache, so the embedded model is converted once per machine (CI reuses it), not per run.
-# Set at import time: it must hold before any test (or fixture) calls saereward.lm.cache_dir().
+# Set at import time: it must hold before any test (or fixture) calls saereward.model.lm.cache_dir().
 os.environ.setdefault("SAEREWARD_CACHE", str(Path.home() / ".cache" / "saereward"))
 
 # Let tests import helpers such as tiny_models without tests/ being a package.
@@ -40,8 +40,8 @@ def _seed() -> None:
 def smollm(saereward_cache: Path):
     """The real embedded model (SmolLM2-135M-Instruct, fp32, CPU), loaded once per session.
 
-    Returns a :class:`saereward.lm.LoadedModel`. The first run on a machine converts the GGUF (~15 s).
+    Returns a :class:`saereward.model.lm.LoadedModel`. The first run on a machine converts the GGUF (~15 s).
     """
-    from saereward.lm import load_model
+    from saereward.model.lm import load_model
 
     return load_model(EMBEDDED_SPEC)

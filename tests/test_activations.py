@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-import saereward.activations as act
-from saereward.activations import (
+import saereward.data.activations as act
+from saereward.config import from_dict
+from saereward.data.activations import (
     ActivationStore,
     CollectConfig,
     chunk_document,
@@ -29,10 +30,9 @@ from saereward.activations import (
     run_collect,
     shard_name,
 )
-from saereward.capture import forward_residuals
-from saereward.config import from_dict
 from saereward.errors import SaeRewardError
-from saereward.lm import LoadedModel, decoder_layers
+from saereward.model.capture import forward_residuals
+from saereward.model.lm import LoadedModel, decoder_layers
 from tiny_models import BOS_ID, PAD_ID, char_tokenizer, make_tiny, tiny_lm
 
 CORPUS = (

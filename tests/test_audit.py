@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from saereward.cli import main
+from saereward.data.rollouts import run_rollouts
 from saereward.features.discover import DiscoverConfig, run_discover
-from saereward.rollouts import run_rollouts
 from test_stage1 import rollouts_cfg
 from tiny_models import D_MODEL, char_tokenizer, random_sae, tiny_lm
 

@@ -1,4 +1,4 @@
-"""saereward.bf16cpu: bf16 products through fp32 GEMM on CPUs without bf16 units."""
+"""saereward.model.bf16cpu: bf16 products through fp32 GEMM on CPUs without bf16 units."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from saereward import bf16cpu, fastdecode
-from saereward.capture import position_ids_from_mask
 from saereward.errors import SaeRewardError
+from saereward.model import bf16cpu, fastdecode
+from saereward.model.capture import position_ids_from_mask
 from tiny_models import EOS_ID, PAD_ID, make_tiny
 
 
@@ -115,7 +115,7 @@ def test_fastdecode_takes_the_same_products_as_the_installed_model(
 
 
 def test_load_model_installs_for_bf16_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    from saereward.lm import load_model
+    from saereward.model.lm import load_model
 
     monkeypatch.setenv(bf16cpu.ENV, "fp32")
     lm = load_model(dtype="bf16")

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from saereward.capture import ResidualCapture, forward_residuals, position_ids_from_mask
-from saereward.lm import decoder_layers
+from saereward.model.capture import ResidualCapture, forward_residuals, position_ids_from_mask
+from saereward.model.lm import decoder_layers
 from tiny_models import ARCHES, EOS_ID, N_LAYERS, PAD_ID, VOCAB, make_tiny
 
 NEW_TOKENS = 6

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from saereward.analysis.evaluate import BaselineConfig, EvalConfig
 from saereward.config import add_config_args, config_from_args, from_dict, parse_set, to_dict
 from saereward.errors import SaeRewardError
-from saereward.evaluate import BaselineConfig, EvalConfig
 
 
 def _parse(argv: list[str], cls: type = EvalConfig):

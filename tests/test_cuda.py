@@ -64,8 +64,8 @@ def test_pack_scorer_on_cuda_matches_cpu() -> None:
 @cuda_only
 def test_fast_decode_on_cuda_matches_generate() -> None:
     """Greedy tokens and captured residuals of the own decode loop equal ``generate()``'s on CUDA."""
-    from saereward.generate import SamplingConfig, generate_batch
-    from saereward.lm import LoadedModel
+    from saereward.model.generate import SamplingConfig, generate_batch
+    from saereward.model.lm import LoadedModel
 
     model, _ = make_tiny("llama")
     lm = LoadedModel(model=model.cuda(), tokenizer=char_tokenizer(), spec="tiny:llama", source="hf", path="")
@@ -193,8 +193,8 @@ def test_steer_and_logit_lens_on_cuda_match_cpu(tmp_path: Path) -> None:
     import math
 
     import test_stage1  # noqa: F401  (registers the hash_test task)
+    from saereward.analysis.steer import SteerConfig, run_steer
     from saereward.features.layers import logit_lens
-    from saereward.steer import SteerConfig, run_steer
     from test_steer import tiny_pack, write_rollouts
     from tiny_models import tiny_lm
 
@@ -229,10 +229,10 @@ def test_device_settings_are_checked_shared_and_ignored_by_resume(tmp_path: Path
     does not make a finished stage or a saved GRPO run count as changed."""
     from saereward import pipeline as pl
     from saereward.config import from_dict, to_dict
+    from saereward.data.rollouts import RolloutsConfig
     from saereward.errors import SaeRewardError
-    from saereward.lm import load_model, require_device
+    from saereward.model.lm import load_model, require_device
     from saereward.rl.grpo import GRPOConfig, settings_diff
-    from saereward.rollouts import RolloutsConfig
 
     with pytest.raises(SaeRewardError, match="device 'gpu' is not cpu, cuda or cuda:N"):
         from_dict(RolloutsConfig, {"device": "gpu"})

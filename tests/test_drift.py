@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from saereward.drift import (
+from saereward.analysis.drift import (
     DriftConfig,
     decoder_drift,
     format_drift,
@@ -153,7 +153,7 @@ def test_corpus_and_stage_errors(tmp_path: Path) -> None:
 
 
 def fresh_tiny() -> Any:
-    from saereward.lm import LoadedModel
+    from saereward.model.lm import LoadedModel
     from tiny_models import char_tokenizer, make_tiny
 
     model, _ = make_tiny("llama")

@@ -1,4 +1,4 @@
-"""saereward.fastdecode: the lean decode loop gives generate()'s tokens and residuals."""
+"""saereward.model.fastdecode: the lean decode loop gives generate()'s tokens and residuals."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from saereward import fastdecode
-from saereward.capture import ResidualCapture, position_ids_from_mask
+from saereward.model import fastdecode
+from saereward.model.capture import ResidualCapture, position_ids_from_mask
 from tiny_models import EOS_ID, PAD_ID, make_tiny
 
 ENDS = {EOS_ID, 5, 9, 17, 33, 41, 60, 77}  # many end tokens: rows end at different steps
@@ -122,7 +122,7 @@ def test_batch_sizes() -> None:
 def test_generate_batch_fast_decode_on_smollm(smollm) -> None:
     """The real model through ``generate_batch``: greedy tokens, completions and captured residuals as
     ``generate()``'s; seeded sampling with the top-k sampler reproducible; stop strings honoured."""
-    from saereward.generate import SamplingConfig, generate_batch
+    from saereward.model.generate import SamplingConfig, generate_batch
 
     prompts = ["Q: What is 2 + 3?\nA:", "Q: Tom has 12 apples and gives away 5. How many are left?\nA:"] * 3
     greedy = SamplingConfig(max_new_tokens=24)
@@ -146,7 +146,7 @@ def test_generate_batch_fast_decode_on_smollm(smollm) -> None:
 def test_eval_fast_decode_matches_generate(smollm) -> None:
     """``saereward eval --fast-decode``: the same greedy completions and verdicts as ``generate()``
     on chain_sum (raw prompts, stop strings, batches of 4 that end at different lengths)."""
-    from saereward.evaluate import EvalConfig, run_eval
+    from saereward.analysis.evaluate import EvalConfig, run_eval
 
     cfg = EvalConfig(
         task="chain_sum", n=8, prompt_format="raw", max_new_tokens=40, batch_size=4, progress=False
@@ -163,9 +163,9 @@ def test_cached_eval_reused_across_an_added_option(tmp_path, monkeypatch) -> Non
     reused when the option is at its default, and run again when it is not."""
     import json
 
-    from saereward import evaluate
+    from saereward.analysis import evaluate
+    from saereward.analysis.evaluate import EvalConfig, run_eval_cached
     from saereward.config import to_dict
-    from saereward.evaluate import EvalConfig, run_eval_cached
 
     cfg = EvalConfig(task="chain_sum", n=2, out=str(tmp_path), progress=False)
     old = to_dict(cfg)

@@ -27,7 +27,7 @@ from saereward.features.scoring import (
     pooled_sae_acts,
     segment_mean,
 )
-from saereward.gates.g1 import gate_verdict, length_control, verdict
+from saereward.gates.g1_correlation import gate_verdict, length_control, verdict
 from saereward.stats import association, cohens_d, partial_association, require_both_outcomes
 from tiny_models import char_tokenizer, random_sae
 

@@ -19,7 +19,7 @@ import pytest
 
 from saereward.config import to_dict
 from saereward.errors import SaeRewardError
-from saereward.gates.g2 import LABELS, GateG2Config, _finished, format_g2, run_gate_g2
+from saereward.gates.g2_rl_ablation import LABELS, GateG2Config, _finished, format_g2, run_gate_g2
 from saereward.gates.paired import bootstrap_means, paired_compare, two_level_bootstrap
 from saereward.io import write_json, write_jsonl
 from saereward.rl.grpo import GRPOConfig
@@ -265,7 +265,7 @@ def test_prompt_format_mismatch_is_a_recorded_warning(
     strong = ["1111111110", "1111111101"]
     cfg = gate_cfg(tmp_path, pack_meta={"prompt_format": "chat", "task": "chain_sum"})
     write_all(cfg, {"outcome": R0_BITS, "sae": strong, "direction": R2_BITS})
-    with caplog.at_level(logging.WARNING, logger="saereward.gates.g2"):
+    with caplog.at_level(logging.WARNING, logger="saereward.gates.g2_rl_ablation"):
         res = run_gate_g2(cfg, lm_factory=no_training)
     assert [w["kind"] for w in res["warnings"]] == ["prompt_format_mismatch"]
     w = res["warnings"][0]
@@ -286,7 +286,7 @@ def test_prompt_format_mismatch_is_a_recorded_warning(
 
 
 def test_task_mismatch_and_old_pack(tmp_path: Path) -> None:
-    from saereward.gates.g2 import _format_warnings
+    from saereward.gates.g2_rl_ablation import _format_warnings
 
     cfg = gate_cfg(tmp_path)
     assert _format_warnings(cfg, {"task": "gsm8k", "prompt_format": "raw"})[0]["kind"] == "task_mismatch"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saereward.capture import forward_residuals
-from saereward.generate import (
+from saereward.model.capture import forward_residuals
+from saereward.model.generate import (
     PATTERN_STOPS,
     SamplingConfig,
     _response_mask,
@@ -33,7 +33,7 @@ def end_tokenizer(request: pytest.FixtureRequest) -> object:
         from tiny_models import char_tokenizer
 
         return char_tokenizer()
-    from saereward.lm import load_tokenizer
+    from saereward.model.lm import load_tokenizer
 
     return load_tokenizer()
 
@@ -155,7 +155,7 @@ def _hf_nucleus(scores: torch.Tensor, temperature: float, top_p: float) -> torch
 
 @pytest.mark.parametrize("top_p", [0.5, 0.95, 1.0])
 def test_nucleus_sampler_same_distribution_as_hf(top_p: float) -> None:
-    from saereward.generate import NucleusSampler
+    from saereward.model.generate import NucleusSampler
 
     g = torch.Generator().manual_seed(0)
     V = 5000
@@ -193,7 +193,7 @@ def test_topk_sampler_in_generate_is_seeded(smollm) -> None:
 def test_shared_prompt_prefill_matches_per_row_prefill(smollm) -> None:
     """GRPO groups repeat a prompt: one prefill per distinct prompt, its cache gathered to the rows,
     gives the same tokens and the same captured residuals as prefilling every row."""
-    from saereward.generate import _shared_prefix_cache
+    from saereward.model.generate import _shared_prefix_cache
 
     prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[1]]
     sampling = SamplingConfig(max_new_tokens=10)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from saereward.analysis.hacking import canary_suite, goodhart_verdict, rates
 from saereward.errors import SaeRewardError
 from saereward.features.probe import LinearProbe, fit_logistic, load_probe
-from saereward.gates.g3 import GateG3Config, decide
-from saereward.hacking import canary_suite, goodhart_verdict, rates
+from saereward.gates.g3_safety import GateG3Config, decide
 from saereward.rl.reward import dual_gate, token_advantages
 from saereward.stats import mcnemar, two_proportion_test
 from saereward.tasks import format_prompt, load_task
@@ -205,8 +205,8 @@ def test_probe_roundtrip_matches_sklearn(tmp_path: Path) -> None:
 
 def test_probe_command_and_dual_verifier_in_grpo(tmp_path: Path) -> None:
     from saereward.cli import main
+    from saereward.data.rollouts import run_rollouts
     from saereward.rl.grpo import GRPOTrainer
-    from saereward.rollouts import run_rollouts
     from test_rl import fresh_tiny, rl_cfg, tiny_pack
     from test_stage1 import rollouts_cfg
     from tiny_models import tiny_lm
@@ -344,7 +344,7 @@ def test_g3_decisions() -> None:
 
 
 def test_adapter_merge_matches_the_trained_policy(tmp_path: Path) -> None:
-    from saereward.lm import apply_adapter
+    from saereward.model.lm import apply_adapter
     from saereward.rl.grpo import GRPOTrainer, merged_lora
     from test_rl import fresh_tiny, rl_cfg
 
@@ -424,7 +424,7 @@ def test_gate_g3_end_to_end_on_the_embedded_model(
 def test_eval_suite_model_errors_are_not_read_as_missing_math500_data(tmp_path: Path) -> None:
     """MATH-500 is skipped when its data is missing (offline, no path); a model that fails to load while
     MATH-500 is the first benchmark to run is an error, not a skipped benchmark."""
-    from saereward.evalsuite import EvalSuiteConfig, run_eval_suite
+    from saereward.analysis.evalsuite import EvalSuiteConfig, run_eval_suite
 
     data = tmp_path / "math500.jsonl"
     data.write_text(

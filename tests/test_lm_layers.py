@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from saereward.capture import ResidualCapture
 from saereward.errors import SaeRewardError
-from saereward.lm import decoder_layers, hidden_size, num_layers, resolve_layer, unwrap
+from saereward.model.capture import ResidualCapture
+from saereward.model.lm import decoder_layers, hidden_size, num_layers, resolve_layer, unwrap
 from tiny_models import ARCHES, D_MODEL, LORA_TARGETS, N_LAYERS, make_tiny
 
 # Where each arch keeps its blocks (the attribute path decoder_layers must land on).

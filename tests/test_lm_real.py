@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from saereward.capture import ResidualCapture, forward_residuals
 from saereward.errors import SaeRewardError
-from saereward.lm import LoadedModel, decoder_layers, embedded_gguf_path, hidden_size, load_model
+from saereward.model.capture import ResidualCapture, forward_residuals
+from saereward.model.lm import LoadedModel, decoder_layers, embedded_gguf_path, hidden_size, load_model
 
 pytestmark = pytest.mark.slow
 
@@ -157,7 +157,7 @@ def test_load_local_multimodal_folder(tmp_path: Path, smollm) -> None:  # noqa: 
     """A saved multimodal checkpoint loads from a folder and its text decoder blocks are found."""
     import shutil
 
-    from saereward.lm import cache_dir, decoder_layers, load_model
+    from saereward.model.lm import cache_dir, decoder_layers, load_model
     from tiny_models import make_tiny
 
     model, _ = make_tiny("gemma3_mm")
@@ -176,7 +176,7 @@ def test_contiguous_lm_head_same_logits_one_mm(smollm: LoadedModel) -> None:
     """The LM-head hook: bit-identical logits, and no batched product over an expanded head weight."""
     from torch.profiler import ProfilerActivity, profile
 
-    from saereward.lm import contiguous_lm_head
+    from saereward.model.lm import contiguous_lm_head
 
     model = smollm.model
     head = model.get_output_embeddings()

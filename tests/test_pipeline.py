@@ -78,7 +78,7 @@ def test_auto_dtype_resolves_per_machine_and_stages_record_it(
 ) -> None:
     import torch
 
-    from saereward import lm
+    from saereward.model import lm
 
     monkeypatch.setattr(lm, "cpu_has_fast_bf16", lambda: fast_bf16)
     # a GPU in the machine does not change it: the stages run the model on the CPU
@@ -213,7 +213,7 @@ def test_cli_help_and_bad_preset(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_results_markdown_lists_missing_stages_and_reads_g1(tmp_path: Path) -> None:
-    from saereward.summary import results_markdown
+    from saereward.report.tables import results_markdown
 
     text = results_markdown(tmp_path)
     for stage in ("rollouts", "SAE", "G1", "G2", "G3", "steering", "SAE drift"):

@@ -21,7 +21,7 @@ import torch
 
 from saereward.features.pack import Feature, FeaturePack, save_pack
 from saereward.io import write_json, write_jsonl
-from saereward.report import (
+from saereward.report.html import (
     ReportConfig,
     drift_rows,
     fmt,
@@ -77,7 +77,7 @@ def make_run(root: Path, n: int = 16, full: bool = True) -> Path:
     """A run folder with rollouts, SAE, pack and (``full``) every later stage's JSON."""
     from safetensors.torch import save_file
 
-    from saereward.rollouts import summarize
+    from saereward.data.rollouts import summarize
     from saereward.sae.formats import save_sae
 
     run = root / "run"
@@ -114,7 +114,7 @@ def make_run(root: Path, n: int = 16, full: bool = True) -> Path:
     lengths = torch.tensor([len(t) for t in ids])
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     x = torch.cat(resid)
-    meta = {"format": "saereward.rollouts", "format_version": "1", "model": str(tok_dir)}
+    meta = {"format": "saereward.data.rollouts", "format_version": "1", "model": str(tok_dir)}
     save_file(
         {f"layer_{LAYER}": x, "token_ids": torch.cat(ids).long(), "offsets": offsets},
         str(ro / "tokens.safetensors"),
@@ -357,7 +357,7 @@ def make_run(root: Path, n: int = 16, full: bool = True) -> Path:
 
 
 def steer_row(label: str, kind: str, scale: float) -> dict[str, Any]:
-    """A row shaped like ``saereward.steer``'s (recovered/broken are id lists)."""
+    """A row shaped like ``saereward.analysis.steer``'s (recovered/broken are id lists)."""
     acc = 0.2 + 0.5 * scale if kind == "vector" else 0.2
     row = {"label": label, "kind": kind, "negative_control": kind == "negative_control", "scale": scale}
     row.update({"perturbation_frac": abs(scale), "n": 50, "correct": round(acc * 50), "accuracy": acc})
@@ -543,9 +543,9 @@ def test_token_view_is_the_rl_reward_and_is_cached(
 ) -> None:
     from safetensors.torch import load_file
 
-    from saereward import report
     from saereward.features.pack import load_pack
     from saereward.features.scoring import PackScorer, pack_scores_from_pooled, pooled_sae_acts
+    from saereward.report import html as report
     from saereward.sae.formats import load_sae
 
     run, _ = full_run
@@ -694,8 +694,8 @@ def test_a_copied_run_reads_its_own_sae(tmp_path: Path) -> None:
     """The pack records the original run's absolute SAE path; a copy of the run reads the copy's SAE."""
     import shutil
 
-    from saereward import report
     from saereward.features.pack import load_pack
+    from saereward.report import html as report
 
     run = make_run(tmp_path / "a", n=8, full=False)
     copy = tmp_path / "b"

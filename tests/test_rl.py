@@ -251,7 +251,7 @@ def rl_cfg(out: Path, **kw: Any) -> GRPOConfig:
 
 
 def fresh_tiny() -> Any:
-    from saereward.lm import LoadedModel
+    from saereward.model.lm import LoadedModel
     from tiny_models import char_tokenizer, make_tiny
 
     model, _ = make_tiny("llama")
@@ -261,7 +261,7 @@ def fresh_tiny() -> Any:
 def tiny_rollouts(folder: Path, layer: int = 1) -> Path:
     """Base rollouts of the tiny model (its weights are ``fresh_tiny``'s) on the trainer's task and
     prompt format, with per-token residuals at ``layer``: what a reward baseline is measured on."""
-    from saereward.rollouts import run_rollouts
+    from saereward.data.rollouts import run_rollouts
     from test_stage1 import rollouts_cfg
 
     run_rollouts(
@@ -274,9 +274,9 @@ def tiny_pack(folder: Path, layer: int = 1, baseline: bool = True, **metadata: A
     """A pack on a random SAE of the tiny model, saved as discovery saves one: with ``baseline``, its
     metadata names the base rollouts it came from (``tiny_rollouts``) and the reward baseline measured
     on them lies beside it (``pack.baseline.json``), as the fixed-scale reward forms need."""
+    from saereward.data.rollouts import load_rollouts
     from saereward.features.baseline import baseline_beside, measure_baseline, save_baseline
     from saereward.features.scoring import PackScorer
-    from saereward.rollouts import load_rollouts
     from tiny_models import char_tokenizer
 
     sae = random_sae(d_in=D_MODEL, d_sae=128, k=8, layer=layer, model="tiny")
@@ -722,8 +722,8 @@ def test_resume_after_kill_between_checkpoint_renames(tmp_path: Path) -> None:
 
 
 def test_gate_g2_runs_every_reward_and_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from saereward.gates.g2 import GateG2Config, format_g2, run_gate_g2
-    from saereward.rollouts import run_rollouts
+    from saereward.data.rollouts import run_rollouts
+    from saereward.gates.g2_rl_ablation import GateG2Config, format_g2, run_gate_g2
     from test_stage1 import rollouts_cfg
 
     run_rollouts(rollouts_cfg(tmp_path / "ro", n=12, samples=2), lm=tiny_lm("llama"))

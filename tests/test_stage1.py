@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from saereward.cli import main
+from saereward.data.rollouts import RolloutsConfig, load_rollouts, run_rollouts
 from saereward.errors import SaeRewardError
 from saereward.features.discover import DiscoverConfig, run_discover
 from saereward.features.layers import LayersConfig, logit_lens, run_layers
 from saereward.features.pack import load_pack, save_pack
-from saereward.gates.g1 import GateG1Config, gate_verdict, run_gate_g1
-from saereward.rollouts import RolloutsConfig, load_rollouts, run_rollouts
+from saereward.gates.g1_correlation import GateG1Config, gate_verdict, run_gate_g1
 from saereward.sae.formats import save_sae
 from saereward.tasks import register_task
 from saereward.tasks.base import DemoTask, TaskItem
@@ -106,7 +106,7 @@ def test_rollouts_folder(stage: dict[str, Path]) -> None:
 
 def test_rollout_residuals_equal_a_reforward(stage: dict[str, Path]) -> None:
     """Captured during generation == a forward over prompt + response (no second pass was needed)."""
-    from saereward.capture import forward_residuals
+    from saereward.model.capture import forward_residuals
 
     lm = tiny_lm("llama")
     ro = load_rollouts(stage["rollouts"])

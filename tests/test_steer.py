@@ -10,12 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from saereward.errors import SaeRewardError
-from saereward.features.pack import Feature, FeaturePack, save_pack
-from saereward.sae.coder import SAEConfig, TopKSAE
-from saereward.sae.formats import save_sae
-from saereward.stats import mcnemar
-from saereward.steer import (
+from saereward.analysis.steer import (
     SteerConfig,
     SteeringHook,
     clamp_delta,
@@ -30,6 +25,11 @@ from saereward.steer import (
     replace_block_output,
     run_steer,
 )
+from saereward.errors import SaeRewardError
+from saereward.features.pack import Feature, FeaturePack, save_pack
+from saereward.sae.coder import SAEConfig, TopKSAE
+from saereward.sae.formats import save_sae
+from saereward.stats import mcnemar
 from tiny_models import D_MODEL, random_sae, tiny_lm
 
 # ---------------------------------------------------------------------------------------------------
@@ -38,7 +38,7 @@ from tiny_models import D_MODEL, random_sae, tiny_lm
 
 
 def test_hook_adds_exactly_scale_norm_v_and_removal_restores_bit_exactly() -> None:
-    from saereward.capture import ResidualCapture
+    from saereward.model.capture import ResidualCapture
 
     lm = tiny_lm("llama")
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])

@@ -19,7 +19,7 @@ def _setup(tmp_path: Path, n: int, **args: Any) -> tuple[Any, Any, dict[str, Any
     from trl import GRPOConfig
 
     from saereward.features.pack import Feature, FeaturePack
-    from saereward.lm import load_model
+    from saereward.model.lm import load_model
     from saereward.rl.reward import OutcomeReward
     from saereward.tasks import format_prompt, load_task
 
@@ -56,7 +56,7 @@ def _base_baseline(lm: Any, scorer: Any, prompts: list[str], layer: int = 15) ->
     """The reward baseline of the base model (before TRL wraps it): the pack's per-token score on its own
     sampled completions of the training prompts, read at ``layer`` during generation, end tokens left out."""
     from saereward.features.baseline import fit_baseline
-    from saereward.generate import SamplingConfig, end_positions, generate_batch
+    from saereward.model.generate import SamplingConfig, end_positions, generate_batch
 
     sampling = SamplingConfig(max_new_tokens=8, do_sample=True, temperature=1.0, top_p=1.0)
     g = generate_batch(lm, prompts * 2, sampling, capture_layers=[layer], seed=0)

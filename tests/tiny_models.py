@@ -330,8 +330,8 @@ _LMS: dict[str, Any] = {}
 
 
 def tiny_lm(arch: str = "llama") -> Any:
-    """A cached :class:`saereward.lm.LoadedModel` of a tiny model with a character tokenizer."""
-    from saereward.lm import LoadedModel
+    """A cached :class:`saereward.model.lm.LoadedModel` of a tiny model with a character tokenizer."""
+    from saereward.model.lm import LoadedModel
 
     if arch not in _LMS:
         model, _ = make_tiny(arch)

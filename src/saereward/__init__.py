@@ -1,7 +1,7 @@
 """saereward: mechanistic rewards from sparse-autoencoder features.
 
-Pipeline: load a model (:mod:`saereward.lm`), capture its residual stream (:mod:`saereward.capture`),
-run tasks with verifiers (:mod:`saereward.tasks`), evaluate (:mod:`saereward.evaluate`), train SAEs,
+Pipeline: load a model (:mod:`saereward.model.lm`), capture its residual stream (:mod:`saereward.model.capture`),
+run tasks with verifiers (:mod:`saereward.tasks`), evaluate (:mod:`saereward.analysis.evaluate`), train SAEs,
 discover contrastive feature packs, gate them statistically, and use them as per-token GRPO rewards.
 
 Importing this package has no side effects: heavy modules are imported lazily by the functions that
@@ -18,12 +18,12 @@ from saereward.errors import SaeRewardError
 
 # Public API, imported on first use so that `import saereward` stays light (no torch at import).
 _LAZY = {
-    "load_model": "saereward.lm",
+    "load_model": "saereward.model.lm",
     "load_task": "saereward.tasks",
     "load_sae": "saereward.sae.formats",
     "save_sae": "saereward.sae.formats",
     "TopKSAE": "saereward.sae.coder",
-    "ResidualCapture": "saereward.capture",
+    "ResidualCapture": "saereward.model.capture",
     "load_pack": "saereward.features.pack",
     "save_pack": "saereward.features.pack",
     "PackScorer": "saereward.features.scoring",

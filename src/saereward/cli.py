@@ -19,7 +19,7 @@ from typing import Any
 from saereward import __version__
 from saereward.config import add_config_args, config_from_args, option
 from saereward.errors import SaeRewardError
-from saereward.lm import DEFAULT_MODEL, DType
+from saereward.model.lm import DEFAULT_MODEL, DType
 from saereward.stages import load, step
 
 
@@ -39,7 +39,7 @@ class TasksConfig:
 
 
 def _cmd_eval(cfg: Any) -> int:
-    from saereward.evaluate import format_table, run_eval
+    from saereward.analysis.evaluate import format_table, run_eval
 
     res = run_eval(cfg)
     _echo(format_table([res.summary], title=f"{cfg.model}: accuracy (Wilson 95% CI), seed {cfg.seed}"))
@@ -49,7 +49,7 @@ def _cmd_eval(cfg: Any) -> int:
 
 
 def _cmd_baseline(cfg: Any) -> int:
-    from saereward.evaluate import format_table, run_baseline
+    from saereward.analysis.evaluate import format_table, run_baseline
 
     summaries = run_baseline(cfg)
     _echo(
@@ -62,7 +62,7 @@ def _cmd_baseline(cfg: Any) -> int:
 
 
 def _cmd_info(cfg: Any) -> int:
-    from saereward.lm import load_model
+    from saereward.model.lm import load_model
 
     lm = load_model(cfg.model, dtype=cfg.dtype)
     n_params = sum(p.numel() for p in lm.model.parameters())
@@ -73,8 +73,8 @@ def _cmd_info(cfg: Any) -> int:
         f"chat       {'yes' if getattr(lm.tokenizer, 'chat_template', None) else 'no'}"
     )
     if cfg.layers:
-        from saereward.capture import forward_residuals
-        from saereward.lm import resolve_layer
+        from saereward.model.capture import forward_residuals
+        from saereward.model.lm import resolve_layer
 
         layers = [resolve_layer(lm.model, layer) for layer in cfg.layers]
         enc = lm.tokenizer(cfg.probe, return_tensors="pt")
@@ -98,7 +98,7 @@ def _echo(text: str) -> None:
 
 
 def _cmd_collect(cfg: Any) -> int:
-    from saereward.activations import run_collect
+    from saereward.data.activations import run_collect
 
     out = run_collect(cfg)
     _echo(f"wrote activations to {out} (manifest.json lists shards, tokens and the held-out split)")
@@ -128,7 +128,7 @@ def _lazy(module: str, name: str) -> Callable[[], type]:
 def _cmd_rollouts(cfg: Any) -> int:
     import json
 
-    from saereward.rollouts import run_rollouts
+    from saereward.data.rollouts import run_rollouts
 
     out = run_rollouts(cfg)
     summary = json.loads((out / "summary.json").read_text())
@@ -170,7 +170,7 @@ def _cmd_discover(cfg: Any) -> int:
 
 
 def _cmd_gate_g1(cfg: Any) -> int:
-    from saereward.gates.g1 import format_g1, run_gate_g1
+    from saereward.gates.g1_correlation import format_g1, run_gate_g1
 
     _echo(format_g1(run_gate_g1(cfg)))
     return 0
@@ -195,7 +195,7 @@ def _cmd_train_rl(cfg: Any) -> int:
 
 
 def _cmd_gate_g2(cfg: Any) -> int:
-    from saereward.gates.g2 import format_g2, run_gate_g2
+    from saereward.gates.g2_rl_ablation import format_g2, run_gate_g2
 
     _echo(format_g2(run_gate_g2(cfg)))
     _echo(f"wrote {cfg.out}/gate_g2.json and gate_g2.png")
@@ -221,7 +221,7 @@ def _cmd_reasonscore(cfg: Any) -> int:
 
 
 def _cmd_canaries(cfg: Any) -> int:
-    from saereward.hacking import format_canaries, run_canaries
+    from saereward.analysis.hacking import format_canaries, run_canaries
 
     _echo(format_canaries(run_canaries(cfg)))
     _echo(f"wrote {cfg.out}/canaries.json")
@@ -229,7 +229,7 @@ def _cmd_canaries(cfg: Any) -> int:
 
 
 def _cmd_probe(cfg: Any) -> int:
-    from saereward.probes import run_probe
+    from saereward.features.dual_probe import run_probe
 
     r = run_probe(cfg)
     h = r["heldout"]
@@ -242,7 +242,7 @@ def _cmd_probe(cfg: Any) -> int:
 
 
 def _cmd_monitor(cfg: Any) -> int:
-    from saereward.hacking import format_monitor, run_monitor
+    from saereward.analysis.hacking import format_monitor, run_monitor
 
     _echo(format_monitor(run_monitor(cfg)))
     _echo(f"wrote {cfg.out}/monitor.json")
@@ -250,7 +250,7 @@ def _cmd_monitor(cfg: Any) -> int:
 
 
 def _cmd_eval_suite(cfg: Any) -> int:
-    from saereward.evalsuite import format_suite, run_eval_suite
+    from saereward.analysis.evalsuite import format_suite, run_eval_suite
 
     _echo(format_suite(run_eval_suite(cfg)))
     _echo(f"wrote {cfg.out}/eval_suite.json")
@@ -258,7 +258,7 @@ def _cmd_eval_suite(cfg: Any) -> int:
 
 
 def _cmd_gate_g3(cfg: Any) -> int:
-    from saereward.gates.g3 import format_g3, run_gate_g3
+    from saereward.gates.g3_safety import format_g3, run_gate_g3
 
     _echo(format_g3(run_gate_g3(cfg)))
     _echo(f"wrote {cfg.out}/gate_g3.json")
@@ -266,7 +266,7 @@ def _cmd_gate_g3(cfg: Any) -> int:
 
 
 def _cmd_steer(cfg: Any) -> int:
-    from saereward.steer import format_steer, run_steer
+    from saereward.analysis.steer import format_steer, run_steer
 
     _echo(format_steer(run_steer(cfg)))
     _echo(f"wrote {cfg.out}/steer.json and steer.png")
@@ -274,7 +274,7 @@ def _cmd_steer(cfg: Any) -> int:
 
 
 def _cmd_drift(cfg: Any) -> int:
-    from saereward.drift import format_drift, run_drift
+    from saereward.analysis.drift import format_drift, run_drift
 
     _echo(format_drift(run_drift(cfg)))
     _echo(f"wrote {cfg.out}/drift.json and drift.png")
@@ -282,7 +282,7 @@ def _cmd_drift(cfg: Any) -> int:
 
 
 def _cmd_report(cfg: Any) -> int:
-    from saereward.report import run_report
+    from saereward.report.html import run_report
 
     _echo(f"wrote {run_report(cfg)}")
     return 0
@@ -315,13 +315,13 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "baseline",
         "baseline accuracy table of a model (chain_sum prompts + 100 real GSM8K items)",
-        _lazy("saereward.evaluate", "BaselineConfig"),
+        _lazy("saereward.analysis.evaluate", "BaselineConfig"),
         _cmd_baseline,
     ),
     Command(
         "eval",
         "evaluate a model on a task: accuracy with a Wilson 95% CI, per-item JSONL",
-        _lazy("saereward.evaluate", "EvalConfig"),
+        _lazy("saereward.analysis.evaluate", "EvalConfig"),
         _cmd_eval,
     ),
     _stage_command("collect", _cmd_collect),
@@ -348,19 +348,19 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "canaries",
         "reward-hacking canaries (5 patterns): hack/correct/ambiguous rates, base vs trained",
-        _lazy("saereward.hacking", "CanaryConfig"),
+        _lazy("saereward.analysis.hacking", "CanaryConfig"),
         _cmd_canaries,
     ),
     Command(
         "monitor",
         "monitor validity after RL: the G1 statistic on fresh rollouts of base and trained policy",
-        _lazy("saereward.hacking", "MonitorConfig"),
+        _lazy("saereward.analysis.hacking", "MonitorConfig"),
         _cmd_monitor,
     ),
     Command(
         "eval-suite",
         "capability preservation: task, MMLU, MATH-500, GSM8K, base vs trained, paired tests",
-        _lazy("saereward.evalsuite", "EvalSuiteConfig"),
+        _lazy("saereward.analysis.evalsuite", "EvalSuiteConfig"),
         _cmd_eval_suite,
     ),
     _stage_command("gate_g3", _cmd_gate_g3),

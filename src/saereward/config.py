@@ -120,7 +120,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> T:
             f"unknown config key {prefix + unknown[0]!r}: valid keys are {', '.join(prefix + k for k in fields)}"
         )
     kwargs = {k: _coerce(prefix + k, hints[k], v) for k, v in data.items()}
-    from saereward.lm import DType, resolve_dtype  # lazy: lm imports torch; config must not (CLI --help)
+    from saereward.model.lm import (  # lazy: lm imports torch; config must not (CLI --help)
+        DType,
+        resolve_dtype,
+    )
 
     for k, v in kwargs.items():
         if v == "auto" and hints[k] == DType:  # record the dtype the stage really runs in

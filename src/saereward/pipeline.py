@@ -38,8 +38,8 @@ from saereward import __version__
 from saereward.config import from_dict, option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import write_json
-from saereward.lm import DEFAULT_MODEL, DType, check_device
 from saereward.lock import folder_lock
+from saereward.model.lm import DEFAULT_MODEL, DType, check_device
 from saereward.stages import STAGE_NAMES, STAGES, depends, load, step
 from saereward.stages import stage as stage_of
 
@@ -194,7 +194,7 @@ class Layout:
 
 def rl_run_for_g3(cfg: PipelineConfig, g2cfg: Any) -> Path:
     """The GRPO run checked by G3 and drift: the SAE-reward (R1) run of the first seed, else the first run."""
-    from saereward.gates.g2 import LABELS
+    from saereward.gates.g2_rl_ablation import LABELS
 
     reward = "sae" if "sae" in g2cfg.rewards else g2cfg.rewards[0]
     return Layout(Path(cfg.out)).g2 / f"{LABELS[reward]}_{reward}_seed{g2cfg.seeds[0]}"

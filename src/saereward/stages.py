@@ -72,8 +72,8 @@ STAGES: tuple[Stage, ...] = (
             Step(
                 "rollouts",
                 "rollouts",
-                "saereward.rollouts:RolloutsConfig",
-                "saereward.rollouts:run_rollouts",
+                "saereward.data.rollouts:RolloutsConfig",
+                "saereward.data.rollouts:run_rollouts",
                 "labelled rollouts: responses per question, verified, residuals captured during generation",
             ),
         ),
@@ -90,8 +90,8 @@ STAGES: tuple[Stage, ...] = (
             Step(
                 "collect",
                 "collect",
-                "saereward.activations:CollectConfig",
-                "saereward.activations:run_collect",
+                "saereward.data.activations:CollectConfig",
+                "saereward.data.activations:run_collect",
                 "collect residual-stream activations (task rollouts and/or text) into resumable shards",
             ),
         ),
@@ -166,8 +166,8 @@ STAGES: tuple[Stage, ...] = (
             Step(
                 "gate_g1",
                 "gate-g1",
-                "saereward.gates.g1:GateG1Config",
-                "saereward.gates.g1:run_gate_g1",
+                "saereward.gates.g1_correlation:GateG1Config",
+                "saereward.gates.g1_correlation:run_gate_g1",
                 "Stage Gate 1: pack score vs correctness on held-out questions, with CIs and baselines",
             ),
         ),
@@ -182,8 +182,8 @@ STAGES: tuple[Stage, ...] = (
             Step(
                 "probe",
                 "probe",
-                "saereward.probes:ProbeConfig",
-                "saereward.probes:run_probe",
+                "saereward.features.dual_probe:ProbeConfig",
+                "saereward.features.dual_probe:run_probe",
                 "fit the dual-verifier probe (logistic regression on pooled residuals), held-out AUROC",
             ),
         ),
@@ -198,8 +198,8 @@ STAGES: tuple[Stage, ...] = (
             Step(
                 "gate_g2",
                 "gate-g2",
-                "saereward.gates.g2:GateG2Config",
-                "saereward.gates.g2:run_gate_g2",
+                "saereward.gates.g2_rl_ablation:GateG2Config",
+                "saereward.gates.g2_rl_ablation:run_gate_g2",
                 "Stage Gate 2: R0 vs R1 (SAE pack) vs R2 (raw direction) GRPO, same budget, several seeds",
             ),
         ),
@@ -214,8 +214,8 @@ STAGES: tuple[Stage, ...] = (
             Step(
                 "gate_g3",
                 "gate-g3",
-                "saereward.gates.g3:GateG3Config",
-                "saereward.gates.g3:run_gate_g3",
+                "saereward.gates.g3_safety:GateG3Config",
+                "saereward.gates.g3_safety:run_gate_g3",
                 "Stage Gate 3: target reached, MMLU kept, hack rate, monitor valid (runs the three checks)",
             ),
         ),
@@ -231,8 +231,8 @@ STAGES: tuple[Stage, ...] = (
             Step(
                 "steer",
                 "steer",
-                "saereward.steer:SteerConfig",
-                "saereward.steer:run_steer",
+                "saereward.analysis.steer:SteerConfig",
+                "saereward.analysis.steer:run_steer",
                 "CAA steering (contrastive or pack direction, scale sweep with negative control) and "
                 "single-feature add/clamp: accuracy, recovered/broken questions, McNemar",
             ),
@@ -248,8 +248,8 @@ STAGES: tuple[Stage, ...] = (
             Step(
                 "drift",
                 "drift",
-                "saereward.drift:DriftConfig",
-                "saereward.drift:run_drift",
+                "saereward.analysis.drift:DriftConfig",
+                "saereward.analysis.drift:run_drift",
                 "SAE drift across RL checkpoints: base-SAE NMSE per checkpoint, warm-started refits, "
                 "per-feature drift of the pack",
             ),
@@ -266,8 +266,8 @@ STAGES: tuple[Stage, ...] = (
             Step(
                 "report",
                 "report",
-                "saereward.report:ReportConfig",
-                "saereward.report:run_report",
+                "saereward.report.html:ReportConfig",
+                "saereward.report.html:run_report",
                 "one self-contained HTML report of a run folder (tables, plots, per-token reward viewer)",
             ),
         ),

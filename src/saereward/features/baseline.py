@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from saereward.errors import SaeRewardError
-from saereward.generate import end_positions, stop_strings_for
 from saereward.io import write_json
+from saereward.model.generate import end_positions, stop_strings_for
 
 BASELINE_FILE = "reward_baseline.json"
 

@@ -12,7 +12,7 @@ first: with a few hundred responses, a feature that fires on three of them gets 
 chance. The top ``top_n`` by d are helpful (+1), the bottom ``top_n`` harmful (−1).
 
 The pack records the SAE (path and sha256), the rollouts and the discovery/validation question ids,
-so :mod:`saereward.gates.g1` can check that it validates on questions discovery never saw.
+so :mod:`saereward.gates.g1_correlation` can check that it validates on questions discovery never saw.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from torch import Tensor
 
 from saereward import __version__
 from saereward.config import option, to_dict
+from saereward.data.rollouts import load_rollouts
 from saereward.errors import SaeRewardError
 from saereward.features.baseline import baseline_beside, measure_baseline, save_baseline
 from saereward.features.pack import Feature, FeaturePack, save_pack
 from saereward.features.scoring import PackScorer, pooled_sae_acts
 from saereward.io import file_sha256, write_json
-from saereward.lm import load_tokenizer
-from saereward.rollouts import load_rollouts
+from saereward.model.lm import load_tokenizer
 from saereward.sae.formats import check_sae_matches_model, load_sae
 from saereward.stats import cohens_d, require_both_outcomes
 

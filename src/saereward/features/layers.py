@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saereward.capture import forward_residuals
 from saereward.config import option, to_dict
+from saereward.data.rollouts import load_rollouts
 from saereward.errors import SaeRewardError
 from saereward.io import save_figure, write_json
-from saereward.lm import DEFAULT_MODEL, DType, check_device, decoder_layers, load_model, unwrap
-from saereward.rollouts import load_rollouts
+from saereward.model.capture import forward_residuals
+from saereward.model.lm import DEFAULT_MODEL, DType, check_device, decoder_layers, load_model, unwrap
 from saereward.stats import cohens_d, mean_difference, require_both_outcomes
 
 

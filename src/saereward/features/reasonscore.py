@@ -30,12 +30,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saereward.activations import iter_text_documents
-from saereward.capture import forward_residuals
 from saereward.config import option, to_dict
+from saereward.data.activations import iter_text_documents
 from saereward.errors import SaeRewardError
 from saereward.io import read_jsonl, write_json
-from saereward.lm import load_model
+from saereward.model.capture import forward_residuals
+from saereward.model.lm import load_model
 from saereward.sae.formats import check_sae_matches_model, load_sae
 
 DEFAULT_WORDS = (

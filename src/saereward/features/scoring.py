@@ -7,7 +7,7 @@ feature outside the top k contributes 0) give the per-token score
     mech(t) = Σ_i w_i · a_i(t)          (w_i = +|w| helpful, −|w| harmful)
 
 and a response's score is its mean over the response's pooled positions (see
-:mod:`saereward.rollouts`):
+:mod:`saereward.data.rollouts`):
 
     R = mean_t mech(t) = Σ_helpful |w| · pooled_a − Σ_harmful |w| · pooled_a,
 

@@ -31,14 +31,14 @@ from torch import Tensor
 
 from saereward import __version__
 from saereward.config import option, to_dict
+from saereward.data.rollouts import load_rollouts
 from saereward.errors import SaeRewardError
 from saereward.features.baseline import RewardBaseline, measure_baseline, scored_rows
 from saereward.features.pack import load_pack
 from saereward.features.scoring import PackScorer
 from saereward.io import save_figure, write_json
-from saereward.lm import load_tokenizer
+from saereward.model.lm import load_tokenizer
 from saereward.rl.reward import REWARD_FORMS, completion_mech_reward
-from saereward.rollouts import load_rollouts
 from saereward.sae.formats import load_sae
 
 log = logging.getLogger(__name__)

@@ -76,9 +76,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from saereward import __version__, bf16cpu
-from saereward.capture import ResidualCapture, position_ids_from_mask
+from saereward import __version__
 from saereward.config import option, to_dict
+from saereward.data.rollouts import load_rollouts
 from saereward.errors import SaeRewardError
 from saereward.features.baseline import (
     BASELINE_FILE,
@@ -92,7 +92,11 @@ from saereward.features.layers import contrastive_direction
 from saereward.features.pack import load_pack
 from saereward.features.probe import load_probe
 from saereward.features.scoring import PackScorer, masked_mean
-from saereward.generate import (
+from saereward.io import read_jsonl, write_json, write_jsonl
+from saereward.lock import folder_lock
+from saereward.model import bf16cpu
+from saereward.model.capture import ResidualCapture, position_ids_from_mask
+from saereward.model.generate import (
     SamplingConfig,
     distinct_prefix_cache,
     end_positions,
@@ -101,8 +105,7 @@ from saereward.generate import (
     iter_generate,
     stop_strings_for,
 )
-from saereward.io import read_jsonl, write_json, write_jsonl
-from saereward.lm import (
+from saereward.model.lm import (
     DEFAULT_MODEL,
     DType,
     LoadedModel,
@@ -111,7 +114,6 @@ from saereward.lm import (
     require_device,
     resolve_layer,
 )
-from saereward.lock import folder_lock
 from saereward.rl.reward import (
     REWARD_FORMS,
     Aggregation,
@@ -127,7 +129,6 @@ from saereward.rl.reward import (
     token_advantages,
     within_group_corr,
 )
-from saereward.rollouts import load_rollouts
 from saereward.sae.formats import load_sae
 from saereward.stats import wilson_ci
 from saereward.tasks import format_prompt, load_task

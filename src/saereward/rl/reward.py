@@ -65,7 +65,7 @@ from torch import Tensor
 
 from saereward.errors import SaeRewardError
 from saereward.features.baseline import RewardBaseline
-from saereward.lm import hidden_size, resolve_layer
+from saereward.model.lm import hidden_size, resolve_layer
 from saereward.sae.formats import check_sae_matches_model
 
 RewardKind = Literal["outcome", "sae", "direction"]
@@ -392,7 +392,7 @@ def check_pack_scorer(scorer: Any, model: Any, layer: int | None, model_name: st
 
 
 def dual_gate(mech: Tensor, probe_logit: Tensor, mask: Tensor) -> Tensor:
-    """``[B, T]`` bool: response tokens where z(mech) and z(probe logit) share a sign (the dual verifier: :mod:`saereward.probes`).
+    """``[B, T]`` bool: response tokens where z(mech) and z(probe logit) share a sign (the dual verifier: :mod:`saereward.features.dual_probe`).
 
     Positions outside ``mask`` are False. A z-score of exactly 0 agrees with nothing.
     """

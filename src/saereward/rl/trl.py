@@ -33,10 +33,10 @@ from typing import Any
 import torch
 from trl import GRPOTrainer
 
-from saereward.capture import ResidualCapture, forward_residuals
 from saereward.errors import SaeRewardError
 from saereward.features.baseline import RewardBaseline
-from saereward.generate import end_positions, stop_strings_for
+from saereward.model.capture import ResidualCapture, forward_residuals
+from saereward.model.generate import end_positions, stop_strings_for
 from saereward.rl.reward import REWARD_FORMS, check_pack_scorer, masked_zscore, mech_credit
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ the per-dimension mean over the *whole* eval set:
   ``dead_pct = 100·(1 − coverage)``. These are over the eval set only, not the training window.
 
 :func:`ce_kl_recovered` splices the SAE into the model: a forward hook on decoder block ``layer`` (layer
-L = output of block L, see :mod:`saereward.lm`) replaces the block's hidden state by ``sae(h).recon``
+L = output of block L, see :mod:`saereward.model.lm`) replaces the block's hidden state by ``sae(h).recon``
 (or by zeros for the ablation baseline), on held-out text. With per-token next-token cross-entropy CE
 and ``KL(p_clean ‖ p_other)`` averaged over scored tokens:
 
@@ -51,9 +51,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from saereward.capture import block_output, position_ids_from_mask
 from saereward.errors import SaeRewardError
-from saereward.lm import decoder_layers, resolve_layer
+from saereward.model.capture import block_output, position_ids_from_mask
+from saereward.model.lm import decoder_layers, resolve_layer
 from saereward.sae.coder import TopKSAE
 from saereward.sae.kernels import use_kernels
 

@@ -63,8 +63,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saereward import lm
 from saereward.errors import SaeRewardError
+from saereward.model import lm
 
 KernelMode = Literal["fast", "eager"]
 ENV_VAR = "SAEREWARD_KERNELS"

@@ -19,12 +19,12 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from saereward.activations import ActivationStore, iter_text_documents, read_manifest
 from saereward.config import option, to_dict
+from saereward.data.activations import ActivationStore, iter_text_documents, read_manifest
 from saereward.errors import SaeRewardError
 from saereward.io import write_json
-from saereward.lm import check_device, load_model, require_device, resolve_layer
 from saereward.lock import folder_lock
+from saereward.model.lm import check_device, load_model, require_device, resolve_layer
 from saereward.sae.evaluate import ce_kl_recovered, evaluate_sae
 from saereward.sae.formats import check_sae_matches_model, load_sae, save_sae
 from saereward.sae.train import SAETrainConfig, SAETrainer

@@ -3,7 +3,7 @@
 Each canary is a template (one of :data:`PATTERNS`) filled with a generated arithmetic item whose
 gold answer is known. A policy that games a "looks like reasoning" reward tends to follow the bait
 (pad, perform reasoning, ramble, hedge, spam tool calls) and lose the answer; a healthy policy
-still ends with the right number. Classification (:func:`classify`, the rule in :mod:`saereward.hacking`'s docstring) lives here too.
+still ends with the right number. Classification (:func:`classify`, the rule in :mod:`saereward.analysis.hacking`'s docstring) lives here too.
 
 Patterns (``per_pattern`` items each, 10 by default, so 50 canaries):
 

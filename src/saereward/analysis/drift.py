@@ -52,12 +52,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from saereward import __version__
-from saereward.capture import forward_residuals
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.features.pack import check_pack, load_pack
 from saereward.io import atomic_path, file_sha256, iter_jsonl, save_figure, write_json
-from saereward.lm import DType, LoadedModel, apply_adapter, check_device, load_model, resolve_layer
+from saereward.model.capture import forward_residuals
+from saereward.model.lm import DType, LoadedModel, apply_adapter, check_device, load_model, resolve_layer
 from saereward.rl.grpo import snapshots
 from saereward.sae.evaluate import evaluate_sae
 from saereward.sae.formats import check_sae_matches_model, load_sae, resolve_sae_path, save_sae
@@ -68,12 +68,12 @@ if TYPE_CHECKING:
     import torch
 
     from saereward.features.pack import FeaturePack
-    from saereward.lm import LoadedModel
+    from saereward.model.lm import LoadedModel
     from saereward.sae.coder import TopKSAE
 
 log = logging.getLogger(__name__)
 
-DRIFT_FORMAT = "saereward.drift"
+DRIFT_FORMAT = "saereward.analysis.drift"
 STAGE_FORMAT = 1
 NEED_SNAPSHOTS = "pass a train-rl run folder trained with --snapshot-every N"
 _EVAL_BATCH = 4096

@@ -7,7 +7,7 @@ sampled output (batched sampling cannot be made independent of the batch size it
 
 The returned :class:`Generation` carries everything later stages need: the full sequences, a mask of
 real tokens, a mask of *response* tokens (generated, up to and including the end token), and, if asked,
-the residual stream at chosen layers aligned with sequence positions (see :mod:`saereward.capture`;
+the residual stream at chosen layers aligned with sequence positions (see :mod:`saereward.model.capture`;
 the last generated token has no residual and is excluded from ``residual_mask``).
 """
 
@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from saereward import fastdecode
-from saereward.capture import ResidualCapture, position_ids_from_mask
-from saereward.lm import LoadedModel
+from saereward.model import fastdecode
+from saereward.model.capture import ResidualCapture, position_ids_from_mask
+from saereward.model.lm import LoadedModel
 
 #: Raw and few-shot prompts make the model continue the ``Q:/A:`` pattern; generation stops there.
 PATTERN_STOPS: tuple[str, ...] = ("\nQ:", "\n\nQ", "\nProblem:", "\nQuestion:")
@@ -271,7 +271,7 @@ def _fast_generate(
     skinny: bool,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """``generate_batch``'s ``fast_decode`` path: an HF prefill (on the shared prompt cache if any),
-    then :func:`saereward.fastdecode.decode`. Returns ``(sequences, residuals)`` as ``generate()``
+    then :func:`saereward.model.fastdecode.decode`. Returns ``(sequences, residuals)`` as ``generate()``
     and ``ResidualCapture.sequence`` would."""
     model, tok = lm.model, lm.tokenizer
     ids, am = enc["input_ids"], enc["attention_mask"]
@@ -344,9 +344,9 @@ def generate_batch(
     Prompts are used verbatim (``add_special_tokens=False``): chat prompts already carry their special
     tokens from the template. ``share_prompts``: prefill each distinct prompt once and reuse its KV
     cache for every row that repeats it (GRPO groups); the same samples up to float rounding.
-    ``fast_decode``: decode with :func:`saereward.fastdecode.decode` (preallocated KV cache, ended
+    ``fast_decode``: decode with :func:`saereward.model.fastdecode.decode` (preallocated KV cache, ended
     rows leave the batch) after an HF prefill, where the model and sampler allow it (greedy or
-    ``sampler="topk"``; see :func:`saereward.fastdecode.unsupported`), else ``generate()``; ``skinny``
+    ``sampler="topk"``; see :func:`saereward.model.fastdecode.unsupported`), else ``generate()``; ``skinny``
     is its ``(W xᵀ)ᵀ`` products. Same distribution, different random draws once a row has ended.
     """
     tok, model = lm.tokenizer, lm.model

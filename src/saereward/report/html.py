@@ -43,10 +43,10 @@ from saereward.errors import SaeRewardError
 from saereward.features.pack import load_pack
 from saereward.features.scoring import PackScorer, segment_mean
 from saereward.io import atomic_path, atomic_write, file_sha256, read_jsonl, write_json
-from saereward.lm import EMBEDDED_PREFIX, cache_dir, embedded_gguf_path
+from saereward.model.lm import EMBEDDED_PREFIX, cache_dir, embedded_gguf_path
+from saereward.report.tables import results_markdown
 from saereward.sae.formats import load_sae
 from saereward.stages import STAGES
-from saereward.summary import results_markdown
 
 log = logging.getLogger(__name__)
 
@@ -1283,11 +1283,11 @@ def canary_bars(rates: Mapping[str, Any], classes: Sequence[str]) -> Any:
 
 # ---- steering and drift: isolated readers (keys read with .get; a missing key skips its cell/plot) ----
 #
-# steer.json (saereward.steer): {layer, n, seed, task{name}, residual_norm{value, source}, vector{source},
+# steer.json (saereward.analysis.steer): {layer, n, seed, task{name}, residual_norm{value, source}, vector{source},
 #   feature{id, mode}, rows[{label, kind (base|vector|negative_control|feature_add|feature_clamp),
 #   negative_control, scale, perturbation_frac, n, correct, accuracy, ci_low, ci_high, diff,
 #   recovered [ids], broken [ids], net_flips, mcnemar_p}]}
-# drift.json (saereward.drift): {run, model, layer, n_tokens, n_train, n_heldout, steps,
+# drift.json (saereward.analysis.drift): {run, model, layer, n_tokens, n_train, n_heldout, steps,
 #   dnmse_per_step_fit, dnmse_refit_per_step_fit, stages[{step, nmse_base, nmse_prev, nmse_refit,
 #   fvu_base, fvu_refit, l0_base, l0_refit, dnmse_per_step, dec_drift_mean, dec_drift_pack_mean, ...}],
 #   features[{feature, polarity, weight, dec_drift [per stage], mean_act [..], mean_act_change [..],

@@ -106,7 +106,7 @@ def resolve_dtype(dtype: DType, device: str = "cpu") -> str:
     """``auto`` becomes the faster dtype where the model runs (``device``); other names are unchanged.
 
     bf16 on CUDA, or on a CPU with native bf16 (AVX512-BF16 or AMX). On other CPUs (e.g. AVX2 only)
-    PyTorch's bf16 products are several times slower than fp32; with :mod:`saereward.bf16cpu`,
+    PyTorch's bf16 products are several times slower than fp32; with :mod:`saereward.model.bf16cpu`,
     ``load_model``'s bf16 models run a forward at about fp32's speed there and decode or take a GRPO
     step 1.3-1.45x slower than fp32, so ``auto`` is fp32. The
     CLI's stages keep the model on the CPU, so a GPU in the machine does not make their ``auto`` bf16.

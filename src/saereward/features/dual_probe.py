@@ -22,10 +22,10 @@ from typing import Any
 
 from saereward import __version__
 from saereward.config import option, to_dict
+from saereward.data.rollouts import load_rollouts
 from saereward.errors import SaeRewardError
 from saereward.features.pack import load_pack
 from saereward.features.probe import LinearProbe, fit_logistic
-from saereward.rollouts import load_rollouts
 from saereward.stats import association, require_both_outcomes
 
 __all__ = ["ProbeConfig", "run_probe"]

@@ -13,7 +13,7 @@ plus ``samples - 1`` sampled), verifies each with the task's verifier, and store
   per split with Wilson CIs, counts of correct and wrong), ``config.json`` (the resolved config).
 
 **Pooled positions.** A response's positions are those of its generated tokens that the model read
-back, i.e. :attr:`saereward.generate.Generation.residual_mask`: every generated token up to and
+back, i.e. :attr:`saereward.model.generate.Generation.residual_mask`: every generated token up to and
 including the end token, except a token sampled at the very last step (generation never feeds it
 back). This is the one definition used by discovery, the G1 score and the RL reward
 (:mod:`saereward.features.scoring`).
@@ -23,7 +23,7 @@ statistic is ever validated on a question it was discovered on. The split is a s
 distinct question texts (task generators repeat a question under a new id; both copies go to the
 same side), recorded in ``splits.json`` as question ids.
 
-Residuals come from :class:`saereward.capture.ResidualCapture` hooks during ``generate()``: no
+Residuals come from :class:`saereward.model.capture.ResidualCapture` hooks during ``generate()``: no
 second forward pass.
 """
 
@@ -39,9 +39,9 @@ from typing import Any, Literal
 from saereward import __version__
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
-from saereward.generate import SamplingConfig, iter_generate, stop_strings_for
 from saereward.io import atomic_path, read_jsonl, write_json, write_jsonl
-from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, check_device, load_model, resolve_layer
+from saereward.model.generate import SamplingConfig, iter_generate, stop_strings_for
+from saereward.model.lm import DEFAULT_MODEL, DType, LoadedModel, check_device, load_model, resolve_layer
 from saereward.stats import wilson_ci
 from saereward.tasks import format_prompt, load_task
 from saereward.tasks.prompts import PromptFormat
@@ -200,7 +200,7 @@ def _write_tensors(
 
     lengths = torch.tensor([len(t) for t in token_ids], dtype=torch.long)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-    meta = {"format": "saereward.rollouts", "format_version": "1", "model": cfg.model}
+    meta = {"format": "saereward.data.rollouts", "format_version": "1", "model": cfg.model}
     with atomic_path(out / "pooled.safetensors") as tmp:
         save_file(
             {f"layer_{x}": torch.stack(v).contiguous() for x, v in pooled.items()}, str(tmp), metadata=meta

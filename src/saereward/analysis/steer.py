@@ -29,7 +29,7 @@ divided by the SAE's input scale so the change is in raw residual units):
 
 **Runs.** One greedy base evaluation (scale 0) on ``n`` held-out questions (task seed ``seed``,
 distinct from the rollouts' seed), then one per condition, each via
-:func:`saereward.evaluate.run_eval` on the hooked model. Per condition: accuracy with a Wilson 95 %
+:func:`saereward.analysis.evaluate.run_eval` on the hooked model. Per condition: accuracy with a Wilson 95 %
 CI, the difference from base, the recovered (base wrong → steered right) and broken (base right →
 steered wrong) question ids, net flips and the exact McNemar p on the paired per-question outcomes.
 Each finished condition is cached as ``<out>/conditions/<label>.json`` with a key of everything that
@@ -53,13 +53,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from saereward import __version__
-from saereward.capture import block_output, forward_residuals
+from saereward.analysis.evaluate import EvalConfig, _load_task, run_eval
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
-from saereward.evaluate import EvalConfig, _load_task, run_eval
 from saereward.features.pack import check_pack, load_pack
 from saereward.io import read_jsonl, save_figure, write_json
-from saereward.lm import (
+from saereward.model.capture import block_output, forward_residuals
+from saereward.model.lm import (
     DEFAULT_MODEL,
     DType,
     LoadedModel,
@@ -77,7 +77,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from saereward.evaluate import EvalConfig
+    from saereward.analysis.evaluate import EvalConfig
     from saereward.features.pack import FeaturePack
     from saereward.sae.coder import TopKSAE
 

@@ -13,7 +13,7 @@ cuBLAS's semantics), up to the order of summation. Weights and activations stay 
 the fp32 copies are transient, one product (or one block of a large weight's rows) at a time, and the
 backward saves only the bf16 operands it needs.
 
-:func:`install` gives every ``nn.Linear`` of a model this forward; :func:`saereward.lm.load_model`
+:func:`install` gives every ``nn.Linear`` of a model this forward; :func:`saereward.model.lm.load_model`
 calls it for bf16 models on such CPUs. Set ``SAEREWARD_BF16_MATMUL=native`` to keep PyTorch's own
 bf16 product (for example to compare the two).
 """

@@ -3,9 +3,9 @@
 **Sources.** Residuals come from up to two kinds of source, collected in this order until ``max_tokens``:
 
 * *task*: the task's prompts (formatted like ``saereward eval``) and the model's own generations. The
-  residuals are captured *during* ``generate()`` (:func:`saereward.generate.iter_generate` with
+  residuals are captured *during* ``generate()`` (:func:`saereward.model.generate.iter_generate` with
   ``capture_layers``), so there is no second forward. Kept positions: the real prompt tokens and the
-  response tokens that have a residual (:attr:`~saereward.generate.Generation.residual_mask`); left pads,
+  response tokens that have a residual (:attr:`~saereward.model.generate.Generation.residual_mask`); left pads,
   tokens after the end token and the last sampled token (never fed through the model) are not kept.
   With ``dedupe_prompt_prefix`` the token prefix that *every* prompt shares (few-shot demos, a chat
   template's system prompt) is kept for item 0 only, not once per item: otherwise it would be the most
@@ -16,7 +16,7 @@
   error). Each document is tokenized without special tokens and cut into chunks of at most
   ``context_len`` tokens; each chunk starts with the tokens the tokenizer itself puts in front of a
   text (its BOS, if it adds one) and is one sequence of a left-padded batch, run through
-  :func:`saereward.capture.forward_residuals`. Pads are not kept.
+  :func:`saereward.model.capture.forward_residuals`. Pads are not kept.
 
 All layers of ``layers`` are captured in the same forward (or generation) pass.
 
@@ -75,14 +75,14 @@ from typing import Any, Literal
 import torch
 
 from saereward import __version__
-from saereward.capture import forward_residuals
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
-from saereward.generate import SamplingConfig, iter_generate, stop_strings_for
 from saereward.hub import hub_offline, hub_reachable
 from saereward.io import atomic_path, file_sha256, iter_jsonl, write_json
-from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, check_device, load_model, resolve_layer
 from saereward.lock import folder_lock
+from saereward.model.capture import forward_residuals
+from saereward.model.generate import SamplingConfig, iter_generate, stop_strings_for
+from saereward.model.lm import DEFAULT_MODEL, DType, LoadedModel, check_device, load_model, resolve_layer
 from saereward.tasks import format_prompt, load_task
 from saereward.tasks.prompts import PromptFormat
 
@@ -92,7 +92,7 @@ StoreDType = Literal["fp32", "fp16", "bf16"]
 Split = Literal["train", "heldout", "all"]
 TxtUnit = Literal["paragraph", "line"]
 
-FORMAT = "saereward.activations"
+FORMAT = "saereward.data.activations"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CONFIG = "config.json"

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from saereward import bf16cpu
-from saereward.lm import decoder_layers, unwrap
+from saereward.model import bf16cpu
+from saereward.model.lm import decoder_layers, unwrap
 
 _ARCHES = ("llama", "qwen2")
 _ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -146,8 +146,8 @@ def decode(
     row's end are ``pad_id``. ``residuals[layer][:, j]`` is block ``layer``'s output (``capture_layers``
     are non-negative block indices) when new token ``j`` was fed (zero where it never was: after the row's end, and the last step's token).
     ``skinny``: the ``(w @ xᵀ)ᵀ`` products (CPU fp32; other rounding order than ``F.linear``). A model whose
-    linear layers :func:`saereward.bf16cpu.install` patched (bf16 ``load_model`` models on a CPU without
-    bf16 units) decodes with :func:`saereward.bf16cpu.linear` too.
+    linear layers :func:`saereward.model.bf16cpu.install` patched (bf16 ``load_model`` models on a CPU without
+    bf16 units) decodes with :func:`saereward.model.bf16cpu.linear` too.
     """
     base = unwrap(model)
     inner = base.model

@@ -1,7 +1,7 @@
 """Capture the residual stream at decoder-block outputs, in a plain forward or during ``generate()``.
 
 ``with ResidualCapture(model, layers=[12]) as cap: model(**batch)`` records the output of block 12
-(= ``hidden_states[13]``, see :mod:`saereward.lm`) as ``cap.sequence(12) -> [B, T, d]``.
+(= ``hidden_states[13]``, see :mod:`saereward.model.lm`) as ``cap.sequence(12) -> [B, T, d]``.
 
 During ``model.generate()`` the hook fires once for the prefill (``[B, P, d]``, every prompt position,
 left pads included) and once per decode step (``[B, 1, d]``, the token sampled at the previous step).
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from saereward.lm import decoder_layers, resolve_layer
+from saereward.model.lm import decoder_layers, resolve_layer
 
 
 def block_output(output: Any) -> torch.Tensor:
@@ -45,7 +45,7 @@ class ResidualCapture:
     """Context manager that records decoder-block outputs at ``layers``.
 
     Args:
-        model: any model :func:`saereward.lm.decoder_layers` understands (PEFT-wrapped too).
+        model: any model :func:`saereward.model.lm.decoder_layers` understands (PEFT-wrapped too).
         layers: block indices; negative counts from the end.
         store_dtype: cast stored tensors to this dtype (``None`` keeps the model's).
         store_device: move stored tensors here (``None`` keeps them where they are).

@@ -58,7 +58,7 @@ from saereward.errors import SaeRewardError
 from saereward.features.pack import load_pack
 from saereward.gates.paired import paired_compare
 from saereward.io import save_figure, write_json
-from saereward.lm import load_model
+from saereward.model.lm import load_model
 from saereward.rl.audit import AuditConfig, format_audit, run_audit
 from saereward.rl.grpo import GRPOConfig, GRPOTrainer, run_train_rl, settings_diff
 from saereward.stats import wilson_ci

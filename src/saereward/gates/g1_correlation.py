@@ -57,6 +57,7 @@ import torch
 
 from saereward import __version__
 from saereward.config import option, to_dict
+from saereward.data.rollouts import load_rollouts
 from saereward.errors import SaeRewardError
 from saereward.features.discover import resolve_sae_layer
 from saereward.features.layers import contrastive_direction, layer_scores
@@ -64,7 +65,6 @@ from saereward.features.pack import load_pack, save_pack
 from saereward.features.probe import fit_logistic
 from saereward.features.scoring import PackScorer, pack_scores_from_pooled, pooled_sae_acts
 from saereward.io import write_json
-from saereward.rollouts import load_rollouts
 from saereward.sae.formats import check_sae_matches_model, load_sae
 from saereward.stats import association, partial_association, require_both_outcomes
 

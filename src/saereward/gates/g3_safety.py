@@ -4,8 +4,8 @@
 model and the trained policy (``--adapter``, a ``train-rl`` run folder) and applies configurable
 rules; every input number is in ``gate_g3.json`` beside the verdict:
 
-* ``eval_suite/``: :mod:`saereward.evalsuite` (task, MMLU, MATH-500 when available, GSM8K);
-* ``canaries/``: :mod:`saereward.hacking` canaries, base vs trained;
+* ``eval_suite/``: :mod:`saereward.analysis.evalsuite` (task, MMLU, MATH-500 when available, GSM8K);
+* ``canaries/``: :mod:`saereward.analysis.hacking` canaries, base vs trained;
 * ``monitor/``: monitor validity of the pack on fresh held-out rollouts.
 
 Default rules (each configurable):
@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from saereward import __version__
+from saereward.analysis.evalsuite import EvalSuiteConfig, run_eval_suite
+from saereward.analysis.hacking import CanaryConfig, MonitorConfig, run_canaries, run_monitor
 from saereward.config import option, to_dict
-from saereward.evalsuite import EvalSuiteConfig, run_eval_suite
-from saereward.hacking import CanaryConfig, MonitorConfig, run_canaries, run_monitor
 from saereward.io import write_json
-from saereward.lm import DEFAULT_MODEL, DType, adapter_dir, check_device
+from saereward.model.lm import DEFAULT_MODEL, DType, adapter_dir, check_device
 from saereward.tasks.prompts import PromptFormat
 
 

@@ -36,14 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from saereward import __version__
+from saereward.analysis.evaluate import EvalConfig, base_and_trained, run_eval_cached
 from saereward.config import option, to_dict
+from saereward.data.rollouts import RolloutsConfig, load_rollouts, run_rollouts
 from saereward.errors import SaeRewardError
-from saereward.evaluate import EvalConfig, base_and_trained, run_eval_cached
 from saereward.features.pack import load_pack
 from saereward.features.scoring import PackScorer
 from saereward.io import write_json
-from saereward.lm import DEFAULT_MODEL, DType, adapter_dir, check_device
-from saereward.rollouts import RolloutsConfig, load_rollouts, run_rollouts
+from saereward.model.lm import DEFAULT_MODEL, DType, adapter_dir, check_device
 from saereward.sae.formats import check_sae_matches_model, load_sae
 from saereward.stats import association, mcnemar, two_proportion_test, wilson_ci
 from saereward.tasks.canaries import (

@@ -23,9 +23,9 @@ from typing import Any
 from saereward import __version__
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
-from saereward.generate import SamplingConfig, iter_generate, stop_strings_for
 from saereward.io import read_jsonl, write_json, write_jsonl
-from saereward.lm import DEFAULT_MODEL, DType, LoadedModel, check_device, load_model
+from saereward.model.generate import SamplingConfig, iter_generate, stop_strings_for
+from saereward.model.lm import DEFAULT_MODEL, DType, LoadedModel, check_device, load_model
 from saereward.stats import wilson_ci
 from saereward.tasks import format_prompt, load_task
 from saereward.tasks.prompts import PromptFormat

@@ -1,0 +1,1 @@
+"""Data a run collects: labelled rollouts and residual-stream activation shards."""

@@ -1,0 +1,1 @@
+"""The run report: results tables and the self-contained HTML report."""
