@@ -171,7 +171,7 @@ def child_trl(
 
 def bench_config(dtype: str, n_questions: int, steps: int, **overrides: Any) -> Any:
     """Our ``GRPOConfig`` for the benchmark's configuration (see the module docstring)."""
-    from saereward.rl.grpo import GRPOConfig
+    from saereward.rl.config import GRPOConfig
 
     base: dict[str, Any] = {
         "dtype": "bf16" if dtype == "bf16" else "fp32",

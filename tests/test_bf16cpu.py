@@ -197,7 +197,7 @@ def test_lean_lora_under_autocast_matches_peft(monkeypatch: pytest.MonkeyPatch) 
     """GRPO's lean LoRA forward on a patched bf16 base: bf16cpu products, PEFT's function."""
     from peft import LoraConfig, get_peft_model
 
-    from saereward.rl.grpo import install_lean_lora
+    from saereward.rl.patches import install_lean_lora
     from tiny_models import LORA_TARGETS
 
     monkeypatch.setenv(bf16cpu.ENV, "fp32")

@@ -232,7 +232,8 @@ def test_device_settings_are_checked_shared_and_ignored_by_resume(tmp_path: Path
     from saereward.data.rollouts import RolloutsConfig
     from saereward.errors import SaeRewardError
     from saereward.model.lm import load_model, require_device
-    from saereward.rl.grpo import GRPOConfig, settings_diff
+    from saereward.rl.checkpoint import settings_diff
+    from saereward.rl.config import GRPOConfig
 
     with pytest.raises(SaeRewardError, match="device 'gpu' is not cpu, cuda or cuda:N"):
         from_dict(RolloutsConfig, {"device": "gpu"})

@@ -22,7 +22,7 @@ from saereward.errors import SaeRewardError
 from saereward.gates.g2_rl_ablation import LABELS, GateG2Config, _finished, format_g2, run_gate_g2
 from saereward.gates.paired import bootstrap_means, paired_compare, two_level_bootstrap
 from saereward.io import write_json, write_jsonl
-from saereward.rl.grpo import GRPOConfig
+from saereward.rl.config import GRPOConfig
 
 Q = 10
 QIDS = [f"q{i}" for i in range(Q)]

@@ -345,7 +345,8 @@ def test_g3_decisions() -> None:
 
 def test_adapter_merge_matches_the_trained_policy(tmp_path: Path) -> None:
     from saereward.model.lm import apply_adapter
-    from saereward.rl.grpo import GRPOTrainer, merged_lora
+    from saereward.rl.grpo import GRPOTrainer
+    from saereward.rl.patches import merged_lora
     from test_rl import fresh_tiny, rl_cfg
 
     tr = GRPOTrainer(rl_cfg(tmp_path / "run", steps=1), lm=fresh_tiny())

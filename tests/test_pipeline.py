@@ -90,7 +90,7 @@ def test_auto_dtype_resolves_per_machine_and_stages_record_it(
     c = pl.stage_configs(_cfg(tmp_path, dtype="auto"))
     assert c["rollouts"]["rollouts"].dtype == want and c["g2"]["gate_g2"].rl.dtype == want
     assert c["sae"]["eval_sae"].dtype == want and c["layers"]["layers"].dtype == want
-    from saereward.rl.grpo import GRPOConfig
+    from saereward.rl.config import GRPOConfig
 
     assert from_dict(GRPOConfig, {"dtype": "auto"}).dtype == want  # a stage's own CLI/TOML too
 
@@ -180,6 +180,65 @@ def test_a_killed_stage_is_rerun_without_moving_its_partial_output(
     _run(_cfg(tmp_path))
     assert fake_stages == ["g2", "g3", "steer", "drift", "report"]
     assert partial.exists()  # the stage's own checkpoints are kept for its resume
+
+
+def test_a_failed_forced_rerun_puts_the_old_outputs_and_record_back(
+    tmp_path: Path, fake_stages: list[str]
+) -> None:
+    _run(_cfg(tmp_path))
+    run = tmp_path / "run"
+    (run / "sae" / "good.txt").write_text("the SAE that worked")
+    before = json.loads((run / "stages.json").read_text())
+    _FAIL[0] = "sae"
+    with pytest.raises(KeyboardInterrupt):
+        _run(_cfg(tmp_path, force=["sae"]))
+    assert (run / "sae" / "good.txt").read_text() == "the SAE that worked"
+    assert not (run / "sae.replaced").exists()
+    assert json.loads((run / "stages.json").read_text()) == before  # the record was never dropped
+    fake_stages.clear()
+    _run(_cfg(tmp_path))
+    assert fake_stages == []  # the old run is whole again: nothing to do
+
+
+def test_a_killed_rerun_is_rolled_back_before_the_next_plan(tmp_path: Path, fake_stages: list[str]) -> None:
+    """kill -9 during a from-scratch re-run leaves ``sae.replaced`` beside a partial ``sae/``."""
+    _run(_cfg(tmp_path))
+    run = tmp_path / "run"
+    (run / "sae" / "good.txt").write_text("the SAE that worked")
+    (run / "sae").rename(run / "sae.replaced")
+    (run / "sae").mkdir()
+    (run / "sae" / "partial.bin").write_text("half a checkpoint of the new settings")
+    fake_stages.clear()
+    _run(_cfg(tmp_path))
+    assert fake_stages == []
+    assert (run / "sae" / "good.txt").exists() and not (run / "sae" / "partial.bin").exists()
+    assert not (run / "sae.replaced").exists()
+
+
+def test_a_stage_whose_input_finished_again_is_rebuilt_not_skipped(
+    tmp_path: Path, fake_stages: list[str]
+) -> None:
+    _run(_cfg(tmp_path))
+    _FAIL[0] = "g1"  # discover finishes again, then the run dies in g1
+    with pytest.raises(KeyboardInterrupt):
+        _run(_cfg(tmp_path, force=["discover"]))
+    fake_stages.clear()
+    _run(_cfg(tmp_path))
+    assert fake_stages == ["g1", "g2", "g3", "steer", "drift", "report"]
+
+
+def test_every_table_and_cross_check_fails_before_any_stage_runs(
+    tmp_path: Path, fake_stages: list[str]
+) -> None:
+    with pytest.raises(
+        SaeRewardError, match=r"\[rollouts.token_layers\] layer 40 is out of range.*30 decoder"
+    ):
+        _run(_cfg(tmp_path, layer=40))
+    with pytest.raises(SaeRewardError, match=r"\[train_sae.train\] k = 20000 is more than the SAE's 9216"):
+        _run(_cfg(tmp_path, train_sae={"train": {"k": 20000}}))
+    with pytest.raises(SaeRewardError, match=r"gate_g2\.rl\.lr='fast'"):  # a stage not selected this time
+        _run(_cfg(tmp_path, stages=["rollouts"], gate_g2={"rl": {"lr": "fast"}}))
+    assert fake_stages == [] and not (tmp_path / "run").exists()
 
 
 def test_selected_stages_only(tmp_path: Path, fake_stages: list[str]) -> None:

@@ -19,14 +19,10 @@ import torch
 
 from saereward.errors import SaeRewardError
 from saereward.features.pack import Feature, FeaturePack, save_pack
-from saereward.rl.grpo import (
-    GRPOConfig,
-    GRPOTrainer,
-    kl_term,
-    monitor_rho,
-    selective_log_softmax,
-    surrogate_loss,
-)
+from saereward.rl.collapse import monitor_rho
+from saereward.rl.config import GRPOConfig
+from saereward.rl.grpo import GRPOTrainer
+from saereward.rl.loss import kl_term, selective_log_softmax, surrogate_loss
 from saereward.rl.reward import (
     DirectionScorer,
     LambdaSchedule,
@@ -188,7 +184,7 @@ def _rows(short: list[float], length: list[float]) -> list[dict[str, Any]]:
 
 
 def test_collapse_check_marks_shrinking_runs() -> None:
-    from saereward.rl.grpo import SHORT_TOKENS, collapse_check
+    from saereward.rl.collapse import SHORT_TOKENS, collapse_check
 
     rule = {"window": 3, "short_frac": 0.5, "len_ratio": 0.5}
     # more and more completions of <= 3 tokens: the mean over steps 4-6 is 0.6, the first window at 0.5
@@ -435,7 +431,7 @@ def test_collapse_guard_stops_the_run(tmp_path: Path) -> None:
 def test_settings_diff_reads_old_runs_as_mechreward_form() -> None:
     """A run saved before reward forms existed trained mechreward's form: it matches that, not the default."""
     from saereward.config import to_dict
-    from saereward.rl.grpo import settings_diff
+    from saereward.rl.checkpoint import settings_diff
 
     new = GRPOConfig(reward="sae", pack="p.json")
     old = {k: v for k, v in to_dict(new).items() if k != "reward_form"}
@@ -795,7 +791,7 @@ def _save_batch(folder: Path, b: Any, outcome: torch.Tensor, pack: str) -> None:
 def _load_batch(folder: Path) -> tuple[Any, torch.Tensor, str]:
     from safetensors.torch import load_file
 
-    from saereward.rl.grpo import _Batch
+    from saereward.rl.batching import _Batch
 
     t = load_file(str(folder / "batch.safetensors"))
     meta = json.loads((folder / "batch.json").read_text())
@@ -930,7 +926,7 @@ def test_trainer_under_accelerate_launch(tmp_path: Path) -> None:
 
 
 def test_merged_lora_restores_exact_base_weights(tmp_path: Path) -> None:
-    from saereward.rl.grpo import merged_lora
+    from saereward.rl.patches import merged_lora
 
     tr = GRPOTrainer(rl_cfg(tmp_path), lm=fresh_tiny())
     with torch.no_grad():
@@ -956,7 +952,7 @@ def test_merged_lora_restores_exact_base_weights(tmp_path: Path) -> None:
 def test_mmap_large_allocations_on_glibc() -> None:
     import platform
 
-    from saereward.rl.grpo import mmap_large_allocations
+    from saereward.rl.patches import mmap_large_allocations
 
     assert mmap_large_allocations() is (platform.libc_ver()[0] == "glibc")
     x = torch.ones(1 << 20)  # allocations still work afterwards
@@ -1003,7 +999,7 @@ def test_lora_autocast_bf16_update(tmp_path: Path) -> None:
 
 
 def test_micro_batches_cover_every_token() -> None:
-    from saereward.rl.grpo import micro_batches
+    from saereward.rl.batching import micro_batches
 
     # left-padded prompts (P = 4) and responses of different lengths, padded on the right
     am = torch.tensor(
@@ -1143,7 +1139,7 @@ def test_shared_prompt_forward_equals_one_pass(
 
 def test_lean_lora_forward_matches_peft(tmp_path: Path) -> None:
     """Same outputs and LoRA gradients as PEFT's forward; PEFT's path when adapters are off or merged."""
-    from saereward.rl.grpo import install_lean_lora, merged_lora
+    from saereward.rl.patches import install_lean_lora, merged_lora
 
     ids = torch.randint(3, 100, (3, 9))
     res = {}
@@ -1177,7 +1173,7 @@ def test_lean_lora_forward_matches_peft(tmp_path: Path) -> None:
 
 
 def test_skinny_linear_same_products_and_restored() -> None:
-    from saereward.rl.grpo import skinny_linear
+    from saereward.rl.patches import skinny_linear
 
     lm = fresh_tiny()
     model = lm.model

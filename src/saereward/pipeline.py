@@ -16,8 +16,16 @@ config. A later run skips a stage whose record and artifact are there and whose 
 unchanged; a stage whose config changed is run again, and so is every stage after it that depends
 on it. A stage killed half-way has no record, so the next run starts it again, and the stage's own
 resume takes over (collect shards, SAE checkpoints, GRPO checkpoints, cached evaluations).
-``--force STAGE`` runs a stage (and its dependants) again from scratch: its old outputs are moved
-aside and deleted only once the new ones are written.
+``--force STAGE`` runs a stage (and its dependants) again from scratch.
+
+**Nothing lost.** A stage rebuilt from scratch (forced, changed, or fed by a stage that re-ran) has
+its old outputs moved aside to ``<name>.replaced``; they are deleted only once the new artifact
+exists, and its ``stages.json`` record is replaced only then. A failure puts them back at once; a
+kill (``kill -9``, power loss) leaves them aside, and the next ``saereward pipeline`` on the folder
+puts them back before it plans. Each record names the records of the stages it read (``inputs``),
+so a stage whose input finished again in a run that died before reaching it is rebuilt, not
+skipped. All of the preset's tables are validated before any stage runs, including cross-checks:
+every layer exists in the model, and the SAE's ``k`` fits its latents.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import json
 import logging
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,7 +48,7 @@ from saereward.config import from_dict, option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import write_json
 from saereward.lock import folder_lock
-from saereward.model.lm import DEFAULT_MODEL, DType, check_device
+from saereward.model.lm import DEFAULT_MODEL, DType, check_device, model_dims
 from saereward.stages import STAGE_NAMES, STAGES, depends, load, step
 from saereward.stages import stage as stage_of
 
@@ -206,6 +215,47 @@ def stage_configs(cfg: PipelineConfig, only: Sequence[str] | None = None) -> dic
     ``only`` builds just those stages (the others' modules are not even imported).
     """
     return {k: v() for k, v in _stage_builders(cfg).items() if only is None or k in only}
+
+
+def _layer_values(obj: Any, where: str) -> list[tuple[str, int]]:
+    """Every ``layer``/``layers``/``token_layers`` value of a config and its nested configs."""
+    out: list[tuple[str, int]] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out += _layer_values(value, f"{where}.{f.name}")
+        elif f.name in ("layer", "layers", "token_layers") and value is not None:
+            values = value if isinstance(value, list | tuple) else [value]
+            out += [(f"{where}.{f.name}", int(v)) for v in values if isinstance(v, int)]
+    return out
+
+
+def check_across_stages(cfg: PipelineConfig, configs: dict[str, dict[str, Any]]) -> None:
+    """Checks no single stage can make alone, before any stage runs: each layer exists in its model,
+    and the SAE's k is at most its number of latents. Skipped when the model's shape is unknown
+    without the network (its stage checks then)."""
+    dims_of: dict[str, tuple[int, int] | None] = {}
+    for objs in configs.values():
+        for table, obj in objs.items():
+            model = getattr(obj, "model", None) or cfg.model
+            dims = dims_of.setdefault(model, model_dims(model))
+            if dims is None:
+                continue
+            for where, value in _layer_values(obj, table):
+                if not -dims[0] <= value < dims[0]:
+                    raise SaeRewardError(
+                        f"[{where}] layer {value} is out of range: {model} has {dims[0]} decoder layers; "
+                        f"use 0..{dims[0] - 1} (or -1 for the last)"
+                    )
+    ts = configs.get("sae", {}).get("train_sae")
+    dims = dims_of.get(cfg.model) or model_dims(cfg.model)
+    if ts is not None and dims is not None:
+        d_sae = ts.train.d_sae or ts.train.expansion * dims[1]
+        if ts.train.k > d_sae:
+            raise SaeRewardError(
+                f"[train_sae.train] k = {ts.train.k} is more than the SAE's {d_sae} latents "
+                f"(d_sae, or expansion {ts.train.expansion} x width {dims[1]}): lower k or raise expansion"
+            )
 
 
 def _stage_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any]]]:
@@ -424,7 +474,7 @@ def plan(cfg: PipelineConfig, configs: dict[str, dict[str, Any]]) -> dict[str, s
             why = "artifact missing"
         elif _placeless(rec.get("config"), _recorded_root(stage, rec)) != _placeless(resolved, str(lay.root)):
             why = "config changed"
-        elif rerun.intersection(DEPENDS[stage]):
+        elif rerun.intersection(DEPENDS[stage]) or _inputs_changed(stage, rec, records):
             why = "an input stage re-ran"
         else:
             decision[stage] = "skip"
@@ -432,6 +482,14 @@ def plan(cfg: PipelineConfig, configs: dict[str, dict[str, Any]]) -> dict[str, s
         decision[stage] = f"run ({why})"
         rerun.add(stage)
     return decision
+
+
+def _inputs_changed(stage: str, rec: dict[str, Any], records: dict[str, Any]) -> bool:
+    """Did a stage this one read finish again after it (say, in a run killed before this stage)?"""
+    inputs = rec.get("inputs")
+    if not isinstance(inputs, dict):  # a record written before inputs were recorded
+        return False
+    return any(dep in records and records[dep].get("id") != inputs.get(dep) for dep in DEPENDS[stage])
 
 
 #: settings that cannot change a stage's results: where it ran and whether it drew progress bars
@@ -458,23 +516,54 @@ def _recorded_root(stage: str, rec: dict[str, Any]) -> str | None:
 
 # Reasons that start a stage from scratch; "not done" and "artifact missing" let the stage resume.
 _FROM_SCRATCH = ("forced", "config changed", "input stage re-ran")
+#: suffix of a stage output moved aside while the stage is rebuilt from scratch
+ASIDE = ".replaced"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _move_aside(paths: list[Path]) -> list[tuple[Path, Path]]:
+    """Rename each existing output to ``<name>.replaced``, so the stage rebuilds it from nothing."""
     moved = []
     for p in paths:
-        if p.exists():
-            aside = p.with_name(p.name + ".replaced")
-            if aside.exists():
-                shutil.rmtree(aside) if aside.is_dir() else aside.unlink()
+        if p.exists() or p.is_symlink():
+            aside = p.with_name(p.name + ASIDE)
+            if aside.exists() or aside.is_symlink():
+                _remove(aside)
             p.rename(aside)
             moved.append((p, aside))
     return moved
 
 
-def _drop(moved: list[tuple[Path, Path]]) -> None:
-    for _, aside in moved:
-        shutil.rmtree(aside) if aside.is_dir() else aside.unlink(missing_ok=True)
+def _restore(moved: list[tuple[Path, Path]]) -> None:
+    """Undo :func:`_move_aside`: drop what the failed re-run wrote and put the old outputs back."""
+    for p, aside in moved:
+        if p.exists() or p.is_symlink():
+            _remove(p)
+        aside.rename(p)
+
+
+def recover_interrupted(lay: Layout) -> list[str]:
+    """Put back the old outputs that a killed from-scratch re-run left moved aside.
+
+    Called under the run folder's lock, so any ``<output>.replaced`` belongs to a run that died: its
+    partial new output is removed and the old one (still described by its ``stages.json`` record,
+    which is only replaced when a stage succeeds) goes back in place. Returns what was restored.
+    """
+    restored = []
+    for st in STAGES:
+        for rel in st.outputs:
+            p = lay.root / rel
+            aside = p.with_name(p.name + ASIDE)
+            if aside.exists() or aside.is_symlink():
+                _restore([(p, aside)])
+                restored.append(rel)
+    return restored
 
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
@@ -484,7 +573,9 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
 
         torch.set_num_threads(cfg.threads)
     lay = Layout(Path(cfg.out))
-    configs = stage_configs(cfg, only=cfg.stages)
+    all_configs = stage_configs(cfg)  # every table is checked, not only the selected stages'
+    check_across_stages(cfg, all_configs)
+    configs = {s: c for s, c in all_configs.items() if s in cfg.stages}
     lay.root.mkdir(parents=True, exist_ok=True)
     write_json(
         lay.root / "pipeline.json",
@@ -495,12 +586,18 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         },
     )
     with folder_lock(lay.root, "saereward pipeline"):
+        for rel in recover_interrupted(lay):
+            _say(f"restored {lay.root / rel} (a re-run of it was interrupted)")
         _run_stages(cfg, lay, configs)
     return lay.artifact("report")
 
 
 def _run_stages(cfg: PipelineConfig, lay: Layout, configs: dict[str, dict[str, Any]]) -> None:
-    """Run the stages the plan selects, recording each in ``stages.json`` as it finishes."""
+    """Run the stages the plan selects, recording each in ``stages.json`` as it finishes.
+
+    A stage rebuilt from scratch gets its old outputs moved aside; they are dropped only once the new
+    artifact exists, and put back (with the old record, never touched before success) on any failure.
+    """
     decision = plan(cfg, configs)
     records_path = lay.root / "stages.json"
     for stage in STAGE_ORDER:
@@ -511,26 +608,43 @@ def _run_stages(cfg: PipelineConfig, lay: Layout, configs: dict[str, dict[str, A
             _say(f"[{stage}] done already ({lay.artifact(stage)}): skipped")
             continue
         _say(f"[{stage}] {what}")
-        records = _records(records_path)
-        records.pop(stage, None)
-        write_json(records_path, records)
         fresh = any(w in what for w in _FROM_SCRATCH)
         moved = _move_aside(lay.outputs(stage)) if fresh else []
         t0 = time.perf_counter()
-        RUNNERS[stage](configs[stage])
+        try:
+            RUNNERS[stage](configs[stage])
+            if not lay.artifact(stage).exists():  # pragma: no cover - a stage bug, not a user error
+                raise SaeRewardError(f"stage {stage} finished without writing {lay.artifact(stage)}")
+        except BaseException:
+            if moved:
+                _restore(moved)
+                _say(f"[{stage}] failed: its previous outputs are back in place")
+            raise
         seconds = time.perf_counter() - t0
-        if not lay.artifact(stage).exists():  # pragma: no cover - a stage bug, not a user error
-            raise SaeRewardError(f"stage {stage} finished without writing {lay.artifact(stage)}")
         _drop(moved)
         records = _records(records_path)
-        records[stage] = {
-            "config": {k: to_dict(v) for k, v in configs[stage].items()},
-            "seconds": round(seconds, 1),
-            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-            "artifact": str(lay.artifact(stage)),
-        }
+        records[stage] = _record(stage, configs[stage], seconds, lay, records)
         write_json(records_path, records)
         _say(f"[{stage}] finished in {seconds:.0f} s")
+
+
+def _drop(moved: list[tuple[Path, Path]]) -> None:
+    for _, aside in moved:
+        _remove(aside)
+
+
+def _record(
+    stage: str, configs: dict[str, Any], seconds: float, lay: Layout, records: dict[str, Any]
+) -> dict[str, Any]:
+    """A finished stage's ``stages.json`` entry; ``inputs`` names the records of what it read."""
+    return {
+        "config": {k: to_dict(v) for k, v in configs.items()},
+        "seconds": round(seconds, 1),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "artifact": str(lay.artifact(stage)),
+        "id": uuid.uuid4().hex,
+        "inputs": {dep: records.get(dep, {}).get("id") for dep in DEPENDS[stage]},
+    }
 
 
 def _say(text: str) -> None:

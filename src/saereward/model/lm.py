@@ -351,6 +351,48 @@ def convert_embedded(key: str, *, force: bool = False) -> Path:
     return target
 
 
+def _dims_from_config_json(path: Path) -> tuple[int, int] | None:
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg = cfg.get("text_config") or cfg  # multimodal models keep the language model's shape here
+    layers = next((cfg[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in cfg), None)
+    width = next((cfg[k] for k in ("hidden_size", "n_embd", "d_model") if k in cfg), None)
+    return (int(layers), int(width)) if layers and width else None
+
+
+def _dims_from_gguf(path: Path) -> tuple[int, int] | None:
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    arch = bytes(fields["general.architecture"].parts[-1]).decode()
+    layers, width = fields.get(f"{arch}.block_count"), fields.get(f"{arch}.embedding_length")
+    if layers is None or width is None:
+        return None
+    return int(layers.parts[-1][0]), int(width.parts[-1][0])
+
+
+def model_dims(spec: str) -> tuple[int, int] | None:
+    """``(decoder layers, residual width)`` of a model, read from its config without loading weights.
+
+    ``None`` when that needs the network or the files say nothing (a hub id not in the local cache):
+    the stage that loads the model checks its values then.
+    """
+    try:
+        if spec.startswith(EMBEDDED_PREFIX):
+            key = spec[len(EMBEDDED_PREFIX) :]
+            converted = cache_dir() / "models" / key / "config.json"
+            if converted.is_file():
+                return _dims_from_config_json(converted)
+            return _dims_from_gguf(embedded_gguf_path(key))
+        p = Path(spec).expanduser()
+        if p.is_dir() and (p / "config.json").is_file():
+            return _dims_from_config_json(p / "config.json")
+        if p.is_file() and p.suffix == ".gguf":
+            return _dims_from_gguf(p)
+    except (OSError, ValueError, KeyError, IndexError, TypeError, SaeRewardError):
+        return None
+    return None
+
+
 def _is_hub_id(spec: str) -> bool:
     """``name`` or ``org/name``, not a filesystem-looking path."""
     if spec.startswith((".", "/", "~")) or spec.endswith((".gguf", ".safetensors", ".bin", ".pt")):

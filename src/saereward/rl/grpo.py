@@ -19,9 +19,9 @@ One step (``GRPOTrainer.step``):
    by response position in the RL prompt format) and leave end and stop-string tokens unscored.
 4. **Update.** ``epochs_per_batch`` passes of the clipped surrogate over the batch. Each pass
    accumulates gradients over micro-batches of ``micro_batch`` completions, sorted by length and cut
-   to their own longest sequence (:func:`micro_batches`; the reference forward uses them too).
+   to their own longest sequence (:func:`~saereward.rl.batching.micro_batches`; the reference forward uses them too).
    Each distinct prompt runs once per forward pass, its KV cache shared by its group's completions
-   (:class:`PromptPrefix`; the rollouts' prefill does the same);
+   (:class:`~saereward.rl.batching.PromptPrefix`; the rollouts' prefill does the same);
    activation checkpointing, if asked for, is on only for this training forward. Loss per response
    token, averaged over all response tokens of the batch (mechreward's ``/ N``):
    ``−min(ρ·adv, clip(ρ, 1±ε)·adv) + β·KL``, KL mechreward's squared log-ratio (``kl = sq``) or the
@@ -35,7 +35,7 @@ One step (``GRPOTrainer.step``):
 most 3 tokens (``short_frac``), the within-group correlation of length with the mech part of the
 advantage (``len_mech_corr``: positive when the reward pays for length, negative when it pays for
 stopping) and an online monitor, Spearman ρ of the per-completion score with the outcome over the
-last ``collapse_window`` steps (``monitor_rho``). :func:`collapse_check` marks a run collapsed when,
+last ``collapse_window`` steps (``monitor_rho``). :func:`~saereward.rl.collapse.collapse_check` marks a run collapsed when,
 over ``collapse_window`` steps, half the completions have at most 3 tokens, or the mean length has
 fallen below half the first steps'; by default a run with a mech reward is evaluated, checkpointed
 and stopped there (an R0 run, which has no score to hack, is only marked), and ``summary.json``
@@ -55,29 +55,31 @@ runs N data-parallel processes (gloo on the CPU, NCCL on CUDA): each samples
 ``questions_per_step / N`` questions, and the summed gradients give the single-process step. The
 bit-identical resume is tested on the CPU; on CUDA some kernels (e.g. attention's backward) are not
 deterministic. TRL users: the subclass in :mod:`saereward.rl.trl`.
+
+**Modules.** This one holds the trainer (:class:`GRPOTrainer`, :func:`run_train_rl`); beside it:
+the settings (:mod:`saereward.rl.config`), the loss math (:mod:`saereward.rl.loss`), micro-batches
+and the shared prompt cache (:mod:`saereward.rl.batching`), checkpoints, snapshots and the resume
+check (:mod:`saereward.rl.checkpoint`), the collapse guard (:mod:`saereward.rl.collapse`) and the
+CPU and LoRA patches (:mod:`saereward.rl.patches`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
 import random
-import shutil
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from saereward import __version__
-from saereward.config import option, to_dict
+from saereward.config import to_dict
 from saereward.data.rollouts import load_rollouts
 from saereward.errors import SaeRewardError
 from saereward.features.baseline import (
@@ -94,33 +96,31 @@ from saereward.features.probe import load_probe
 from saereward.features.scoring import PackScorer, masked_mean
 from saereward.io import read_jsonl, write_json, write_jsonl
 from saereward.lock import folder_lock
-from saereward.model import bf16cpu
 from saereward.model.capture import ResidualCapture, position_ids_from_mask
 from saereward.model.generate import (
     SamplingConfig,
-    distinct_prefix_cache,
     end_positions,
-    gatherable_cache,
     generate_batch,
     iter_generate,
     stop_strings_for,
 )
-from saereward.model.lm import (
-    DEFAULT_MODEL,
-    DType,
-    LoadedModel,
-    check_device,
-    load_model,
-    require_device,
-    resolve_layer,
+from saereward.model.lm import LoadedModel, load_model, require_device, resolve_layer
+from saereward.rl.batching import PromptPrefix, _Batch, _Slice, micro_batches
+from saereward.rl.checkpoint import (
+    STEP_SEED,
+    restore_checkpoint,
+    save_checkpoint,
+    save_snapshot,
+    settings_diff,
+    snapshots,
 )
+from saereward.rl.collapse import SHORT_TOKENS, collapse_check, monitor_rho
+from saereward.rl.config import GRPOConfig
+from saereward.rl.loss import selective_log_softmax, surrogate_loss
+from saereward.rl.patches import install_lean_lora, merged_lora, mmap_large_allocations, skinny_linear
 from saereward.rl.reward import (
-    REWARD_FORMS,
-    Aggregation,
     DirectionScorer,
     LambdaSchedule,
-    RewardForm,
-    RewardKind,
     all_gather_floats,
     all_reduce_sum,
     check_pack_scorer,
@@ -132,731 +132,8 @@ from saereward.rl.reward import (
 from saereward.sae.formats import load_sae
 from saereward.stats import wilson_ci
 from saereward.tasks import format_prompt, load_task
-from saereward.tasks.prompts import PromptFormat
 
 log = logging.getLogger(__name__)
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class GRPOConfig:
-    """Settings of ``saereward train-rl``."""
-
-    model: str = option(DEFAULT_MODEL, "model: embedded:<key>, a .gguf file, an HF folder or a hub id")
-    dtype: DType = option("fp32", "model dtype (bf16 halves memory; the LoRA weights stay fp32)")
-    threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
-    device: str = option("cpu", "where the policy runs: cpu, cuda (the GPU of LOCAL_RANK) or cuda:N")
-    task: str = option("chain_sum", "task (see `saereward tasks`)")
-    task_source: str = option("auto", "where the task data comes from: auto, offline, hf, jsonl")
-    task_path: str | None = option(None, "local JSONL file for the task")
-    task_params: dict[str, Any] = option({}, "extra task settings, e.g. reasoning-gym config (TOML table)")
-    n_train: int = option(2000, "training questions")
-    train_seed: int = option(
-        0, "task seed of the training questions (fixed across --seed, so runs share data)"
-    )
-    n_eval: int = option(100, "held-out questions for evaluation (a different task seed)")
-    eval_seed: int = option(12_345, "task seed of the held-out questions (disjoint ids from training)")
-    prompt_format: PromptFormat = option("raw", "prompt format: raw (mechreward's Q:/A: CoT), fewshot, chat")
-    shots: int = option(2, "few-shot demos for prompt_format=fewshot")
-    # -- reward --
-    reward: RewardKind = option("outcome", "outcome (R0), sae (R1: pack score), direction (R2)")
-    pack: str | None = option(None, "feature pack for reward=sae")
-    sae: str | None = option(None, "SAE for reward=sae (default: the pack's recorded sae_path)")
-    direction_rollouts: str | None = option(
-        None, "rollout folder whose discovery split defines the raw direction (reward=direction)"
-    )
-    layer: int | None = option(None, "reward layer (default: the pack's; for direction: required)")
-    reward_source: Literal["policy", "reference"] = option(
-        "policy", "hidden states for the reward: captured during generation (policy) or the reference forward"
-    )
-    dual_verifier: str | None = option(
-        None, "probe file (`saereward probe`) that gates the mech term per token by sign agreement"
-    )
-    lam: float = option(0.1, "λ: weight of the mech term")
-    lam_schedule: Literal["constant", "linear"] = option("constant", "λ schedule")
-    lam_end: float = option(0.0, "λ at the last step (linear schedule)")
-    reward_form: RewardForm = option(
-        "position",
-        "how the mech score enters the advantage: " + "; ".join(f"{k}: {v}" for k, v in REWARD_FORMS.items()),
-    )
-    reward_clip: float = option(
-        3.0, "fixed-scale forms: clip the standardized score at ± this many reference SDs"
-    )
-    reward_baseline: str | None = option(
-        None,
-        "fixed-scale forms: a reward_baseline.json, or a rollout folder (base model, RL prompt format) to "
-        "measure it on (default: the pack's discovery rollouts for R1, direction_rollouts for R2)",
-    )
-    aggregation: Aggregation = option(
-        "both",
-        "reward_form=mechreward only: both (its G3 form), trajectory (mean in r only), token (z-term only)",
-    )
-    # -- collapse guard --
-    collapse_stop: bool = option(True, "stop a run the collapse rule marks as collapsed (see the module doc)")
-    collapse_window: int = option(3, "collapse rule: steps averaged (and monitor ρ window, in steps)")
-    collapse_short_frac: float = option(
-        0.5, "collapse rule: mean share of completions with <= 3 tokens over the window at or above this"
-    )
-    collapse_len_ratio: float = option(
-        0.5, "collapse rule: or mean completion length over the window below this × the first window's"
-    )
-    # -- rollouts --
-    questions_per_step: int = option(4, "questions per step")
-    group_size: int = option(4, "completions per question (G)")
-    temperature: float = option(0.9, "sampling temperature")
-    top_p: float = option(0.95, "nucleus top-p")
-    max_new_tokens: int = option(96, "max completion tokens")
-    sampler: Literal["hf", "topk"] = option(
-        "topk",
-        "rollout sampler: topk = temperature/top-p drawn from a partial sort (same distribution, "
-        "faster on large vocabularies), hf = transformers' warpers",
-    )
-    stop_strings: bool = option(
-        True, "stop a completion at the prompt format's stop strings (raw/fewshot: \\nQ:)"
-    )
-    # -- optimisation --
-    steps: int = option(60, "optimizer steps")
-    lr: float = option(2e-5, "AdamW learning rate (LoRA parameters)")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    beta: float = option(0.05, "KL coefficient β (0: no reference forward unless reward_source=reference)")
-    kl: Literal["sq", "k3"] = option(
-        "sq", "KL estimator: sq = (logπ − logπ_ref)² (seed), k3 = exp(d) − d − 1"
-    )
-    epochs_per_batch: int = option(1, "optimisation passes per batch (> 1 uses the clipped ratio)")
-    clip_eps: float = option(0.2, "PPO ratio clip ε")
-    grad_clip: float = option(1.0, "max grad norm")
-    grad_checkpointing: bool = option(
-        False,
-        "gradient checkpointing for the training forward (recomputes it in the backward: ~1/3 more "
-        "update time; with micro-batches the stored activations are small anyway)",
-    )
-    micro_batch: int = option(
-        4,
-        "completions per reference / training forward (gradients accumulate across them; each is "
-        "sorted by length and cut to its own longest sequence; 0: the whole batch at once)",
-    )
-    share_prompt: bool = option(
-        True,
-        "run each question's prompt once and reuse its KV cache for the group's completions, in "
-        "the rollouts' prefill and in the reference and training forwards (not with gradient "
-        "checkpointing or reference-source residuals); same values up to float rounding",
-    )
-    mmap_large_allocations: bool = option(
-        True,
-        "glibc: allocate big tensors with mmap so freed memory returns to the OS (lower peak RSS)",
-    )
-    lora_autocast: bool = option(
-        True,
-        "bf16 base: run the LoRA matmuls of the training forward in bf16 under autocast (weights and "
-        "optimizer stay fp32); off: PEFT casts every adapted input to fp32",
-    )
-    skinny_decode: bool = option(
-        True,
-        "rollouts: few-row linear layers as W @ x^T (faster decoding on CPU; same products, "
-        "other rounding order)",
-    )
-    fast_decode: bool = option(
-        True,
-        "rollouts: saereward's own decode loop after the HF prefill (preallocated KV cache; ended "
-        "rows leave the batch) for Llama/Qwen2 models with merged LoRA; others use generate()",
-    )
-    lean_lora: bool = option(
-        True,
-        "LoRA projections as base(x) + addmm((x A^T)·s, B^T): the scale multiplies the rank-r "
-        "activations and the sum happens inside the matrix product (PEFT: two passes over the output)",
-    )
-    merge_for_generation: bool = option(
-        True, "sample with the LoRA weights merged into the base (exact base weights restored after)"
-    )
-    lora_r: int = option(32, "LoRA rank")
-    lora_alpha: int = option(64, "LoRA α")
-    lora_dropout: float = option(0.0, "LoRA dropout")
-    lora_targets: tuple[str, ...] = option(LORA_TARGETS, "LoRA target modules")
-    # -- bookkeeping --
-    seed: int = option(0, "seed for questions, sampling, LoRA init")
-    eval_every: int = option(
-        20, "evaluate on the held-out questions every N steps (0: only at start and end)"
-    )
-    eval_batch_size: int = option(32, "batch size of the greedy evaluation")
-    checkpoint_every: int = option(10, "checkpoint every N steps")
-    snapshot_every: int = option(
-        0, "also keep the LoRA adapter of every N-th step in out/snapshots/step_NNNNN (for drift; 0: none)"
-    )
-    out: str = option("runs/rl", "run folder")
-    resume: bool = option(True, "continue from the latest checkpoint in out")
-    progress: bool = option(True, "progress bar")
-
-    def __post_init__(self) -> None:
-        check_device(self.device)
-        if self.group_size < 2:
-            raise ValueError(
-                f"group_size {self.group_size} < 2: GRPO compares completions within a group; use >= 2"
-            )
-        for name in (
-            "questions_per_step",
-            "steps",
-            "max_new_tokens",
-            "epochs_per_batch",
-            "n_train",
-            "n_eval",
-            "checkpoint_every",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.reward == "sae" and not self.pack:
-            raise ValueError("reward=sae needs --pack")
-        if self.reward == "direction" and not self.direction_rollouts:
-            raise ValueError("reward=direction needs --direction-rollouts")
-        if self.dual_verifier and self.reward == "outcome":
-            raise ValueError("dual_verifier gates the mech term: use it with reward=sae or direction")
-        if self.micro_batch < 0:
-            raise ValueError(f"micro_batch must be >= 0 (0: whole batch), got {self.micro_batch}")
-        if self.snapshot_every < 0:
-            raise ValueError(f"snapshot_every must be >= 0, got {self.snapshot_every}")
-        if self.lr <= 0 or self.beta < 0 or self.lam < 0:
-            raise ValueError("lr must be > 0, beta and lam >= 0")
-        if self.reward_form not in REWARD_FORMS:
-            raise ValueError(
-                f"unknown reward_form {self.reward_form!r}: choose from {', '.join(REWARD_FORMS)}"
-            )
-        if self.reward_clip <= 0 or self.collapse_window < 1:
-            raise ValueError("reward_clip must be > 0 and collapse_window >= 1")
-        if not (0 < self.collapse_short_frac <= 1 and 0 <= self.collapse_len_ratio < 1):
-            raise ValueError("collapse_short_frac must be in (0, 1] and collapse_len_ratio in [0, 1)")
-
-
-# --------------------------------------------------------------------------------------------------
-# Pure pieces
-# --------------------------------------------------------------------------------------------------
-
-
-class _SelectiveLogSoftmax(torch.autograd.Function):
-    """``log softmax(x / T)[id]`` (and, if asked, the entropy) of one chunk, with a hand-written backward.
-
-    The forward makes two ``[.., V]`` fp32 temporaries (the shifted logits and their exponentials)
-    and keeps neither: it saves the chunk's logits (alive anyway) and the log-normaliser ``[..]``;
-    the backward rebuilds ``softmax = exp(x / T − lse)`` once and returns
-    ``(onehot − softmax) · g / T``. Autograd through ``gather − logsumexp`` under activation
-    checkpointing would compute the division, the log-sum-exp and the softmax again.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, logits: Tensor, ids: Tensor, temperature: float, entropy: bool
-    ) -> tuple[Tensor, Tensor]:
-        z = logits.float() / temperature  # a copy: the logits stay as they are for the backward
-        top = z.amax(-1, keepdim=True)
-        z.sub_(top)  # shifted in place: exp cannot overflow, and one [.., V] pass fewer than logsumexp
-        e = torch.exp(z)
-        sum_e = e.sum(-1)
-        log_sum = sum_e.log()
-        lp = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - log_sum
-        # entropy = log Σe − Σ e·z / Σe (the shift cancels), on e in place
-        ent = log_sum - e.mul_(z).sum(-1) / sum_e if entropy else torch.zeros_like(lp)
-        ctx.save_for_backward(logits, ids, top.squeeze(-1) + log_sum)  # the log-normaliser of x / T
-        ctx.temperature = temperature
-        ctx.mark_non_differentiable(ent)
-        return lp, ent
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor, _g_ent: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
-        logits, ids, lse = ctx.saved_tensors
-        t = ctx.temperature
-        grad = torch.exp(logits.float() / t - lse.unsqueeze(-1))
-        grad.mul_(-g.unsqueeze(-1))
-        grad.scatter_add_(-1, ids.unsqueeze(-1), g.unsqueeze(-1))
-        if t != 1.0:
-            grad.div_(t)
-        return grad.to(logits.dtype), None, None, None
-
-
-def selective_log_softmax(
-    logits: Tensor, ids: Tensor, chunk: int = 2, temperature: float = 1.0, entropy: bool = True
-) -> tuple[Tensor, Tensor]:
-    """``log p(ids)`` and the entropy per position of ``logits / temperature``; ``[B, T, V]`` -> ``[B, T]`` each.
-
-    Row-chunked: the fp32 log-softmax of a large vocabulary never exists for more than ``chunk``
-    rows, forward or backward (:class:`_SelectiveLogSoftmax`; with 2 rows × 64 positions × 49k
-    vocabulary a chunk's fp32 temporaries are ~25 MB each; 8 rows put ~0.7 GB on the GRPO step's
-    peak RSS). Chunks come from ``split`` (its backward concatenates the chunk gradients once;
-    slicing would allocate a zero-filled copy of the whole ``[B, T, V]`` gradient per chunk).
-    ``entropy=False`` skips the entropy (zeros are returned), e.g. for reference log-probs.
-    """
-    logps, ents = [], []
-    for lg, idx in zip(logits.split(chunk), ids.split(chunk), strict=True):
-        lp, ent = _SelectiveLogSoftmax.apply(lg, idx, temperature, entropy)
-        logps.append(lp)
-        ents.append(ent)
-    return torch.cat(logps), torch.cat(ents)
-
-
-def kl_term(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
-    """Per-token KL penalty: mechreward's ``(logπ − logπ_ref)²`` or k3 ``exp(r) − r − 1`` with ``r = ref − logπ``."""
-    if kind == "sq":
-        return (logp - ref_logp) ** 2
-    r = ref_logp - logp
-    return torch.exp(r) - r - 1
-
-
-def surrogate_loss(
-    logp: Tensor,
-    old_logp: Tensor,
-    ref_logp: Tensor | None,
-    adv: Tensor,
-    mask: Tensor,
-    beta: float,
-    kl: str,
-    clip_eps: float,
-    n_tokens: Tensor | None = None,
-) -> tuple[Tensor, dict[str, float]]:
-    """Clipped policy-gradient loss + β·KL, averaged over masked tokens; ``[B, N]`` inputs.
-
-    ``n_tokens`` overrides the divisor (data-parallel ranks divide by the global token count, so the
-    summed gradients equal a single process's).
-    """
-    m = mask.float()
-    n = (m.sum() if n_tokens is None else n_tokens).clamp_min(1)
-    ratio = torch.exp(logp - old_logp)
-    un = ratio * adv
-    cl = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv
-    pg = -torch.minimum(un, cl)
-    loss_tok = pg
-    stats: dict[str, float] = {}
-    if ref_logp is not None and beta > 0:
-        k = kl_term(logp, ref_logp, kl)
-        loss_tok = loss_tok + beta * k
-        stats["kl"] = float((k.detach() * m).sum() / n)
-    clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + clip_eps) & (adv > 0))
-    stats["clip_frac"] = float((clipped.float() * m).sum() / n)
-    return (loss_tok * m).sum() / n, stats
-
-
-def mmap_large_allocations(threshold: int = 4 << 20, trim: int = 64 << 20) -> bool:
-    """Ask glibc to serve allocations >= ``threshold`` bytes with ``mmap`` (process-wide).
-
-    glibc raises its mmap threshold dynamically after big frees, after which large tensors come from
-    the heap; a step's differently sized logits and activations then fragment it, and peak RSS grows
-    from step to step although the live memory does not. With a fixed threshold every large tensor
-    is its own mapping, returned to the OS on free. 4 MiB keeps the many small per-token tensors of
-    decoding (KV-cache growth) on the heap: on the GRPO benchmark 256 KiB and 1 MiB cost 40-50 % more
-    step time for ~0.45 GB less peak RSS; 4 MiB costs ~1 % and saves ~0.65 GB; 16 MiB saves little.
-    A fixed mmap threshold also freezes glibc's trim threshold at 128 KiB, so the heap gave back its
-    free top after every mid-sized free and page-faulted it in again: ~12k-18k minor faults per
-    reference forward or rollout batch of the GRPO benchmark. ``trim`` (64 MiB) keeps that much free
-    heap mapped; the faults dropped to ~0 there, peak RSS unchanged (2.00 vs 1.99 GB).
-    Returns False where this is not glibc.
-    """
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        # -3 = M_MMAP_THRESHOLD, -1 = M_TRIM_THRESHOLD
-        return bool(libc.mallopt(-3, int(threshold))) and bool(libc.mallopt(-1, int(trim)))
-    except (OSError, AttributeError):
-        return False
-
-
-@contextmanager
-def merged_lora(model: Any, enabled: bool = True) -> Iterator[None]:
-    """Merge every LoRA adapter into its base weight for the block; restore the exact base weights after.
-
-    Unmerged adapters add two small matmuls per adapted projection per decoded token, which on a CPU
-    cost more than their FLOPs. PEFT's own ``unmerge`` subtracts the delta again, which in bf16 does
-    not give the original weights back; we copy them instead. Sampling then uses ``W + BA`` rounded
-    to the base dtype (identical in fp32 up to summation order).
-    """
-    if not enabled:
-        yield
-        return
-    from peft.tuners.lora import LoraLayer
-
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    saved = [(m, m.get_base_layer().weight.detach().clone()) for m in layers]  # type: ignore[operator]
-    with torch.no_grad():
-        model.merge_adapter()
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for m, w in saved:
-                m.get_base_layer().weight.copy_(w)  # type: ignore[operator]
-                m.merged_adapters.clear()
-
-
-@contextmanager
-def skinny_linear(model: Any, max_rows: int = 64) -> Iterator[None]:
-    """During the block, a no-grad ``nn.Linear`` call on at most ``max_rows`` rows computes ``W @ xᵀ``.
-
-    Decoding feeds each projection 16 rows (one token per sequence). For ``x @ Wᵀ`` with so few rows
-    the CPU GEMM packs the whole weight on every call; ``W @ xᵀ`` (the weight as the left, large
-    operand) does not. On the 2-core AVX2 machine the 210 projections of a SmolLM2 decode step took
-    80 ms as ``F.linear`` and 60 ms as ``(W @ xᵀ)ᵀ``, its 49k-row LM head 38 → 23 ms (fp32, cold
-    caches; ``benchmarks/grpo_phases.py`` has the step-level effect). Same products, other summation
-    order: logits agree to rounding, not bit for bit, so this is used for GRPO rollouts only, never
-    for evaluation. fp32 only: in bf16 on the same machine ``W @ xᵀ`` was no faster for the
-    projections and slower for the head (84 vs 59 ms). Larger inputs, other dtypes and anything
-    under autograd or off the CPU take ``F.linear``.
-    """
-    from torch import nn
-    from torch.nn import functional as F
-
-    patched = []
-    for m in model.modules():
-        if type(m) is nn.Linear and "forward" not in m.__dict__:
-
-            def forward(x: Tensor, _m: nn.Linear = m) -> Tensor:
-                w = _m.weight
-                if (
-                    torch.is_grad_enabled()
-                    or x.device.type != "cpu"
-                    or x.numel() > max_rows * w.shape[1]
-                    or not (x.dtype == w.dtype == torch.float32)
-                ):
-                    return F.linear(x, w, _m.bias)
-                x2 = x.reshape(-1, w.shape[1]).t()
-                y = torch.mm(w, x2) if _m.bias is None else torch.addmm(_m.bias.unsqueeze(1), w, x2)
-                return y.t().view(*x.shape[:-1], w.shape[0])  # a transposed view: no copy
-
-            m.forward = forward  # type: ignore[method-assign,assignment]
-            patched.append(m)
-    try:
-        yield
-    finally:
-        for m in patched:
-            del m.forward
-
-
-def install_lean_lora(model: Any) -> int:
-    """Give every PEFT LoRA ``Linear`` of ``model`` a leaner forward; returns how many were patched.
-
-    PEFT computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling``: a multiply and an add over the
-    whole ``[tokens, out]`` output per adapted projection, in the forward and again in the backward
-    (210 projections on SmolLM2). Here the scale multiplies the ``[tokens, r]`` activations and the
-    add is the ``beta = 1`` of one ``addmm``: the same function (rounding aside). Any case this does
-    not cover (adapters disabled or merged, several adapters, dropout, LoRA variants such as DoRA,
-    extra arguments, mixed dtypes outside autocast) falls back to PEFT's own forward.
-    """
-    from peft.tuners.lora import Linear as LoraLinear
-
-    n = 0
-    for m in model.modules():
-        if not isinstance(m, LoraLinear) or getattr(m, "_saereward_lean", False):
-            continue
-        m.forward = _lean_lora_forward(m, m.forward)  # type: ignore[method-assign]
-        m._saereward_lean = True  # type: ignore[assignment]
-        n += 1
-    return n
-
-
-def _lean_lora_forward(m: Any, peft_forward: Any) -> Any:
-    from torch import nn
-    from torch.nn import functional as F
-
-    wide = bf16cpu.installed(m.base_layer)  # bf16 products through fp32 GEMM (CPU without bf16 units)
-
-    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if args or kwargs or m.disable_adapters or m.merged or len(m.active_adapters) != 1:
-            return peft_forward(x, *args, **kwargs)
-        name = m.active_adapters[0]
-        if (
-            name not in m.lora_A
-            or name in getattr(m, "lora_variant", {})
-            or not isinstance(m.lora_dropout[name], nn.Identity)
-        ):
-            return peft_forward(x, *args, **kwargs)
-        a, b = m.lora_A[name].weight, m.lora_B[name].weight
-        result = m.base_layer(x)
-        xin = m._cast_input_dtype(x, a.dtype)
-        if not torch.is_autocast_enabled(x.device.type) and not (result.dtype == xin.dtype == b.dtype):
-            return peft_forward(x, *args, **kwargs)
-        if wide and result.dtype == torch.bfloat16:
-            return result + bf16cpu.linear(bf16cpu.linear(xin, a) * m.scaling[name], b)
-        h = F.linear(xin, a) * m.scaling[name]
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
-        return out.view(result.shape).to(result.dtype)
-
-    return forward
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoints (safetensors + JSON; no pickle)
-# --------------------------------------------------------------------------------------------------
-
-
-def collapse_check(
-    rows: Sequence[dict[str, Any]], window: int, short_frac: float, len_ratio: float
-) -> dict[str, Any]:
-    """The collapse rule over a run's training rows (``completion_len``, ``short_frac`` per step).
-
-    A run is **collapsed** at the first step ``s`` where, over the last ``window`` steps,
-    (a) the mean share of completions with at most :data:`SHORT_TOKENS` tokens is ``>= short_frac``
-    (from step ``window`` on), or (b) the mean completion length is below ``len_ratio`` times the
-    mean length of the first ``window`` steps (from step ``2 · window`` on). This is the failure
-    mechreward's form produces: completions shrink to a few tokens.
-    """
-    train = [r for r in rows if r.get("step", 0) >= 1 and "completion_len" in r]
-    for i in range(window - 1, len(train)):
-        last = train[i - window + 1 : i + 1]
-        short = sum(float(r.get("short_frac", 0.0)) for r in last) / window
-        if short >= short_frac:
-            return {
-                "collapsed": True,
-                "step": int(train[i]["step"]),
-                "reason": f"{short:.0%} of completions had <= {SHORT_TOKENS} tokens over steps "
-                f"{last[0]['step']}-{last[-1]['step']} (rule: >= {short_frac:.0%})",
-            }
-        if i + 1 >= 2 * window:
-            first = sum(float(r["completion_len"]) for r in train[:window]) / window
-            now = sum(float(r["completion_len"]) for r in last) / window
-            if now < len_ratio * first:
-                return {
-                    "collapsed": True,
-                    "step": int(train[i]["step"]),
-                    "reason": f"mean completion length {now:.1f} tokens over steps {last[0]['step']}-"
-                    f"{last[-1]['step']}, below {len_ratio} × the first steps' {first:.1f}",
-                }
-    return {"collapsed": False, "step": None, "reason": None}
-
-
-def monitor_rho(rows: Sequence[dict[str, Any]], window: int) -> float:
-    """The online monitor: Spearman ρ of the per-completion score with the outcome, pooled over the
-    last ``window`` training rows (``completion_scores``/``completion_outcomes``); NaN when either is flat."""
-    from scipy.stats import spearmanr
-
-    train = [r for r in rows if "completion_scores" in r][-window:]
-    xs = [v for r in train for v in r["completion_scores"]]
-    ys = [v for r in train for v in r["completion_outcomes"]]
-    if len(set(ys)) < 2 or len(set(xs)) < 2:
-        return float("nan")
-    return float(spearmanr(xs, ys).statistic)
-
-
-def settings_diff(saved: dict[str, Any], cfg: GRPOConfig) -> list[str]:
-    """Settings of ``cfg`` that differ from a run's saved ``config.json``, leaving out those that do not
-    change what a step computes (``steps`` too: a longer run resumes a shorter one's checkpoint)."""
-    mine = to_dict(cfg)  # JSON-plain, as the saved file
-    # options added since the run: what such a run did, else today's default
-    default = {**to_dict(GRPOConfig()), **_LEGACY}
-    skip: tuple[str, ...] = (
-        "out",
-        "resume",
-        "progress",
-        "steps",
-        "threads",
-        "device",
-        "snapshot_every",
-        "checkpoint_every",
-    )
-    if cfg.reward == "outcome":  # R0 reads no score: how a score would enter changes nothing
-        skip += ("reward_form", "reward_clip", "reward_baseline", "aggregation", "pack", "sae", "lam")
-    return [k for k in mine if k not in skip and saved.get(k, default.get(k)) != mine[k]]
-
-
-#: runs saved before an option existed behaved like this (the reward form was mechreward's)
-_LEGACY: dict[str, Any] = {"reward_form": "mechreward"}
-SHORT_TOKENS = 3  # the collapse guard counts completions of at most this many tokens
-_STEP_SEED = 104_729  # torch is seeded with seed * _STEP_SEED + step before each step
-
-
-def _save_checkpoint(
-    folder: Path, step: int, lora: dict[str, Tensor], opt: torch.optim.Optimizer, cfg: GRPOConfig
-) -> None:
-    from safetensors.torch import save_file
-
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in lora.items()}, str(tmp / "adapter.safetensors"))
-    state = opt.state_dict()
-    tensors: dict[str, Tensor] = {}
-    scalars: dict[str, Any] = {}
-    for pid, st in state["state"].items():
-        for key, val in st.items():
-            if isinstance(val, Tensor):
-                tensors[f"{pid}.{key}"] = val.detach().contiguous().cpu()
-            else:
-                scalars[f"{pid}.{key}"] = val
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    write_json(
-        tmp / "state.json",
-        {
-            "step": step,
-            "param_groups": state["param_groups"],
-            "scalars": scalars,
-            # no generator state to store: fit() reseeds torch before every step from (seed, step)
-            "rng": f"torch.manual_seed({cfg.seed} * {_STEP_SEED} + step) before each step",
-            "saereward_version": __version__,
-        },
-    )
-    write_json(tmp / "config.json", to_dict(cfg))
-    if folder.exists():  # a kill between the two renames leaves the previous checkpoint in .old
-        old = folder.with_name(folder.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(folder)
-
-
-def _save_snapshot(folder: Path, lora: dict[str, Tensor], cfg: GRPOConfig) -> None:
-    """The adapter alone (no optimizer state), written to a temp folder and renamed into place."""
-    from safetensors.torch import save_file
-
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in lora.items()}, str(tmp / "adapter.safetensors"))
-    write_json(tmp / "config.json", to_dict(cfg))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
-
-
-def snapshots(run: str | Path) -> list[tuple[int, Path]]:
-    """``(step, folder)`` of every adapter snapshot a train-rl run kept, in step order."""
-    root = Path(run) / "snapshots"
-    found = []
-    for d in root.glob("step_*") if root.is_dir() else ():
-        if d.name[5:].isdigit() and (d / "adapter.safetensors").is_file():
-            found.append((int(d.name[5:]), d))
-    return sorted(found)
-
-
-def _load_optimizer(folder: Path, opt: torch.optim.Optimizer) -> int:
-    from safetensors.torch import load_file
-
-    st = json.loads((folder / "state.json").read_text())
-    tensors = load_file(str(folder / "optimizer.safetensors"))
-    state: dict[int, dict[str, Any]] = {}
-    for name, t in tensors.items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = t
-    for name, v in st["scalars"].items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = v
-    opt.load_state_dict({"state": state, "param_groups": st["param_groups"]})
-    return int(st["step"])
-
-
-# --------------------------------------------------------------------------------------------------
-# Trainer
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Slice:
-    """One micro-batch: batch rows ``rows`` and the columns ``start:end`` that hold their tokens."""
-
-    rows: Tensor
-    start: int
-    end: int
-
-
-def micro_batches(attention_mask: Tensor, prompt_len: int, size: int) -> list[_Slice]:
-    """Split a left-padded ``[B, T]`` batch into micro-batches of at most ``size`` rows (0: one).
-
-    Rows are sorted by the column after their last real token (then by their first), so that rows of
-    similar length share a micro-batch, and each micro-batch keeps only the columns from its rows'
-    first real token to its longest row's last (at least one response column). On a GRPO batch with
-    ≤ 64 new tokens and completions of 40-60 tokens this drops 15-25 % of the positions a padded
-    forward computes. The split depends on the mask alone (deterministic, so resume replays it).
-    """
-    B, T = attention_mask.shape
-    real = attention_mask.bool()
-    cols = torch.arange(T, device=attention_mask.device)
-    first = torch.where(real, cols, T).amin(1)
-    end = (torch.where(real, cols, -1).amax(1) + 1).clamp_min(prompt_len + 1)
-    if size <= 0 or size >= B:
-        groups = [torch.arange(B, device=attention_mask.device)]
-    else:
-        order = torch.argsort(end * (T + 1) + first, stable=True)
-        groups = [g.sort().values for g in order.split(size)]
-    return [_Slice(g, int(first[g].min().clamp_max(prompt_len - 1)), int(end[g].max())) for g in groups]
-
-
-_NO_SHARED_PROMPT = "_saereward_no_shared_prompt"
-
-
-class PromptPrefix:
-    """The KV cache of a batch's distinct prompts (each but its last column), computed once.
-
-    GRPO repeats every prompt ``group_size`` times. The reference and training forwards run each
-    distinct prompt once here; every micro-batch then runs only its rows' last prompt token and
-    responses on top of the cache rows gathered for it (:meth:`for_rows`). Positions come from the
-    full mask, as in the one-pass forward, so the values equal it up to float rounding. With
-    ``grad``, the gathered cache reads detached leaf copies: each micro-batch's backward stops there
-    and sums its gradient into them, and :meth:`backward` sends the total through the prompt forward
-    once. A batch of ``U`` prompts × ``G`` completions costs ``U·P + U·G·N`` positions instead of
-    ``U·G·(P + N)`` (the raw chain_sum prompt is ~30 tokens, a completion ~45).
-    """
-
-    def __init__(self, model: Any, b: _Batch, *, grad: bool) -> None:
-        P = b.prompt_len
-        self.pos = position_ids_from_mask(b.attention_mask)
-        self.cache, self.index = distinct_prefix_cache(  # index: batch row -> row of the prefix cache
-            model, b.sequences[:, : P - 1], b.attention_mask[:, : P - 1], self.pos[:, : P - 1]
-        )
-        layers = getattr(self.cache, "layers", None) or []
-        self.live = [t for layer in layers for t in (layer.keys, layer.values)]
-        self.leaves = [t.detach().requires_grad_() for t in self.live] if grad else self.live
-
-    @staticmethod
-    def wanted(model: Any, b: _Batch) -> bool:
-        """Whether the batch repeats a prompt (and the prompt has a column to cache)."""
-        if b.prompt_len < 2 or getattr(model, _NO_SHARED_PROMPT, False):
-            return False
-        key = torch.cat([b.sequences[:, : b.prompt_len - 1], b.attention_mask[:, : b.prompt_len - 1]], 1)
-        return len(torch.unique(key, dim=0)) < len(key)
-
-    @classmethod
-    def build(cls, model: Any, b: _Batch, *, grad: bool) -> PromptPrefix | None:
-        """The prefix, or ``None`` (and a note on the model) when its cache rows cannot be gathered."""
-        prefix = cls(model, b, grad=grad)
-        if gatherable_cache(prefix.cache):
-            return prefix
-        setattr(model, _NO_SHARED_PROMPT, True)
-        log.info("share_prompt: this model's cache rows cannot be gathered; one-pass forwards instead")
-        return None
-
-    def for_rows(self, rows: Tensor) -> Any:
-        """A cache for the batch rows ``rows``: their prompts' keys and values, gathered."""
-        idx = self.index[rows]
-        cache = copy.copy(self.cache)
-        cache.layers = []
-        for i, layer in enumerate(self.cache.layers):
-            new = copy.copy(layer)  # DynamicLayer.update rebinds keys/values: the original stays intact
-            new.keys, new.values = self.leaves[2 * i][idx], self.leaves[2 * i + 1][idx]
-            cache.layers.append(new)
-        return cache
-
-    def backward(self) -> None:
-        """Backpropagate the gradient the micro-batches left on the cache through the prompt forward."""
-        pairs = [
-            (t, leaf.grad) for t, leaf in zip(self.live, self.leaves, strict=True) if leaf.grad is not None
-        ]
-        if pairs:
-            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
-
-
-@dataclass
-class _Batch:
-    sequences: Tensor  #: [B, T]
-    attention_mask: Tensor  #: [B, T]
-    response_mask: Tensor  #: [B, T] tokens the loss covers (generated, up to the end token)
-    residual_mask: Tensor  #: [B, T] positions whose residual feeds the reward (as in G1)
-    prompt_len: int
-    completions: list[str]
-    qids: list[str]
-    residuals: Tensor | None  #: [B, T, d] at the reward layer (policy source)
 
 
 class GRPOTrainer:
@@ -1528,28 +805,7 @@ class GRPOTrainer:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def _restore(self) -> int:
-        from safetensors.torch import load_file
-
-        ck = self.out / "checkpoint"
-        if not (ck / "state.json").is_file():  # killed between _save_checkpoint's two renames
-            ck = ck.with_name("checkpoint.old")
-        if not (self.cfg.resume and (ck / "state.json").is_file()):
-            return 0
-        diff = settings_diff(json.loads((ck / "config.json").read_text()), self.cfg)
-        if diff:
-            raise SaeRewardError(
-                f"the checkpoint in {ck} was made with different settings ({', '.join(diff[:4])}): "
-                "use another --out or --no-resume"
-            )
-        weights = load_file(str(ck / "adapter.safetensors"))
-        state = self._lora_state()
-        missing = set(state) ^ set(weights)
-        if missing:
-            raise SaeRewardError(f"checkpoint {ck} does not match this LoRA setup: use another --out")
-        with torch.no_grad():
-            for n, p in state.items():
-                p.copy_(weights[n])
-        return _load_optimizer(ck, self.opt)
+        return restore_checkpoint(self.out, self.cfg, self._lora_state(), self.opt)
 
     def fit(self) -> dict[str, Any]:
         """Train ``steps`` steps (resuming if a checkpoint exists); rank 0 evaluates, logs and checkpoints.
@@ -1587,7 +843,7 @@ class GRPOTrainer:
         )
         try:
             for s in range(start, cfg.steps if stop_at is None else start):
-                torch.manual_seed(cfg.seed * _STEP_SEED + s)
+                torch.manual_seed(cfg.seed * STEP_SEED + s)
                 row = self.step(s)
                 rows.append(row)  # every rank: the batch statistics are all-reduced, the rule agrees
                 row["monitor_rho"] = monitor_rho(rows, cfg.collapse_window)
@@ -1654,9 +910,9 @@ class GRPOTrainer:
         write_jsonl(self.out / "train_log.jsonl", rows)
         _add_scalars(tb, row, s + 1)
         if cfg.snapshot_every and (s + 1) % cfg.snapshot_every == 0:
-            _save_snapshot(self.out / "snapshots" / f"step_{s + 1:05d}", self._lora_state(), cfg)
+            save_snapshot(self.out / "snapshots" / f"step_{s + 1:05d}", self._lora_state(), cfg)
         if last or (s + 1) % cfg.checkpoint_every == 0:
-            _save_checkpoint(self.out / "checkpoint", s + 1, self._lora_state(), self.opt, cfg)
+            save_checkpoint(self.out / "checkpoint", s + 1, self._lora_state(), self.opt, cfg)
 
     def _summary(self, rows: list[dict[str, Any]], collapse: dict[str, Any], main: bool) -> dict[str, Any]:
         cfg = self.cfg
@@ -1751,15 +1007,12 @@ def run_train_rl(cfg: GRPOConfig, lm: LoadedModel | None = None) -> dict[str, An
             dist.destroy_process_group()
 
 
+# GRPOConfig, settings_diff and snapshots are re-exported: cli, gates.g2_rl_ablation and analysis.drift
+# import them from here
 __all__ = [
     "GRPOConfig",
     "GRPOTrainer",
-    "install_lean_lora",
-    "kl_term",
-    "micro_batches",
     "run_train_rl",
-    "selective_log_softmax",
     "settings_diff",
-    "skinny_linear",
-    "surrogate_loss",
+    "snapshots",
 ]

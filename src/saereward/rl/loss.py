@@ -1,0 +1,114 @@
+"""The policy loss of a GRPO update, as pure tensor math (no I/O, no model): log-probs and entropies of
+the sampled tokens (:func:`selective_log_softmax`), the per-token KL penalty (:func:`kl_term`) and the
+clipped surrogate that turns per-token advantages into the loss (:func:`surrogate_loss`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """``log softmax(x / T)[id]`` (and, if asked, the entropy) of one chunk, with a hand-written backward.
+
+    The forward makes two ``[.., V]`` fp32 temporaries (the shifted logits and their exponentials)
+    and keeps neither: it saves the chunk's logits (alive anyway) and the log-normaliser ``[..]``;
+    the backward rebuilds ``softmax = exp(x / T − lse)`` once and returns
+    ``(onehot − softmax) · g / T``. Autograd through ``gather − logsumexp`` under activation
+    checkpointing would compute the division, the log-sum-exp and the softmax again.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, logits: Tensor, ids: Tensor, temperature: float, entropy: bool
+    ) -> tuple[Tensor, Tensor]:
+        z = logits.float() / temperature  # a copy: the logits stay as they are for the backward
+        top = z.amax(-1, keepdim=True)
+        z.sub_(top)  # shifted in place: exp cannot overflow, and one [.., V] pass fewer than logsumexp
+        e = torch.exp(z)
+        sum_e = e.sum(-1)
+        log_sum = sum_e.log()
+        lp = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - log_sum
+        # entropy = log Σe − Σ e·z / Σe (the shift cancels), on e in place
+        ent = log_sum - e.mul_(z).sum(-1) / sum_e if entropy else torch.zeros_like(lp)
+        ctx.save_for_backward(logits, ids, top.squeeze(-1) + log_sum)  # the log-normaliser of x / T
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(ent)
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor, _g_ent: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        logits, ids, lse = ctx.saved_tensors
+        t = ctx.temperature
+        grad = torch.exp(logits.float() / t - lse.unsqueeze(-1))
+        grad.mul_(-g.unsqueeze(-1))
+        grad.scatter_add_(-1, ids.unsqueeze(-1), g.unsqueeze(-1))
+        if t != 1.0:
+            grad.div_(t)
+        return grad.to(logits.dtype), None, None, None
+
+
+def selective_log_softmax(
+    logits: Tensor, ids: Tensor, chunk: int = 2, temperature: float = 1.0, entropy: bool = True
+) -> tuple[Tensor, Tensor]:
+    """``log p(ids)`` and the entropy per position of ``logits / temperature``; ``[B, T, V]`` -> ``[B, T]`` each.
+
+    Row-chunked: the fp32 log-softmax of a large vocabulary never exists for more than ``chunk``
+    rows, forward or backward (:class:`_SelectiveLogSoftmax`; with 2 rows × 64 positions × 49k
+    vocabulary a chunk's fp32 temporaries are ~25 MB each; 8 rows put ~0.7 GB on the GRPO step's
+    peak RSS). Chunks come from ``split`` (its backward concatenates the chunk gradients once;
+    slicing would allocate a zero-filled copy of the whole ``[B, T, V]`` gradient per chunk).
+    ``entropy=False`` skips the entropy (zeros are returned), e.g. for reference log-probs.
+    """
+    logps, ents = [], []
+    for lg, idx in zip(logits.split(chunk), ids.split(chunk), strict=True):
+        lp, ent = _SelectiveLogSoftmax.apply(lg, idx, temperature, entropy)
+        logps.append(lp)
+        ents.append(ent)
+    return torch.cat(logps), torch.cat(ents)
+
+
+def kl_term(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
+    """Per-token KL penalty: mechreward's ``(logπ − logπ_ref)²`` or k3 ``exp(r) − r − 1`` with ``r = ref − logπ``."""
+    if kind == "sq":
+        return (logp - ref_logp) ** 2
+    r = ref_logp - logp
+    return torch.exp(r) - r - 1
+
+
+def surrogate_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    ref_logp: Tensor | None,
+    adv: Tensor,
+    mask: Tensor,
+    beta: float,
+    kl: str,
+    clip_eps: float,
+    n_tokens: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Clipped policy-gradient loss + β·KL, averaged over masked tokens; ``[B, N]`` inputs.
+
+    ``n_tokens`` overrides the divisor (data-parallel ranks divide by the global token count, so the
+    summed gradients equal a single process's).
+    """
+    m = mask.float()
+    n = (m.sum() if n_tokens is None else n_tokens).clamp_min(1)
+    ratio = torch.exp(logp - old_logp)
+    un = ratio * adv
+    cl = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv
+    pg = -torch.minimum(un, cl)
+    loss_tok = pg
+    stats: dict[str, float] = {}
+    if ref_logp is not None and beta > 0:
+        k = kl_term(logp, ref_logp, kl)
+        loss_tok = loss_tok + beta * k
+        stats["kl"] = float((k.detach() * m).sum() / n)
+    clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + clip_eps) & (adv > 0))
+    stats["clip_frac"] = float((clipped.float() * m).sum() / n)
+    return (loss_tok * m).sum() / n, stats
+
+
+__all__ = ["kl_term", "selective_log_softmax", "surrogate_loss"]
