@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from saereward.data.activations import iter_text_documents
+from saereward.data.collect import iter_text_documents
 from saereward.model.capture import forward_residuals
 from saereward.model.lm import DEFAULT_MODEL, load_model
 

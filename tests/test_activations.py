@@ -18,18 +18,17 @@ import numpy as np
 import pytest
 import torch
 
-import saereward.data.activations as act
+import saereward.data.collect as act
 from saereward.config import from_dict
-from saereward.data.activations import (
-    ActivationStore,
+from saereward.data.collect import (
     CollectConfig,
     chunk_document,
     heldout_start,
     iter_text_documents,
-    read_manifest,
     run_collect,
     shard_name,
 )
+from saereward.data.store import ActivationStore, read_manifest
 from saereward.errors import SaeRewardError
 from saereward.model.capture import forward_residuals
 from saereward.model.lm import LoadedModel, decoder_layers

@@ -98,7 +98,7 @@ def _echo(text: str) -> None:
 
 
 def _cmd_collect(cfg: Any) -> int:
-    from saereward.data.activations import run_collect
+    from saereward.data.collect import run_collect
 
     out = run_collect(cfg)
     _echo(f"wrote activations to {out} (manifest.json lists shards, tokens and the held-out split)")

@@ -90,8 +90,8 @@ STAGES: tuple[Stage, ...] = (
             Step(
                 "collect",
                 "collect",
-                "saereward.data.activations:CollectConfig",
-                "saereward.data.activations:run_collect",
+                "saereward.data.collect:CollectConfig",
+                "saereward.data.collect:run_collect",
                 "collect residual-stream activations (task rollouts and/or text) into resumable shards",
             ),
         ),

@@ -28,6 +28,7 @@ from saereward.model.generate import SamplingConfig, iter_generate, stop_strings
 from saereward.model.lm import DEFAULT_MODEL, DType, LoadedModel, check_device, load_model
 from saereward.stats import wilson_ci
 from saereward.tasks import format_prompt, load_task
+from saereward.tasks.base import Task, TaskItem
 from saereward.tasks.prompts import PromptFormat
 
 log = logging.getLogger(__name__)
@@ -108,13 +109,7 @@ def run_eval(cfg: EvalConfig, lm: LoadedModel | Callable[[], LoadedModel] | None
     prompts = [
         format_prompt(task, it, cfg.prompt_format, tokenizer=lm.tokenizer, shots=cfg.shots) for it in items
     ]
-    sampling = SamplingConfig(
-        max_new_tokens=cfg.max_new_tokens,
-        do_sample=cfg.sample,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        stop=stop_strings_for(cfg.prompt_format),
-    )
+    sampling = _sampling(cfg)
     rows: list[dict[str, Any]] = [{} for _ in items]
     t0 = time.perf_counter()
     n_tokens, gen_seconds = 0, 0.0
@@ -134,21 +129,50 @@ def run_eval(cfg: EvalConfig, lm: LoadedModel | Callable[[], LoadedModel] | None
             item, completion = items[i], g.completions[j]
             ntok = int(g.response_mask[j].sum())
             n_tokens += ntok
-            rows[i] = {
-                "id": item.id,
-                "prompt": prompts[i],
-                "completion": completion,
-                "extracted": task.extract(item, completion),
-                "gold": item.gold,
-                "correct": bool(task.verify(item, completion)),
-                "new_tokens": ntok,
-            }
+            rows[i] = _item_record(task, item, prompts[i], completion, ntok)
     wall = time.perf_counter() - t0
-    k = sum(r["correct"] for r in rows)
-    ci = wilson_ci(k, len(rows))
+    summary = _summary(cfg, task, rows, n_tokens, gen_seconds, wall)
+    if cfg.out:
+        out = Path(cfg.out)
+        write_jsonl(out / "items.jsonl", rows)
+        write_json(out / "config.json", to_dict(cfg))
+        write_json(out / "summary.json", {**summary, "config": to_dict(cfg)})
+    return EvalResult(summary=summary, rows=rows)
+
+
+def _sampling(cfg: EvalConfig) -> SamplingConfig:
+    """The decoding settings of ``cfg``, with the stop strings of its prompt format."""
+    return SamplingConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=cfg.sample,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        stop=stop_strings_for(cfg.prompt_format),
+    )
+
+
+def _item_record(task: Task, item: TaskItem, prompt: str, completion: str, new_tokens: int) -> dict[str, Any]:
+    """The ``items.jsonl`` record of one item: its completion, extracted answer and verdict."""
+    return {
+        "id": item.id,
+        "prompt": prompt,
+        "completion": completion,
+        "extracted": task.extract(item, completion),
+        "gold": item.gold,
+        "correct": bool(task.verify(item, completion)),
+        "new_tokens": new_tokens,
+    }
+
+
+def _summary(
+    cfg: EvalConfig, task: Task, rows: list[dict[str, Any]], n_tokens: int, gen_seconds: float, wall: float
+) -> dict[str, Any]:
+    """``summary.json`` without the config: accuracy with its Wilson CI, throughput and the setup."""
     import torch
 
-    summary: dict[str, Any] = {
+    k = sum(r["correct"] for r in rows)
+    ci = wilson_ci(k, len(rows))
+    return {
         "task": task.name,
         "model": cfg.model,
         "prompt_format": cfg.prompt_format,
@@ -169,12 +193,6 @@ def run_eval(cfg: EvalConfig, lm: LoadedModel | Callable[[], LoadedModel] | None
         "task_config": task.describe(),
         "saereward_version": __version__,
     }
-    if cfg.out:
-        out = Path(cfg.out)
-        write_jsonl(out / "items.jsonl", rows)
-        write_json(out / "config.json", to_dict(cfg))
-        write_json(out / "summary.json", {**summary, "config": to_dict(cfg)})
-    return EvalResult(summary=summary, rows=rows)
 
 
 def base_and_trained(adapter: str | None) -> list[tuple[str, str | None]]:

@@ -200,7 +200,7 @@ def _write_tensors(
 
     lengths = torch.tensor([len(t) for t in token_ids], dtype=torch.long)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-    meta = {"format": "saereward.data.rollouts", "format_version": "1", "model": cfg.model}
+    meta = {"format": "saereward.rollouts", "format_version": "1", "model": cfg.model}
     with atomic_path(out / "pooled.safetensors") as tmp:
         save_file(
             {f"layer_{x}": torch.stack(v).contiguous() for x, v in pooled.items()}, str(tmp), metadata=meta

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from saereward.config import option, to_dict
-from saereward.data.activations import iter_text_documents
+from saereward.data.collect import iter_text_documents
 from saereward.errors import SaeRewardError
 from saereward.io import read_jsonl, write_json
 from saereward.model.capture import forward_residuals

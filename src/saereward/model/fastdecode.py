@@ -120,6 +120,92 @@ def _rms(x: Tensor, norm: tuple[Tensor, float]) -> Tensor:
     return w * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
+class _Weights:
+    """What a decode step reads of the model, gathered once per :func:`decode` call, and the product
+    ``linear(x, w, b)`` it computes with."""
+
+    def __init__(self, model: Any, device: torch.device, skinny: bool) -> None:
+        base = unwrap(model)
+        inner = base.model
+        self.blocks = [_Block(b) for b in decoder_layers(model)]
+        head = _plain_linear(base.lm_head)
+        if head is None:
+            raise ValueError(f"fastdecode cannot run this model: {unsupported(model)}")
+        self.head: Any = head
+        self.emb: Tensor = inner.embed_tokens.weight
+        self.rotary_emb: Any = inner.rotary_emb
+        self.final_norm = (inner.norm.weight, inner.norm.variance_epsilon)
+        self.linear: Callable[[Tensor, Tensor, Tensor | None], Tensor] = F.linear
+        if skinny and device.type == "cpu" and self.emb.dtype == torch.float32:
+            self.linear = _skinny
+        elif bf16cpu.installed(head):
+            # bf16 through fp32 GEMM, as the model's own (patched) nn.Linear forwards
+            self.linear = bf16cpu.linear
+
+
+def _kv_buffers(cache: Any, B: int, P: int, T: int) -> tuple[list[Tensor], list[Tensor]]:
+    """Per layer, key and value buffers ``[B, H_kv, T, D]`` whose first ``P`` positions are the prefill's."""
+    keys, values = [], []
+    for layer in cache.layers:
+        k, v = layer.keys, layer.values
+        kb = k.new_empty(B, k.shape[1], T, k.shape[3])
+        vb = v.new_empty(B, v.shape[1], T, v.shape[3])
+        kb[:, :, :P] = k
+        vb[:, :, :P] = v
+        keys.append(kb)
+        values.append(vb)
+    return keys, values
+
+
+def _forward_token(
+    w: _Weights,
+    tok: Tensor,
+    pos: Tensor,
+    P: int,
+    t: int,
+    keys: list[Tensor],
+    values: list[Tensor],
+    mask: Tensor,
+    res: dict[int, Tensor],
+    rows: Tensor,
+    fed: Tensor,
+) -> Tensor:
+    """Decode step ``t`` (after a ``P``-token prefill): feed ``tok [n]`` (position ids ``pos [n]``) through
+    every block, writing its keys and values at cache position ``P + t`` and the residuals of the ``fed``
+    rows at step ``t``; return the next logits ``[n, V]``."""
+    linear = w.linear
+    slot = P + t
+    x = F.embedding(tok, w.emb)
+    cos, sin = w.rotary_emb(x, pos.unsqueeze(1))
+    n = x.shape[0]
+    for li, blk in enumerate(w.blocks):
+        h = _rms(x, blk.ln1)
+        D = blk.head_dim
+        q = linear(h, *blk.w["q_proj"]).reshape(n, -1, 1, D)
+        k = linear(h, *blk.w["k_proj"]).reshape(n, -1, 1, D)
+        v = linear(h, *blk.w["v_proj"]).reshape(n, -1, 1, D)
+        q, k = blk.rope(q, k, cos, sin)
+        kv_heads = k.shape[1]
+        keys[li][:, :, slot] = k[:, :, 0]
+        values[li][:, :, slot] = v[:, :, 0]
+        L = slot + 1
+        a = F.scaled_dot_product_attention(
+            q.reshape(n, kv_heads, -1, D),  # query heads packed by their KV head
+            keys[li][:, :, :L],
+            values[li][:, :, :L],
+            attn_mask=mask[:, None, None, :L],
+            scale=blk.scaling,
+        )
+        x = x + linear(a.reshape(n, -1), *blk.w["o_proj"])
+        h = _rms(x, blk.ln2)
+        g = linear(h, *blk.w["gate_proj"])
+        u = linear(h, *blk.w["up_proj"])
+        x = x + linear(F.silu(g) * u, *blk.w["down_proj"])
+        if li in res:
+            res[li][rows[fed], t] = x[fed].to(res[li].dtype)
+    return linear(_rms(x, w.final_norm), w.head.weight, w.head.bias).contiguous()
+
+
 @torch.no_grad()
 def decode(
     model: Any,
@@ -149,39 +235,18 @@ def decode(
     linear layers :func:`saereward.model.bf16cpu.install` patched (bf16 ``load_model`` models on a CPU without
     bf16 units) decodes with :func:`saereward.model.bf16cpu.linear` too.
     """
-    base = unwrap(model)
-    inner = base.model
-    blocks = [_Block(b) for b in decoder_layers(model)]
-    head = _plain_linear(base.lm_head)
-    if head is None:
-        raise ValueError(f"fastdecode cannot run this model: {unsupported(model)}")
-    emb = inner.embed_tokens.weight
-    final_norm = (inner.norm.weight, inner.norm.variance_epsilon)
-    B, P = attention_mask.shape
     device = first_logits.device
-    linear: Callable[[Tensor, Tensor, Tensor | None], Tensor] = F.linear
-    if skinny and device.type == "cpu" and emb.dtype == torch.float32:
-        linear = _skinny
-    elif bf16cpu.installed(head):
-        linear = bf16cpu.linear  # bf16 through fp32 GEMM, as the model's own (patched) nn.Linear forwards
-    T = P + max_new_tokens
-    keys, values = [], []
-    for layer in cache.layers:
-        k, v = layer.keys, layer.values
-        kb = k.new_empty(B, k.shape[1], T, k.shape[3])
-        vb = v.new_empty(B, v.shape[1], T, v.shape[3])
-        kb[:, :, :P] = k
-        vb[:, :, :P] = v
-        keys.append(kb)
-        values.append(vb)
-    mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+    w = _Weights(model, device, skinny)
+    B, P = attention_mask.shape
+    keys, values = _kv_buffers(cache, B, P, P + max_new_tokens)
+    mask = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)
     mask[:, :P] = attention_mask.bool()
     pos = attention_mask.long().sum(1)  # the next token's position id, per row
     rows = torch.arange(B, device=device)  # original index of each running row
     out = torch.full((B, max_new_tokens), int(pad_id), dtype=torch.long, device=device)
     res = {
         int(layer): torch.zeros(
-            B, max_new_tokens, emb.shape[1], dtype=capture_dtype or emb.dtype, device=device
+            B, max_new_tokens, w.emb.shape[1], dtype=capture_dtype or w.emb.dtype, device=device
         )
         for layer in capture_layers
     }
@@ -209,34 +274,6 @@ def decode(
             keys = [k[idx] for k in keys]
             values = [v[idx] for v in values]
         mask[:, P + t] = True
-        x = F.embedding(tok, emb)
-        cos, sin = inner.rotary_emb(x, pos.unsqueeze(1))
-        n = x.shape[0]
-        for li, blk in enumerate(blocks):
-            h = _rms(x, blk.ln1)
-            D = blk.head_dim
-            q = linear(h, *blk.w["q_proj"]).reshape(n, -1, 1, D)
-            k = linear(h, *blk.w["k_proj"]).reshape(n, -1, 1, D)
-            v = linear(h, *blk.w["v_proj"]).reshape(n, -1, 1, D)
-            q, k = blk.rope(q, k, cos, sin)
-            kv_heads = k.shape[1]
-            keys[li][:, :, P + t] = k[:, :, 0]
-            values[li][:, :, P + t] = v[:, :, 0]
-            L = P + t + 1
-            a = F.scaled_dot_product_attention(
-                q.reshape(n, kv_heads, -1, D),  # query heads packed by their KV head
-                keys[li][:, :, :L],
-                values[li][:, :, :L],
-                attn_mask=mask[:, None, None, :L],
-                scale=blk.scaling,
-            )
-            x = x + linear(a.reshape(n, -1), *blk.w["o_proj"])
-            h = _rms(x, blk.ln2)
-            g = linear(h, *blk.w["gate_proj"])
-            u = linear(h, *blk.w["up_proj"])
-            x = x + linear(F.silu(g) * u, *blk.w["down_proj"])
-            if li in res:
-                res[li][rows[fed], t] = x[fed].to(res[li].dtype)
+        logits = _forward_token(w, tok, pos, P, t, keys, values, mask, res, rows, fed)
         pos = pos + 1
-        logits = linear(_rms(x, final_norm), head.weight, head.bias).contiguous()
     return out[:, :n_steps], {layer: r[:, :n_steps] for layer, r in res.items()}

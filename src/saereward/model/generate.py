@@ -325,6 +325,52 @@ def _fast_generate(
     return torch.cat([ids, new], 1), residuals
 
 
+def _generate_kwargs(
+    tok: Any, sampling: SamplingConfig, gcfg: Any, prompt_len: int, fast: bool
+) -> dict[str, Any]:
+    """``generate()``'s keyword arguments besides the inputs: the generation config and, off the fast
+    path, the sampler and stop criterion (the fast loop has its own)."""
+    kwargs: dict[str, Any] = {"generation_config": gcfg}
+    if not fast:
+        if sampling.do_sample and sampling.sampler == "topk":
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [NucleusSampler(sampling.temperature, sampling.top_p)]
+            )
+        if sampling.stop:
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_TailStop(tok, sampling.stop, prompt_len)])
+    return kwargs
+
+
+def _generation(
+    tok: Any,
+    enc: dict[str, torch.Tensor],
+    out: torch.Tensor,
+    eos_ids: set[int],
+    residuals: dict[int, torch.Tensor],
+    seconds: float,
+) -> Generation:
+    """The :class:`Generation` of sequences ``out`` generated from the prompts ``enc``: masks and texts."""
+    P = enc["input_ids"].shape[1]
+    gen = out[:, P:]
+    resp = _response_mask(gen, eos_ids, tok.pad_token_id)
+    response_mask = torch.cat([torch.zeros_like(enc["input_ids"], dtype=torch.bool), resp], dim=1)
+    attention_mask = torch.cat([enc["attention_mask"].bool(), resp], dim=1).long()
+    texts = [tok.decode(row[m], skip_special_tokens=True) for row, m in zip(gen, resp, strict=True)]
+    return Generation(
+        prompt_len=P,
+        sequences=out,
+        attention_mask=attention_mask,
+        response_mask=response_mask,
+        completions=texts,
+        residuals=residuals,
+        seconds=seconds,
+    )
+
+
 @torch.no_grad()
 def generate_batch(
     lm: LoadedModel,
@@ -360,20 +406,7 @@ def generate_batch(
     fast = fast_decode and (sampling.sampler == "topk" or not sampling.do_sample)
     if fast:
         fast = fastdecode.unsupported(model) is None
-    kwargs: dict[str, Any] = {"generation_config": gcfg}
-    if not fast:  # generate()'s sampler and stop criterion (the fast loop has its own)
-        if sampling.do_sample and sampling.sampler == "topk":
-            from transformers import LogitsProcessorList
-
-            kwargs["logits_processor"] = LogitsProcessorList(
-                [NucleusSampler(sampling.temperature, sampling.top_p)]
-            )
-        if sampling.stop:
-            from transformers import StoppingCriteriaList
-
-            kwargs["stopping_criteria"] = StoppingCriteriaList(
-                [_TailStop(tok, sampling.stop, enc["input_ids"].shape[1])]
-            )
+    kwargs = _generate_kwargs(tok, sampling, gcfg, enc["input_ids"].shape[1], fast)
     with (
         ResidualCapture(model, capture_layers, store_dtype=capture_dtype)
         if capture_layers
@@ -392,21 +425,7 @@ def generate_batch(
             out = model.generate(**enc, **kwargs)
             residuals = {layer: cap.sequence(layer, out.shape[1]) for layer in cap.layers} if cap else {}
     seconds = time.perf_counter() - t0
-    P = enc["input_ids"].shape[1]
-    gen = out[:, P:]
-    resp = _response_mask(gen, eos_ids, tok.pad_token_id)
-    response_mask = torch.cat([torch.zeros_like(enc["input_ids"], dtype=torch.bool), resp], dim=1)
-    attention_mask = torch.cat([enc["attention_mask"].bool(), resp], dim=1).long()
-    texts = [tok.decode(row[m], skip_special_tokens=True) for row, m in zip(gen, resp, strict=True)]
-    return Generation(
-        prompt_len=P,
-        sequences=out,
-        attention_mask=attention_mask,
-        response_mask=response_mask,
-        completions=texts,
-        residuals=residuals,
-        seconds=seconds,
-    )
+    return _generation(tok, enc, out, eos_ids, residuals, seconds)
 
 
 def iter_generate(

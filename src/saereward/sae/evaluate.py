@@ -269,61 +269,18 @@ def ce_kl_recovered(
     NaN when its denominator is zero (zero ablation does not change the model).
     """
     layer = resolve_layer(model, layer)
-    if bos_token_id is None and exclude_bos:
-        bos_token_id = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
-        if bos_token_id is None:
-            bos_token_id = getattr(getattr(model, "config", None), "bos_token_id", None)
-    param = next(model.parameters())
-    device = param.device
-    sae_device, sae_dtype, d_in = sae.W_enc.device, sae.W_enc.dtype, sae.cfg.d_in
-    keep_clean: Tensor | None = None  # [B, T] True where the splice leaves the clean state
-
-    def sae_splice(h: Tensor) -> Tensor:
-        if h.shape[-1] != d_in:
-            raise SaeRewardError(f"SAE d_in {d_in} does not match model width {h.shape[-1]} at layer {layer}")
-        flat = h.reshape(-1, d_in).to(device=sae_device, dtype=sae_dtype)
-        with use_kernels(kernels):
-            recon = sae(flat).recon.reshape(h.shape).to(device=h.device, dtype=h.dtype)
-        if keep_clean is not None:
-            recon = torch.where(keep_clean[..., None].to(h.device), h, recon)
-        return recon
-
+    exclude = _bos_token_id(model, tokenizer, bos_token_id) if exclude_bos else None
+    device = next(model.parameters()).device
+    recon = _SaeRecon(sae, layer, kernels)
     sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
     n_ce = n_kl = n_seq = 0
     splice = _Splice(decoder_layers(model)[layer])
     try:
         for ids, mask in _batches(tokenizer, data, batch_size, max_length):
             ids, mask = ids.to(device), mask.to(device).long()
-            real = mask.bool()
-            scored = real & (ids != bos_token_id) if (exclude_bos and bos_token_id is not None) else real
-            keep_clean = ~scored
-            ce_pos = scored[:, :-1] & real[:, 1:]  # [B, T-1]
-            targets = ids[:, 1:]
-            kw = {
-                "input_ids": ids,
-                "attention_mask": mask,
-                "position_ids": position_ids_from_mask(mask),
-                "use_cache": False,
-            }
-
-            def run(fn: Callable[[Tensor], Tensor] | None, kw: dict[str, Any] = kw) -> Tensor:
-                splice.fn = fn
-                try:
-                    return torch.log_softmax(model(**kw).logits.float(), dim=-1)
-                finally:
-                    splice.fn = None
-
-            lp_clean = run(None)
-            p_clean = lp_clean.exp()
-            sums["ce_clean"] += _ce_sum(lp_clean, targets, ce_pos)
-            for name, fn in (("sae", sae_splice), ("zero", torch.zeros_like)):
-                lp = run(fn)
-                sums[f"ce_{name}"] += _ce_sum(lp, targets, ce_pos)
-                kl = (p_clean * (lp_clean - lp)).sum(-1)  # [B, T] KL(clean || spliced)
-                sums[f"kl_{name}"] += float(kl[scored].double().sum())
-                del lp
-            n_ce += int(ce_pos.sum())
-            n_kl += int(scored.sum())
+            batch_ce, batch_kl = _score_batch(model, splice, recon, ids, mask, exclude, sums)
+            n_ce += batch_ce
+            n_kl += batch_kl
             n_seq += ids.shape[0]
     finally:
         splice.remove()
@@ -331,6 +288,88 @@ def ce_kl_recovered(
         raise SaeRewardError(
             "ce_kl_recovered found no tokens to score: the held-out data is empty or all padding"
         )
+    return _recovered(sums, n_ce, n_kl, n_seq)
+
+
+def _bos_token_id(model: nn.Module, tokenizer: Any, bos_token_id: int | None) -> int | None:
+    """``bos_token_id`` if given, else the tokenizer's, else ``model.config.bos_token_id`` (or ``None``)."""
+    if bos_token_id is None:
+        bos_token_id = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+        if bos_token_id is None:
+            bos_token_id = getattr(getattr(model, "config", None), "bos_token_id", None)
+    return bos_token_id
+
+
+class _SaeRecon:
+    """The splice function ``h -> sae(h).recon``, in the SAE's device and dtype and back; positions where
+    ``keep_clean [B, T]`` is True (set per batch) keep the clean state ``h``."""
+
+    def __init__(self, sae: TopKSAE, layer: int, kernels: Literal["fast", "eager", "auto"]) -> None:
+        self.sae, self.layer, self.kernels = sae, layer, kernels
+        self.device, self.dtype, self.d_in = sae.W_enc.device, sae.W_enc.dtype, sae.cfg.d_in
+        self.keep_clean: Tensor | None = None
+
+    def __call__(self, h: Tensor) -> Tensor:
+        d_in = self.d_in
+        if h.shape[-1] != d_in:
+            raise SaeRewardError(
+                f"SAE d_in {d_in} does not match model width {h.shape[-1]} at layer {self.layer}"
+            )
+        flat = h.reshape(-1, d_in).to(device=self.device, dtype=self.dtype)
+        with use_kernels(self.kernels):
+            recon = self.sae(flat).recon.reshape(h.shape).to(device=h.device, dtype=h.dtype)
+        if self.keep_clean is not None:
+            recon = torch.where(self.keep_clean[..., None].to(h.device), h, recon)
+        return recon
+
+
+def _score_batch(
+    model: nn.Module,
+    splice: _Splice,
+    recon: _SaeRecon,
+    ids: Tensor,
+    mask: Tensor,
+    exclude: int | None,
+    sums: dict[str, float],
+) -> tuple[int, int]:
+    """Run one batch clean, with the SAE spliced in and zero-ablated; add its CE and KL sums to ``sums``.
+
+    ``exclude``: a token id (BOS) whose positions are neither spliced nor scored. Returns the batch's
+    ``(CE terms, KL tokens)``.
+    """
+    real = mask.bool()
+    scored = real & (ids != exclude) if exclude is not None else real
+    recon.keep_clean = ~scored
+    ce_pos = scored[:, :-1] & real[:, 1:]  # [B, T-1]
+    targets = ids[:, 1:]
+    kw = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": position_ids_from_mask(mask),
+        "use_cache": False,
+    }
+
+    def run(fn: Callable[[Tensor], Tensor] | None) -> Tensor:
+        splice.fn = fn
+        try:
+            return torch.log_softmax(model(**kw).logits.float(), dim=-1)
+        finally:
+            splice.fn = None
+
+    lp_clean = run(None)
+    p_clean = lp_clean.exp()
+    sums["ce_clean"] += _ce_sum(lp_clean, targets, ce_pos)
+    for name, fn in (("sae", recon), ("zero", torch.zeros_like)):
+        lp = run(fn)
+        sums[f"ce_{name}"] += _ce_sum(lp, targets, ce_pos)
+        kl = (p_clean * (lp_clean - lp)).sum(-1)  # [B, T] KL(clean || spliced)
+        sums[f"kl_{name}"] += float(kl[scored].double().sum())
+        del lp
+    return int(ce_pos.sum()), int(scored.sum())
+
+
+def _recovered(sums: dict[str, float], n_ce: int, n_kl: int, n_seq: int) -> dict[str, float]:
+    """Mean CE and KL over the scored tokens, and the recovered scores, from the pooled sums."""
     m = {k: v / (n_ce if k.startswith("ce") else n_kl) for k, v in sums.items()}
     return {
         "ce_clean": m["ce_clean"],

@@ -435,73 +435,13 @@ def _saelens_version(cfg: Mapping[str, Any]) -> tuple[int, ...]:
 def _load_saelens(folder: Path, device: str | torch.device, dtype: torch.dtype) -> TopKSAE:
     cfg = _read_json(folder / CFG)
     meta: dict[str, Any] = dict(cfg["metadata"]) if isinstance(cfg.get("metadata"), Mapping) else {}
-    legacy = _saelens_version(cfg) < (6,)
-    arch = cfg.get("architecture", "standard")
-    k: Any = cfg.get("k")
-    if (
-        legacy
-    ):  # pre-6.0 configs: TopK was "standard" + activation_fn_str "topk" (SAELens handle_pre_6_0_config)
-        act = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
-        kwargs = cfg.get("activation_fn_kwargs") or {}
-        if act == "topk" and isinstance(kwargs, Mapping) and kwargs.get("k") is not None:
-            arch, k = "topk", kwargs["k"]
-        meta.setdefault("hook_name", cfg.get("hook_name", cfg.get("hook_point")))
-        meta.setdefault("model_name", cfg.get("model_name"))
-    if arch != "topk":
-        raise SaeRewardError(
-            f"{folder} is a SAELens {arch!r} SAE: saereward supports only TopK SAEs (architecture 'topk'); "
-            "train a TopK SAE or convert this one"
-        )
-    if k is None:
-        raise SaeRewardError(f"{folder / CFG} has no k for its topk architecture: the config is incomplete")
-    norm = cfg.get("normalize_activations", "none")
-    norm = {False: "none", None: "none", True: "expected_average_only_in"}.get(norm, norm)
-    normalize_input, input_scale = "none", 1.0
-    if norm == "expected_average_only_in":
-        factor = cfg.get("norm_scaling_factor", meta.get("norm_scaling_factor"))
-        if factor is None:
-            raise SaeRewardError(
-                f"{folder}: normalize_activations='expected_average_only_in' but cfg.json holds no "
-                "norm_scaling_factor, so the input scale is unknown; fold it into the weights with SAELens "
-                "(sae.fold_activation_norm_scaling_factor(s)) and save again, or add "
-                '"norm_scaling_factor": <s> to cfg.json'
-            )
-        normalize_input, input_scale = "unit_mean_norm", float(factor)
-    elif norm != "none":
-        raise SaeRewardError(
-            f"{folder}: normalize_activations={norm!r} (a per-token normalization) is not supported; "
-            "only 'none' and 'expected_average_only_in' with a known scale are"
-        )
+    k = _saelens_topk_k(folder, cfg, meta)
+    normalize_input, input_scale = _saelens_input_scale(folder, cfg, meta)
     if cfg.get("reshape_activations", "none") not in ("none", None) or cfg.get("hook_head_index") is not None:
         raise SaeRewardError(
             f"{folder}: attention-head SAEs (hook_z reshaping) are not supported, only residual ones"
         )
-
-    w = _read_safetensors(folder / SAELENS_WEIGHTS)
-    _require(w, ("W_enc", "W_dec", "b_dec"), folder / SAELENS_WEIGHTS)
-    W_enc, W_dec, b_dec = (w[n].to(torch.float64) for n in ("W_enc", "W_dec", "b_dec"))
-    _check_cfg_dims(folder, W_enc, cfg.get("d_in"), cfg.get("d_sae"))
-    b_enc = (
-        w["b_enc"].to(torch.float64) if "b_enc" in w else torch.zeros(W_enc.shape[-1], dtype=torch.float64)
-    )
-    if W_dec.ndim != 2 or W_dec.shape != (W_enc.shape[-1], W_enc.shape[0]):
-        raise SaeRewardError(
-            f"shape mismatch in {folder}: W_dec is {_shape(W_dec)} but W_enc {_shape(W_enc)} implies "
-            f"[{W_enc.shape[-1]}, {W_enc.shape[0]}]"
-        )
-    scale = w.get("finetuning_scaling_factor", w.get("scaling_factor"))
-    if scale is not None:  # legacy: decode used (acts * s) @ W_dec
-        W_dec = W_dec * scale.to(torch.float64)[:, None]
-    if cfg.get("rescale_acts_by_decoder_norm", False):
-        # encode: pre = (x_in @ W_enc + b_enc) * n; decode: (acts / n) @ W_dec -- exactly SAELens's own fold
-        n = W_dec.norm(dim=-1).clamp_min(1e-8)
-        W_enc, b_enc, W_dec = W_enc * n[None, :], b_enc * n, W_dec / n[:, None]
-    if not cfg.get("apply_b_dec_to_input", True):
-        # pre = x @ W_enc + b_enc = (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc)
-        b_enc = b_enc + b_dec @ W_enc
-    known_extra = set(w) - {"W_enc", "b_enc", "W_dec", "b_dec", "scaling_factor", "finetuning_scaling_factor"}
-    if known_extra:
-        log.warning("%s: ignoring unexpected tensors %s", folder / SAELENS_WEIGHTS, sorted(known_extra))
+    W_enc, b_enc, W_dec, b_dec = _saelens_weights(folder, cfg)
     return _build(
         folder,
         W_enc=W_enc,
@@ -516,6 +456,100 @@ def _load_saelens(folder: Path, device: str | torch.device, dtype: torch.dtype) 
         model=meta.get("model_name"),
         layer=_layer_from_hook(meta.get("hook_name")),
     )
+
+
+def _saelens_topk_k(folder: Path, cfg: Mapping[str, Any], meta: dict[str, Any]) -> Any:
+    """The ``k`` of a SAELens TopK config (an error for other architectures).
+
+    A pre-6.0 config (TopK was ``"standard"`` + ``activation_fn_str "topk"``, as SAELens's
+    ``handle_pre_6_0_config`` reads it) also fills ``meta``'s ``hook_name`` and ``model_name`` from its
+    top level.
+    """
+    arch = cfg.get("architecture", "standard")
+    k: Any = cfg.get("k")
+    if _saelens_version(cfg) < (6,):
+        act = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
+        kwargs = cfg.get("activation_fn_kwargs") or {}
+        if act == "topk" and isinstance(kwargs, Mapping) and kwargs.get("k") is not None:
+            arch, k = "topk", kwargs["k"]
+        meta.setdefault("hook_name", cfg.get("hook_name", cfg.get("hook_point")))
+        meta.setdefault("model_name", cfg.get("model_name"))
+    if arch != "topk":
+        raise SaeRewardError(
+            f"{folder} is a SAELens {arch!r} SAE: saereward supports only TopK SAEs (architecture 'topk'); "
+            "train a TopK SAE or convert this one"
+        )
+    if k is None:
+        raise SaeRewardError(f"{folder / CFG} has no k for its topk architecture: the config is incomplete")
+    return k
+
+
+def _saelens_input_scale(folder: Path, cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[str, float]:
+    """``(normalize_input, input_scale)`` for a SAELens config's ``normalize_activations``."""
+    norm = cfg.get("normalize_activations", "none")
+    norm = {False: "none", None: "none", True: "expected_average_only_in"}.get(norm, norm)
+    if norm == "expected_average_only_in":
+        factor = cfg.get("norm_scaling_factor", meta.get("norm_scaling_factor"))
+        if factor is None:
+            raise SaeRewardError(
+                f"{folder}: normalize_activations='expected_average_only_in' but cfg.json holds no "
+                "norm_scaling_factor, so the input scale is unknown; fold it into the weights with SAELens "
+                "(sae.fold_activation_norm_scaling_factor(s)) and save again, or add "
+                '"norm_scaling_factor": <s> to cfg.json'
+            )
+        return "unit_mean_norm", float(factor)
+    if norm != "none":
+        raise SaeRewardError(
+            f"{folder}: normalize_activations={norm!r} (a per-token normalization) is not supported; "
+            "only 'none' and 'expected_average_only_in' with a known scale are"
+        )
+    return "none", 1.0
+
+
+def _saelens_weights(
+    folder: Path, cfg: Mapping[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(W_enc, b_enc, W_dec, b_dec)`` in float64 from a SAELens folder, with its options folded in."""
+    w = _read_safetensors(folder / SAELENS_WEIGHTS)
+    _require(w, ("W_enc", "W_dec", "b_dec"), folder / SAELENS_WEIGHTS)
+    W_enc, W_dec, b_dec = (w[n].to(torch.float64) for n in ("W_enc", "W_dec", "b_dec"))
+    _check_cfg_dims(folder, W_enc, cfg.get("d_in"), cfg.get("d_sae"))
+    b_enc = (
+        w["b_enc"].to(torch.float64) if "b_enc" in w else torch.zeros(W_enc.shape[-1], dtype=torch.float64)
+    )
+    if W_dec.ndim != 2 or W_dec.shape != (W_enc.shape[-1], W_enc.shape[0]):
+        raise SaeRewardError(
+            f"shape mismatch in {folder}: W_dec is {_shape(W_dec)} but W_enc {_shape(W_enc)} implies "
+            f"[{W_enc.shape[-1]}, {W_enc.shape[0]}]"
+        )
+    scale = w.get("finetuning_scaling_factor", w.get("scaling_factor"))
+    folded = _fold_saelens(cfg, W_enc, b_enc, W_dec, b_dec, scale)
+    known_extra = set(w) - {"W_enc", "b_enc", "W_dec", "b_dec", "scaling_factor", "finetuning_scaling_factor"}
+    if known_extra:
+        log.warning("%s: ignoring unexpected tensors %s", folder / SAELENS_WEIGHTS, sorted(known_extra))
+    return folded
+
+
+def _fold_saelens(
+    cfg: Mapping[str, Any],
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    scale: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fold SAELens's decoder scale, decoder-norm rescaling and ``apply_b_dec_to_input=false`` into plain
+    ``pre = (x - b_dec) @ W_enc + b_enc``, ``recon = acts @ W_dec + b_dec`` weights."""
+    if scale is not None:  # legacy: decode used (acts * s) @ W_dec
+        W_dec = W_dec * scale.to(torch.float64)[:, None]
+    if cfg.get("rescale_acts_by_decoder_norm", False):
+        # encode: pre = (x_in @ W_enc + b_enc) * n; decode: (acts / n) @ W_dec -- exactly SAELens's own fold
+        n = W_dec.norm(dim=-1).clamp_min(1e-8)
+        W_enc, b_enc, W_dec = W_enc * n[None, :], b_enc * n, W_dec / n[:, None]
+    if not cfg.get("apply_b_dec_to_input", True):
+        # pre = x @ W_enc + b_enc = (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc)
+        b_enc = b_enc + b_dec @ W_enc
+    return W_enc, b_enc, W_dec, b_dec
 
 
 def save_saelens(sae: TopKSAE, folder: PathLike) -> Path:

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from saereward.config import option, to_dict
-from saereward.data.activations import ActivationStore, iter_text_documents, read_manifest
+from saereward.data.collect import iter_text_documents
+from saereward.data.store import ActivationStore, read_manifest
 from saereward.errors import SaeRewardError
 from saereward.io import write_json
 from saereward.lock import folder_lock
