@@ -21,17 +21,10 @@ import torch
 
 from saereward.features.pack import Feature, FeaturePack, save_pack
 from saereward.io import write_json, write_jsonl
-from saereward.report.html import (
-    ReportConfig,
-    drift_rows,
-    fmt,
-    run_report,
-    sample_rollouts,
-    steer_rows,
-    token_colour,
-    token_pieces,
-    zscore_stats,
-)
+from saereward.report.artifacts import drift_rows, steer_rows
+from saereward.report.html import ReportConfig, run_report
+from saereward.report.tables import fmt
+from saereward.report.tokens import sample_rollouts, token_colour, token_pieces, zscore_stats
 from tiny_models import EOS_ID, char_tokenizer, random_sae
 
 D, D_SAE, K, LAYER = 16, 64, 4, 1
@@ -114,7 +107,7 @@ def make_run(root: Path, n: int = 16, full: bool = True) -> Path:
     lengths = torch.tensor([len(t) for t in ids])
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     x = torch.cat(resid)
-    meta = {"format": "saereward.data.rollouts", "format_version": "1", "model": str(tok_dir)}
+    meta = {"format": "saereward.rollouts", "format_version": "1", "model": str(tok_dir)}
     save_file(
         {f"layer_{LAYER}": x, "token_ids": torch.cat(ids).long(), "offsets": offsets},
         str(ro / "tokens.safetensors"),
@@ -545,7 +538,7 @@ def test_token_view_is_the_rl_reward_and_is_cached(
 
     from saereward.features.pack import load_pack
     from saereward.features.scoring import PackScorer, pack_scores_from_pooled, pooled_sae_acts
-    from saereward.report import html as report
+    from saereward.report import tokens as report
     from saereward.sae.formats import load_sae
 
     run, _ = full_run
@@ -695,7 +688,7 @@ def test_a_copied_run_reads_its_own_sae(tmp_path: Path) -> None:
     import shutil
 
     from saereward.features.pack import load_pack
-    from saereward.report import html as report
+    from saereward.report import tokens as report
 
     run = make_run(tmp_path / "a", n=8, full=False)
     copy = tmp_path / "b"

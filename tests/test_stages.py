@@ -9,7 +9,7 @@ from pathlib import Path
 
 import saereward.pipeline as pl
 from saereward import cli
-from saereward.report import html as report
+from saereward.report import artifacts as report
 from saereward.stages import STAGE_NAMES, STAGES, load, run_layout_table, stage
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,5 +1,5 @@
 """``python -m saereward``: the same as the ``saereward`` command."""
 
-from saereward.cli import main
+from saereward.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

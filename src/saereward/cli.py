@@ -21,6 +21,7 @@ from saereward.config import add_config_args, config_from_args, option
 from saereward.errors import SaeRewardError
 from saereward.model.lm import DEFAULT_MODEL, DType
 from saereward.stages import load, step
+from saereward.threads import tame_threads
 
 
 @dataclass(frozen=True)
@@ -452,3 +453,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
+
+
+def entry() -> int:
+    """The ``saereward`` command: :func:`main` after :func:`~saereward.threads.tame_threads`, which
+    must see the environment before torch starts its OpenMP threads."""
+    tame_threads()
+    return main()

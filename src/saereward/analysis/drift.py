@@ -51,13 +51,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from saereward import __version__
+from saereward import __version__, plots
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.features.pack import check_pack, load_pack
-from saereward.io import atomic_path, file_sha256, iter_jsonl, save_figure, write_json
+from saereward.io import atomic_path, file_sha256, iter_jsonl, write_json
 from saereward.model.capture import forward_residuals
 from saereward.model.lm import DType, LoadedModel, apply_adapter, check_device, load_model, resolve_layer
+from saereward.plots import fmt_or_dash
 from saereward.rl.grpo import snapshots
 from saereward.sae.evaluate import evaluate_sae
 from saereward.sae.formats import check_sae_matches_model, load_sae, resolve_sae_path, save_sae
@@ -73,7 +74,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DRIFT_FORMAT = "saereward.analysis.drift"
+DRIFT_FORMAT = "saereward.drift"
 STAGE_FORMAT = 1
 NEED_SNAPSHOTS = "pass a train-rl run folder trained with --snapshot-every N"
 _EVAL_BATCH = 4096
@@ -580,7 +581,6 @@ def run_drift(cfg: DriftConfig, lm: LoadedModel | None = None) -> dict[str, Any]
     loaded with ``cfg.dtype``, only if some stage has to be computed.
     """
     import torch
-    from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
     if cfg.threads:
@@ -603,6 +603,39 @@ def run_drift(cfg: DriftConfig, lm: LoadedModel | None = None) -> dict[str, Any]
         **{k: getattr(cfg, k) for k in _KEY_FIELDS},
     }
     policies = _Policies(cfg, spec, texts, layer, base_sae, pack, lm)
+    rows, stats_per_stage, drift_all, reused = _drift_stages(
+        cfg, stages, policies, base_sae, common, out, spec=spec, texts_file=texts_file
+    )
+    result = _summarize(cfg, rows, stats_per_stage, drift_all, pack, spec=spec, layer=policies.layer)
+    result.update(
+        {
+            "sae": str(sae_path),
+            "rollouts": str(texts_file),
+            "n_texts": len(texts),
+            "reused_stages": reused,
+            "sec_total": time.perf_counter() - t_start,
+        }
+    )
+    write_json(out / "drift.json", result)
+    plots.save_png(plots.drift(result["stages"], result["features"], activation=True), out / "drift.png")
+    return result
+
+
+def _drift_stages(
+    cfg: DriftConfig,
+    stages: list[tuple[int, Path | None]],
+    policies: _Policies,
+    base_sae: TopKSAE,
+    common: dict[str, Any],
+    out: Path,
+    *,
+    spec: str,
+    texts_file: Path,
+) -> tuple[list[dict[str, Any]], list[dict[str, torch.Tensor]], list[torch.Tensor], list[int]]:
+    """Every stage in order, reused from ``out`` when its key (chained to the previous stage's) matches,
+    else computed and saved: ``(rows, latent stats, decoder drift per stage, reused steps)``."""
+    from tqdm.auto import tqdm
+
     split: tuple[torch.Tensor, torch.Tensor] | None = None
     prev_sae, prev_hash = base_sae, _key_hash(common)
     rows: list[dict[str, Any]] = []
@@ -620,44 +653,50 @@ def run_drift(cfg: DriftConfig, lm: LoadedModel | None = None) -> dict[str, Any]
             reused.append(step)
             log.info("stage step %d: reusing %s", step, _stage_paths(out, step)[2])
         else:
-            t0 = time.perf_counter()
-            x = policies.residuals(folder)
-            if x.shape[0] == 0:
-                raise SaeRewardError(f"the corpus {texts_file} gave no tokens: pass another --rollouts")
-            if split is None:
-                split = split_tokens(x.shape[0], cfg.heldout_fraction, cfg.seed)
-            sec_collect = time.perf_counter() - t0
-            row, stats, sae = stage_metrics(
-                base_sae, prev_sae, x, split[0], split[1], cfg, model=spec, layer=policies.layer
+            row, stats, sae, split = _compute_stage(
+                cfg, policies, step, folder, split, base_sae, prev_sae, spec=spec, texts_file=texts_file
             )
-            row = {
-                "step": step,
-                "adapter": str(folder) if folder is not None else None,
-                **row,
-                "sec_collect": sec_collect,
-            }
             _save_stage(out, step, key, row, stats, sae)
-            del x
         rows.append(row)
         stats_per_stage.append(stats)
         drift_all.append(decoder_drift(sae.W_dec, base_sae.W_dec))
         prev_sae, prev_hash = sae, key_hash
         bar.set_postfix(step=step, nmse_base=f"{row['nmse_base']:.4f}", nmse_refit=f"{row['nmse_refit']:.4f}")
     bar.close()
+    return rows, stats_per_stage, drift_all, reused
 
-    result = _summarize(cfg, rows, stats_per_stage, drift_all, pack, spec=spec, layer=policies.layer)
-    result.update(
-        {
-            "sae": str(sae_path),
-            "rollouts": str(texts_file),
-            "n_texts": len(texts),
-            "reused_stages": reused,
-            "sec_total": time.perf_counter() - t_start,
-        }
+
+def _compute_stage(
+    cfg: DriftConfig,
+    policies: _Policies,
+    step: int,
+    folder: Path | None,
+    split: tuple[torch.Tensor, torch.Tensor] | None,
+    base_sae: TopKSAE,
+    prev_sae: TopKSAE,
+    *,
+    spec: str,
+    texts_file: Path,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], TopKSAE, tuple[torch.Tensor, torch.Tensor]]:
+    """One stage's residuals and metrics: ``(row, latent stats, refit SAE, token split)``; the split is
+    drawn at the first computed stage and passed on to the next."""
+    t0 = time.perf_counter()
+    x = policies.residuals(folder)
+    if x.shape[0] == 0:
+        raise SaeRewardError(f"the corpus {texts_file} gave no tokens: pass another --rollouts")
+    if split is None:
+        split = split_tokens(x.shape[0], cfg.heldout_fraction, cfg.seed)
+    sec_collect = time.perf_counter() - t0
+    row, stats, sae = stage_metrics(
+        base_sae, prev_sae, x, split[0], split[1], cfg, model=spec, layer=policies.layer
     )
-    write_json(out / "drift.json", result)
-    plot_drift(result, out / "drift.png")
-    return result
+    row = {
+        "step": step,
+        "adapter": str(folder) if folder is not None else None,
+        **row,
+        "sec_collect": sec_collect,
+    }
+    return row, stats, sae, split
 
 
 def _summarize(
@@ -724,54 +763,8 @@ def _summarize(
 
 
 # --------------------------------------------------------------------------------------------------
-# Plot and table
+# Table
 # --------------------------------------------------------------------------------------------------
-
-
-def plot_drift(result: dict[str, Any], path: str | Path) -> Path:
-    """NMSE vs RL step; per-feature decoder drift vs step; with a pack, mean-activation change vs step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, feats = result["stages"], result["features"]
-    steps = [r["step"] for r in rows]
-    n = 3 if feats else 2
-    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.0))
-    ax = axes[0]
-    ax.plot(steps, [r["nmse_base"] for r in rows], "o-", label="base SAE")
-    ax.plot(steps, [r["nmse_prev"] for r in rows], "^:", alpha=0.7, label="previous stage's SAE")
-    ax.plot(steps, [r["nmse_refit"] for r in rows], "s-", label="warm-started refit")
-    ax.set(
-        xlabel="RL step",
-        ylabel="held-out NMSE",
-        title=f"layer {result['layer']}, {result['n_heldout']} tokens",
-    )
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    colors = {"helpful": "tab:green", "harmful": "tab:red"}
-    for f in feats:
-        ax.plot(steps, f["dec_drift"], "-", color=colors[f["polarity"]], alpha=0.6, lw=1)
-    ax.plot(steps, [r["dec_drift_mean"] for r in rows], "k--", lw=2, label="mean over all latents")
-    if feats:
-        ax.plot([], [], color="tab:green", label="pack: helpful")
-        ax.plot([], [], color="tab:red", label="pack: harmful")
-    ax.set(xlabel="RL step", ylabel="1 - cos(W_dec[f], base W_dec[f])", title="decoder drift vs base SAE")
-    ax.legend(fontsize=8)
-    if feats:
-        ax = axes[2]
-        for f in feats:
-            ax.plot(steps, f["mean_act_change"], "-", color=colors[f["polarity"]], alpha=0.6, lw=1)
-        ax.axhline(0.0, color="gray", lw=0.8)
-        ax.set(
-            xlabel="RL step", ylabel="mean activation - stage 0 (base SAE)", title="pack feature activation"
-        )
-    return save_figure(fig, path)
-
-
-def _num(v: Any, fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
 
 
 def format_drift(result: dict[str, Any]) -> str:
@@ -785,14 +778,14 @@ def format_drift(result: dict[str, Any]) -> str:
     ]
     for r in result["stages"]:
         lines.append(
-            f"{r['step']:>6} {r['nmse_base']:>10.5f} {_num(r['dnmse_per_step'], '+.3e'):>11} "
-            f"{_num(r['dnmse_slope'], '+.3e'):>11} {r['nmse_prev']:>10.5f} {r['nmse_refit']:>10.5f} "
-            f"{_num(r['dnmse_refit_per_step'], '+.3e'):>11} {r['resid_norm_mean']:>9.3f} "
-            f"{r['resid_norm_change']:>+8.4f} {r['dec_drift_mean']:>9.2e} {_num(r['dec_drift_pack_mean'], '.2e'):>10}"
+            f"{r['step']:>6} {r['nmse_base']:>10.5f} {fmt_or_dash(r['dnmse_per_step'], '+.3e'):>11} "
+            f"{fmt_or_dash(r['dnmse_slope'], '+.3e'):>11} {r['nmse_prev']:>10.5f} {r['nmse_refit']:>10.5f} "
+            f"{fmt_or_dash(r['dnmse_refit_per_step'], '+.3e'):>11} {r['resid_norm_mean']:>9.3f} "
+            f"{r['resid_norm_change']:>+8.4f} {r['dec_drift_mean']:>9.2e} {fmt_or_dash(r['dec_drift_pack_mean'], '.2e'):>10}"
         )
     lines.append(
-        f"dNMSE/step, least squares over stages: base SAE {_num(result['dnmse_per_step_fit'], '+.3e')}, "
-        f"refit chain {_num(result['dnmse_refit_per_step_fit'], '+.3e')}"
+        f"dNMSE/step, least squares over stages: base SAE {fmt_or_dash(result['dnmse_per_step_fit'], '+.3e')}, "
+        f"refit chain {fmt_or_dash(result['dnmse_refit_per_step_fit'], '+.3e')}"
     )
     feats = result.get("features") or []
     if feats:

@@ -52,12 +52,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from saereward import __version__
+from saereward import __version__, plots
 from saereward.analysis.evaluate import EvalConfig, _load_task, run_eval
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.features.pack import check_pack, load_pack
-from saereward.io import read_jsonl, save_figure, write_json
+from saereward.io import read_jsonl, write_json
 from saereward.model.capture import block_output, forward_residuals
 from saereward.model.lm import (
     DEFAULT_MODEL,
@@ -819,7 +819,8 @@ def run_steer(cfg: SteerConfig, lm: LoadedModel | None = None) -> dict[str, Any]
         "saereward_version": __version__,
     }
     out = Path(cfg.out)
-    plot_steer(result, out / "steer.png")
+    base = next((r for r in result["rows"] if r["kind"] == "base"), None)
+    plots.save_png(plots.steer_sweep(result["rows"], base), out / "steer.png")
     write_json(out / "steer.json", result)
     return result
 
@@ -827,54 +828,6 @@ def run_steer(cfg: SteerConfig, lm: LoadedModel | None = None) -> dict[str, Any]
 # --------------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------------
-
-
-def plot_steer(result: dict[str, Any], path: str | Path) -> Path:
-    """Accuracy (Wilson 95 % CI bars) vs scale, base as a line with its CI band, negative control marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["rows"]
-    base = rows[0]
-    vec_rows = [r for r in rows if r["kind"] in ("vector", "negative_control")]
-    feat_rows = [r for r in rows if r["kind"] in ("feature_add", "feature_clamp")]
-    panels = [(p, rs) for p, rs in (("vector", vec_rows), ("feature", feat_rows)) if rs]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.0), squeeze=False)
-    for ax, (panel, rs) in zip(axes[0], panels):
-        ax.axhline(base["accuracy"], color="gray", lw=1.2, label=f"base {base['accuracy']:.2f}")
-        ax.axhspan(base["ci_low"], base["ci_high"], color="gray", alpha=0.15)
-        for neg in (False, True):
-            sel = [r for r in rs if r["negative_control"] == neg]
-            if not sel:
-                continue
-            xs = [r["scale"] * 100 if panel == "vector" else r["scale"] for r in sel]
-            ys = [r["accuracy"] for r in sel]
-            err = [[y - r["ci_low"] for y, r in zip(ys, sel)], [r["ci_high"] - y for y, r in zip(ys, sel)]]
-            ax.errorbar(
-                xs,
-                ys,
-                yerr=err,
-                fmt="s" if neg else "o",
-                color="tab:red" if neg else "tab:blue",
-                capsize=3,
-                label="negative control"
-                if neg
-                else ("steered" if panel == "vector" else result["feature"]["mode"]),
-            )
-        if panel == "vector":
-            src = (result.get("vector") or {}).get("source", "")
-            ax.set_xlabel("scale (% of mean residual norm)")
-            ax.set_title(f"{src} direction, layer {result['layer']}")
-        else:
-            f = result["feature"]
-            ax.set_xlabel("feature value (SAE activation units)")
-            ax.set_title(f"feature {f['id']} ({f['mode']}), layer {result['layer']}")
-        ax.set_ylabel(f"accuracy (n={base['n']}, Wilson 95% CI)")
-        ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=8)
-    return save_figure(fig, path)
 
 
 def _ids(ids: list[str], limit: int = 12) -> str:

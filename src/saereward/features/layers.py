@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saereward import plots
 from saereward.config import option, to_dict
 from saereward.data.rollouts import load_rollouts
 from saereward.errors import SaeRewardError
-from saereward.io import save_figure, write_json
+from saereward.io import write_json
 from saereward.model.capture import forward_residuals
 from saereward.model.lm import DEFAULT_MODEL, DType, check_device, decoder_layers, load_model, unwrap
 from saereward.stats import cohens_d, mean_difference, require_both_outcomes
@@ -177,39 +178,5 @@ def run_layers(cfg: LayersConfig) -> dict[str, Any]:
         result["logit_lens_raw"] = logit_lens(lm, ex, norm=False)
     out = Path(cfg.out or cfg.rollouts)
     write_json(out / "layer_map.json", result)
-    plot_layers(result, out / "layer_map.png")
+    plots.save_png(plots.layer_map(scores, peak, result), out / "layer_map.png")
     return result
-
-
-def plot_layers(result: dict[str, Any], path: Path) -> Path:
-    """Bar plot of layer scores (peak marked) and, when present, the logit-lens answer probability."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = [int(k) for k in result["scores"]]
-    vals = [result["scores"][str(k)] for k in layers]
-    lens = "logit_lens" in result
-    fig, axes = plt.subplots(1, 2 if lens else 1, figsize=(11 if lens else 6, 3.6), squeeze=False)
-    ax = axes[0][0]
-    colors = ["tab:red" if k == result["peak_layer"] else "tab:blue" for k in layers]
-    ax.bar(layers, vals, color=colors)
-    ax.set_xlabel("layer (output of block L)")
-    ax.set_ylabel(f"mean |Cohen's d| of the top {(result.get('config') or {}).get('top', 10)} dims")
-    ax.set_title(f"layer map ({result['split']}, n={result['n_responses']}), peak L{result['peak_layer']}")
-    if lens:
-        ax = axes[0][1]
-        for key, label in (("logit_lens", "final norm + unembed"), ("logit_lens_raw", "unembed only")):
-            ax.plot(
-                range(len(result[key]["answer_prob"])),
-                result[key]["answer_prob"],
-                marker="o",
-                ms=3,
-                label=label,
-            )
-        ax.set_xlabel("layer")
-        ax.set_ylabel("P(answer's first token)")
-        ax.set_title(f"logit lens (n={result['logit_lens']['n']} correct responses)")
-        ax.legend()
-    return save_figure(fig, path)

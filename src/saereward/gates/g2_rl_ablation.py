@@ -52,12 +52,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from saereward import __version__
+from saereward import __version__, plots
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.features.pack import load_pack
 from saereward.gates.paired import paired_compare
-from saereward.io import save_figure, write_json
+from saereward.io import write_json
 from saereward.model.lm import load_model
 from saereward.rl.audit import AuditConfig, format_audit, run_audit
 from saereward.rl.grpo import GRPOConfig, GRPOTrainer, run_train_rl, settings_diff
@@ -549,9 +549,10 @@ def run_gate_g2(
     result = gate_result(cfg, recs, warnings)
     result["audit"] = audit
     write_json(out / "gate_g2.json", result)
-    _plot(result, out / "gate_g2.png")
+    plots.save_png(plots.g2_accuracy_by_step(result["curves"]), out / "gate_g2.png")
     if result["length_curves"]:
-        _plot_length(result, out / "gate_g2_length.png")
+        stops = plots.collapse_stops(result["collapse"])
+        plots.save_png(plots.completion_length(result["length_curves"], stops), out / "gate_g2_length.png")
     return result
 
 
@@ -604,56 +605,8 @@ def _length_curves(recs: Recs) -> dict[str, dict[str, list[tuple[int, float]]]]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Plots and text
+# Text
 # --------------------------------------------------------------------------------------------------
-
-
-def _mean_curve(per_seed: dict[str, Any]) -> tuple[list[int], list[float]]:
-    """Steps and the mean over the seeds that reached each step (collapsed runs stop early)."""
-    steps = sorted({int(s) for c in per_seed.values() for s, _ in c})
-    mean = []
-    for st in steps:
-        vals = [v for c in per_seed.values() for s, v in c if int(s) == st]
-        mean.append(sum(vals) / len(vals))
-    return steps, mean
-
-
-def _plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for reward, per_seed in result["curves"].items():
-        steps, mean = _mean_curve(per_seed)
-        ax.plot(steps, mean, marker="o", label=f"{LABELS[reward]} ({reward})")
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel("held-out greedy accuracy")
-    ax.set_title(f"G2: mean over seeds {result['seeds']}")
-    ax.legend()
-    save_figure(fig, path)
-
-
-def _plot_length(result: dict[str, Any], path: Path) -> None:
-    """Mean completion length per step and arm; an ``x`` marks each collapsed run's stop step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for reward, per_seed in result["length_curves"].items():
-        steps, mean = _mean_curve(per_seed)
-        (line,) = ax.plot(steps, mean, label=f"{LABELS[reward]} ({reward})")
-        for run in _d(result["collapse"].get(reward)).get("runs", {}).values():
-            if run["collapsed"] and run["step"] in steps:
-                ax.plot(run["step"], mean[steps.index(run["step"])], "x", ms=10, color=line.get_color())
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel("mean completion length (tokens)")
-    ax.set_title("G2: completion length, mean over seeds (x: collapse stop)")
-    ax.legend()
-    save_figure(fig, path)
 
 
 def _fmt_diff(d: dict[str, Any]) -> str:

@@ -1,16 +1,154 @@
-"""A Markdown summary of a pipeline run folder: the headline numbers with n, seed and 95 % CIs.
+"""Tables of a run folder: the cells and tables of the HTML report, and a Markdown summary.
 
-``saereward report RUN --markdown FILE`` writes it; the README's results section is this output for
-a real ``examples/embedded.toml`` run. Reads only the JSON artifacts (``docs/run_layout.md``); a
-stage that did not run is listed as such.
+* **Cells** (:func:`fmt`, :func:`fmt3`, :func:`fmt_p`, :func:`fmt_ci`, :func:`fmt_rate`,
+  :func:`ci_text`): a value read from a JSON artifact as the text of one table cell, ``—`` when it is
+  missing; :class:`Table` and :func:`generic_table` make the report's tables of them.
+* **Markdown summary** (:func:`results_markdown`): the headline numbers with n, seed and 95 % CIs.
+  ``saereward report RUN --markdown FILE`` writes it; the README's results section is this output
+  for a real ``examples/embedded.toml`` run. Reads only the JSON artifacts
+  (``docs/run_layout.md``); a stage that did not run is listed as such.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from saereward.plots import as_float, fmt_num
+
+# --------------------------------------------------------------------------------------------------
+# Cells and tables of the HTML report
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Table:
+    """A table of the report: its cells are already text."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+
+def fmt(v: Any, digits: int = 4) -> str:
+    """A table cell: ``—`` for missing, yes/no for booleans, integers plain, floats to ``digits`` significant."""
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        if v == int(v) and abs(v) < 1e9:
+            return str(int(v))
+        return f"{v:.{digits}g}"
+    if isinstance(v, list | tuple) and all(as_float(x) is not None for x in v) and len(v) <= 8:
+        return "[" + ", ".join(fmt(x, digits) for x in v) + "]"
+    if isinstance(v, dict | list | tuple):
+        return json.dumps(v, default=str)
+    return str(v)
+
+
+def fmt3(v: Any) -> str:
+    """A number to 3 decimals (2 significant digits below 0.001); anything else as :func:`fmt`."""
+    x = as_float(v)
+    if x is None:
+        return fmt(v)
+    if x != 0 and abs(x) < 1e-3:
+        return f"{x:.2g}"
+    return f"{x:.3f}"
+
+
+def fmt_p(v: Any) -> str:
+    """A p-value to 3 significant digits."""
+    x = as_float(v)
+    return "—" if x is None else f"{x:.3g}"
+
+
+def fmt_ci(lo: Any, hi: Any) -> str:
+    """``[lo, hi]`` with :func:`fmt3` bounds; ``—`` when a bound is missing."""
+    if as_float(lo) is None or as_float(hi) is None:
+        return "—"
+    return f"[{fmt3(lo)}, {fmt3(hi)}]"
+
+
+def fmt_rate(d: Mapping[str, Any] | None, p_key: str = "p") -> str:
+    """``p [lo, hi] (k/n)`` from a proportion dict (``k, n, p, ci_low, ci_high``)."""
+    if not isinstance(d, Mapping):
+        return "—"
+    if d.get("skipped"):
+        return "skipped"
+    p = d.get(p_key, d.get("accuracy"))
+    out = f"{fmt3(p)} {fmt_ci(d.get('ci_low'), d.get('ci_high'))}"
+    if as_float(d.get("k")) is not None and as_float(d.get("n")) is not None:
+        out += f" ({fmt(d.get('k'))}/{fmt(d.get('n'))})"
+    return out
+
+
+def ci_text(mean: Any, lo: Any, hi: Any, unit: str = "", scale: float = 1.0) -> str:
+    """``0.536 [0.385, 0.654]``, or with a unit ``-0.6 pp [-6.7, +5.0] pp`` (values times ``scale``)."""
+    if as_float(mean) is None:
+        return "—"
+    form = "{:+.1f}" if unit else "{:.3f}"
+    text = form.format(mean * scale) + (f" {unit}" if unit else "")
+    if as_float(lo) is not None and as_float(hi) is not None:
+        text += f" [{form.format(lo * scale)}, {form.format(hi * scale)}]" + (f" {unit}" if unit else "")
+    return text
+
+
+def _table_columns(rows: Sequence[Mapping[str, Any]], first: Sequence[str], rest: bool) -> list[str]:
+    """``first`` (those present) then, with ``rest``, every other scalar key; a CI column replaces
+    ``ci_low``/``ci_high``, after ``accuracy``."""
+    keys: list[str] = [k for k in first if any(k in r for r in rows)]
+    if rest:
+        for r in rows:
+            for k, v in r.items():
+                if k not in keys and not isinstance(v, dict | list):
+                    keys.append(k)
+    has_ci = "ci_low" in keys and "ci_high" in keys
+    cols = [k for k in keys if not (has_ci and k in ("ci_low", "ci_high"))]
+    if has_ci:
+        cols.insert(cols.index("accuracy") + 1 if "accuracy" in cols else len(cols), "95 % CI")
+    return cols
+
+
+def generic_table(
+    title: str, rows: Sequence[Mapping[str, Any]], first: Sequence[str] = (), rest: bool = True
+) -> Table | None:
+    """A table of dict rows: ``first`` columns in order, then (``rest``) every other scalar key.
+
+    ``ci_low``/``ci_high`` become one CI column after ``accuracy``; keys ending in ``_p`` are p-values.
+    """
+    if not rows:
+        return None
+    cols = _table_columns(rows, first, rest)
+    out = []
+    for r in rows:
+        line = []
+        for k in cols:
+            v = r.get(k)
+            if k == "95 % CI":
+                line.append(fmt_ci(r.get("ci_low"), r.get("ci_high")))
+            elif k.endswith("_p") or k.startswith("p_"):
+                line.append(fmt_p(v))
+            else:
+                line.append(fmt3(v) if isinstance(v, float) and not v.is_integer() else fmt(v))
+        out.append(line)
+    return Table(title, cols, out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Markdown summary
+# --------------------------------------------------------------------------------------------------
 
 
 def _j(path: Path) -> dict[str, Any] | None:
@@ -42,17 +180,11 @@ def _rci(ci: Any) -> str:
     """``[lo, hi]`` of a correlation/AUROC interval."""
     if not isinstance(ci, list | tuple) or len(ci) != 2:
         return "—"
-    return f"[{_num(ci[0])}, {_num(ci[1])}]"
+    return f"[{fmt_num(ci[0])}, {fmt_num(ci[1])}]"
 
 
 def _sci(v: Any) -> str:
     return "—" if not isinstance(v, int | float) else f"{v:+.2e}"
-
-
-def _num(v: Any, digits: int = 3) -> str:
-    if not isinstance(v, int | float):
-        return "—"
-    return "undefined" if math.isnan(v) else f"{v:.{digits}f}"
 
 
 def _g2_diff(name: str, d: Any) -> str:
@@ -61,7 +193,7 @@ def _g2_diff(name: str, d: Any) -> str:
         return f"{name} —"
     return (
         f"{name} {100 * d['mean_diff']:+.1f} pp {_ci(d.get('ci_low'), d.get('ci_high'), unit=' pp')}, "
-        f"McNemar p {_num(d.get('p_value'))} ({d.get('a_only')}/{d.get('b_only')} discordant)"
+        f"McNemar p {fmt_num(d.get('p_value'))} ({d.get('a_only')}/{d.get('b_only')} discordant)"
     )
 
 
@@ -147,10 +279,10 @@ def _sae_rows(run: Path) -> list[str]:
     if sae:
         h, ce = sae.get("heldout", {}), sae.get("ce_kl", {})
         rows.append(
-            f"| SAE ({sae.get('d_sae')} latents, k {sae.get('k')}) | held-out FVU {_num(h.get('fvu'))}, "
-            f"NMSE {_num(h.get('nmse'))}, L0 {_num(h.get('l0'), 1)}, dead {_num(h.get('dead_pct'), 1)} % "
-            f"(n={int(h.get('n_tokens', 0))} tokens); CE loss recovered {_num(ce.get('ce_loss_recovered'))}, "
-            f"KL recovered {_num(ce.get('kl_recovered'))} ({ce.get('n_texts', '—')} texts) |"
+            f"| SAE ({sae.get('d_sae')} latents, k {sae.get('k')}) | held-out FVU {fmt_num(h.get('fvu'))}, "
+            f"NMSE {fmt_num(h.get('nmse'))}, L0 {fmt_num(h.get('l0'), 1)}, dead {fmt_num(h.get('dead_pct'), 1)} % "
+            f"(n={int(h.get('n_tokens', 0))} tokens); CE loss recovered {fmt_num(ce.get('ce_loss_recovered'))}, "
+            f"KL recovered {fmt_num(ce.get('kl_recovered'))} ({ce.get('n_texts', '—')} texts) |"
         )
     else:
         rows.append("| SAE | not run |")
@@ -179,18 +311,18 @@ def _g1_rows(run: Path) -> list[str]:
             d = m.get(key)
             if isinstance(d, dict) and "spearman_rho" in d:
                 parts.append(
-                    f"{name} ρ {_num(d['spearman_rho'])} {_rci(d.get('rho_ci'))}, "
-                    f"AUROC {_num(d.get('auroc'))} {_rci(d.get('auroc_ci'))}"
+                    f"{name} ρ {fmt_num(d['spearman_rho'])} {_rci(d.get('rho_ci'))}, "
+                    f"AUROC {fmt_num(d.get('auroc'))} {_rci(d.get('auroc_ci'))}"
                 )
         pack = m.get("pack") if isinstance(m.get("pack"), dict) else {}
         if "partial_rho_length" in pack:
             parts.append(
-                f"pack ρ with length controlled {_num(pack['partial_rho_length'])} "
+                f"pack ρ with length controlled {fmt_num(pack['partial_rho_length'])} "
                 f"{_rci(pack.get('partial_rho_length_ci'))}"
             )
         lb = g1.get("length_baseline")
         if isinstance(lb, dict) and "spearman_rho" in lb:
-            parts.append(f"length-only baseline ρ {_num(lb['spearman_rho'])} {_rci(lb.get('rho_ci'))}")
+            parts.append(f"length-only baseline ρ {fmt_num(lb['spearman_rho'])} {_rci(lb.get('rho_ci'))}")
         boot = g1.get("bootstrap") or {}
         clustered = (
             f", {boot['n_questions']} questions, CIs clustered by question" if "n_questions" in boot else ""
@@ -222,7 +354,7 @@ def _g3_rows(run: Path) -> list[str]:
                 paired = d.get("paired") or {}
                 parts.append(
                     f"{bench} {_prop(d.get('base'))} → {_prop(d.get('trained'))} "
-                    f"(McNemar p {_num(paired.get('p_value'))})"
+                    f"(McNemar p {fmt_num(paired.get('p_value'))})"
                 )
             elif isinstance(d, dict) and d.get("skipped"):
                 parts.append(f"{bench} skipped")
@@ -231,7 +363,7 @@ def _g3_rows(run: Path) -> list[str]:
         mon = g3.get("monitor_verdict", {})
         rho = (g3.get("checks", {}).get("monitor_valid") or {}).get("rho_trained")
         assoc = ((g3.get("monitor") or {}).get("trained") or {}).get("association") or {}
-        rho_txt = _num(rho)
+        rho_txt = fmt_num(rho)
         if rho_txt == "undefined" and "n" in assoc:
             rho_txt += f" ({assoc.get('n_correct')} of {assoc['n']} monitored responses correct after RL)"
         rows.append(
@@ -254,7 +386,7 @@ def _steer_rows(run: Path) -> list[str]:
             + (
                 ""
                 if r.get("kind") == "base"
-                else f", +{len(r.get('recovered') or [])}/−{len(r.get('broken') or [])}, p {_num(r.get('mcnemar_p'))}"
+                else f", +{len(r.get('recovered') or [])}/−{len(r.get('broken') or [])}, p {fmt_num(r.get('mcnemar_p'))}"
             )
             for r in st.get("rows", [])
         ]
@@ -272,7 +404,7 @@ def _drift_rows(run: Path) -> list[str]:
     dr = _j(run / "drift" / "drift.json")
     if dr:
         parts = [
-            f"step {s.get('step')}: NMSE {_num(s.get('nmse_base'), 4)}, refit {_num(s.get('nmse_refit'), 4)}"
+            f"step {s.get('step')}: NMSE {fmt_num(s.get('nmse_base'), 4)}, refit {fmt_num(s.get('nmse_refit'), 4)}"
             for s in dr.get("stages", [])
         ]
         rows.append(
@@ -294,4 +426,14 @@ def results_markdown(run: str | Path) -> str:
     return "\n".join(_header(run) + rows) + "\n"
 
 
-__all__ = ["results_markdown"]
+__all__ = [
+    "Table",
+    "ci_text",
+    "fmt",
+    "fmt3",
+    "fmt_ci",
+    "fmt_p",
+    "fmt_rate",
+    "generic_table",
+    "results_markdown",
+]

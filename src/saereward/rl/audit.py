@@ -29,14 +29,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saereward import __version__
+from saereward import __version__, plots
 from saereward.config import option, to_dict
 from saereward.data.rollouts import load_rollouts
 from saereward.errors import SaeRewardError
 from saereward.features.baseline import RewardBaseline, measure_baseline, scored_rows
 from saereward.features.pack import load_pack
 from saereward.features.scoring import PackScorer
-from saereward.io import save_figure, write_json
+from saereward.io import write_json
 from saereward.model.lm import load_tokenizer
 from saereward.rl.reward import REWARD_FORMS, completion_mech_reward
 from saereward.sae.formats import load_sae
@@ -175,20 +175,21 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     for r in forms.values():
         worst = r["max_cut_gain_sigma"]
         r["warn"] = bool(worst is not None and worst > cfg.warn_sigma)
+    profile = baseline_profile(mech, scored)
     result = {
         "n_completions": len(rows),
         "split": "validation",
         "layer": layer,
         "lam": cfg.lam,
         "warn_sigma": cfg.warn_sigma,
-        "position_profile": baseline_profile(mech, scored),
+        "position_profile": profile,
         "baseline": baseline.to_dict(),
         "forms": forms,
         "config": to_dict(cfg),
         "saereward_version": __version__,
     }
     write_json(out / "audit.json", result)
-    _plot(result, out / "audit.png")
+    plots.save_png(plots.truncation_audit(forms, cfg.warn_sigma, len(rows), profile), out / "audit.png")
     return result
 
 
@@ -199,31 +200,6 @@ def baseline_profile(mech: Tensor, scored: Tensor, upto: int = 30) -> list[float
         m = scored[:, t]
         out.append(float(mech[m, t].mean()) if m.any() else None)
     return out
-
-
-def _plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
-    for form, r in result["forms"].items():
-        ks = [int(k) for k, v in r["cut"].items() if v["gain_sigma"] is not None]
-        ax.plot(ks, [r["cut"][str(k)]["gain_sigma"] for k in ks], marker="o", label=form)
-    w = result["warn_sigma"]
-    ax.axhspan(-w, w, color="0.9", zorder=0)
-    ax.set_xscale("log")
-    ax.set_xlabel("cut after k tokens")
-    ax.set_ylabel("reward gain from cutting (σ)")
-    ax.set_title(f"truncation audit (n={result['n_completions']})")
-    ax.legend(fontsize=8)
-    prof = result["position_profile"]
-    ax2.plot(range(len(prof)), [float("nan") if p is None else p for p in prof], marker=".")
-    ax2.set_xlabel("response position")
-    ax2.set_ylabel("mean per-token score")
-    ax2.set_title("the score's position profile")
-    save_figure(fig, path)
 
 
 def format_audit(result: dict[str, Any]) -> str:

@@ -1,0 +1,70 @@
+"""CPU threads that share the machine well: passive OpenMP waiting and a thread count of free cores.
+
+PyTorch's OpenMP threads spin-wait between parallel regions. On a machine where another process
+holds a core, a spinning thread burns the time slice its partner needs, and every region waits for a
+thread that is not running: generation on 2 cores beside one busy process ran 5-15x slower than on a
+quiet machine (BENCHMARKS.md, "Speed on a busy machine"). The ``saereward`` command therefore sets,
+before torch (and its OpenMP runtime) starts:
+
+* ``OMP_WAIT_POLICY=PASSIVE``: idle threads sleep instead of spinning;
+* ``OMP_NUM_THREADS``: the number of cores that were free when the command started, when that is
+  fewer than the cores it may use (on a quiet machine nothing changes).
+
+Either variable set by the user wins, and ``SAEREWARD_TAME_THREADS=0`` turns both off. A stage's own
+``threads`` setting (``--threads``) still calls ``torch.set_num_threads`` afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import MutableMapping
+
+OFF = "SAEREWARD_TAME_THREADS"
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """``(busy, total)`` jiffies of all CPUs since boot, from ``/proc/stat`` (None off Linux)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def free_cores(window: float = 0.2) -> int | None:
+    """Cores this process may use that other processes left idle over ``window`` seconds (>= 1)."""
+    a = _cpu_times()
+    time.sleep(window)
+    b = _cpu_times()
+    if a is None or b is None or b[1] <= a[1]:
+        return None
+    ncpu_all = os.cpu_count() or 1
+    busy = (b[0] - a[0]) / (b[1] - a[1]) * ncpu_all  # cores' worth of work by everyone else
+    return max(1, min(usable_cores(), round(ncpu_all - busy)))
+
+
+def tame_threads(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Set passive waiting and a free-core thread count in ``environ`` (default ``os.environ``), each
+    unless already set; returns what it set. Must run before torch is imported to take effect."""
+    env = os.environ if environ is None else environ
+    if env.get(OFF, "1") == "0":
+        return {}
+    done: dict[str, str] = {}
+    if "OMP_WAIT_POLICY" not in env:
+        env["OMP_WAIT_POLICY"] = done["OMP_WAIT_POLICY"] = "PASSIVE"
+    if "OMP_NUM_THREADS" not in env:
+        free = free_cores()
+        if free is not None and free < usable_cores():
+            env["OMP_NUM_THREADS"] = done["OMP_NUM_THREADS"] = str(free)
+    return done

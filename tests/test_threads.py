@@ -1,0 +1,63 @@
+"""Thread settings that share a busy machine well (saereward.threads), set by the command before torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from saereward import threads
+
+
+def test_passive_waiting_and_free_cores_are_set_unless_the_user_chose(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    monkeypatch.setattr(threads, "free_cores", lambda window=0.2: 3)
+    env: dict[str, str] = {}
+    assert threads.tame_threads(env) == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "3"}
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "3"}
+    mine = {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "8"}
+    assert threads.tame_threads(mine) == {} and mine == {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "8"}
+    off = {threads.OFF: "0"}
+    assert threads.tame_threads(off) == {} and off == {threads.OFF: "0"}
+
+
+def test_a_quiet_machine_keeps_every_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    monkeypatch.setattr(threads, "free_cores", lambda window=0.2: 4)
+    env: dict[str, str] = {}
+    threads.tame_threads(env)
+    assert "OMP_NUM_THREADS" not in env and env["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_free_cores_counts_what_others_leave_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    samples = iter([(1000, 4000), (1000 + 150, 4000 + 200)])  # 75 % of 2 cores busy: 1.5 cores' worth
+    monkeypatch.setattr(threads, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads.time, "sleep", lambda s: None)
+    assert threads.free_cores() == 1  # never fewer than one
+    samples = iter([(0, 0), (0, 200)])
+    assert threads.free_cores() == 2
+    monkeypatch.setattr(threads, "_cpu_times", lambda: None)
+    assert threads.free_cores() is None  # no /proc/stat: leave torch's choice
+
+
+def test_the_command_sets_them_before_torch_starts() -> None:
+    """Parsing the command line imports the stages (and torch): the settings must already be there."""
+    code = (
+        "import os, sys\n"
+        "for k in ('OMP_WAIT_POLICY', 'OMP_NUM_THREADS', 'SAEREWARD_TAME_THREADS'): os.environ.pop(k, None)\n"
+        "from saereward import threads\n"
+        "threads.usable_cores = lambda: 2\n"
+        "threads.free_cores = lambda window=0.2: 1  # as if another process held one of two cores\n"
+        "sys.argv = ['saereward', '--version']\n"
+        "from saereward.cli import entry\n"
+        "try:\n    entry()\nexcept SystemExit:\n    pass\n"
+        "import torch\n"
+        "print(os.environ.get('OMP_WAIT_POLICY'), torch.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-2:] == ["PASSIVE", "1"]
