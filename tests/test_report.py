@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
+from saereward.errors import SaeRewardError
 from saereward.features.pack import Feature, FeaturePack, save_pack
-from saereward.io import write_json, write_jsonl
+from saereward.io import file_sha256, write_json, write_jsonl
 from saereward.report.artifacts import drift_rows, steer_rows
 from saereward.report.html import ReportConfig, run_report
 from saereward.report.tables import fmt
@@ -130,7 +131,14 @@ def make_run(root: Path, n: int = 16, full: bool = True) -> Path:
         helpful=[Feature(3, 1.0, effect_size=0.9), Feature(7, 1.0, effect_size=0.5)],
         harmful=[Feature(11, -1.0, effect_size=-0.7)],
         layer=LAYER,
-        metadata={"d_sae": D_SAE, "d_model": D, "k": K, "sae_path": str(sae_dir)},
+        # as discover records it: the SAE's path and sha256
+        metadata={
+            "d_sae": D_SAE,
+            "d_model": D,
+            "k": K,
+            "sae_path": str(sae_dir),
+            "sae_sha256": file_sha256(sae_dir),
+        },
     )
     save_pack(pack, run / "pack.json")
     if not full:
@@ -161,6 +169,8 @@ def make_run(root: Path, n: int = 16, full: bool = True) -> Path:
         sae_dir / "eval.json",
         {"d_in": D, "d_sae": D_SAE, "k": K, "heldout": held, "ce_kl": ce, "config": {"eval_tokens": 1000}},
     )
+    pack.metadata["sae_sha256"] = file_sha256(sae_dir)  # eval-sae writes eval.json before discover runs
+    save_pack(pack, run / "pack.json")
     write_json(
         ro / "layer_map.json",
         {
@@ -697,3 +707,21 @@ def test_a_copied_run_reads_its_own_sae(tmp_path: Path) -> None:
     pack = load_pack(copy / "pack.json")
     assert str(run) in pack.metadata["sae_path"]
     assert report._sae_path(copy, pack) == copy / "sae" / "sae"
+    shutil.copytree(copy / "sae", run / "sae")
+    shutil.rmtree(copy / "sae")  # the copy's SAE is gone: the original's is not read in its place
+    with pytest.raises(SaeRewardError, match="the run has no SAE"):
+        report._sae_path(copy, pack)
+
+
+def test_the_report_refuses_an_sae_the_pack_was_not_discovered_on(tmp_path: Path) -> None:
+    from saereward.features.pack import load_pack
+    from saereward.report import tokens as report
+
+    run = make_run(tmp_path / "a", n=8, full=False)
+    pack = load_pack(run / "pack.json")
+    assert report._sae_path(run, pack) == run / "sae" / "sae"
+    (run / "sae" / "sae" / "extra.txt").write_text("another SAE now")
+    with pytest.raises(SaeRewardError, match="not the one the pack was discovered on"):
+        report._sae_path(run, pack)
+    view, why = report.token_view(run, ReportConfig(run_dir=str(run)))
+    assert view is None and "not the one the pack was discovered on" in why

@@ -149,19 +149,23 @@ def _model_spec(folder: Path) -> str | None:
     return None
 
 
-def _sae_path(run: Path, pack: Any) -> Path | None:
-    """The SAE the pack indexes: the run's own ``sae/sae`` first (a copied or moved run must not read
-    the original's), else the path the pack recorded. A hash that differs from the one the pack
-    recorded is logged (the pack may have been discovered on another SAE)."""
-    for cand in (run / "sae" / "sae", pack.metadata.get("sae_path"), pack.sae_id):
-        if not cand or not Path(cand).expanduser().exists():
-            continue
-        path = Path(cand).expanduser()
-        want = pack.metadata.get("sae_sha256")
-        if want and file_sha256(path) != want:
-            log.warning("the SAE at %s differs from the one the pack was discovered on (sha256)", path)
-        return path
-    return None
+def _sae_path(run: Path, pack: Any) -> Path:
+    """The run's own SAE, ``RUN/sae/sae``, checked against the sha256 the pack recorded.
+
+    Never the path the pack recorded: a copied or moved run must not read the original's SAE. An SAE
+    whose hash differs from the one the pack was discovered on is refused, since the pack's feature
+    indices would then name other latents.
+    """
+    path = run / "sae" / "sae"
+    if not path.exists():
+        raise SaeRewardError(f"the run has no SAE at {path}: run the sae stage (saereward pipeline)")
+    want = pack.metadata.get("sae_sha256")
+    if want and file_sha256(path) != want:
+        raise SaeRewardError(
+            f"the SAE at {path} is not the one the pack was discovered on (sha256 differs): run the "
+            "discover stage again on this SAE (saereward pipeline --force discover)"
+        )
+    return path
 
 
 def view_key(run: Path, cfg: ViewSettings) -> dict[str, Any]:
@@ -237,10 +241,6 @@ def compute_token_view(run: Path, cfg: ViewSettings) -> dict[str, Any]:
     rows = read_jsonl(folder / "rollouts.jsonl")
     pack = load_pack(run / "pack.json")
     sae_path = _sae_path(run, pack)
-    if sae_path is None:
-        raise SaeRewardError(
-            f"the pack's SAE is not found (tried {pack.metadata.get('sae_path')}, {run}/sae/sae)"
-        )
     sae = load_sae(sae_path)
     layer = pack.layer if pack.layer is not None else sae.cfg.layer
     layer, x, offsets, token_ids = _read_tokens(folder / "tokens.safetensors", layer, len(rows))

@@ -960,7 +960,7 @@ def _add_scalars(tb: Any, row: dict[str, Any], step: int) -> None:
 def _tensorboard(path: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # pragma: no cover - tensorboard is a dependency
+    except ImportError:  # pragma: no cover - the tensorboard extra
         return None
     return SummaryWriter(str(path))
 

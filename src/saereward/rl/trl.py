@@ -31,7 +31,11 @@ import logging
 from typing import Any
 
 import torch
-from trl import GRPOTrainer
+
+try:
+    from trl import GRPOTrainer
+except ImportError as exc:  # an optional extra: the own trainer (train-rl) needs no TRL
+    raise ImportError("saereward.rl.trl needs TRL: pip install 'saereward[trl]'") from exc
 
 from saereward.errors import SaeRewardError
 from saereward.features.baseline import RewardBaseline

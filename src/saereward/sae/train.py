@@ -754,7 +754,7 @@ class _Logger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(t.run_dir / "tensorboard"), purge_step=t.state.step or None)
-            except ImportError:  # pragma: no cover - tensorboard is a dependency
+            except ImportError:  # pragma: no cover - the tensorboard extra
                 log.warning("tensorboard is not installed: logging to train_log.jsonl only")
         from tqdm.auto import tqdm
 

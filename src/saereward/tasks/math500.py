@@ -34,6 +34,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from saereward.errors import SaeRewardError
 from saereward.tasks.base import (
     DemoTask,
     TaskItem,
@@ -81,8 +82,16 @@ def _timeouts() -> int | None:
     return TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
 
 
+def _math_verify() -> Any:
+    try:
+        import math_verify
+    except ImportError:
+        raise SaeRewardError("the math500 task needs math-verify: pip install 'saereward[math]'") from None
+    return math_verify
+
+
 def _parse(text: str) -> list[Any]:
-    from math_verify import parse
+    parse = _math_verify().parse
 
     # parsing_timeout=None is math-verify's documented way to skip its signal-based timeout.
     return list(parse(text, parsing_timeout=_timeouts()))
@@ -112,8 +121,7 @@ class MATH500Task(DemoTask):
         return strings[-1] if strings else str(parsed[0])
 
     def verify(self, item: TaskItem, completion: str) -> bool:
-        from math_verify import verify
-
+        verify = _math_verify().verify
         pred = _parse(cut_completion(completion))
         if not pred:
             return False
