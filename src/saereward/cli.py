@@ -335,7 +335,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "train-rl",
         "GRPO with LoRA: outcome (R0), + per-token SAE pack score (R1) or + raw direction (R2)",
-        _lazy("saereward.rl.grpo", "GRPOConfig"),
+        _lazy("saereward.rl.config", "GRPOConfig"),
         _cmd_train_rl,
     ),
     Command(

@@ -59,7 +59,7 @@ from saereward.io import atomic_path, file_sha256, iter_jsonl, write_json
 from saereward.model.capture import forward_residuals
 from saereward.model.lm import DType, LoadedModel, apply_adapter, check_device, load_model, resolve_layer
 from saereward.plots import fmt_or_dash
-from saereward.rl.grpo import snapshots
+from saereward.rl.checkpoint import snapshots
 from saereward.sae.evaluate import evaluate_sae
 from saereward.sae.formats import check_sae_matches_model, load_sae, resolve_sae_path, save_sae
 from saereward.sae.kernels import use_kernels

@@ -2,7 +2,7 @@
 
 For each reward in ``rewards`` (R0 = outcome, R1 = outcome + SAE pack, R2 = outcome + raw
 contrastive direction) and each random seed in ``seeds``, one GRPO run with identical settings
-otherwise (:class:`saereward.rl.grpo.GRPOConfig` under ``rl``; same questions per step, same
+otherwise (:class:`saereward.rl.config.GRPOConfig` under ``rl``; same questions per step, same
 held-out split, same steps). Every run is scored greedily on the same held-out questions, in the
 same order (its ``summary.json`` lists them as ``eval_qids``; each evaluation row of
 ``train_log.jsonl`` carries ``eval_bits``, one ``'0'/'1'`` per question).
@@ -60,7 +60,9 @@ from saereward.gates.paired import paired_compare
 from saereward.io import write_json
 from saereward.model.lm import load_model
 from saereward.rl.audit import AuditConfig, format_audit, run_audit
-from saereward.rl.grpo import GRPOConfig, GRPOTrainer, run_train_rl, settings_diff
+from saereward.rl.checkpoint import settings_diff
+from saereward.rl.config import GRPOConfig
+from saereward.rl.grpo import GRPOTrainer, run_train_rl
 from saereward.stats import wilson_ci
 
 log = logging.getLogger(__name__)

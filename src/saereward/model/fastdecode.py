@@ -80,7 +80,7 @@ def unsupported(model: Any) -> str | None:
 
 def _skinny(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """``x @ wᵀ + b`` for ``x`` ``[rows, in]`` as ``(w @ xᵀ)ᵀ``, a transposed view (see
-    ``saereward.rl.grpo.skinny_linear`` for why that is faster on CPU for a few rows)."""
+    ``saereward.rl.patches.skinny_linear`` for why that is faster on CPU for a few rows)."""
     xt = x.t()
     y = torch.mm(w, xt) if b is None else torch.addmm(b.unsqueeze(1), w, xt)
     return y.t()

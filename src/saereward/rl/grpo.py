@@ -111,8 +111,6 @@ from saereward.rl.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
     save_snapshot,
-    settings_diff,
-    snapshots,
 )
 from saereward.rl.collapse import SHORT_TOKENS, collapse_check, monitor_rho
 from saereward.rl.config import GRPOConfig
@@ -1007,12 +1005,4 @@ def run_train_rl(cfg: GRPOConfig, lm: LoadedModel | None = None) -> dict[str, An
             dist.destroy_process_group()
 
 
-# GRPOConfig, settings_diff and snapshots are re-exported: cli, gates.g2_rl_ablation and analysis.drift
-# import them from here
-__all__ = [
-    "GRPOConfig",
-    "GRPOTrainer",
-    "run_train_rl",
-    "settings_diff",
-    "snapshots",
-]
+__all__ = ["GRPOTrainer", "run_train_rl"]
