@@ -717,6 +717,19 @@ def test_resume_after_kill_between_checkpoint_renames(tmp_path: Path) -> None:
     assert tr._restore() == 2
 
 
+def test_resume_refuses_a_checkpoint_made_with_other_settings(tmp_path: Path) -> None:
+    cfg = rl_cfg(tmp_path / "run", steps=1)
+    GRPOTrainer(cfg, lm=fresh_tiny()).fit()
+    other = GRPOConfig(**{**cfg.__dict__, "steps": 2, "lr": cfg.lr * 2, "seed": cfg.seed + 1})
+    with pytest.raises(
+        SaeRewardError, match=r"different settings \(lr, seed\).*another --out or --no-resume"
+    ):
+        GRPOTrainer(other, lm=fresh_tiny())._restore()
+    # a longer run, progress bars and the checkpoint cadence do not change what a step computes
+    same = GRPOConfig(**{**cfg.__dict__, "steps": 2, "progress": not cfg.progress, "checkpoint_every": 5})
+    assert GRPOTrainer(same, lm=fresh_tiny())._restore() == 1
+
+
 def test_gate_g2_runs_every_reward_and_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from saereward.data.rollouts import run_rollouts
     from saereward.gates.g2_rl_ablation import GateG2Config, format_g2, run_gate_g2
