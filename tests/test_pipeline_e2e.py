@@ -119,7 +119,7 @@ scales = [0.05, -0.05]
 [drift]
 max_texts = 12
 
-[report]
+[token_view]
 max_rollouts = 8
 """
 

@@ -21,11 +21,18 @@ import torch
 
 from saereward.errors import SaeRewardError
 from saereward.features.pack import Feature, FeaturePack, save_pack
+from saereward.features.token_view import (
+    TokenViewConfig,
+    run_token_view,
+    sample_rollouts,
+    token_pieces,
+    zscore_stats,
+)
 from saereward.io import file_sha256, write_json, write_jsonl
 from saereward.report.artifacts import drift_rows, steer_rows
 from saereward.report.html import ReportConfig, run_report
 from saereward.report.tables import fmt
-from saereward.report.tokens import sample_rollouts, token_colour, token_pieces, zscore_stats
+from saereward.report.tokens import token_colour
 from tiny_models import EOS_ID, char_tokenizer, random_sae
 
 D, D_SAE, K, LAYER = 16, 64, 4, 1
@@ -382,7 +389,10 @@ def steer_row(label: str, kind: str, scale: float) -> dict[str, Any]:
 def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """The synthetic run, rendered once: ``(run folder, report HTML)``."""
     run = make_run(tmp_path_factory.mktemp("report"))
-    out = run_report(ReportConfig(run_dir=str(run), max_rollouts=8, seed=0, threads=1))
+    run_token_view(
+        TokenViewConfig(run_dir=str(run), max_rollouts=8, seed=0, threads=1)
+    )  # the g1 stage's step
+    out = run_report(ReportConfig(run_dir=str(run), seed=0))
     return run, out.read_text(encoding="utf-8")
 
 
@@ -486,7 +496,8 @@ def test_report_opens_with_the_verdicts_and_ends_with_the_timings(full_run: tupl
 
 def test_partial_run_shows_present_stages_only(tmp_path: Path) -> None:
     run = make_run(tmp_path, n=8, full=False)
-    html = run_report(ReportConfig(run_dir=str(run), max_rollouts=4)).read_text()
+    run_token_view(TokenViewConfig(run_dir=str(run), max_rollouts=4))
+    html = run_report(ReportConfig(run_dir=str(run))).read_text()
     rollouts = html.split('<section id="rollouts"', 1)[1].split("</section>", 1)[0]
     assert "not run" not in rollouts and "Wilson" in rollouts
     g3 = html.split('<section id="g3"', 1)[1].split("</section>", 1)[0]
@@ -546,9 +557,9 @@ def test_token_view_is_the_rl_reward_and_is_cached(
 ) -> None:
     from safetensors.torch import load_file
 
+    from saereward.features import token_view as report
     from saereward.features.pack import load_pack
     from saereward.features.scoring import PackScorer, pack_scores_from_pooled, pooled_sae_acts
-    from saereward.report import tokens as report
     from saereward.sae.formats import load_sae
 
     run, _ = full_run
@@ -578,11 +589,14 @@ def test_token_view_is_the_rl_reward_and_is_cached(
         raise AssertionError("recomputed an up-to-date view")
 
     monkeypatch.setattr(report, "compute_token_view", boom)
-    run_report(ReportConfig(run_dir=str(run), max_rollouts=8, seed=0, out=str(run / "again.html")))
+    report.run_token_view(TokenViewConfig(run_dir=str(run), max_rollouts=8, seed=0))
+    run_report(ReportConfig(run_dir=str(run), out=str(run / "again.html")))  # the report only reads
     monkeypatch.undo()
-    run_report(ReportConfig(run_dir=str(run), max_rollouts=6, seed=1, out=str(run / "again.html")))
+    report.run_token_view(TokenViewConfig(run_dir=str(run), max_rollouts=6, seed=1))
     assert len(json.loads((run / "token_rewards.json").read_text())["responses"]) == 6
-    run_report(ReportConfig(run_dir=str(run), max_rollouts=8, seed=0))  # back to the fixture's view
+    report.run_token_view(
+        TokenViewConfig(run_dir=str(run), max_rollouts=8, seed=0)
+    )  # back to the fixture's view
 
 
 def test_cli_report_writes_and_prints(full_run: tuple[Path, str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -590,7 +604,9 @@ def test_cli_report_writes_and_prints(full_run: tuple[Path, str], capsys: pytest
 
     run, _ = full_run
     out = run / "cli.html"
-    assert main(["report", str(run), "--out", str(out), "--max-rollouts", "8"]) == 0
+    assert main(["token-view", str(run), "--max-rollouts", "8"]) == 0
+    assert "token view: 8 rollouts (4 correct)" in capsys.readouterr().out
+    assert main(["report", str(run), "--out", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     assert out.stat().st_size > 10_000
 
@@ -693,12 +709,26 @@ def test_report_in_headless_chromium(full_run: tuple[Path, str], tmp_path: Path)
     assert greenish > 200 and reddish > 200, (greenish, reddish)
 
 
+def test_the_report_only_reads_the_token_view(tmp_path: Path) -> None:
+    run = make_run(tmp_path, n=8, full=False)
+    html = run_report(ReportConfig(run_dir=str(run))).read_text()
+    viewer = html.split('<section id="viewer"', 1)[1].split("</section>", 1)[0]
+    assert "token_rewards.json is missing" in viewer and not (run / "token_rewards.json").exists()
+    run_token_view(TokenViewConfig(run_dir=str(run), max_rollouts=4))
+    assert run_report(ReportConfig(run_dir=str(run))).read_text().count('class="rollout ') == 4
+    pack = json.loads((run / "pack.json").read_text())
+    pack["name"] = "another pack"
+    write_json(run / "pack.json", pack)
+    html = run_report(ReportConfig(run_dir=str(run))).read_text()
+    assert "out of date" in html and html.count('class="rollout ') == 0
+
+
 def test_a_copied_run_reads_its_own_sae(tmp_path: Path) -> None:
     """The pack records the original run's absolute SAE path; a copy of the run reads the copy's SAE."""
     import shutil
 
+    from saereward.features import token_view as report
     from saereward.features.pack import load_pack
-    from saereward.report import tokens as report
 
     run = make_run(tmp_path / "a", n=8, full=False)
     copy = tmp_path / "b"
@@ -714,8 +744,8 @@ def test_a_copied_run_reads_its_own_sae(tmp_path: Path) -> None:
 
 
 def test_the_report_refuses_an_sae_the_pack_was_not_discovered_on(tmp_path: Path) -> None:
+    from saereward.features import token_view as report
     from saereward.features.pack import load_pack
-    from saereward.report import tokens as report
 
     run = make_run(tmp_path / "a", n=8, full=False)
     pack = load_pack(run / "pack.json")
@@ -723,5 +753,5 @@ def test_the_report_refuses_an_sae_the_pack_was_not_discovered_on(tmp_path: Path
     (run / "sae" / "sae" / "extra.txt").write_text("another SAE now")
     with pytest.raises(SaeRewardError, match="not the one the pack was discovered on"):
         report._sae_path(run, pack)
-    view, why = report.token_view(run, ReportConfig(run_dir=str(run)))
-    assert view is None and "not the one the pack was discovered on" in why
+    with pytest.raises(SaeRewardError, match="not the one the pack was discovered on"):
+        report.run_token_view(TokenViewConfig(run_dir=str(run)))

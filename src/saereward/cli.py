@@ -177,6 +177,13 @@ def _cmd_gate_g1(cfg: Any) -> int:
     return 0
 
 
+def _cmd_token_view(cfg: Any) -> int:
+    from saereward.features.token_view import format_token_view, run_token_view
+
+    _echo(format_token_view(run_token_view(cfg), cfg.run_dir))
+    return 0
+
+
 def _cmd_train_rl(cfg: Any) -> int:
     from saereward.rl.grpo import run_train_rl
 
@@ -332,6 +339,7 @@ COMMANDS: tuple[Command, ...] = (
     _stage_command("layers", _cmd_layers),
     _stage_command("discover", _cmd_discover),
     _stage_command("gate_g1", _cmd_gate_g1),
+    _stage_command("token_view", _cmd_token_view, positional="run_dir"),
     Command(
         "train-rl",
         "GRPO with LoRA: outcome (R0), + per-token SAE pack score (R1) or + raw direction (R2)",

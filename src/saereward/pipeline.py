@@ -8,7 +8,7 @@ Each stage is the same code as its own subcommand; the pipeline only fills in th
 them and the settings shared by all (model, dtype, threads, seed, task, layer). A preset is a TOML
 file: top-level keys are :class:`PipelineConfig` fields, and one table per stage (``[rollouts]``,
 ``[collect]``, ``[train_sae]``, ``[eval_sae]``, ``[layers]``, ``[discover]``, ``[gate_g1]``,
-``[probe]``, ``[gate_g2]``, ``[gate_g3]``, ``[steer]``, ``[drift]``, ``[report]``) holds that
+``[token_view]``, ``[probe]``, ``[gate_g2]``, ``[gate_g3]``, ``[steer]``, ``[drift]``, ``[report]``) holds that
 subcommand's own settings, exactly as its ``--help`` names them.
 
 **Skip and resume.** When a stage finishes, ``RUN/stages.json`` records it with its resolved
@@ -96,6 +96,7 @@ class PipelineConfig:
     layers: dict[str, Any] = option({}, "settings of `saereward layers`")
     discover: dict[str, Any] = option({}, "settings of `saereward discover`")
     gate_g1: dict[str, Any] = option({}, "settings of `saereward gate-g1`")
+    token_view: dict[str, Any] = option({}, "settings of `saereward token-view` (run in the g1 stage)")
     probe: dict[str, Any] = option({}, "settings of `saereward probe`")
     gate_g2: dict[str, Any] = option({}, "settings of `saereward gate-g2` (GRPO under its rl table)")
     gate_g3: dict[str, Any] = option({}, "settings of `saereward gate-g3`")
@@ -330,7 +331,13 @@ def _feature_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, A
             {"seed": cfg.seed},
             cfg.gate_g1,
             {"rollouts": str(lay.rollouts), "pack": str(lay.pack), "out": str(lay.root / "gate_g1.json")},
-        )
+        ),
+        "token_view": _build(
+            "token_view",
+            {"seed": cfg.seed, "threads": cfg.threads},
+            cfg.token_view,
+            {"run_dir": str(lay.root)},
+        ),
     }
     out["probe"] = lambda: {
         "probe": _build(

@@ -170,11 +170,19 @@ STAGES: tuple[Stage, ...] = (
                 "saereward.gates.g1_correlation:run_gate_g1",
                 "Stage Gate 1: pack score vs correctness on held-out questions, with CIs and baselines",
             ),
+            Step(
+                "token_view",
+                "token-view",
+                "saereward.features.token_view:TokenViewConfig",
+                "saereward.features.token_view:run_token_view",
+                "per-token mech reward of a sample of rollouts (the report's viewer and G1 scatter)",
+            ),
         ),
         ("discover",),
         "gate_g1.json",
-        ("gate_g1.json",),
-        "the validation record, written into `pack.json`",
+        ("gate_g1.json", "token_rewards.json"),
+        "the validation record, written into `pack.json`; `RUN/token_rewards.json` (per-token mech reward "
+        "of a sample of rollouts, every response's pooled score)",
     ),
     Stage(
         "probe",
@@ -273,8 +281,8 @@ STAGES: tuple[Stage, ...] = (
         ),
         ("rollouts", "collect", "sae", "layers", "discover", "g1", "probe", "g2", "g3", "steer", "drift"),
         "report.html",
-        ("report.html", "token_rewards.json"),
-        "`RUN/token_rewards.json` (per-token mech reward of a sample of rollouts)",
+        ("report.html",),
+        "reads only: it computes nothing from the model, SAE or pack",
     ),
 )
 

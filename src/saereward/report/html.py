@@ -10,8 +10,9 @@ JavaScript.
 The parts: :mod:`saereward.report.artifacts` reads the run folder, :mod:`saereward.report.tables`
 formats the cells and tables, :mod:`saereward.plots` draws the figures,
 :mod:`saereward.report.sections` and :mod:`saereward.report.gate_sections` build one section per
-stage and gate, :mod:`saereward.report.tokens` computes the viewer's per-token mech reward; this
-module assembles them and renders the jinja2 template.
+stage and gate, :mod:`saereward.report.tokens` colours the per-token view that the g1 stage wrote
+(``RUN/token_rewards.json``, :mod:`saereward.features.token_view`); this module assembles them and
+renders the jinja2 template. The report computes nothing from the model, the SAE or the pack.
 """
 
 from __future__ import annotations
@@ -57,10 +58,7 @@ class ReportConfig:
 
     run_dir: str = option("", "the run folder (layout of `saereward pipeline`, docs/run_layout.md)")
     out: str | None = option(None, "HTML file to write (default: RUN_DIR/report.html)")
-    max_rollouts: int = option(60, "rollouts in the per-token reward viewer (half correct, half wrong)")
-    seed: int = option(0, "seed of the viewer's sample and of the G1 scatter's jitter")
-    threads: int | None = option(None, "torch CPU threads for scoring tokens (default: torch's choice)")
-    recompute: bool = option(False, "recompute RUN_DIR/token_rewards.json even when it is up to date")
+    seed: int = option(0, "seed of the G1 scatter's jitter")
     markdown: str | None = option(
         None, "also write the headline numbers (n, seed, 95% CIs) as Markdown to this file"
     )
@@ -68,8 +66,6 @@ class ReportConfig:
     def __post_init__(self) -> None:
         if not self.run_dir:
             raise ValueError("run_dir is required: `saereward report RUN_DIR`")
-        if self.max_rollouts < 0:
-            raise ValueError(f"max_rollouts must be >= 0, got {self.max_rollouts}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,7 +125,7 @@ def _viewer_context(view: Mapping[str, Any] | None, why: str) -> dict[str, Any]:
 
 
 def build_context(run: Path, cfg: ReportConfig) -> dict[str, Any]:
-    view, why = token_view(run, cfg)
+    view, why = token_view(run)
     sections = [
         section_dashboard(run, view is not None),
         section_sae(run),

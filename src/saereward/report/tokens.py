@@ -1,56 +1,46 @@
-"""The report's rollout viewer: the per-token mech reward of a sample of rollouts.
+"""The report's rollout viewer: each response token coloured by its per-token mech reward.
 
-For a seeded sample of ``max_rollouts`` rollouts, balanced between correct and wrong, the response
-tokens' residuals (``rollouts/tokens.safetensors``) are scored with the pack exactly as the R1 reward
-scores them during GRPO: ``mech(t) = PackScorer.token_scores(x_t)`` (true TopK, eager fp32; see
-:mod:`saereward.features.scoring` and :mod:`saereward.rl.reward`). Colours show ``z(mech)``, a
-z-score over all the tokens shown (mean and population SD, as
-:func:`saereward.rl.reward.masked_zscore`), so colours compare across responses: green positive,
-red negative, saturated at ±2.5 SD; each token's title holds the raw value. The computed view is
-cached as ``RUN/token_rewards.json`` (with every response's pooled score, which is the G1
-statistic, for the G1 scatter) and reused while its inputs are unchanged.
+The view itself (which rollouts, each token's ``mech(t)``, the z-score's mean and SD) is written by
+the g1 stage's ``token-view`` step (:mod:`saereward.features.token_view`); the report only reads it.
+Colours show ``z(mech)`` over all the tokens shown, so they compare across responses: green positive,
+red negative, saturated at ±2.5 SD; each token's title holds the raw value.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import random
-import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from saereward.errors import SaeRewardError
-from saereward.features.pack import load_pack
-from saereward.features.scoring import PackScorer, segment_mean
-from saereward.io import file_sha256, read_jsonl, write_json
-from saereward.model.lm import EMBEDDED_PREFIX, cache_dir, embedded_gguf_path
-from saereward.report.artifacts import read_dict
+from saereward.features.token_view import VIEW_FILE, missing_inputs, read_view, view_key
 from saereward.report.tables import fmt, fmt3
-from saereward.sae.formats import load_sae
 
-log = logging.getLogger(__name__)
-
-TOKEN_VIEW_FORMAT = "saereward.token_rewards"
-TOKEN_VIEW_VERSION = 1
 #: ``|z|`` at which a token's colour saturates.
 Z_SATURATE = 2.5
 _GREEN = (22, 163, 74)
 _RED = (220, 38, 38)
 
 
-class ViewSettings(Protocol):
-    """The settings of the view (those of :class:`saereward.report.html.ReportConfig`)."""
+def token_view(run: Path) -> tuple[dict[str, Any] | None, str]:
+    """``(the view RUN/token_rewards.json holds, or None; why none)``; a view older than its inputs
+    (another pack, other rollouts) is not shown."""
+    why = missing_inputs(run)
+    if why is not None:
+        return None, f"not run ({why})"
+    view = read_view(run)
+    if view is None:
+        return None, f"not run ({VIEW_FILE} is missing: `saereward token-view {run}`)"
+    key = view.get("key") or {}
+    now = view_key(run, _Settings(int(key.get("max_rollouts", -1)), int(key.get("seed", 0))))
+    if key != now:
+        return None, f"out of date (its pack or rollouts changed): `saereward token-view {run}`"
+    return view, ""
 
-    @property
-    def max_rollouts(self) -> int: ...
-    @property
-    def seed(self) -> int: ...
-    @property
-    def threads(self) -> int | None: ...
-    @property
-    def recompute(self) -> bool: ...
+
+class _Settings:
+    def __init__(self, max_rollouts: int, seed: int) -> None:
+        self.max_rollouts, self.seed = max_rollouts, seed
 
 
 def token_colour(z: float, saturate: float = Z_SATURATE) -> str:
@@ -63,248 +53,6 @@ def token_colour(z: float, saturate: float = Z_SATURATE) -> str:
     a = min(abs(z) / saturate, 1.0) * 0.85
     r, g, b = _GREEN if z > 0 else _RED
     return f"rgba({r}, {g}, {b}, {a:.3f})"
-
-
-def sample_rollouts(
-    correct: Sequence[bool], n: int, seed: int, eligible: Sequence[bool] | None = None
-) -> list[int]:
-    """Indices of up to ``n`` rollouts, half correct and half wrong (the other side fills a short one).
-
-    Seeded: the same inputs give the same sample. Returned in index order.
-    """
-    ok = eligible if eligible is not None else [True] * len(correct)
-    pos = [i for i, (c, e) in enumerate(zip(correct, ok, strict=True)) if c and e]
-    neg = [i for i, (c, e) in enumerate(zip(correct, ok, strict=True)) if not c and e]
-    n = min(n, len(pos) + len(neg))
-    n_pos = min(len(pos), max(n // 2, n - len(neg)))
-    n_neg = min(len(neg), n - n_pos)
-    rng = random.Random(seed)
-    return sorted(rng.sample(pos, n_pos) + rng.sample(neg, n_neg))
-
-
-def zscore_stats(values: Iterable[float], eps: float = 1e-6) -> tuple[float, float]:
-    """Mean and population SD (+ ``eps``), as :func:`saereward.rl.reward.masked_zscore` normalizes."""
-    vals = [float(v) for v in values]
-    if not vals:
-        return 0.0, 1.0
-    m = sum(vals) / len(vals)
-    var = sum((v - m) ** 2 for v in vals) / len(vals) if len(vals) > 1 else 0.0
-    return m, math.sqrt(var) + eps
-
-
-def load_tokenizer(spec: str | None) -> Any | None:
-    """Just the tokenizer of a model spec, as cheaply as possible; ``None`` (logged) if it cannot be had.
-
-    ``embedded:<key>``: the converted cache folder if it exists (about 1 s), else the tokenizer alone
-    from the package's GGUF (a few seconds; the weights are not read). A ``.gguf`` file likewise; a
-    folder or a hub id: ``AutoTokenizer`` from local files only.
-    """
-    if not spec:
-        return None
-    try:
-        from transformers import AutoTokenizer
-
-        if spec.startswith(EMBEDDED_PREFIX):
-            key = spec[len(EMBEDDED_PREFIX) :]
-            folder = cache_dir() / "models" / key
-            if (folder / "saereward_source.json").is_file():
-                return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-            gguf = embedded_gguf_path(key)
-            return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        p = Path(spec).expanduser()
-        if p.is_file():
-            return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-        return AutoTokenizer.from_pretrained(str(p) if p.is_dir() else spec, local_files_only=True)
-    except Exception as exc:  # any loader failure only degrades the viewer to token ids
-        log.warning("tokenizer of %s unavailable (%s: %s): showing token ids", spec, type(exc).__name__, exc)
-        return None
-
-
-def token_pieces(tokenizer: Any | None, ids: Sequence[int]) -> list[str]:
-    """The text each token adds, by incremental decoding (multi-byte characters land on their last token)."""
-    if tokenizer is None:
-        return [f"⟨{i}⟩" for i in ids]
-    out: list[str] = []
-    prev = ""
-    for j in range(len(ids)):
-        cur = tokenizer.decode(
-            list(ids[: j + 1]), skip_special_tokens=False, clean_up_tokenization_spaces=False
-        )
-        if cur.startswith(prev) and (not cur.endswith("\ufffd") or j == len(ids) - 1):
-            out.append(cur[len(prev) :])
-            prev = cur
-        elif cur.startswith(prev):
-            out.append("")  # an incomplete UTF-8 sequence: the next token shows the character
-        else:
-            out.append(tokenizer.decode([ids[j]], skip_special_tokens=False))
-            prev = cur
-    return out
-
-
-def _model_spec(folder: Path) -> str | None:
-    for rel in ("config.json", "summary.json"):
-        d = read_dict(folder / rel)
-        if d and isinstance(d.get("model"), str):
-            return str(d["model"])
-    return None
-
-
-def _sae_path(run: Path, pack: Any) -> Path:
-    """The run's own SAE, ``RUN/sae/sae``, checked against the sha256 the pack recorded.
-
-    Never the path the pack recorded: a copied or moved run must not read the original's SAE. An SAE
-    whose hash differs from the one the pack was discovered on is refused, since the pack's feature
-    indices would then name other latents.
-    """
-    path = run / "sae" / "sae"
-    if not path.exists():
-        raise SaeRewardError(f"the run has no SAE at {path}: run the sae stage (saereward pipeline)")
-    want = pack.metadata.get("sae_sha256")
-    if want and file_sha256(path) != want:
-        raise SaeRewardError(
-            f"the SAE at {path} is not the one the pack was discovered on (sha256 differs): run the "
-            "discover stage again on this SAE (saereward pipeline --force discover)"
-        )
-    return path
-
-
-def view_key(run: Path, cfg: ViewSettings) -> dict[str, Any]:
-    """What the cached view depends on: the sample settings and the pack and token files."""
-    tok = run / "rollouts" / "tokens.safetensors"
-    st = tok.stat()
-    return {
-        "format_version": TOKEN_VIEW_VERSION,
-        "max_rollouts": cfg.max_rollouts,
-        "seed": cfg.seed,
-        "pack_sha256": file_sha256(run / "pack.json"),
-        "tokens": {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns},
-    }
-
-
-def _read_tokens(path: Path, layer: int | None, n_rows: int) -> tuple[int, Any, Any, Any]:
-    """``(layer, residuals [N, d], offsets [R+1], token ids [N] or None)`` of ``tokens.safetensors``:
-    the layer asked for (or the only one kept); checked against the ``n_rows`` responses."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as fh:
-        names = set(fh.keys())
-        layers = sorted(int(k.split("_")[1]) for k in names if k.startswith("layer_"))
-        if layer is None and len(layers) == 1:
-            layer = layers[0]
-        if layer is None or f"layer_{layer}" not in names:
-            raise SaeRewardError(
-                f"rollouts/tokens.safetensors keeps layers {layers}, not the pack's layer {layer}"
-            )
-        x = fh.get_tensor(f"layer_{layer}")
-        offsets = fh.get_tensor("offsets").long()
-        token_ids = fh.get_tensor("token_ids").long() if "token_ids" in names else None
-    if offsets.shape[0] != n_rows + 1 or int(offsets[-1]) != x.shape[0]:
-        raise SaeRewardError(
-            "rollouts.jsonl and tokens.safetensors disagree on the responses: re-run rollouts"
-        )
-    return layer, x, offsets, token_ids
-
-
-def _shown(
-    row: Mapping[str, Any],
-    r: int,
-    correct: bool,
-    score: float,
-    ids: list[int],
-    text: list[str],
-    mech: list[float],
-) -> dict[str, Any]:
-    """One shown rollout of the view."""
-    return {
-        "rid": r,
-        "qid": row.get("qid"),
-        "split": row.get("split"),
-        "correct": correct,
-        "prompt": row.get("prompt", ""),
-        "completion": row.get("completion", ""),
-        "extracted": row.get("extracted"),
-        "gold": row.get("gold"),
-        "score": score,
-        "ids": ids,
-        "text": text,
-        "mech": mech,
-    }
-
-
-def compute_token_view(run: Path, cfg: ViewSettings) -> dict[str, Any]:
-    """Score every response token with the pack (the R1 per-token reward) and build the viewer's sample."""
-    import torch
-
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    folder = run / "rollouts"
-    rows = read_jsonl(folder / "rollouts.jsonl")
-    pack = load_pack(run / "pack.json")
-    sae_path = _sae_path(run, pack)
-    sae = load_sae(sae_path)
-    layer = pack.layer if pack.layer is not None else sae.cfg.layer
-    layer, x, offsets, token_ids = _read_tokens(folder / "tokens.safetensors", layer, len(rows))
-    scorer = PackScorer(sae, pack, d_model=int(x.shape[1]))
-    mech = scorer.token_scores(x).float()  # [N]: mech(t), exactly the R1 reward's per-token score
-    resp = segment_mean(mech, offsets)  # [R]: the G1 statistic
-    lengths = (offsets[1:] - offsets[:-1]).tolist()
-    correct = [bool(r.get("correct")) for r in rows]
-    idx = sample_rollouts(correct, cfg.max_rollouts, cfg.seed, [n > 0 for n in lengths])
-    spec = _model_spec(folder)
-    tokenizer = load_tokenizer(spec) if token_ids is not None else None
-    shown = []
-    for r in idx:
-        a, b = int(offsets[r]), int(offsets[r + 1])
-        ids = token_ids[a:b].tolist() if token_ids is not None else []
-        text = token_pieces(tokenizer, ids) if ids else [f"#{t}" for t in range(a, b)]
-        mech_r = [round(float(v), 5) for v in mech[a:b].tolist()]
-        shown.append(_shown(rows[r], r, correct[r], float(resp[r]), ids, text, mech_r))
-    mean, sd = zscore_stats(v for s in shown for v in s["mech"])
-    return {
-        "format": TOKEN_VIEW_FORMAT,
-        "layer": int(layer),
-        "model": spec,
-        "tokenizer": tokenizer is not None,
-        "sae": str(sae_path),
-        "pack": str(run / "pack.json"),
-        "z_mean": mean,
-        "z_sd": sd,
-        "response_scores": [round(float(v), 6) for v in resp.tolist()],
-        "correct": correct,
-        "split": [r.get("split") for r in rows],
-        "responses": shown,
-    }
-
-
-def token_view(run: Path, cfg: ViewSettings) -> tuple[dict[str, Any] | None, str]:
-    """The cached view if it is up to date, else a fresh one (written to ``RUN/token_rewards.json``).
-
-    Returns ``(view or None, why none)``.
-    """
-    folder = run / "rollouts"
-    need = [folder / "rollouts.jsonl", folder / "tokens.safetensors", run / "pack.json"]
-    missing = [p for p in need if not p.is_file()]
-    if missing:
-        return None, f"not run ({missing[0].relative_to(run)} is missing)"
-    key = view_key(run, cfg)
-    cache = run / "token_rewards.json"
-    old = read_dict(cache)
-    if old and not cfg.recompute and old.get("key") == key and old.get("format") == TOKEN_VIEW_FORMAT:
-        log.info("token view: reusing %s", cache)
-        return old, ""
-    t0 = time.perf_counter()
-    try:
-        view = compute_token_view(run, cfg)
-    except SaeRewardError as exc:
-        log.warning("token view unavailable: %s", exc)
-        return None, str(exc)
-    except Exception as exc:  # a corrupt tensor file etc.: the rest of the report still renders
-        log.exception("token view failed")
-        return None, f"failed: {type(exc).__name__}: {exc}"
-    view["key"] = key
-    view["seconds"] = round(time.perf_counter() - t0, 2)
-    write_json(cache, view)
-    return view, ""
 
 
 def viewer_items(view: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -336,13 +84,4 @@ def viewer_items(view: Mapping[str, Any]) -> list[dict[str, Any]]:
     return items
 
 
-__all__ = [
-    "compute_token_view",
-    "load_tokenizer",
-    "sample_rollouts",
-    "token_colour",
-    "token_pieces",
-    "token_view",
-    "viewer_items",
-    "zscore_stats",
-]
+__all__ = ["Z_SATURATE", "token_colour", "token_view", "viewer_items"]
