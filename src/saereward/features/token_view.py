@@ -169,14 +169,14 @@ def _sae_path(run: Path, pack: Any) -> Path:
     return path
 
 
-def view_key(run: Path, cfg: TokenViewConfig) -> dict[str, Any]:
-    """What the cached view depends on: the sample settings and the pack and token files."""
+def view_key(run: Path, max_rollouts: int, seed: int) -> dict[str, Any]:
+    """What the view depends on: the sample settings and the pack and token files."""
     tok = run / "rollouts" / "tokens.safetensors"
     st = tok.stat()
     return {
         "format_version": TOKEN_VIEW_VERSION,
-        "max_rollouts": cfg.max_rollouts,
-        "seed": cfg.seed,
+        "max_rollouts": max_rollouts,
+        "seed": seed,
         "pack_sha256": file_sha256(run / "pack.json"),
         "tokens": {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns},
     }
@@ -298,7 +298,7 @@ def run_token_view(cfg: TokenViewConfig) -> dict[str, Any]:
         raise SaeRewardError(
             f"cannot score the tokens of {run}: {why} (run the rollouts and discover stages)"
         )
-    key = view_key(run, cfg)
+    key = view_key(run, cfg.max_rollouts, cfg.seed)
     old = read_view(run)
     if old and not cfg.recompute and old.get("key") == key:
         log.info("token view: %s is up to date", run / VIEW_FILE)

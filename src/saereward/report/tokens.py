@@ -32,15 +32,10 @@ def token_view(run: Path) -> tuple[dict[str, Any] | None, str]:
     if view is None:
         return None, f"not run ({VIEW_FILE} is missing: `saereward token-view {run}`)"
     key = view.get("key") or {}
-    now = view_key(run, _Settings(int(key.get("max_rollouts", -1)), int(key.get("seed", 0))))
+    now = view_key(run, int(key.get("max_rollouts", -1)), int(key.get("seed", 0)))
     if key != now:
         return None, f"out of date (its pack or rollouts changed): `saereward token-view {run}`"
     return view, ""
-
-
-class _Settings:
-    def __init__(self, max_rollouts: int, seed: int) -> None:
-        self.max_rollouts, self.seed = max_rollouts, seed
 
 
 def token_colour(z: float, saturate: float = Z_SATURATE) -> str:
