@@ -261,11 +261,11 @@ def check_across_stages(cfg: PipelineConfig, configs: dict[str, dict[str, Any]])
 
 def _stage_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any]]]:
     """A builder per stage: data, SAE and features first, then RL and what reads the RL runs."""
-    return {**_feature_builders(cfg), **_rl_builders(cfg)}
+    return {**_feature_builders(cfg), **_check_builders(cfg), **_rl_builders(cfg)}
 
 
 def _feature_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any]]]:
-    """Builders of rollouts, collect, sae, layers, discover, g1 and probe."""
+    """Builders of rollouts, collect, sae, layers and discover."""
     lay = Layout(Path(cfg.out))
     sh = _shared(cfg)
     layer = cfg.layer
@@ -325,6 +325,14 @@ def _feature_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, A
             {"rollouts": str(lay.rollouts), "sae": str(lay.sae), "out": str(lay.pack)},
         )
     }
+    return out
+
+
+def _check_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any]]]:
+    """Builders of g1 (the gate and the token view) and probe."""
+    lay = Layout(Path(cfg.out))
+    layer = cfg.layer
+    out: dict[str, Callable[[], dict[str, Any]]] = {}
     out["g1"] = lambda: {
         "gate_g1": _build(
             "gate_g1",
