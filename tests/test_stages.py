@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import saereward.pipeline as pl
 from saereward import cli
 from saereward.report import artifacts as report
@@ -52,3 +54,20 @@ def test_the_cli_and_the_registry_import_no_torch() -> None:
     code = "import sys, saereward.cli, saereward.pipeline, saereward.stages; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_help_lists_every_command_without_importing_a_stage() -> None:
+    code = (
+        "import sys\nfrom saereward.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules, any(m.startswith('saereward.sae') for m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-2:] == ["False", "False"]
+    assert all(c.name in out for c in cli.COMMANDS)
+
+
+def test_a_subcommand_still_gets_its_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["train-sae", "--help"])
+    assert "--train-k" in capsys.readouterr().out

@@ -394,7 +394,16 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen(argv: Sequence[str] | None) -> str | None:
+    """The subcommand named on the command line (the first word that is one), if any."""
+    names = {c.name for c in COMMANDS}
+    return next((a for a in (sys.argv[1:] if argv is None else argv) if a in names), None)
+
+
+def build_parser(argv: Sequence[str] | None = None, *, every: bool = False) -> argparse.ArgumentParser:
+    """The parser; only the chosen subcommand's config is imported for its flags (``every``: all), so
+    ``saereward --help`` lists the commands without importing a stage module or torch."""
+    chosen = _chosen(argv)
     p = argparse.ArgumentParser(
         prog="saereward",
         description="Mechanistic rewards: SAEs on the residual stream, contrastive feature packs, "
@@ -414,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
                 default=argparse.SUPPRESS,
                 help=f"same as --{cmd.positional.replace('_', '-')}",
             )
-        add_config_args(sp, cmd.config())
+        if every or cmd.name == chosen:
+            add_config_args(sp, cmd.config())
         sp.set_defaults(_command=cmd)
     return p
 
@@ -438,7 +448,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     cmd: Command = args._command
