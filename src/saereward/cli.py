@@ -177,6 +177,13 @@ def _cmd_gate_g1(cfg: Any) -> int:
     return 0
 
 
+def _cmd_export_sae(cfg: Any) -> int:
+    from saereward.sae.export import run_export
+
+    _echo(f"wrote {run_export(cfg)} ({cfg.format})")
+    return 0
+
+
 def _cmd_token_view(cfg: Any) -> int:
     from saereward.features.token_view import format_token_view, run_token_view
 
@@ -335,6 +342,12 @@ COMMANDS: tuple[Command, ...] = (
     _stage_command("collect", _cmd_collect),
     _stage_command("train_sae", _cmd_train_sae),
     _stage_command("eval_sae", _cmd_eval_sae),
+    Command(
+        "export-sae",
+        "write an SAE as a SAELens, sparsify, mechreward .pt or native checkpoint",
+        _lazy("saereward.sae.export", "ExportConfig"),
+        _cmd_export_sae,
+    ),
     _stage_command("rollouts", _cmd_rollouts),
     _stage_command("layers", _cmd_layers),
     _stage_command("discover", _cmd_discover),

