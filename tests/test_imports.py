@@ -114,7 +114,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("rl",),
     ("analysis",),
     ("gates",),
-    ("report", "pipeline", "cli", "__main__"),
+    ("report", "pipeline", "cli", "__main__", "integrations"),
 )
 # config resolves dtype "auto" through lm, imported inside the function so config stays torch-free
 ALLOWED_UPWARD = {("saereward.config", "saereward.model.lm")}

@@ -184,6 +184,13 @@ def _cmd_export_sae(cfg: Any) -> int:
     return 0
 
 
+def _cmd_serve_reward(cfg: Any) -> int:
+    from saereward.integrations.openrlhf import run_serve_reward
+
+    run_serve_reward(cfg)
+    return 0
+
+
 def _cmd_token_view(cfg: Any) -> int:
     from saereward.features.token_view import format_token_view, run_token_view
 
@@ -367,6 +374,12 @@ COMMANDS: tuple[Command, ...] = (
     ),
     _stage_command("gate_g2", _cmd_gate_g2),
     _stage_command("probe", _cmd_probe),
+    Command(
+        "serve-reward",
+        "HTTP reward server for OpenRLHF (--reward.remote_url): outcome + lam * mean pack score, per sample",
+        _lazy("saereward.integrations.openrlhf", "ServeRewardConfig"),
+        _cmd_serve_reward,
+    ),
     Command(
         "canaries",
         "reward-hacking canaries (5 patterns): hack/correct/ambiguous rates, base vs trained",

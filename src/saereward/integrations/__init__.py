@@ -1,0 +1,1 @@
+"""Adapters for the RL frameworks researchers already run."""
