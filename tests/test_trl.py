@@ -215,3 +215,120 @@ def test_sae_grpo_trainer_beta_zero_reads_the_base_model(tmp_path: Path) -> None
     assert trainer._warned_extra_forward  # the extra forward ran
     assert seen and all(a.dim() == 2 for a in seen)
     assert any((a[:, 1:] - a[:, :-1]).abs().sum() > 0 for a in seen)
+
+
+def _length_reward(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+    return [float(len(str(c))) for c in completions]
+
+
+def _lora(trainer: Any) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_lambda_zero_is_bitwise_trls_own_trainer(tmp_path: Path, loss_type: str) -> None:
+    """With λ = 0 the subclass changes nothing: the same LoRA weights and logged loss as
+    ``trl.GRPOTrainer``, bit for bit, for each loss type."""
+    import trl
+
+    from saereward.features.scoring import PackScorer
+    from saereward.rl.trl import SAEGRPOTrainer
+    from tiny_models import random_sae
+
+    kw = {
+        "max_completion_length": 6,
+        "max_steps": 1,
+        "beta": 0.05,
+        "learning_rate": 1e-2,
+        "loss_type": loss_type,
+    }
+    lm, pack, common = _setup(tmp_path / "ours", 4, **kw)
+    common["reward_funcs"] = _length_reward  # varies within a group, so the outcome advantage is not 0
+    scorer = PackScorer(random_sae(d_in=576, d_sae=512, k=16, layer=15), pack)
+    baseline = _base_baseline(lm, scorer, list(common["train_dataset"]["prompt"]))
+    torch.manual_seed(0)
+    ours = SAEGRPOTrainer(model=lm.model, scorer=scorer, lam=0.0, baseline=baseline, **common)
+    ours.train()
+    lm2, _, common2 = _setup(tmp_path / "trl", 4, **kw)
+    common2["reward_funcs"] = _length_reward
+    torch.manual_seed(0)
+    theirs = trl.GRPOTrainer(model=lm2.model, **common2)
+    theirs.train()
+    a, b = _lora(ours), _lora(theirs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_B" in k)  # it trained
+    loss = [h["loss"] for h in ours.state.log_history if "loss" in h]
+    assert loss == [h["loss"] for h in theirs.state.log_history if "loss" in h]
+
+
+def test_the_credit_reads_the_frozen_base_at_exactly_the_completion_tokens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scores behind the advantage equal the pack's scores of the base model (adapter off),
+    recomputed independently over prompt + completion, at the completion positions: a reward read
+    one token early or late, or from the policy, fails this."""
+    import trl
+
+    from saereward.features.scoring import PackScorer
+    from saereward.model.capture import forward_residuals
+    from saereward.rl.trl import SAEGRPOTrainer
+    from tiny_models import random_sae
+
+    lm, pack, common = _setup(
+        tmp_path, 4, max_completion_length=6, max_steps=1, beta=0.05, learning_rate=1e-2
+    )
+    scorer = PackScorer(random_sae(d_in=576, d_sae=512, k=16, layer=15), pack)
+    generated: list[dict[str, torch.Tensor]] = []
+    parent = trl.GRPOTrainer._generate_and_score_completions
+
+    def record(self: Any, inputs: Any) -> dict[str, Any]:
+        out = parent(self, inputs)
+        keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+        generated.append({k: out[k].detach().clone() for k in keys})
+        return out
+
+    monkeypatch.setattr(trl.GRPOTrainer, "_generate_and_score_completions", record)
+    trainer = SAEGRPOTrainer(model=lm.model, scorer=scorer, lam=0.5, reward_form="mechreward", **common)
+    scores: list[torch.Tensor] = []
+    token_scores = trainer.sae_scorer.token_scores
+
+    def score_spy(x: torch.Tensor) -> torch.Tensor:
+        scores.append(token_scores(x).detach().clone())
+        return scores[-1]
+
+    trainer.sae_scorer.token_scores = score_spy  # type: ignore[method-assign]
+    trainer.train()
+    (gen,) = generated
+    ids = torch.cat([gen["prompt_ids"], gen["completion_ids"]], dim=1)
+    mask = torch.cat([gen["prompt_mask"], gen["completion_mask"]], dim=1)
+    T = gen["completion_ids"].shape[1]
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    with torch.no_grad(), model.disable_adapter():
+        want = token_scores(forward_residuals(model, ids, mask, [15])[15][:, -T:].float())
+        early = token_scores(forward_residuals(model, ids, mask, [15])[15][:, -T - 1 : -1].float())
+    m = gen["completion_mask"].bool()
+    torch.testing.assert_close(scores[0][m], want[m], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(scores[0][m], early[m], atol=1e-5)  # read one token early: caught
+    with torch.no_grad():  # the policy (adapter on, after a step) reads differently from the base
+        policy = token_scores(forward_residuals(model, ids, mask, [15])[15][:, -T:].float())
+    assert not torch.allclose(scores[0][m], policy[m], atol=1e-5)
+
+
+def test_setups_where_the_policy_would_score_itself_are_refused(tmp_path: Path) -> None:
+    import copy
+
+    from saereward.errors import SaeRewardError
+    from saereward.features.scoring import PackScorer
+    from saereward.rl.trl import SAEGRPOTrainer
+    from tiny_models import random_sae
+
+    lm, pack, common = _setup(tmp_path, 4, max_completion_length=6, max_steps=1, beta=0.0)
+    scorer = PackScorer(random_sae(d_in=576, d_sae=512, k=16, layer=15), pack)
+    no_peft = {k: v for k, v in common.items() if k != "peft_config"}
+    with pytest.raises(SaeRewardError, match="beta=0 without a PEFT adapter"):
+        SAEGRPOTrainer(model=lm.model, scorer=scorer, reward_form="mechreward", **no_peft)
+    args = copy.copy(common["args"])
+    args.beta, args.sync_ref_model = 0.05, True
+    synced = {**common, "args": args}
+    with pytest.raises(SaeRewardError, match="sync_ref_model=True"):
+        SAEGRPOTrainer(model=lm.model, scorer=scorer, reward_form="mechreward", **synced)

@@ -18,7 +18,9 @@ base rollouts in the training prompt format (``saereward discover`` writes one b
 prompt + completion to get reference log-probs; a hook on the pack's layer records the hidden states
 of that forward (the frozen base model: the policy cannot steer its own reward). With ``beta = 0``
 there is no reference forward, and the trainer runs one no-grad forward of the base model itself
-(logged once as a warning).
+(logged once as a warning). The policy must never score itself: ``sync_ref_model=True`` (which copies
+the policy into the reference) and β = 0 without a PEFT adapter (no frozen base to switch back to)
+are refused.
 
     trainer = SAEGRPOTrainer(model=..., reward_funcs=OutcomeReward(task), args=GRPOConfig(beta=0.05, ...),
                              train_dataset=ds, peft_config=LoraConfig(...), scorer=PackScorer(sae, pack),
@@ -54,6 +56,23 @@ def _adapters_disabled(model: Any) -> bool:
     return False
 
 
+def _check_frozen_source(args: Any, peft_config: Any, model: Any) -> None:
+    """The reward must read a model the policy cannot move. Refuse the setups where it would not:
+    ``sync_ref_model`` (TRL copies the policy into the reference it reads), and β = 0 without a PEFT
+    adapter (no reference model, and no adapter to switch off: the policy would score itself)."""
+    if args is not None and getattr(args, "sync_ref_model", False):
+        raise SaeRewardError(
+            "sync_ref_model=True moves the reference model the SAE reward reads: the policy would shape "
+            "its own reward; set sync_ref_model=False"
+        )
+    has_adapter = peft_config is not None or hasattr(model, "peft_config")
+    if args is not None and getattr(args, "beta", 0.0) == 0.0 and not has_adapter:
+        raise SaeRewardError(
+            "beta=0 without a PEFT adapter leaves no frozen base model to read the SAE reward from: "
+            "pass peft_config=, or beta > 0 (TRL then keeps a reference model)"
+        )
+
+
 class SAEGRPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` + per-token SAE advantage; see the module docstring."""
 
@@ -83,6 +102,7 @@ class SAEGRPOTrainer(GRPOTrainer):
             )
         self.sae_form, self.sae_baseline, self.sae_clip = reward_form, baseline, float(clip)
         model = kwargs.get("model", args[0] if args else None)
+        _check_frozen_source(kwargs.get("args"), kwargs.get("peft_config"), model)
         checked = isinstance(model, torch.nn.Module)
         if checked:
             layer = check_pack_scorer(scorer, model, layer)
