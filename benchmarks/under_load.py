@@ -19,11 +19,12 @@ Settings (the environment of the child):
 
 * ``default``: what torch does by itself (2 threads here, OpenMP's default spin-then-sleep);
 * ``passive``: ``OMP_WAIT_POLICY=PASSIVE`` (idle threads sleep at once);
-* ``cli``: what ``saereward`` sets by default (:func:`saereward.threads.tame_threads`: passive waiting,
-  and as many threads as cores that were free when the command started).
+* ``cli``: what the ``saereward`` command sets (:func:`saereward.threads.tame_threads`, measured when
+  the child starts): on a quiet machine nothing; beside the competitor, as many threads as free cores.
 
 Load: ``quiet``, or ``loaded``: one competitor process spinning on one core (a Python busy loop),
-started before the child and stopped after it. The table gives seconds and loaded/quiet throughput.
+started before the child and stopped after it. The table gives seconds, each setting's loaded/quiet throughput, and both against the default
+setting's quiet time (the speed a user had before).
 
     .venv/bin/python benchmarks/under_load.py            # all workloads, 3 timed runs each
     .venv/bin/python benchmarks/under_load.py --quick    # 2 timed runs, shorter generations
@@ -196,15 +197,17 @@ def measure(workload: str, setting: str, loaded: bool, args: argparse.Namespace)
 
 def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     lines = [
-        "| workload | setting | threads quiet / loaded | quiet s | loaded s | loaded / quiet throughput |",
-        "|---|---|---|---:|---:|---:|",
+        "| workload | setting | threads quiet / loaded | quiet s | loaded s | loaded / quiet | "
+        "quiet vs default quiet | loaded vs default quiet |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for w, by_setting in results.items():
+        ref = by_setting.get("default", next(iter(by_setting.values())))["quiet"]["median_s"]
         for s, r in by_setting.items():
             q, lo = r["quiet"], r["loaded"]
             lines.append(
                 f"| {w} | {s} | {q['threads']} / {lo['threads']} | {q['median_s']:.2f} | {lo['median_s']:.2f} "
-                f"| {q['median_s'] / lo['median_s']:.2f} |"
+                f"| {q['median_s'] / lo['median_s']:.2f} | {ref / q['median_s']:.2f} | {ref / lo['median_s']:.2f} |"
             )
     return "\n".join(lines)
 

@@ -10,26 +10,31 @@ import pytest
 from saereward import threads
 
 
-def test_passive_waiting_and_free_cores_are_set_unless_the_user_chose(
+def test_a_busy_machine_gets_a_free_core_thread_count_unless_the_user_chose(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(threads, "usable_cores", lambda: 4)
     monkeypatch.setattr(threads, "free_cores", lambda window=0.2: 3)
     env: dict[str, str] = {}
-    assert threads.tame_threads(env) == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "3"}
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "3"}
-    mine = {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "8"}
-    assert threads.tame_threads(mine) == {} and mine == {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "8"}
+    assert threads.tame_threads(env) == {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert env == {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "PASSIVE"}
+    monkeypatch.setattr(threads, "free_cores", lambda window=0.2: 1)
+    one: dict[str, str] = {}
+    assert threads.tame_threads(one) == {"OMP_NUM_THREADS": "1"}  # no team, nothing to wait for
+    mine = {"OMP_NUM_THREADS": "8"}
+    assert threads.tame_threads(mine) == {} and mine == {"OMP_NUM_THREADS": "8"}
+    active = {"OMP_WAIT_POLICY": "ACTIVE"}
+    monkeypatch.setattr(threads, "free_cores", lambda window=0.2: 2)
+    assert threads.tame_threads(active) == {"OMP_NUM_THREADS": "2"} and active["OMP_WAIT_POLICY"] == "ACTIVE"
     off = {threads.OFF: "0"}
     assert threads.tame_threads(off) == {} and off == {threads.OFF: "0"}
 
 
-def test_a_quiet_machine_keeps_every_core(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_quiet_machine_is_left_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(threads, "usable_cores", lambda: 4)
     monkeypatch.setattr(threads, "free_cores", lambda window=0.2: 4)
     env: dict[str, str] = {}
-    threads.tame_threads(env)
-    assert "OMP_NUM_THREADS" not in env and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert threads.tame_threads(env) == {} and env == {}
 
 
 def test_free_cores_counts_what_others_leave_idle(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,4 +65,4 @@ def test_the_command_sets_them_before_torch_starts() -> None:
         "print(os.environ.get('OMP_WAIT_POLICY'), torch.get_num_threads())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split()[-2:] == ["PASSIVE", "1"]
+    assert out.split()[-2:] == ["None", "1"]  # one free core: one thread, no team to wait in

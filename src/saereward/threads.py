@@ -1,17 +1,21 @@
-"""CPU threads that share the machine well: passive OpenMP waiting and a thread count of free cores.
+"""CPU threads that share a busy machine well: as many threads as cores that are free at the start.
 
 PyTorch's OpenMP threads spin-wait between parallel regions. On a machine where another process
 holds a core, a spinning thread burns the time slice its partner needs, and every region waits for a
-thread that is not running: generation on 2 cores beside one busy process ran 5-15x slower than on a
-quiet machine (BENCHMARKS.md, "Speed on a busy machine"). The ``saereward`` command therefore sets,
-before torch (and its OpenMP runtime) starts:
+thread that is not running: generation on 2 cores beside one busy process ran 4-15x slower than on a
+quiet machine (BENCHMARKS.md, "Speed on a busy machine"). The ``saereward`` command therefore
+measures, before torch (and its OpenMP runtime) starts, how many cores other processes leave idle,
+and when that is fewer than the cores it may use it sets:
 
-* ``OMP_WAIT_POLICY=PASSIVE``: idle threads sleep instead of spinning;
-* ``OMP_NUM_THREADS``: the number of cores that were free when the command started, when that is
-  fewer than the cores it may use (on a quiet machine nothing changes).
+* ``OMP_NUM_THREADS`` to the free cores (at least 1), so no thread waits for a core it cannot get;
+* ``OMP_WAIT_POLICY=PASSIVE`` when that still leaves a team of two or more threads, so idle threads
+  sleep instead of spinning on a core another process needs.
 
-Either variable set by the user wins, and ``SAEREWARD_TAME_THREADS=0`` turns both off. A stage's own
-``threads`` setting (``--threads``) still calls ``torch.set_num_threads`` afterwards.
+On a quiet machine it changes nothing: passive waiting there cost 40 % of generation speed (the same
+benchmark), more than it saves. Either variable set by the user wins, and
+``SAEREWARD_TAME_THREADS=0`` turns this off. A stage's own ``threads`` setting (``--threads``) still
+calls ``torch.set_num_threads`` afterwards. The count is taken once, at the start: load that arrives
+later is not followed.
 """
 
 from __future__ import annotations
@@ -55,16 +59,17 @@ def free_cores(window: float = 0.2) -> int | None:
 
 
 def tame_threads(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Set passive waiting and a free-core thread count in ``environ`` (default ``os.environ``), each
-    unless already set; returns what it set. Must run before torch is imported to take effect."""
+    """On a busy machine, set a free-core thread count (and passive waiting for a team of two or
+    more) in ``environ`` (default ``os.environ``), each unless already set; returns what it set.
+    Must run before torch is imported to take effect."""
     env = os.environ if environ is None else environ
-    if env.get(OFF, "1") == "0":
+    if env.get(OFF, "1") == "0" or "OMP_NUM_THREADS" in env:
         return {}
-    done: dict[str, str] = {}
-    if "OMP_WAIT_POLICY" not in env:
-        env["OMP_WAIT_POLICY"] = done["OMP_WAIT_POLICY"] = "PASSIVE"
-    if "OMP_NUM_THREADS" not in env:
-        free = free_cores()
-        if free is not None and free < usable_cores():
-            env["OMP_NUM_THREADS"] = done["OMP_NUM_THREADS"] = str(free)
+    free = free_cores()
+    if free is None or free >= usable_cores():
+        return {}  # a quiet machine: torch's defaults are fastest
+    done = {"OMP_NUM_THREADS": str(free)}
+    if free > 1 and "OMP_WAIT_POLICY" not in env:
+        done["OMP_WAIT_POLICY"] = "PASSIVE"
+    env.update(done)
     return done
