@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -118,7 +119,14 @@ def _grpo_runner(new_tokens: int) -> Callable[[], None]:
     work = Path(tempfile.mkdtemp(prefix="under_load_"))
     make_pack(work)
     cfg = bench_config(
-        "fp32", 8, 100, reward="sae", pack=str(work / "pack.json"), layer=15, max_new_tokens=new_tokens
+        "fp32",
+        8,
+        100,
+        reward="sae",
+        reward_form="mechreward",  # no reward baseline to measure first; the per-step cost is the same
+        pack=str(work / "pack.json"),
+        layer=15,
+        max_new_tokens=new_tokens,
     )
     trainer = GRPOTrainer(cfg, lm=load_model(dtype="fp32"))
     step = iter(range(100))
@@ -225,6 +233,8 @@ def main() -> None:
     ap.add_argument("--child", choices=WORKLOADS, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    # a kill of this script must stop its competitor too: SIGTERM unwinds through measure()'s finally
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.child:
         print(json.dumps(child(args.child, args.repeats, args)))
         return
