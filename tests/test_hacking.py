@@ -415,7 +415,7 @@ def test_gate_g3_end_to_end_on_the_embedded_model(
     def no_load(*a: Any, **k: Any) -> None:
         raise AssertionError("a fully finished G3 loaded a model again")
 
-    for mod in ("evalsuite", "evaluate", "rollouts"):
+    for mod in ("analysis.evalsuite", "analysis.evaluate", "data.rollouts"):
         monkeypatch.setattr(f"saereward.{mod}.load_model", no_load)
     assert main(args) == 0
     assert (tmp_path / "g3" / "eval_suite" / "trained" / "gsm8k" / "items.jsonl").stat().st_mtime_ns == stamp

@@ -534,7 +534,7 @@ def load_model(
     model.requires_grad_(False)
     contiguous_lm_head(model)
     if device == "cpu" and dtype == "bf16":
-        from saereward import bf16cpu  # lazy: bf16cpu imports torch, lm must not at import
+        from saereward.model import bf16cpu  # lazy: bf16cpu imports torch, lm must not at import
 
         bf16cpu.install(model)  # fp32 GEMM for bf16 products where the CPU has no bf16 units
     if tok.pad_token is None:
