@@ -216,7 +216,14 @@ def child_ours(
     torch.set_num_threads(threads)
     kw: dict[str, Any] = {}
     if sae_reward:
-        kw = {"reward": "sae", "pack": str(Path(workdir) / "pack.json"), "layer": 15}
+        # mechreward's form needs no reward baseline measured first; per step it costs what the
+        # default position form costs (one subtraction and a clip per token more there)
+        kw = {
+            "reward": "sae",
+            "pack": str(Path(workdir) / "pack.json"),
+            "layer": 15,
+            "reward_form": "mechreward",
+        }
     cfg = bench_config(
         dtype,
         n_questions,
