@@ -50,6 +50,7 @@ def main() -> None:
         4,
         2 * args.pairs + 1,
         reward="sae",
+        reward_form="mechreward",  # needs no measured reward baseline; per step it costs what position costs
         pack=str(workdir / "pack.json"),
         layer=15,
         reward_source=args.source,
