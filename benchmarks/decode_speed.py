@@ -2,7 +2,7 @@
 
 Times :func:`saereward.model.generate.generate_batch` with ``fast_decode`` off (HF ``generate()``) and on
 (:mod:`saereward.model.fastdecode`), alternating, on the same loaded model and prompts (two-number sums in
-the seed's raw prompt), and reports the median wall time per batch, new tokens/s, and the share of rows
+mechreward's raw prompt), and reports the median wall time per batch, new tokens/s, and the share of rows
 whose greedy tokens agree (bf16 rounding can differ between the two paths' kernels and flip a
 near-tie). Rows never end early on a model with random weights, so each row decodes the full
 ``--new-tokens``.
