@@ -287,8 +287,11 @@ def test_drift_end_to_end_resume_and_determinism(tiny_run: dict[str, Path], tmp_
     # a fresh folder with the same seed gives identical numbers (CPU-deterministic)
     res4 = run_drift(drift_cfg(tiny_run, tmp_path / "again"), lm=fresh_tiny())
     assert numbers(res4) == numbers(res)
-    # a changed setting recomputes every stage
-    res5 = run_drift(drift_cfg(tiny_run, out, refit_lr=2e-3), lm=fresh_tiny())
+    # a changed setting is refused in the same folder (one line naming it); a new folder recomputes all
+    with pytest.raises(SaeRewardError, match=r"holds drift stages made with other settings \(refit_lr "):
+        run_drift(drift_cfg(tiny_run, out, refit_lr=2e-3), lm=fresh_tiny())
+    assert numbers(json.loads((out / "drift.json").read_text())) == numbers(res)
+    res5 = run_drift(drift_cfg(tiny_run, tmp_path / "lr", refit_lr=2e-3), lm=fresh_tiny())
     assert res5["reused_stages"] == [] and res5["stages"][0]["nmse_refit"] != res["stages"][0]["nmse_refit"]
 
 

@@ -201,3 +201,42 @@ def test_contiguous_lm_head_same_logits_one_mm(smollm: LoadedModel) -> None:
     assert "aten::bmm" not in ops_fixed
     assert contiguous_lm_head(model)  # idempotent
     assert len(head._forward_pre_hooks) == len(hooks)
+
+
+def test_gguf_header_reader_matches_gguf_library(tmp_path: Path) -> None:
+    """Our header-only GGUF reader (model_dims' fast path) gives gguf.GGUFReader's scalar fields,
+    skipping string and number arrays; a truncated header is a ValueError, never a wrong answer."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFWriter
+
+    from saereward.model.lm import gguf_metadata, model_dims
+
+    path = tmp_path / "m.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(7)
+    w.add_token_list(["a", "bb", "ccc"] * 50)
+    w.add_array("x.numbers", [1, 2, 3])
+    w.add_embedding_length(48)
+    w.add_float32("x.f", 0.5)
+    w.add_string("x.s", "hello")
+    w.add_tensor("t", np.zeros((2, 3), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = gguf_metadata(path)
+    lib = {}
+    for name, field in GGUFReader(str(path)).fields.items():
+        if name.startswith("GGUF.") or len(field.data) != 1 or field.types[0].name == "ARRAY":
+            continue
+        value = field.contents()
+        lib[name] = value
+    assert ours.keys() == lib.keys() and "x.numbers" not in ours and "tokenizer.ggml.tokens" not in ours
+    for k, v in lib.items():
+        assert ours[k] == pytest.approx(v) if isinstance(v, float) else ours[k] == v
+    assert model_dims(str(path)) == (7, 48)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:60])
+    with pytest.raises(ValueError, match="truncated"):
+        gguf_metadata(cut)
+    assert model_dims(str(cut)) is None

@@ -10,7 +10,7 @@ import pytest
 
 from saereward import pipeline as pl
 from saereward.cli import main
-from saereward.config import from_dict, load_toml
+from saereward.config import from_dict, load_toml, to_dict
 from saereward.errors import SaeRewardError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -28,7 +28,7 @@ def fake_stages(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     def make(stage: str) -> Any:
         def run(c: dict[str, Any]) -> None:
             calls.append(stage)
-            lay = pl.Layout(Path(_RUN[0]))
+            lay = pl.Layout(_root(c))
             art = lay.artifact(stage)
             art.parent.mkdir(parents=True, exist_ok=True)
             art.write_text(json.dumps({"stage": stage}))
@@ -44,6 +44,13 @@ def fake_stages(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 _RUN = [""]
 _FAIL = [""]
+
+
+def _root(c: dict[str, Any]) -> Path:
+    """The folder a stage was wired into: the run folder, or its staging folder for a rebuild."""
+    wired = json.dumps({k: to_dict(v) for k, v in c.items()})
+    staging = Path(_RUN[0]).absolute() / pl.STAGING
+    return staging if str(staging) in wired else Path(_RUN[0])
 
 
 def _run(cfg: pl.PipelineConfig) -> None:
@@ -155,6 +162,7 @@ def test_force_redoes_the_stage_and_its_dependants_only(tmp_path: Path, fake_sta
     _run(_cfg(tmp_path, force=["steer"]))
     assert fake_stages == ["steer", "report"]
     assert not old.exists() and not (tmp_path / "run" / "steer.replaced").exists()
+    assert not (tmp_path / "run" / pl.STAGING).exists()
 
 
 def test_changed_stage_config_reruns_it_and_what_depends_on_it(
@@ -213,6 +221,66 @@ def test_a_killed_rerun_is_rolled_back_before_the_next_plan(tmp_path: Path, fake
     assert fake_stages == []
     assert (run / "sae" / "good.txt").exists() and not (run / "sae" / "partial.bin").exists()
     assert not (run / "sae.replaced").exists()
+
+
+_KILLED_CHILD = r"""
+import json, sys, time
+from pathlib import Path
+from saereward import pipeline as pl
+from saereward.config import from_dict, to_dict
+
+run = Path(sys.argv[1])
+
+
+def make(stage):
+    def go(c):
+        wired = json.dumps({k: to_dict(v) for k, v in c.items()})
+        staging = run.absolute() / pl.STAGING
+        root = staging if str(staging) in wired else run
+        art = pl.Layout(root).artifact(stage)
+        art.parent.mkdir(parents=True, exist_ok=True)
+        art.write_text("half of the new " + stage)
+        (run / "kill-me").write_text("")
+        time.sleep(300)
+    return go
+
+
+pl.RUNNERS = {s: make(s) for s in pl.STAGE_ORDER}
+pl.run_pipeline(from_dict(pl.PipelineConfig, {"out": str(run), "progress": False, "force": ["sae"]}))
+"""
+
+
+def test_a_kill_9_during_a_forced_rerun_leaves_the_old_outputs_in_place(
+    tmp_path: Path, fake_stages: list[str]
+) -> None:
+    """A real SIGKILL in the middle of ``--force sae``: the old SAE folder and its record are untouched
+    and usable at once; the next pipeline call drops the half-built new one and has nothing to do."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _run(_cfg(tmp_path))
+    run = tmp_path / "run"
+    (run / "sae" / "good.txt").write_text("the SAE that worked")
+    before = (run / "stages.json").read_text()
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(run)])
+    deadline = time.monotonic() + 120
+    while not (run / "kill-me").exists():
+        assert child.poll() is None and time.monotonic() < deadline, "the child pipeline never reached sae"
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert (run / "sae" / "good.txt").read_text() == "the SAE that worked"
+    assert json.loads((run / "sae" / "sae" / "eval.json").read_text()) == {"stage": "sae"}  # the old artifact
+    assert (run / "stages.json").read_text() == before
+    assert (run / pl.STAGING / "sae" / "sae" / "eval.json").read_text() == "half of the new sae"
+    (run / "kill-me").unlink()
+    fake_stages.clear()
+    _run(_cfg(tmp_path))  # the dead child's lock is stale, and its staging folder is dropped
+    assert fake_stages == [] and not (run / pl.STAGING).exists()
+    assert (run / "sae" / "good.txt").exists()
 
 
 def test_a_stage_whose_input_finished_again_is_rebuilt_not_skipped(

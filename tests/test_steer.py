@@ -379,6 +379,13 @@ def test_run_steer_on_the_tiny_model_and_resume(tmp_path: Path) -> None:
 
     third = run_steer(replace(cfg, scales=(0.5, -0.25)), lm=lm)
     assert [r["cached"] for r in third["rows"]] == [True, True, False, True, True]
+    # a setting that changes every condition is refused (one line naming it), never mixed in
+    before = {p.name: p.read_bytes() for p in (out / "conditions").iterdir()}
+    with pytest.raises(
+        SaeRewardError, match=r"holds steering conditions made with other settings \(n 6 -> 5\)"
+    ):
+        run_steer(replace(cfg, n=5), lm=lm)
+    assert {p.name: p.read_bytes() for p in (out / "conditions").iterdir()} == before
 
 
 @pytest.mark.slow

@@ -140,6 +140,30 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
+def settings_changed(saved: Mapping[str, Any], now: Mapping[str, Any], free: Sequence[str] = ()) -> list[str]:
+    """``"key old -> new"`` for each top-level setting that differs between a saved resolved config and
+    the one asked for; the ``free`` keys (those that cannot change results) never count."""
+    saved, now = json.loads(json.dumps(saved, default=str)), json.loads(json.dumps(now, default=str))
+    keys = sorted(k for k in set(saved) | set(now) if k not in free and saved.get(k) != now.get(k))
+    return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys]
+
+
+def refuse_other_settings(config_file: Path, cfg: Any, free: Sequence[str], *, holds: str, fix: str) -> None:
+    """Raise one error line when ``config_file`` (a stage's saved resolved config) records settings that
+    change results and differ from ``cfg``'s: ``holds`` says what the folder holds, ``fix`` what to do."""
+    if not config_file.is_file():
+        return
+    try:
+        saved = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SaeRewardError(f"{config_file} is unreadable ({exc}): {fix}") from None
+    changes = settings_changed(saved if isinstance(saved, dict) else {}, to_dict(cfg), free)
+    if changes:
+        raise SaeRewardError(
+            f"{config_file.parent} holds {holds} made with other settings ({', '.join(changes[:6])}): {fix}"
+        )
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():

@@ -78,7 +78,17 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     """sha256 of a file, or of every file under a folder (sorted by relative path)."""
     p = Path(path)
     h = hashlib.sha256()
-    files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())
+    # os.walk follows linked folders (rglob does not): a folder hashes the same read through links
+    files = (
+        [p]
+        if p.is_file()
+        else sorted(
+            x
+            for d, _, names in os.walk(p, followlinks=True)
+            for x in (Path(d) / n for n in names)
+            if x.is_file()
+        )
+    )
     for f in files:
         if p.is_dir():
             h.update(str(f.relative_to(p)).encode())

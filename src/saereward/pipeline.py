@@ -18,11 +18,13 @@ on it. A stage killed half-way has no record, so the next run starts it again, a
 resume takes over (collect shards, SAE checkpoints, GRPO checkpoints, cached evaluations).
 ``--force STAGE`` runs a stage (and its dependants) again from scratch.
 
-**Nothing lost.** A stage rebuilt from scratch (forced, changed, or fed by a stage that re-ran) has
-its old outputs moved aside to ``<name>.replaced``; they are deleted only once the new artifact
-exists, and its ``stages.json`` record is replaced only then. A failure puts them back at once; a
-kill (``kill -9``, power loss) leaves them aside, and the next ``saereward pipeline`` on the folder
-puts them back before it plans. Each record names the records of the stages it read (``inputs``),
+**Nothing lost.** A stage rebuilt from scratch (forced, changed, or fed by a stage that re-ran) runs
+in ``RUN/.staging``, a copy of the run folder made of links in which only the stage's own outputs
+are missing; it reads its inputs through the links and writes its new outputs there. The old outputs
+and their ``stages.json`` record stay in place, whole and usable, until the new artifact exists; the
+new outputs are then swapped in and the record replaced. A failure or a kill (``kill -9``, power
+loss) leaves the old ones exactly as they were; the next ``saereward pipeline`` on the folder drops
+the unfinished staging folder before it plans. Each record names the records of the stages it read (``inputs``),
 so a stage whose input finished again in a run that died before reaching it is rebuilt, not
 skipped. All of the preset's tables are validated before any stage runs, including cross-checks:
 every layer exists in the model, and the SAE's ``k`` fits its latents.
@@ -47,7 +49,7 @@ from saereward import __version__
 from saereward.config import from_dict, option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import write_json
-from saereward.lock import folder_lock
+from saereward.lock import LOCK_NAME, folder_lock
 from saereward.model.lm import DEFAULT_MODEL, DType, check_device, model_dims
 from saereward.stages import STAGE_NAMES, STAGES, depends, load, step
 from saereward.stages import stage as stage_of
@@ -194,7 +196,7 @@ class Layout:
         return self.root / "g2"
 
     def outputs(self, stage: str) -> list[Path]:
-        """What a stage writes (moved aside by ``--force``)."""
+        """What a stage writes (rebuilt beside the old ones by ``--force``)."""
         return [self.root / rel for rel in stage_of(stage).outputs]
 
     def artifact(self, stage: str) -> Path:
@@ -533,6 +535,8 @@ def _recorded_root(stage: str, rec: dict[str, Any]) -> str | None:
 _FROM_SCRATCH = ("forced", "config changed", "input stage re-ran")
 #: suffix of a stage output moved aside while the stage is rebuilt from scratch
 ASIDE = ".replaced"
+#: the run folder in which a stage rebuilt from scratch writes its new outputs (``RUN/.staging``)
+STAGING = ".staging"
 
 
 def _remove(path: Path) -> None:
@@ -542,21 +546,55 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _move_aside(paths: list[Path]) -> list[tuple[Path, Path]]:
-    """Rename each existing output to ``<name>.replaced``, so the stage rebuilds it from nothing."""
+def _link_tree(src: Path, dst: Path, outputs: list[tuple[str, ...]]) -> None:
+    """Link every entry of ``src`` into ``dst`` except the ``outputs`` (path parts); a folder that
+    holds an output deeper down is made a real folder of links, so the stage writes only into ``dst``."""
+    skip = {o[0] for o in outputs if len(o) == 1}
+    deeper = {o[0] for o in outputs if len(o) > 1}
+    for entry in sorted(src.iterdir()):
+        name = entry.name
+        if name in skip or name in (STAGING, LOCK_NAME) or name.endswith(ASIDE):
+            continue
+        if name in deeper and entry.is_dir() and not entry.is_symlink():
+            (dst / name).mkdir()
+            _link_tree(entry, dst / name, [o[1:] for o in outputs if o[0] == name and len(o) > 1])
+        else:
+            (dst / name).symlink_to(entry.absolute())
+
+
+def _staging_root(lay: Layout, stage: str) -> Path:
+    """A fresh ``RUN/.staging``: the run folder as links, without the outputs ``stage`` rebuilds.
+
+    The stage runs on it exactly as on the run folder (it reads its inputs through the links) while the
+    old outputs stay in place, whole and usable, until :func:`_swap_in` replaces them."""
+    staging = lay.root.absolute() / STAGING
+    if staging.exists() or staging.is_symlink():
+        _remove(staging)
+    staging.mkdir()
+    _link_tree(lay.root.absolute(), staging, [Path(rel).parts for rel in stage_of(stage).outputs])
+    return staging
+
+
+def _swap_in(lay: Layout, staging: Path, stage: str) -> list[tuple[Path, Path]]:
+    """Move ``stage``'s new outputs from ``staging`` into the run folder; the old ones go to
+    ``<name>.replaced`` (returned, dropped by the caller once the stage's record is safe)."""
     moved = []
-    for p in paths:
-        if p.exists() or p.is_symlink():
-            aside = p.with_name(p.name + ASIDE)
+    for rel in stage_of(stage).outputs:
+        old, new = lay.root / rel, staging / rel
+        if old.exists() or old.is_symlink():
+            aside = old.with_name(old.name + ASIDE)
             if aside.exists() or aside.is_symlink():
                 _remove(aside)
-            p.rename(aside)
-            moved.append((p, aside))
+            old.rename(aside)
+            moved.append((old, aside))
+        if new.exists() and not new.is_symlink():
+            old.parent.mkdir(parents=True, exist_ok=True)
+            new.rename(old)
     return moved
 
 
 def _restore(moved: list[tuple[Path, Path]]) -> None:
-    """Undo :func:`_move_aside`: drop what the failed re-run wrote and put the old outputs back."""
+    """Undo :func:`_swap_in`: drop what the re-run wrote and put the old outputs back."""
     for p, aside in moved:
         if p.exists() or p.is_symlink():
             _remove(p)
@@ -564,12 +602,16 @@ def _restore(moved: list[tuple[Path, Path]]) -> None:
 
 
 def recover_interrupted(lay: Layout) -> list[str]:
-    """Put back the old outputs that a killed from-scratch re-run left moved aside.
+    """Clean up after a from-scratch re-run that was killed.
 
-    Called under the run folder's lock, so any ``<output>.replaced`` belongs to a run that died: its
-    partial new output is removed and the old one (still described by its ``stages.json`` record,
-    which is only replaced when a stage succeeds) goes back in place. Returns what was restored.
+    Called under the run folder's lock, so ``RUN/.staging`` and any ``<output>.replaced`` belong to a
+    run that died. The staging folder (the unfinished new outputs) is removed. An output left aside
+    (a kill in the instant of the swap) goes back in place: its ``stages.json`` record, which is
+    replaced only once a stage has succeeded, still describes it. Returns what was restored.
     """
+    staging = lay.root / STAGING
+    if staging.exists() or staging.is_symlink():
+        _remove(staging)
     restored = []
     for st in STAGES:
         for rel in st.outputs:
@@ -610,8 +652,9 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
 def _run_stages(cfg: PipelineConfig, lay: Layout, configs: dict[str, dict[str, Any]]) -> None:
     """Run the stages the plan selects, recording each in ``stages.json`` as it finishes.
 
-    A stage rebuilt from scratch gets its old outputs moved aside; they are dropped only once the new
-    artifact exists, and put back (with the old record, never touched before success) on any failure.
+    A stage rebuilt from scratch runs in ``RUN/.staging`` (:func:`_staging_root`): its old outputs and
+    their record stay in place, untouched, until the new artifact exists, and a failure or a kill
+    leaves them exactly as they were.
     """
     decision = plan(cfg, configs)
     records_path = lay.root / "stages.json"
@@ -623,24 +666,34 @@ def _run_stages(cfg: PipelineConfig, lay: Layout, configs: dict[str, dict[str, A
             _say(f"[{stage}] done already ({lay.artifact(stage)}): skipped")
             continue
         _say(f"[{stage}] {what}")
-        fresh = any(w in what for w in _FROM_SCRATCH)
-        moved = _move_aside(lay.outputs(stage)) if fresh else []
+        staging = _staging_root(lay, stage) if any(w in what for w in _FROM_SCRATCH) else None
         t0 = time.perf_counter()
         try:
-            RUNNERS[stage](configs[stage])
-            if not lay.artifact(stage).exists():  # pragma: no cover - a stage bug, not a user error
-                raise SaeRewardError(f"stage {stage} finished without writing {lay.artifact(stage)}")
+            _run_stage(cfg, stage, configs[stage], staging)
         except BaseException:
-            if moved:
-                _restore(moved)
-                _say(f"[{stage}] failed: its previous outputs are back in place")
+            if staging is not None:
+                _remove(staging)
+                _say(f"[{stage}] failed: its previous outputs are untouched")
             raise
         seconds = time.perf_counter() - t0
+        moved = _swap_in(lay, staging, stage) if staging is not None else []
+        if staging is not None:
+            _remove(staging)
         _drop(moved)
         records = _records(records_path)
         records[stage] = _record(stage, configs[stage], seconds, lay, records)
         write_json(records_path, records)
         _say(f"[{stage}] finished in {seconds:.0f} s")
+
+
+def _run_stage(cfg: PipelineConfig, stage: str, configs: dict[str, Any], staging: Path | None) -> None:
+    """Run one stage into the run folder, or into ``staging`` with the same settings wired there."""
+    root = Layout(Path(cfg.out)) if staging is None else Layout(staging)
+    if staging is not None:
+        configs = stage_configs(dataclasses.replace(cfg, out=str(staging)), only=[stage])[stage]
+    RUNNERS[stage](configs)
+    if not root.artifact(stage).exists():  # pragma: no cover - a stage bug, not a user error
+        raise SaeRewardError(f"stage {stage} finished without writing {root.artifact(stage)}")
 
 
 def _drop(moved: list[tuple[Path, Path]]) -> None:

@@ -4,7 +4,7 @@ A **stage** (``rollouts``, ``sae``, ``g2``, ...) is what ``saereward pipeline`` 
 re-runs as a unit. It runs one or more **steps**; a step is one subcommand of the CLI with its
 config table (the TOML table of a preset, e.g. ``[train_sae]``), its config dataclass and its run
 function. A stage also names the stages it reads from (``depends``), the paths it writes inside the
-run folder (``outputs``, moved aside by ``--force``) and its **artifact**, the file whose presence
+run folder (``outputs``, rebuilt beside the old ones by ``--force``) and its **artifact**, the file whose presence
 means it finished.
 
 The pipeline, the CLI, the report and ``docs/run_layout.md`` all read this table, so a new stage is

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from saereward import __version__, plots
-from saereward.config import option, to_dict
+from saereward.config import option, refuse_other_settings, to_dict
 from saereward.errors import SaeRewardError
 from saereward.features.pack import check_pack, load_pack
 from saereward.io import atomic_path, file_sha256, iter_jsonl, write_json
@@ -430,7 +430,9 @@ def _load_stage(
     try:
         saved = json.loads(json_file.read_text(encoding="utf-8"))
         if saved.get("key_hash") != key_hash:
-            log.info("stage step %d: settings or inputs changed, recomputing", step)
+            log.warning(
+                "stage step %d: computed from other inputs (adapter, SAE or corpus), recomputing", step
+            )
             return None
         stats = load_file(str(stats_file))
         sae = load_sae(sae_dir)
@@ -552,6 +554,11 @@ _KEY_FIELDS = (
 )
 
 
+#: settings a killed analysis may resume with changed: they do not change a stage's numbers (the
+#: contents of the run's adapters, the SAE and the corpus are in each stage's cache key)
+_RESUME_FREE = ("progress", "out", "threads", "device", "run", "sae", "pack", "rollouts")
+
+
 def _drift_inputs(cfg: DriftConfig) -> tuple[Any, str, Any, int, Path, list[str]]:
     """``(pack, SAE path, base SAE, layer, corpus file, corpus texts)``, checked against each other."""
     pack = load_pack(cfg.pack) if cfg.pack else None
@@ -592,7 +599,16 @@ def run_drift(cfg: DriftConfig, lm: LoadedModel | None = None) -> dict[str, Any]
         raise SaeRewardError(f"run {cfg.run} was trained on {spec}, the model given is {lm.spec}")
     pack, sae_path, base_sae, layer, texts_file, texts = _drift_inputs(cfg)
     out = Path(cfg.out)
+    if any((out / "stages").glob("*.json")):  # resume only into the settings the analysis began with
+        refuse_other_settings(
+            out / "config.json",
+            cfg,
+            _RESUME_FREE,
+            holds="drift stages",
+            fix=f"pass another --out, or delete {out / 'stages'} to start over (in a pipeline: --force drift)",
+        )
     out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", to_dict(cfg))
     common = {
         "format": STAGE_FORMAT,
         "model": spec,

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from saereward import __version__, plots
 from saereward.analysis.evaluate import EvalConfig, _load_task, run_eval
-from saereward.config import option, to_dict
+from saereward.config import option, refuse_other_settings, to_dict
 from saereward.errors import SaeRewardError
 from saereward.features.pack import check_pack, load_pack
 from saereward.io import read_jsonl, write_json
@@ -467,6 +467,12 @@ def paired_comparison(base: list[dict[str, Any]], steered: list[dict[str, Any]])
     }
 
 
+#: settings a sweep may resume with changed: they do not change a finished condition. The inputs'
+#: contents are in each condition's cache key, so their paths may change; the scales and feature
+#: values only choose which conditions run, so a sweep can be extended.
+_RESUME_FREE = ("progress", "out", "threads", "device", "rollouts", "pack", "sae", "scales", "feature_values")
+
+
 def _cache_read(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     if not path.is_file():
         return None
@@ -693,6 +699,15 @@ def _run_conditions(
     eval_key = {k: v for k, v in to_dict(ec).items() if k not in ("progress", "out", "threads", "device")}
     common_key = {"eval": eval_key, "layer": layer, "saereward_version": __version__}
     results: dict[str, dict[str, Any]] = {}
+    if any((out / "conditions").glob("*.json")):  # resume only into the settings the sweep began with
+        refuse_other_settings(
+            out / "config.json",
+            cfg,
+            _RESUME_FREE,
+            holds="steering conditions",
+            fix=f"pass another --out, or delete {out / 'conditions'} to start over "
+            "(in a pipeline: --force steer)",
+        )
     (out / "conditions").mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", to_dict(cfg))
     bar = tqdm(conditions(cfg), desc="steer", unit="cond", disable=not cfg.progress, dynamic_ncols=True)
@@ -703,6 +718,8 @@ def _run_conditions(
             delta = _condition_delta(cond, cfg, setup, vec, mean_norm, key)
             path = out / "conditions" / _filename(cond.label)
             cached = _cache_read(path, key)
+            if cached is None and path.is_file():
+                log.warning("%s was computed from other inputs (SAE, pack or rollouts): recomputing it", path)
             if cached is not None:
                 log.info("reusing the finished condition %s from %s", cond.label, path)
                 results[cond.label] = {**cached, "cached": True}

@@ -29,6 +29,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -369,15 +370,82 @@ def _dims_from_config_json(path: Path) -> tuple[int, int] | None:
     return (int(layers), int(width)) if layers and width else None
 
 
-def _dims_from_gguf(path: Path) -> tuple[int, int] | None:
-    from gguf import GGUFReader
+_GGUF_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 
-    fields = GGUFReader(str(path)).fields
-    arch = bytes(fields["general.architecture"].parts[-1]).decode()
+
+def _gguf_skip_or_read(fh: Any, vtype: int) -> Any:
+    """Read one GGUF metadata value of type ``vtype`` (arrays are skipped and give ``None``)."""
+    import struct
+
+    if vtype in _GGUF_SCALARS:
+        fmt = _GGUF_SCALARS[vtype]
+        return struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0]
+    if vtype == 8:  # string: uint64 length, bytes
+        (n,) = struct.unpack("<Q", fh.read(8))
+        return fh.read(n).decode("utf-8", "replace")
+    if vtype == 9:  # array: element type, count, elements
+        etype, count = struct.unpack("<IQ", fh.read(12))
+        if etype in _GGUF_SCALARS:
+            fh.seek(count * struct.calcsize(_GGUF_SCALARS[etype]), 1)
+        else:
+            for _ in range(count):
+                _gguf_skip_or_read(fh, etype)
+        return None
+    raise ValueError(f"unknown GGUF value type {vtype}")
+
+
+def gguf_metadata(path: Path, want: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+    """The scalar metadata of a GGUF file's header (arrays skipped), read until ``want(found)`` holds.
+
+    Reads only the key/value header, never the tensors: the embedded model's header (with its 49k-entry
+    tokenizer arrays) takes milliseconds, where ``gguf.GGUFReader`` builds every field and takes minutes.
+    """
+    import struct
+
+    found: dict[str, Any] = {}
+    with open(path, "rb") as fh:
+        try:
+            magic, version = fh.read(4), struct.unpack("<I", fh.read(4))[0]
+            if magic != b"GGUF" or version < 2:
+                raise ValueError(f"{path} is not a GGUF v2+ file")
+            _n_tensors, n_kv = struct.unpack("<QQ", fh.read(16))
+            for _ in range(n_kv):
+                (n,) = struct.unpack("<Q", fh.read(8))
+                key = fh.read(n).decode("utf-8", "replace")
+                (vtype,) = struct.unpack("<I", fh.read(4))
+                value = _gguf_skip_or_read(fh, vtype)
+                if value is not None:
+                    found[key] = value
+                if want is not None and want(found):
+                    break
+        except struct.error:
+            raise ValueError(f"{path} ends inside its GGUF header (truncated)") from None
+    return found
+
+
+def _dims_from_gguf(path: Path) -> tuple[int, int] | None:
+    def have(found: dict[str, Any]) -> bool:
+        arch = found.get("general.architecture")
+        return bool(arch) and f"{arch}.block_count" in found and f"{arch}.embedding_length" in found
+
+    fields = gguf_metadata(path, have)
+    arch = fields.get("general.architecture")
     layers, width = fields.get(f"{arch}.block_count"), fields.get(f"{arch}.embedding_length")
     if layers is None or width is None:
         return None
-    return int(layers.parts[-1][0]), int(width.parts[-1][0])
+    return int(layers), int(width)
 
 
 def model_dims(spec: str) -> tuple[int, int] | None:
