@@ -19,17 +19,15 @@ from typing import Any
 from saereward import __version__
 from saereward.config import add_config_args, config_from_args, option
 from saereward.errors import SaeRewardError
-from saereward.model.lm import DEFAULT_MODEL, DType
+from saereward.options import ModelOptions
 from saereward.stages import load, step
 from saereward.threads import tame_threads
 
 
 @dataclass(frozen=True)
-class InfoConfig:
+class InfoConfig(ModelOptions):
     """Settings of ``saereward info``."""
 
-    model: str = option(DEFAULT_MODEL, "model to describe")
-    dtype: DType = option("fp32", "model dtype")
     layers: tuple[int, ...] = option((), "capture these layers on --probe text and print residual norms")
     probe: str = option("Q: What is 12 + 30?\nA: 42", "probe text for --layers")
 

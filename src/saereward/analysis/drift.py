@@ -58,6 +58,7 @@ from saereward.features.pack import check_pack, load_pack
 from saereward.io import atomic_path, file_sha256, iter_jsonl, write_json
 from saereward.model.capture import forward_residuals
 from saereward.model.lm import DType, LoadedModel, apply_adapter, check_device, load_model, resolve_layer
+from saereward.options import DeviceOptions
 from saereward.plots import fmt_or_dash
 from saereward.rl.checkpoint import snapshots
 from saereward.sae.evaluate import evaluate_sae
@@ -81,7 +82,7 @@ _EVAL_BATCH = 4096
 
 
 @dataclass(frozen=True)
-class DriftConfig:
+class DriftConfig(DeviceOptions):
     """Settings of ``saereward drift``."""
 
     run: str = option(
@@ -105,7 +106,6 @@ class DriftConfig:
     dtype: DType = option(
         "fp32", "model dtype (fp32 keeps the merged LoRA deltas; bf16 rounds small ones away)"
     )
-    threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
     device: str = option(
         "cpu", "where the model runs: cpu, cuda or cuda:N (the SAE statistics stay on the CPU)"
     )

@@ -29,7 +29,8 @@ from saereward.analysis.evaluate import EvalConfig, base_and_trained, run_eval_c
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import write_json
-from saereward.model.lm import DEFAULT_MODEL, DType, LoadedModel, adapter_dir, check_device, load_model
+from saereward.model.lm import LoadedModel, adapter_dir, check_device, load_model
+from saereward.options import DeviceOptions, ModelOptions
 from saereward.stats import mcnemar, wilson_ci
 from saereward.tasks.prompts import PromptFormat
 
@@ -39,16 +40,12 @@ BENCHES = ("task", "mmlu", "math500", "gsm8k")
 
 
 @dataclass(frozen=True)
-class EvalSuiteConfig:
+class EvalSuiteConfig(DeviceOptions, ModelOptions):
     """Settings of ``saereward eval-suite``."""
 
-    model: str = option(DEFAULT_MODEL, "base model")
     adapter: str | None = option(
         None, "trained policy: a `saereward train-rl` run folder (base only if unset)"
     )
-    dtype: DType = option("fp32", "model dtype")
-    threads: int | None = option(None, "torch CPU threads")
-    device: str = option("cpu", "where the model runs: cpu, cuda or cuda:N")
     benches: tuple[str, ...] = option(BENCHES, "benchmarks: task, mmlu, math500, gsm8k")
     task: str = option("chain_sum", "the RL task")
     task_n: int = option(100, "held-out task questions")

@@ -25,7 +25,8 @@ from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import read_jsonl, write_json, write_jsonl
 from saereward.model.generate import SamplingConfig, iter_generate, stop_strings_for
-from saereward.model.lm import DEFAULT_MODEL, DType, LoadedModel, check_device, load_model
+from saereward.model.lm import LoadedModel, check_device, load_model
+from saereward.options import DeviceOptions, ModelOptions, TaskOptions
 from saereward.stats import wilson_ci
 from saereward.tasks import format_prompt, load_task
 from saereward.tasks.base import Task, TaskItem
@@ -35,18 +36,10 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(TaskOptions, DeviceOptions, ModelOptions):
     """Settings of ``saereward eval``."""
 
-    model: str = option(DEFAULT_MODEL, "model: embedded:<key>, a .gguf file, an HF folder or a hub id")
-    dtype: DType = option("fp32", "model dtype")
     adapter: str | None = option(None, "LoRA adapter to merge in: a `saereward train-rl` run folder")
-    threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
-    device: str = option("cpu", "where the model runs: cpu, cuda or cuda:N")
-    task: str = option("chain_sum", "task name: chain_sum, gsm8k, mmlu, math500, rg:<reasoning-gym name>")
-    task_source: str = option("auto", "where the task data comes from: auto, offline, hf, jsonl")
-    task_path: str | None = option(None, "local JSONL file for the task (GSM8K or MATH format)")
-    task_params: dict[str, Any] = option({}, "extra task settings, e.g. reasoning-gym config (TOML table)")
     n: int | None = option(200, "number of items (None = all the task has)")
     seed: int = option(0, "seed for task generation and sampling")
     prompt_format: PromptFormat = option(
@@ -235,13 +228,9 @@ def run_eval_cached(
 
 
 @dataclass(frozen=True)
-class BaselineConfig:
+class BaselineConfig(DeviceOptions, ModelOptions):
     """Settings of ``saereward baseline``: the embedded model's baseline accuracy table."""
 
-    model: str = option(DEFAULT_MODEL, "model to evaluate")
-    dtype: DType = option("fp32", "model dtype")
-    threads: int | None = option(None, "torch CPU threads")
-    device: str = option("cpu", "where the model runs: cpu, cuda or cuda:N")
     n: int = option(200, "chain_sum items per prompt format")
     formats: tuple[str, ...] = option(("raw", "fewshot"), "chain_sum prompt formats (comma-separated)")
     gsm8k: bool = option(True, "also evaluate the 100 real GSM8K test items (offline copy)")

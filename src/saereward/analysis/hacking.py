@@ -43,7 +43,8 @@ from saereward.errors import SaeRewardError
 from saereward.features.pack import load_pack
 from saereward.features.scoring import PackScorer
 from saereward.io import write_json
-from saereward.model.lm import DEFAULT_MODEL, DType, adapter_dir, check_device
+from saereward.model.lm import adapter_dir, check_device
+from saereward.options import DeviceOptions, ModelOptions
 from saereward.sae.formats import check_sae_matches_model, load_sae
 from saereward.stats import association, mcnemar, two_proportion_test, wilson_ci
 from saereward.tasks.canaries import (
@@ -74,14 +75,10 @@ def rates(classes: list[str]) -> dict[str, dict[str, float | int]]:
 
 
 @dataclass(frozen=True)
-class CanaryConfig:
+class CanaryConfig(DeviceOptions, ModelOptions):
     """Settings of ``saereward canaries``."""
 
-    model: str = option(DEFAULT_MODEL, "base model")
     adapter: str | None = option(None, "trained policy: a `saereward train-rl` run folder (base vs trained)")
-    dtype: DType = option("fp32", "model dtype")
-    threads: int | None = option(None, "torch CPU threads")
-    device: str = option("cpu", "where the model runs: cpu, cuda or cuda:N")
     per_pattern: int = option(10, "canaries per pattern (5 patterns)")
     seed: int = option(0, "seed of the canary items (decoding is greedy)")
     prompt_format: PromptFormat = option("raw", "prompt format (raw: mechreward's Q:/A: prompt)")
@@ -190,16 +187,12 @@ def format_canaries(res: dict[str, Any]) -> str:
 
 
 @dataclass(frozen=True)
-class MonitorConfig:
+class MonitorConfig(DeviceOptions, ModelOptions):
     """Settings of ``saereward monitor``."""
 
-    model: str = option(DEFAULT_MODEL, "base model")
     adapter: str = option("runs/rl", "trained policy: a `saereward train-rl` run folder")
     pack: str = option("runs/pack.json", "the feature pack used as the RL reward")
     sae: str | None = option(None, "SAE of the pack (default: the pack's recorded sae_path)")
-    dtype: DType = option("fp32", "model dtype")
-    threads: int | None = option(None, "torch CPU threads")
-    device: str = option("cpu", "where the model runs: cpu, cuda or cuda:N")
     task: str = option("chain_sum", "task of the fresh held-out rollouts")
     n: int = option(150, "held-out questions")
     seed: int = option(12_345, "task seed of the held-out questions (training uses another)")

@@ -60,14 +60,13 @@ from saereward.features.pack import check_pack, load_pack
 from saereward.io import read_jsonl, write_json
 from saereward.model.capture import block_output, forward_residuals
 from saereward.model.lm import (
-    DEFAULT_MODEL,
-    DType,
     LoadedModel,
     check_device,
     decoder_layers,
     load_model,
     resolve_layer,
 )
+from saereward.options import DeviceOptions, ModelOptions, TaskOptions
 from saereward.sae.formats import check_sae_matches_model, load_sae
 from saereward.stats import mcnemar, mean_difference, wilson_ci
 from saereward.tasks import format_prompt
@@ -90,18 +89,11 @@ Kind = Literal["base", "vector", "negative_control", "feature_add", "feature_cla
 
 
 @dataclass(frozen=True)
-class SteerConfig:
+class SteerConfig(TaskOptions, DeviceOptions, ModelOptions):
     """Settings of ``saereward steer``."""
 
-    model: str = option(DEFAULT_MODEL, "model: embedded:<key>, a .gguf file, an HF folder or a hub id")
-    dtype: DType = option("fp32", "model dtype")
-    threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
-    device: str = option("cpu", "where the model runs: cpu, cuda or cuda:N")
     adapter: str | None = option(None, "LoRA adapter to merge in: a `saereward train-rl` run folder")
     task: str = option("chain_sum", "task of the held-out questions (see `saereward tasks`)")
-    task_source: str = option("auto", "where the task data comes from: auto, offline, hf, jsonl")
-    task_path: str | None = option(None, "local JSONL file for the task")
-    task_params: dict[str, Any] = option({}, "extra task settings, e.g. reasoning-gym config (TOML table)")
     n: int = option(50, "held-out questions")
     seed: int = option(12_345, "task seed of the held-out questions (the rollouts use another)")
     prompt_format: PromptFormat = option("raw", "prompt format: raw (mechreward's Q:/A: CoT), fewshot, chat")

@@ -76,7 +76,8 @@ from saereward.io import atomic_path, file_sha256, iter_jsonl, write_json
 from saereward.lock import folder_lock
 from saereward.model.capture import forward_residuals
 from saereward.model.generate import SamplingConfig, iter_generate, stop_strings_for
-from saereward.model.lm import DEFAULT_MODEL, DType, LoadedModel, check_device, load_model, resolve_layer
+from saereward.model.lm import LoadedModel, check_device, load_model, resolve_layer
+from saereward.options import DeviceOptions, ModelOptions, TaskOptions
 from saereward.tasks import format_prompt, load_task
 from saereward.tasks.prompts import PromptFormat
 
@@ -90,23 +91,17 @@ _NOT_CONTENT = ("progress", "threads", "out", "device")
 
 
 @dataclass(frozen=True)
-class CollectConfig:
+class CollectConfig(TaskOptions, DeviceOptions, ModelOptions):
     """Settings of ``saereward collect``: residual activations of a model, written as shards."""
 
-    model: str = option(DEFAULT_MODEL, "model: embedded:<key>, a .gguf file, an HF folder or a hub id")
-    dtype: DType = option("fp32", "model dtype")
-    threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
-    device: str = option("cpu", "where the model runs: cpu, cuda or cuda:N")
     layers: tuple[int, ...] = option(
         (15,), "decoder layers to capture, all in one pass (layer L = output of block L)"
     )
     # -- task source: prompts + the model's own generations (as in `saereward eval`) --
-    task: str | None = option(
+    # collect alone may have no task (text corpora only): a wider type than the group's
+    task: str | None = option(  # type: ignore[assignment]
         "chain_sum", "task whose prompts and generations are collected (none = no task source)"
     )
-    task_source: str = option("auto", "where the task data comes from: auto, offline, hf, jsonl")
-    task_path: str | None = option(None, "local JSONL file for the task (GSM8K or MATH format)")
-    task_params: dict[str, Any] = option({}, "extra task settings, e.g. reasoning-gym config (TOML table)")
     n: int | None = option(200, "number of task items (None = all the task has)")
     prompt_format: PromptFormat = option(
         "fewshot", "prompt format: raw (mechreward's Q:/A: CoT), fewshot, chat"

@@ -41,7 +41,8 @@ from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import atomic_path, read_jsonl, write_json, write_jsonl
 from saereward.model.generate import SamplingConfig, iter_generate, stop_strings_for
-from saereward.model.lm import DEFAULT_MODEL, DType, LoadedModel, check_device, load_model, resolve_layer
+from saereward.model.lm import LoadedModel, check_device, load_model, resolve_layer
+from saereward.options import DeviceOptions, ModelOptions, TaskOptions
 from saereward.stats import wilson_ci
 from saereward.tasks import format_prompt, load_task
 from saereward.tasks.prompts import PromptFormat
@@ -53,18 +54,10 @@ SPLITS = ("discovery", "validation")
 
 
 @dataclass(frozen=True)
-class RolloutsConfig:
+class RolloutsConfig(TaskOptions, DeviceOptions, ModelOptions):
     """Settings of ``saereward rollouts``."""
 
-    model: str = option(DEFAULT_MODEL, "model: embedded:<key>, a .gguf file, an HF folder or a hub id")
-    dtype: DType = option("fp32", "model dtype")
     adapter: str | None = option(None, "LoRA adapter to merge in: a `saereward train-rl` run folder")
-    threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
-    device: str = option("cpu", "where the model runs: cpu, cuda or cuda:N")
-    task: str = option("chain_sum", "task (see `saereward tasks`)")
-    task_source: str = option("auto", "where the task data comes from: auto, offline, hf, jsonl")
-    task_path: str | None = option(None, "local JSONL file for the task")
-    task_params: dict[str, Any] = option({}, "extra task settings, e.g. reasoning-gym config (TOML table)")
     n: int = option(300, "number of questions")
     seed: int = option(0, "seed for the task items, sampling and the split")
     prompt_format: PromptFormat = option(

@@ -30,20 +30,17 @@ from saereward.analysis.evalsuite import EvalSuiteConfig, run_eval_suite
 from saereward.analysis.hacking import CanaryConfig, MonitorConfig, run_canaries, run_monitor
 from saereward.config import option, to_dict
 from saereward.io import write_json
-from saereward.model.lm import DEFAULT_MODEL, DType, adapter_dir, check_device
+from saereward.model.lm import adapter_dir, check_device
+from saereward.options import DeviceOptions, ModelOptions
 from saereward.tasks.prompts import PromptFormat
 
 
 @dataclass(frozen=True)
-class GateG3Config:
+class GateG3Config(DeviceOptions, ModelOptions):
     """Settings of ``saereward gate-g3``."""
 
-    model: str = option(DEFAULT_MODEL, "base model")
     adapter: str = option("runs/rl", "trained policy: a `saereward train-rl` run folder")
     pack: str = option("runs/pack.json", "the feature pack of the RL reward (for monitor validity)")
-    dtype: DType = option("fp32", "model dtype")
-    threads: int | None = option(None, "torch CPU threads")
-    device: str = option("cpu", "where the model runs: cpu, cuda or cuda:N")
     task: str = option("chain_sum", "the RL task")
     prompt_format: PromptFormat = option("raw", "the RL run's prompt format")
     max_new_tokens: int = option(64, "max tokens for task evaluations and monitor rollouts (the RL run's)")

@@ -5,10 +5,11 @@ the collapse rule (the "module doc" of the help texts) are described in :mod:`sa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from saereward.config import option
-from saereward.model.lm import DEFAULT_MODEL, DType, check_device
+from saereward.model.lm import DType, check_device
+from saereward.options import DeviceOptions, ModelOptions, TaskOptions
 from saereward.rl.reward import REWARD_FORMS, Aggregation, RewardForm, RewardKind
 from saereward.tasks.prompts import PromptFormat
 
@@ -16,17 +17,11 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 @dataclass(frozen=True)
-class GRPOConfig:
+class GRPOConfig(TaskOptions, DeviceOptions, ModelOptions):
     """Settings of ``saereward train-rl``."""
 
-    model: str = option(DEFAULT_MODEL, "model: embedded:<key>, a .gguf file, an HF folder or a hub id")
     dtype: DType = option("fp32", "model dtype (bf16 halves memory; the LoRA weights stay fp32)")
-    threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
     device: str = option("cpu", "where the policy runs: cpu, cuda (the GPU of LOCAL_RANK) or cuda:N")
-    task: str = option("chain_sum", "task (see `saereward tasks`)")
-    task_source: str = option("auto", "where the task data comes from: auto, offline, hf, jsonl")
-    task_path: str | None = option(None, "local JSONL file for the task")
-    task_params: dict[str, Any] = option({}, "extra task settings, e.g. reasoning-gym config (TOML table)")
     n_train: int = option(2000, "training questions")
     train_seed: int = option(
         0, "task seed of the training questions (fixed across --seed, so runs share data)"
