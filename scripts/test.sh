@@ -17,4 +17,10 @@ export SAEREWARD_REQUIRE_BROWSER=1
 ruff check src tests benchmarks
 ruff format --check src tests benchmarks
 mypy
+# the verl adapter's test, through verl's own code, in its own venv (verl pins transformers < 5.11)
+if [ "$#" -eq 0 ]; then
+  bash scripts/setup_verl.sh
+  SAEREWARD_REQUIRE_VERL=1 .venv-verl/bin/python -m pytest -p no:cacheprovider -W ignore::DeprecationWarning \
+    -W ignore::UserWarning tests/test_verl.py
+fi
 exec pytest -p no:cacheprovider "$@"

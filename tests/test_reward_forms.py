@@ -174,3 +174,31 @@ def test_shaped_credits_telescope_over_a_mask_with_gaps() -> None:
     # loss positions 0, 2, 3: credits 1, 2 - 1, (4 - 2) - 4; position 1 carries nothing
     torch.testing.assert_close(c, torch.tensor([[1.0, 0.0, 1.0, -2.0]]))
     assert float(c.sum()) == 0.0
+
+
+def test_one_channel_encoding_round_trips_and_keyed_groups_match_contiguous() -> None:
+    """The verl channel (credits before the last token, outcome on it) splits back exactly; groups named
+    by key give :func:`group_advantages` of contiguous groups, in any row order."""
+    from saereward.rl.reward import (
+        group_advantages,
+        keyed_group_advantages,
+        outcome_last_token_rewards,
+        split_last_token_rewards,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([3, 5, 1, 4])
+    mask = torch.arange(6)[None, :] < lengths[:, None]
+    credits = torch.randn(4, 6, generator=g) * (torch.arange(6)[None, :] < (lengths - 1)[:, None])
+    outcome = torch.tensor([1.0, 0.0, 0.5, 1.0])
+    r = outcome_last_token_rewards(outcome, credits, lengths)
+    o2, u2 = split_last_token_rewards(r, mask)
+    assert torch.equal(o2, outcome) and torch.equal(u2, credits)
+    with pytest.raises(ValueError, match="last token carries a credit"):
+        outcome_last_token_rewards(outcome, credits + mask.float(), lengths)
+    x = torch.randn(6, generator=g)
+    want = group_advantages(x, 3)
+    perm = torch.tensor([4, 0, 5, 2, 1, 3])
+    got = keyed_group_advantages(x[perm], [int(i) // 3 for i in perm])
+    assert torch.allclose(got, want[perm], atol=1e-6)
+    assert keyed_group_advantages(torch.tensor([2.0]), ["solo"]).item() == 0.0

@@ -284,6 +284,50 @@ def token_advantages(
     return adv, total
 
 
+def outcome_last_token_rewards(outcome: Tensor, credits: Tensor, lengths: Tensor) -> Tensor:
+    """One ``[B, T]`` reward tensor that carries both terms, for frameworks with a single token-reward
+    channel (verl): the per-token credits ``u`` before each row's last token, the outcome ``o`` on it.
+
+    The last token's own credit must be 0 (the caller leaves it out of the score, as the end token);
+    :func:`split_last_token_rewards` inverts this exactly.
+    """
+    B, T = credits.shape
+    pos = torch.arange(T, device=credits.device).expand(B, T)
+    last = (lengths.to(credits.device).long() - 1)[:, None]
+    if bool((credits.where(pos == last, torch.zeros((), device=credits.device)) != 0).any()):
+        raise ValueError("a row's last token carries a credit: it must be left out of the score")
+    keep = (pos < last).float()
+    return credits.float() * keep + outcome.to(credits.device).float()[:, None] * (pos == last).float()
+
+
+def split_last_token_rewards(rewards: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`outcome_last_token_rewards`: ``(outcome [B], credits [B, T])`` from a reward
+    tensor and its response ``mask`` (the last True position of a row holds the outcome)."""
+    last = last_position(mask)
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    outcome = rewards[rows, last.clamp_min(0)].where(last >= 0, torch.zeros((), device=rewards.device))
+    pos = torch.arange(rewards.shape[1], device=rewards.device).expand_as(rewards)
+    credits = rewards.where((pos < last[:, None]) & mask.bool(), torch.zeros((), device=rewards.device))
+    return outcome.float(), credits.float()
+
+
+def keyed_group_advantages(
+    rewards: Tensor, groups: Sequence[Any], eps: float = 1e-4, scale: bool = True
+) -> Tensor:
+    """:func:`group_advantages` for groups named by a key per row, in any order and of any size
+    (population std; a group of one gets 0)."""
+    keys: dict[Any, int] = {}
+    gid = torch.tensor([keys.setdefault(g, len(keys)) for g in groups], device=rewards.device)
+    r = rewards.double()
+    n = torch.zeros(len(keys), dtype=torch.float64, device=r.device).index_add_(0, gid, torch.ones_like(r))
+    mean = torch.zeros_like(n).index_add_(0, gid, r) / n
+    var = torch.zeros_like(n).index_add_(0, gid, (r - mean[gid]) ** 2) / n
+    adv = r - mean[gid]
+    if scale:
+        adv = adv / (var[gid].sqrt() + eps)
+    return adv.to(rewards.dtype)
+
+
 def within_group_corr(x: Tensor, y: Tensor, group_size: int) -> float:
     """Pearson correlation of ``x`` and ``y`` ``[B]`` after removing each group's mean (NaN if flat)."""
     xg = x.double().view(-1, group_size)
