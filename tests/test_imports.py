@@ -106,7 +106,7 @@ def test_the_package_has_no_import_cycle() -> None:
 
 # The layers of docs/architecture.md, top to bottom: a module imports only its own layer or those above.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "io", "lock", "hub", "config", "stats", "stages", "plots", "threads"),
+    ("errors", "io", "lock", "hub", "config", "stats", "stages", "plots", "threads", "metrics"),
     ("model", "tasks", "options"),
     ("data",),
     ("sae",),
@@ -114,7 +114,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("rl",),
     ("analysis",),
     ("gates",),
-    ("report", "pipeline", "cli", "__main__", "integrations"),
+    ("report", "pipeline", "cli", "cli_schema", "__main__", "integrations"),
 )
 # config resolves dtype "auto" through lm, imported inside the function so config stays torch-free
 ALLOWED_UPWARD = {("saereward.config", "saereward.model.lm")}

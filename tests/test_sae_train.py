@@ -394,3 +394,29 @@ def test_non_finite_loss_stops_before_any_update(tmp_path):
     clean = SAETrainer(_cfg(total_tokens=64 * 30), D).fit(lambda start: batches(start, stop_at=12))
     for name, t in _weights(clean).items():  # steps 0..11 ran exactly as without the bad batch
         assert torch.equal(t, getattr(trainer.sae, name)), name
+
+
+def _wandb_values(run_file, key):
+    """The values of ``key`` in an offline W&B run file, in order (its records are protobuf: a key as
+    field 2, the value as JSON in field 16)."""
+    import re
+
+    pat = re.compile(rb"\x12[\x01-\x7f]" + re.escape(key.encode()) + rb"\x82\x01[\x01-\x7f]([-+0-9.eE]+)")
+    return [float(m) for m in pat.findall(run_file.read_bytes())]
+
+
+def test_wandb_logging_is_optional_and_offline(tmp_path, monkeypatch):
+    """``report_to=("wandb",)`` logs the same rows to a W&B run, here in offline mode (no network),
+    with no TensorBoard folder; the JSONL log is written either way."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = _cfg(total_tokens=64 * 10, dead_tokens=64 * 10, lr=3e-3, report_to=("wandb",))
+    SAETrainer(cfg, D, run_dir=tmp_path).fit(synthetic)
+    assert not (tmp_path / "tensorboard").exists() and (tmp_path / "train_log.jsonl").is_file()
+    rid = (tmp_path / "wandb_id.txt").read_text().strip()
+    (run,) = (tmp_path / "wandb").glob(f"offline-run-*-{rid}")
+    logged = _wandb_values(run / f"run-{rid}.wandb", "fvu")
+    rows = [json.loads(r) for r in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    fvu = [r["fvu"] for r in rows if "fvu" in r]
+    assert fvu and logged and logged[-1] == pytest.approx(fvu[-1]) and set(fvu) <= set(logged)

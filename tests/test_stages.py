@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,26 @@ def test_a_subcommand_still_gets_its_flags(capsys: pytest.CaptureFixture[str]) -
     with pytest.raises(SystemExit):
         cli.main(["train-sae", "--help"])
     assert "--train-k" in capsys.readouterr().out
+
+
+def test_every_subcommand_help_imports_no_stage_module_nor_torch() -> None:
+    """Each ``saereward COMMAND --help`` builds its parser from cli_schema.json: no torch, no stage module."""
+    code = (
+        "import sys\nfrom saereward.cli import COMMANDS, main\n"
+        "for c in COMMANDS:\n"
+        "    try:\n        main([c.name, '--help'])\n    except SystemExit:\n        pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'saereward.sae', 'saereward.rl', 'saereward.data') "
+        "if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "HEAVY []"
+    assert "--train-k" in out and "--reward-form" in out and "--report-to" in out
+
+
+def test_the_cli_schema_matches_the_config_classes() -> None:
+    """cli_schema.json (what --help and the flags are built from) is what the config classes give."""
+    saved = json.loads(cli.SCHEMA.read_text(encoding="utf-8"))
+    assert saved == cli.cli_schema(), (
+        "src/saereward/cli_schema.json is out of date: run `python -m saereward.cli_schema`"
+    )

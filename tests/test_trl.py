@@ -332,3 +332,84 @@ def test_setups_where_the_policy_would_score_itself_are_refused(tmp_path: Path) 
     synced = {**common, "args": args}
     with pytest.raises(SaeRewardError, match="sync_ref_model=True"):
         SAEGRPOTrainer(model=lm.model, scorer=scorer, reward_form="mechreward", **synced)
+
+
+@pytest.mark.parametrize("form", ["position", "decoupled", "shaped", "mechreward"])
+def test_each_reward_form_adds_its_credit_and_unscorable_rows_get_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    """Per reward form: the trainer's advantage is TRL's outcome advantage plus exactly the form's credit
+    on the spied base-model scores (end tokens left out of the fixed-scale forms' score); completions
+    of a question whose reward function returns None (TRL: unscorable, advantage 0) get no credit."""
+    import trl
+
+    from saereward.features.scoring import PackScorer
+    from saereward.model.generate import end_positions, stop_strings_for
+    from saereward.rl.reward import masked_zscore, mech_credit
+    from saereward.rl.trl import SAEGRPOTrainer
+    from tiny_models import random_sae
+
+    lm, pack, common = _setup(
+        tmp_path,
+        4,
+        max_completion_length=6,
+        max_steps=1,
+        beta=0.05,
+        learning_rate=1e-2,
+        per_device_train_batch_size=8,  # two questions × 4 completions in one generation batch
+    )
+    outcome = common["reward_funcs"]
+    skip: list[Any] = []
+
+    def partly_unscorable(prompts: list[Any], completions: list[Any], **kw: Any) -> list[float | None]:
+        """The verifier's reward, except None for every completion of the batch's first question."""
+        scores = outcome(prompts, completions, **kw)
+        skip.append(skip[0] if skip else kw["qid"][0])
+        return [None if q == skip[0] else r for q, r in zip(kw["qid"], scores, strict=True)]
+
+    common["reward_funcs"] = partly_unscorable
+    scorer = PackScorer(random_sae(d_in=576, d_sae=512, k=16, layer=15), pack)
+    baseline = (
+        None if form == "mechreward" else _base_baseline(lm, scorer, list(common["train_dataset"]["prompt"]))
+    )
+    seen: dict[str, Any] = {}
+    parent = trl.GRPOTrainer._generate_and_score_completions
+
+    def record(self: Any, inputs: Any) -> dict[str, Any]:
+        out = parent(self, inputs)
+        seen.setdefault("trl_adv", out["advantages"].detach().clone())
+        seen.setdefault("ids", out["completion_ids"].detach().clone())
+        seen.setdefault("mask", out["completion_mask"].bool().clone())
+        seen.setdefault("qids", [x["qid"] for x in inputs])
+        return out
+
+    monkeypatch.setattr(trl.GRPOTrainer, "_generate_and_score_completions", record)
+    trainer = SAEGRPOTrainer(
+        model=lm.model, scorer=scorer, lam=0.5, reward_form=form, baseline=baseline, **common
+    )
+    token_scores = trainer.sae_scorer.token_scores
+    trainer.sae_scorer.token_scores = lambda x: seen.setdefault("mech", token_scores(x))  # type: ignore[method-assign]
+    ours = trainer._generate_and_score_completions
+
+    def ours_spy(inputs: Any) -> dict[str, Any]:
+        out = ours(inputs)
+        seen.setdefault("adv", out["advantages"].detach().clone())
+        return out
+
+    trainer._generate_and_score_completions = ours_spy  # type: ignore[method-assign]
+    trainer.train()
+    dead = torch.tensor([q == skip[0] for q in seen["qids"]])
+    assert dead.any() and not dead.all()
+    mask = seen["mask"] & ~dead[:, None]
+    mech = seen["mech"].where(mask, torch.zeros(()))
+    if form == "mechreward":
+        credit = 0.5 * masked_zscore(mech, mask)
+    else:
+        tok = lm.tokenizer
+        stops = stop_strings_for("raw")  # the baseline's prompt format, as the trainer reads it
+        ends = end_positions(seen["ids"], mask, tok, stops, set(tok.all_special_ids))
+        credit = mech_credit(form, mech, mask & ~ends, 0.5, baseline, 3.0, loss_mask=mask)
+    want = (seen["trl_adv"][:, None] + credit).where(mask, torch.zeros(()))
+    torch.testing.assert_close(seen["adv"], want, atol=1e-5, rtol=1e-5)
+    assert not seen["adv"][dead].any()  # unscorable: TRL's 0, and no credit
+    assert credit[mask].abs().sum() > 0

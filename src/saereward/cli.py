@@ -2,23 +2,27 @@
 
 Every subcommand is declared once in :data:`COMMANDS` with its config dataclass and runner; flags,
 ``--config FILE.toml`` and ``--set key=value`` are derived from the dataclass (see
-:mod:`saereward.config`). A :class:`~saereward.errors.SaeRewardError` becomes one ``error: ...`` line on
+:mod:`saereward.config`) and kept in ``cli_schema.json``, so that ``saereward COMMAND --help`` builds its
+parser without importing the stage's module or torch. A :class:`~saereward.errors.SaeRewardError` becomes one ``error: ...`` line on
 stderr and exit status 2, without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from saereward import __version__
-from saereward.config import add_config_args, config_from_args, option
+from saereward.config import add_spec_args, config_from_args, field_specs, option
 from saereward.errors import SaeRewardError
+from saereward.io import write_json
 from saereward.options import ModelOptions
 from saereward.stages import load, step
 from saereward.threads import tame_threads
@@ -179,6 +183,14 @@ def _cmd_export_sae(cfg: Any) -> int:
     from saereward.sae.export import run_export
 
     _echo(f"wrote {run_export(cfg)} ({cfg.format})")
+    return 0
+
+
+def _cmd_push(cfg: Any) -> int:
+    from saereward.report.push import run_push
+
+    where = run_push(cfg)
+    _echo(f"wrote {where} (dry run: nothing uploaded)" if cfg.dry_run else f"pushed {cfg.path}: {where}")
     return 0
 
 
@@ -353,6 +365,13 @@ COMMANDS: tuple[Command, ...] = (
         _lazy("saereward.sae.export", "ExportConfig"),
         _cmd_export_sae,
     ),
+    Command(
+        "push",
+        "upload an SAE folder or a feature pack to the Hugging Face hub, with a generated model card",
+        _lazy("saereward.report.push", "PushConfig"),
+        _cmd_push,
+        positional="path",
+    ),
     _stage_command("rollouts", _cmd_rollouts),
     _stage_command("layers", _cmd_layers),
     _stage_command("discover", _cmd_discover),
@@ -424,6 +443,31 @@ def _chosen(argv: Sequence[str] | None) -> str | None:
     return next((a for a in (sys.argv[1:] if argv is None else argv) if a in names), None)
 
 
+#: every subcommand's flags (:func:`saereward.config.field_specs`), so that building a parser imports
+#: no stage module (nor torch); ``tests/test_cli.py`` fails when it differs from the config classes
+SCHEMA = Path(__file__).with_name("cli_schema.json")
+
+
+def cli_schema() -> dict[str, list[dict[str, Any]]]:
+    """The flags of every subcommand, read from its config class (imports every stage module)."""
+    return {cmd.name: field_specs(cmd.config()) for cmd in COMMANDS}
+
+
+def write_schema() -> Path:
+    """Regenerate :data:`SCHEMA` after a config class changed (``python -m saereward.cli_schema``)."""
+    write_json(SCHEMA, cli_schema())
+    return SCHEMA
+
+
+def command_specs(cmd: Command) -> list[dict[str, Any]]:
+    """``cmd``'s flags from :data:`SCHEMA`, or from its config class when the schema lacks it."""
+    try:
+        cached = json.loads(SCHEMA.read_text(encoding="utf-8")).get(cmd.name)
+    except (OSError, json.JSONDecodeError):
+        cached = None
+    return cached if cached is not None else field_specs(cmd.config())
+
+
 def build_parser(argv: Sequence[str] | None = None, *, every: bool = False) -> argparse.ArgumentParser:
     """The parser; only the chosen subcommand's config is imported for its flags (``every``: all), so
     ``saereward --help`` lists the commands without importing a stage module or torch."""
@@ -448,7 +492,7 @@ def build_parser(argv: Sequence[str] | None = None, *, every: bool = False) -> a
                 help=f"same as --{cmd.positional.replace('_', '-')}",
             )
         if every or cmd.name == chosen:
-            add_config_args(sp, cmd.config())
+            add_spec_args(sp, command_specs(cmd))
         sp.set_defaults(_command=cmd)
     return p
 

@@ -215,8 +215,23 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
 
     Fields of a nested config dataclass get prefixed flags: field ``train.k`` becomes ``--train-k``.
     """
+    add_spec_args(parser, field_specs(cls))
+
+
+def add_spec_args(parser: argparse.ArgumentParser, specs: Sequence[Mapping[str, Any]]) -> None:
+    """:func:`add_config_args` from :func:`field_specs` (which need not import the config's module)."""
     grp = parser.add_argument_group("settings (also settable in --config TOML or with --set key=value)")
-    _add_fields(grp, cls, ())
+    for spec in specs:
+        kw: dict[str, Any] = {"dest": "cfg__" + "__".join(spec["path"]), "default": argparse.SUPPRESS}
+        if spec["choices"] is not None:
+            kw["choices"] = spec["choices"]
+        if spec["nargs"]:
+            kw["nargs"] = "+"
+        flag = _flag("_".join(spec["path"]))
+        if spec["bool"]:
+            grp.add_argument(flag, action=argparse.BooleanOptionalAction, help=spec["help"], **kw)
+        else:
+            grp.add_argument(flag, metavar="_".join(spec["path"]).upper(), help=spec["help"], **kw)
     parser.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file")
     parser.add_argument(
         "--set",
@@ -227,35 +242,34 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
     )
 
 
-def _add_fields(grp: Any, cls: type, prefix: tuple[str, ...]) -> None:
+def field_specs(cls: type, prefix: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """One JSON-plain flag description per scalar field of ``cls`` (nested dataclasses flattened):
+    ``path``, ``bool``, ``choices``, ``nargs`` (a list) and the final ``help`` text."""
     hints = _hints(cls)
+    out: list[dict[str, Any]] = []
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        tp = hints[f.name]
-        _, inner = _is_optional(tp)
+        _, inner = _is_optional(hints[f.name])
         path = (*prefix, f.name)
         if dataclasses.is_dataclass(inner) and isinstance(inner, type):
-            _add_fields(grp, inner, path)
+            out += field_specs(inner, path)
             continue
         if get_origin(inner) in (dict, Mapping) or inner in (dict,):
             continue
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default: Any = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         help_ = f.metadata.get("help", "").replace("%", "%%")
-        kw: dict[str, Any] = {"dest": "cfg__" + "__".join(path), "default": argparse.SUPPRESS}
-        if get_origin(inner) is typing.Literal:
-            kw["choices"] = list(get_args(inner))
-            help_ += f" {{{','.join(map(str, kw['choices']))}}}"
-        if isinstance(default, tuple | list):
+        choices = list(get_args(inner)) if get_origin(inner) is typing.Literal else None
+        if choices is not None:
+            help_ += f" {{{','.join(map(str, choices))}}}"
+        nargs = isinstance(default, tuple | list)
+        if nargs:
             default = ",".join(map(str, default))
-            kw["nargs"] = "+"
         if "default" not in help_:
             help_ = f"{help_} (default: {default})"
-        flag = _flag("_".join(path))
-        if inner is bool:
-            grp.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_, **kw)
-        else:
-            grp.add_argument(flag, metavar="_".join(path).upper(), help=help_, **kw)
+        spec = {"path": list(path), "bool": inner is bool, "choices": choices, "nargs": nargs, "help": help_}
+        out.append(spec)
+    return out
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:

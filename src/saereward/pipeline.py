@@ -510,7 +510,7 @@ def _inputs_changed(stage: str, rec: dict[str, Any], records: dict[str, Any]) ->
 
 
 #: settings that cannot change a stage's results: where it ran and whether it drew progress bars
-_NOT_RESULTS = ("device", "progress")
+_NOT_RESULTS = ("device", "progress", "report_to")
 
 
 def _placeless(cfg: Any, root: str | None = None) -> Any:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from saereward.errors import SaeRewardError
+from saereward.hub import resolve_source
 from saereward.io import file_sha256, write_json
 
 __all__ = ["Feature", "FeaturePack", "check_pack", "file_sha256", "load_pack", "save_pack"]
@@ -176,7 +177,7 @@ def load_pack(path: str | Path) -> FeaturePack:
 
     Every feature of the file is kept; a malformed one is a one-line error naming it.
     """
-    p = Path(path).expanduser()
+    p = Path(resolve_source(path)).expanduser()
     if not p.is_file():
         raise SaeRewardError(f"feature pack {p} not found: run `saereward discover` or check the path")
     try:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from saereward.errors import SaeRewardError
-from saereward.hub import hub_offline, hub_reachable
+from saereward.hub import HF_SCHEME, hub_offline, hub_reachable, resolve_source
 
 if TYPE_CHECKING:
     import torch
@@ -572,6 +572,9 @@ def load_model(
     torch_dtype(dtype)  # validate early
 
     source: Literal["embedded", "gguf", "hf"]
+    asked = spec
+    if spec.startswith(HF_SCHEME):  # a folder or .gguf file inside a hub repo, read through the cache
+        spec = resolve_source(spec)
     if spec.startswith(EMBEDDED_PREFIX):
         key = spec[len(EMBEDDED_PREFIX) :]
         folder = convert_embedded(key)
@@ -608,7 +611,7 @@ def load_model(
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
-    lm = LoadedModel(model=model, tokenizer=tok, spec=spec, source=source, path=path)
+    lm = LoadedModel(model=model, tokenizer=tok, spec=asked, source=source, path=path)
     if adapter is not None:
         apply_adapter(lm, adapter)
     return lm

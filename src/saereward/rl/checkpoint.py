@@ -36,6 +36,7 @@ def settings_diff(saved: dict[str, Any], cfg: GRPOConfig) -> list[str]:
         "device",
         "snapshot_every",
         "checkpoint_every",
+        "report_to",
     )
     if cfg.reward == "outcome":  # R0 reads no score: how a score would enter changes nothing
         skip += ("reward_form", "reward_clip", "reward_baseline", "aggregation", "pack", "sae", "lam")

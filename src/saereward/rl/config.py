@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from saereward.config import option
+from saereward.metrics import ReportTo
 from saereward.model.lm import DType, check_device
 from saereward.options import DeviceOptions, ModelOptions, TaskOptions
 from saereward.rl.reward import REWARD_FORMS, Aggregation, RewardForm, RewardKind
@@ -157,6 +158,9 @@ class GRPOConfig(TaskOptions, DeviceOptions, ModelOptions):
     out: str = option("runs/rl", "run folder")
     resume: bool = option(True, "continue from the latest checkpoint in out")
     progress: bool = option(True, "progress bar")
+    report_to: tuple[ReportTo, ...] = option(
+        ("tensorboard",), "metric sinks beside train_log.jsonl: tensorboard, wandb (the wandb extra), none"
+    )
 
     def __post_init__(self) -> None:
         check_device(self.device)

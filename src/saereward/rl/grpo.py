@@ -96,6 +96,7 @@ from saereward.features.probe import load_probe
 from saereward.features.scoring import PackScorer, masked_mean
 from saereward.io import read_jsonl, write_json, write_jsonl
 from saereward.lock import folder_lock
+from saereward.metrics import MetricSinks
 from saereward.model.capture import ResidualCapture, position_ids_from_mask
 from saereward.model.generate import (
     SamplingConfig,
@@ -892,7 +893,13 @@ class GRPOTrainer:
             write_json(self.out / "config.json", to_dict(self.cfg))
             if self.baseline is not None:
                 save_baseline(self.baseline, self.out / BASELINE_FILE)
-            tb = _tensorboard(self.out / "tensorboard")
+            tb = MetricSinks(
+                self.out,
+                self.cfg.report_to,
+                name=f"train-rl:{self.out.name}",
+                config=to_dict(self.cfg),
+                resume_step=start,
+            )
             if start == 0:
                 rows.append({"step": 0, **self.evaluate()})
                 write_jsonl(log_path, rows)
@@ -946,21 +953,10 @@ def _median(xs: Sequence[float]) -> float | None:
     return s[len(s) // 2]
 
 
-def _add_scalars(tb: Any, row: dict[str, Any], step: int) -> None:
-    """Every finite number of a log row as a TensorBoard scalar at ``step`` (no-op without a writer)."""
-    if tb is None:
-        return
-    for k, v in row.items():
-        if k != "step" and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
-            tb.add_scalar(k, v, step)
-
-
-def _tensorboard(path: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # pragma: no cover - the tensorboard extra
-        return None
-    return SummaryWriter(str(path))
+def _add_scalars(tb: MetricSinks | None, row: dict[str, Any], step: int) -> None:
+    """Every finite number of a log row to the metric sinks at ``step`` (no-op without sinks)."""
+    if tb is not None:
+        tb.log(row, step)
 
 
 def _local_device(device: str) -> str:

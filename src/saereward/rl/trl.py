@@ -20,7 +20,8 @@ of that forward (the frozen base model: the policy cannot steer its own reward).
 there is no reference forward, and the trainer runs one no-grad forward of the base model itself
 (logged once as a warning). The policy must never score itself: ``sync_ref_model=True`` (which copies
 the policy into the reference) and β = 0 without a PEFT adapter (no frozen base to switch back to)
-are refused.
+are refused. A completion that TRL marks unscorable (every reward function returned ``None``) gets
+TRL's advantage 0 and no mech credit, and stays out of the mechreward form's z-score.
 
     trainer = SAEGRPOTrainer(model=..., reward_funcs=OutcomeReward(task), args=GRPOConfig(beta=0.05, ...),
                              train_dataset=ds, peft_config=LoraConfig(...), scorer=PackScorer(sae, pack),
@@ -116,6 +117,24 @@ class SAEGRPOTrainer(GRPOTrainer):
         self._sae_hidden: torch.Tensor | None = None
         self._sae_collecting = False
         self._warned_extra_forward = False
+        self._sae_unscorable: torch.Tensor | None = None
+
+    def _calculate_rewards(
+        self, inputs: Any, prompts: Any, completions: Any, completion_ids_list: Any
+    ) -> Any:
+        """TRL's rewards (gathered over processes); remembers which completions no reward function scored."""
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._sae_unscorable = torch.isnan(rewards).all(dim=1)
+        return rewards
+
+    def _local_unscorable(self, n: int, device: Any) -> torch.Tensor:
+        """``[n]`` this process's rows that TRL marked unscorable (its advantage 0): they get no credit."""
+        flags = self._sae_unscorable
+        self._sae_unscorable = None
+        if flags is None:
+            return torch.zeros(n, dtype=torch.bool, device=device)
+        start = self.accelerator.process_index * n  # TRL's own slice of the gathered rewards
+        return flags[start : start + n].to(device)
 
     # The reference forward: record the residuals at the pack's layer while TRL computes ref log-probs.
     def _get_per_token_logps_and_entropies(
@@ -160,6 +179,7 @@ class SAEGRPOTrainer(GRPOTrainer):
         hidden = self._sae_hidden if self._sae_hidden is not None else self._extra_forward(output)
         self._sae_hidden = None
         mask = output["completion_mask"].bool()
+        mask = mask & ~self._local_unscorable(mask.shape[0], mask.device)[:, None]
         mech = self.sae_scorer.token_scores(hidden.float()).to(mask.device)
         mech = mech.where(mask, torch.zeros((), device=mask.device))
         adv = output["advantages"]

@@ -74,6 +74,7 @@ import torch
 
 from saereward import __version__
 from saereward.errors import SaeRewardError
+from saereward.hub import resolve_source
 from saereward.io import atomic_path, write_json
 from saereward.model.lm import hf_model_id
 from saereward.sae.coder import SAEConfig, TopKSAE
@@ -844,6 +845,7 @@ def load_sae(
     (missing path, unknown layout, corrupt or truncated file, config/weights shape mismatch, a non-TopK
     architecture, an unsafe pickle) is a one-line :class:`SaeRewardError`.
     """
+    path = resolve_source(path)
     if format is not None:
         if format not in FORMATS:
             raise SaeRewardError(f"unknown SAE format {format!r}: choose one of {', '.join(FORMATS)}")

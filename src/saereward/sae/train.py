@@ -75,6 +75,7 @@ from torch import Tensor
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import atomic_path, read_jsonl, write_json
+from saereward.metrics import MetricSinks, ReportTo
 from saereward.sae import kernels
 from saereward.sae.coder import ForwardOutput, SAEConfig, TopKSAE, geometric_median, unit_mean_norm_scale
 from saereward.sae.formats import load_sae, save_sae
@@ -137,6 +138,10 @@ class SAETrainConfig:
         "auto", help="SAE kernels: fast, eager (reference), or auto ($SAEREWARD_KERNELS, default fast)"
     )
     progress: bool = option(True, help="show a progress bar")
+    report_to: tuple[ReportTo, ...] = option(
+        ("tensorboard",),
+        help="metric sinks beside train_log.jsonl: tensorboard, wandb (the wandb extra), none",
+    )
 
     def __post_init__(self) -> None:
         positive = (
@@ -672,7 +677,7 @@ class SAETrainer:
 
 
 #: training settings a resumed run may change: they decide what is logged and saved, not the weights
-RESUME_FREE = frozenset({"checkpoint_every", "log_every", "eval_every", "progress"})
+RESUME_FREE = frozenset({"checkpoint_every", "log_every", "eval_every", "progress", "report_to"})
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -750,12 +755,13 @@ class _Logger:
                 with atomic_path(path) as tmp:
                     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
             self.jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in __exit__
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(t.run_dir / "tensorboard"), purge_step=t.state.step or None)
-            except ImportError:  # pragma: no cover - the tensorboard extra
-                log.warning("tensorboard is not installed: logging to train_log.jsonl only")
+            self.tb = MetricSinks(
+                t.run_dir,
+                t.cfg.report_to,
+                name=f"train-sae:{t.run_dir.name}",
+                config=to_dict(t.cfg),
+                resume_step=t.state.step,
+            )
         from tqdm.auto import tqdm
 
         self.bar = tqdm(
@@ -823,7 +829,4 @@ class _Logger:
             self.jsonl.write(json.dumps(row) + "\n")
             self.jsonl.flush()
         if self.tb is not None:
-            for key, value in row.items():
-                numeric = isinstance(value, int | float) and not isinstance(value, bool)
-                if key != "step" and numeric:
-                    self.tb.add_scalar(key, value, row["step"])
+            self.tb.log(row, row["step"])

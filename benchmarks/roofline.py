@@ -1,0 +1,152 @@
+"""How far from the hardware limit: this machine's GEMM rate and memory bandwidth, and for the SAE step
+and each phase of the GRPO step, the time those rates allow beside the time we take.
+
+Measured (median of ``--reps`` runs each): fp32 GEMM GFLOP/s at the SAE encoder's shape
+(``[B, d] @ [d, M]``) and at a decoder-MLP shape; bf16 too where the CPU has native bf16; memory
+bandwidth as bytes read + written by a large ``copy_``. Our times come from the same code the
+benchmarks time: ``SAETrainer.train_step`` on random residuals at ``sae_throughput.py``'s shape, and
+one GRPO step of ``grpo_step.py``'s configuration (``GRPOTrainer.step``, which times its phases).
+
+The bounds are a model, not a measurement; each counts the work no implementation can skip:
+
+* SAE step (batch ``B``): the dense encoder product ``2·B·d·M`` FLOP at the GEMM rate, plus writing and
+  reading the ``B×M`` pre-activations once for the top-k (8·B·M bytes), plus Adam on ``W_enc`` and
+  ``W_dec`` (read p, g, m, v; write p, m, v: 28 bytes per weight) at the bandwidth. The decoder and the
+  encoder's backward are sparse (``k`` of ``M`` latents) and left out.
+* generate: each decode step reads every weight once (bandwidth), or does ``2·P`` FLOP per sequence
+  (GEMM rate), whichever is slower; the prefill is ``2·P`` FLOP per prompt token.
+* reference: one forward, ``2·P_body`` FLOP per token plus the LM head ``2·d·V`` per completion token.
+* train: the forward and the backward to the activations (the base weights are frozen; LoRA is small):
+  twice the reference's FLOP.
+
+    .venv/bin/python benchmarks/roofline.py            # on a quiet machine (see BENCHMARKS.md)
+    .venv/bin/python benchmarks/roofline.py --skip-grpo
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def _median_time(fn: Callable[[], object], reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def gemm_gflops(m: int, k: int, n: int, dtype: torch.dtype, reps: int) -> float:
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    return 2 * m * k * n / _median_time(lambda: a @ b, reps) / 1e9
+
+
+def bandwidth_gbs(mb: int, reps: int) -> float:
+    src = torch.empty(mb * 2**20 // 4, dtype=torch.float32).normal_()
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src), reps) / 1e9
+
+
+def sae_row(flops: float, bw: float, d: int, m: int, k: int, batch: int, steps: int) -> dict[str, float]:
+    from saereward.sae.train import SAETrainConfig, SAETrainer
+
+    cfg = SAETrainConfig(
+        d_sae=m,
+        k=k,
+        batch_size=batch,
+        total_tokens=(steps + 2) * batch,
+        checkpoint_every=0,
+        log_every=10**9,
+        progress=False,
+        warmup_steps=1,
+    )
+    tr = SAETrainer(cfg, d)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(batch, d, generator=g) * 3 + 1 for _ in range(4)]
+    tr.initialize(xs[0])
+    tr.train_step(xs[1])
+    times = []
+    for s in range(steps):
+        t0 = time.perf_counter()
+        tr.train_step(xs[s % 4])
+        times.append(time.perf_counter() - t0)
+    ours = statistics.median(times)
+    bound = 2 * batch * d * m / (flops * 1e9) + (8 * batch * m + 28 * 2 * d * m) / (bw * 1e9)
+    return {"ours_s": ours, "bound_s": bound, "ours_tok_s": batch / ours, "bound_tok_s": batch / bound}
+
+
+def grpo_rows(flops: float, bw: float) -> dict[str, tuple[float, float]]:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from grpo_step import bench_config
+    from saereward.model.lm import load_model
+    from saereward.rl.grpo import GRPOTrainer
+
+    cfg = bench_config("fp32", 200, 2)
+    lm = load_model(dtype="fp32")
+    tr = GRPOTrainer(cfg, lm=lm)
+    tr.step(0)  # warm-up
+    row = tr.step(1)
+    n_seq = cfg.questions_per_step * cfg.group_size
+    params = sum(p.numel() for p in lm.model.parameters())
+    d, vocab = lm.d_model, lm.model.get_output_embeddings().weight.shape[0]
+    body = params - d * vocab  # tied embedding: the head's weight is the embedding's
+    new = float(row["completion_len"]) * n_seq
+    from saereward.tasks import format_prompt, load_task
+
+    task = load_task("chain_sum", n=cfg.questions_per_step, seed=0)
+    lens = [len(lm.tokenizer(format_prompt(task, it, "raw"))["input_ids"]) for it in task.items()]
+    prompt = statistics.mean(lens) * n_seq
+    decode_steps = cfg.max_new_tokens
+    gen = decode_steps * max(params * 4 / (bw * 1e9), 2 * params * n_seq / (flops * 1e9))
+    gen += 2 * body * prompt / cfg.group_size / (flops * 1e9)
+    ref = (2 * body * (prompt + new) + 2 * d * vocab * new) / (flops * 1e9)
+    return {
+        "generate": (row["sec_generate"], gen),
+        "reference": (row["sec_reference"], ref),
+        "train": (row["sec_train"], 2 * ref),
+        "step": (row["sec_step"], gen + 3 * ref),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--skip-grpo", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from saereward.model.lm import cpu_has_fast_bf16
+
+    f32 = gemm_gflops(4096, 576, 9216, torch.float32, args.reps)
+    f32_mlp = gemm_gflops(1024, 576, 1536, torch.float32, args.reps)
+    bw = bandwidth_gbs(512, args.reps)
+    print(f"threads {torch.get_num_threads()}, fast bf16: {cpu_has_fast_bf16()}")  # noqa: T201
+    print(f"fp32 GEMM  {f32:.1f} GFLOP/s at 4096x576x9216 (SAE encoder), {f32_mlp:.1f} at 1024x576x1536")  # noqa: T201
+    if cpu_has_fast_bf16():
+        print(f"bf16 GEMM  {gemm_gflops(4096, 576, 9216, torch.bfloat16, args.reps):.1f} GFLOP/s")  # noqa: T201
+    print(f"bandwidth  {bw:.1f} GB/s (copy, read + write)")  # noqa: T201
+    sae = sae_row(f32, bw, 576, 9216, 32, 4096, 8)
+    print("\n| step | ours | hardware bound | ours / bound |\n|---|---|---|---|")  # noqa: T201
+    print(  # noqa: T201
+        f"| SAE train step (B 4096, d 576, M 9216, k 32) | {sae['ours_s']:.3f} s ({sae['ours_tok_s']:,.0f} tok/s) "
+        f"| {sae['bound_s']:.3f} s ({sae['bound_tok_s']:,.0f} tok/s) | {sae['ours_s'] / sae['bound_s']:.2f}x |"
+    )
+    if not args.skip_grpo:
+        for name, (ours, bound) in grpo_rows(f32_mlp, bw).items():
+            print(f"| GRPO {name} (fp32) | {ours:.2f} s | {bound:.2f} s | {ours / bound:.1f}x |")  # noqa: T201
+    print(f"sae_fraction_of_bound={sae['bound_s'] / sae['ours_s']:.2f}")  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
