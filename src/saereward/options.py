@@ -17,7 +17,7 @@ from typing import Any
 from saereward.config import option
 from saereward.model.lm import DEFAULT_MODEL, DType
 
-__all__ = ["DeviceOptions", "ModelOptions", "TaskOptions"]
+__all__ = ["DeviceOptions", "ModelOptions", "PackOptions", "TaskOptions"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,3 +44,14 @@ class TaskOptions:
     task_source: str = option("auto", "where the task data comes from: auto, offline, hf, jsonl")
     task_path: str | None = option(None, "local JSONL file for the task (GSM8K or MATH format)")
     task_params: dict[str, Any] = option({}, "extra task settings, e.g. reasoning-gym config (TOML table)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackOptions:
+    """A feature pack, the SAE it indexes and the model whose residuals they score (reward servers)."""
+
+    pack: str = option("", "feature pack (pack.json) whose score is the mech term")
+    sae: str | None = option(None, "SAE the pack indexes (default: the path the pack recorded)")
+    model: str | None = option(None, "model whose residuals are scored (default: the pack's model)")
+    dtype: DType = option("fp32", "model dtype")
+    device: str = option("cpu", "where the model runs: cpu, cuda or cuda:N")

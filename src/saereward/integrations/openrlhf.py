@@ -37,7 +37,8 @@ from saereward.errors import SaeRewardError
 from saereward.features.pack import FeaturePack, load_pack
 from saereward.features.scoring import PackScorer
 from saereward.model.capture import forward_residuals
-from saereward.model.lm import DEFAULT_MODEL, DType, LoadedModel, load_model
+from saereward.model.lm import DEFAULT_MODEL, LoadedModel, load_model
+from saereward.options import PackOptions
 from saereward.sae.formats import load_sae
 from saereward.tasks.extract import canonical_number, extract_flexible, numbers_equal
 
@@ -45,14 +46,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ServeRewardConfig:
+class ServeRewardConfig(PackOptions):
     """Settings of ``saereward serve-reward``."""
 
-    pack: str = option("", "feature pack (pack.json) whose score is the mech term")
-    sae: str | None = option(None, "SAE the pack indexes (default: the path the pack recorded)")
-    model: str | None = option(None, "model whose residuals are scored (default: the pack's model)")
-    dtype: DType = option("fp32", "model dtype")
-    device: str = option("cpu", "cpu, cuda or cuda:N")
     lam: float = option(0.1, "weight of the mech term: reward = outcome + lam * mech")
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(5000, "port to listen on (0: any free port)")

@@ -25,7 +25,8 @@ from saereward.features.baseline import RewardBaseline, baseline_beside, load_ba
 from saereward.features.pack import load_pack
 from saereward.features.scoring import PackScorer
 from saereward.model.capture import forward_residuals
-from saereward.model.lm import DEFAULT_MODEL, DType, LoadedModel, load_model
+from saereward.model.lm import DEFAULT_MODEL, LoadedModel, load_model
+from saereward.options import PackOptions
 from saereward.rl.reward import mech_credit
 from saereward.sae.formats import load_sae
 
@@ -35,14 +36,9 @@ CreditForm = Literal["decoupled", "position", "shaped"]
 
 
 @dataclass(frozen=True)
-class TokenCreditConfig:
+class TokenCreditConfig(PackOptions):
     """Settings of the per-token credit (verl: the ``reward.saereward`` table)."""
 
-    pack: str = option("", "feature pack (pack.json) whose score is the mech term")
-    sae: str | None = option(None, "SAE the pack indexes (default: the path the pack recorded)")
-    model: str | None = option(None, "frozen base model whose residuals are scored (default: the pack's)")
-    dtype: DType = option("fp32", "model dtype")
-    device: str = option("cpu", "cpu, cuda or cuda:N")
     form: CreditForm = option("position", "reward form of the credit (see `saereward train-rl --help`)")
     lam: float = option(0.1, "λ: credit per reference SD of the score")
     clip: float = option(3.0, "clip of the standardized score, in reference SDs")
