@@ -498,3 +498,27 @@ def test_word_hits_marks_whole_words_only() -> None:
     hits = word_hits(tok, ids, ["wait", "therefore", "so"])
     marked = {i: h for i, h in enumerate(hits) if h >= 0}
     assert marked == {0: 2, 3: 0, 9: 1}  # "also" does not contain the word "so"
+
+
+def test_a_pack_records_its_sae_and_rollouts_relative_to_itself(tmp_path: Path) -> None:
+    """A copied run folder's pack points at the copy's SAE and rollouts, not the original's."""
+    import shutil
+
+    from saereward.features.pack import Feature, FeaturePack, beside, load_pack, save_pack
+
+    run = tmp_path / "run"
+    (run / "sae" / "sae").mkdir(parents=True)
+    (run / "rollouts").mkdir()
+    meta = {
+        "sae_path": beside(run / "sae" / "sae", run / "pack.json"),
+        "rollouts": beside(run / "rollouts", run / "pack.json"),
+    }
+    assert meta == {"sae_path": "sae/sae", "rollouts": "rollouts"}
+    save_pack(FeaturePack("t", [Feature(1, 1.0)], [], layer=1, metadata=meta), run / "pack.json")
+    shutil.copytree(run, tmp_path / "copy")
+    shutil.rmtree(run)
+    pack = load_pack(tmp_path / "copy" / "pack.json")
+    assert pack.metadata["sae_path"] == str(tmp_path / "copy" / "sae" / "sae")
+    assert pack.metadata["rollouts"] == str(tmp_path / "copy" / "rollouts")
+    old = FeaturePack("t", [Feature(1, 1.0)], [], layer=1, metadata={"sae_path": "/abs/sae"})
+    assert load_pack(save_pack(old, tmp_path / "old.json")).metadata["sae_path"] == "/abs/sae"  # older packs

@@ -30,7 +30,7 @@ from saereward.config import option, to_dict
 from saereward.data.rollouts import load_rollouts
 from saereward.errors import SaeRewardError
 from saereward.features.baseline import baseline_beside, measure_baseline, save_baseline
-from saereward.features.pack import Feature, FeaturePack, save_pack
+from saereward.features.pack import Feature, FeaturePack, beside, save_pack
 from saereward.features.scoring import PackScorer, pooled_sae_acts
 from saereward.io import file_sha256, write_json
 from saereward.model.lm import load_tokenizer
@@ -150,9 +150,10 @@ def run_discover(cfg: DiscoverConfig) -> FeaturePack:
             "d_sae": sae.cfg.d_sae,
             "k": sae.cfg.k,
             "num_hidden_layers": ro.summary.get("num_layers"),
-            "sae_path": str(Path(cfg.sae).resolve()),
+            # relative to the pack's folder, so a moved or copied run reads its own SAE and rollouts
+            "sae_path": beside(cfg.sae, cfg.out),
             "sae_sha256": file_sha256(cfg.sae),
-            "rollouts": str(Path(cfg.rollouts).resolve()),
+            "rollouts": beside(cfg.rollouts, cfg.out),
             "task": (ro.summary.get("task") or {}).get("name"),
             "prompt_format": ro.generation.get("prompt_format"),
             "generation": ro.generation,

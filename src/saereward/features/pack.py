@@ -8,7 +8,9 @@ Our pack JSON is a superset of mechreward's schema, so mechreward's tools can re
   ``validated`` (plus our ``active_frac``);
 * ``metadata``: ``d_model``, ``d_sae``, ``k``, ``target_layer``, ``num_hidden_layers`` (mechreward's),
   plus ours: ``format`` = ``saereward.pack``, ``format_version``, ``sae_path``, ``sae_sha256``,
-  ``rollouts``, ``discovery_qids``, ``validation_qids``, ``stats``.
+  ``rollouts``, ``discovery_qids``, ``validation_qids``, ``stats``. ``sae_path`` and ``rollouts`` are
+  relative to the pack's folder (so a moved or copied run reads its own); :func:`load_pack` resolves
+  them against the pack's current place.
 
 :func:`load_pack` also reads mechreward's older packs with one ``features[]`` list, where each entry's
 sign comes from ``weight`` (or ``direction``/``polarity``/``type`` = helpful/harmful).
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,6 +175,16 @@ def _layer_of(meta: dict[str, Any], top: dict[str, Any]) -> int | None:
     return None
 
 
+#: metadata paths a pack records relative to its own folder (absolute ones, from older packs, are kept)
+_PACK_RELATIVE = ("sae_path", "rollouts")
+
+
+def beside(target: str | os.PathLike[str], pack_path: str | os.PathLike[str]) -> str:
+    """``target`` relative to the folder of ``pack_path``, as a pack records it (no symlink resolved, so
+    a pack written in a staging folder of links points at the same place once moved into the run)."""
+    return os.path.relpath(os.path.abspath(target), os.path.dirname(os.path.abspath(pack_path)))
+
+
 def load_pack(path: str | Path) -> FeaturePack:
     """Read a pack JSON: ours, mechreward's (``helpful_features``/``harmful_features``) or the older ``features[]``.
 
@@ -214,6 +227,10 @@ def load_pack(path: str | Path) -> FeaturePack:
     if dup:
         raise SaeRewardError(f"feature pack {p} lists feature(s) {dup[:5]} more than once: fix the pack")
     md = dict(meta)
+    for key in _PACK_RELATIVE:  # recorded relative to the pack's folder: resolve against where it is now
+        v = md.get(key)
+        if isinstance(v, str) and v and not os.path.isabs(v) and "://" not in v:
+            md[key] = os.path.normpath(os.path.join(os.path.abspath(p.parent), v))
     for key in ("d_model", "d_sae", "k", "num_hidden_layers"):
         if key not in md and isinstance(data.get(key), int):
             md[key] = data[key]
