@@ -148,9 +148,16 @@ def settings_changed(saved: Mapping[str, Any], now: Mapping[str, Any], free: Seq
     return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys]
 
 
-def refuse_other_settings(config_file: Path, cfg: Any, free: Sequence[str], *, holds: str, fix: str) -> None:
-    """Raise one error line when ``config_file`` (a stage's saved resolved config) records settings that
-    change results and differ from ``cfg``'s: ``holds`` says what the folder holds, ``fix`` what to do."""
+def refuse_other_settings(
+    out: Path, cfg: Any, free: Sequence[str], *, cache: str, holds: str, stage: str
+) -> None:
+    """Raise one error line when ``out/cache`` holds finished results (``*.json``) and ``out/config.json``
+    records result-changing settings that differ from ``cfg``'s: a stage resumes only into the settings
+    it began with. ``holds`` names the results, ``stage`` the pipeline stage to force."""
+    if not any((out / cache).glob("*.json")):
+        return
+    fix = f"pass another --out, or delete {out / cache} to start over (in a pipeline: --force {stage})"
+    config_file = out / "config.json"
     if not config_file.is_file():
         return
     try:
@@ -160,7 +167,7 @@ def refuse_other_settings(config_file: Path, cfg: Any, free: Sequence[str], *, h
     changes = settings_changed(saved if isinstance(saved, dict) else {}, to_dict(cfg), free)
     if changes:
         raise SaeRewardError(
-            f"{config_file.parent} holds {holds} made with other settings ({', '.join(changes[:6])}): {fix}"
+            f"{out} holds {holds} made with other settings ({', '.join(changes[:6])}): {fix}"
         )
 
 

@@ -63,7 +63,7 @@ class MetricSinks:
                     dir=str(run_dir),
                     config=dict(config),
                     job_type=name.split(":")[0],
-                    resume="allow" if resume_step else None,
+                    resume="allow",  # the folder's id: a resumed or re-entered run continues it
                     id=_wandb_id(run_dir),
                 )
 

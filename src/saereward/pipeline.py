@@ -533,7 +533,7 @@ def _recorded_root(stage: str, rec: dict[str, Any]) -> str | None:
 
 # Reasons that start a stage from scratch; "not done" and "artifact missing" let the stage resume.
 _FROM_SCRATCH = ("forced", "config changed", "input stage re-ran")
-#: suffix of a stage output moved aside while the stage is rebuilt from scratch
+#: suffix of an old stage output while the new one is swapped in (removed right after)
 ASIDE = ".replaced"
 #: the run folder in which a stage rebuilt from scratch writes its new outputs (``RUN/.staging``)
 STAGING = ".staging"
@@ -577,7 +577,8 @@ def _staging_root(lay: Layout, stage: str) -> Path:
 
 def _swap_in(lay: Layout, staging: Path, stage: str) -> list[tuple[Path, Path]]:
     """Move ``stage``'s new outputs from ``staging`` into the run folder; the old ones go to
-    ``<name>.replaced`` (returned, dropped by the caller once the stage's record is safe)."""
+    ``<name>.replaced`` (returned: the caller drops them, then writes the stage's record; a kill in
+    between leaves them for :func:`recover_interrupted` to put back under the old record)."""
     moved = []
     for rel in stage_of(stage).outputs:
         old, new = lay.root / rel, staging / rel

@@ -599,14 +599,7 @@ def run_drift(cfg: DriftConfig, lm: LoadedModel | None = None) -> dict[str, Any]
         raise SaeRewardError(f"run {cfg.run} was trained on {spec}, the model given is {lm.spec}")
     pack, sae_path, base_sae, layer, texts_file, texts = _drift_inputs(cfg)
     out = Path(cfg.out)
-    if any((out / "stages").glob("*.json")):  # resume only into the settings the analysis began with
-        refuse_other_settings(
-            out / "config.json",
-            cfg,
-            _RESUME_FREE,
-            holds="drift stages",
-            fix=f"pass another --out, or delete {out / 'stages'} to start over (in a pipeline: --force drift)",
-        )
+    refuse_other_settings(out, cfg, _RESUME_FREE, cache="stages", holds="drift stages", stage="drift")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", to_dict(cfg))
     common = {

@@ -691,15 +691,9 @@ def _run_conditions(
     eval_key = {k: v for k, v in to_dict(ec).items() if k not in ("progress", "out", "threads", "device")}
     common_key = {"eval": eval_key, "layer": layer, "saereward_version": __version__}
     results: dict[str, dict[str, Any]] = {}
-    if any((out / "conditions").glob("*.json")):  # resume only into the settings the sweep began with
-        refuse_other_settings(
-            out / "config.json",
-            cfg,
-            _RESUME_FREE,
-            holds="steering conditions",
-            fix=f"pass another --out, or delete {out / 'conditions'} to start over "
-            "(in a pipeline: --force steer)",
-        )
+    refuse_other_settings(
+        out, cfg, _RESUME_FREE, cache="conditions", holds="steering conditions", stage="steer"
+    )
     (out / "conditions").mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", to_dict(cfg))
     bar = tqdm(conditions(cfg), desc="steer", unit="cond", disable=not cfg.progress, dynamic_ncols=True)
