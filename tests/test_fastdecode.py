@@ -30,13 +30,32 @@ class _StopOn:
         return (gen == 11).any(1)
 
 
+def _with_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with an active, unmerged LoRA adapter on every projection (random, non-zero B)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    )
+    peft.eval()
+    return peft
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("capture", [False, True])
 @pytest.mark.parametrize("skinny", [False, True])
-def test_decode_matches_generate(arch: str, capture: bool, skinny: bool, monkeypatch) -> None:
+@pytest.mark.parametrize("lora", [False, True])
+def test_decode_matches_generate(arch: str, capture: bool, skinny: bool, lora: bool, monkeypatch) -> None:
+    """Greedy tokens as ``generate()``'s, residuals to rounding; with ``lora``, a PEFT model whose active
+    adapters the loop applies unmerged is compared with PEFT's own forward."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     model, _ = make_tiny(arch)
+    if lora:
+        model = _with_lora(model)
+        assert fastdecode.unsupported(model) is None
     ids, am = _batch()
     P, N, layer = ids.shape[1], 14, 2
 
@@ -106,12 +125,17 @@ def test_unsupported_models_and_adapters() -> None:
     peft = get_peft_model(
         model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     )
-    assert "LoRA" in (fastdecode.unsupported(peft) or "")
+    assert fastdecode.unsupported(peft) is None  # active adapters: applied unmerged
     peft.merge_adapter()
     assert fastdecode.unsupported(peft) is None
     peft.unmerge_adapter()
     with peft.disable_adapter():
         assert fastdecode.unsupported(peft) is None
+    dora, _ = make_tiny("llama")
+    dora = get_peft_model(dora, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    assert "DoRA" in (fastdecode.unsupported(dora) or "")
+    dora.merge_adapter()  # merged, the base weight is what the layer computes
+    assert fastdecode.unsupported(dora) is None
 
 
 def test_batch_sizes() -> None:

@@ -17,7 +17,8 @@ end well before ``max_new_tokens``.
   packed by KV head (no ``repeat_kv`` copy).
 
 Supported: ``LlamaForCausalLM`` and ``Qwen2ForCausalLM`` (full attention, SiLU MLP), PEFT-wrapped
-with the adapters merged or disabled. :func:`unsupported` says why another model is not; the caller
+with LoRA adapters merged, disabled or active: an active adapter is applied as two small products per
+projection (``W x + s·B(A x)``), so sampling from a LoRA policy needs no merged copy of the weights. :func:`unsupported` says why another model is not; the caller
 then uses ``generate()``. Same distribution as ``generate()`` with the same sampler; the random draws
 differ once a row has left the batch.
 """
@@ -40,17 +41,55 @@ _ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 _PROJ = (*_ATTN_PROJ, "gate_proj", "up_proj", "down_proj")
 
 
-def _plain_linear(m: Any) -> Any | None:
-    """The ``nn.Linear`` whose weight is what ``m`` computes now, or ``None`` (an active, unmerged
-    LoRA adapter)."""
+#: one projection as the decode loop computes it: ``x @ weightᵀ + bias + Σ (x @ Aᵀ) @ (s·B)ᵀ``
+_Proj = tuple[Tensor, Tensor | None, tuple[tuple[Tensor, Tensor], ...]]
+
+
+def _projection(m: Any) -> _Proj | None:
+    """``(weight, bias, adapters)`` of what ``m`` computes now, or ``None`` where the loop cannot.
+
+    ``m`` is an ``nn.Linear`` or a PEFT LoRA ``Linear``. Its active adapters that are not merged come
+    back as ``(A [r, in], scaling · B [out, r])`` pairs, applied as two small products per step (no
+    copy of the base weight, unlike merging). ``None``: an adapter the loop does not compute (a LoRA
+    variant such as DoRA, a LoRA bias, dropout in training mode).
+    """
     base = getattr(m, "base_layer", None)
     if base is None:
-        return m
+        return m.weight, m.bias, ()
     if getattr(m, "disable_adapters", False):
-        return base
+        return base.weight, base.bias, ()
     merged = set(getattr(m, "merged_adapters", []))
-    active = [a for a in getattr(m, "active_adapters", []) if a in getattr(m, "lora_A", {})]
-    return base if all(a in merged for a in active) else None
+    adapters = []
+    for name in getattr(m, "active_adapters", []):
+        if name not in getattr(m, "lora_A", {}) or name in merged:
+            continue
+        drop = m.lora_dropout[name]
+        if name in getattr(m, "lora_variant", {}) or m.lora_B[name].bias is not None:
+            return None
+        if not isinstance(drop, torch.nn.Identity) and drop.training:
+            return None
+        a, b = m.lora_A[name].weight, m.lora_B[name].weight
+        dtype = base.weight.dtype
+        adapters.append((a.detach().to(dtype), (b.detach() * m.scaling[name]).to(dtype)))
+    return base.weight, base.bias, tuple(adapters)
+
+
+_Linear = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+#: projections that read the same input, computed as one product when fused (see :func:`_fuse`)
+_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+
+
+def _adapt(linear: _Linear, x: Tensor, y: Tensor, adapters: tuple[tuple[Tensor, Tensor], ...]) -> Tensor:
+    """``y`` plus each adapter's ``(x Aᵀ)(s·B)ᵀ``."""
+    for a, sb in adapters:
+        y = y + linear(linear(x, a, None), sb, None)
+    return y
+
+
+def _project(linear: _Linear, x: Tensor, p: _Proj) -> Tensor:
+    """``x`` through one :data:`_Proj` with ``linear`` as the product."""
+    weight, bias, adapters = p
+    return _adapt(linear, x, linear(x, weight, bias), adapters)
 
 
 def unsupported(model: Any) -> str | None:
@@ -71,9 +110,9 @@ def unsupported(model: Any) -> str | None:
         return f"unexpected module layout of {type(base).__name__}"
     for block in decoder_layers(model):
         for name in _PROJ:
-            if _plain_linear(getattr(block.self_attn if name in _ATTN_PROJ else block.mlp, name)) is None:
-                return "active LoRA adapters that are not merged (merge them for generation)"
-    if _plain_linear(base.lm_head) is None:
+            if _projection(getattr(block.self_attn if name in _ATTN_PROJ else block.mlp, name)) is None:
+                return "LoRA adapters of a kind the loop does not apply (a variant such as DoRA, a LoRA bias)"
+    if getattr(base.lm_head, "base_layer", None) is not None:
         return "an adapter on the LM head"
     return None
 
@@ -91,17 +130,54 @@ class _Block:
 
     def __init__(self, block: Any) -> None:
         attn, mlp = block.self_attn, block.mlp
-        self.w: dict[str, tuple[Tensor, Tensor | None]] = {}
+        self.w: dict[str, _Proj] = {}
         for name in _PROJ:
-            m = _plain_linear(getattr(attn if name in _ATTN_PROJ else mlp, name))
-            if m is None:
-                raise ValueError("fastdecode: active LoRA adapters that are not merged")
-            self.w[name] = (m.weight, m.bias)
+            p = _projection(getattr(attn if name in _ATTN_PROJ else mlp, name))
+            if p is None:
+                raise ValueError("fastdecode: a LoRA adapter of a kind the loop does not apply")
+            self.w[name] = p
         self.ln1 = (block.input_layernorm.weight, block.input_layernorm.variance_epsilon)
         self.ln2 = (block.post_attention_layernorm.weight, block.post_attention_layernorm.variance_epsilon)
         self.scaling = float(attn.scaling)
         self.head_dim = int(attn.head_dim)
         self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        self.fused: dict[str, tuple[Tensor, Tensor | None, list[int]]] = {}
+
+    def group(self, linear: _Linear, x: Tensor, name: str) -> list[Tensor]:
+        """The outputs of the projections of group ``name`` (:data:`_GROUPS`) for input ``x``."""
+        names = _GROUPS[name]
+        if name not in self.fused:
+            return [_project(linear, x, self.w[n]) for n in names]
+        weight, bias, sizes = self.fused[name]
+        ys = linear(x, weight, bias).split(sizes, dim=-1)
+        return [_adapt(linear, x, y, self.w[n][2]) for n, y in zip(names, ys, strict=True)]
+
+
+def _fuse(blocks: list[_Block]) -> None:
+    """Concatenate each block's q/k/v and gate/up weights (and biases) into one buffer.
+
+    Three products per layer fewer per decode step, and longer ones: on the 2-core AVX2 machine the
+    fp32 ``(W xᵀ)ᵀ`` products of a SmolLM2 step with 16 rows took 71 ms fused against 91 ms apart.
+    The copies live in one allocation for the :func:`decode` call (about half the model's size in
+    SmolLM2), freed when it returns; the adapters stay per projection.
+    """
+    groups = [(blk, name) for blk in blocks for name in _GROUPS]
+    total = sum(blk.w[n][0].numel() for blk, name in groups for n in _GROUPS[name])
+    buf = blocks[0].w["q_proj"][0].new_empty(total)
+    off = 0
+    for blk, name in groups:
+        ws = [blk.w[n][0] for n in _GROUPS[name]]
+        bs = [blk.w[n][1] for n in _GROUPS[name]]
+        sizes = [w.shape[0] for w in ws]
+        fused = buf[off : off + sum(sizes) * ws[0].shape[1]].view(sum(sizes), ws[0].shape[1])
+        torch.cat(ws, out=fused)
+        off += fused.numel()
+        bias = None
+        if any(b is not None for b in bs):
+            bias = torch.cat(
+                [b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(bs, ws, strict=True)]
+            )
+        blk.fused[name] = (fused, bias, sizes)
 
 
 def _batch_size(n: int) -> int:
@@ -128,17 +204,17 @@ class _Weights:
         base = unwrap(model)
         inner = base.model
         self.blocks = [_Block(b) for b in decoder_layers(model)]
-        head = _plain_linear(base.lm_head)
-        if head is None:
+        if getattr(base.lm_head, "base_layer", None) is not None:
             raise ValueError(f"fastdecode cannot run this model: {unsupported(model)}")
-        self.head: Any = head
+        self.head: Any = base.lm_head
         self.emb: Tensor = inner.embed_tokens.weight
         self.rotary_emb: Any = inner.rotary_emb
         self.final_norm = (inner.norm.weight, inner.norm.variance_epsilon)
-        self.linear: Callable[[Tensor, Tensor, Tensor | None], Tensor] = F.linear
+        self.linear: _Linear = F.linear
         if skinny and device.type == "cpu" and self.emb.dtype == torch.float32:
             self.linear = _skinny
-        elif bf16cpu.installed(head):
+            _fuse(self.blocks)
+        elif bf16cpu.installed(self.head):
             # bf16 through fp32 GEMM, as the model's own (patched) nn.Linear forwards
             self.linear = bf16cpu.linear
 
@@ -181,9 +257,7 @@ def _forward_token(
     for li, blk in enumerate(w.blocks):
         h = _rms(x, blk.ln1)
         D = blk.head_dim
-        q = linear(h, *blk.w["q_proj"]).reshape(n, -1, 1, D)
-        k = linear(h, *blk.w["k_proj"]).reshape(n, -1, 1, D)
-        v = linear(h, *blk.w["v_proj"]).reshape(n, -1, 1, D)
+        q, k, v = (y.reshape(n, -1, 1, D) for y in blk.group(linear, h, "qkv"))
         q, k = blk.rope(q, k, cos, sin)
         kv_heads = k.shape[1]
         keys[li][:, :, slot] = k[:, :, 0]
@@ -196,11 +270,10 @@ def _forward_token(
             attn_mask=mask[:, None, None, :L],
             scale=blk.scaling,
         )
-        x = x + linear(a.reshape(n, -1), *blk.w["o_proj"])
+        x = x + _project(linear, a.reshape(n, -1), blk.w["o_proj"])
         h = _rms(x, blk.ln2)
-        g = linear(h, *blk.w["gate_proj"])
-        u = linear(h, *blk.w["up_proj"])
-        x = x + linear(F.silu(g) * u, *blk.w["down_proj"])
+        g, u = blk.group(linear, h, "gate_up")
+        x = x + _project(linear, F.silu(g) * u, blk.w["down_proj"])
         if li in res:
             res[li][rows[fed], t] = x[fed].to(res[li].dtype)
     return linear(_rms(x, w.final_norm), w.head.weight, w.head.bias).contiguous()

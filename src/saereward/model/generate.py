@@ -372,6 +372,14 @@ def _generation(
 
 
 @torch.no_grad()
+def uses_fast_decode(model: Any, sampling: SamplingConfig, fast_decode: bool) -> bool:
+    """Whether :func:`generate_batch` decodes ``model`` with its own loop (``fast_decode`` asked, a
+    sampler the loop has, and a model it runs; active LoRA adapters included)."""
+    if not fast_decode or not (sampling.sampler == "topk" or not sampling.do_sample):
+        return False
+    return fastdecode.unsupported(model) is None
+
+
 def generate_batch(
     lm: LoadedModel,
     prompts: Sequence[str],
@@ -403,9 +411,7 @@ def generate_batch(
     if seed is not None:
         torch.manual_seed(seed)
     t0 = time.perf_counter()
-    fast = fast_decode and (sampling.sampler == "topk" or not sampling.do_sample)
-    if fast:
-        fast = fastdecode.unsupported(model) is None
+    fast = uses_fast_decode(model, sampling, fast_decode)
     kwargs = _generate_kwargs(tok, sampling, gcfg, enc["input_ids"].shape[1], fast)
     with (
         ResidualCapture(model, capture_layers, store_dtype=capture_dtype)

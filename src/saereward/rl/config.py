@@ -139,7 +139,10 @@ class GRPOConfig(TaskOptions, DeviceOptions, ModelOptions):
         "activations and the sum happens inside the matrix product (PEFT: two passes over the output)",
     )
     merge_for_generation: bool = option(
-        True, "sample with the LoRA weights merged into the base (exact base weights restored after)"
+        True,
+        "where rollouts go through HF generate() (fast_decode off, or a model or sampler the fast loop "
+        "lacks), sample with the LoRA weights merged into the base (exact base weights restored after); "
+        "the fast loop applies the adapters itself, without a merged copy of the weights",
     )
     lora_r: int = option(32, "LoRA rank")
     lora_alpha: int = option(64, "LoRA α")
