@@ -973,6 +973,37 @@ def test_mmap_large_allocations_on_glibc() -> None:
     assert float(x.sum()) == float(1 << 20)
 
 
+def test_rollouts_unmerged_lora_equal_merged(tmp_path: Path) -> None:
+    """``merge_for_generation=False``: the fast decode loop samples from the unmerged LoRA policy the
+    same tokens and residuals as from the merged one (same seed); both leave the weights as they were."""
+    from saereward.model import fastdecode
+
+    batches = []
+    pack = str(tiny_pack(tmp_path))
+    for merge in (True, False):
+        cfg = rl_cfg(
+            tmp_path / f"m{merge}",
+            merge_for_generation=merge,
+            fast_decode=True,
+            max_new_tokens=8,
+            reward="sae",
+            pack=pack,
+            reward_form="mechreward",  # residuals of the policy, no reward baseline needed
+        )
+        tr = GRPOTrainer(cfg, lm=fresh_tiny())
+        torch.manual_seed(7)
+        for n, p in tr.model.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.5)  # a trained-looking adapter (PEFT starts B at zero)
+        assert fastdecode.unsupported(tr.model) is None  # the loop runs the unmerged adapters
+        before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+        batches.append(tr._rollouts(0))
+        assert all(torch.equal(p, before[n]) for n, p in tr.model.named_parameters())
+    merged, unmerged = batches
+    assert torch.equal(merged.sequences, unmerged.sequences)
+    assert torch.allclose(merged.residuals, unmerged.residuals, atol=1e-4)
+
+
 def _rss_anon_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("RssAnon:"):

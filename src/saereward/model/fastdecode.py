@@ -18,9 +18,10 @@ end well before ``max_new_tokens``.
 
 Supported: ``LlamaForCausalLM`` and ``Qwen2ForCausalLM`` (full attention, SiLU MLP), PEFT-wrapped
 with LoRA adapters merged, disabled or active: an active adapter is applied as two small products per
-projection (``W x + s·B(A x)``), so sampling from a LoRA policy needs no merged copy of the weights. :func:`unsupported` says why another model is not; the caller
-then uses ``generate()``. Same distribution as ``generate()`` with the same sampler; the random draws
-differ once a row has left the batch.
+projection (``W x + s·B(A x)``), so sampling from a LoRA policy needs no merged copy of the weights.
+:func:`unsupported` says why another model is not; the caller then uses ``generate()``. Same
+distribution as ``generate()`` with the same sampler; the random draws differ once a row has left
+the batch.
 """
 
 from __future__ import annotations
@@ -75,8 +76,6 @@ def _projection(m: Any) -> _Proj | None:
 
 
 _Linear = Callable[[Tensor, Tensor, Tensor | None], Tensor]
-#: projections that read the same input, computed as one product when fused (see :func:`_fuse`)
-_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 
 
 def _adapt(linear: _Linear, x: Tensor, y: Tensor, adapters: tuple[tuple[Tensor, Tensor], ...]) -> Tensor:
@@ -135,11 +134,6 @@ def _skinny_project(x: Tensor, p: _Proj) -> Tensor:
     return y.t()
 
 
-#: one fused product (:func:`_fuse`): ``(weight [Σout + Σr, in], bias [Σout + Σr] | None, out sizes,
-#: s·B block-diagonal [Σout, Σr] | None)``
-_Fused = tuple[Tensor, Tensor | None, list[int], Tensor | None]
-
-
 class _Block:
     """One decoder block's weights, read once per decode call."""
 
@@ -156,58 +150,6 @@ class _Block:
         self.scaling = float(attn.scaling)
         self.head_dim = int(attn.head_dim)
         self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        self.fused: dict[str, _Fused] = {}
-
-    def group(self, linear: _Linear, x: Tensor, name: str) -> list[Tensor]:
-        """The outputs of the projections of group ``name`` (:data:`_GROUPS`) for input ``x``."""
-        if name not in self.fused:
-            return [_project(linear, x, self.w[n]) for n in _GROUPS[name]]
-        weight, bias, sizes, sb = self.fused[name]
-        xt = x.t()
-        y = torch.mm(weight, xt) if bias is None else torch.addmm(bias.unsqueeze(1), weight, xt)
-        m = sum(sizes)
-        if sb is not None:  # the adapters' x Aᵀ are the last rows of y
-            y[:m].addmm_(sb, y[m:])
-        return list(y[:m].t().split(sizes, dim=-1))
-
-
-def _fuse(blocks: list[_Block]) -> None:
-    """Stack each block's q/k/v and gate/up weights, and their adapters' ``A``, into one matrix.
-
-    Per group one ``(W xᵀ)`` product gives the base outputs and every adapter's ``A x``; one in-place
-    ``addmm_`` with the block-diagonal ``s·B`` adds the low-rank terms. On the 2-core AVX2 machine the
-    fp32 base products of a SmolLM2 step with 16 rows took 71 ms fused against 91 ms apart; the
-    LoRA-r16 adapters, as 14 separate small products and 7 adds per layer, cost 7-12 % more again.
-    The copies live in one allocation for the :func:`decode` call (about half the model's size in
-    SmolLM2), freed when it returns.
-    """
-    groups = [(blk, name) for blk in blocks for name in _GROUPS]
-
-    def rows(blk: _Block, name: str) -> list[Tensor]:
-        ps = [blk.w[n] for n in _GROUPS[name]]
-        return [p[0] for p in ps] + [a for p in ps for a, _ in p[2]]
-
-    total = sum(t.numel() for blk, name in groups for t in rows(blk, name))
-    buf = blocks[0].w["q_proj"][0].new_empty(total)
-    off = 0
-    for blk, name in groups:
-        ps = [blk.w[n] for n in _GROUPS[name]]
-        ws = rows(blk, name)
-        fused = buf[off : off + sum(t.numel() for t in ws)].view(-1, ws[0].shape[1])
-        torch.cat(ws, out=fused)
-        off += fused.numel()
-        sizes = [p[0].shape[0] for p in ps]
-        n_low = fused.shape[0] - sum(sizes)
-        bias = None
-        if any(p[1] is not None for p in ps):
-            parts = [p[1] if p[1] is not None else p[0].new_zeros(p[0].shape[0]) for p in ps]
-            bias = torch.cat([*parts, fused.new_zeros(n_low)])
-        # s·B of projection i in its output rows and its adapters' columns; none: a [out, 0] block
-        blocks_sb = [
-            torch.cat([b for _, b in p[2]], 1) if p[2] else p[0].new_zeros(p[0].shape[0], 0) for p in ps
-        ]
-        sb = torch.block_diag(*blocks_sb) if n_low else None
-        blk.fused[name] = (fused, bias, sizes, sb)
 
 
 def _batch_size(n: int) -> int:
@@ -244,7 +186,6 @@ class _Weights:
         self.skinny = skinny and device.type == "cpu" and self.emb.dtype == torch.float32
         if self.skinny:
             self.linear = _skinny
-            _fuse(self.blocks)
         elif bf16cpu.installed(self.head):
             # bf16 through fp32 GEMM, as the model's own (patched) nn.Linear forwards
             self.linear = bf16cpu.linear
@@ -292,7 +233,7 @@ def _forward_token(
     for li, blk in enumerate(w.blocks):
         h = _rms(x, blk.ln1)
         D = blk.head_dim
-        q, k, v = (y.reshape(n, -1, 1, D) for y in blk.group(linear, h, "qkv"))
+        q, k, v = (w.project(h, blk.w[name]).reshape(n, -1, 1, D) for name in ("q_proj", "k_proj", "v_proj"))
         q, k = blk.rope(q, k, cos, sin)
         kv_heads = k.shape[1]
         keys[li][:, :, slot] = k[:, :, 0]
@@ -307,7 +248,7 @@ def _forward_token(
         )
         x = x + w.project(a.reshape(n, -1), blk.w["o_proj"])
         h = _rms(x, blk.ln2)
-        g, u = blk.group(linear, h, "gate_up")
+        g, u = (w.project(h, blk.w[name]) for name in ("gate_proj", "up_proj"))
         x = x + w.project(F.silu(g) * u, blk.w["down_proj"])
         if li in res:
             res[li][rows[fed], t] = x[fed].to(res[li].dtype)

@@ -141,9 +141,10 @@ class GRPOConfig(TaskOptions, DeviceOptions, ModelOptions):
     )
     merge_for_generation: bool = option(
         True,
-        "where rollouts go through HF generate() (fast_decode off, or a model or sampler the fast loop "
-        "lacks), sample with the LoRA weights merged into the base (exact base weights restored after); "
-        "the fast loop applies the adapters itself, without a merged copy of the weights",
+        "sample with the LoRA weights merged into the base (exact base weights restored after); off: "
+        "the fast decode loop applies the adapters unmerged, with no copy of the weights (SmolLM2 fp32 on "
+        "2 AVX2 cores: 0.4 GB less RSS while sampling, rollouts ~9 % slower; generate() is much slower "
+        "unmerged)",
     )
     lora_r: int = option(32, "LoRA rank")
     lora_alpha: int = option(64, "LoRA α")

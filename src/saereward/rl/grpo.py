@@ -104,7 +104,6 @@ from saereward.model.generate import (
     generate_batch,
     iter_generate,
     stop_strings_for,
-    uses_fast_decode,
 )
 from saereward.model.lm import LoadedModel, load_model, require_device, resolve_layer
 from saereward.rl.batching import PromptPrefix, _Batch, _Slice, micro_batches
@@ -395,10 +394,8 @@ class GRPOTrainer:
         )
         self.model.eval()
         lm = self._policy_lm()
-        # the fast decode loop applies unmerged adapters itself: merging would copy every base weight
-        merge = cfg.merge_for_generation and not uses_fast_decode(self.model, sampling, cfg.fast_decode)
         with (
-            merged_lora(self.model, enabled=merge),
+            merged_lora(self.model, enabled=cfg.merge_for_generation),
             skinny_linear(self.model) if cfg.skinny_decode else contextlib.nullcontext(),
         ):
             g = generate_batch(
