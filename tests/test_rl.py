@@ -7,7 +7,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -1002,28 +1001,6 @@ def test_rollouts_unmerged_lora_equal_merged(tmp_path: Path) -> None:
     merged, unmerged = batches
     assert torch.equal(merged.sequences, unmerged.sequences)
     assert torch.allclose(merged.residuals, unmerged.residuals, atol=1e-4)
-
-
-def _rss_anon_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no RssAnon")
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
-def test_trim_heap_returns_fragmented_free_pages() -> None:
-    from saereward.rl.patches import mmap_large_allocations, trim_heap
-
-    assert mmap_large_allocations()  # 1 MiB tensors now come from the heap
-    blocks = [torch.ones(1 << 18) for _ in range(256)]  # 256 x 1 MiB, touched
-    keep = blocks[1::16]  # live blocks spread over the heap: no free top for glibc to trim itself
-    del blocks
-    before = _rss_anon_mb()
-    assert trim_heap()
-    after = _rss_anon_mb()
-    assert before - after > 150, (before, after)  # ~240 MiB of free pages between the live blocks
-    assert all(float(b.sum()) == float(1 << 18) for b in keep)  # live memory untouched
 
 
 def test_lora_autocast_bf16_update(tmp_path: Path) -> None:

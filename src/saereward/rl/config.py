@@ -116,8 +116,7 @@ class GRPOConfig(TaskOptions, DeviceOptions, ModelOptions):
     )
     mmap_large_allocations: bool = option(
         True,
-        "glibc: allocate big tensors with mmap and trim the heap between GRPO phases, so freed memory "
-        "returns to the OS (lower peak RSS)",
+        "glibc: allocate big tensors with mmap so freed memory returns to the OS (lower peak RSS)",
     )
     lora_autocast: bool = option(
         True,

@@ -116,13 +116,7 @@ from saereward.rl.checkpoint import (
 from saereward.rl.collapse import SHORT_TOKENS, collapse_check, monitor_rho
 from saereward.rl.config import GRPOConfig
 from saereward.rl.loss import selective_log_softmax, surrogate_loss
-from saereward.rl.patches import (
-    install_lean_lora,
-    merged_lora,
-    mmap_large_allocations,
-    skinny_linear,
-    trim_heap,
-)
+from saereward.rl.patches import install_lean_lora, merged_lora, mmap_large_allocations, skinny_linear
 from saereward.rl.reward import (
     DirectionScorer,
     LambdaSchedule,
@@ -617,24 +611,16 @@ class GRPOTrainer:
             },
         )
 
-    def _trim(self) -> None:
-        """Between phases on the CPU: the heap's free pages back to the OS (:func:`trim_heap`), so one
-        phase's fragmentation does not add to the next one's peak RSS."""
-        if self.cfg.mmap_large_allocations and self.device.type == "cpu":
-            trim_heap()
-
     def step(self, step: int) -> dict[str, Any]:
         """One GRPO step (rollouts, reference, rewards, update); returns the log row."""
         cfg = self.cfg
         t0 = time.perf_counter()
         b = self._rollouts(step)
-        self._trim()
         t_gen = time.perf_counter() - t0
         outcome = self.outcomes(b)
         t_verify = time.perf_counter() - t0 - t_gen
         t1 = time.perf_counter()
         ref_lp, ref_res = self.reference(b)
-        self._trim()
         residuals = ref_res if cfg.reward_source == "reference" else b.residuals
         t_ref = time.perf_counter() - t1
         t2 = time.perf_counter()
@@ -643,7 +629,6 @@ class GRPOTrainer:
         t_reward = time.perf_counter() - t2
         t3 = time.perf_counter()
         loss, stats, gnorm, ent_mean = self.update(b, adv, ref_lp)
-        self._trim()
         t_train = time.perf_counter() - t3
 
         row: dict[str, Any] = {
