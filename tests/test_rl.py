@@ -22,7 +22,7 @@ from saereward.features.pack import Feature, FeaturePack, save_pack
 from saereward.rl.collapse import monitor_rho
 from saereward.rl.config import GRPOConfig
 from saereward.rl.grpo import GRPOTrainer
-from saereward.rl.loss import kl_term, selective_log_softmax, surrogate_loss
+from saereward.rl.loss import head_log_softmax, kl_term, selective_log_softmax, surrogate_loss
 from saereward.rl.reward import (
     DirectionScorer,
     LambdaSchedule,
@@ -144,6 +144,32 @@ def test_selective_log_softmax_checkpointed_gradient_and_temperature() -> None:
     torch.testing.assert_close(lp, ref)
     torch.testing.assert_close(logits.grad, g)
     assert not ent.requires_grad
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_head_log_softmax_equals_the_logits_path(bias: bool, temperature: float) -> None:
+    """Log-probs, entropies and the hidden states' gradient from the head's weight = from the logits."""
+    torch.manual_seed(0)
+    w, b = torch.randn(37, 8), (torch.randn(37) if bias else None)
+    h = torch.randn(3, 5, 8, requires_grad=True)
+    ids = torch.randint(0, 37, (3, 5))
+    g = torch.randn(3, 5)
+    lp, ent = head_log_softmax(h, w, b, ids, temperature, chunk=4)  # 15 rows: chunks of 4, 4, 4, 3
+    (lp * g).sum().backward()
+    grad = h.grad.clone()
+    h.grad = None
+    ref_lp, ref_ent = selective_log_softmax(torch.nn.functional.linear(h, w, b), ids, temperature=temperature)
+    (ref_lp * g).sum().backward()
+    torch.testing.assert_close(lp, ref_lp)
+    torch.testing.assert_close(ent, ref_ent)
+    torch.testing.assert_close(grad, h.grad)
+    assert not ent.requires_grad
+    with torch.no_grad():  # the reference pass: no gradient, no entropy
+        lp2, ent2 = head_log_softmax(h, w, b, ids, temperature, entropy=False, chunk=100)
+    torch.testing.assert_close(lp2, ref_lp.detach()) and not ent2.any()
+    with pytest.raises(ValueError, match="fp32"):
+        head_log_softmax(h.bfloat16(), w.bfloat16(), None, ids)
 
 
 def test_surrogate_first_pass_is_mechreward_loss() -> None:
@@ -1179,6 +1205,75 @@ def test_shared_prompt_forward_equals_one_pass(
     for n in w0:
         scale = float(w0[n].abs().max())
         torch.testing.assert_close(w1[n], w0[n], rtol=1e-4, atol=1e-5 * scale + 1e-12, msg=n)
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_logps_from_the_head_weight_equal_the_logits_path(
+    tmp_path: Path, share_prompt: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer's log-probs from the hidden states and the frozen head (never the logits) = from the
+    model's logits: reference log-probs and captured residuals, loss, entropy, KL, LoRA gradients."""
+    from saereward.rl import grpo
+
+    pack = str(tiny_pack(tmp_path))
+    lm = fresh_tiny()
+    out: dict[bool, Any] = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(grpo, "plain_fp32_head", lambda model: None)
+        torch.manual_seed(0)
+        cfg = rl_cfg(
+            tmp_path / f"f{fused}",
+            reward="sae",
+            pack=pack,
+            reward_source="reference",  # the reference forward captures residuals too
+            micro_batch=2,
+            share_prompt=share_prompt,
+            max_new_tokens=8,
+        )
+        tr = GRPOTrainer(cfg, lm=lm)
+        assert (grpo.plain_fp32_head(tr.model) is not None) == fused
+        b = _ragged_batch(tr)
+        ref, res = tr.reference(b)
+        adv = torch.linspace(-1, 1, 6)[:, None].expand(6, ref.shape[1]).contiguous()
+        loss, stats, gnorm, ent = tr.update(b, adv, ref)
+        grads = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
+        out[fused] = (ref, res, float(loss), gnorm, ent, stats["kl"], grads)
+        tr.model.unload()
+    (r0, s0, l0, g0, e0, k0, w0), (r1, s1, l1, g1, e1, k1, w1) = out[False], out[True]
+    resp = b.response_mask[:, b.prompt_len :]
+    assert resp.sum() > 0 and (r0[resp] != 0).all()
+    torch.testing.assert_close(r1[resp], r0[resp], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s1, s0)
+    assert l1 == pytest.approx(l0, rel=1e-4, abs=1e-6) and g1 == pytest.approx(g0, rel=1e-4)
+    assert e1 == pytest.approx(e0, rel=1e-5) and k1 == pytest.approx(k0, rel=1e-4, abs=1e-9)
+    assert w0.keys() == w1.keys() and w0
+    for n in w0:
+        scale = float(w0[n].abs().max())
+        torch.testing.assert_close(w1[n], w0[n], rtol=1e-4, atol=1e-5 * scale + 1e-12, msg=n)
+
+
+def test_plain_fp32_head_only_where_the_logits_are_the_heads() -> None:
+    from saereward.rl.patches import head_returns_hidden, plain_fp32_head
+    from tiny_models import make_tiny
+
+    model = fresh_tiny().model
+    assert plain_fp32_head(model) is None  # a trainable head: its gradient is not computed there
+    model.requires_grad_(False)  # frozen, as under LoRA
+    w, bias = plain_fp32_head(model)
+    assert w is model.get_output_embeddings().weight and bias is None
+    with head_returns_hidden(model):
+        ids = torch.tensor([[3, 4, 5, 6]])
+        h = model(input_ids=ids, logits_to_keep=2).logits
+        assert h.shape == (1, 2, model.config.hidden_size)
+    assert "forward" not in model.get_output_embeddings().__dict__  # restored
+    assert model(input_ids=ids).logits.shape[-1] == model.config.vocab_size
+    gpt2, _ = make_tiny("gpt2")
+    assert plain_fp32_head(gpt2.requires_grad_(False)) is None  # an architecture not known to be plain
+    assert plain_fp32_head(fresh_tiny().model.requires_grad_(False).to(torch.bfloat16)) is None
+    patched = fresh_tiny().model.requires_grad_(False)
+    patched.get_output_embeddings().forward = lambda x: x  # e.g. an accelerate hook
+    assert plain_fp32_head(patched) is None
 
 
 def test_lean_lora_forward_matches_peft(tmp_path: Path) -> None:

@@ -115,8 +115,15 @@ from saereward.rl.checkpoint import (
 )
 from saereward.rl.collapse import SHORT_TOKENS, collapse_check, monitor_rho
 from saereward.rl.config import GRPOConfig
-from saereward.rl.loss import selective_log_softmax, surrogate_loss
-from saereward.rl.patches import install_lean_lora, merged_lora, mmap_large_allocations, skinny_linear
+from saereward.rl.loss import head_log_softmax, selective_log_softmax, surrogate_loss
+from saereward.rl.patches import (
+    head_returns_hidden,
+    install_lean_lora,
+    merged_lora,
+    mmap_large_allocations,
+    plain_fp32_head,
+    skinny_linear,
+)
 from saereward.rl.reward import (
     DirectionScorer,
     LambdaSchedule,
@@ -457,7 +464,9 @@ class GRPOTrainer:
         come from the mask). Response position ``j < n`` is column ``prompt_len + j`` of the batch.
         The residuals, if captured, are ``[m, sl.end - sl.start, d]``. ``context`` wraps the model
         forward only (the log-softmax runs outside it, in fp32). With ``prefix`` (no capture) the
-        rows run only from their last prompt column, on the prompts' shared cache.
+        rows run only from their last prompt column, on the prompts' shared cache. Where the head allows
+        (:func:`saereward.rl.patches.plain_fp32_head`) the log-probs come from the final hidden states
+        and the head's weight (:func:`saereward.rl.loss.head_log_softmax`), the logits never stored.
         """
         seq = b.sequences[sl.rows, sl.start : sl.end]
         am = b.attention_mask[sl.rows, sl.start : sl.end]
@@ -472,7 +481,11 @@ class GRPOTrainer:
             # logits (whose backward would allocate a zero-filled copy of the whole tensor)
             "logits_to_keep": torch.arange(p - 1, p - 1 + n, device=seq.device),
         }
-        with context or contextlib.nullcontext():
+        head = plain_fp32_head(model)  # then ``logits`` below are the head's input: see head_log_softmax
+        with (
+            context or contextlib.nullcontext(),
+            head_returns_hidden(model) if head else contextlib.nullcontext(),
+        ):
             if capture_layer is not None:
                 with ResidualCapture(model, [capture_layer]) as cap:
                     logits = model(**kwargs).logits
@@ -491,7 +504,11 @@ class GRPOTrainer:
             else:
                 logits = model(**kwargs).logits
                 res = None
-        lp, ent = selective_log_softmax(logits, seq[:, p:], temperature=self.cfg.temperature, entropy=entropy)
+        ids, t = seq[:, p:], self.cfg.temperature
+        if head is not None:
+            lp, ent = head_log_softmax(logits, *head, ids, temperature=t, entropy=entropy)
+        else:
+            lp, ent = selective_log_softmax(logits, ids, temperature=t, entropy=entropy)
         return lp, ent, res
 
     def _prompt_prefix(self, b: _Batch, grad: bool) -> PromptPrefix | None:

@@ -1,7 +1,8 @@
 """Process and model patches the GRPO trainer applies for speed and memory on the CPU: glibc's mmap
 threshold (:func:`mmap_large_allocations`), LoRA merged for sampling (:func:`merged_lora`), few-row
-linear layers as ``W @ xᵀ`` while decoding (:func:`skinny_linear`) and a leaner LoRA forward
-(:func:`install_lean_lora`)."""
+linear layers as ``W @ xᵀ`` while decoding (:func:`skinny_linear`), a leaner LoRA forward
+(:func:`install_lean_lora`) and the LM head's hidden states in place of its logits for the training
+log-probs (:func:`plain_fp32_head`, :func:`head_returns_hidden`)."""
 
 from __future__ import annotations
 
@@ -115,6 +116,65 @@ def skinny_linear(model: Any, max_rows: int = 64) -> Iterator[None]:
     finally:
         for m in patched:
             del m.forward
+
+
+# Architectures whose causal-LM forward computes its logits as exactly ``lm_head(hidden[:, keep])``
+# (checked in transformers' modeling files: no soft-capping, scaling or bias added after the head)
+PLAIN_HEAD_MODEL_TYPES = frozenset(
+    {
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "qwen3_moe",
+        "qwen3_5",
+        "qwen3_5_text",
+        "qwen3_next",
+        "phi3",
+        "olmo2",
+        "smollm3",
+    }
+)
+
+
+def plain_fp32_head(model: Any) -> tuple[Tensor, Tensor | None] | None:
+    """``(weight, bias)`` of the LM head when the log-probs can come from the hidden states instead of
+    the logits (:func:`saereward.rl.loss.head_log_softmax`): an architecture whose logits are exactly
+    ``lm_head(hidden)`` (:data:`PLAIN_HEAD_MODEL_TYPES`), a plain frozen fp32 ``nn.Linear`` head that
+    no one else has patched (an accelerate hook, an adapter). ``None`` otherwise."""
+    from torch import nn
+
+    from saereward.model.lm import unwrap
+
+    base = unwrap(model)
+    if getattr(getattr(base, "config", None), "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    get = getattr(base, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if type(head) is not nn.Linear or "forward" in head.__dict__:
+        return None
+    w = head.weight
+    if w.dtype != torch.float32 or w.requires_grad or (head.bias is not None and head.bias.requires_grad):
+        return None
+    return w, head.bias
+
+
+@contextmanager
+def head_returns_hidden(model: Any) -> Iterator[None]:
+    """During the block the model's LM head returns its input, so ``model(...).logits`` is the final
+    hidden states at the kept positions, ``[B, n, d]`` (only where :func:`plain_fp32_head` holds)."""
+    from saereward.model.lm import unwrap
+
+    head = unwrap(model).get_output_embeddings()
+    head.forward = _identity
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
 
 
 def install_lean_lora(model: Any) -> int:
