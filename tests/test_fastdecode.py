@@ -204,3 +204,12 @@ def test_cached_eval_reused_across_an_added_option(tmp_path, monkeypatch) -> Non
     assert run_eval_cached(cfg) == [{"id": "a", "correct": True}] and not ran
     run_eval_cached(replace(cfg, fast_decode=True))
     assert ran == [True]
+
+
+def test_skinny_head_equals_one_product() -> None:
+    """The LM head by vocabulary blocks = one ``W @ xᵀ`` product, bit for bit, bias or not."""
+    torch.manual_seed(0)
+    w, b, x = torch.randn(1000, 24), torch.randn(1000), torch.randn(5, 24)
+    for bias in (None, b):
+        got = fastdecode._skinny_head(x, w, bias, block=96)  # 1000 rows: 10 blocks of 96 and one of 40
+        assert got.is_contiguous() and torch.equal(got, fastdecode._skinny(x, w, bias))
