@@ -167,7 +167,8 @@ def test_head_log_softmax_equals_the_logits_path(bias: bool, temperature: float)
     assert not ent.requires_grad
     with torch.no_grad():  # the reference pass: no gradient, no entropy
         lp2, ent2 = head_log_softmax(h, w, b, ids, temperature, entropy=False, chunk=100)
-    torch.testing.assert_close(lp2, ref_lp.detach()) and not ent2.any()
+    torch.testing.assert_close(lp2, ref_lp.detach())
+    assert not ent2.any()
     with pytest.raises(ValueError, match="fp32"):
         head_log_softmax(h.bfloat16(), w.bfloat16(), None, ids)
 
