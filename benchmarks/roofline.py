@@ -5,7 +5,8 @@ Measured (median of ``--reps`` runs each): fp32 GEMM GFLOP/s at the SAE encoder'
 (``[B, d] @ [d, M]``) and at a decoder-MLP shape; bf16 too where the CPU has native bf16; memory
 bandwidth as bytes read + written by a large ``copy_``. Our times come from the same code the
 benchmarks time: ``SAETrainer.train_step`` on random residuals at ``sae_throughput.py``'s shape, and
-one GRPO step of ``grpo_step.py``'s configuration (``GRPOTrainer.step``, which times its phases).
+GRPO steps of ``grpo_step.py``'s configuration (``GRPOTrainer.step``, which times its phases): the
+median of ``--grpo-steps`` steps (default 3) after a warm-up step.
 
 The bounds are a model, not a measurement; each counts the work no implementation can skip:
 
@@ -83,7 +84,9 @@ def sae_row(flops: float, bw: float, d: int, m: int, k: int, batch: int, steps: 
     return {"ours_s": ours, "bound_s": bound, "ours_tok_s": batch / ours, "bound_tok_s": batch / bound}
 
 
-def grpo_rows(flops: float, bw: float) -> dict[str, tuple[float, float]]:
+def grpo_rows(flops: float, bw: float, steps: int) -> dict[str, tuple[float, float]]:
+    """Per GRPO phase, ``(ours, bound)`` in seconds: the medians over ``steps`` steps after a warm-up
+    step (each step's bound counts that step's completion tokens)."""
     import sys
     from pathlib import Path
 
@@ -91,31 +94,38 @@ def grpo_rows(flops: float, bw: float) -> dict[str, tuple[float, float]]:
     from grpo_step import bench_config
     from saereward.model.lm import load_model
     from saereward.rl.grpo import GRPOTrainer
+    from saereward.tasks import format_prompt, load_task
 
-    cfg = bench_config("fp32", 200, 2)
+    cfg = bench_config("fp32", 200, steps + 1)
     lm = load_model(dtype="fp32")
     tr = GRPOTrainer(cfg, lm=lm)
     tr.step(0)  # warm-up
-    row = tr.step(1)
     n_seq = cfg.questions_per_step * cfg.group_size
     params = sum(p.numel() for p in lm.model.parameters())
     d, vocab = lm.d_model, lm.model.get_output_embeddings().weight.shape[0]
     body = params - d * vocab  # tied embedding: the head's weight is the embedding's
-    new = float(row["completion_len"]) * n_seq
-    from saereward.tasks import format_prompt, load_task
-
     task = load_task("chain_sum", n=cfg.questions_per_step, seed=0)
     lens = [len(lm.tokenizer(format_prompt(task, it, "raw"))["input_ids"]) for it in task.items()]
     prompt = statistics.mean(lens) * n_seq
-    decode_steps = cfg.max_new_tokens
-    gen = decode_steps * max(params * 4 / (bw * 1e9), 2 * params * n_seq / (flops * 1e9))
+    gen = cfg.max_new_tokens * max(params * 4 / (bw * 1e9), 2 * params * n_seq / (flops * 1e9))
     gen += 2 * body * prompt / cfg.group_size / (flops * 1e9)
-    ref = (2 * body * (prompt + new) + 2 * d * vocab * new) / (flops * 1e9)
+    per_step: dict[str, list[tuple[float, float]]] = {
+        "generate": [],
+        "reference": [],
+        "train": [],
+        "step": [],
+    }
+    for s in range(1, steps + 1):
+        row = tr.step(s)
+        new = float(row["completion_len"]) * n_seq
+        ref = (2 * body * (prompt + new) + 2 * d * vocab * new) / (flops * 1e9)
+        per_step["generate"].append((row["sec_generate"], gen))
+        per_step["reference"].append((row["sec_reference"], ref))
+        per_step["train"].append((row["sec_train"], 2 * ref))
+        per_step["step"].append((row["sec_step"], gen + 3 * ref))
     return {
-        "generate": (row["sec_generate"], gen),
-        "reference": (row["sec_reference"], ref),
-        "train": (row["sec_train"], 2 * ref),
-        "step": (row["sec_step"], gen + 3 * ref),
+        name: (statistics.median(o for o, _ in rows), statistics.median(b for _, b in rows))
+        for name, rows in per_step.items()
     }
 
 
@@ -124,6 +134,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-grpo", action="store_true")
+    ap.add_argument(
+        "--grpo-steps", type=int, default=3, help="timed GRPO steps after a warm-up step (medians)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -146,7 +159,7 @@ def main() -> None:
         f"| {sae['bound_s']:.3f} s ({sae['bound_tok_s']:,.0f} tok/s) | {sae['ours_s'] / sae['bound_s']:.2f}x |"
     )
     if not args.skip_grpo:
-        for name, (ours, bound) in grpo_rows(f32_mlp, bw).items():
+        for name, (ours, bound) in grpo_rows(f32_mlp, bw, args.grpo_steps).items():
             print(f"| GRPO {name} (fp32) | {ours:.2f} s | {bound:.2f} s | {ours / bound:.1f}x |")  # noqa: T201
     print(f"sae_fraction_of_bound={sae['bound_s'] / sae['ours_s']:.2f}")  # noqa: T201
 
