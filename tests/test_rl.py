@@ -1274,6 +1274,98 @@ def test_plain_fp32_head_only_where_the_logits_are_the_heads() -> None:
     assert plain_fp32_head(patched) is None
 
 
+def test_silu_mul_saves_less_and_equals_autograd_bit_for_bit() -> None:
+    """The lean MLP activation: the same output and input gradients as autograd's ``silu(g) * u`` bit
+    for bit, with two saved tensors instead of three."""
+    from saereward.rl.patches import _SiluMul
+
+    g0, u0, grad = torch.randn(3, 7, 40, generator=torch.Generator().manual_seed(0)).unbind(0)
+    results = []
+    for fn in (lambda g, u: torch.nn.functional.silu(g) * u, _SiluMul.apply):
+        g, u = g0.clone().requires_grad_(), u0.clone().requires_grad_()
+        saved: set[int] = set()
+
+        def pack(t: torch.Tensor, saved: set[int] = saved) -> torch.Tensor:
+            saved.add(t.data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = fn(g, u)
+        y.backward(grad)
+        results.append((y.detach(), g.grad, u.grad, len(saved)))
+    (y0, dg0, du0, n0), (y1, dg1, du1, n1) = results
+    assert torch.equal(y1, y0) and torch.equal(dg1, dg0) and torch.equal(du1, du0)
+    assert (n0, n1) == (3, 2)
+    u1 = u0.clone().requires_grad_()
+    _SiluMul.apply(g0, u1).backward(grad)  # only the input that needs a gradient gets one
+    assert torch.equal(u1.grad, du0)
+
+
+def test_lean_mlp_patches_only_gated_silu_mlps() -> None:
+    from saereward.rl.patches import install_lean_mlp
+    from tiny_models import make_tiny
+
+    model = fresh_tiny().model
+    layers = model.model.layers
+    layers[0].mlp.act_fn = torch.nn.GELU()  # another activation: left alone
+    assert install_lean_mlp(model) == len(layers) - 1
+    assert "forward" not in layers[0].mlp.__dict__ and "forward" in layers[1].mlp.__dict__
+    assert install_lean_mlp(model) == 0  # already patched
+    ids = torch.randint(3, 100, (2, 6))
+    with torch.no_grad():
+        plain = fresh_tiny().model
+        plain.model.layers[0].mlp.act_fn = torch.nn.GELU()
+        torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
+    gpt2, _ = make_tiny("gpt2")
+    assert install_lean_mlp(gpt2) == 0
+
+
+@pytest.mark.parametrize("patch", ["install_lean_mlp", "cpu_sdpa_gqa"])
+def test_training_memory_patches_keep_the_update(
+    tmp_path: Path, patch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer with the lean MLP activation or grouped-head SDPA = without it: reference log-probs,
+    loss, entropy, KL and LoRA gradients (rounding apart) on the tiny GQA llama (4 query, 2 KV heads)."""
+    from saereward.rl import grpo
+
+    lm = fresh_tiny()
+    assert lm.model.config.num_key_value_heads < lm.model.config.num_attention_heads
+    calls: list[bool] = []
+    real = getattr(grpo, patch)
+    out: dict[bool, Any] = {}
+    for on in (False, True):
+        if on:
+            monkeypatch.setattr(grpo, patch, lambda *a: calls.append(True) or real(*a))
+        else:
+            monkeypatch.setattr(
+                grpo, patch, (lambda m: 0) if patch == "install_lean_mlp" else contextlib.nullcontext
+            )
+        torch.manual_seed(0)
+        tr = GRPOTrainer(rl_cfg(tmp_path / f"p{on}", micro_batch=2, max_new_tokens=8), lm=lm)
+        b = _ragged_batch(tr)
+        ref, _ = tr.reference(b)
+        adv = torch.linspace(-1, 1, 6)[:, None].expand(6, ref.shape[1]).contiguous()
+        loss, stats, gnorm, ent = tr.update(b, adv, ref)
+        grads = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
+        out[on] = (ref, float(loss), gnorm, ent, stats["kl"], grads)
+        tr.model.unload()
+    assert calls
+    _assert_same_update(b, out[False], out[True])
+
+
+def test_cpu_sdpa_gqa_is_undone_after_the_block() -> None:
+    from transformers.integrations import sdpa_attention
+
+    from saereward.rl.patches import cpu_sdpa_gqa
+
+    own = sdpa_attention.use_gqa_in_sdpa
+    k = torch.zeros(1, 2, 3, 4)
+    with cpu_sdpa_gqa():
+        assert sdpa_attention.use_gqa_in_sdpa(torch.ones(1, 1, 3, 3, dtype=torch.bool), k, k)
+    assert sdpa_attention.use_gqa_in_sdpa is own
+    assert not own(torch.ones(1, 1, 3, 3, dtype=torch.bool), k, k)  # transformers' own rule on CPU
+
+
 def test_lean_lora_forward_matches_peft(tmp_path: Path) -> None:
     """Same outputs and LoRA gradients as PEFT's forward; PEFT's path when adapters are off or merged."""
     from saereward.rl.patches import install_lean_lora, merged_lora

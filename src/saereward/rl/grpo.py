@@ -117,8 +117,10 @@ from saereward.rl.collapse import SHORT_TOKENS, collapse_check, monitor_rho
 from saereward.rl.config import GRPOConfig
 from saereward.rl.loss import head_log_softmax, selective_log_softmax, surrogate_loss
 from saereward.rl.patches import (
+    cpu_sdpa_gqa,
     head_returns_hidden,
     install_lean_lora,
+    install_lean_mlp,
     merged_lora,
     mmap_large_allocations,
     plain_fp32_head,
@@ -213,6 +215,7 @@ class GRPOTrainer:
                 p.data = p.data.float()  # LoRA weights train in fp32 whatever the base dtype
         if cfg.lean_lora:
             install_lean_lora(self.model)
+        install_lean_mlp(self.model)  # the same gradients bit for bit, one activation less per layer
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.lam = LambdaSchedule(cfg.lam_schedule, cfg.lam, cfg.lam_end, cfg.steps)
@@ -485,6 +488,7 @@ class GRPOTrainer:
         with (
             context or contextlib.nullcontext(),
             head_returns_hidden(model) if head else contextlib.nullcontext(),
+            cpu_sdpa_gqa(),
         ):
             if capture_layer is not None:
                 with ResidualCapture(model, [capture_layer]) as cap:

@@ -1,8 +1,10 @@
 """Process and model patches the GRPO trainer applies for speed and memory on the CPU: glibc's mmap
 threshold (:func:`mmap_large_allocations`), LoRA merged for sampling (:func:`merged_lora`), few-row
 linear layers as ``W @ xᵀ`` while decoding (:func:`skinny_linear`), a leaner LoRA forward
-(:func:`install_lean_lora`) and the LM head's hidden states in place of its logits for the training
-log-probs (:func:`plain_fp32_head`, :func:`head_returns_hidden`)."""
+(:func:`install_lean_lora`), the LM head's hidden states in place of its logits for the training
+log-probs (:func:`plain_fp32_head`, :func:`head_returns_hidden`), and two that save activations for
+the backward: a gated MLP that keeps one tensor less (:func:`install_lean_mlp`) and attention on the
+grouped key and value heads (:func:`cpu_sdpa_gqa`)."""
 
 from __future__ import annotations
 
@@ -173,6 +175,32 @@ def head_returns_hidden(model: Any) -> Iterator[None]:
         del head.forward
 
 
+@contextmanager
+def cpu_sdpa_gqa() -> Iterator[None]:
+    """During the block, transformers' SDPA attention hands CPU tensors to
+    ``scaled_dot_product_attention(..., enable_gqa=True)`` with the grouped key and value heads, instead
+    of first repeating them to every query head (``repeat_kv``).
+
+    transformers takes that path only without a mask (on CUDA a mask sends it to the math kernel);
+    PyTorch's CPU flash kernel takes grouped heads with a mask. The repeated keys and values are
+    neither copied nor saved for the backward: on SmolLM2 (9 query, 3 KV heads) 34 MB less per GRPO
+    micro-batch of 4 × 64 tokens. Same outputs and query gradients bit for bit; the key and value
+    gradients sum the query heads' contributions in another order (rounding).
+    """
+    from transformers.integrations import sdpa_attention
+
+    own = sdpa_attention.use_gqa_in_sdpa
+
+    def use_gqa(attention_mask: Tensor | None, key: Tensor, value: Tensor) -> bool:
+        return key.device.type == "cpu" or bool(own(attention_mask, key, value))
+
+    sdpa_attention.use_gqa_in_sdpa = use_gqa
+    try:
+        yield
+    finally:
+        sdpa_attention.use_gqa_in_sdpa = own
+
+
 def _identity(x: Tensor) -> Tensor:
     return x
 
@@ -229,4 +257,85 @@ def _lean_lora_forward(m: Any, peft_forward: Any) -> Any:
     return forward
 
 
-__all__ = ["install_lean_lora", "merged_lora", "mmap_large_allocations", "skinny_linear"]
+#: MLP classes whose forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (checked
+#: against transformers' modeling files), for :func:`install_lean_mlp`.
+GATED_MLP_CLASSES = frozenset(
+    {
+        "LlamaMLP",
+        "MistralMLP",
+        "Olmo2MLP",
+        "Qwen2MLP",
+        "Qwen3MLP",
+        "Qwen3MoeMLP",
+        "Qwen3NextMLP",
+        "Qwen3_5MLP",
+        "SmolLM3MLP",
+    }
+)
+
+
+class _SiluMul(torch.autograd.Function):
+    """``silu(g) * u`` saving only ``g`` and ``u`` for the backward, which recomputes ``silu(g)``.
+
+    Autograd saves ``silu(g)`` as well (for the product's gradient): one ``[tokens, intermediate]``
+    tensor per layer more. The forward and both gradients are the same operations autograd runs
+    (``silu``, ``mul``, ``silu_backward``), so the results are equal bit for bit.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, g: Tensor, u: Tensor) -> Tensor:
+        ctx.save_for_backward(g, u)
+        return torch.nn.functional.silu(g) * u
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        g, u = ctx.saved_tensors
+        dg = torch.ops.aten.silu_backward(grad * u, g) if ctx.needs_input_grad[0] else None
+        du = grad * torch.nn.functional.silu(g) if ctx.needs_input_grad[1] else None
+        return dg, du
+
+
+def install_lean_mlp(model: Any) -> int:
+    """Give every gated SiLU MLP of ``model`` (:data:`GATED_MLP_CLASSES`) a forward whose activation,
+    under autograd, saves one tensor less (:class:`_SiluMul`); returns how many were patched.
+
+    Same values and gradients bit for bit. Anything else (another activation, a patched activation
+    or MLP forward, no gradient needed) keeps the module's own forward.
+    """
+    from torch import nn
+    from transformers.activations import SiLUActivation
+
+    silu_forwards = (nn.SiLU.forward, SiLUActivation.forward)
+    n = 0
+    for m in model.modules():
+        act = getattr(m, "act_fn", None)
+        if (
+            type(m).__name__ not in GATED_MLP_CLASSES
+            or "forward" in m.__dict__
+            or act is None
+            or "forward" in act.__dict__
+            or type(act).forward not in silu_forwards
+        ):
+            continue
+        m.forward = _lean_mlp_forward(m, m.forward)  # type: ignore[method-assign]
+        n += 1
+    return n
+
+
+def _lean_mlp_forward(m: Any, own_forward: Any) -> Any:
+    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if args or kwargs or not torch.is_grad_enabled():
+            return own_forward(x, *args, **kwargs)
+        return m.down_proj(_SiluMul.apply(m.gate_proj(x), m.up_proj(x)))
+
+    return forward
+
+
+__all__ = [
+    "cpu_sdpa_gqa",
+    "install_lean_lora",
+    "install_lean_mlp",
+    "merged_lora",
+    "mmap_large_allocations",
+    "skinny_linear",
+]
