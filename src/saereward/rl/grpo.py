@@ -743,7 +743,9 @@ class GRPOTrainer:
             new_old = torch.zeros(resp.shape, device=resp.device) if first else None
             loss = torch.zeros(())
             stats = {}
-            self.opt.zero_grad(set_to_none=True)
+            # zeroed in place: the LoRA gradients keep their place on the heap from step to step (set
+            # to None, they were allocated anew in every update, between the activations)
+            self.opt.zero_grad(set_to_none=False)
             with self._no_input_cast():
                 if cfg.grad_checkpointing:
                     self.model.gradient_checkpointing_enable(
