@@ -1353,9 +1353,10 @@ def test_training_memory_patches_keep_the_update(
     _assert_same_update(b, out[False], out[True])
 
 
-def test_cpu_sdpa_gqa_is_undone_after_the_block() -> None:
+def test_cpu_sdpa_gqa_is_undone_after_the_block(monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers.integrations import sdpa_attention
 
+    from saereward.rl import patches
     from saereward.rl.patches import cpu_sdpa_gqa
 
     own = sdpa_attention.use_gqa_in_sdpa
@@ -1364,6 +1365,9 @@ def test_cpu_sdpa_gqa_is_undone_after_the_block() -> None:
         assert sdpa_attention.use_gqa_in_sdpa(torch.ones(1, 1, 3, 3, dtype=torch.bool), k, k)
     assert sdpa_attention.use_gqa_in_sdpa is own
     assert not own(torch.ones(1, 1, 3, 3, dtype=torch.bool), k, k)  # transformers' own rule on CPU
+    monkeypatch.setattr(patches, "_torch_version", lambda: (2, 4))  # no enable_gqa before PyTorch 2.5
+    with cpu_sdpa_gqa():
+        assert sdpa_attention.use_gqa_in_sdpa is own
 
 
 def test_lean_lora_forward_matches_peft(tmp_path: Path) -> None:

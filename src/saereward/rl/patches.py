@@ -189,16 +189,24 @@ def cpu_sdpa_gqa() -> Iterator[None]:
     """
     from transformers.integrations import sdpa_attention
 
-    own = sdpa_attention.use_gqa_in_sdpa
+    own = getattr(sdpa_attention, "use_gqa_in_sdpa", None)
+    if own is None or _torch_version() < (2, 5):  # enable_gqa came with PyTorch 2.5
+        yield
+        return
 
-    def use_gqa(attention_mask: Tensor | None, key: Tensor, value: Tensor) -> bool:
-        return key.device.type == "cpu" or bool(own(attention_mask, key, value))
+    def use_gqa(attention_mask: Tensor | None, key: Tensor, *args: Any, **kwargs: Any) -> bool:
+        return key.device.type == "cpu" or bool(own(attention_mask, key, *args, **kwargs))
 
     sdpa_attention.use_gqa_in_sdpa = use_gqa
     try:
         yield
     finally:
         sdpa_attention.use_gqa_in_sdpa = own
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
 
 
 def _identity(x: Tensor) -> Tensor:
