@@ -1188,15 +1188,21 @@ def test_shared_prompt_forward_equals_one_pass(
             rl_cfg(tmp_path / f"s{share}", micro_batch=micro_batch, share_prompt=share, max_new_tokens=8),
             lm=lm,
         )
-        b = _ragged_batch(tr)
-        ref, _ = tr.reference(b)
-        adv = torch.linspace(-1, 1, 6)[:, None].expand(6, ref.shape[1]).contiguous()
-        loss, stats, gnorm, ent = tr.update(b, adv, ref)
-        grads = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
-        out[share] = (ref, float(loss), gnorm, ent, stats["kl"], grads)
-        tr.model.unload()
+        b, _, out[share] = _ragged_update(tr)
     assert built == [False, True]  # the shared run built one prefix for the reference, one for training
     _assert_same_update(b, out[False], out[True])
+
+
+def _ragged_update(tr: GRPOTrainer) -> tuple[Any, Any, tuple[Any, ...]]:
+    """The reference forward and one update on :func:`_ragged_batch`, then the adapters unloaded:
+    ``(batch, reference residuals, (reference log-probs, loss, grad norm, entropy, KL, LoRA gradients))``."""
+    b = _ragged_batch(tr)
+    ref, res = tr.reference(b)
+    adv = torch.linspace(-1, 1, 6)[:, None].expand(6, ref.shape[1]).contiguous()
+    loss, stats, gnorm, ent = tr.update(b, adv, ref)
+    grads = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
+    tr.model.unload()
+    return b, res, (ref, float(loss), gnorm, ent, stats["kl"], grads)
 
 
 def _assert_same_update(b: Any, base: tuple[Any, ...], other: tuple[Any, ...]) -> None:
@@ -1240,13 +1246,8 @@ def test_logps_from_the_head_weight_equal_the_logits_path(
         )
         tr = GRPOTrainer(cfg, lm=lm)
         assert (grpo.plain_fp32_head(tr.model) is not None) == fused
-        b = _ragged_batch(tr)
-        ref, res = tr.reference(b)
-        adv = torch.linspace(-1, 1, 6)[:, None].expand(6, ref.shape[1]).contiguous()
-        loss, stats, gnorm, ent = tr.update(b, adv, ref)
-        grads = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
-        out[fused] = (res, (ref, float(loss), gnorm, ent, stats["kl"], grads))
-        tr.model.unload()
+        b, res, update = _ragged_update(tr)
+        out[fused] = (res, update)
     torch.testing.assert_close(out[True][0], out[False][0])  # the residuals the reference captured
     _assert_same_update(b, out[False][1], out[True][1])
 
@@ -1342,13 +1343,7 @@ def test_training_memory_patches_keep_the_update(
             )
         torch.manual_seed(0)
         tr = GRPOTrainer(rl_cfg(tmp_path / f"p{on}", micro_batch=2, max_new_tokens=8), lm=lm)
-        b = _ragged_batch(tr)
-        ref, _ = tr.reference(b)
-        adv = torch.linspace(-1, 1, 6)[:, None].expand(6, ref.shape[1]).contiguous()
-        loss, stats, gnorm, ent = tr.update(b, adv, ref)
-        grads = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
-        out[on] = (ref, float(loss), gnorm, ent, stats["kl"], grads)
-        tr.model.unload()
+        b, _, out[on] = _ragged_update(tr)
     assert calls
     _assert_same_update(b, out[False], out[True])
 
