@@ -1175,9 +1175,9 @@ def test_shared_prompt_forward_equals_one_pass(
     built: list[bool] = []
     init = grpo.PromptPrefix.__init__
 
-    def counting_init(self: Any, model: Any, b: Any, *, grad: bool) -> None:
+    def counting_init(self: Any, model: Any, b: Any, *, grad: bool, recompute: bool = False) -> None:
         built.append(grad)
-        init(self, model, b, grad=grad)
+        init(self, model, b, grad=grad, recompute=recompute)
 
     monkeypatch.setattr(grpo.PromptPrefix, "__init__", counting_init)
     lm = fresh_tiny()
@@ -1346,6 +1346,52 @@ def test_training_memory_patches_keep_the_update(
         b, _, out[on] = _ragged_update(tr)
     assert calls
     _assert_same_update(b, out[False], out[True])
+
+
+def _floats_saved(run: Any) -> int:
+    """Floating-point elements that autograd saves for the backward while ``run()`` runs."""
+    n = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        n[0] += t.numel() * t.is_floating_point()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return n[0]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_recomputed_prompt_keeps_the_update_bit_for_bit(tmp_path: Path, dropout: float) -> None:
+    """``recompute_prompt``: the shared prompt forward of the update keeps no activations and runs
+    again in the backward; reference log-probs, loss, entropy, KL and LoRA gradients are equal bit for
+    bit, LoRA dropout included (the recompute replays the forward's random state)."""
+    from saereward.rl import grpo
+
+    lm = fresh_tiny()
+    out: dict[bool, Any] = {}
+    saved: dict[bool, int] = {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        cfg = rl_cfg(
+            tmp_path / f"r{on}", micro_batch=2, max_new_tokens=8, lora_dropout=dropout, recompute_prompt=on
+        )
+        tr = GRPOTrainer(cfg, lm=lm)
+        b = _ragged_batch(tr)
+        # with recompute, the checkpoint saves the token ids, mask and positions only
+        saved[on] = _floats_saved(lambda: grpo.PromptPrefix(tr.model, b, grad=True, recompute=on))  # noqa: B023
+        torch.manual_seed(1)
+        ref, _ = tr.reference(b)
+        adv = torch.linspace(-1, 1, 6)[:, None].expand(6, ref.shape[1]).contiguous()
+        loss, stats, gnorm, ent = tr.update(b, adv, ref)
+        grads = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
+        out[on] = (ref, float(loss), gnorm, ent, stats["kl"], grads, torch.rand(1))
+        tr.model.unload()
+    assert saved[False] > 0 and saved[True] == 0  # the prompt's graph holds no activations
+    (r0, l0, g0, e0, k0, w0, n0), (r1, l1, g1, e1, k1, w1, n1) = out[False], out[True]
+    assert torch.equal(r0, r1) and (l0, g0, e0, k0) == (l1, g1, e1, k1)
+    assert w0.keys() == w1.keys() and w0 and all(torch.equal(w0[n], w1[n]) for n in w0)
+    assert torch.equal(n0, n1)  # the recompute leaves the random stream where the forward left it
 
 
 def test_cpu_sdpa_gqa_is_undone_after_the_block(monkeypatch: pytest.MonkeyPatch) -> None:

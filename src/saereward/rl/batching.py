@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from saereward.model.capture import position_ids_from_mask
 from saereward.model.generate import distinct_prefix_cache, gatherable_cache
@@ -63,14 +64,21 @@ class PromptPrefix:
     and sums its gradient into them, and :meth:`backward` sends the total through the prompt forward
     once. A batch of ``U`` prompts × ``G`` completions costs ``U·P + U·G·N`` positions instead of
     ``U·G·(P + N)`` (the raw chain_sum prompt is ~30 tokens, a completion ~45).
+
+    ``recompute`` (with ``grad``): the prompt forward keeps none of its activations; :meth:`backward`
+    runs it again to send the gradient through (non-reentrant ``torch.utils.checkpoint``: the same
+    ops, random state and autocast state, so the same values and gradients). The prompt's graph then
+    no longer sits in memory beside every micro-batch's, for one more prompt forward.
     """
 
-    def __init__(self, model: Any, b: _Batch, *, grad: bool) -> None:
+    def __init__(self, model: Any, b: _Batch, *, grad: bool, recompute: bool = False) -> None:
         P = b.prompt_len
         self.pos = position_ids_from_mask(b.attention_mask)
-        self.cache, self.index = distinct_prefix_cache(  # index: batch row -> row of the prefix cache
-            model, b.sequences[:, : P - 1], b.attention_mask[:, : P - 1], self.pos[:, : P - 1]
-        )
+        args = (model, b.sequences[:, : P - 1], b.attention_mask[:, : P - 1], self.pos[:, : P - 1])
+        if grad and recompute:
+            self.cache, self.index = checkpoint(distinct_prefix_cache, *args, use_reentrant=False)
+        else:  # index: batch row -> row of the prefix cache
+            self.cache, self.index = distinct_prefix_cache(*args)
         layers = getattr(self.cache, "layers", None) or []
         self.live = [t for layer in layers for t in (layer.keys, layer.values)]
         self.leaves = [t.detach().requires_grad_() for t in self.live] if grad else self.live
@@ -84,9 +92,9 @@ class PromptPrefix:
         return len(torch.unique(key, dim=0)) < len(key)
 
     @classmethod
-    def build(cls, model: Any, b: _Batch, *, grad: bool) -> PromptPrefix | None:
+    def build(cls, model: Any, b: _Batch, *, grad: bool, recompute: bool = False) -> PromptPrefix | None:
         """The prefix, or ``None`` (and a note on the model) when its cache rows cannot be gathered."""
-        prefix = cls(model, b, grad=grad)
+        prefix = cls(model, b, grad=grad, recompute=recompute)
         if gatherable_cache(prefix.cache):
             return prefix
         setattr(model, _NO_SHARED_PROMPT, True)

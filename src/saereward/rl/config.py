@@ -114,6 +114,11 @@ class GRPOConfig(TaskOptions, DeviceOptions, ModelOptions):
         "the rollouts' prefill and in the reference and training forwards (not with gradient "
         "checkpointing or reference-source residuals); same values up to float rounding",
     )
+    recompute_prompt: bool = option(
+        False,
+        "with share_prompt: keep no activations of the shared prompt forward in the update; recompute "
+        "it in the backward (less peak memory, one more prompt forward per update; same gradients)",
+    )
     mmap_large_allocations: bool = option(
         True,
         "glibc: allocate big tensors with mmap so freed memory returns to the OS (lower peak RSS)",

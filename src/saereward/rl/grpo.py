@@ -524,7 +524,7 @@ class GRPOTrainer:
             return None
         if not PromptPrefix.wanted(self.model, b):
             return None
-        return PromptPrefix.build(self.model, b, grad=grad)
+        return PromptPrefix.build(self.model, b, grad=grad, recompute=grad and self.cfg.recompute_prompt)
 
     def outcomes(self, b: _Batch) -> Tensor:
         """``[B]`` 1.0 where the task's verifier accepts the completion."""
