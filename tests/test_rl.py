@@ -1380,13 +1380,8 @@ def test_recomputed_prompt_keeps_the_update_bit_for_bit(tmp_path: Path, dropout:
         b = _ragged_batch(tr)
         # with recompute, the checkpoint saves the token ids, mask and positions only
         saved[on] = _floats_saved(lambda: grpo.PromptPrefix(tr.model, b, grad=True, recompute=on))  # noqa: B023
-        torch.manual_seed(1)
-        ref, _ = tr.reference(b)
-        adv = torch.linspace(-1, 1, 6)[:, None].expand(6, ref.shape[1]).contiguous()
-        loss, stats, gnorm, ent = tr.update(b, adv, ref)
-        grads = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
-        out[on] = (ref, float(loss), gnorm, ent, stats["kl"], grads, torch.rand(1))
-        tr.model.unload()
+        b, _, update = _ragged_update(tr)
+        out[on] = (*update, torch.rand(1))
     assert saved[False] > 0 and saved[True] == 0  # the prompt's graph holds no activations
     (r0, l0, g0, e0, k0, w0, n0), (r1, l1, g1, e1, k1, w1, n1) = out[False], out[True]
     assert torch.equal(r0, r1) and (l0, g0, e0, k0) == (l1, g1, e1, k1)

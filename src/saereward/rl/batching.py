@@ -75,9 +75,10 @@ class PromptPrefix:
         P = b.prompt_len
         self.pos = position_ids_from_mask(b.attention_mask)
         args = (model, b.sequences[:, : P - 1], b.attention_mask[:, : P - 1], self.pos[:, : P - 1])
+        # index: batch row -> row of the prefix cache
         if grad and recompute:
             self.cache, self.index = checkpoint(distinct_prefix_cache, *args, use_reentrant=False)
-        else:  # index: batch row -> row of the prefix cache
+        else:
             self.cache, self.index = distinct_prefix_cache(*args)
         layers = getattr(self.cache, "layers", None) or []
         self.live = [t for layer in layers for t in (layer.keys, layer.values)]
