@@ -1389,6 +1389,47 @@ def test_recomputed_prompt_keeps_the_update_bit_for_bit(tmp_path: Path, dropout:
     assert torch.equal(n0, n1)  # the recompute leaves the random stream where the forward left it
 
 
+def test_rebuilt_mlp_product_keeps_the_update_bit_for_bit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lean MLP's down projection keeps no copy of ``silu(g)·u`` for LoRA's ``A`` gradient: each
+    product is freed once the forward is done (kept until the backward without the rebuild), and the
+    backward rebuilds it from ``g`` and ``u``: loss, grad norm, entropy, KL and every LoRA gradient equal
+    bit for bit. Under an outer saved-tensor hook (a checkpoint's) the product is saved as usual."""
+    from saereward.model.lm import decoder_layers
+    from saereward.rl import patches
+
+    own = patches._may_hook_saved_tensors
+    lm = fresh_tiny()
+    out: dict[bool, Any] = {}
+    for on in (False, True):
+        monkeypatch.setattr(patches, "_may_hook_saved_tensors", own if on else (lambda x: False))
+        torch.manual_seed(0)
+        tr = GRPOTrainer(rl_cfg(tmp_path / f"d{on}", micro_batch=2, max_new_tokens=8), lm=lm)
+        products: list[Any] = []
+        downs = [layer.mlp.down_proj for layer in decoder_layers(tr.model)]
+        hooks = [
+            d.register_forward_pre_hook(lambda m, a, p=products: p.append(a[0].untyped_storage()._weak_ref()))
+            for d in downs
+        ]
+        for outer in (False, True):
+            products.clear()
+            ctx = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+            with ctx if outer else contextlib.nullcontext():
+                logits = tr.model(input_ids=torch.randint(3, 100, (2, 7))).logits
+            assert len(products) == len(downs)
+            assert all(torch.UntypedStorage._expired(p) == (on and not outer) for p in products)
+            logits.sum().backward()
+            tr.model.zero_grad(set_to_none=True)
+        for h in hooks:
+            h.remove()
+        out[on] = _ragged_update(tr)[2]
+    (r0, l0, g0, e0, k0, w0), (r1, l1, g1, e1, k1, w1) = out[False], out[True]
+    assert torch.equal(r0, r1) and (l0, g0, e0, k0) == (l1, g1, e1, k1)
+    assert w0.keys() == w1.keys() and any("down_proj" in n for n in w0)
+    assert all(torch.equal(w0[n], w1[n]) for n in w0)
+
+
 def test_cpu_sdpa_gqa_is_undone_after_the_block(monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers.integrations import sdpa_attention
 

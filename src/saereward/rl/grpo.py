@@ -215,7 +215,7 @@ class GRPOTrainer:
                 p.data = p.data.float()  # LoRA weights train in fp32 whatever the base dtype
         if cfg.lean_lora:
             install_lean_lora(self.model)
-        install_lean_mlp(self.model)  # the same gradients bit for bit, one activation less per layer
+        install_lean_mlp(self.model)  # the same gradients bit for bit, two activations less per layer
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.lam = LambdaSchedule(cfg.lam_schedule, cfg.lam, cfg.lam_end, cfg.steps)

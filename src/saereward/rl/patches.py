@@ -3,7 +3,7 @@ threshold (:func:`mmap_large_allocations`), LoRA merged for sampling (:func:`mer
 linear layers as ``W @ xᵀ`` while decoding (:func:`skinny_linear`), a leaner LoRA forward
 (:func:`install_lean_lora`), the LM head's hidden states in place of its logits for the training
 log-probs (:func:`plain_fp32_head`, :func:`head_returns_hidden`), and two that save activations for
-the backward: a gated MLP that keeps one tensor less (:func:`install_lean_mlp`) and attention on the
+the backward: a gated MLP that keeps two tensors less (:func:`install_lean_mlp`) and attention on the
 grouped key and value heads (:func:`cpu_sdpa_gqa`)."""
 
 from __future__ import annotations
@@ -304,8 +304,14 @@ class _SiluMul(torch.autograd.Function):
 
 
 def install_lean_mlp(model: Any) -> int:
-    """Give every gated SiLU MLP of ``model`` (:data:`GATED_MLP_CLASSES`) a forward whose activation,
-    under autograd, saves one tensor less (:class:`_SiluMul`); returns how many were patched.
+    """Give every gated SiLU MLP of ``model`` (:data:`GATED_MLP_CLASSES`) a forward that, under
+    autograd, saves two ``[tokens, intermediate]`` tensors less per layer; returns how many were patched.
+
+    * the activation keeps ``g`` and ``u`` only, not ``silu(g)`` (:class:`_SiluMul`);
+    * the down projection's input ``silu(g)·u``, which a LoRA adapter's ``A`` saves for its weight
+      gradient, is rebuilt from ``g`` and ``u`` in the backward (:func:`_rebuilt_from_inputs`). On the
+      GRPO benchmark's micro-batch of 4 × 64 tokens that is 47 MB of the 272 MB the update saves.
+      Skipped under another saved-tensor hook (a non-reentrant checkpoint's) and under autocast.
 
     Same values and gradients bit for bit. Anything else (another activation, a patched activation
     or MLP forward, no gradient needed) keeps the module's own forward.
@@ -334,9 +340,59 @@ def _lean_mlp_forward(m: Any, own_forward: Any) -> Any:
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if args or kwargs or not torch.is_grad_enabled():
             return own_forward(x, *args, **kwargs)
-        return m.down_proj(_SiluMul.apply(m.gate_proj(x), m.up_proj(x)))
+        g, u = m.gate_proj(x), m.up_proj(x)
+        h = _SiluMul.apply(g, u)
+        if not _may_hook_saved_tensors(x):
+            return m.down_proj(h)
+        with torch.autograd.graph.saved_tensors_hooks(*_rebuilt_from_inputs(h, g, u)):
+            return m.down_proj(h)
 
     return forward
+
+
+def _may_hook_saved_tensors(x: Tensor) -> bool:
+    """Whether this forward may install its own saved-tensor hooks: none are active already (e.g. a
+    non-reentrant checkpoint's, which must see every saved tensor), hooks are allowed, and no autocast
+    (the backward's rebuild of ``silu(g)·u`` runs outside it)."""
+    autograd = torch._C._autograd
+    top = getattr(autograd, "_top_saved_tensors_default_hooks", None)
+    enabled = getattr(autograd, "_saved_tensors_hooks_is_enabled", None)
+    if top is None or enabled is None:
+        return False
+    return top(False) is None and bool(enabled()) and not torch.is_autocast_enabled(x.device.type)
+
+
+class _Rebuild:
+    """A saved view of the gated MLP's ``silu(g)·u``, kept as its geometry only."""
+
+    __slots__ = ("offset", "shape", "stride")
+
+    def __init__(self, t: Tensor) -> None:
+        self.shape, self.stride, self.offset = tuple(t.shape), t.stride(), t.storage_offset()
+
+
+def _rebuilt_from_inputs(h: Tensor, g: Tensor, u: Tensor) -> tuple[Any, Any]:
+    """Saved-tensor hooks for the down projection of ``h = silu(g)·u``: a saved view of ``h`` (the
+    input that LoRA's ``A`` needs for its weight gradient) is kept as its geometry and rebuilt in the
+    backward from ``g`` and ``u``, which :class:`_SiluMul` keeps anyway, by the same operations
+    (equal bit for bit). Every other saved tensor is kept as it is."""
+    # the storage's address and size, not the storage itself: a reference would keep it alive
+    where = (h.untyped_storage().data_ptr(), h.untyped_storage().nbytes())
+
+    def pack(t: Tensor) -> Tensor | _Rebuild:
+        try:
+            same = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # no plain storage (sparse, a tensor subclass)
+            return t
+        return _Rebuild(t) if (same.data_ptr(), same.nbytes()) == where else t
+
+    def unpack(t: Tensor | _Rebuild) -> Tensor:
+        if not isinstance(t, _Rebuild):
+            return t
+        full = torch.nn.functional.silu(g) * u  # as _SiluMul.forward computes it
+        return full.as_strided(t.shape, t.stride, t.offset)
+
+    return pack, unpack
 
 
 __all__ = [
