@@ -282,6 +282,12 @@ GATED_MLP_CLASSES = frozenset(
 )
 
 
+def _silu_mul(g: Tensor, u: Tensor) -> Tensor:
+    """``silu(g) * u``: the one expression both :class:`_SiluMul` and its rebuild in the backward
+    (:func:`_rebuilt_from_inputs`) compute, so the two agree bit for bit."""
+    return torch.nn.functional.silu(g) * u
+
+
 class _SiluMul(torch.autograd.Function):
     """``silu(g) * u`` saving only ``g`` and ``u`` for the backward, which recomputes ``silu(g)``.
 
@@ -293,7 +299,7 @@ class _SiluMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, g: Tensor, u: Tensor) -> Tensor:
         ctx.save_for_backward(g, u)
-        return torch.nn.functional.silu(g) * u
+        return _silu_mul(g, u)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
@@ -389,8 +395,7 @@ def _rebuilt_from_inputs(h: Tensor, g: Tensor, u: Tensor) -> tuple[Any, Any]:
     def unpack(t: Tensor | _Rebuild) -> Tensor:
         if not isinstance(t, _Rebuild):
             return t
-        full = torch.nn.functional.silu(g) * u  # as _SiluMul.forward computes it
-        return full.as_strided(t.shape, t.stride, t.offset)
+        return _silu_mul(g, u).as_strided(t.shape, t.stride, t.offset)
 
     return pack, unpack
 
