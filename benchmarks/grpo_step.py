@@ -2,7 +2,7 @@
 
 Configuration (both sides): SmolLM2-135M-Instruct (embedded), LoRA r=16 (α=32) on
 q/k/v/o/gate/up/down, 4 prompts × 4 completions (TRL: ``per_device_train_batch_size=16,
-num_generations=4``), 64 new tokens, temperature 0.9, top-p 0.95, β=0.05, lr 1e-5, the seed's raw
+num_generations=4``), 64 new tokens, temperature 0.9, top-p 0.95, β=0.05, lr 1e-5, mechreward's raw
 chain_sum prompt (the same 4 questions every step on both sides unless ``--questions N``), no stop
 strings on either side (TRL has none), the same dtype on both sides (TRL's
 ``bf16`` flag set explicitly). Outcome reward = the task verifier on both sides. Each trainer runs

@@ -7,7 +7,7 @@ second adds the SAE advantage (``SAEGRPOTrainer``: hidden states recorded during
 forward, a TopK SAE of width 16·d, k=32, and a 20-feature pack at the middle layer, λ=0.1). The SAE's
 weights are random: its cost does not depend on their values.
 
-Prompts are two-number sums in the seed's raw prompt (``Q: {q}\\nA: Let's think step by step.``) and
+Prompts are two-number sums in mechreward's raw prompt (``Q: {q}\\nA: Let's think step by step.``) and
 the reward is 1 when the completion contains the sum: no task package is needed, so this also runs on
 machines without reasoning-gym. Each trainer runs in its own child process (one warm-up step, then
 ``--steps`` timed steps); the report is the median step time, the peak memory (CUDA:

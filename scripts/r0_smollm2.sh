@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# R0 GRPO (outcome reward only) on the embedded default with the seed's raw prompt: the base-model
-# lift check of issue 5. Held-out greedy accuracy on 100 chain_sum questions (disjoint from training)
+# R0 GRPO (outcome reward only) on the embedded default with mechreward's raw prompt: the base-model
+# lift check. Held-out greedy accuracy on 100 chain_sum questions (disjoint from training)
 # at steps 0, 25 and 50. Env: THREADS (default 2), SEED (default 0), RUN (default runs/r0_smollm2).
 set -euo pipefail
 cd "$(dirname "$0")/.."

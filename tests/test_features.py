@@ -157,7 +157,7 @@ def test_older_features_list_pack_loads(tmp_path: Path) -> None:
                 "name": "old",
                 "layer": 9,
                 "features": [
-                    # the seed's older catalog entries carry labels, thresholds and nested metadata
+                    # mechreward's older catalog entries carry labels, thresholds and nested metadata
                     {
                         "feature_id": 5,
                         "name": "step_marker",

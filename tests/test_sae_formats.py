@@ -1,5 +1,5 @@
 """SAE checkpoint formats: native round trip, atomic writes, parity with the real sparsify and SAELens
-packages in both directions, the seed's ``.pt`` (and refusal of unsafe pickles), and clear errors."""
+packages in both directions, mechreward's ``.pt`` (and refusal of unsafe pickles), and clear errors."""
 
 from __future__ import annotations
 

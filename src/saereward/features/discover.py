@@ -79,7 +79,7 @@ class DiscoverConfig:
     """Settings of ``saereward discover``."""
 
     rollouts: str = option("runs/rollouts", "folder written by `saereward rollouts`")
-    sae: str = option("runs/sae/sae", "SAE (native, SAELens, sparsify folder or seed .pt)")
+    sae: str = option("runs/sae/sae", "SAE (native, SAELens, sparsify folder or mechreward .pt)")
     layer: int | None = option(None, "layer the SAE reads (default: the SAE's recorded layer)")
     top_n: int = option(10, "helpful and harmful features to keep (each)")
     min_active_frac: float = option(

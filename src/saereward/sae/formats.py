@@ -678,7 +678,7 @@ def save_sparsify(sae: TopKSAE, folder: PathLike) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# Seed .pt
+# mechreward .pt
 # --------------------------------------------------------------------------------------------------
 
 
@@ -728,7 +728,7 @@ def _load_mechreward_pt(path: Path, device: str | torch.device, dtype: torch.dty
     model = side.get("model", side.get("model_name"))
     layer = next((side[key] for key in ("layer", "target_layer", "hook_layer") if key in side), None)
     if "step" in obj:
-        log.info("loading seed SAE %s from step %s", path, obj["step"])
+        log.info("loading mechreward SAE %s from step %s", path, obj["step"])
     return _build(
         path,
         W_enc=W_enc,

@@ -60,7 +60,9 @@ class TrainSAEStageConfig:
 class EvalSAEStageConfig:
     """Settings of ``saereward eval-sae``."""
 
-    sae: str = option("runs/sae/sae", "SAE to evaluate: a native, SAELens or sparsify folder, or a seed .pt")
+    sae: str = option(
+        "runs/sae/sae", "SAE to evaluate: a native, SAELens or sparsify folder, or a mechreward .pt"
+    )
     activations: str | None = option(None, "collect folder whose held-out split is used (None: skip)")
     eval_tokens: int = option(500_000, "held-out tokens to evaluate on")
     model: str | None = option(
