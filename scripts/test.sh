@@ -3,6 +3,11 @@
 # slow end-to-end tests included. Exits non-zero on any failure, and when no test ran (pytest exit 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Python's default: compiled modules are cached (.pyc, in .venv and beside src/ and tests/, all
+# git-ignored). Where PYTHONDONTWRITEBYTECODE is set, as on our 2-core development VMs, every Python
+# process of the suite (the pytest run, each pipeline and CLI child, each accelerate worker) compiled
+# the ~3,000 source files it imports anew: 16-18 s a process there (BENCHMARKS.md, test suite time).
+unset PYTHONDONTWRITEBYTECODE
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 # The report's browser test (tests/test_report.py) drives Debian's Chromium through playwright; it
