@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # cache compiled modules (Python's default) even where PYTHONDONTWRITEBYTECODE is set, so that later
-# runs skip compiling ~3,000 source files (16-18 s on a 2-core VM; see scripts/test.sh)
+# runs skip compiling ~3,000 source files (15-18 s on a 2-core VM; see scripts/test.sh)
 unset PYTHONDONTWRITEBYTECODE
 SAEREWARD_EXTRAS= bash scripts/setup.sh  # the pipeline needs no extras
 exec .venv/bin/saereward pipeline --config examples/quick.toml "$@"

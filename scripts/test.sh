@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 # Python's default: compiled modules are cached (.pyc, in .venv and beside src/ and tests/, all
 # git-ignored). Where PYTHONDONTWRITEBYTECODE is set, as on our 2-core development VMs, every Python
 # process of the suite (the pytest run, each pipeline and CLI child, each accelerate worker) compiled
-# the ~3,000 source files it imports anew: 16-18 s a process there (BENCHMARKS.md, test suite time).
+# the ~3,000 source files it imports anew: 15-18 s a process there (BENCHMARKS.md, test suite time).
 unset PYTHONDONTWRITEBYTECODE
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
