@@ -66,6 +66,21 @@ def test_registry_lists_tasks() -> None:
     assert PROMPT_FORMATS == ("raw", "fewshot", "chat")
 
 
+def test_reasoning_gym_import_prints_no_third_party_syntax_warnings(tmp_path: Path) -> None:
+    """cellpylib (a reasoning-gym dependency) has ``is "recursive"`` comparisons: compiled from source,
+    with Python's default warning filters, they printed SyntaxWarnings at the top of every command."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": str(tmp_path)}
+    env.pop("PYTHONWARNINGS", None)
+    code = "from saereward.tasks.rgym import rg_datasets; print(len(rg_datasets()))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert int(run.stdout) > 50
+    assert "SyntaxWarning" not in run.stderr, run.stderr
+
+
 def test_unknown_task_lists_names() -> None:
     with pytest.raises(SaeRewardError) as e:
         load_task("gsm9k")

@@ -42,6 +42,7 @@ import dataclasses
 import difflib
 import logging
 import re
+import warnings
 from importlib import metadata
 from typing import Any
 
@@ -71,14 +72,24 @@ RG_DEFAULTS: dict[str, dict[str, Any]] = {
 """saereward's defaults per generator, applied under both the bare and the ``rg:`` name."""
 
 
+def _reasoning_gym() -> Any:
+    """The ``reasoning_gym`` module. Its import pulls in cellpylib 2.4, whose ``memoize is "recursive"``
+    makes Python print four ``SyntaxWarning`` lines whenever it compiles that file (every process, where
+    no ``.pyc`` can be cached): third-party noise, silenced for this import only."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntaxWarning)
+        try:
+            import reasoning_gym
+            import reasoning_gym.factory
+        except ImportError:  # pragma: no cover - a declared dependency
+            raise SaeRewardError(
+                "reasoning-gym is not installed; run: pip install reasoning-gym==0.1.25"
+            ) from None
+    return reasoning_gym
+
+
 def _registry() -> dict[str, Any]:
-    try:
-        from reasoning_gym.factory import DATASETS
-    except ImportError:  # pragma: no cover - a declared dependency
-        raise SaeRewardError(
-            "reasoning-gym is not installed; run: pip install reasoning-gym==0.1.25"
-        ) from None
-    return dict(DATASETS)
+    return dict(_reasoning_gym().factory.DATASETS)
 
 
 def rg_datasets() -> list[str]:
@@ -195,10 +206,8 @@ def _rg_version() -> str | None:
 
 
 def _create(name: str, config: dict[str, Any], *, size: int, seed: int) -> Any:
-    import reasoning_gym
-
     try:
-        return reasoning_gym.create_dataset(name, size=size, seed=seed, **config)
+        return _reasoning_gym().create_dataset(name, size=size, seed=seed, **config)
     except (AssertionError, ValueError, TypeError) as e:
         raise SaeRewardError(
             f"reasoning-gym {name!r}: invalid config {config} ({e}); fix the task params"
