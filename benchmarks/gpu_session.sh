@@ -39,16 +39,16 @@ python3 -c "import sys, torch, transformers, trl, peft, triton; print(sys.versio
 step tests 150 python3 -m pytest -q -p no:cacheprovider -W ignore::FutureWarning \
   tests/test_cuda.py tests/test_sae_kernels.py
 step random_model 45 python3 benchmarks/random_model.py /tmp/smol-random --src .gpu/smollm2-shape
+# the CLI stages with --device cuda at toy size: collect -> ... -> drift on the random-weight model
+step cli_cuda 300 env DEVICE=cuda MODEL=/tmp/smol-random bash benchmarks/cli_device_check.sh
 # SAE training vs sparsify (its Triton decoder on CUDA): SmolLM2 width, then a 4B-class width
 step sae_576 80 python3 benchmarks/sae_throughput.py --device cuda --peers sparsify --tokens 2000000 \
   --interval 10 --min-intervals 8 --verbose --out "$OUT/sae_576.json"
-step sae_2560 90 python3 benchmarks/sae_throughput.py --device cuda --peers sparsify --d-in 2560 \
+step sae_2560 150 python3 benchmarks/sae_throughput.py --device cuda --peers sparsify --d-in 2560 \
   --d-sae 40960 --k 64 --batch 8192 --tokens 1500000 --interval 3 --min-intervals 5 --eval-tokens 32768 \
   --verbose --out "$OUT/sae_2560.json"
 step decode 60 python3 benchmarks/decode_speed.py --model /tmp/smol-random --device cuda --dtype bf16 \
   --batches "${DECODE_BATCHES:-16,64,256}" --reps "${DECODE_REPS:-3}"
 step trl_sae 160 python3 benchmarks/trl_sae_step.py --model /tmp/smol-random --device cuda --dtype bf16 \
   --steps 4 --rounds "${TRL_ROUNDS:-2}" --first "${TRL_FIRST:-trl}" --json "$OUT/trl_sae.json"
-# the CLI stages with --device cuda at toy size (added after this script's first GPU session; not yet run there)
-step cli_cuda 300 env DEVICE=cuda MODEL=/tmp/smol-random bash benchmarks/cli_device_check.sh
 echo "=== all steps done in $(($(date +%s) - start))s"
