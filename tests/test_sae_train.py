@@ -149,6 +149,26 @@ def test_dead_latents_get_auxk_and_unit_mean_norm_is_stored():
     assert out.auxk > 0
 
 
+def test_dead_latent_counter_matches_boolean_indexing():
+    """The sync-free counter (scatter-add, masked_fill_) equals the plain boolean-index version,
+    with repeated latent ids and zero activations (selected but not fired) in the batch."""
+    from types import SimpleNamespace
+
+    trainer = SAETrainer(_cfg(), D)
+    g = torch.Generator().manual_seed(3)
+    want = trainer.since_fired.clone()
+    for step in range(5):
+        ids = torch.randint(0, 24, (40, 4), generator=g)  # latents 24..63 never selected
+        acts = torch.rand(40, 4, generator=g) * (torch.rand(40, 4, generator=g) > 0.4)
+        trainer._update_dead(SimpleNamespace(top_indices=ids, top_acts=acts), n_tokens=40)
+        fired = torch.zeros_like(want, dtype=torch.bool)
+        fired[ids[acts > 0]] = True
+        want += 40
+        want[fired] = 0
+        assert torch.equal(trainer.since_fired, want), step
+    assert (want[24:] == 200).all() and (want[:24] == 0).any()
+
+
 def test_remove_parallel_grad_and_clip_run():
     sae = SAETrainer(
         _cfg(total_tokens=64 * 10, remove_parallel_grad=True, grad_clip=0.1, renorm_every=1), D

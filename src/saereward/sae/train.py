@@ -474,14 +474,14 @@ class SAETrainer:
         return norm
 
     def _update_dead(self, out: ForwardOutput, n_tokens: int) -> None:
-        fired = torch.zeros(self.plan.d_sae, dtype=torch.bool, device=self.device)
-        fired[out.top_indices[out.top_acts > 0]] = True
+        """Count tokens since each latent last fired. No boolean indexing: on CUDA that reads a count
+        back to the host (a sync each step); a scatter-add and ``masked_fill_`` do not."""
+        fires = torch.zeros(self.plan.d_sae, dtype=torch.int32, device=self.device)
+        fires.scatter_add_(0, out.top_indices.reshape(-1), (out.top_acts > 0).reshape(-1).to(torch.int32))
         if self.plan.world_size > 1:
-            as_int = fired.to(torch.int32)
-            torch.distributed.all_reduce(as_int, op=torch.distributed.ReduceOp.MAX)
-            fired = as_int.bool()
+            torch.distributed.all_reduce(fires, op=torch.distributed.ReduceOp.MAX)
         self.since_fired += n_tokens
-        self.since_fired[fired] = 0
+        self.since_fired.masked_fill_(fires > 0, 0)
 
     def _resample(self, x: Tensor) -> None:
         dead = self.since_fired >= self.cfg.dead_tokens
