@@ -127,7 +127,12 @@ def test_load_model_installs_for_bf16_on_cpu(monkeypatch: pytest.MonkeyPatch) ->
         for m in linears:
             del m.forward
         native = lm.model(ids).logits.float()
-    assert torch.equal(wide[0, -1].topk(3).indices, native[0, -1].topk(3).indices)
+    # the same next token, and each path's top 3 among the other's top 5: bf16 logits tie often (on an
+    # AMX CPU the native path puts ranks 3 and 4 at the same 13.5625, the wide one 0.06 apart)
+    w, n = wide[0, -1], native[0, -1]
+    assert w.argmax() == n.argmax()
+    assert set(w.topk(3).indices.tolist()) <= set(n.topk(5).indices.tolist())
+    assert set(n.topk(3).indices.tolist()) <= set(w.topk(5).indices.tolist())
     assert (wide - native).abs().max() < 0.05 * native.abs().max()
     monkeypatch.setenv(bf16cpu.ENV, "native")
     plain = load_model(dtype="bf16")

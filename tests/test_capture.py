@@ -194,7 +194,10 @@ def check_generate_matches_reforward(model: nn.Module, rtol: float, atol: float)
 
 def test_generate_capture_matches_reforward(arch: str) -> None:
     model, _ = make_tiny(arch)
-    check_generate_matches_reforward(model, rtol=1e-4, atol=1e-5)
+    # qwen3_next's linear-attention layers run the recurrent gated delta rule while decoding and the
+    # chunked one in the re-forward: the same function summed in another order, up to 1.2e-4
+    # relative in fp32 on an AVX-512 CPU (the other architectures stay inside 1e-4)
+    check_generate_matches_reforward(model, rtol=3e-4 if arch == "qwen3_next" else 1e-4, atol=1e-5)
 
 
 def test_generate_capture_matches_reforward_bf16() -> None:

@@ -173,7 +173,10 @@ def test_load_local_multimodal_folder(tmp_path: Path, smollm) -> None:  # noqa: 
 
 
 def test_contiguous_lm_head_same_logits_one_mm(smollm: LoadedModel) -> None:
-    """The LM-head hook: bit-identical logits, and no batched product over an expanded head weight."""
+    """The LM-head hook: the same logits, and no batched product over an expanded head weight.
+
+    The logits are bit-identical where ``mm`` and ``bmm`` round alike (the AVX2 machine); on an AVX-512
+    CPU the two kernels sum in another order, 5e-5 apart at most on logits of magnitude ~20."""
     from torch.profiler import ProfilerActivity, profile
 
     from saereward.model.lm import contiguous_lm_head
@@ -193,7 +196,8 @@ def test_contiguous_lm_head_same_logits_one_mm(smollm: LoadedModel) -> None:
             head._forward_pre_hooks.update(hooks)
         with profile(activities=[ProfilerActivity.CPU]) as prof_fixed:
             again = model(input_ids=ids, logits_to_keep=5).logits
-    assert torch.equal(with_hook, without) and torch.equal(with_hook, again)
+    assert torch.equal(with_hook, again)
+    torch.testing.assert_close(with_hook, without, rtol=1e-5, atol=2e-4)
     ops = {e.key for e in prof.key_averages()}
     ops_fixed = {e.key for e in prof_fixed.key_averages()}
     # without the hook torch.matmul expands the [V, d] weight over the batch and runs bmm
