@@ -42,7 +42,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = bench_config(
         args.dtype, 200, args.steps, **parse_sets(args.set)
-    )  # 200 questions: the pre-session-7 draw
+    )  # 200 questions: grpo_step.py's draw before 2026-11-29 (its --questions default is now 4)
     phase = ["setup"]
     peaks: dict[str, float] = {}
 

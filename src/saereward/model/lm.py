@@ -527,9 +527,9 @@ def contiguous_lm_head(model: nn.Module) -> bool:
     ``torch.matmul`` of that non-contiguous ``[B, T, d]`` slice with the ``[V, d]`` head weight does
     not fold it into one matrix product: it expands the weight to ``[B, d, V]`` and copies it
     (16 × 576 × 49,152 bf16 = 864 MiB on SmolLM2-135M) before a batched product. Copying the small
-    slice instead gives the same logits (to the GEMM's rounding) with one ``mm``: on the 2-core machine a 16 × 30 bf16 prefill
-    went from 2.7 s to 0.6 s and a 16 × 94 log-prob forward from 4.8 s to 2.2 s, and the 0.9 GB
-    transient is gone. A no-op when the input is already contiguous (decode steps).
+    slice instead gives the same logits (to the GEMM's rounding) with one ``mm``: on the 2-core machine
+    a 16 × 30 bf16 prefill went from 2.7 s to 0.6 s and a 16 × 94 log-prob forward from 4.8 s to 2.2 s,
+    and the 0.9 GB transient is gone. A no-op when the input is already contiguous (decode steps).
     """
     from torch import nn
 
