@@ -27,6 +27,14 @@ def saereward_cache() -> Path:
     return Path(os.environ["SAEREWARD_CACHE"]).expanduser()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _warm_vector_math() -> None:
+    """The process's first MKL vector-math call on one thread, as the command and load_model make it."""
+    from saereward.threads import warm_vector_math
+
+    warm_vector_math()
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     """Seed python and torch before every test, so random inputs are reproducible."""

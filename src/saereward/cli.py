@@ -25,7 +25,7 @@ from saereward.errors import SaeRewardError
 from saereward.io import write_json
 from saereward.options import ModelOptions
 from saereward.stages import load, step
-from saereward.threads import tame_threads
+from saereward.threads import tame_threads, warm_vector_math
 
 
 @dataclass(frozen=True)
@@ -522,6 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd: Command = args._command
     try:
         cfg: Any = config_from_args(cmd.config(), args)
+        warm_vector_math()  # before any parallel torch op of the command
         return cmd.run(cfg)
     except SaeRewardError as exc:
         sys.stderr.write(f"error: {exc}\n")

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from saereward.errors import SaeRewardError
 from saereward.hub import HF_SCHEME, hub_offline, hub_reachable, resolve_source
+from saereward.threads import warm_vector_math
 
 if TYPE_CHECKING:
     import torch
@@ -565,6 +566,7 @@ def load_model(
         adapter_dir(adapter)  # validate before paying for the model
     import torch
 
+    warm_vector_math()  # the first forward's rotary cos must not be the process's first VML call
     if threads is not None:
         if threads < 1:
             raise SaeRewardError(f"threads must be >= 1, got {threads}")

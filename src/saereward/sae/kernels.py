@@ -65,6 +65,7 @@ from torch import Tensor
 
 from saereward.errors import SaeRewardError
 from saereward.model import lm
+from saereward.threads import warm_vector_math
 
 KernelMode = Literal["fast", "eager"]
 ENV_VAR = "SAEREWARD_KERNELS"
@@ -170,6 +171,7 @@ if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's t
 def _pool(workers: int) -> cf.ThreadPoolExecutor:
     with _POOL_LOCK:
         if workers not in _POOL:
+            warm_vector_math()  # the workers' first math calls must not be the process's first
             main = torch.get_num_threads()
             pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="saereward-sae")
             # Each worker runs its ops on one thread. torch.set_num_threads also resets the process
