@@ -86,11 +86,13 @@ def warm_vector_math() -> None:
     once, one of them can run it on a less accurate code path. Measured (torch 2.13.0 CPU wheel, MKL
     2024.0, 2-core AVX-512 VM, 2 threads, ``x.cos()`` on 16,384 values up to 16.4 rad, the first call
     against the second in a fresh process): the first call was off by up to 1.5e-4 on one thread's share
-    of the rows in 7 of 44 processes, and in none of 44 after this warm-up, nor of 24 with MKL held to
-    AVX2 (``MKL_ENABLE_INSTRUCTIONS=AVX2``). In a model that first call is the rotary embedding's
-    ``cos``: the first forward of a process (an evaluation's clean run, a run's first rollouts) then
-    differed from the same forward run later. One call on 8 values, below ATen's parallel grain, runs on
-    the calling thread and settles it. :func:`~saereward.model.lm.load_model` and the command call this.
+    of the rows in 7 of 44 processes; in none of 44 after a one-thread call first (24 with this one's
+    ``sin``, 20 with ``cos`` and ``sin``), nor of 24 with MKL held to AVX2
+    (``MKL_ENABLE_INSTRUCTIONS=AVX2``). In a model that first call is the rotary embedding's ``cos``:
+    the first forward of a process (an evaluation's clean run, a run's first rollouts) then differed
+    from the same forward run later. One call on 8 values, below ATen's parallel grain, runs on the
+    calling thread and settles it. :func:`~saereward.model.lm.load_model`, the SAE worker pool and the
+    command call this.
     """
     global _VML_WARM
     if _VML_WARM:
