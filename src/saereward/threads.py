@@ -16,6 +16,9 @@ benchmark), more than it saves. Either variable set by the user wins, and
 ``SAEREWARD_TAME_THREADS=0`` turns this off. A stage's own ``threads`` setting (``--threads``) still
 calls ``torch.set_num_threads`` afterwards. The count is taken once, at the start: load that arrives
 later is not followed.
+
+Once torch is imported, :func:`warm_vector_math` makes the process's first call into MKL's vector math
+on one thread, so that no first call races between threads (see its docstring for the measurement).
 """
 
 from __future__ import annotations
