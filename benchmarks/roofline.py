@@ -21,6 +21,10 @@ The bounds are a model, not a measurement; each counts the work no implementatio
 * train: the forward and the backward to the activations (the base weights are frozen; LoRA is small):
   twice the reference's FLOP.
 
+With the GRPO rows the script also times the products of one decode step alone (every projection and
+the LM head of the embedded model as ``W @ xᵀ``, the decode loop's form) for 1 to 32 rows: what this
+CPU's GEMM library does at the decode's shape, which the bandwidth bound leaves out.
+
     .venv/bin/python benchmarks/roofline.py            # on a quiet machine (see BENCHMARKS.md)
     .venv/bin/python benchmarks/roofline.py --skip-grpo
 """
@@ -82,6 +86,33 @@ def sae_row(flops: float, bw: float, d: int, m: int, k: int, batch: int, steps: 
     ours = statistics.median(times)
     bound = 2 * batch * d * m / (flops * 1e9) + (8 * batch * m + 28 * 2 * d * m) / (bw * 1e9)
     return {"ours_s": ours, "bound_s": bound, "ours_tok_s": batch / ours, "bound_tok_s": batch / bound}
+
+
+def decode_products(rows: tuple[int, ...], reps: int) -> tuple[int, dict[int, float]]:
+    """The number of weights a decode step of the embedded model (fp32) multiplies, and per row count
+    the seconds its products take: every decoder projection and the LM head as ``W @ xᵀ``, ``x`` of
+    that many rows (the decode loop's form)."""
+    from saereward.model.lm import load_model
+
+    model = load_model(dtype="fp32").model
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    out: dict[int, float] = {}
+    for n in rows:
+        xs = {w.shape[1]: torch.randn(w.shape[1], n) for w in weights}
+        out[n] = _median_time(lambda xs=xs: [torch.mm(w, xs[w.shape[1]]) for w in weights], reps)
+    return sum(w.numel() for w in weights), out
+
+
+def print_decode_products(bw: float, reps: int) -> None:
+    size, times = decode_products((1, 2, 4, 8, 16, 32), reps)
+    read_ms = size * 4 / (bw * 1e9) * 1e3
+    print(  # noqa: T201
+        f"\none decode step's products ({size / 1e6:.0f}M fp32 weights as W @ x^T; "
+        f"reading them once at the copy bandwidth: {read_ms:.1f} ms)\n"
+        "| rows | ms | weights read, GB/s | GFLOP/s |\n|---|---|---|---|"
+    )
+    for n, t in times.items():
+        print(f"| {n} | {t * 1e3:.1f} | {size * 4 / t / 1e9:.1f} | {2 * size * n / t / 1e9:.0f} |")  # noqa: T201
 
 
 def grpo_rows(flops: float, bw: float, steps: int) -> dict[str, tuple[float, float]]:
@@ -161,6 +192,7 @@ def main() -> None:
     if not args.skip_grpo:
         for name, (ours, bound) in grpo_rows(f32_mlp, bw, args.grpo_steps).items():
             print(f"| GRPO {name} (fp32) | {ours:.2f} s | {bound:.2f} s | {ours / bound:.1f}x |")  # noqa: T201
+        print_decode_products(bw, max(args.reps, 10))
     print(f"sae_fraction_of_bound={sae['bound_s'] / sae['ours_s']:.2f}")  # noqa: T201
 
 
