@@ -20,14 +20,134 @@ def test_truncated_jsonl_names_the_file_and_line(tmp_path: Path) -> None:
     assert read_jsonl(path) == [{"qid": "a"}, {"qid": "b"}]
 
 
-def test_an_os_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """An output path under a regular file (NotADirectoryError) is reported in one line, exit 1."""
+def test_an_output_under_a_file_fails_before_the_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An output path under a regular file is refused in one line before the command runs."""
     run = tmp_path / "run"
     run.mkdir()
     blocker = tmp_path / "blocker"
     blocker.write_text("a file, not a folder")
-    assert main(["report", str(run), "--out", str(blocker / "report.html")]) == 1
+    assert main(["report", str(run), "--out", str(blocker / "report.html")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    assert "blocker" in err and "writable" in err
+    assert "blocker is a file, not a folder" in err and "--out" in err
     assert blocker.read_text() == "a file, not a folder"
+
+
+def test_an_os_error_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OS failure during the work (here: the disk fills up) is one line naming the file, exit 1."""
+    import saereward.cli as cli
+
+    def full_disk(cfg: object) -> int:
+        raise OSError(28, "No space left on device", str(tmp_path / "x.json"))
+
+    monkeypatch.setattr(cli, "_cmd_tasks", full_disk)
+    commands = tuple(
+        cli.Command(c.name, c.help, c.config, full_disk, c.positional) if c.name == "tasks" else c
+        for c in cli.COMMANDS
+    )
+    monkeypatch.setattr(cli, "COMMANDS", commands)
+    assert main(["tasks"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: No space left on device: ") and "x.json" in err and "\n" not in err
+    assert "free space" in err
+
+
+@pytest.mark.parametrize(
+    ("exc", "shown"),
+    [
+        (ValueError("sampling needs temperature > 0"), "ValueError: sampling needs temperature > 0"),
+        (RuntimeError("selected index k out of range"), "RuntimeError: selected index k out of range"),
+    ],
+)
+def test_any_other_exception_is_one_line(
+    exc: Exception, shown: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception that is not one of ours is one line (exit 1); SAEREWARD_TRACEBACK=1 re-raises it."""
+    import saereward.cli as cli
+
+    def fails(cfg: object) -> int:
+        raise exc
+
+    commands = tuple(
+        cli.Command(c.name, c.help, c.config, fails, c.positional) if c.name == "tasks" else c
+        for c in cli.COMMANDS
+    )
+    monkeypatch.setattr(cli, "COMMANDS", commands)
+    monkeypatch.delenv("SAEREWARD_TRACEBACK", raising=False)
+    assert main(["tasks"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {shown}") and "\n" not in err and "SAEREWARD_TRACEBACK=1" in err
+    monkeypatch.setenv("SAEREWARD_TRACEBACK", "1")
+    with pytest.raises(type(exc)):
+        main(["tasks"])
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_an_output_of_the_wrong_kind_is_refused(
+    tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder where a command writes one file, or a file where it writes a folder: refused up front."""
+    if kind == "folder":  # discover writes one pack file
+        out = tmp_path / "packdir"
+        out.mkdir()
+        argv = ["discover", "--rollouts", str(tmp_path / "none"), "--out", str(out)]
+        want = "is a folder; discover writes one file"
+    else:  # rollouts writes a folder
+        out = tmp_path / "afile"
+        out.write_text("keep me")
+        argv = ["rollouts", "--out", str(out)]
+        want = "is a file; rollouts writes a folder"
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert want in err and "\n" not in err
+    if kind == "file":
+        assert out.read_text() == "keep me"
+
+
+def test_check_writable_probes_the_nearest_existing_folder(tmp_path: Path) -> None:
+    from saereward.io import check_writable
+
+    check_writable(tmp_path / "a" / "b" / "out.json")  # nothing is created
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SaeRewardError, match="is a file, not a folder"):
+        check_writable(tmp_path / "f" / "out")
+
+
+def test_written_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    import os
+
+    from saereward.io import write_json
+
+    old = os.umask(0o022)
+    try:
+        import importlib
+
+        import saereward.io as io_mod
+
+        importlib.reload(io_mod)
+        io_mod.write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+        importlib.reload(io_mod)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    write_json(tmp_path / "b.json", {})  # the module's own copy still writes
+
+
+def test_non_utf8_jsonl_and_config_are_one_line(tmp_path: Path) -> None:
+    from saereward.config import load_toml
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"a": 1}\n\xff\xfe garbage\n')
+    with pytest.raises(SaeRewardError, match=r"bad.jsonl:2: not UTF-8 text"):
+        read_jsonl(bad)
+    toml = tmp_path / "bad.toml"
+    toml.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(SaeRewardError, match="not UTF-8 text"):
+        load_toml(toml)
+    with pytest.raises(SaeRewardError, match="is a folder"):
+        load_toml(tmp_path)

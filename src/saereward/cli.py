@@ -4,7 +4,9 @@ Every subcommand is declared once in :data:`COMMANDS` with its config dataclass 
 ``--config FILE.toml`` and ``--set key=value`` are derived from the dataclass (see
 :mod:`saereward.config`) and kept in ``cli_schema.json``, so that ``saereward COMMAND --help`` builds its
 parser without importing the stage's module or torch. A :class:`~saereward.errors.SaeRewardError` becomes one ``error: ...`` line on
-stderr and exit status 2, without a traceback.
+stderr and exit status 2, without a traceback; so does any other exception (status 1), its traceback
+shown only with ``SAEREWARD_TRACEBACK=1``. Before a command runs, its ``--out`` is checked: it must be
+writable, and a folder where the command writes a folder, a file where it writes one.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 from saereward import __version__
 from saereward.config import add_spec_args, config_from_args, field_specs, option
 from saereward.errors import SaeRewardError
-from saereward.io import write_json
+from saereward.io import check_writable, write_json
 from saereward.options import ModelOptions
 from saereward.stages import load, step
 from saereward.threads import tame_threads, warm_vector_math
@@ -515,6 +517,35 @@ def _setup_logging(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+#: commands whose ``--out`` is one file (the others write a folder; ``export-sae`` either, by format)
+_FILE_OUT = frozenset({"discover", "gate-g1", "probe", "reasonscore", "eval-sae", "report"})
+
+
+def check_output(command: str, cfg: Any) -> None:
+    """Fail before any work when the command's output cannot be written where ``cfg`` says: a folder
+    given where it writes one file, a file where it writes a folder, or a place nothing can be written."""
+    out = getattr(cfg, "out", None) or getattr(cfg, "run_dir", None)
+    if not isinstance(out, str | os.PathLike) or not str(out):
+        return
+    p = Path(out)
+    if command in _FILE_OUT and p.is_dir() and getattr(cfg, "out", None):
+        raise SaeRewardError(f"--out {p} is a folder; {command} writes one file: pass a file path")
+    if command not in _FILE_OUT | {"export-sae", "token-view"} and p.is_file():
+        raise SaeRewardError(f"--out {p} is a file; {command} writes a folder: pass a folder path")
+    check_writable(p)
+
+
+def _internal_error(exc: BaseException) -> int:
+    """One line for an exception that is not one of ours (the traceback with ``SAEREWARD_TRACEBACK=1``)."""
+    if os.environ.get("SAEREWARD_TRACEBACK") == "1":
+        raise exc
+    sys.stderr.write(
+        f"error: {type(exc).__name__}: {exc}; if the input is fine, please report this "
+        "(SAEREWARD_TRACEBACK=1 shows the traceback)\n"
+    )
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
@@ -522,6 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd: Command = args._command
     try:
         cfg: Any = config_from_args(cmd.config(), args)
+        check_output(cmd.name, cfg)
         warm_vector_math()  # before any parallel torch op of the command
         return cmd.run(cfg)
     except SaeRewardError as exc:
@@ -536,6 +568,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    except Exception as exc:  # noqa: BLE001 - one line instead of a traceback (see _internal_error)
+        return _internal_error(exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

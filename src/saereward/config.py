@@ -173,10 +173,14 @@ def refuse_other_settings(
 
 def load_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise SaeRewardError(f"config file {path} is a folder: pass a .toml file")
     if not p.is_file():
         raise SaeRewardError(f"config file {path} not found: check the path")
     try:
         return tomllib.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SaeRewardError(f"config file {path} is not UTF-8 text: pass a TOML file") from None
     except tomllib.TOMLDecodeError as exc:
         raise SaeRewardError(f"config file {path} is not valid TOML: {exc}") from exc
 

@@ -1,6 +1,8 @@
 """Atomic file writes: a temp file in the same folder, fsync, then ``os.replace``.
 
-A crash mid-write leaves the previous artifact intact; readers never see half a file.
+A crash mid-write leaves the previous artifact intact; readers never see half a file. The file gets
+the permissions a plain ``open`` would give it (``0o666`` less the umask), not ``mkstemp``'s ``0o600``.
+:func:`check_writable` fails a command before its work when its output cannot be written.
 """
 
 from __future__ import annotations
@@ -17,6 +19,39 @@ from typing import IO, Any
 from saereward.errors import SaeRewardError
 
 
+def _file_mode() -> int:
+    """``0o666`` less the process umask (read without changing it for long: set and restored)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_MODE = _file_mode()
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Raise a one-line :class:`SaeRewardError` now when nothing can be written at ``path`` (a file or
+    folder a command will create or replace), so the command fails before its work, not after it.
+
+    The nearest existing folder at or above ``path`` must accept a new file: a probe file is created
+    there and removed again. Nothing else is created.
+    """
+    p = Path(path)
+    d = p if p.is_dir() else p.parent
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    if not d.is_dir():
+        raise SaeRewardError(f"cannot write {p}: {d} is a file, not a folder; pass another --out")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".saereward-write-check.", dir=d)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise SaeRewardError(
+            f"cannot write {p}: {exc.strerror or exc} in {d}; pass an --out on a writable disk"
+        ) from None
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]):
     """Yield a temporary path next to ``path``; on success it is renamed over ``path``."""
@@ -28,6 +63,7 @@ def atomic_path(path: str | os.PathLike[str]):
         yield Path(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, _MODE)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -64,8 +100,12 @@ def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
 
     A line that is not valid JSON is a one-line :class:`SaeRewardError` naming the file and line.
     """
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise SaeRewardError(f"{path}:{lineno}: not UTF-8 text; pass a UTF-8 JSONL file") from None
             if not line.strip():
                 continue
             try:
