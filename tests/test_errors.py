@@ -57,14 +57,22 @@ def test_an_os_error_is_one_line(
 
 
 @pytest.mark.parametrize(
-    ("exc", "shown"),
+    ("exc", "shown", "hint"),
     [
-        (ValueError("sampling needs temperature > 0"), "ValueError: sampling needs temperature > 0"),
-        (RuntimeError("selected index k out of range"), "RuntimeError: selected index k out of range"),
+        (
+            ValueError("batch_size must be >= 1, got -1"),
+            "error: batch_size must be >= 1, got -1",
+            "check that option",
+        ),
+        (
+            RuntimeError("selected index k out of range"),
+            "error: RuntimeError: selected index k",
+            "please report",
+        ),
     ],
 )
 def test_any_other_exception_is_one_line(
-    exc: Exception, shown: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    exc: Exception, shown: str, hint: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An exception that is not one of ours is one line (exit 1); SAEREWARD_TRACEBACK=1 re-raises it."""
     import saereward.cli as cli
@@ -80,10 +88,44 @@ def test_any_other_exception_is_one_line(
     monkeypatch.delenv("SAEREWARD_TRACEBACK", raising=False)
     assert main(["tasks"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {shown}") and "\n" not in err and "SAEREWARD_TRACEBACK=1" in err
+    assert err.startswith(shown) and hint in err and "\n" not in err and "SAEREWARD_TRACEBACK=1" in err
     monkeypatch.setenv("SAEREWARD_TRACEBACK", "1")
     with pytest.raises(type(exc)):
         main(["tasks"])
+
+
+def test_foreign_output_folders_are_not_overwritten(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``train-sae --out`` on the activations, ``eval --out`` on a rollout folder: refused, untouched."""
+    acts = tmp_path / "acts"
+    acts.mkdir()
+    (acts / "manifest.json").write_text("{}")
+    (acts / "config.json").write_text('{"keep": 1}')
+    assert main(["train-sae", "--activations", str(acts), "--out", str(acts)]) == 2
+    assert "holds collect's output (manifest.json)" in capsys.readouterr().err
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "rollouts.jsonl").write_text("")
+    assert main(["eval", "--n", "1", "--out", str(ro)]) == 2
+    assert "holds rollouts's output (rollouts.jsonl)" in capsys.readouterr().err
+    assert (acts / "config.json").read_text() == '{"keep": 1}' and sorted(p.name for p in ro.iterdir()) == [
+        "rollouts.jsonl"
+    ]
+
+
+def test_rollouts_refuse_a_folder_made_with_other_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    out = tmp_path / "ro"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    (out / "config.json").write_text(json.dumps({"n": 999}))
+    assert main(["rollouts", "--n", "4", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "made with other settings" in err and "pass another --out" in err
 
 
 @pytest.mark.parametrize("kind", ["file", "folder"])

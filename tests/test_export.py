@@ -65,3 +65,19 @@ def test_an_export_never_overwrites(source: Path, tmp_path: Path, capsys: pytest
     assert main(["export-sae", "--sae", str(source), "--out", str(tmp_path / "taken")]) != 0
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "exists" in err and err.count("\n") == 1
+
+
+def test_a_mechreward_export_never_overwrites_its_pt_or_sidecar(
+    source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--out keep`` writes keep.pt and keep.json: either one existing already is refused, and an
+    --out with another suffix is not silently renamed."""
+    (tmp_path / "keep.json").write_text('{"mine": true}')
+    argv = ["export-sae", "--sae", str(source), "--format", "mechreward-pt", "--out"]
+    assert main([*argv, str(tmp_path / "keep")]) == 2
+    assert "keep.json exists" in capsys.readouterr().err
+    assert (tmp_path / "keep.json").read_text() == '{"mine": true}' and not (tmp_path / "keep.pt").exists()
+    assert main([*argv, str(tmp_path / "x.safetensors")]) == 2
+    assert "pass --out NAME.pt" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
+    _export(source, "mechreward-pt", tmp_path / "fresh")
+    assert (tmp_path / "fresh.pt").is_file() and (tmp_path / "fresh.json").is_file()

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from saereward import __version__
-from saereward.config import add_spec_args, config_from_args, field_specs, option
+from saereward.config import add_spec_args, config_from_args, field_specs, option, refuse_other_settings
 from saereward.errors import SaeRewardError
 from saereward.io import check_writable, write_json
 from saereward.options import ModelOptions
@@ -135,6 +135,9 @@ def _cmd_rollouts(cfg: Any) -> int:
 
     from saereward.data.rollouts import run_rollouts
 
+    refuse_other_settings(
+        Path(cfg.out), cfg, ("progress", "out", "threads"), cache=".", holds="rollouts", stage="rollouts"
+    )
     out = run_rollouts(cfg)
     summary = json.loads((out / "summary.json").read_text())
     for split in ("discovery", "validation"):
@@ -519,6 +522,23 @@ def _setup_logging(verbose: bool) -> None:
 
 #: commands whose ``--out`` is one file (the others write a folder; ``export-sae`` either, by format)
 _FILE_OUT = frozenset({"discover", "gate-g1", "probe", "reasonscore", "eval-sae", "report"})
+#: a file only each of these commands writes in its output folder
+_MARKERS = {"collect": "manifest.json", "rollouts": "rollouts.jsonl", "eval": "items.jsonl"}
+#: commands that write their own config.json / summary.json into --out: never into another's folder
+_OWN_FOLDER = frozenset({*_MARKERS, "train-sae", "baseline"})
+
+
+def _refuse_foreign_folder(command: str, out: Path) -> None:
+    """A folder holding another command's output is not overwritten (e.g. ``train-sae --out`` set to
+    the activations folder, ``eval --out`` to a rollout folder)."""
+    if command not in _OWN_FOLDER or not out.is_dir():
+        return
+    for other, marker in _MARKERS.items():
+        if other != command and (out / marker).is_file():
+            raise SaeRewardError(
+                f"--out {out} holds {other}'s output ({marker}); {command} would overwrite files there: "
+                "pass another --out"
+            )
 
 
 def check_output(command: str, cfg: Any) -> None:
@@ -532,13 +552,21 @@ def check_output(command: str, cfg: Any) -> None:
         raise SaeRewardError(f"--out {p} is a folder; {command} writes one file: pass a file path")
     if command not in _FILE_OUT | {"export-sae", "token-view"} and p.is_file():
         raise SaeRewardError(f"--out {p} is a file; {command} writes a folder: pass a folder path")
+    _refuse_foreign_folder(command, p)
     check_writable(p)
 
 
 def _internal_error(exc: BaseException) -> int:
-    """One line for an exception that is not one of ours (the traceback with ``SAEREWARD_TRACEBACK=1``)."""
+    """One line for an exception that is not one of ours (the traceback with ``SAEREWARD_TRACEBACK=1``):
+    a ``ValueError`` is most often an option out of range that a stage checked late; anything else
+    may be a bug."""
     if os.environ.get("SAEREWARD_TRACEBACK") == "1":
         raise exc
+    if isinstance(exc, ValueError):
+        sys.stderr.write(
+            f"error: {' '.join(str(exc).split())}; check that option (SAEREWARD_TRACEBACK=1 shows where)\n"
+        )
+        return 1
     sys.stderr.write(
         f"error: {type(exc).__name__}: {exc}; if the input is fine, please report this "
         "(SAEREWARD_TRACEBACK=1 shows the traceback)\n"

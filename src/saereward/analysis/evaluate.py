@@ -65,6 +65,8 @@ class EvalConfig(TaskOptions, DeviceOptions, ModelOptions):
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError("--sample needs temperature > 0 and 0 < top_p <= 1")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.shots < 0:

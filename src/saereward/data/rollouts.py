@@ -92,6 +92,8 @@ class RolloutsConfig(TaskOptions, DeviceOptions, ModelOptions):
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("batch_size and max_new_tokens must be >= 1")
+        if "sample" in self.decoding and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError("sampling needs temperature > 0 and 0 < top_p <= 1")
 
 
 def split_questions(qids: list[str], validation_fraction: float, seed: int) -> dict[str, list[str]]:

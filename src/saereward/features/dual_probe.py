@@ -42,6 +42,14 @@ class ProbeConfig:
     n_boot: int = option(2000, "bootstrap resamples for the AUROC CI")
     out: str = option("runs/probe.safetensors", "probe file (a .json sidecar is written beside it)")
 
+    def __post_init__(self) -> None:
+        if not str(self.out).endswith(".safetensors"):
+            raise ValueError(
+                f"out {self.out!r}: the probe is a .safetensors file; pass --out NAME.safetensors"
+            )
+        if self.n_boot < 100:
+            raise ValueError(f"n_boot must be >= 100 for a bootstrap CI, got {self.n_boot}")
+
 
 def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
     """Fit on discovery, report held-out AUROC on validation, save the probe; returns the report."""

@@ -183,6 +183,16 @@ class ReasonScoreConfig:
     top: int = option(50, "features to report")
     out: str = option("runs/reasonscore.json", "output JSON")
 
+    def __post_init__(self) -> None:
+        if len(set(self.words)) < 2:
+            raise ValueError(
+                f"words: ReasonScore needs at least 2 distinct reasoning words, got {list(self.words)}"
+            )
+        if self.window < 1 or self.top < 1 or self.max_docs < 1:
+            raise ValueError("window, top and max_docs must be >= 1")
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+
 
 def run_reasonscore(cfg: ReasonScoreConfig) -> dict[str, Any]:
     """Rank the SAE's features by ReasonScore over the given texts; write ``cfg.out``."""
@@ -205,7 +215,13 @@ def run_reasonscore(cfg: ReasonScoreConfig) -> dict[str, Any]:
         raise SaeRewardError("no text to score: pass --rollouts or --text-paths")
     lm = load_model(model)
     check_sae_matches_model(sae, lm.d_model, layer)
-    res = rank_features(lm, sae, layer, texts, cfg.words, window=cfg.window, alpha=cfg.alpha, top=cfg.top)
+    try:
+        res = rank_features(lm, sae, layer, texts, cfg.words, window=cfg.window, alpha=cfg.alpha, top=cfg.top)
+    except ValueError as exc:  # no occurrence of any reasoning word in the texts
+        raise SaeRewardError(
+            f"{exc} ({len(texts)} texts, words {', '.join(cfg.words[:6])}...): pass --text-paths with "
+            "reasoning text, or --words that occur in it"
+        ) from None
     res.update(
         {"sae": cfg.sae, "layer": layer, "model": model, "n_texts": len(texts), "config": to_dict(cfg)}
     )

@@ -53,8 +53,8 @@ class TokenViewConfig:
     def __post_init__(self) -> None:
         if not self.run_dir:
             raise ValueError("run_dir is required: `saereward token-view RUN_DIR`")
-        if self.max_rollouts < 0:
-            raise ValueError(f"max_rollouts must be >= 0, got {self.max_rollouts}")
+        if self.max_rollouts < 1:
+            raise ValueError(f"max_rollouts must be >= 1, got {self.max_rollouts}")
 
 
 def read_json_dict(path: Path) -> dict[str, Any] | None:

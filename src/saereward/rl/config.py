@@ -198,8 +198,12 @@ class GRPOConfig(TaskOptions, DeviceOptions, ModelOptions):
             raise ValueError(f"micro_batch must be >= 0 (0: whole batch), got {self.micro_batch}")
         if self.snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0, got {self.snapshot_every}")
-        if self.lr <= 0 or self.beta < 0 or self.lam < 0:
-            raise ValueError("lr must be > 0, beta and lam >= 0")
+        if self.lr <= 0 or self.beta < 0 or self.lam < 0 or self.lam_end < 0:
+            raise ValueError("lr must be > 0, beta, lam and lam_end >= 0")
+        if not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError("sampling needs temperature > 0 and 0 < top_p <= 1")
+        if self.lora_r < 1:
+            raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
         if self.reward_form not in REWARD_FORMS:
             raise ValueError(
                 f"unknown reward_form {self.reward_form!r}: choose from {', '.join(REWARD_FORMS)}"

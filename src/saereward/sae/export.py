@@ -47,8 +47,15 @@ class ExportConfig:
 def run_export(cfg: ExportConfig) -> Path:
     """Write ``cfg.sae`` in ``cfg.format`` to ``cfg.out``; returns what was written."""
     out = Path(cfg.out)
-    if out.exists():
-        raise SaeRewardError(f"{out} exists: pass a new --out (an export never overwrites)")
+    written = [out]
+    if cfg.format == "mechreward-pt":  # OUT.pt and its OUT.json sidecar
+        if out.suffix not in ("", ".pt"):
+            raise SaeRewardError(f"--out {out}: mechreward's format is a .pt file; pass --out NAME.pt")
+        out = out.with_suffix(".pt")
+        written = [out, out.with_suffix(".json")]
+    for path in written:
+        if path.exists():
+            raise SaeRewardError(f"{path} exists: pass a new --out (an export never overwrites)")
     if not out.parent.exists():
         raise SaeRewardError(f"{out.parent} does not exist: create it or pass another --out")
     sae = load_sae(cfg.sae)
@@ -59,7 +66,7 @@ def run_export(cfg: ExportConfig) -> Path:
             raise SaeRewardError(f"{cfg.sae} records no layer, which sparsify keeps in the folder name")
         return save_sparsify(sae, out / f"layers.{sae.cfg.layer}")
     if cfg.format == "mechreward-pt":
-        return save_mechreward_pt(sae, out if out.suffix == ".pt" else out.with_suffix(".pt"))
+        return save_mechreward_pt(sae, out)
     return save_sae(sae, out)
 
 
