@@ -193,3 +193,40 @@ def test_non_utf8_jsonl_and_config_are_one_line(tmp_path: Path) -> None:
         load_toml(toml)
     with pytest.raises(SaeRewardError, match="is a folder"):
         load_toml(tmp_path)
+
+
+def test_a_corrupt_model_folder_is_one_line(tmp_path: Path) -> None:
+    """A truncated model.safetensors or a folder without tokenizer files: one line naming the folder."""
+    from saereward.model.lm import load_model
+    from tiny_models import char_tokenizer, make_tiny
+
+    model, _ = make_tiny("llama")
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(SaeRewardError, match=r"cannot load the model in .*m .*incomplete or corrupt"):
+        load_model(str(tmp_path / "m"))  # no tokenizer files
+    char_tokenizer().save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(SaeRewardError, match=r"cannot load the model in .*SafetensorError"):
+        load_model(str(tmp_path / "m"))
+
+
+def test_truncated_json_and_text_files_are_one_line(tmp_path: Path) -> None:
+    from saereward.data.collect import iter_text_documents
+    from saereward.io import read_json
+
+    state = tmp_path / "state.json"
+    state.write_text('{"step": 3, "lr')
+    with pytest.raises(SaeRewardError, match=r"state.json is not valid JSON .*truncated or corrupt"):
+        read_json(state)
+    txt = tmp_path / "corpus.txt"
+    txt.write_bytes(b"fine line\n\xff\xfe\x00 garbage\n")
+    with pytest.raises(SaeRewardError, match=r"corpus.txt: not UTF-8 text"):
+        list(iter_text_documents(txt))
+
+
+def test_help_descriptions_show_one_percent_sign(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["eval-sae", "--help"])
+    out = capsys.readouterr().out
+    assert "dead %" in out and "%%" not in out

@@ -487,7 +487,7 @@ def build_parser(argv: Sequence[str] | None = None, *, every: bool = False) -> a
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS:
         h = cmd.help.replace("%", "%%")
-        sp = sub.add_parser(cmd.name, help=h, description=h)
+        sp = sub.add_parser(cmd.name, help=h, description=h.replace("%%", "%"))
         if cmd.positional:
             sp.add_argument(
                 "cfg__" + cmd.positional,

@@ -90,6 +90,19 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) ->
     atomic_write(path, _w)
 
 
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON value in ``path``; a truncated, corrupt or non-UTF-8 file is a one-line
+    :class:`SaeRewardError` naming it (a missing one stays ``FileNotFoundError``)."""
+    raw = Path(path).read_bytes()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        why = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        raise SaeRewardError(
+            f"{path} is not valid JSON ({why}): it is truncated or corrupt; rerun the stage that wrote it"
+        ) from None
+
+
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The rows of a JSONL file (blank lines skipped); a line that is not JSON is a one-line error."""
     return [row for _, row in iter_jsonl(path)]

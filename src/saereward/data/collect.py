@@ -242,6 +242,14 @@ def iter_text_documents(
     if p.suffix.lower() == ".jsonl":
         yield from _row_texts(((f"{p}:{lineno}", row) for lineno, row in iter_jsonl(p)), text_field)
         return
+    try:
+        yield from _txt_documents(p, txt_unit)
+    except UnicodeDecodeError:
+        raise SaeRewardError(f"{p}: not UTF-8 text; pass a UTF-8 .txt or .jsonl file") from None
+
+
+def _txt_documents(p: Path, txt_unit: TxtUnit) -> Iterator[str]:
+    """The lines (``txt_unit = "line"``) or blank-line-separated paragraphs of a text file."""
     with p.open(encoding="utf-8") as fh:
         if txt_unit == "line":
             for line in fh:

@@ -39,7 +39,7 @@ from typing import Any, Literal
 from saereward import __version__
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
-from saereward.io import atomic_path, read_jsonl, write_json, write_jsonl
+from saereward.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
 from saereward.model.generate import SamplingConfig, iter_generate, stop_strings_for
 from saereward.model.lm import LoadedModel, check_device, load_model, resolve_layer
 from saereward.options import DeviceOptions, ModelOptions, TaskOptions
@@ -350,7 +350,6 @@ class Rollouts:
 
 def load_rollouts(path: str | Path) -> Rollouts:
     """Read a folder written by :func:`run_rollouts`, checking that its parts agree."""
-    import json
 
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -376,5 +375,5 @@ def load_rollouts(path: str | Path) -> Rollouts:
         raise SaeRewardError(
             f"{p}: rollouts.jsonl and the tensor files disagree on the number of responses; re-run"
         )
-    summary = json.loads((p / "summary.json").read_text())
+    summary = read_json(p / "summary.json")
     return Rollouts(p, rows, pooled, tokens, tok_t.get("token_ids"), offsets, summary)

@@ -483,22 +483,44 @@ def _is_hub_id(spec: str) -> bool:
 def _from_pretrained_folder(
     path: str, dtype: DType, trust_remote_code: bool, local_only: bool
 ) -> tuple[Any, Any]:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoTokenizer
 
     kw: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": local_only}
-    config = AutoConfig.from_pretrained(path, **kw)
-    tok = AutoTokenizer.from_pretrained(path, **kw)
+    try:
+        AutoConfig.from_pretrained(path, **kw)  # a bad config.json fails here, before the weights
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+    except ValueError as exc:  # a folder without tokenizer files, a config.json that is not JSON
+        raise _corrupt_model(path, exc) from None
+    try:
+        return _load_weights(path, dtype, kw), tok
+    except SafetensorError as exc:
+        raise _corrupt_model(path, exc) from None
+
+
+def _corrupt_model(path: str, exc: Exception) -> SaeRewardError:
+    """The one-line error for a model folder that transformers cannot read."""
+    why = " ".join(str(exc).split())[:200]
+    return SaeRewardError(
+        f"cannot load the model in {path} ({type(exc).__name__}: {why}): the folder is incomplete or "
+        "corrupt; download or convert it again (a cached conversion: delete that folder and rerun)"
+    )
+
+
+def _load_weights(path: str, dtype: DType, kw: dict[str, Any]) -> Any:
+    """``AutoModelForCausalLM`` from a local folder (an image-text model's language part as fallback)."""
+    from transformers import AutoModelForCausalLM
+
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **kw)
     except ValueError as exc:
         if "Unrecognized configuration class" not in str(exc):
-            raise
+            raise _corrupt_model(path, exc) from None
         from transformers import AutoModelForImageTextToText
 
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype(dtype), **kw)
         freeze_vision_tower(model)
-    del config
-    return model, tok
+    return model
 
 
 def freeze_vision_tower(model: nn.Module) -> int:
@@ -657,7 +679,15 @@ def apply_adapter(lm: LoadedModel, path: str | os.PathLike[str]) -> None:
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(lm.model, lcfg)
-    weights = load_file(str(folder / "adapter.safetensors"))
+    from safetensors import SafetensorError
+
+    try:
+        weights = load_file(str(folder / "adapter.safetensors"))
+    except SafetensorError as exc:
+        raise SaeRewardError(
+            f"adapter {folder / 'adapter.safetensors'} is corrupt ({exc}): point --adapter at another "
+            "checkpoint, or rerun the training that wrote it"
+        ) from None
     own = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
     if set(own) != set(weights) or any(own[n].shape != weights[n].shape for n in own):
         raise SaeRewardError(f"adapter {path} does not fit {lm.spec} (LoRA tensor names or shapes differ)")

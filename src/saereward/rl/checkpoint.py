@@ -17,7 +17,7 @@ from torch import Tensor
 from saereward import __version__
 from saereward.config import to_dict
 from saereward.errors import SaeRewardError
-from saereward.io import write_json
+from saereward.io import read_json, write_json
 from saereward.rl.config import GRPOConfig
 
 
@@ -119,7 +119,7 @@ def snapshots(run: str | Path) -> list[tuple[int, Path]]:
 def load_optimizer(folder: Path, opt: torch.optim.Optimizer) -> int:
     from safetensors.torch import load_file
 
-    st = json.loads((folder / "state.json").read_text())
+    st = read_json(folder / "state.json")
     tensors = load_file(str(folder / "optimizer.safetensors"))
     state: dict[int, dict[str, Any]] = {}
     for name, t in tensors.items():

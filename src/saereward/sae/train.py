@@ -74,7 +74,7 @@ from torch import Tensor
 
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
-from saereward.io import atomic_path, read_jsonl, write_json
+from saereward.io import atomic_path, read_json, read_jsonl, write_json
 from saereward.metrics import MetricSinks, ReportTo
 from saereward.sae import kernels
 from saereward.sae.coder import ForwardOutput, SAEConfig, TopKSAE, geometric_median, unit_mean_norm_scale
@@ -626,7 +626,7 @@ class SAETrainer:
 
         folder = Path(folder)
         try:
-            meta = json.loads((folder / "trainer.json").read_text(encoding="utf-8"))
+            meta = read_json(folder / "trainer.json")
             weights = load_file(str(folder / "sae.safetensors"))
             tensors = load_file(str(folder / "trainer.safetensors"))
         except (OSError, ValueError, SafetensorError) as exc:
@@ -685,7 +685,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     pointer = Path(run_dir) / "checkpoints" / "latest.json"
     if not pointer.is_file():
         return None
-    folder = pointer.parent / json.loads(pointer.read_text(encoding="utf-8"))["path"]
+    folder = pointer.parent / read_json(pointer)["path"]
     return folder if folder.is_dir() else None
 
 
