@@ -2,7 +2,8 @@
 
 Every failure a user can cause (a bad path, an unknown task, an out-of-range layer) is raised as
 :class:`SaeRewardError` with a one-line message that names the problem *and* the fix. The CLI prints
-that line and exits with status 2, without a traceback. Anything else is a bug and keeps its traceback.
+that line and exits with status 2, without a traceback. The CLI shows any other exception in one line
+too (exit status 1; ``SAEREWARD_TRACEBACK=1`` shows its traceback), since it may be a bug.
 """
 
 from __future__ import annotations
