@@ -230,3 +230,27 @@ def test_help_descriptions_show_one_percent_sign(capsys: pytest.CaptureFixture[s
         main(["eval-sae", "--help"])
     out = capsys.readouterr().out
     assert "dead %" in out and "%%" not in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["serve-reward", "--pack", "p.json", "--port", "99999"], "port must be in 0-65535"),
+        (["layers", "--top", "-3"], "top must be >= 1"),
+        (["eval-sae", "--max-length", "0"], "max_length must be >= 2"),
+        (["train-rl", "--temperature", "0"], "temperature > 0"),
+        (["train-rl", "--lora-r", "0"], "lora_r must be >= 1"),
+        (["eval", "--sample", "--top-p", "2"], "top_p <= 1"),
+        (["rollouts", "--top-p", "0"], "top_p <= 1"),
+        (["probe", "--out", "pack.json"], "pass --out NAME.safetensors"),
+        (["reasonscore", "--words", "so"], "at least 2 distinct reasoning words"),
+        (["token-view", "run", "--max-rollouts", "0"], "max_rollouts must be >= 1"),
+        (["tasks", "--set", "foo=1"], "this command takes no settings"),
+    ],
+)
+def test_options_out_of_range_are_refused_before_any_work(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and said in err and err.count("\n") == 1

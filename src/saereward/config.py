@@ -117,7 +117,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise SaeRewardError(
-            f"unknown config key {prefix + unknown[0]!r}: valid keys are {', '.join(prefix + k for k in fields)}"
+            f"unknown config key {prefix + unknown[0]!r}: valid keys are "
+            f"{', '.join(prefix + k for k in fields) or '(none: this command takes no settings)'}"
         )
     kwargs = {k: _coerce(prefix + k, hints[k], v) for k, v in data.items()}
     from saereward.model.lm import (  # lazy: lm imports torch; config must not (CLI --help)

@@ -147,6 +147,8 @@ class LayersConfig:
 
     def __post_init__(self) -> None:
         check_device(self.device)
+        if self.top < 1 or self.lens_n < 0:
+            raise ValueError(f"top must be >= 1 and lens_n >= 0, got top={self.top}, lens_n={self.lens_n}")
 
 
 def run_layers(cfg: LayersConfig) -> dict[str, Any]:

@@ -82,6 +82,8 @@ class EvalSAEStageConfig:
 
     def __post_init__(self) -> None:
         check_device(self.device)
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (a CE needs a next token), got {self.max_length}")
 
 
 def _store_layer(folder: str, layer: int | None) -> int:
