@@ -254,3 +254,14 @@ def test_options_out_of_range_are_refused_before_any_work(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and said in err and err.count("\n") == 1
+
+
+def test_an_unwritable_model_cache_fails_before_the_conversion(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    monkeypatch.setenv("SAEREWARD_CACHE", str(blocker / "cache"))
+    assert main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and "set SAEREWARD_CACHE to a writable folder" in err

@@ -29,27 +29,25 @@ def _file_mode() -> int:
 _MODE = _file_mode()
 
 
-def check_writable(path: str | os.PathLike[str]) -> None:
+def check_writable(path: str | os.PathLike[str], fix: str = "pass another --out") -> None:
     """Raise a one-line :class:`SaeRewardError` now when nothing can be written at ``path`` (a file or
     folder a command will create or replace), so the command fails before its work, not after it.
 
     The nearest existing folder at or above ``path`` must accept a new file: a probe file is created
-    there and removed again. Nothing else is created.
+    there and removed again. Nothing else is created. ``fix`` ends the message.
     """
     p = Path(path)
     d = p if p.is_dir() else p.parent
     while not d.exists() and d != d.parent:
         d = d.parent
     if not d.is_dir():
-        raise SaeRewardError(f"cannot write {p}: {d} is a file, not a folder; pass another --out")
+        raise SaeRewardError(f"cannot write {p}: {d} is a file, not a folder; {fix}")
     try:
         fd, probe = tempfile.mkstemp(prefix=".saereward-write-check.", dir=d)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise SaeRewardError(
-            f"cannot write {p}: {exc.strerror or exc} in {d}; pass an --out on a writable disk"
-        ) from None
+        raise SaeRewardError(f"cannot write {p}: {exc.strerror or exc} in {d}; {fix}") from None
 
 
 @contextmanager

@@ -29,6 +29,7 @@ from saereward import __version__
 from saereward.analysis.evalsuite import EvalSuiteConfig, run_eval_suite
 from saereward.analysis.hacking import CanaryConfig, MonitorConfig, run_canaries, run_monitor
 from saereward.config import option, to_dict
+from saereward.features.pack import load_pack
 from saereward.io import write_json
 from saereward.model.lm import adapter_dir, check_device
 from saereward.options import DeviceOptions, ModelOptions
@@ -112,6 +113,7 @@ def decide(
 
 def run_gate_g3(cfg: GateG3Config) -> dict[str, Any]:
     adapter_dir(cfg.adapter)
+    load_pack(cfg.pack)  # a missing or broken pack fails now, not after the evaluation suite
     out = Path(cfg.out)
     common: dict[str, Any] = {
         "model": cfg.model,

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from saereward.errors import SaeRewardError
 from saereward.hub import HF_SCHEME, hub_offline, hub_reachable, resolve_source
+from saereward.io import check_writable
 from saereward.threads import warm_vector_math
 
 if TYPE_CHECKING:
@@ -324,6 +325,7 @@ def convert_embedded(key: str, *, force: bool = False) -> Path:
     if (target / "saereward_source.json").is_file() and not force:
         return target
     gguf = embedded_gguf_path(key)
+    check_writable(target, fix="the model cache must be writable: set SAEREWARD_CACHE to a writable folder")
     log.info("converting embedded model %s from %s (one time, ~15 s)", key, gguf)
     t0 = time.perf_counter()
     model, tok = _load_gguf(gguf, "fp32")
