@@ -265,3 +265,23 @@ def test_an_unwritable_model_cache_fails_before_the_conversion(
     assert main(["info"]) == 2
     err = capsys.readouterr().err
     assert "is a file, not a folder" in err and "set SAEREWARD_CACHE to a writable folder" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["monitor", "--min-rho", "2"], "min_rho must be in [-1, 1]"),
+        (["gate-g3", "--target-accuracy", "1.5"], "target_accuracy is a fraction"),
+        (["gate-g3", "--alpha", "0"], "alpha in (0, 1)"),
+        (["gate-g2", "--min-seeds", "0"], "min_seeds must be >= 1"),
+        (["gate-g2", "--rewards", "outcome", "outcome"], "repeat a reward"),
+        (["serve-reward", "--pack", "p.json", "--lam", "-1"], "lam must be >= 0"),
+        (["eval-sae", "--eval-tokens", "-1"], "must be >= 0"),
+    ],
+)
+def test_gate_and_monitor_thresholds_out_of_range_are_refused(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert said in err and err.count("\n") == 1

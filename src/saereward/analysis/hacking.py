@@ -209,6 +209,10 @@ class MonitorConfig(DeviceOptions, ModelOptions):
         check_device(self.device)
         if self.n < 2 or self.samples < 1:
             raise ValueError("n must be >= 2 and samples >= 1")
+        if not -1 <= self.min_rho <= 1 or self.n_boot < 100:
+            raise ValueError(
+                f"min_rho must be in [-1, 1] and n_boot >= 100, got {self.min_rho}, {self.n_boot}"
+            )
 
 
 def goodhart_verdict(before: dict[str, Any], after: dict[str, Any], min_rho: float) -> dict[str, Any]:

@@ -110,6 +110,10 @@ class GateG2Config:
             raise ValueError(f"seeds {list(self.seeds)} repeat a seed: name each once")
         if self.n_boot < 1:
             raise ValueError(f"n_boot must be >= 1, got {self.n_boot}")
+        if len(set(self.rewards)) != len(self.rewards):
+            raise ValueError(f"rewards {list(self.rewards)} repeat a reward: name each once")
+        if self.min_seeds < 1:
+            raise ValueError(f"min_seeds must be >= 1, got {self.min_seeds}")
 
 
 def rule_text(cfg: GateG2Config) -> str:

@@ -65,6 +65,10 @@ class GateG3Config(DeviceOptions, ModelOptions):
 
     def __post_init__(self) -> None:
         check_device(self.device)
+        if self.target_accuracy is not None and not 0 <= self.target_accuracy <= 1:
+            raise ValueError(f"target_accuracy is a fraction in [0, 1], got {self.target_accuracy}")
+        if not 0 <= self.max_hack_rate <= 1 or not 0 < self.alpha < 1 or not -1 <= self.min_rho <= 1:
+            raise ValueError("max_hack_rate must be in [0, 1], alpha in (0, 1) and min_rho in [-1, 1]")
 
 
 def decide(

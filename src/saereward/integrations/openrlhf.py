@@ -60,6 +60,8 @@ class ServeRewardConfig(PackOptions):
             raise ValueError("pack is required: `saereward serve-reward --pack pack.json`")
         if self.max_body < 1 or self.max_batch < 1:
             raise ValueError("max_body and max_batch must be >= 1")
+        if self.lam < 0:
+            raise ValueError(f"lam must be >= 0, got {self.lam}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0-65535 (0: any free port), got {self.port}")
 

@@ -82,6 +82,8 @@ class EvalSAEStageConfig:
 
     def __post_init__(self) -> None:
         check_device(self.device)
+        if self.eval_tokens < 0 or self.ce_n < 0 or self.ce_max_docs < 0:
+            raise ValueError("eval_tokens, ce_n and ce_max_docs must be >= 0")
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2 (a CE needs a next token), got {self.max_length}")
 
