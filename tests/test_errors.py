@@ -285,3 +285,8 @@ def test_gate_and_monitor_thresholds_out_of_range_are_refused(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert said in err and err.count("\n") == 1
+
+
+def test_a_fraction_for_a_whole_number_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "--set", "n=1.5"]) == 2
+    assert "n=1.5 is not a whole number" in capsys.readouterr().err

@@ -83,6 +83,8 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
     if tp in (int, float):
         if isinstance(value, bool):
             raise SaeRewardError(f"{name}={value!r} must be a number")
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise SaeRewardError(f"{name}={value!r} is not a whole number: pass an integer")
         try:
             return tp(value) if tp is float else int(str(value), 0) if isinstance(value, str) else int(value)
         except (TypeError, ValueError):
