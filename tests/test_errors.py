@@ -290,3 +290,13 @@ def test_gate_and_monitor_thresholds_out_of_range_are_refused(
 def test_a_fraction_for_a_whole_number_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["eval", "--set", "n=1.5"]) == 2
     assert "n=1.5 is not a whole number" in capsys.readouterr().err
+
+
+def test_a_missing_math500_dump_is_an_error_not_a_skip(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(["eval-suite", "--math500-path", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")])
+        == 2
+    )
+    assert "none.jsonl is not a file" in capsys.readouterr().err

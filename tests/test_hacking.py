@@ -422,8 +422,11 @@ def test_gate_g3_end_to_end_on_the_embedded_model(
     assert json.loads((tmp_path / "g3" / "gate_g3.json").read_text())["checks"] == res["checks"]
 
 
-def test_eval_suite_model_errors_are_not_read_as_missing_math500_data(tmp_path: Path) -> None:
-    """MATH-500 is skipped when its data is missing (offline, no path); a model that fails to load while
+def test_eval_suite_model_errors_are_not_read_as_missing_math500_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MATH-500 is skipped when its data is missing (offline, no path; a path that is not a file is an
+    error); a model that fails to load while
     MATH-500 is the first benchmark to run is an error, not a skipped benchmark."""
     from saereward.analysis.evalsuite import EvalSuiteConfig, run_eval_suite
 
@@ -435,7 +438,10 @@ def test_eval_suite_model_errors_are_not_read_as_missing_math500_data(tmp_path: 
                           math500_n=2, out=str(tmp_path / "suite"), progress=False)  # fmt: skip
     with pytest.raises(SaeRewardError, match="does not exist"):
         run_eval_suite(cfg)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no path and no hub: the data is missing
     missing = EvalSuiteConfig(model=str(tmp_path / "no-model"), benches=("math500",),
-                              math500_path=str(tmp_path / "none.jsonl"), out=str(tmp_path / "s2"), progress=False)  # fmt: skip
-    res = run_eval_suite(missing)  # the data is missing first: skipped, the model is never loaded
+                              math500_path=None, out=str(tmp_path / "s2"), progress=False)  # fmt: skip
+    res = run_eval_suite(missing)  # offline, no path: skipped, the model is never loaded
     assert "skipped" in res["table"]["math500"]["base"]
+    with pytest.raises(ValueError, match="none.jsonl is not a file"):  # a path given is an input: no skip
+        EvalSuiteConfig(benches=("math500",), math500_path=str(tmp_path / "none.jsonl"))

@@ -72,6 +72,8 @@ class EvalSuiteConfig(DeviceOptions, ModelOptions):
             raise ValueError(f"unknown benchmark {bad[0]!r}: use {', '.join(BENCHES)}")
         if min(self.task_n, self.mmlu_n, self.math500_n) < 1:
             raise ValueError("item counts must be >= 1")
+        if self.math500_path and "math500" in self.benches and not Path(self.math500_path).is_file():
+            raise ValueError(f"math500_path {self.math500_path} is not a file: pass a MATH-500 JSONL dump")
 
 
 def bench_configs(cfg: EvalSuiteConfig, policy: str, adapter: str | None) -> dict[str, Any]:
