@@ -438,7 +438,12 @@ def test_eval_suite_model_errors_are_not_read_as_missing_math500_data(
                           math500_n=2, out=str(tmp_path / "suite"), progress=False)  # fmt: skip
     with pytest.raises(SaeRewardError, match="does not exist"):
         run_eval_suite(cfg)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no path and no hub: the data is missing
+    from saereward.tasks import math500
+
+    def offline(*a: object, **k: object) -> None:  # what load_hf_rows raises offline (the real one is
+        raise SaeRewardError("MATH-500 has no offline copy")  # exercised by the gate-g3 test above)
+
+    monkeypatch.setattr(math500, "load_hf_rows", offline)  # no path and no hub: the data is missing
     missing = EvalSuiteConfig(model=str(tmp_path / "no-model"), benches=("math500",),
                               math500_path=None, out=str(tmp_path / "s2"), progress=False)  # fmt: skip
     res = run_eval_suite(missing)  # offline, no path: skipped, the model is never loaded
