@@ -288,3 +288,17 @@ def test_a_missing_math500_dump_is_an_error_not_a_skip(
         == 2
     )
     assert "none.jsonl is not a file" in capsys.readouterr().err
+
+
+def test_a_garbage_pt_is_called_corrupt_and_a_bad_host_names_the_host(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    garbage = tmp_path / "g.pt"
+    garbage.write_bytes(b"garbage\n")
+    assert main(["eval-sae", "--sae", str(garbage)]) == 2
+    assert "not a valid .pt file (truncated or corrupt)" in capsys.readouterr().err
+    pack = tmp_path / "p.json"
+    pack.write_text("{}")
+    assert main(["serve-reward", "--pack", str(pack), "--host", "999.1.1.1"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on 999.1.1.1" in err and "check --host" in err

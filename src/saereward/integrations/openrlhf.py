@@ -176,12 +176,19 @@ def build_rewarder(cfg: ServeRewardConfig) -> SequenceRewarder:
     return SequenceRewarder(lm, PackScorer(sae, pack, d_model=lm.d_model), int(layer), cfg.lam)
 
 
+def _listen_fix(exc: OSError) -> str:
+    """The fix for a failed listen: another port when the address is taken, else the host."""
+    if isinstance(exc, PermissionError) or getattr(exc, "errno", None) == 98:  # EADDRINUSE
+        return "pass another --port"
+    return "check --host (an address of this machine, e.g. 127.0.0.1) and --port"
+
+
 def make_server(cfg: ServeRewardConfig, rewarder: SequenceRewarder) -> HTTPServer:
     try:
         return HTTPServer((cfg.host, cfg.port), make_handler(rewarder, cfg.max_body, cfg.max_batch))
     except OSError as exc:
         raise SaeRewardError(
-            f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror}): pass another --port"
+            f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror or exc}): {_listen_fix(exc)}"
         ) from None
 
 
@@ -191,7 +198,7 @@ def run_serve_reward(cfg: ServeRewardConfig) -> None:
         socket.create_server((cfg.host, cfg.port)).close()
     except OSError as exc:
         raise SaeRewardError(
-            f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror}): pass another --port"
+            f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror or exc}): {_listen_fix(exc)}"
         ) from None
     server = make_server(cfg, build_rewarder(cfg))
     host, port = server.server_address[:2]

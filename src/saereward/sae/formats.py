@@ -698,12 +698,24 @@ def _mechreward_sidecar(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+#: what the weights-only unpickler says of bytes that are not a pickle (anything else it refuses is an
+#: object that unpickling would construct: reported as such)
+_CORRUPT_PICKLE = (
+    "Unsupported operand",
+    "invalid load key",
+    "could not find MARK",
+    "pickle data was truncated",
+)
+
+
 def _load_mechreward_pt(path: Path, device: str | torch.device, dtype: torch.dtype) -> TopKSAE:
     try:
         # weights_only=True: the unpickler accepts tensors and plain containers only, so a checkpoint
         # that would construct arbitrary objects (and run code doing so) is refused before anything runs.
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if any(m in str(exc) for m in _CORRUPT_PICKLE):  # bytes that are no pickle at all: refused too
+            raise SaeRewardError(f"cannot read {path}: not a valid .pt file (truncated or corrupt)") from exc
         raise SaeRewardError(
             f"refusing to load {path}: it holds Python objects other than tensors and plain values, and "
             "unpickling them could run code; re-save it as a dict of tensors and numbers"
