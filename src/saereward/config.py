@@ -174,6 +174,12 @@ def refuse_other_settings(
         )
 
 
+def check_sampling(temperature: float, top_p: float) -> None:
+    """Raise ``ValueError`` unless ``temperature > 0`` and ``0 < top_p <= 1``: what sampling needs."""
+    if not (temperature > 0 and 0 < top_p <= 1):
+        raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from saereward import __version__
-from saereward.config import option, to_dict
+from saereward.config import check_sampling, option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import read_jsonl, write_json, write_jsonl
 from saereward.model.generate import SamplingConfig, iter_generate, stop_strings_for
@@ -65,8 +65,8 @@ class EvalConfig(TaskOptions, DeviceOptions, ModelOptions):
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
-            raise ValueError("--sample needs temperature > 0 and 0 < top_p <= 1")
+        if self.sample:
+            check_sampling(self.temperature, self.top_p)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.shots < 0:

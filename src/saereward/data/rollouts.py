@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from saereward import __version__
-from saereward.config import option, to_dict
+from saereward.config import check_sampling, option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
 from saereward.model.generate import SamplingConfig, iter_generate, stop_strings_for
@@ -92,8 +92,8 @@ class RolloutsConfig(TaskOptions, DeviceOptions, ModelOptions):
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("batch_size and max_new_tokens must be >= 1")
-        if "sample" in self.decoding and not (self.temperature > 0 and 0 < self.top_p <= 1):
-            raise ValueError("sampling needs temperature > 0 and 0 < top_p <= 1")
+        if "sample" in self.decoding:
+            check_sampling(self.temperature, self.top_p)
 
 
 def split_questions(qids: list[str], validation_fraction: float, seed: int) -> dict[str, list[str]]:

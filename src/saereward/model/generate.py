@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from saereward.config import check_sampling
 from saereward.model import fastdecode
 from saereward.model.capture import ResidualCapture, position_ids_from_mask
 from saereward.model.lm import LoadedModel
@@ -84,8 +85,8 @@ class SamplingConfig:
             raise ValueError(f"sampler must be 'hf' or 'topk', got {self.sampler!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
-            raise ValueError("sampling needs temperature > 0 and 0 < top_p <= 1")
+        if self.do_sample:
+            check_sampling(self.temperature, self.top_p)
 
 
 @dataclass

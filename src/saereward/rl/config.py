@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from saereward.config import option
+from saereward.config import check_sampling, option
 from saereward.metrics import ReportTo
 from saereward.model.lm import DType, check_device
 from saereward.options import DeviceOptions, ModelOptions, TaskOptions
@@ -200,8 +200,7 @@ class GRPOConfig(TaskOptions, DeviceOptions, ModelOptions):
             raise ValueError(f"snapshot_every must be >= 0, got {self.snapshot_every}")
         if self.lr <= 0 or self.beta < 0 or self.lam < 0 or self.lam_end < 0:
             raise ValueError("lr must be > 0, beta, lam and lam_end >= 0")
-        if not (self.temperature > 0 and 0 < self.top_p <= 1):
-            raise ValueError("sampling needs temperature > 0 and 0 < top_p <= 1")
+        check_sampling(self.temperature, self.top_p)
         if self.lora_r < 1:
             raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
         if self.reward_form not in REWARD_FORMS:
