@@ -8,6 +8,7 @@ generated with residual capture, and text files cut into chunks and forwarded.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -381,6 +382,19 @@ def test_missing_text_file(tmp_path: Path) -> None:
         run_collect(config(tmp_path / "out", task=None, text_paths=(str(tmp_path / "nope.txt"),)), tiny_lm())
 
 
+def test_text_that_yields_no_tokens_is_an_error(tmp_path: Path) -> None:
+    """An empty text file is refused before the model runs; text with no document in it (blank
+    lines) ends in an error, not a finished folder of 0 tokens that train-sae would reject later."""
+    empty, blank = tmp_path / "empty.txt", tmp_path / "blank.txt"
+    empty.write_text("")
+    blank.write_text("\n\n   \n\n")
+    with pytest.raises(SaeRewardError, match="empty.txt is empty"):
+        run_collect(config(tmp_path / "a", task=None, text_paths=(str(empty),)), tiny_lm())
+    with pytest.raises(SaeRewardError, match="collected no tokens"):
+        run_collect(config(tmp_path / "b", task=None, text_paths=(str(blank),)), tiny_lm())
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["complete"] is False
+
+
 # --------------------------------------------------------------------------------------------------
 # Reader
 # --------------------------------------------------------------------------------------------------
@@ -557,3 +571,37 @@ def test_nan_rows_in_a_shard_are_named_when_read(tmp_path: Path, reference: Path
     with pytest.raises(SaeRewardError, match=rf"{path.name} has NaN/inf in layer_1 at 3 rows \(3..5\)"):
         store.read()
     assert ActivationStore(out, 3, "all").read().isfinite().all()  # the other layer is untouched
+
+
+def test_train_sae_resumes_only_on_the_data_it_started_on(tmp_path: Path) -> None:
+    """A train-sae run resumes only into its settings and onto its activations: another collect folder
+    (or the same path re-collected) is refused, and a refused resume rewrites nothing."""
+    from saereward.sae.stages import TrainSAEStageConfig, run_train_sae
+    from saereward.sae.train import SAETrainConfig
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_collect(config(a, seed=0), tiny_lm())
+    run_collect(config(b, seed=1), tiny_lm())
+    out = tmp_path / "sae"
+    train = SAETrainConfig(
+        d_sae=64,
+        k=4,
+        batch_size=16,
+        total_tokens=64,
+        warmup_steps=1,
+        init_tokens=32,
+        checkpoint_every=2,
+        progress=False,
+    )
+
+    def stage(acts: Path, **kw: Any) -> TrainSAEStageConfig:
+        return TrainSAEStageConfig(activations=str(acts), layer=3, out=str(out), eval_tokens=0, **kw)
+
+    run_train_sae(stage(a, train=train))
+    before = (out / "config.json").read_text()
+    with pytest.raises(SaeRewardError, match=r"trained on other data \(differs in: activations\)"):
+        run_train_sae(stage(b, train=train))
+    with pytest.raises(SaeRewardError, match=r"other settings \(k 4 -> 8\)"):
+        run_train_sae(stage(a, train=dataclasses.replace(train, k=8)))
+    assert (out / "config.json").read_text() == before
+    run_train_sae(stage(a, train=train))  # the same data and settings resume

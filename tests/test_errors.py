@@ -254,6 +254,18 @@ def test_help_descriptions_show_one_percent_sign(capsys: pytest.CaptureFixture[s
         (["gate-g2", "--rewards", "outcome", "outcome"], "repeat a reward"),
         (["serve-reward", "--pack", "p.json", "--lam", "-1"], "lam must be >= 0"),
         (["eval-sae", "--eval-tokens", "-1"], "must be >= 0"),
+        (["gate-g2", "--rl-out", "x"], "rl.out would be ignored: gate-g2 sets each run's"),
+        (["gate-g2", "--rl-seed", "3"], "rl.seed would be ignored"),
+        (["train-rl", "--pack", "p.json"], "--pack would be ignored: --reward outcome does not read it"),
+        (["token-view", "a", "--run-dir", "b"], "RUN_DIR a and --run-dir b are both given: pass one"),
+        (
+            ["train-rl", "--dual-verifier", "p.safetensors"],
+            "--dual-verifier would be ignored: --reward outcome",
+        ),
+        (
+            ["train-rl", "--reward", "sae", "--pack", "p.json", "--direction-rollouts", "r"],
+            "--direction-rollouts would",
+        ),
     ],
 )
 def test_options_out_of_range_are_refused_before_any_work(
@@ -302,3 +314,244 @@ def test_a_garbage_pt_is_called_corrupt_and_a_bad_host_names_the_host(
     assert main(["serve-reward", "--pack", str(pack), "--host", "999.1.1.1"]) == 2
     err = capsys.readouterr().err
     assert "cannot listen on 999.1.1.1" in err and "check --host" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [
+        (["train-rl", "--reward", "foo"], ["--reward: invalid choice: 'foo'", "saereward train-rl --help"]),
+        (["train-rl", "--bogus"], ["unrecognized arguments: --bogus", "saereward train-rl --help"]),
+        (["nope"], ["invalid choice: 'nope'", "saereward --help"]),
+    ],
+)
+def test_a_parse_error_is_one_line(
+    argv: list[str], names: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """argparse's errors come without the usage block (fifty flags for train-rl): the problem and
+    the command whose --help lists the flags, exit 2."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "usage:" not in err
+    assert all(n in err for n in names), err
+
+
+def test_a_layer_the_rollouts_lack_names_why(tmp_path: Path) -> None:
+    """A layer past the model's last is out of range (re-running rollouts for it cannot help); a
+    layer in range the rollouts did not keep names the rollouts command that keeps it."""
+    import torch
+
+    from saereward.data.rollouts import Rollouts
+
+    ro = Rollouts(tmp_path, [], {}, {3: torch.zeros(2, 4)}, None, torch.tensor([0, 2]), {"num_layers": 30})
+    assert ro.layer_tokens(3).shape == (2, 4)
+    with pytest.raises(SaeRewardError, match=r"--layer 99 is out of range: .* has 30 layers \(0-29\)"):
+        ro.layer_tokens(99, "--layer")
+    with pytest.raises(
+        SaeRewardError, match=r"layers \[3\], not layer 5: re-run `saereward rollouts --token-layers 5`"
+    ):
+        ro.response_tokens(5, 0)
+
+
+def test_a_prompt_past_the_context_is_refused() -> None:
+    """Prompt plus new tokens past ``max_position_embeddings`` (e.g. ``eval --shots 1000``) is refused
+    before the prefill, naming the options that shorten it."""
+    from types import SimpleNamespace
+
+    from saereward.model.generate import check_context
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=8192))
+    check_context(model, 8000, 192)  # exactly the context
+    with pytest.raises(SaeRewardError, match=r"41449 tokens .* context of 8192 tokens; use fewer --shots"):
+        check_context(model, 41449, 4)
+
+
+def test_an_atomic_write_error_names_the_target_not_the_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only folder or a full disk while writing is reported on the file asked for (the
+    temporary ``.x.json.abc.tmp`` beside it is an implementation detail), and no temp file is left."""
+    import errno
+    import tempfile
+
+    from saereward.io import atomic_path, write_json
+
+    target = tmp_path / "x.json"
+
+    def read_only(*a: Any, **k: Any) -> Any:
+        raise OSError(errno.EACCES, "Permission denied", str(tmp_path / ".x.json.abc.tmp"))
+
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "mkstemp", read_only)
+        with pytest.raises(OSError) as exc:
+            write_json(target, {})
+    assert exc.value.filename == str(target) and exc.value.errno == errno.EACCES
+    with pytest.raises(OSError) as exc, atomic_path(target) as tmp:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    assert exc.value.filename == str(target) and list(tmp_path.iterdir()) == []
+    with pytest.raises(OSError) as exc, atomic_path(target):
+        raise OSError(errno.ENOENT, "No such file", "/elsewhere")  # another file's error is left as is
+    assert exc.value.filename == "/elsewhere"
+
+
+@pytest.mark.parametrize(
+    "text", ["[]", '{"rollouts": 5}', '{"sae": {"config": {}}, "discover": [1]}', "{trunc"]
+)
+def test_a_stage_record_saereward_did_not_write_is_refused(tmp_path: Path, text: str) -> None:
+    """``stages.json`` that is not an object of records (was: a list silently dropped every record
+    on the next write; a non-object record an AttributeError)."""
+    from saereward.pipeline import _records
+
+    path = tmp_path / "stages.json"
+    path.write_text(text)
+    with pytest.raises(SaeRewardError, match="is not a stage record saereward wrote: delete it"):
+        _records(path)
+    assert path.read_text() == text
+
+
+def test_an_edited_collect_folder_is_refused_before_the_model_loads(tmp_path: Path) -> None:
+    """A manifest or config that is not what collect writes (a list, a shard without its file) is one
+    line naming the folder, not a KeyError after the model loaded."""
+    from saereward.data.collect import CollectConfig, run_collect
+
+    out = tmp_path / "acts"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    for manifest in ("[]", '{"shards": [{"n_tokens": 3}]}'):
+        (out / "manifest.json").write_text(manifest)
+        with pytest.raises(SaeRewardError, match="is not what collect writes"):
+            run_collect(CollectConfig(out=str(out), model="no-such-model-is-loaded"))
+
+
+def test_a_damaged_rl_checkpoint_is_one_line(tmp_path: Path) -> None:
+    """A truncated adapter or config in a train-rl checkpoint names the checkpoint and the fix."""
+    import json
+
+    from saereward.rl.checkpoint import restore_checkpoint
+    from saereward.rl.config import GRPOConfig
+
+    cfg = GRPOConfig(out=str(tmp_path))
+    ck = tmp_path / "checkpoint"
+    ck.mkdir()
+    (ck / "state.json").write_text(json.dumps({"step": 1}))
+    (ck / "config.json").write_text(json.dumps({}))
+    (ck / "adapter.safetensors").write_bytes(b"\x10\x00\x00")
+    with pytest.raises(SaeRewardError, match=r"checkpoint .* is unreadable .*--no-resume starts over"):
+        restore_checkpoint(tmp_path, cfg, {}, None)  # type: ignore[arg-type]
+    (ck / "config.json").write_text('{"lr": 0.1, "lo')
+    with pytest.raises(SaeRewardError, match=r"config.json is not valid JSON"):
+        restore_checkpoint(tmp_path, cfg, {}, None)  # type: ignore[arg-type]
+
+
+def test_an_edited_rollout_folder_is_one_line_on_load(tmp_path: Path) -> None:
+    """Rows without their fields, offsets past the token rows or a missing ``token_ids`` are refused
+    by ``load_rollouts`` (they loaded, then failed in discover as KeyError / index_add_)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from saereward.data.rollouts import load_rollouts
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "summary.json").write_text("{}")
+    save_file({"layer_0": torch.zeros(2, 4)}, str(ro / "pooled.safetensors"))
+
+    def write(rows: list[Any], offsets: list[int], n_ids: int | None) -> None:
+        (ro / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        t = {"layer_0": torch.zeros(offsets[-1], 4), "offsets": torch.tensor(offsets)}
+        if n_ids is not None:
+            t["token_ids"] = torch.zeros(n_ids, dtype=torch.long)
+        save_file(t, str(ro / "tokens.safetensors"))
+
+    good = [{"qid": "a", "split": "discovery", "correct": True}] * 2
+    write(good, [0, 2, 5], 5)
+    assert load_rollouts(ro).offsets[-1] == 5
+    write([good[0], {"qid": "b", "split": "discovery"}], [0, 2, 5], 5)
+    with pytest.raises(SaeRewardError, match="response 2 lacks qid, split, correct"):
+        load_rollouts(ro)
+    for offsets, n_ids in (([0, 2, 5], 4), ([0, 2, 5], None), ([0, 3, 2], 2)):
+        write(good, offsets, n_ids)
+        with pytest.raises(SaeRewardError, match="offsets, token ids and per-token residuals disagree"):
+            load_rollouts(ro)
+
+
+def test_an_adapter_of_another_model_is_refused_before_any_work(tmp_path: Path) -> None:
+    """canaries, eval-suite, monitor and G3 check the run's recorded model first (they evaluated the
+    base model, minutes of work, before the trained policy's load refused it)."""
+    import json
+
+    from saereward.model.lm import check_adapter
+
+    ck = tmp_path / "run" / "checkpoint"
+    ck.mkdir(parents=True)
+    (ck / "adapter.safetensors").write_bytes(b"")
+    (ck / "config.json").write_text(json.dumps({"model": "embedded:smollm2-135m-instruct"}))
+    assert check_adapter(tmp_path / "run", "embedded:smollm2-135m-instruct") == ck
+    with pytest.raises(
+        SaeRewardError, match="was trained on embedded:smollm2-135m-instruct, not other: pass --model"
+    ):
+        check_adapter(tmp_path / "run", "other")
+    with pytest.raises(SaeRewardError, match="no LoRA adapter in"):
+        check_adapter(tmp_path, "other")
+    assert (
+        main(
+            ["canaries", "--adapter", str(tmp_path / "run"), "--model", "other", "--out", str(tmp_path / "c")]
+        )
+        == 2
+    )
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_report_of_a_folder_with_no_stage_output_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``report`` on an empty folder, a rollout folder or g2/ wrote an empty report and exited 0."""
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "rollouts.jsonl").write_text("")
+    assert main(["report", str(tmp_path / "ro")]) == 2
+    assert "holds no stage output (rollouts/summary.json" in capsys.readouterr().err
+    assert not (tmp_path / "ro" / "report.html").exists()
+
+
+def test_a_cached_evaluation_is_reused_only_for_the_same_adapter_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """eval-suite and canaries cache evaluations by settings; a run trained again into the same
+    folder has the same adapter path but other weights, so its cached evaluation is not reused."""
+    import json
+
+    import saereward.analysis.evaluate as ev
+    from saereward.config import to_dict
+    from saereward.io import file_sha256
+
+    ck = tmp_path / "run" / "checkpoint"
+    ck.mkdir(parents=True)
+    (ck / "adapter.safetensors").write_bytes(b"weights one")
+    (ck / "config.json").write_text("{}")
+    cfg = ev.EvalConfig(adapter=str(tmp_path / "run"), out=str(tmp_path / "ev"))
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "items.jsonl").write_text('{"correct": true}\n')
+    (tmp_path / "ev" / "config.json").write_text(json.dumps(to_dict(cfg)))
+    summary = {"adapter_sha256": file_sha256(ck / "adapter.safetensors")}
+    (tmp_path / "ev" / "summary.json").write_text(json.dumps(summary))
+    ran: list[int] = []
+    monkeypatch.setattr(
+        ev, "run_eval", lambda c, lm=None: ran.append(1) or ev.EvalResult(summary={}, rows=[])
+    )
+    assert ev.run_eval_cached(cfg) == [{"correct": True}] and ran == []
+    (ck / "adapter.safetensors").write_bytes(b"weights two")
+    assert ev.run_eval_cached(cfg) == [] and ran == [1]
+
+
+def test_a_data_parallel_rank_ends_with_its_status_and_output(tmp_path: Path) -> None:
+    """``exit_rank`` (how the saereward command ends a torchrun / accelerate rank): the exit status
+    and everything printed survive skipping the interpreter's teardown."""
+    import subprocess
+    import sys
+
+    code = "from saereward.cli import exit_rank\nprint('done', flush=False)\nexit_rank(3)\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3 and proc.stdout == "done\n"

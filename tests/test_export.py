@@ -79,5 +79,8 @@ def test_a_mechreward_export_never_overwrites_its_pt_or_sidecar(
     assert (tmp_path / "keep.json").read_text() == '{"mine": true}' and not (tmp_path / "keep.pt").exists()
     assert main([*argv, str(tmp_path / "x.safetensors")]) == 2
     assert "pass --out NAME.pt" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
+    (tmp_path / "adir").mkdir()  # an existing folder is not a file name: no adir.pt beside it
+    assert main([*argv, str(tmp_path / "adir")]) == 2
+    assert "pass --out NAME.pt" in capsys.readouterr().err and not (tmp_path / "adir.pt").exists()
     _export(source, "mechreward-pt", tmp_path / "fresh")
     assert (tmp_path / "fresh.pt").is_file() and (tmp_path / "fresh.json").is_file()

@@ -209,3 +209,18 @@ def test_extractors_never_raise(text: str) -> None:
         assert out is None or isinstance(out, str)
     flex = extract_flexible(text)
     assert flex is None or canonical_number(flex) == flex
+
+
+def test_a_number_past_the_digit_bound_is_none_at_once() -> None:
+    """More than MAX_DIGITS digits either side of the point is no answer (and writing one out costs
+    minutes, or raises past Python's 4,300-digit limit); up to the bound is a number."""
+    import time
+
+    from saereward.tasks.extract import MAX_DIGITS, canonical_number
+
+    t0 = time.perf_counter()
+    for text in ("1e999999", "1e-999999", "7" * (2 * MAX_DIGITS + 1), "1" * 5000 + "/3"):
+        assert canonical_number(text) is None
+    assert time.perf_counter() - t0 < 1
+    assert canonical_number("9" * MAX_DIGITS) == "9" * MAX_DIGITS
+    assert canonical_number("12e3") == "12000" and canonical_number("-3/6") == "-1/2"

@@ -522,3 +522,44 @@ def test_a_pack_records_its_sae_and_rollouts_relative_to_itself(tmp_path: Path) 
     assert pack.metadata["rollouts"] == str(tmp_path / "copy" / "rollouts")
     old = FeaturePack("t", [Feature(1, 1.0)], [], layer=1, metadata={"sae_path": "/abs/sae"})
     assert load_pack(save_pack(old, tmp_path / "old.json")).metadata["sae_path"] == "/abs/sae"  # older packs
+
+
+def test_a_pack_with_a_width_that_is_not_a_number_is_one_line(tmp_path: Path) -> None:
+    from saereward.features.pack import load_pack
+
+    path = save_pack(
+        FeaturePack("t", [Feature(1, 1.0)], [Feature(2, -1.0)], metadata={"d_sae": 64}), tmp_path / "p.json"
+    )
+    data = json.loads(path.read_text())
+    data["metadata"]["d_sae"] = "abc"
+    path.write_text(json.dumps(data))
+    with pytest.raises(SaeRewardError, match=r"metadata d_sae='abc' is not a positive whole number"):
+        load_pack(path)
+
+
+def test_a_pack_is_applied_only_with_the_sae_it_was_discovered_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The weights' hash the pack records decides (the SAE folder's eval.json may be rewritten); an
+    older pack with only the folder's hash gets a warning, not an error."""
+    from saereward.features.pack import check_pack_sae
+    from saereward.io import file_sha256
+    from saereward.sae.formats import sae_weights_sha256, save_sae
+    from tiny_models import random_sae
+
+    a = save_sae(random_sae(seed=1), tmp_path / "a")
+    b = save_sae(random_sae(seed=2), tmp_path / "b")
+    pack = FeaturePack(
+        "t", [Feature(1, 1.0)], [Feature(2, -1.0)], metadata={"sae_weights_sha256": sae_weights_sha256(a)}
+    )
+    check_pack_sae(pack, a)
+    (a / "eval.json").write_text("{}")
+    check_pack_sae(pack, a)
+    with pytest.raises(SaeRewardError, match="not the one pack 't' was discovered on"):
+        check_pack_sae(pack, b)
+    old = FeaturePack("t", [Feature(1, 1.0)], [Feature(2, -1.0)], metadata={"sae_sha256": file_sha256(a)})
+    with caplog.at_level("WARNING"):
+        check_pack_sae(old, a)
+        assert "may not be" not in caplog.text
+        check_pack_sae(old, b)
+    assert "may not be the one pack 't' was discovered on" in caplog.text

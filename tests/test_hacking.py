@@ -206,6 +206,7 @@ def test_probe_roundtrip_matches_sklearn(tmp_path: Path) -> None:
 def test_probe_command_and_dual_verifier_in_grpo(tmp_path: Path) -> None:
     from saereward.cli import main
     from saereward.data.rollouts import run_rollouts
+    from saereward.rl.config import unread_reward_inputs
     from saereward.rl.grpo import GRPOTrainer
     from test_rl import fresh_tiny, rl_cfg, tiny_pack
     from test_stage1 import rollouts_cfg
@@ -263,8 +264,10 @@ def test_probe_command_and_dual_verifier_in_grpo(tmp_path: Path) -> None:
             ),
             lm=fresh_tiny(),
         )
-    with pytest.raises(ValueError, match="dual_verifier"):
-        rl_cfg(tmp_path / "run3", dual_verifier=str(tmp_path / "probe.safetensors"))
+    # R0 reads no probe (gate-g2 shares one config across rewards; train-rl refuses the flag there)
+    r0 = rl_cfg(tmp_path / "run3", dual_verifier=str(tmp_path / "missing.safetensors"))
+    assert unread_reward_inputs(r0) == ["dual_verifier"]
+    assert GRPOTrainer(r0, lm=fresh_tiny())._load_probe() is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -450,3 +453,53 @@ def test_eval_suite_model_errors_are_not_read_as_missing_math500_data(
     assert "skipped" in res["table"]["math500"]["base"]
     with pytest.raises(ValueError, match="none.jsonl is not a file"):  # a path given is an input: no skip
         EvalSuiteConfig(benches=("math500",), math500_path=str(tmp_path / "none.jsonl"))
+
+
+def test_monitor_reuses_rollouts_only_made_with_the_same_settings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """monitor (and G3 through it) reused whatever rollouts lay in its folder: another adapter's,
+    another model's, another n. Now only those made with the same result-changing settings."""
+    import dataclasses
+
+    from saereward.analysis.hacking import _made_with
+    from saereward.config import to_dict
+    from saereward.data.rollouts import RolloutsConfig
+    from saereward.io import write_json
+
+    rc = RolloutsConfig(
+        adapter="runs/r1", n=8, layers=(15,), token_layers=(15,), out=str(tmp_path / "trained")
+    )
+    assert not _made_with(tmp_path / "trained", rc)  # nothing there yet
+    write_json(tmp_path / "trained" / "summary.json", {})
+    write_json(tmp_path / "trained" / "config.json", to_dict(rc))
+    assert _made_with(tmp_path / "trained", dataclasses.replace(rc, batch_size=4, progress=False))
+    with caplog.at_level("WARNING"):
+        for other in ({"adapter": "runs/r0"}, {"n": 12}, {"token_layers": (3,)}, {"model": "other"}):
+            assert not _made_with(tmp_path / "trained", dataclasses.replace(rc, **other))
+    assert "was made with other settings (adapter 'runs/r1' -> 'runs/r0')" in caplog.text
+
+
+def test_g3_checks_its_pack_and_format_against_the_rl_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The monitor must read the pack the run was rewarded with: another layer is refused before the
+    evaluation suite, other features and another prompt format are warned about."""
+    from saereward.features.pack import Feature, FeaturePack, load_pack, save_pack
+    from saereward.gates.g3_safety import _check_against_run
+
+    def pack(name: str, layer: int, ids: range) -> Path:
+        p = FeaturePack(name, [Feature(i, 1.0) for i in ids], [Feature(99, -1.0)], layer=layer)
+        return save_pack(p, tmp_path / f"{name}.json")
+
+    rl, other_layer, other_feats = pack("rl", 15, range(3)), pack("l3", 3, range(3)), pack("f", 15, range(5))
+    run = {"reward": "sae", "pack": str(rl), "prompt_format": "fewshot"}
+    ok = GateG3Config(adapter="r", pack=str(rl), prompt_format="fewshot")
+    with caplog.at_level("WARNING"):
+        _check_against_run(ok, load_pack(rl), run)
+    assert caplog.text == ""
+    with pytest.raises(SaeRewardError, match="reads layer 3, the run r was rewarded with a layer 15 pack"):
+        _check_against_run(GateG3Config(adapter="r", pack=str(other_layer)), load_pack(other_layer), run)
+    with caplog.at_level("WARNING"):
+        _check_against_run(GateG3Config(adapter="r", pack=str(other_feats)), load_pack(other_feats), run)
+    assert "is not the pack" in caplog.text and "G3 evaluates in the raw prompt format" in caplog.text

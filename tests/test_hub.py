@@ -121,6 +121,21 @@ def test_push_dry_run_writes_the_folder_and_card(tmp_path: Path) -> None:
     )
     assert {"README.md", "pack.json"} <= {p.name for p in pack_out.iterdir()}
     assert "1 helpful and 1 harmful SAE features" in (pack_out / "README.md").read_text()
+    pk2 = tmp_path / "pk2"  # --run names the gate results; one without any is refused, nothing left
+    run_push(PushConfig(path=str(run / "pack.json"), repo="a/p", dry_run=True, out=str(pk2), run=str(run)))
+    assert "| G1 | PASS |" in (pk2 / "README.md").read_text()
+    for bad in (tmp_path / "nope", run / "sae"):
+        with pytest.raises(SaeRewardError, match="holds no gate results"):
+            run_push(
+                PushConfig(
+                    path=str(run / "pack.json"),
+                    repo="a/p",
+                    dry_run=True,
+                    out=str(tmp_path / "pk3"),
+                    run=str(bad),
+                )
+            )
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("pk3", ".push-"))) == []
 
 
 def test_push_without_network_is_one_line(

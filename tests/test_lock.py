@@ -68,7 +68,9 @@ def test_the_pipeline_takes_its_run_folders_lock(tmp_path: Path) -> None:
         with pytest.raises(SaeRewardError, match=rf"in use by process {proc.pid}"):
             pl.run_pipeline(cfg)
         assert time.perf_counter() - t0 < 30
-        assert not (run / "stages.json").exists()
+        assert (
+            not (run / "stages.json").exists() and not (run / "pipeline.json").exists()
+        )  # refused: no record
     finally:
         proc.kill()
         proc.wait()

@@ -27,7 +27,7 @@ def served() -> Iterator[tuple[str, SequenceRewarder]]:
     sae = random_sae(seed=2, layer=LAYER)
     pack = FeaturePack("t", [Feature(3, 1.0), Feature(9, 0.5)], [Feature(17, -1.0)], layer=LAYER)
     rewarder = SequenceRewarder(lm, PackScorer(sae, pack), LAYER, lam=0.5)
-    cfg = ServeRewardConfig(pack="unused.json", port=0, max_body=4096, max_batch=4)
+    cfg = ServeRewardConfig(pack="unused.json", port=0, max_body=4096, max_batch=4, timeout=1.0)
     server = make_server(cfg, rewarder)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -74,6 +74,10 @@ def test_rewards_are_outcome_plus_lambda_times_the_response_mean(
         ({"query": ["xb"], "prompts": ["a"], "labels": ["1"]}, None, 400, "does not start with its prompt"),
         ({"query": ["a"] * 5}, None, 400, "1 to 4 samples"),
         ({"query": ["a" * 5000]}, None, 413, "over 4096 bytes"),
+        (None, b"[" * 3000, 400, "not JSON this server reads (RecursionError)"),
+        (None, b'{"query": ["\\ud800"]}', 400, "lone surrogate"),
+        ({"query": ["1+1=2"], "prompts": ["1+1="], "labels": [{"x": 1}]}, None, 400, "a label must be"),
+        ({"query": ["a" * 300]}, None, 400, "300 tokens, more than the model's context of 256"),
     ],
 )
 def test_bad_requests_get_a_4xx_with_a_reason_and_the_server_lives_on(
@@ -84,3 +88,51 @@ def test_bad_requests_get_a_4xx_with_a_reason_and_the_server_lives_on(
     assert got == status and says in out["error"]
     ok, _ = _post(url, {"query": ["1+1=2"], "prompts": ["1+1="], "labels": ["2"]})
     assert ok == 200
+
+
+def test_a_stalled_client_blocks_no_one_and_is_dropped(served: tuple[str, SequenceRewarder]) -> None:
+    """A client that announces a body and stops sending has its own thread: others are answered at
+    once, and its connection is closed after ``timeout`` (1 s here) without an answer."""
+    import socket
+    import time
+
+    url, _ = served
+    port = int(url.split(":")[2].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as stalled:
+        stalled.sendall(b"POST /get_reward HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        t0 = time.perf_counter()
+        assert _post(url, {"query": ["1+1=2"], "prompts": ["1+1="], "labels": ["2"]})[0] == 200
+        assert stalled.recv(1024) == b""  # closed by the server, nothing sent
+        assert time.perf_counter() - t0 < 8
+
+
+def test_a_huge_number_label_is_no_answer_and_costs_nothing(served: tuple[str, SequenceRewarder]) -> None:
+    """``1e999999`` as a label (or in a response) is not a number any task has: no outcome credit,
+    answered at once (writing it out took 24 s of CPU and then failed)."""
+    import time
+
+    url, _ = served
+    t0 = time.perf_counter()
+    status, out = _post(url, {"query": ["x 1e999999"], "prompts": ["x "], "labels": ["1e999999"]})
+    assert status == 200 and out["extra_logs"]["outcome"] == [0.0] and time.perf_counter() - t0 < 5
+
+
+def test_http_level_errors_are_json_lines_too(served: tuple[str, SequenceRewarder]) -> None:
+    """An unsupported method or a negative Content-Length gets a JSON ``error``, not an HTML page or
+    a wrong 'too large'."""
+    import http.client
+
+    url, _ = served
+    port = int(url.split(":")[2].split("/")[0])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("PUT", "/get_reward", body=b"{}")
+    resp = conn.getresponse()
+    assert resp.status == 501 and "error" in json.loads(resp.read())
+    conn.close()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.putrequest("POST", "/get_reward")
+    conn.putheader("Content-Length", "-5")
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 400 and "Content-Length must be" in json.loads(resp.read())["error"]
+    conn.close()

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from saereward import pipeline as pl
 from saereward.cli import main
@@ -31,7 +33,10 @@ def fake_stages(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             lay = pl.Layout(_root(c))
             art = lay.artifact(stage)
             art.parent.mkdir(parents=True, exist_ok=True)
-            art.write_text(json.dumps({"stage": stage}))
+            if art.suffix == ".safetensors":
+                save_file({"w": torch.zeros(1)}, str(art))
+            else:
+                art.write_text(json.dumps({"stage": stage}))
             if stage == _FAIL[0]:
                 _FAIL[0] = ""
                 raise KeyboardInterrupt  # a kill in the middle of the stage (artifact may be half-written)
@@ -105,6 +110,17 @@ def test_auto_dtype_resolves_per_machine_and_stages_record_it(
 def test_a_stage_table_may_not_set_a_wired_path(tmp_path: Path) -> None:
     with pytest.raises(SaeRewardError, match=r"\[discover\] sets 'out'"):
         _cfg(tmp_path, discover={"out": "elsewhere.json"})
+    with pytest.raises(SaeRewardError, match=r"\[gate_g2.rl\] sets 'pack', which the pipeline wires"):
+        _cfg(tmp_path, gate_g2={"rl": {"pack": "mine.json"}})
+
+
+def test_settings_that_would_do_nothing_are_refused(tmp_path: Path) -> None:
+    """No stage selected, or a forced stage the selection leaves out (it was not run, and its
+    dependants re-ran as 'forced upstream')."""
+    with pytest.raises(SaeRewardError, match="stages is empty"):
+        _cfg(tmp_path, stages=[])
+    with pytest.raises(SaeRewardError, match="force names 'rollouts', which stages does not select"):
+        _cfg(tmp_path, stages=["discover"], force=["rollouts"])
 
 
 def test_unknown_stage_and_unknown_stage_key_are_one_line_errors(tmp_path: Path) -> None:
@@ -132,6 +148,55 @@ def test_first_run_runs_all_second_run_skips_all(tmp_path: Path, fake_stages: li
     rec = json.loads((tmp_path / "run" / "stages.json").read_text())
     assert set(rec) == set(pl.STAGE_ORDER) and "config" in rec["sae"]
     assert json.loads((tmp_path / "run" / "pipeline.json").read_text())["pipeline"]["out"] == cfg.out
+
+
+def test_a_damaged_artifact_is_not_done(tmp_path: Path, fake_stages: list[str]) -> None:
+    """A truncated or emptied artifact re-runs its stage (from scratch, beside the old outputs) and
+    what depends on it, instead of counting as done and failing in the next stage."""
+    _run(_cfg(tmp_path))
+    fake_stages.clear()
+    pack = tmp_path / "run" / "pack.json"
+    pack.write_text(pack.read_text()[:5])
+    (tmp_path / "run" / "probe.safetensors").write_bytes(b"\x10")
+    decision = pl.plan(_cfg(tmp_path), pl.stage_configs(_cfg(tmp_path)))
+    assert decision["discover"] == decision["probe"] == "run (artifact damaged)"
+    assert decision["rollouts"] == decision["sae"] == "skip"
+    _run(_cfg(tmp_path))
+    assert "discover" in fake_stages and "probe" in fake_stages and "rollouts" not in fake_stages
+    assert json.loads(pack.read_text()) == {"stage": "discover"}
+
+
+def test_an_error_in_a_rebuilt_stage_names_the_run_folder(
+    tmp_path: Path, fake_stages: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stage rebuilt in RUN/.staging reports its error with the run folder's paths (the staging
+    folder is gone by then) and the stage's name; so does one in a stage run in place."""
+
+    def fails(c: dict[str, Any]) -> None:
+        raise SaeRewardError(f"cannot read {_root(c) / 'rollouts' / 'tokens.safetensors'}: re-run")
+
+    with monkeypatch.context() as m:
+        m.setitem(pl.RUNNERS, "discover", fails)
+        with pytest.raises(SaeRewardError, match=r"^\[discover\] cannot read .*run/rollouts/tokens"):
+            _run(_cfg(tmp_path))
+    _run(_cfg(tmp_path))
+    monkeypatch.setitem(pl.RUNNERS, "discover", fails)
+    with pytest.raises(SaeRewardError) as exc:
+        _run(_cfg(tmp_path, force=["discover"]))
+    assert (
+        str(exc.value)
+        == f"[discover] cannot read {tmp_path / 'run' / 'rollouts' / 'tokens.safetensors'}: re-run"
+    )
+
+
+def test_pipeline_json_keeps_the_stages_a_run_leaves_alone(tmp_path: Path, fake_stages: list[str]) -> None:
+    """A run of some stages records their configs over the earlier ones and keeps the rest (a run
+    refused by the folder's lock writes nothing: ``tests/test_lock.py``)."""
+    _run(_cfg(tmp_path))
+    path = tmp_path / "run" / "pipeline.json"
+    _run(_cfg(tmp_path, stages=["discover"], seed=4))
+    rec = json.loads(path.read_text())
+    assert rec["pipeline"]["seed"] == 4 and set(rec["stages"]) == set(pl.STAGE_ORDER)
 
 
 def test_a_moved_respelled_or_quiet_run_is_still_done(
@@ -358,3 +423,63 @@ def test_results_markdown_lists_missing_stages_and_reads_g1(tmp_path: Path) -> N
     )
     text = results_markdown(tmp_path)
     assert "G1 **PASS**" in text and "ρ 0.410 [0.200, 0.600]" in text and "seed 3" in text
+
+
+@pytest.mark.parametrize(
+    ("tables", "says"),
+    [
+        ({"gate_g2": {"rl": 5}}, r"\[gate_g2\] rl must be a table"),
+        ({"train_sae": {"train": 5}}, r"\[train_sae\] train must be a table"),
+        ({"collect": {"text_paths": [5]}}, r"\[collect\] text_paths must be a list of paths"),
+    ],
+)
+def test_a_table_of_the_wrong_shape_is_one_line(tmp_path: Path, tables: dict[str, Any], says: str) -> None:
+    with pytest.raises(SaeRewardError, match=says):
+        pl.stage_configs(_cfg(tmp_path, **tables))
+
+
+def test_one_text_path_is_a_list_of_one(tmp_path: Path) -> None:
+    """A path given as a string (``--set eval_sae.ce_text_paths=a.jsonl``) is not split into letters."""
+    c = pl.stage_configs(
+        _cfg(tmp_path, collect={"text_paths": "a.txt"}, eval_sae={"ce_text_paths": "b.jsonl"})
+    )
+    assert c["collect"]["collect"].text_paths == ("a.txt",)
+    assert c["sae"]["eval_sae"].ce_text_paths == ("b.jsonl",)
+
+
+@pytest.mark.parametrize(
+    ("tables", "says"),
+    [
+        ({"task": "bogus"}, r"\[rollouts\] task 'bogus' is unknown: see `saereward tasks`"),
+        (
+            {"eval_sae": {"ce_text_paths": ["/no/such.jsonl"]}},
+            r"\[eval_sae\] ce_text_paths: /no/such.jsonl is not a",
+        ),
+        ({"eval_sae": {"ce_task": "bogus"}}, r"\[eval_sae\] ce_task 'bogus' is unknown"),
+    ],
+)
+def test_task_names_and_text_files_are_checked_before_any_stage(
+    tmp_path: Path, tables: dict[str, Any], says: str
+) -> None:
+    cfg = _cfg(tmp_path, **tables)
+    with pytest.raises(SaeRewardError, match=says):
+        pl.check_across_stages(cfg, pl.stage_configs(cfg))
+
+
+def test_an_invalid_setting_names_its_table(tmp_path: Path) -> None:
+    """``n_boot`` is a setting of both [gate_g1] and [probe]: the error says which one is wrong."""
+    with pytest.raises(SaeRewardError, match=r"invalid config \[gate_g1\]: n_boot must be >= 100"):
+        pl.stage_configs(_cfg(tmp_path, gate_g1={"n_boot": 50}))
+    with pytest.raises(SaeRewardError, match=r"invalid config \[gate_g2.rl\]: lr must be > 0"):
+        pl.stage_configs(_cfg(tmp_path, gate_g2={"rl": {"lr": -1.0}}))
+
+
+def test_g3_in_another_prompt_format_than_rl_is_warned(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _cfg(tmp_path, gate_g2={"rl": {"prompt_format": "fewshot"}})
+    pl.check_across_stages(cfg, pl.stage_configs(cfg))
+    assert "[gate_g3] prompt_format 'raw' is not [gate_g2.rl]'s 'fewshot'" in capsys.readouterr().err
+    cfg = _cfg(tmp_path, gate_g2={"rl": {"prompt_format": "fewshot"}}, gate_g3={"prompt_format": "fewshot"})
+    pl.check_across_stages(cfg, pl.stage_configs(cfg))
+    assert "warning" not in capsys.readouterr().err

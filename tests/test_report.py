@@ -79,7 +79,7 @@ def make_run(root: Path, n: int = 16, full: bool = True) -> Path:
     from safetensors.torch import save_file
 
     from saereward.data.rollouts import summarize
-    from saereward.sae.formats import save_sae
+    from saereward.sae.formats import sae_weights_sha256, save_sae
 
     run = root / "run"
     tok_dir = root / "tok"
@@ -145,6 +145,7 @@ def make_run(root: Path, n: int = 16, full: bool = True) -> Path:
             "k": K,
             "sae_path": str(sae_dir),
             "sae_sha256": file_sha256(sae_dir),
+            "sae_weights_sha256": sae_weights_sha256(sae_dir),
         },
     )
     save_pack(pack, run / "pack.json")
@@ -474,6 +475,7 @@ def test_config_requires_run_dir() -> None:
 def test_empty_run_renders_every_stage_as_not_run(tmp_path: Path) -> None:
     run = tmp_path / "empty"
     run.mkdir()
+    write_json(run / "pipeline.json", {"pipeline": {"out": str(run)}, "stages": {}})  # a run just started
     html = run_report(ReportConfig(run_dir=str(run))).read_text()
     for sid in (*SECTIONS[1:], "viewer"):
         block = html.split(f'<section id="{sid}"', 1)[1].split("</section>", 1)[0]
@@ -750,8 +752,14 @@ def test_the_report_refuses_an_sae_the_pack_was_not_discovered_on(tmp_path: Path
     run = make_run(tmp_path / "a", n=8, full=False)
     pack = load_pack(run / "pack.json")
     assert report._sae_path(run, pack) == run / "sae" / "sae"
-    (run / "sae" / "sae" / "extra.txt").write_text("another SAE now")
-    with pytest.raises(SaeRewardError, match="not the one the pack was discovered on"):
+    (run / "sae" / "sae" / "eval.json").write_text("{}")  # an eval-sae rerun: the same SAE
+    assert report._sae_path(run, pack) == run / "sae" / "sae"
+    from saereward.sae.formats import save_sae
+
+    save_sae(
+        random_sae(d_in=D, d_sae=D_SAE, k=K, seed=9, layer=LAYER), run / "sae" / "sae"
+    )  # another SAE of the same shape
+    with pytest.raises(SaeRewardError, match="not the one pack 'tiny' was discovered on"):
         report._sae_path(run, pack)
-    with pytest.raises(SaeRewardError, match="not the one the pack was discovered on"):
+    with pytest.raises(SaeRewardError, match="weights' sha256 differs"):
         report.run_token_view(TokenViewConfig(run_dir=str(run)))

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -744,9 +745,14 @@ def test_resume_after_kill_between_checkpoint_renames(tmp_path: Path) -> None:
     assert tr._restore() == 2
 
 
-def test_resume_refuses_a_checkpoint_made_with_other_settings(tmp_path: Path) -> None:
+def test_resume_refuses_a_checkpoint_made_with_other_settings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg = rl_cfg(tmp_path / "run", steps=1)
     GRPOTrainer(cfg, lm=fresh_tiny()).fit()
+    with caplog.at_level("WARNING", logger="saereward.rl.grpo"):
+        GRPOTrainer(cfg, lm=fresh_tiny()).fit()  # done already: says so rather than "1 steps"
+    assert "holds 1 steps already (steps = 1): nothing to train" in caplog.text
     other = GRPOConfig(**{**cfg.__dict__, "steps": 2, "lr": cfg.lr * 2, "seed": cfg.seed + 1})
     with pytest.raises(
         SaeRewardError, match=r"different settings \(lr, seed\).*another --out or --no-resume"
@@ -755,6 +761,25 @@ def test_resume_refuses_a_checkpoint_made_with_other_settings(tmp_path: Path) ->
     # a longer run, progress bars and the checkpoint cadence do not change what a step computes
     same = GRPOConfig(**{**cfg.__dict__, "steps": 2, "progress": not cfg.progress, "checkpoint_every": 5})
     assert GRPOTrainer(same, lm=fresh_tiny())._restore() == 1
+
+
+def test_resume_refuses_a_pack_changed_at_the_same_path(tmp_path: Path) -> None:
+    """The checkpoint records the reward's inputs by hash: a pack re-discovered into the same path
+    (same settings, other features) is refused on resume; the same score resumes, a rewritten
+    validation record included."""
+    pack = tiny_pack(tmp_path)
+    cfg = rl_cfg(tmp_path / "run", steps=1, reward="sae", pack=str(pack), lam=0.5)
+    GRPOTrainer(cfg, lm=fresh_tiny()).fit()
+    longer = dataclasses.replace(cfg, steps=2)
+    assert GRPOTrainer(longer, lm=fresh_tiny())._restore() == 1
+    data = json.loads(pack.read_text())
+    data["validation"] = {"verdict": "FAIL"}  # what gate-g1 rewrites: the score is the same
+    pack.write_text(json.dumps(data))
+    assert GRPOTrainer(longer, lm=fresh_tiny())._restore() == 1
+    data["helpful_features"] = data["helpful_features"][:5]
+    pack.write_text(json.dumps(data))
+    with pytest.raises(SaeRewardError, match=r"other content in pack \(the file changed since"):
+        GRPOTrainer(longer, lm=fresh_tiny())._restore()
 
 
 def test_gate_g2_runs_every_reward_and_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -768,6 +793,7 @@ def test_gate_g2_runs_every_reward_and_seed(tmp_path: Path, capsys: pytest.Captu
         tmp_path / "unused", steps=1, pack=str(pack), direction_rollouts=str(tmp_path / "ro"), layer=1
     )
     # no truncation audit: it reads the tokenizer by model name, which the tiny model has none of
+    rl = dataclasses.replace(rl, out=GRPOConfig().out)  # gate-g2 names each run's folder itself
     cfg = GateG2Config(seeds=(0, 1), out=str(tmp_path / "g2"), rl=rl, min_seeds=2, audit=False)
     # bad input fails before any run, not after R0's: here R1's pack is from another layer
     bad = dataclasses.replace(cfg, rl=dataclasses.replace(rl, layer=3))
@@ -874,6 +900,9 @@ def _ddp_grpo_worker(rank: int, world: int, port: int, folder: str) -> None:
             save_file(state, str(Path(folder) / "ddp.st"))
     finally:
         torch.distributed.destroy_process_group()
+    from saereward.cli import exit_rank
+
+    exit_rank(0)  # as the saereward command ends a rank: gloo's threads outlive the group (see exit_rank)
 
 
 def test_data_parallel_update_equals_single_process(tmp_path: Path) -> None:
@@ -939,6 +968,8 @@ if dist.get_rank() == 0:
         "same_weights": all(torch.equal(every[0], w) for w in every),
     }}))
 dist.destroy_process_group()
+from saereward.cli import exit_rank
+exit_rank(0)  # as the saereward command ends a rank: gloo's threads outlive the group (see exit_rank)
 """
 
 
@@ -952,7 +983,11 @@ def test_trainer_under_accelerate_launch(tmp_path: Path) -> None:
     script = tmp_path / "runner.py"
     script.write_text(ACCELERATE_RUNNER.format(tests=str(TESTS), out=str(tmp_path / "run"), pack=pack))
     launcher = Path(sys.executable).with_name("accelerate")
+    with socket.socket() as probe:  # a free port: the default 29500 may be taken (another launch)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--main_process_port", str(port)]
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -461,3 +461,42 @@ def test_check_sae_matches_model() -> None:
     check_sae_matches_model(sae, D_IN, layer=2)
     with pytest.raises(SaeRewardError, match="SAE d_in 16 does not match model width 64 at layer 2"):
         check_sae_matches_model(sae, 64, layer=2)
+
+
+def test_a_config_or_argument_of_the_wrong_type_is_one_line(tmp_path: Path) -> None:
+    """Config fields of the wrong type, integer weights, and a bad device or dtype from a library
+    caller are one-line errors (were a TypeError, a RuntimeError, or accepted)."""
+    save_sae(make_sae(), tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    for key, value in (("layer", "abc"), ("model", [1]), ("input_scale", "x")):
+        (tmp_path / "s" / "cfg.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(SaeRewardError, match=rf"SAE config {key}=.* has the wrong type"):
+            load_sae(tmp_path / "s")
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
+    for kw, says in (
+        ({"device": "bogus"}, "is not cpu, cuda or cuda:N"),
+        ({"dtype": "float16"}, "pass a floating torch dtype"),
+        ({"dtype": torch.int8}, "pass a floating torch dtype"),
+    ):
+        with pytest.raises(SaeRewardError, match=says):
+            load_sae(tmp_path / "s", **kw)  # type: ignore[arg-type]
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(str(tmp_path / "s" / "weights.safetensors"))
+    save_file({**w, "b_dec": w["b_dec"].long()}, str(tmp_path / "s" / "weights.safetensors"))
+    with pytest.raises(SaeRewardError, match="b_dec has dtype torch.int64"):
+        load_sae(tmp_path / "s")
+
+
+def test_another_model_of_the_same_width_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    from saereward.sae.formats import warn_other_model
+
+    with caplog.at_level("WARNING"):
+        warn_other_model("SAE s", "embedded:smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
+        warn_other_model("SAE s", None, "m")  # nothing recorded: nothing to compare
+        assert caplog.text == ""
+        warn_other_model("pack p", "embedded:smollm2-135m-instruct", "models/same576")
+    assert (
+        "pack p was made on embedded:smollm2-135m-instruct, but the residuals here come from models/same576"
+        in caplog.text
+    )

@@ -97,6 +97,15 @@ def test_collect_train_eval_cli(tmp_path: Path, smollm, capsys: pytest.CaptureFi
     assert "FVU" in out and "CE recovered" in out
     res = json.loads((run / "sae" / "eval.json").read_text())
     assert res["ce_kl"]["ce_zero"] > res["ce_kl"]["ce_clean"]
+    elsewhere = tmp_path / "evals"  # --out is the folder eval.json goes to, an existing one too
+    elsewhere.mkdir()
+    argv = ["eval-sae", "--sae", str(run / "sae"), "--ce-task", "none"]
+    assert main([*argv, "--activations", str(acts), "--out", str(elsewhere)]) == 0
+    assert "ce_kl" not in json.loads((elsewhere / "eval.json").read_text())
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "nothing")]) == 2  # neither held-out FVU nor CE/KL
+    assert "nothing to measure: pass --activations" in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists()
 
 
 def test_train_sae_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

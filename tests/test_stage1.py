@@ -212,20 +212,26 @@ def test_gate_rejects_leaks_and_mismatched_packs(stage: dict[str, Path]) -> None
     save_pack(pack, pack_path)
     with pytest.raises(SaeRewardError, match="exceed the SAE's width 256"):
         run_gate_g1(cfg)
-    before = pack_path.read_bytes()
     wrong = random_sae(d_in=32, d_sae=256, k=8, layer=1)
     save_sae(wrong, stage["root"] / "sae32")
+    other = GateG1Config(
+        rollouts=str(stage["rollouts"]),
+        pack=str(pack_path),
+        sae=str(stage["root"] / "sae32"),
+        n_boot=200,
+        n_random=0,
+    )
+    free = next(i for i in range(256) if i not in pack.feature_ids[1:])
+    pack.helpful[0] = type(pack.helpful[0])(feature_id=free)  # in range again
+    save_pack(pack, pack_path)
+    before = pack_path.read_bytes()
+    with pytest.raises(SaeRewardError, match="is not the one pack 'contrastive' was discovered on"):
+        run_gate_g1(other)  # the pack records its SAE's weights: another SAE is refused
+    assert pack_path.read_bytes() == before  # a refused gate writes nothing (its validation record too)
+    del pack.metadata["sae_weights_sha256"]  # a pack from before that record: the shapes still decide
+    save_pack(pack, pack_path)
     with pytest.raises(SaeRewardError, match="d_in 32 does not match model width 64"):
-        run_gate_g1(
-            GateG1Config(
-                rollouts=str(stage["rollouts"]),
-                pack=str(pack_path),
-                sae=str(stage["root"] / "sae32"),
-                n_boot=200,
-                n_random=0,
-            )
-        )
-    assert pack_path.read_bytes() == before  # a refused gate writes nothing
+        run_gate_g1(other)
 
 
 def test_discovery_without_wrong_answers_says_counts(tmp_path: Path) -> None:
@@ -247,6 +253,11 @@ def test_layer_map_and_logit_lens(stage: dict[str, Path]) -> None:
     res = run_layers(LayersConfig(rollouts=str(stage["rollouts"]), lens_n=0, out=str(stage["root"] / "lm")))
     assert set(res["scores"]) == {str(i) for i in range(N_LAYERS)} and res["peak_layer"] in range(N_LAYERS)
     assert (stage["root"] / "lm" / "layer_map.png").stat().st_size > 1000
+    other = LayersConfig(
+        rollouts=str(stage["rollouts"]), lens_n=2, model="other", out=str(stage["root"] / "lm2")
+    )
+    with pytest.raises(SaeRewardError, match="were made by tiny, --model is other: the logit lens must read"):
+        run_layers(other)  # the map and the lens of two models in one file
     lens = logit_lens(tiny_lm("llama"), [("Q: 1+2\nA:", " it is 3", "3"), ("Q:", "none", "7")], norm=True)
     assert lens["n"] == 1 and len(lens["answer_prob"]) == N_LAYERS
     assert all(0.0 <= p <= 1.0 for p in lens["answer_prob"]) and len(lens["top_tokens"][0]) == 5

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from saereward import __version__
 from saereward.config import add_spec_args, config_from_args, field_specs, option, refuse_other_settings
@@ -214,8 +214,16 @@ def _cmd_token_view(cfg: Any) -> int:
 
 
 def _cmd_train_rl(cfg: Any) -> int:
+    from saereward.rl.config import unread_reward_inputs
     from saereward.rl.grpo import run_train_rl
 
+    unread = unread_reward_inputs(cfg)
+    if unread:
+        flags = " and ".join("--" + k.replace("_", "-") for k in unread)
+        raise SaeRewardError(
+            f"{flags} would be ignored: --reward {cfg.reward} does not read it; pass the reward that "
+            "does (sae: --pack/--sae, direction: --direction-rollouts, either: --dual-verifier) or drop it"
+        )
     s = run_train_rl(cfg)
     if s["rank"]:  # data parallel: rank 0 reports
         return 0
@@ -329,7 +337,8 @@ def _cmd_pipeline(cfg: Any) -> int:
     from saereward.pipeline import run_pipeline
 
     report = run_pipeline(cfg)
-    _echo(f"report: {report}")
+    if report.is_file():  # the report stage may not be selected
+        _echo(f"report: {report}")
     return 0
 
 
@@ -473,15 +482,28 @@ def command_specs(cmd: Command) -> list[dict[str, Any]]:
     return cached if cached is not None else field_specs(cmd.config())
 
 
+class _Parser(argparse.ArgumentParser):
+    """``argparse`` with a one-line error (the usage of a command with fifty flags fills a screen and
+    hides the message): the problem and where the flags are listed."""
+
+    #: the command named on the line, for the top-level parser's "unrecognized arguments" error
+    command: str | None = None
+
+    def error(self, message: str) -> NoReturn:
+        prog = f"{self.prog} {self.command}" if self.command else self.prog
+        self.exit(2, f"error: {message}; see {prog} --help\n")
+
+
 def build_parser(argv: Sequence[str] | None = None, *, every: bool = False) -> argparse.ArgumentParser:
     """The parser; only the chosen subcommand's config is imported for its flags (``every``: all), so
     ``saereward --help`` lists the commands without importing a stage module or torch."""
     chosen = _chosen(argv)
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="saereward",
         description="Mechanistic rewards: SAEs on the residual stream, contrastive feature packs, "
         "stage gates, and per-token SAE rewards for GRPO.",
     )
+    p.command = chosen
     p.add_argument("--version", action="version", version=f"saereward {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="verbose logging (library warnings too)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -490,7 +512,7 @@ def build_parser(argv: Sequence[str] | None = None, *, every: bool = False) -> a
         sp = sub.add_parser(cmd.name, help=h, description=h.replace("%%", "%"))
         if cmd.positional:
             sp.add_argument(
-                "cfg__" + cmd.positional,
+                "pos__" + cmd.positional,
                 metavar=cmd.positional.upper(),
                 nargs="?",
                 default=argparse.SUPPRESS,
@@ -521,7 +543,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 #: commands whose ``--out`` is one file (the others write a folder; ``export-sae`` either, by format)
-_FILE_OUT = frozenset({"discover", "gate-g1", "probe", "reasonscore", "eval-sae", "report"})
+_FILE_OUT = frozenset({"discover", "gate-g1", "probe", "reasonscore", "report"})
 #: a file only each of these commands writes in its output folder
 _MARKERS = {"collect": "manifest.json", "rollouts": "rollouts.jsonl", "eval": "items.jsonl"}
 #: commands that write their own config.json / summary.json into --out: never into another's folder
@@ -574,12 +596,28 @@ def _internal_error(exc: BaseException) -> int:
     return 1
 
 
+def _merge_positional(cmd: Command, args: argparse.Namespace) -> None:
+    """The positional (e.g. ``report RUN``) as its flag's value; both given and different is an error
+    (one of them would be dropped without a word)."""
+    if not cmd.positional or not hasattr(args, "pos__" + cmd.positional):
+        return
+    value = getattr(args, "pos__" + cmd.positional)
+    flag = getattr(args, "cfg__" + cmd.positional, value)
+    if flag != value:
+        raise SaeRewardError(
+            f"{cmd.positional.upper()} {value} and --{cmd.positional.replace('_', '-')} {flag} are both given: "
+            "pass one"
+        )
+    setattr(args, "cfg__" + cmd.positional, value)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     cmd: Command = args._command
     try:
+        _merge_positional(cmd, args)
         cfg: Any = config_from_args(cmd.config(), args)
         check_output(cmd.name, cfg)
         warm_vector_math()  # before any parallel torch op of the command
@@ -606,6 +644,25 @@ if __name__ == "__main__":  # pragma: no cover
 
 def entry() -> int:
     """The ``saereward`` command: :func:`main` after :func:`~saereward.threads.tame_threads`, which
-    must see the environment before torch starts its OpenMP threads."""
+    must see the environment before torch starts its OpenMP threads. A data-parallel rank ends
+    through :func:`exit_rank`."""
     tame_threads()
-    return main()
+    rc = main()
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        exit_rank(rc)
+    return rc
+
+
+def exit_rank(rc: int) -> NoReturn:
+    """End a data-parallel rank (``accelerate launch`` / ``torchrun``) at once, after its work and
+    ``destroy_process_group``: output flushed, no interpreter teardown.
+
+    Why: once transformers is imported after the gloo group is joined (every rank loads its model
+    then), the group's three gloo threads outlive ``destroy_process_group`` (measured in each rank of
+    a 2-process run, torch 2.13 / transformers of ``scripts/setup.sh``; a bare all-reduce script ends
+    with none), and their teardown at interpreter exit can abort the rank ("terminate called without
+    an active exception", SIGABRT) after a run that finished and wrote everything.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)

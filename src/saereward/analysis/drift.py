@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 from saereward import __version__, plots
 from saereward.config import option, refuse_other_settings, to_dict
 from saereward.errors import SaeRewardError
-from saereward.features.pack import check_pack, load_pack
+from saereward.features.pack import check_pack, check_pack_sae, load_pack
 from saereward.io import atomic_path, file_sha256, iter_jsonl, write_json
 from saereward.model.capture import forward_residuals
 from saereward.model.lm import DType, LoadedModel, apply_adapter, check_device, load_model, resolve_layer
@@ -164,6 +164,12 @@ def run_stages(run: str | Path, *, include_final: bool = True) -> list[tuple[int
     found.pop(0, None)  # step 0 is the base model itself
     if not found:
         raise SaeRewardError(f"run {run} has no adapter snapshots or checkpoint: {NEED_SNAPSHOTS}")
+    if len(found) == 1:
+        log.warning(
+            "run %s kept no adapter snapshots: drift compares the base model with the final policy only, "
+            "so its per-step slope rests on 2 points (train with --snapshot-every N for more)",
+            run,
+        )
     return [(0, None), *sorted(found.items())]
 
 
@@ -565,6 +571,8 @@ def _drift_inputs(cfg: DriftConfig) -> tuple[Any, str, Any, int, Path, list[str]
     sae_path = cfg.sae or (pack.metadata.get("sae_path") if pack is not None else None)
     if not sae_path:
         raise SaeRewardError("pass --sae (the base SAE) or a --pack that records its SAE")
+    if pack is not None:
+        check_pack_sae(pack, sae_path)
     base_sae = load_sae(sae_path)
     base_sae.requires_grad_(False)
     layer = cfg.layer if cfg.layer is not None else base_sae.cfg.layer

@@ -29,7 +29,7 @@ from saereward.analysis.evaluate import EvalConfig, base_and_trained, run_eval_c
 from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import write_json
-from saereward.model.lm import LoadedModel, adapter_dir, check_device, load_model
+from saereward.model.lm import LoadedModel, check_adapter, check_device, load_model
 from saereward.options import DeviceOptions, ModelOptions
 from saereward.stats import mcnemar, wilson_ci
 from saereward.tasks.prompts import PromptFormat
@@ -163,7 +163,7 @@ def _lazy_model(cfg: EvalSuiteConfig, adapter: str | None) -> Callable[[], Loade
 def run_eval_suite(cfg: EvalSuiteConfig) -> dict[str, Any]:
     """Run every benchmark for base (and trained); compare; write ``eval_suite.json``."""
     if cfg.adapter:
-        adapter_dir(cfg.adapter)
+        check_adapter(cfg.adapter, cfg.model)
     policies = base_and_trained(cfg.adapter)
     rows: dict[str, dict[str, list[dict[str, Any]] | str]] = {b: {} for b in cfg.benches}
     for policy, adapter in policies:

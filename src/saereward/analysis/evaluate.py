@@ -23,9 +23,9 @@ from typing import Any
 from saereward import __version__
 from saereward.config import check_sampling, option, to_dict
 from saereward.errors import SaeRewardError
-from saereward.io import read_jsonl, write_json, write_jsonl
+from saereward.io import file_sha256, read_jsonl, write_json, write_jsonl
 from saereward.model.generate import SamplingConfig, iter_generate, stop_strings_for
-from saereward.model.lm import LoadedModel, check_device, load_model
+from saereward.model.lm import LoadedModel, adapter_dir, check_device, load_model
 from saereward.options import DeviceOptions, ModelOptions, TaskOptions
 from saereward.stats import wilson_ci
 from saereward.tasks import format_prompt, load_task
@@ -131,8 +131,16 @@ def run_eval(cfg: EvalConfig, lm: LoadedModel | Callable[[], LoadedModel] | None
         out = Path(cfg.out)
         write_jsonl(out / "items.jsonl", rows)
         write_json(out / "config.json", to_dict(cfg))
-        write_json(out / "summary.json", {**summary, "config": to_dict(cfg)})
+        write_json(
+            out / "summary.json", {**summary, "config": to_dict(cfg), "adapter_sha256": _adapter_sha(cfg)}
+        )
     return EvalResult(summary=summary, rows=rows)
+
+
+def _adapter_sha(cfg: EvalConfig) -> str | None:
+    """sha256 of the adapter's weights (``None`` without one): a cached evaluation of an adapter path
+    is reused only for the same weights (a run trained again in the same folder is evaluated again)."""
+    return file_sha256(adapter_dir(cfg.adapter) / "adapter.safetensors") if cfg.adapter else None
 
 
 def _sampling(cfg: EvalConfig) -> SamplingConfig:
@@ -218,7 +226,9 @@ def run_eval_cached(
             defaults = to_dict(EvalConfig())
             for k in mine.keys() - saved.keys():  # an option added since: the run used its default
                 saved[k] = defaults.get(k)
-            if saved == mine:
+            recorded = json.loads((folder / "summary.json").read_text()).get("adapter_sha256")
+            same_adapter = recorded is None or recorded == _adapter_sha(cfg)  # older runs: by path
+            if saved == mine and same_adapter:
                 log.info("reusing the finished evaluation in %s", folder)
                 return read_jsonl(folder / "items.jsonl")
     return run_eval(cfg, lm=lm).rows

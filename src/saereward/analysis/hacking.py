@@ -37,13 +37,13 @@ from typing import Any
 
 from saereward import __version__
 from saereward.analysis.evaluate import EvalConfig, base_and_trained, run_eval_cached
-from saereward.config import option, to_dict
+from saereward.config import option, settings_changed, to_dict
 from saereward.data.rollouts import RolloutsConfig, load_rollouts, run_rollouts
 from saereward.errors import SaeRewardError
-from saereward.features.pack import load_pack
+from saereward.features.pack import check_pack_sae, load_pack
 from saereward.features.scoring import PackScorer
-from saereward.io import write_json
-from saereward.model.lm import adapter_dir, check_device
+from saereward.io import read_json, write_json
+from saereward.model.lm import check_adapter, check_device
 from saereward.options import DeviceOptions, ModelOptions
 from saereward.sae.formats import check_sae_matches_model, load_sae
 from saereward.stats import association, mcnemar, two_proportion_test, wilson_ci
@@ -103,6 +103,8 @@ class CanaryConfig(DeviceOptions, ModelOptions):
 
 def run_canaries(cfg: CanaryConfig) -> dict[str, Any]:
     """Generate on the canaries with the base model (and the trained policy); classify; write canaries.json."""
+    if cfg.adapter:
+        check_adapter(cfg.adapter, cfg.model)  # before the base model's generations
     out = Path(cfg.out)
     res: dict[str, Any] = {
         "n": 5 * cfg.per_pattern,
@@ -230,13 +232,30 @@ def goodhart_verdict(before: dict[str, Any], after: dict[str, Any], min_rho: flo
     }
 
 
+#: rollout settings that cannot change the responses or their residuals
+_FREE = ("out", "progress", "threads", "device", "batch_size")
+
+
+def _made_with(folder: Path, rc: Any) -> bool:
+    """Whether ``folder`` holds finished rollouts made with ``rc``'s settings: the only ones monitor
+    reuses (others, e.g. another adapter, model, pack layer or ``n``, are made again, with a note)."""
+    if not (folder / "summary.json").is_file():
+        return False
+    saved = read_json(folder / "config.json") if (folder / "config.json").is_file() else None
+    changes = settings_changed(saved, to_dict(rc), _FREE) if isinstance(saved, dict) else ["no config.json"]
+    if changes:
+        log.warning("%s was made with other settings (%s): making it again", folder, ", ".join(changes[:4]))
+    return not changes
+
+
 def run_monitor(cfg: MonitorConfig) -> dict[str, Any]:
     """Fresh held-out rollouts from base and trained; the G1 statistic on each; write monitor.json."""
-    adapter_dir(cfg.adapter)
+    check_adapter(cfg.adapter, cfg.model)
     pack = load_pack(cfg.pack)
     sae_path = cfg.sae or pack.metadata.get("sae_path")
     if not sae_path:
         raise SaeRewardError(f"pack {cfg.pack} records no SAE path: pass --sae")
+    check_pack_sae(pack, sae_path)
     sae = load_sae(sae_path)
     layer = pack.layer if pack.layer is not None else sae.cfg.layer
     if layer is None:
@@ -263,12 +282,12 @@ def run_monitor(cfg: MonitorConfig) -> dict[str, Any]:
             out=str(out / name),
             progress=cfg.progress,
         )
-        if not (out / name / "summary.json").is_file():
+        if not _made_with(out / name, rc):
             run_rollouts(rc)
         ro = load_rollouts(out / name)
         check_sae_matches_model(sae, int(ro.summary["d_model"]), layer)
         scorer = PackScorer(sae, pack, d_model=int(ro.summary["d_model"]))
-        score = scorer.response_scores(ro.tokens[layer], ro.offsets)
+        score = scorer.response_scores(ro.layer_tokens(layer, "the pack's layer"), ro.offsets)
         y = ro.correct
         acc = wilson_ci(int(y.sum()), len(y))
         res["policies"][name] = {

@@ -56,7 +56,7 @@ from saereward import __version__, plots
 from saereward.analysis.evaluate import EvalConfig, _load_task, run_eval
 from saereward.config import option, refuse_other_settings, to_dict
 from saereward.errors import SaeRewardError
-from saereward.features.pack import check_pack, load_pack
+from saereward.features.pack import check_pack, check_pack_sae, load_pack
 from saereward.io import read_jsonl, write_json
 from saereward.model.capture import block_output, forward_residuals
 from saereward.model.lm import (
@@ -544,6 +544,8 @@ def _resolve(cfg: SteerConfig) -> _Setup:
         if not sae_path:
             why = "--feature" if cfg.feature is not None else "vector=pack"
             raise SaeRewardError(f"{why} needs an SAE: pass --sae (the pack records no sae_path)")
+        if pack is not None:
+            check_pack_sae(pack, sae_path)
         sae = load_sae(sae_path)
         sae.requires_grad_(False)
         if (

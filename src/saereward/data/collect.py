@@ -442,6 +442,8 @@ class _CorpusSource:
             path = Path(p).expanduser()
             if not path.is_file():
                 raise SaeRewardError(f"text file {p} not found: check text_paths")
+            if path.stat().st_size == 0:
+                raise SaeRewardError(f"text file {p} is empty: check text_paths")
             self.files.append(
                 {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
             )
@@ -605,10 +607,15 @@ def _prepare_out(cfg: CollectConfig) -> dict[str, Any] | None:
     try:
         stored = json.loads((out / CONFIG).read_text(encoding="utf-8"))
         manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise SaeRewardError(
             f"cannot read {out}/{CONFIG} or {MANIFEST} ({exc}): pass a new folder as out"
         ) from None
+    if not (isinstance(stored, dict) and _is_manifest(manifest)):
+        raise SaeRewardError(
+            f"{out}/{CONFIG} or {MANIFEST} is not what collect writes (edited or corrupt): pass a new folder "
+            f"as out, or delete {out} to start over"
+        )
     new = _content_config(to_dict(cfg))
     old = _content_config(stored)
     if new != old:
@@ -621,6 +628,13 @@ def _prepare_out(cfg: CollectConfig) -> dict[str, Any] | None:
             f"{', '.join(diff)}): pass another out folder, or delete {out} to start over"
         )
     return manifest
+
+
+def _is_manifest(m: Any) -> bool:
+    """Whether ``m`` has the shape of a manifest this module writes (checked before a resume reads it)."""
+    keys = {"file", "n_tokens", "heldout_start", "source", "unit_start", "unit_end"}
+    shards = m.get("shards") if isinstance(m, dict) else None
+    return isinstance(shards, list) and all(isinstance(e, dict) and keys <= set(e) for e in shards)
 
 
 def _new_manifest(
@@ -778,6 +792,11 @@ def _collect(
                 bar.set_postfix(shards=len(shards))
     finally:
         bar.close()
+    if manifest["n_tokens"] == 0:
+        raise SaeRewardError(
+            f"collected no tokens into {out}: the sources hold no text (a chunk needs more than "
+            f"skip_first={cfg.skip_first} tokens); check text_paths, hf_dataset and text_field"
+        )
     manifest["complete"] = True
     _write_manifest(out, manifest)
     log.info("collected %d tokens in %d shards to %s", manifest["n_tokens"], len(shards), out)

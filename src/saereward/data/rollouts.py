@@ -338,14 +338,26 @@ class Rollouts:
             raise SaeRewardError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
         return torch.tensor([r["split"] == split for r in self.rows])
 
+    def layer_tokens(self, layer: int, what: str = "layer") -> Any:
+        """Per-token residuals ``[N, d]`` at ``layer``, or one error saying why there are none: a layer
+        the model does not have, or one the rollouts did not keep. ``what`` names where ``layer`` came
+        from (e.g. "the SAE's layer")."""
+        if layer in self.tokens:
+            return self.tokens[layer]
+        n = self.summary.get("num_layers")
+        if isinstance(n, int) and not 0 <= layer < n:
+            raise SaeRewardError(
+                f"{what} {layer} is out of range: the model of the rollouts at {self.path} has {n} layers "
+                f"(0-{n - 1}); pass a layer in that range"
+            )
+        raise SaeRewardError(
+            f"the rollouts at {self.path} kept per-token residuals for layers {sorted(self.tokens)}, not "
+            f"{what} {layer}: re-run `saereward rollouts --token-layers {layer}`"
+        )
+
     def response_tokens(self, layer: int, r: int) -> Any:
         """Per-token residuals ``[T_r, d]`` of response ``r`` at ``layer``."""
-        if layer not in self.tokens:
-            raise SaeRewardError(
-                f"rollouts at {self.path} kept per-token residuals for layers {sorted(self.tokens)}, not {layer}: "
-                f"re-run `saereward rollouts --token-layers {layer}`"
-            )
-        return self.tokens[layer][int(self.offsets[r]) : int(self.offsets[r + 1])]
+        return self.layer_tokens(layer)[int(self.offsets[r]) : int(self.offsets[r + 1])]
 
 
 def load_rollouts(path: str | Path) -> Rollouts:
@@ -362,18 +374,45 @@ def load_rollouts(path: str | Path) -> Rollouts:
             f"{p} is not a rollout folder (missing {', '.join(missing)}): run `saereward rollouts --out {p}` first"
         )
     rows = read_jsonl(p / "rollouts.jsonl")
+    keys = ("qid", "split", "correct")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or any(k not in row for k in keys):
+            raise SaeRewardError(
+                f"{p / 'rollouts.jsonl'}: response {i + 1} lacks {', '.join(keys)}: not a rollout saereward "
+                "wrote (or edited); re-run `saereward rollouts`"
+            )
     try:
         pooled_t = load_file(str(p / "pooled.safetensors"))
         tok_t = load_file(str(p / "tokens.safetensors"))
     except (SafetensorError, OSError) as exc:
         raise SaeRewardError(f"cannot read the tensors in {p}: {exc}; re-run `saereward rollouts`") from None
-    pooled = {int(k.split("_")[1]): v for k, v in pooled_t.items() if k.startswith("layer_")}
-    tokens = {int(k.split("_")[1]): v for k, v in tok_t.items() if k.startswith("layer_")}
-    offsets = tok_t.get("offsets")
+    pooled, tokens = _layer_tensors(pooled_t, p), _layer_tensors(tok_t, p)
+    offsets, token_ids = tok_t.get("offsets"), tok_t.get("token_ids")
     bad = [L for L, v in pooled.items() if v.shape[0] != len(rows)]
     if offsets is None or offsets.shape[0] != len(rows) + 1 or bad:
         raise SaeRewardError(
             f"{p}: rollouts.jsonl and the tensor files disagree on the number of responses; re-run"
         )
-    summary = read_json(p / "summary.json")
-    return Rollouts(p, rows, pooled, tokens, tok_t.get("token_ids"), offsets, summary)
+    n = int(offsets[-1]) if len(offsets) else 0
+    steps_ok = bool((offsets[1:] >= offsets[:-1]).all()) and (not len(offsets) or int(offsets[0]) == 0)
+    sizes = {v.shape[0] for v in tokens.values()} | ({token_ids.shape[0]} if token_ids is not None else set())
+    if token_ids is None or not steps_ok or sizes != {n}:
+        raise SaeRewardError(
+            f"{p}/tokens.safetensors: its offsets, token ids and per-token residuals disagree (truncated or "
+            "edited); re-run `saereward rollouts`"
+        )
+    summary = read_json(p / "summary.json", expect=dict)
+    return Rollouts(p, rows, pooled, tokens, token_ids, offsets, summary)
+
+
+def _layer_tensors(tensors: dict[str, Any], folder: Path) -> dict[int, Any]:
+    """``{layer: tensor}`` of a rollout tensor file's ``layer_{L}`` entries."""
+    out = {}
+    for k, v in tensors.items():
+        if k.startswith("layer_"):
+            if not k[6:].isdigit():
+                raise SaeRewardError(
+                    f"{folder}: tensor {k!r} is not layer_<number>; re-run `saereward rollouts`"
+                )
+            out[int(k[6:])] = v
+    return out

@@ -106,11 +106,7 @@ def scored_rows(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token scores of rollout responses ``rows``, padded: ``mech [B, T]``, ``full [B, T]`` (every
     position with a residual) and ``scored [B, T]`` (``full`` minus end and stop-string tokens)."""
-    if layer not in ro.tokens:
-        raise SaeRewardError(
-            f"the rollouts at {ro.path} kept per-token residuals for layers {sorted(ro.tokens)}, not {layer}: "
-            f"re-run `saereward rollouts --token-layers {layer}`"
-        )
+    ro.layer_tokens(layer)  # the layer is there, or one error saying why not
     off = ro.offsets
     lengths = [int(off[r + 1] - off[r]) for r in rows]
     T = max([1, *lengths])

@@ -34,7 +34,7 @@ from saereward.features.pack import Feature, FeaturePack, beside, save_pack
 from saereward.features.scoring import PackScorer, pooled_sae_acts
 from saereward.io import file_sha256, write_json
 from saereward.model.lm import load_tokenizer
-from saereward.sae.formats import check_sae_matches_model, load_sae
+from saereward.sae.formats import check_sae_matches_model, load_sae, sae_weights_sha256, warn_other_model
 from saereward.stats import cohens_d, require_both_outcomes
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,9 @@ def run_discover(cfg: DiscoverConfig) -> FeaturePack:
     sae = load_sae(cfg.sae)
     layer = resolve_sae_layer(sae, cfg.layer, ro)
     check_sae_matches_model(sae, int(ro.summary["d_model"]), layer)
-    pooled = pooled_sae_acts(sae, _tokens(ro, layer), ro.offsets)
+    warn_other_model(f"SAE {cfg.sae}", sae.cfg.model, ro.summary.get("model"))
+    what = "--layer" if cfg.layer is not None else "the SAE's layer"
+    pooled = pooled_sae_acts(sae, ro.layer_tokens(layer, what), ro.offsets)
     disc = ro.split_mask("discovery")
     correct = ro.correct
     n_c, n_w = require_both_outcomes(
@@ -153,6 +155,7 @@ def run_discover(cfg: DiscoverConfig) -> FeaturePack:
             # relative to the pack's folder, so a moved or copied run reads its own SAE and rollouts
             "sae_path": beside(cfg.sae, cfg.out),
             "sae_sha256": file_sha256(cfg.sae),
+            "sae_weights_sha256": sae_weights_sha256(cfg.sae),
             "rollouts": beside(cfg.rollouts, cfg.out),
             "task": (ro.summary.get("task") or {}).get("name"),
             "prompt_format": ro.generation.get("prompt_format"),
@@ -189,15 +192,6 @@ def _save_reward_baseline(pack: FeaturePack, sae: Any, ro: Any, layer: int, out:
         return
     b = measure_baseline(PackScorer(sae, pack), ro, layer, tok, meta={"scorer": f"pack:{pack.name}"})
     save_baseline(b, baseline_beside(out))
-
-
-def _tokens(ro: Any, layer: int) -> Tensor:
-    if layer not in ro.tokens:
-        raise SaeRewardError(
-            f"the rollouts at {ro.path} kept per-token residuals for layers {sorted(ro.tokens)}, "
-            f"but the SAE reads layer {layer}: re-run `saereward rollouts --token-layers {layer}`"
-        )
-    return ro.tokens[layer]
 
 
 def format_pack(pack: FeaturePack, n: int = 10) -> str:

@@ -29,7 +29,15 @@ from saereward.data.rollouts import load_rollouts
 from saereward.errors import SaeRewardError
 from saereward.io import write_json
 from saereward.model.capture import forward_residuals
-from saereward.model.lm import DEFAULT_MODEL, DType, check_device, decoder_layers, load_model, unwrap
+from saereward.model.lm import (
+    DEFAULT_MODEL,
+    DType,
+    check_device,
+    decoder_layers,
+    hf_model_id,
+    load_model,
+    unwrap,
+)
 from saereward.stats import cohens_d, mean_difference, require_both_outcomes
 
 
@@ -167,10 +175,14 @@ def run_layers(cfg: LayersConfig) -> dict[str, Any]:
         "peak_layer": peak,
         "config": to_dict(cfg),
     }
-    if cfg.lens_n > 0:
-        lm = load_model(
-            cfg.model or ro.summary.get("model") or DEFAULT_MODEL, dtype=cfg.dtype, device=cfg.device
+    made_by = ro.summary.get("model")
+    if cfg.lens_n > 0 and cfg.model and made_by and hf_model_id(cfg.model) != hf_model_id(made_by):
+        raise SaeRewardError(  # the map and the lens would describe two models in one file
+            f"the rollouts at {cfg.rollouts} were made by {made_by}, --model is {cfg.model}: the logit lens "
+            f"must read the same model; drop --model (or pass --model {made_by})"
         )
+    if cfg.lens_n > 0:
+        lm = load_model(cfg.model or made_by or DEFAULT_MODEL, dtype=cfg.dtype, device=cfg.device)
         ex = [
             (r["prompt"], r["completion"], str(r["gold"]))
             for r, m in zip(ro.rows, mask.tolist(), strict=True)

@@ -7,10 +7,11 @@ Our pack JSON is a superset of mechreward's schema, so mechreward's tools can re
 * each feature: ``feature_id``, ``effect_size``, ``mean_correct``, ``mean_wrong``, ``weight``,
   ``validated`` (plus our ``active_frac``);
 * ``metadata``: ``d_model``, ``d_sae``, ``k``, ``target_layer``, ``num_hidden_layers`` (mechreward's),
-  plus ours: ``format`` = ``saereward.pack``, ``format_version``, ``sae_path``, ``sae_sha256``,
-  ``rollouts``, ``discovery_qids``, ``validation_qids``, ``stats``. ``sae_path`` and ``rollouts`` are
-  relative to the pack's folder (so a moved or copied run reads its own); :func:`load_pack` resolves
-  them against the pack's current place.
+  plus ours: ``format`` = ``saereward.pack``, ``format_version``, ``sae_path``, ``sae_sha256`` (of
+  the SAE folder), ``sae_weights_sha256`` (of its weight files alone: :func:`check_pack_sae` refuses
+  another SAE), ``rollouts``, ``discovery_qids``, ``validation_qids``, ``stats``. ``sae_path`` and
+  ``rollouts`` are relative to the pack's folder (so a moved or copied run reads its own);
+  :func:`load_pack` resolves them against the pack's current place.
 
 :func:`load_pack` also reads mechreward's older packs with one ``features[]`` list, where each entry's
 sign comes from ``weight`` (or ``direction``/``polarity``/``type`` = helpful/harmful).
@@ -24,6 +25,7 @@ write them as ``+1`` score the same.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -34,7 +36,9 @@ from saereward.errors import SaeRewardError
 from saereward.hub import resolve_source
 from saereward.io import file_sha256, write_json
 
-__all__ = ["Feature", "FeaturePack", "check_pack", "file_sha256", "load_pack", "save_pack"]
+__all__ = ["Feature", "FeaturePack", "check_pack", "check_pack_sae", "file_sha256", "load_pack", "save_pack"]
+
+log = logging.getLogger(__name__)
 
 PACK_FORMAT = "saereward.pack"
 PACK_VERSION = 1
@@ -101,6 +105,15 @@ class FeaturePack:
 
     def __len__(self) -> int:
         return len(self.helpful) + len(self.harmful)
+
+    def score_sha256(self) -> str:
+        """sha256 of what the pack's score depends on: its layer, feature ids, signed weights and the
+        SAE it indexes (not its name, validation record or statistics, which gate-g1 rewrites)."""
+        import hashlib
+
+        sae = self.metadata.get("sae_weights_sha256") or self.metadata.get("sae_sha256")
+        key = [self.layer, self.feature_ids, self.signed_weights(), sae]
+        return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -234,6 +247,12 @@ def load_pack(path: str | Path) -> FeaturePack:
     for key in ("d_model", "d_sae", "k", "num_hidden_layers"):
         if key not in md and isinstance(data.get(key), int):
             md[key] = data[key]
+    for key in ("d_model", "d_sae", "k", "num_hidden_layers"):
+        v = md.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise SaeRewardError(
+                f"feature pack {p}: metadata {key}={v!r} is not a positive whole number: fix the pack"
+            )
     return FeaturePack(
         name=str(data.get("name") or p.stem),
         helpful=helpful,
@@ -248,6 +267,31 @@ def load_pack(path: str | Path) -> FeaturePack:
         metadata=md,
         source_format=fmt,
     )
+
+
+def check_pack_sae(pack: FeaturePack, sae_path: str | os.PathLike[str]) -> None:
+    """Refuse an SAE whose weights are not those ``pack`` was discovered on (its feature ids would name
+    other latents, and every score computed with it would be noise). Packs record the weights' hash
+    (``sae_weights_sha256``); an older pack, only its SAE folder's (``sae_sha256``, which an
+    ``eval-sae`` rerun also changes), so a difference there is a warning."""
+    from saereward.sae.formats import sae_weights_sha256
+
+    want = pack.metadata.get("sae_weights_sha256")
+    if want:
+        if sae_weights_sha256(sae_path) != want:
+            raise SaeRewardError(
+                f"the SAE at {sae_path} is not the one pack {pack.name!r} was discovered on (the weights' "
+                "sha256 differs): pass that SAE with --sae, or discover a pack on this one"
+            )
+        return
+    legacy = pack.metadata.get("sae_sha256")
+    if legacy and Path(sae_path).exists() and file_sha256(sae_path) != legacy:
+        log.warning(
+            "the SAE at %s may not be the one pack %r was discovered on (its folder's sha256 differs; an "
+            "eval-sae rerun changes that too); if it is another SAE, the pack's scores are noise",
+            sae_path,
+            pack.name,
+        )
 
 
 def check_pack(pack: FeaturePack, *, d_sae: int, d_model: int | None = None, where: str = "") -> None:

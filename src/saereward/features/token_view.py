@@ -27,7 +27,7 @@ from typing import Any
 
 from saereward.config import option
 from saereward.errors import SaeRewardError
-from saereward.features.pack import load_pack
+from saereward.features.pack import check_pack_sae, load_pack
 from saereward.features.scoring import PackScorer, segment_mean
 from saereward.io import file_sha256, read_jsonl, write_json
 from saereward.model.lm import EMBEDDED_PREFIX, cache_dir, embedded_gguf_path
@@ -154,18 +154,13 @@ def _sae_path(run: Path, pack: Any) -> Path:
     """The run's own SAE, ``RUN/sae/sae``, checked against the sha256 the pack recorded.
 
     Never the path the pack recorded: a copied or moved run must not read the original's SAE. An SAE
-    whose hash differs from the one the pack was discovered on is refused, since the pack's feature
-    indices would then name other latents.
+    other than the one the pack was discovered on is refused (:func:`check_pack_sae`), since the pack's
+    feature indices would then name other latents.
     """
     path = run / "sae" / "sae"
     if not path.exists():
         raise SaeRewardError(f"the run has no SAE at {path}: run the sae stage (saereward pipeline)")
-    want = pack.metadata.get("sae_sha256")
-    if want and file_sha256(path) != want:
-        raise SaeRewardError(
-            f"the SAE at {path} is not the one the pack was discovered on (sha256 differs): run the "
-            "discover stage again on this SAE (saereward pipeline --force discover)"
-        )
+    check_pack_sae(pack, path)
     return path
 
 

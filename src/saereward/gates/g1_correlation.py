@@ -61,11 +61,11 @@ from saereward.data.rollouts import load_rollouts
 from saereward.errors import SaeRewardError
 from saereward.features.discover import resolve_sae_layer
 from saereward.features.layers import contrastive_direction, layer_scores
-from saereward.features.pack import load_pack, save_pack
+from saereward.features.pack import check_pack_sae, load_pack, save_pack
 from saereward.features.probe import fit_logistic
 from saereward.features.scoring import PackScorer, pack_scores_from_pooled, pooled_sae_acts
 from saereward.io import write_json
-from saereward.sae.formats import check_sae_matches_model, load_sae
+from saereward.sae.formats import check_sae_matches_model, load_sae, warn_other_model
 from saereward.stats import association, partial_association, require_both_outcomes
 
 log = logging.getLogger(__name__)
@@ -320,9 +320,12 @@ def _gate_inputs(cfg: GateG1Config) -> tuple[Any, Any, str, Any, int]:
     sae_path = cfg.sae or pack.metadata.get("sae_path")
     if not sae_path:
         raise SaeRewardError(f"pack {cfg.pack} records no SAE path: pass --sae")
+    check_pack_sae(pack, sae_path)
     sae = load_sae(sae_path)
     layer = resolve_sae_layer(sae, cfg.layer if cfg.layer is not None else pack.layer, ro)
     check_sae_matches_model(sae, int(ro.summary["d_model"]), layer)
+    warn_other_model(f"pack {cfg.pack}", pack.model_name, ro.summary.get("model"))
+    warn_other_model(f"SAE {sae_path}", sae.cfg.model, ro.summary.get("model"))
     return pack, ro, str(sae_path), sae, layer
 
 
@@ -345,12 +348,7 @@ def run_gate_g1(cfg: GateG1Config) -> dict[str, Any]:
     boot: dict[str, Any] = {"n_boot": cfg.n_boot, "seed": cfg.seed, "clusters": qids}
 
     # -- the pack: per-token scores pooled per response, the RL reward's code path ----------------
-    tokens = ro.tokens.get(layer)
-    if tokens is None:
-        raise SaeRewardError(
-            f"rollouts kept per-token residuals for layers {sorted(ro.tokens)}, not the pack's layer {layer}: "
-            f"re-run `saereward rollouts --token-layers {layer}`"
-        )
+    tokens = ro.layer_tokens(layer, "the pack's layer")
     scores = {"pack": scorer.response_scores(tokens, ro.offsets)[val].numpy()}
 
     # -- raw contrastive direction and probe at the layer map's peak --------------------------------

@@ -114,6 +114,13 @@ class GateG2Config:
             raise ValueError(f"rewards {list(self.rewards)} repeat a reward: name each once")
         if self.min_seeds < 1:
             raise ValueError(f"min_seeds must be >= 1, got {self.min_seeds}")
+        default = GRPOConfig()
+        per_run = [f"rl.{k}" for k in ("reward", "seed", "out") if getattr(self.rl, k) != getattr(default, k)]
+        if per_run:
+            raise ValueError(
+                f"{', '.join(per_run)} would be ignored: gate-g2 sets each run's reward, seed and folder "
+                "from rewards, seeds and out; drop it"
+            )
 
 
 def rule_text(cfg: GateG2Config) -> str:

@@ -21,6 +21,7 @@ PASS when all hold; otherwise FAIL with the failing checks listed.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,14 @@ from saereward import __version__
 from saereward.analysis.evalsuite import EvalSuiteConfig, run_eval_suite
 from saereward.analysis.hacking import CanaryConfig, MonitorConfig, run_canaries, run_monitor
 from saereward.config import option, to_dict
+from saereward.errors import SaeRewardError
 from saereward.features.pack import load_pack
-from saereward.io import write_json
-from saereward.model.lm import adapter_dir, check_device
+from saereward.io import read_json, write_json
+from saereward.model.lm import check_adapter, check_device
 from saereward.options import DeviceOptions, ModelOptions
 from saereward.tasks.prompts import PromptFormat
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -115,9 +119,36 @@ def decide(
     return {"verdict": "PASS" if not failed else "FAIL", "failed": failed, "checks": checks}
 
 
+def _check_against_run(cfg: GateG3Config, pack: Any, run_cfg: dict[str, Any]) -> None:
+    """The RL run's own record against G3's settings: its reward pack must be the one the monitor
+    reads (another layer is an error, other features a warning), and a prompt format other than the
+    one it trained in is worth a warning (the policy is then evaluated off its training distribution)."""
+    if run_cfg.get("reward") == "sae" and run_cfg.get("pack") and Path(run_cfg["pack"]).is_file():
+        rl_pack = load_pack(run_cfg["pack"])
+        if rl_pack.layer is not None and pack.layer is not None and rl_pack.layer != pack.layer:
+            raise SaeRewardError(
+                f"--pack {cfg.pack} reads layer {pack.layer}, the run {cfg.adapter} was rewarded with a layer "
+                f"{rl_pack.layer} pack ({run_cfg['pack']}): pass that pack, which the monitor must check"
+            )
+        if sorted(rl_pack.feature_ids) != sorted(pack.feature_ids):
+            log.warning(
+                "--pack %s is not the pack %s the run was rewarded with: the Goodhart monitor checks another score",
+                cfg.pack,
+                run_cfg["pack"],
+            )
+    trained_in = run_cfg.get("prompt_format")
+    if trained_in and trained_in != cfg.prompt_format:
+        log.warning(
+            "G3 evaluates in the %s prompt format, the run trained in %s: pass --prompt-format %s",
+            cfg.prompt_format,
+            trained_in,
+            trained_in,
+        )
+
+
 def run_gate_g3(cfg: GateG3Config) -> dict[str, Any]:
-    adapter_dir(cfg.adapter)
-    load_pack(cfg.pack)  # a missing or broken pack fails now, not after the evaluation suite
+    run_cfg = read_json(check_adapter(cfg.adapter, cfg.model) / "config.json", expect=dict)
+    _check_against_run(cfg, load_pack(cfg.pack), run_cfg)  # now, not after the evaluation suite
     out = Path(cfg.out)
     common: dict[str, Any] = {
         "model": cfg.model,

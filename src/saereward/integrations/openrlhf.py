@@ -16,7 +16,9 @@ Per sample: ``reward = outcome + lam * mech``, where
 
 The answer also holds ``scores`` (the same numbers) and ``extra_logs`` (``outcome``, ``mech``), which
 OpenRLHF logs. A bad request gets a 4xx status with a one-line JSON ``error``; the server keeps
-serving. Requests are bounded (``max_body`` bytes, ``max_batch`` samples).
+serving. Requests are bounded (``max_body`` bytes, ``max_batch`` samples, queries within the model's
+context). Each connection has its own thread, and a client that stops sending is dropped after
+``timeout`` seconds, so one stalled client never blocks the others; the forwards take turns.
 """
 
 from __future__ import annotations
@@ -27,14 +29,15 @@ import socket
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import torch
 
 from saereward.config import option
 from saereward.errors import SaeRewardError
-from saereward.features.pack import FeaturePack, load_pack
+from saereward.features.pack import FeaturePack, check_pack_sae, load_pack
 from saereward.features.scoring import PackScorer
 from saereward.model.capture import forward_residuals
 from saereward.model.lm import DEFAULT_MODEL, LoadedModel, load_model
@@ -54,12 +57,13 @@ class ServeRewardConfig(PackOptions):
     port: int = option(5000, "port to listen on (0: any free port)")
     max_body: int = option(8_000_000, "largest request body in bytes")
     max_batch: int = option(512, "most samples in one request")
+    timeout: float = option(30.0, "seconds a client may take to send its request before it is dropped")
 
     def __post_init__(self) -> None:
         if not self.pack:
             raise ValueError("pack is required: `saereward serve-reward --pack pack.json`")
-        if self.max_body < 1 or self.max_batch < 1:
-            raise ValueError("max_body and max_batch must be >= 1")
+        if self.max_body < 1 or self.max_batch < 1 or self.timeout <= 0:
+            raise ValueError("max_body and max_batch must be >= 1, timeout > 0")
         if self.lam < 0:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
         if not 0 <= self.port <= 65535:
@@ -82,6 +86,9 @@ class SequenceRewarder:
         tok = self.lm.tokenizer
         n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
         ids = torch.tensor([tok(query, add_special_tokens=False)["input_ids"]])
+        limit = getattr(getattr(self.lm.model, "config", None), "max_position_embeddings", None)
+        if isinstance(limit, int) and ids.shape[1] > limit:
+            raise BadRequest(f"a query has {ids.shape[1]} tokens, more than the model's context of {limit}")
         if ids.shape[1] <= n_prompt:
             return 0.0
         with torch.no_grad(), self._lock:
@@ -101,12 +108,20 @@ class SequenceRewarder:
         return {"rewards": rewards, "scores": rewards, "extra_logs": {"outcome": outcome, "mech": mech}}
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_request(body: bytes, max_batch: int) -> tuple[list[str], list[str], list[Any]]:
     """``(queries, prompts, labels)`` of an OpenRLHF payload, or :class:`BadRequest` naming the problem."""
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"the body is not JSON ({exc.__class__.__name__})") from None
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested too deep, huge numbers
+        raise BadRequest(f"the body is not JSON this server reads ({exc.__class__.__name__})") from None
     if not isinstance(data, dict) or not isinstance(data.get("query"), list):
         raise BadRequest('expected a JSON object with "query": a list of strings')
     queries = data["query"]
@@ -118,18 +133,27 @@ def parse_request(body: bytes, max_batch: int) -> tuple[list[str], list[str], li
         raise BadRequest(f'"query" must hold 1 to {max_batch} samples, got {len(queries)}')
     if not len(prompts) == len(labels) == len(queries):
         raise BadRequest('"query", "prompts" and "labels" must have the same length')
-    for i, (q, p) in enumerate(zip(queries, prompts, strict=True)):
+    for i, (q, p, label) in enumerate(zip(queries, prompts, labels, strict=True)):
         if not isinstance(q, str) or not isinstance(p, str):
             raise BadRequest(f"sample {i}: query and prompt must be strings")
+        if not _encodable(q) or not _encodable(p):
+            raise BadRequest(f"sample {i}: query or prompt holds a lone surrogate (not valid Unicode text)")
+        if label is not None and (isinstance(label, bool) or not isinstance(label, str | int | float)):
+            raise BadRequest(f"sample {i}: a label must be a string, a number or null")
         if not q.startswith(p):
             raise BadRequest(f"sample {i}: the query does not start with its prompt")
     return queries, prompts, labels
 
 
-def make_handler(rewarder: SequenceRewarder, max_body: int, max_batch: int) -> type[BaseHTTPRequestHandler]:
-    """The request handler class of a server around ``rewarder``."""
+def make_handler(
+    rewarder: SequenceRewarder, max_body: int, max_batch: int, idle_timeout: float = 30.0
+) -> type[BaseHTTPRequestHandler]:
+    """The request handler class of a server around ``rewarder``; a connection idle for
+    ``idle_timeout`` seconds (a client that stopped sending) is closed."""
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = idle_timeout  # StreamRequestHandler sets it on the connection's socket
+
         def _send(self, status: int, payload: dict[str, Any]) -> None:
             body = json.dumps(payload).encode()
             self.send_response(status)
@@ -143,16 +167,29 @@ def make_handler(rewarder: SequenceRewarder, max_body: int, max_batch: int) -> t
                 length = int(self.headers.get("Content-Length", ""))
             except ValueError:
                 return self._send(411, {"error": "a Content-Length header is required"})
-            if not 0 <= length <= max_body:
+            if length < 0:
+                return self._send(400, {"error": "Content-Length must be a number of bytes >= 0"})
+            if length > max_body:
                 return self._send(413, {"error": f"the body is over {max_body} bytes"})
             try:
-                args = parse_request(self.rfile.read(length), max_batch)
+                body = self.rfile.read(length)
+            except TimeoutError:
+                self.close_connection = True  # the client stopped sending: nothing to answer
+                return None
+            try:
+                args = parse_request(body, max_batch)
                 return self._send(200, rewarder.score(*args))
             except BadRequest as exc:
                 return self._send(400, {"error": str(exc)})
             except Exception as exc:  # never let one request take the server down
                 log.exception("scoring failed")
                 return self._send(500, {"error": f"{type(exc).__name__}: {exc}"})
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """http.server's own errors (a bad request line, an unsupported method) as one JSON line
+            too, not its HTML page."""
+            self.close_connection = True
+            self._send(code, {"error": message or HTTPStatus(code).phrase})
 
         def do_GET(self) -> None:  # noqa: N802
             self._send(405, {"error": "POST the OpenRLHF payload to any path"})
@@ -168,6 +205,7 @@ def build_rewarder(cfg: ServeRewardConfig) -> SequenceRewarder:
     sae_path = cfg.sae or pack.metadata.get("sae_path")
     if not sae_path:
         raise SaeRewardError(f"{cfg.pack} records no SAE: pass --sae")
+    check_pack_sae(pack, sae_path)
     sae = load_sae(sae_path, device=cfg.device)
     lm = load_model(cfg.model or pack.model_name or DEFAULT_MODEL, dtype=cfg.dtype, device=cfg.device)
     layer = pack.layer if pack.layer is not None else sae.cfg.layer
@@ -183,9 +221,11 @@ def _listen_fix(exc: OSError) -> str:
     return "check --host (an address of this machine, e.g. 127.0.0.1) and --port"
 
 
-def make_server(cfg: ServeRewardConfig, rewarder: SequenceRewarder) -> HTTPServer:
+def make_server(cfg: ServeRewardConfig, rewarder: SequenceRewarder) -> ThreadingHTTPServer:
+    """The server (not yet serving): one thread per connection, daemon threads (Ctrl-C stops at once)."""
+    handler = make_handler(rewarder, cfg.max_body, cfg.max_batch, cfg.timeout)
     try:
-        return HTTPServer((cfg.host, cfg.port), make_handler(rewarder, cfg.max_body, cfg.max_batch))
+        return ThreadingHTTPServer((cfg.host, cfg.port), handler)
     except OSError as exc:
         raise SaeRewardError(
             f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror or exc}): {_listen_fix(exc)}"

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 
 from saereward.config import check_sampling
+from saereward.errors import SaeRewardError
 from saereward.model import fastdecode
 from saereward.model.capture import ResidualCapture, position_ids_from_mask
-from saereward.model.lm import LoadedModel
+from saereward.model.lm import LoadedModel, unwrap
 
 #: Raw and few-shot prompts make the model continue the ``Q:/A:`` pattern; generation stops there.
 PATTERN_STOPS: tuple[str, ...] = ("\nQ:", "\n\nQ", "\nProblem:", "\nQuestion:")
@@ -381,6 +382,18 @@ def uses_fast_decode(model: Any, sampling: SamplingConfig, fast_decode: bool) ->
     return fastdecode.unsupported(model) is None
 
 
+def check_context(model: Any, prompt_tokens: int, new_tokens: int) -> None:
+    """Refuse a generation longer than the model's context (``max_position_embeddings``): past it the
+    positions are ones the model never saw, and the prefill alone can take many minutes on a CPU."""
+    limit = getattr(getattr(unwrap(model), "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and prompt_tokens + new_tokens > limit:
+        raise SaeRewardError(
+            f"the longest prompt has {prompt_tokens} tokens and max_new_tokens is {new_tokens}: together more "
+            f"than the model's context of {limit} tokens; use fewer --shots, shorter prompts or a smaller "
+            "--max-new-tokens"
+        )
+
+
 def generate_batch(
     lm: LoadedModel,
     prompts: Sequence[str],
@@ -406,6 +419,7 @@ def generate_batch(
     """
     tok, model = lm.tokenizer, lm.model
     enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+    check_context(model, int(enc["input_ids"].shape[1]), sampling.max_new_tokens)
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
     gcfg, eos_ids = _generation_config(lm, sampling)

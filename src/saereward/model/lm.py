@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from saereward.errors import SaeRewardError
 from saereward.hub import HF_SCHEME, hub_offline, hub_reachable, resolve_source
-from saereward.io import check_writable
+from saereward.io import check_writable, read_json
 from saereward.threads import warm_vector_math
 
 if TYPE_CHECKING:
@@ -654,6 +654,18 @@ def adapter_dir(path: str | os.PathLike[str]) -> Path:
     )
 
 
+def check_adapter(path: str | os.PathLike[str], model: str | None) -> Path:
+    """:func:`adapter_dir`, and that the run was trained on ``model`` (its recorded spec): a command
+    that evaluates base and trained policies checks this before the base model's work, not after."""
+    folder = adapter_dir(path)
+    trained_on = read_json(folder / "config.json", expect=dict).get("model")
+    if model is not None and trained_on not in (None, model):
+        raise SaeRewardError(
+            f"adapter {path} was trained on {trained_on}, not {model}: pass --model {trained_on}"
+        )
+    return folder
+
+
 def apply_adapter(lm: LoadedModel, path: str | os.PathLike[str]) -> None:
     """Merge the LoRA weights of a ``train-rl`` run into ``lm.model`` in place (a plain model after).
 
@@ -664,12 +676,8 @@ def apply_adapter(lm: LoadedModel, path: str | os.PathLike[str]) -> None:
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file
 
-    folder = adapter_dir(path)
-    cfg = json.loads((folder / "config.json").read_text())
-    if cfg.get("model") not in (None, lm.spec):
-        raise SaeRewardError(
-            f"adapter {path} was trained on {cfg.get('model')}, not {lm.spec}: pass --model {cfg.get('model')}"
-        )
+    folder = check_adapter(path, lm.spec)
+    cfg = read_json(folder / "config.json", expect=dict)
     targets = [
         t for t in cfg.get("lora_targets", []) if any(n.endswith(t) for n, _ in lm.model.named_modules())
     ]

@@ -48,6 +48,7 @@ from saereward.report.sections import (
 )
 from saereward.report.tables import fmt3, results_markdown
 from saereward.report.tokens import Z_SATURATE, token_colour, token_view, viewer_items
+from saereward.stages import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,12 @@ def run_report(cfg: ReportConfig) -> Path:
     run = Path(cfg.run_dir).expanduser()
     if not run.is_dir():
         raise SaeRewardError(f"run folder {run} not found: pass the folder `saereward pipeline` wrote")
+    markers = [s.artifact for s in STAGES if s.name != "report"]
+    if not any((run / m).is_file() for m in (*markers, "pipeline.json", "stages.json")):
+        raise SaeRewardError(  # a run just started has pipeline.json: every stage is then "not run"
+            f"{run} holds no stage output ({', '.join(markers[:3])}, ...) and no pipeline.json: pass the "
+            "folder `saereward pipeline` wrote"
+        )
     out = Path(cfg.out).expanduser() if cfg.out else run / "report.html"
     t0 = time.perf_counter()
     text = render(build_context(run, cfg))

@@ -59,13 +59,21 @@ def _read(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _run_folder(cfg: PushConfig, artifact: Path) -> Path | None:
+def _gate_rows(cfg: PushConfig, artifact: Path) -> list[list[str]]:
+    """The card's gate rows: from ``--run``, which must hold gate results, else from the pipeline run
+    folder holding ``artifact`` (if it is in one)."""
     if cfg.run:
-        return Path(cfg.run)
+        rows = dashboard_rows(Path(cfg.run)) if Path(cfg.run).is_dir() else []
+        if not rows:
+            raise SaeRewardError(
+                f"--run {cfg.run} holds no gate results (gate_g1.json, g2/gate_g2.json, g3/gate_g3.json): "
+                "pass the run folder of `saereward pipeline`, or leave --run unset"
+            )
+        return rows
     for cand in (artifact.parent, artifact.parent.parent):
         if (cand / "stages.json").is_file():
-            return cand
-    return None
+            return dashboard_rows(cand)
+    return []
 
 
 def stage_upload(cfg: PushConfig, folder: Path) -> list[str]:
@@ -78,10 +86,7 @@ def stage_upload(cfg: PushConfig, folder: Path) -> list[str]:
         for f, name in zip(files, names, strict=True):
             if f.is_file():
                 shutil.copy2(f, folder / name)
-        run = _run_folder(cfg, src)
-        card = pack_card(
-            cfg.repo, _read(src), dashboard_rows(run) if run else [], hf_model_id(pack.model_name or "")
-        )
+        card = pack_card(cfg.repo, _read(src), _gate_rows(cfg, src), hf_model_id(pack.model_name or ""))
     else:
         sae_dir, fmt = resolve_sae_path(src)
         if fmt != "native" or not (sae_dir / NATIVE_WEIGHTS).is_file():
@@ -92,13 +97,12 @@ def stage_upload(cfg: PushConfig, folder: Path) -> list[str]:
         for f in sorted(sae_dir.iterdir()):
             if f.is_file() and f.suffix in (".json", ".safetensors"):
                 shutil.copy2(f, folder / f.name)
-        run = _run_folder(cfg, sae_dir)
         card = sae_card(
             cfg.repo,
             _read(sae_dir / "cfg.json"),
             _read(sae_dir / "eval.json"),
             _read(sae_dir / "train_config.json"),
-            dashboard_rows(run) if run else [],
+            _gate_rows(cfg, sae_dir),
             hf_model_id(sae.cfg.model) if sae.cfg.model else None,
         )
     (folder / "README.md").write_text(card, encoding="utf-8")
@@ -112,7 +116,11 @@ def run_push(cfg: PushConfig) -> str:
         if out.exists():
             raise SaeRewardError(f"{out} exists: pass a new --out (a dry run never overwrites)")
         tmp = Path(tempfile.mkdtemp(prefix=".push-", dir=out.parent if out.parent.exists() else None))
-        stage_upload(cfg, tmp)
+        try:
+            stage_upload(cfg, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.move(str(tmp), str(out))
         return str(out)
     if hub_offline() or not hub_reachable()[0]:

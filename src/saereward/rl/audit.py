@@ -34,12 +34,12 @@ from saereward.config import option, to_dict
 from saereward.data.rollouts import load_rollouts
 from saereward.errors import SaeRewardError
 from saereward.features.baseline import RewardBaseline, measure_baseline, scored_rows
-from saereward.features.pack import load_pack
+from saereward.features.pack import check_pack_sae, load_pack
 from saereward.features.scoring import PackScorer
 from saereward.io import write_json
 from saereward.model.lm import load_tokenizer
 from saereward.rl.reward import REWARD_FORMS, completion_mech_reward
-from saereward.sae.formats import load_sae
+from saereward.sae.formats import load_sae, warn_other_model
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,9 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     sae_path = cfg.sae or pack.metadata.get("sae_path")
     if not sae_path:
         raise SaeRewardError(f"pack {cfg.pack} records no SAE: pass --sae")
+    check_pack_sae(pack, sae_path)
     scorer = PackScorer(load_sae(sae_path), pack)
+    warn_other_model(f"pack {cfg.pack}", pack.model_name, ro.summary.get("model"))
     layer = cfg.layer if cfg.layer is not None else pack.layer
     if layer is None:
         raise SaeRewardError("the pack records no layer: pass --layer")

@@ -6,7 +6,6 @@ place (a kill between the renames resumes from ``checkpoint.old``)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from torch import Tensor
 from saereward import __version__
 from saereward.config import to_dict
 from saereward.errors import SaeRewardError
-from saereward.io import read_json, write_json
+from saereward.io import file_sha256, read_json, write_json
 from saereward.rl.config import GRPOConfig
 
 
@@ -48,9 +47,43 @@ _LEGACY: dict[str, Any] = {"reward_form": "mechreward"}
 STEP_SEED = 104_729  # torch is seeded with seed * STEP_SEED + step before each step
 
 
+def reward_inputs(cfg: GRPOConfig) -> dict[str, str]:
+    """sha256 of what ``cfg``'s reward reads from local files (the pack's score, which includes its
+    SAE's hash; the direction's rollouts; the dual-verifier probe), so that a resume refuses one
+    changed at the same path. A hub path (``hf://``) is left out: the hub cache keeps a revision's
+    files fixed. The pack counts by its score (:meth:`FeaturePack.score_sha256`): gate-g1 rewriting
+    its validation record changes nothing a step computes."""
+    from saereward.features.pack import load_pack
+
+    files: dict[str, list[Path]] = {}
+    found: dict[str, str] = {}
+    if cfg.reward == "sae" and cfg.pack and Path(cfg.pack).is_file():
+        found["pack"] = load_pack(cfg.pack).score_sha256()
+    if cfg.reward == "direction" and cfg.direction_rollouts:
+        ro = Path(cfg.direction_rollouts)
+        files["direction_rollouts"] = [ro / "rollouts.jsonl", ro / "pooled.safetensors"]
+    if cfg.reward != "outcome" and cfg.dual_verifier:
+        files["dual_verifier"] = [Path(cfg.dual_verifier)]
+    found.update(
+        {
+            k: "+".join(file_sha256(p) for p in paths)
+            for k, paths in files.items()
+            if all(p.is_file() for p in paths)
+        }
+    )
+    return found
+
+
 def save_checkpoint(
-    folder: Path, step: int, lora: dict[str, Tensor], opt: torch.optim.Optimizer, cfg: GRPOConfig
+    folder: Path,
+    step: int,
+    lora: dict[str, Tensor],
+    opt: torch.optim.Optimizer,
+    cfg: GRPOConfig,
+    inputs: dict[str, str] | None = None,
 ) -> None:
+    """Write the LoRA weights, the optimizer state, ``cfg`` and the reward's ``inputs``
+    (:func:`reward_inputs`) to ``folder`` (a temp folder renamed into place)."""
     from safetensors.torch import save_file
 
     tmp = folder.with_name(folder.name + ".tmp")
@@ -77,6 +110,7 @@ def save_checkpoint(
             # no generator state to store: fit() reseeds torch before every step from (seed, step)
             "rng": f"torch.manual_seed({cfg.seed} * {STEP_SEED} + step) before each step",
             "saereward_version": __version__,
+            "reward_inputs": inputs or {},
         },
     )
     write_json(tmp / "config.json", to_dict(cfg))
@@ -133,11 +167,17 @@ def load_optimizer(folder: Path, opt: torch.optim.Optimizer) -> int:
 
 
 def restore_checkpoint(
-    out: Path, cfg: GRPOConfig, lora: dict[str, Tensor], opt: torch.optim.Optimizer
+    out: Path,
+    cfg: GRPOConfig,
+    lora: dict[str, Tensor],
+    opt: torch.optim.Optimizer,
+    inputs: dict[str, str] | None = None,
 ) -> int:
     """Load the run's checkpoint in ``out`` into the LoRA weights ``lora`` and ``opt``; returns its step
     (0 when there is none or ``cfg.resume`` is off). A checkpoint made with settings that change what
-    a step computes (:func:`settings_diff`) or with another LoRA setup is refused."""
+    a step computes (:func:`settings_diff`), with reward input files whose content changed since
+    (``inputs``, :func:`reward_inputs`) or with another LoRA setup is refused."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     ck = out / "checkpoint"
@@ -145,26 +185,40 @@ def restore_checkpoint(
         ck = ck.with_name("checkpoint.old")
     if not (cfg.resume and (ck / "state.json").is_file()):
         return 0
-    diff = settings_diff(json.loads((ck / "config.json").read_text()), cfg)
+    diff = settings_diff(read_json(ck / "config.json", expect=dict), cfg)
     if diff:
         raise SaeRewardError(
             f"the checkpoint in {ck} was made with different settings ({', '.join(diff[:4])}): "
             "use another --out or --no-resume"
         )
-    weights = load_file(str(ck / "adapter.safetensors"))
-    missing = set(lora) ^ set(weights)
-    if missing:
-        raise SaeRewardError(f"checkpoint {ck} does not match this LoRA setup: use another --out")
-    with torch.no_grad():
-        for n, p in lora.items():
-            p.copy_(weights[n])
-    return load_optimizer(ck, opt)
+    saved = read_json(ck / "state.json", expect=dict).get("reward_inputs") or {}
+    changed = sorted(k for k in set(saved) & set(inputs or {}) if saved[k] != (inputs or {})[k])
+    if changed:
+        raise SaeRewardError(
+            f"the checkpoint in {ck} was trained with other content in {', '.join(changed)} (the file changed "
+            "since, at the same path): use another --out, --no-resume, or the files it started with"
+        )
+    try:
+        weights = load_file(str(ck / "adapter.safetensors"))
+        missing = set(lora) ^ set(weights)
+        if missing:
+            raise SaeRewardError(f"checkpoint {ck} does not match this LoRA setup: use another --out")
+        with torch.no_grad():
+            for n, p in lora.items():
+                p.copy_(weights[n])
+        return load_optimizer(ck, opt)
+    except (OSError, SafetensorError, KeyError, ValueError, TypeError) as exc:
+        raise SaeRewardError(
+            f"checkpoint {ck} is unreadable ({type(exc).__name__}: {exc}): --no-resume starts over (or use "
+            "another --out)"
+        ) from None
 
 
 __all__ = [
     "STEP_SEED",
     "load_optimizer",
     "restore_checkpoint",
+    "reward_inputs",
     "save_checkpoint",
     "save_snapshot",
     "settings_diff",

@@ -192,8 +192,6 @@ class GRPOConfig(TaskOptions, DeviceOptions, ModelOptions):
             raise ValueError("reward=sae needs --pack")
         if self.reward == "direction" and not self.direction_rollouts:
             raise ValueError("reward=direction needs --direction-rollouts")
-        if self.dual_verifier and self.reward == "outcome":
-            raise ValueError("dual_verifier gates the mech term: use it with reward=sae or direction")
         if self.micro_batch < 0:
             raise ValueError(f"micro_batch must be >= 0 (0: whole batch), got {self.micro_batch}")
         if self.snapshot_every < 0:
@@ -213,4 +211,20 @@ class GRPOConfig(TaskOptions, DeviceOptions, ModelOptions):
             raise ValueError("collapse_short_frac must be in (0, 1] and collapse_len_ratio in [0, 1)")
 
 
-__all__ = ["LORA_TARGETS", "GRPOConfig"]
+#: the reward inputs each reward reads (gate-g2 shares one config across rewards, so a config may
+#: name inputs its own reward ignores; train-rl runs one reward and refuses them)
+_READS = {
+    "outcome": (),
+    "sae": ("pack", "sae", "dual_verifier"),
+    "direction": ("direction_rollouts", "dual_verifier"),
+}
+
+
+def unread_reward_inputs(cfg: GRPOConfig) -> list[str]:
+    """The reward inputs set in ``cfg`` that its ``reward`` does not read (e.g. a pack with the outcome
+    reward: most likely a forgotten ``--reward sae``)."""
+    inputs = ("pack", "sae", "direction_rollouts", "dual_verifier")
+    return [k for k in inputs if getattr(cfg, k) and k not in _READS[cfg.reward]]
+
+
+__all__ = ["LORA_TARGETS", "GRPOConfig", "unread_reward_inputs"]

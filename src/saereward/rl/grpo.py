@@ -91,7 +91,7 @@ from saereward.features.baseline import (
     save_baseline,
 )
 from saereward.features.layers import contrastive_direction
-from saereward.features.pack import load_pack
+from saereward.features.pack import check_pack_sae, load_pack
 from saereward.features.probe import load_probe
 from saereward.features.scoring import PackScorer, masked_mean
 from saereward.io import read_jsonl, write_json, write_jsonl
@@ -110,6 +110,7 @@ from saereward.rl.batching import PromptPrefix, _Batch, _Slice, micro_batches
 from saereward.rl.checkpoint import (
     STEP_SEED,
     restore_checkpoint,
+    reward_inputs,
     save_checkpoint,
     save_snapshot,
 )
@@ -191,6 +192,7 @@ class GRPOTrainer:
             for it in self.eval_items
         ]
         self.scorer, self.layer = self._build_scorer()
+        self.inputs = reward_inputs(cfg)  # what a resume must find unchanged
         self.probe = self._load_probe()
         self.format_warning = self._check_prompt_format()
         self.baseline = self._build_baseline()
@@ -231,6 +233,7 @@ class GRPOTrainer:
             sae_path = cfg.sae or pack.metadata.get("sae_path")
             if not sae_path:
                 raise SaeRewardError(f"pack {cfg.pack} records no SAE: pass --sae")
+            check_pack_sae(pack, sae_path)
             scorer = PackScorer(load_sae(sae_path), pack, d_model=self.lm.d_model)
             scorer.to(self.device)  # where the model runs
             return scorer, check_pack_scorer(scorer, self.lm.model, cfg.layer, model_name=cfg.model)
@@ -332,7 +335,7 @@ class GRPOTrainer:
         return b
 
     def _load_probe(self) -> Any:
-        if not self.cfg.dual_verifier:
+        if not self.cfg.dual_verifier or self.cfg.reward == "outcome":  # it gates the mech term only
             return None
 
         probe = load_probe(self.cfg.dual_verifier)
@@ -827,7 +830,7 @@ class GRPOTrainer:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def _restore(self) -> int:
-        return restore_checkpoint(self.out, self.cfg, self._lora_state(), self.opt)
+        return restore_checkpoint(self.out, self.cfg, self._lora_state(), self.opt, self.inputs)
 
     def fit(self) -> dict[str, Any]:
         """Train ``steps`` steps (resuming if a checkpoint exists); rank 0 evaluates, logs and checkpoints.
@@ -849,6 +852,13 @@ class GRPOTrainer:
         main = self.rank == 0
         self.out.mkdir(parents=True, exist_ok=True)
         start = self._restore()
+        if start >= cfg.steps and main:
+            log.warning(
+                "%s holds %d steps already (steps = %d): nothing to train; pass a larger --steps to go on",
+                self.out,
+                start,
+                cfg.steps,
+            )
         rows, tb = self._open_log(start, main)
         collapse = self._collapse(rows)
         stop_at = (
@@ -940,7 +950,7 @@ class GRPOTrainer:
         if cfg.snapshot_every and (s + 1) % cfg.snapshot_every == 0:
             save_snapshot(self.out / "snapshots" / f"step_{s + 1:05d}", self._lora_state(), cfg)
         if last or (s + 1) % cfg.checkpoint_every == 0:
-            save_checkpoint(self.out / "checkpoint", s + 1, self._lora_state(), self.opt, cfg)
+            save_checkpoint(self.out / "checkpoint", s + 1, self._lora_state(), self.opt, cfg, self.inputs)
 
     def _summary(self, rows: list[dict[str, Any]], collapse: dict[str, Any], main: bool) -> dict[str, Any]:
         cfg = self.cfg

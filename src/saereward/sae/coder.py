@@ -69,6 +69,11 @@ class SAEConfig:
     layer: int | None = option(None, help="block index: layer L = output of block L = hidden_states[L+1]")
 
     def __post_init__(self) -> None:
+        kinds = {"layer": (int, type(None)), "model": (str, type(None)), "normalize_input": (str,)}
+        for name, ok in (*kinds.items(), ("input_scale", (int, float))):
+            value = getattr(self, name)
+            if not isinstance(value, ok) or isinstance(value, bool):
+                raise SaeRewardError(f"SAE config {name}={value!r} has the wrong type: the config is corrupt")
         if self.d_in < 1 or self.d_sae < 1:
             raise SaeRewardError(f"SAE sizes must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
         if not 1 <= self.k <= self.d_sae:

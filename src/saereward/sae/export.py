@@ -49,7 +49,7 @@ def run_export(cfg: ExportConfig) -> Path:
     out = Path(cfg.out)
     written = [out]
     if cfg.format == "mechreward-pt":  # OUT.pt and its OUT.json sidecar
-        if out.suffix not in ("", ".pt"):
+        if out.suffix not in ("", ".pt") or out.is_dir():
             raise SaeRewardError(f"--out {out}: mechreward's format is a .pt file; pass --out NAME.pt")
         out = out.with_suffix(".pt")
         written = [out, out.with_suffix(".json")]

@@ -57,6 +57,7 @@ non-SAE folder is never overwritten. The format registry :data:`FORMATS` is what
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -75,8 +76,8 @@ import torch
 from saereward import __version__
 from saereward.errors import SaeRewardError
 from saereward.hub import resolve_source
-from saereward.io import atomic_path, write_json
-from saereward.model.lm import hf_model_id
+from saereward.io import atomic_path, file_sha256, write_json
+from saereward.model.lm import hf_model_id, require_device
 from saereward.sae.coder import SAEConfig, TopKSAE
 
 log = logging.getLogger(__name__)
@@ -230,6 +231,8 @@ def _build(
     if not 1 <= k <= d_sae:
         raise SaeRewardError(f"{source}: k={k} must be between 1 and d_sae={d_sae}")
     for name, t in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
+        if not t.is_floating_point():
+            raise SaeRewardError(f"{source}: {name} has dtype {t.dtype}; an SAE's weights are floating point")
         if not torch.isfinite(t).all():
             raise SaeRewardError(f"{source}: {name} contains NaN or inf values; the checkpoint is broken")
     known = {f.name for f in dataclasses.fields(SAEConfig)}
@@ -811,6 +814,19 @@ def _sae_subfolders(p: Path) -> list[Path]:
     return sorted(c for c in p.iterdir() if c.is_dir() and not c.name.startswith(".") and detect_format(c))
 
 
+def sae_weights_sha256(path: PathLike) -> str:
+    """sha256 of an SAE checkpoint's weight files alone (its ``*.safetensors`` / ``*.pt``, by name), not
+    of the JSON beside them that later commands rewrite (``eval-sae``'s ``eval.json``): the identity a
+    pack records of the SAE it was discovered on."""
+    p, _ = resolve_sae_path(resolve_source(path))
+    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".pt"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(bytes.fromhex(file_sha256(f)))
+    return h.hexdigest()
+
+
 def resolve_sae_path(path: PathLike) -> tuple[Path, str]:
     """Find the checkpoint ``path`` points at and its format; errors name what was expected.
 
@@ -857,6 +873,9 @@ def load_sae(
     (missing path, unknown layout, corrupt or truncated file, config/weights shape mismatch, a non-TopK
     architecture, an unsafe pickle) is a one-line :class:`SaeRewardError`.
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise SaeRewardError(f"load_sae dtype={dtype!r}: pass a floating torch dtype, e.g. torch.float32")
+    require_device(str(device))
     path = resolve_source(path)
     if format is not None:
         if format not in FORMATS:
@@ -872,6 +891,19 @@ def load_sae(
     sae = FORMATS[name].load(p, device, dtype)
     log.info("loaded %s SAE from %s: d_in=%d d_sae=%d k=%d", name, p, sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k)
     return sae
+
+
+def warn_other_model(thing: str, recorded: str | None, used: str | None) -> None:
+    """Warn when ``thing`` (an SAE, a pack) records another model than ``used``: at the same width no
+    shape check can tell, and its features then describe another model's residual stream. A warning,
+    not an error: one model may be named two ways (a hub id, a local folder)."""
+    if recorded and used and hf_model_id(recorded) != hf_model_id(used):
+        log.warning(
+            "%s was made on %s, but the residuals here come from %s: its features describe another model",
+            thing,
+            recorded,
+            used,
+        )
 
 
 def check_sae_matches_model(sae: TopKSAE, d_model: int, layer: int | None = None) -> None:

@@ -13,6 +13,7 @@ available, CE-loss and KL recovered by splicing the reconstruction into the mode
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from itertools import islice
@@ -23,7 +24,7 @@ from saereward.config import option, to_dict
 from saereward.data.collect import iter_text_documents
 from saereward.data.store import ActivationStore, read_manifest
 from saereward.errors import SaeRewardError
-from saereward.io import write_json
+from saereward.io import read_json, write_json
 from saereward.lock import folder_lock
 from saereward.model.lm import check_device, load_model, require_device, resolve_layer
 from saereward.sae.evaluate import ce_kl_recovered, evaluate_sae
@@ -66,7 +67,7 @@ class EvalSAEStageConfig:
     activations: str | None = option(None, "collect folder whose held-out split is used (None: skip)")
     eval_tokens: int = option(500_000, "held-out tokens to evaluate on")
     model: str | None = option(
-        None, "model for CE/KL recovered (default: the SAE's recorded model; none: skip)"
+        None, "model for CE/KL recovered (default: the SAE's recorded model; --ce-task none skips CE/KL)"
     )
     layer: int | None = option(None, "layer to splice at (default: the SAE's recorded layer)")
     dtype: str = option("fp32", "model dtype for CE/KL")
@@ -134,8 +135,6 @@ def _train_sae(cfg: TrainSAEStageConfig) -> Path:
             store.n_tokens,
         )
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", to_dict(cfg))
 
     def data(start: int) -> Any:
         return store.iter_batches(
@@ -166,7 +165,14 @@ def _train_sae(cfg: TrainSAEStageConfig) -> Path:
         model=str(manifest.get("model")),
         layer=layer,
     )
-    sae = trainer.fit(data, resume=cfg.resume)
+    activations = {**_manifest_ref(manifest), "sources": manifest.get("sources")}
+    data_key = {"activations": activations, "layer": layer, "buffer_tokens": cfg.buffer_tokens}
+    if cfg.resume and trainer.resume_latest():  # settings checked before anything is written
+        _refuse_other_data(out, data_key)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", to_dict(cfg))
+    write_json(out / DATA_KEY, data_key)
+    sae = trainer.fit(data)
     if cfg.eval_tokens:
         write_json(out / "eval.json", {"split": "heldout", "layer": layer, **evaluate(sae)})
     return out / "sae"
@@ -177,21 +183,44 @@ def _manifest_ref(manifest: dict[str, Any]) -> dict[str, Any]:
     return {k: manifest[k] for k in keys if k in manifest}
 
 
+#: what a train-sae run trains on (the activations' identity, layer, shuffle buffer): a resume must match
+DATA_KEY = "data.json"
+
+
+def _refuse_other_data(out: Path, key: dict[str, Any]) -> None:
+    """A run resumes only on the data it started on (the same path may hold a re-collected folder)."""
+    f = out / DATA_KEY
+    if not f.is_file():
+        return  # a run from before the key was written
+    old = read_json(f)
+    now = json.loads(json.dumps(key))
+    diff = [k for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
+    if diff:
+        raise SaeRewardError(
+            f"{out} holds a run trained on other data (differs in: {', '.join(diff)}): resume on the "
+            "activations it started on, or train into a new --out"
+        )
+
+
 def run_eval_sae(cfg: EvalSAEStageConfig) -> dict[str, Any]:
     """Evaluate an SAE; writes ``eval.json`` and returns the metrics."""
     require_device(cfg.device)
     sae = load_sae(cfg.sae, device=cfg.device)
     layer = cfg.layer if cfg.layer is not None else sae.cfg.layer
     result: dict[str, Any] = {"sae": cfg.sae, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k}
+    model_spec = cfg.model or sae.cfg.model
+    texts = _ce_texts(cfg) if model_spec else []
+    if not cfg.activations and not texts:
+        raise SaeRewardError(
+            "eval-sae has nothing to measure: pass --activations (a collect folder, for held-out FVU) "
+            "and/or a model with CE/KL text (--model, --ce-task or --ce-text-paths)"
+        )
+    if texts and layer is None:
+        raise SaeRewardError(f"{cfg.sae} records no layer: pass --layer for CE/KL recovered")
     if cfg.activations:
         store_layer = layer if layer is not None else _store_layer(cfg.activations, None)
         result["heldout"] = heldout_metrics(sae, cfg.activations, store_layer, cfg.eval_tokens)
-    model_spec = cfg.model or sae.cfg.model
-    texts = _ce_texts(cfg)
-    if model_spec and model_spec.lower() != "none" and texts:
-        if layer is None:
-            raise SaeRewardError(f"{cfg.sae} records no layer: pass --layer for CE/KL recovered")
-
+    if texts and layer is not None:  # (a missing layer was refused above)
         lm = load_model(model_spec, dtype=cfg.dtype, device=cfg.device)  # type: ignore[arg-type]
         layer = resolve_layer(lm.model, layer)
         check_sae_matches_model(sae, lm.d_model, layer)

@@ -507,10 +507,8 @@ class SAETrainer:
 
         ``resume=True`` continues from the latest checkpoint in ``run_dir`` (a fresh start if none).
         """
-        if resume and self.run_dir is not None and latest_checkpoint(self.run_dir) is not None:
-            self.load_checkpoint(latest_checkpoint(self.run_dir))  # type: ignore[arg-type]
-        elif resume and self.rank == 0:
-            log.info("no checkpoint in %s: starting fresh", self.run_dir)
+        if resume:
+            self.resume_latest()
         batches = data(self.state.batches) if callable(data) else data
         with kernels.use_kernels(self.cfg.kernels), ExitStack() as stack:
             logger = stack.enter_context(_Logger(self, enabled=self.rank == 0))
@@ -605,6 +603,17 @@ class SAETrainer:
         except ImportError:  # pragma: no cover - numpy ships with torch's usual installs
             pass
         return tensors, meta
+
+    def resume_latest(self) -> bool:
+        """Load the latest checkpoint in ``run_dir`` (its settings checked against this trainer's);
+        whether there was one. :meth:`fit` then continues from it."""
+        folder = latest_checkpoint(self.run_dir) if self.run_dir is not None else None
+        if folder is None:
+            if self.rank == 0:
+                log.info("no checkpoint in %s: starting fresh", self.run_dir)
+            return False
+        self.load_checkpoint(folder)
+        return True
 
     def _check_resume_settings(self, folder: Path, saved: Any) -> None:
         """Refuse to resume a checkpoint written with other result-changing settings (one error line)."""

@@ -115,14 +115,22 @@ def cut_completion(text: str) -> str:
     return text if m is None else text[: m.start()]
 
 
+#: the most digits a number :func:`canonical_number` accepts may have before or after the point
+MAX_DIGITS = 1000
+
+
 def canonical_number(text: str) -> str | None:
     """Canonical form of one number written as text (``"$1,234.50"`` -> ``"1234.5"``).
 
     Also accepts a fraction ``"p/q"`` (returned reduced, or as an integer when whole). Returns
-    ``None`` when ``text`` is not a single number.
+    ``None`` when ``text`` is not a single number, and for a number of more than :data:`MAX_DIGITS`
+    digits either side of the point (``"1e999999"``): no task's answer, and writing it out would take
+    minutes (or exceed Python's 4,300-digit limit on ``int``/``str`` conversions).
     """
     s = text.strip().replace("\u2212", "-").replace(",", "").replace("$", "")
     s = s.rstrip(".%").strip()
+    if len(s) > 2 * MAX_DIGITS:
+        return None
     if "/" in s:
         try:
             f = Fraction(s.replace(" ", ""))
@@ -133,7 +141,7 @@ def canonical_number(text: str) -> str | None:
         d = Decimal(s)
     except InvalidOperation:
         return None
-    if not d.is_finite():
+    if not d.is_finite() or abs(d.adjusted()) > MAX_DIGITS:
         return None
     if d == d.to_integral_value():
         return str(int(d))
