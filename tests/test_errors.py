@@ -127,6 +127,15 @@ def test_rollouts_refuse_a_folder_made_with_other_settings(
     assert main(["rollouts", "--n", "4", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "made with other settings" in err and "pass another --out" in err
+    # the library call refuses too, before the task or the model loads
+    from saereward.config import to_dict
+    from saereward.data.rollouts import RolloutsConfig, run_rollouts
+
+    cfg = RolloutsConfig(n=4, out=str(out), model="no/such-model")
+    (out / "config.json").write_text(json.dumps({**to_dict(cfg), "n": 999}))
+    with pytest.raises(SaeRewardError, match=r"holds rollouts made with other settings \(n 999 -> 4\)"):
+        run_rollouts(cfg)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "summary.json"]
 
 
 @pytest.mark.parametrize("kind", ["file", "folder"])

@@ -45,9 +45,9 @@ def _with_lora(model: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("capture", [False, True])
-@pytest.mark.parametrize("skinny", [False, True])
+@pytest.mark.parametrize("mode", ["plain", "skinny", "packed"])
 @pytest.mark.parametrize("lora", [False, True])
-def test_decode_matches_generate(arch: str, capture: bool, skinny: bool, lora: bool, monkeypatch) -> None:
+def test_decode_matches_generate(arch: str, capture: bool, mode: str, lora: bool, monkeypatch) -> None:
     """Greedy tokens as ``generate()``'s, residuals to rounding; with ``lora``, a PEFT model whose active
     adapters the loop applies unmerged is compared with PEFT's own forward."""
     from transformers import StoppingCriteria, StoppingCriteriaList
@@ -96,7 +96,8 @@ def test_decode_matches_generate(arch: str, capture: bool, skinny: bool, lora: b
             pad_id=PAD_ID,
             stop=_StopOn(),
             capture_layers=[layer] if capture else [],
-            skinny=skinny,
+            skinny=mode != "plain",
+            packed=mode == "packed",
         )
     assert torch.equal(new, ref[:, P:])
     ended = torch.isin(new, torch.tensor(sorted(ENDS))) | (new == 11)
@@ -136,6 +137,36 @@ def test_unsupported_models_and_adapters() -> None:
     assert "DoRA" in (fastdecode.unsupported(dora) or "")
     dora.merge_adapter()  # merged, the base weight is what the layer computes
     assert fastdecode.unsupported(dora) is None
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@torch.no_grad()
+def test_packed_weights_compute_the_skinny_products(lora: bool) -> None:
+    """The packed path is the one taken on this CPU torch build, every projection (adapters folded in)
+    and the LM head give the skinny path's products to float rounding, and the model is left as it was."""
+    assert fastdecode.packing_available()  # torch 2.13 CPU wheels ship oneDNN
+    model, _ = make_tiny("llama")
+    if lora:
+        model = _with_lora(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    skinny = fastdecode._Weights(model, torch.device("cpu"), skinny=True)
+    packed = fastdecode._Weights(model, torch.device("cpu"), skinny=True, packed=True)
+    assert packed.packed and packed.head_packed is not None and not skinny.packed
+    x = torch.randn(5, model.config.hidden_size)
+    h = torch.randn(5, model.config.intermediate_size)
+    for bs, bp in zip(skinny.blocks, packed.blocks, strict=True):
+        assert bp.w["q_proj"][0].is_mkldnn and bp.w["q_proj"][2] == ()
+        assert len(bs.w["q_proj"][2]) == (1 if lora else 0)
+        for name in bs.w:
+            inp = h if name == "down_proj" else x
+            want = skinny.project(inp, bs.w[name])
+            torch.testing.assert_close(packed.project(inp, bp.w[name]), want, rtol=1e-5, atol=1e-5)
+            out = torch.empty(want.shape[1], 5)
+            packed.project_t(inp, bp.w[name], out)
+            torch.testing.assert_close(out, want.t(), rtol=1e-5, atol=1e-5)
+    head = fastdecode._packed(x, packed.head_packed)
+    torch.testing.assert_close(head, fastdecode._skinny(x, packed.head.weight, None), rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_batch_sizes() -> None:

@@ -456,6 +456,10 @@ def test_one_text_path_is_a_list_of_one(tmp_path: Path) -> None:
             r"\[eval_sae\] ce_text_paths: /no/such.jsonl is not a",
         ),
         ({"eval_sae": {"ce_task": "bogus"}}, r"\[eval_sae\] ce_task 'bogus' is unknown"),
+        (
+            {"task": "rg:chain_sun"},
+            r"\[rollouts\] task 'rg:chain_sun' is no reasoning-gym dataset; did you mean rg:chain_sum",
+        ),
     ],
 )
 def test_task_names_and_text_files_are_checked_before_any_stage(
@@ -464,6 +468,11 @@ def test_task_names_and_text_files_are_checked_before_any_stage(
     cfg = _cfg(tmp_path, **tables)
     with pytest.raises(SaeRewardError, match=says):
         pl.check_across_stages(cfg, pl.stage_configs(cfg))
+
+
+def test_a_reasoning_gym_task_name_passes_the_check(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, task="rg:leg_counting")
+    pl.check_across_stages(cfg, pl.stage_configs(cfg))
 
 
 def test_an_invalid_setting_names_its_table(tmp_path: Path) -> None:

@@ -484,6 +484,20 @@ def test_empty_run_renders_every_stage_as_not_run(tmp_path: Path) -> None:
     assert "<img" not in html
 
 
+def test_a_damaged_artifact_is_unreadable_not_missing(tmp_path: Path) -> None:
+    run = tmp_path / "damaged"
+    run.mkdir()
+    write_json(run / "pipeline.json", {"pipeline": {"out": str(run)}, "stages": {}})
+    (run / "gate_g1.json").write_text('{"verdict": "PA', encoding="utf-8")  # cut by a kill
+    (run / "pack.json").write_text("[1, 2]", encoding="utf-8")  # JSON, but not an object
+    html = run_report(ReportConfig(run_dir=str(run))).read_text()
+    for sid, name in (("g1", "gate_g1.json"), ("pack", "pack.json")):
+        block = html.split(f'<section id="{sid}"', 1)[1].split("</section>", 1)[0]
+        assert f"{name} is unreadable" in block and "missing" not in block, sid
+    g3 = html.split('<section id="g3"', 1)[1].split("</section>", 1)[0]
+    assert "g3/gate_g3.json is missing" in g3
+
+
 def test_report_opens_with_the_verdicts_and_ends_with_the_timings(full_run: tuple[Path, str]) -> None:
     run, html = full_run
     order = [html.index(f'<section id="{sid}"') for sid in ("dashboard", "sae", "g2", "drift", "overview")]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from saereward import __version__
-from saereward.config import add_spec_args, config_from_args, field_specs, option, refuse_other_settings
+from saereward.config import add_spec_args, config_from_args, field_specs, option
 from saereward.errors import SaeRewardError
 from saereward.io import check_writable, write_json
 from saereward.options import ModelOptions
@@ -135,9 +135,6 @@ def _cmd_rollouts(cfg: Any) -> int:
 
     from saereward.data.rollouts import run_rollouts
 
-    refuse_other_settings(
-        Path(cfg.out), cfg, ("progress", "out", "threads"), cache=".", holds="rollouts", stage="rollouts"
-    )
     out = run_rollouts(cfg)
     summary = json.loads((out / "summary.json").read_text())
     for split in ("discovery", "validation"):

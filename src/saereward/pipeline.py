@@ -309,7 +309,9 @@ def _check_inputs(obj: Any, where: str) -> None:
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             _check_inputs(value, f"{where}.{f.name}")
         elif f.name in ("task", "ce_task") and isinstance(value, str) and value.lower() != "none":
-            if not value.startswith("rg:") and value not in available_tasks():
+            if value.startswith("rg:"):
+                _check_rg_task(value, f"[{where}] {f.name}")
+            elif value not in available_tasks():
                 raise SaeRewardError(
                     f"[{where}] {f.name} {value!r} is unknown: see `saereward tasks` (or rg:<name> for "
                     "a reasoning-gym dataset)"
@@ -318,6 +320,21 @@ def _check_inputs(obj: Any, where: str) -> None:
             missing = [p for p in value if not Path(p).expanduser().is_file()]
             if missing:
                 raise SaeRewardError(f"[{where}] {f.name}: {missing[0]} is not a file; check the path")
+
+
+def _check_rg_task(value: str, where: str) -> None:
+    """A reasoning-gym task name (``rg:<generator>``) that reasoning-gym does not have."""
+    import difflib
+
+    from saereward.tasks.rgym import rg_datasets
+
+    names = rg_datasets()
+    if value[3:] not in names:
+        close = difflib.get_close_matches(value[3:], names, n=3)
+        hint = f"did you mean {', '.join('rg:' + c for c in close)}? " if close else ""
+        raise SaeRewardError(
+            f"{where} {value!r} is no reasoning-gym dataset; {hint}see saereward.tasks.rg_datasets() for the names"
+        )
 
 
 def _stage_builders(cfg: PipelineConfig) -> dict[str, Callable[[], dict[str, Any]]]:

@@ -283,7 +283,7 @@ def run_monitor(cfg: MonitorConfig) -> dict[str, Any]:
             progress=cfg.progress,
         )
         if not _made_with(out / name, rc):
-            run_rollouts(rc)
+            run_rollouts(rc, replace=True)
         ro = load_rollouts(out / name)
         check_sae_matches_model(sae, int(ro.summary["d_model"]), layer)
         scorer = PackScorer(sae, pack, d_model=int(ro.summary["d_model"]))

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from saereward import __version__
-from saereward.config import check_sampling, option, to_dict
+from saereward.config import check_sampling, option, refuse_other_settings, to_dict
 from saereward.errors import SaeRewardError
 from saereward.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
 from saereward.model.generate import SamplingConfig, iter_generate, stop_strings_for
@@ -207,9 +207,15 @@ def _write_tensors(
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def run_rollouts(cfg: RolloutsConfig, lm: LoadedModel | None = None) -> Path:
-    """Generate, verify, capture and write the rollout folder; return its path."""
+def run_rollouts(cfg: RolloutsConfig, lm: LoadedModel | None = None, *, replace: bool = False) -> Path:
+    """Generate, verify, capture and write the rollout folder; return its path. A folder that holds
+    rollouts made with other settings is refused before any work, unless ``replace``."""
     import torch
+
+    if not replace:
+        refuse_other_settings(
+            Path(cfg.out), cfg, ("progress", "out", "threads"), cache=".", holds="rollouts", stage="rollouts"
+        )
 
     task = load_task(
         cfg.task, n=cfg.n, seed=cfg.seed, source=cfg.task_source, path=cfg.task_path, **cfg.task_params

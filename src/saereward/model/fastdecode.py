@@ -18,7 +18,11 @@ end well before ``max_new_tokens``.
 * ``skinny`` (CPU fp32, GRPO rollouts): every product is ``W @ xᵀ`` (:func:`_skinny`); q, k and v stay
   in that ``[features, rows]`` layout through RoPE (one rotation for all query and key heads), the
   attention is two batched products with the mask as an additive bias built once per step, and the
-  LM head runs by vocabulary blocks (:func:`_skinny_head`).
+  LM head runs by vocabulary blocks (:func:`_skinny_head`);
+* ``packed`` (on the skinny path): the products go through oneDNN's fp32 linear on weights reordered
+  into its blocked layout once per call, each adapter folded in first (``W + s·B A``): one packed copy
+  of the weights (SmolLM2: 0.54 GB) for the call, instead of MKL's ``W @ xᵀ``, which runs a few rows
+  well below the memory bandwidth (:func:`_packed_weights`).
 
 Supported: ``LlamaForCausalLM`` and ``Qwen2ForCausalLM`` (full attention, SiLU MLP), PEFT-wrapped
 with LoRA adapters merged, disabled or active: an active adapter is applied as two small products per
@@ -128,6 +132,30 @@ def _skinny(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return y.t()
 
 
+def packing_available() -> bool:
+    """Whether this torch build has oneDNN's packed fp32 linear (``torch.ops.mkldnn._linear_pointwise``
+    on a weight from ``_reorder_linear_weight``), which ``packed`` decoding uses."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    ops = torch.ops.mkldnn
+    return hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
+
+
+def _pack(p: _Proj, rows: int = 16) -> _Proj:
+    """One projection as oneDNN's packed weight: ``weight + Σ s·B A`` (the adapters folded in, in fp32),
+    reordered for products of about ``rows`` rows; the bias stays as it is."""
+    weight, bias, adapters = p
+    w = weight.detach()
+    for a, sb in adapters:
+        w = torch.addmm(w, sb, a)
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows), bias, ()
+
+
+def _packed(x: Tensor, p: _Proj) -> Tensor:
+    """``x @ wᵀ + b`` ``[rows, out]`` (contiguous) with ``p`` from :func:`_pack`."""
+    return torch.ops.mkldnn._linear_pointwise(x, p[0], p[1], "none", [], "")
+
+
 def _skinny_project(x: Tensor, p: _Proj, out: Tensor | None = None) -> Tensor:
     """:func:`_project` with :func:`_skinny` products, each adapter's ``s·B (A xᵀ)`` added in place;
     with ``out`` (``[out_features, rows]``, contiguous) the product ``yᵀ`` is written there."""
@@ -181,7 +209,7 @@ class _Weights:
     """What a decode step reads of the model, gathered once per :func:`decode` call, and the product
     ``linear(x, w, b)`` it computes with."""
 
-    def __init__(self, model: Any, device: torch.device, skinny: bool) -> None:
+    def __init__(self, model: Any, device: torch.device, skinny: bool, packed: bool = False) -> None:
         base = unwrap(model)
         inner = base.model
         self.blocks = [_Block(b) for b in decoder_layers(model)]
@@ -193,15 +221,34 @@ class _Weights:
         self.final_norm = (inner.norm.weight, inner.norm.variance_epsilon)
         self.linear: _Linear = F.linear
         self.skinny = skinny and device.type == "cpu" and self.emb.dtype == torch.float32
-        if self.skinny:
+        self.packed = packed and self.skinny and packing_available()
+        self.head_packed: _Proj | None = None
+        if self.packed:
+            self._pack_weights()
+        elif self.skinny:
             self.linear = _skinny
         elif bf16cpu.installed(self.head):
             # bf16 through fp32 GEMM, as the model's own (patched) nn.Linear forwards
             self.linear = bf16cpu.linear
 
+    def _pack_weights(self) -> None:
+        """Every projection and the LM head as oneDNN packed weights (:func:`_pack`), for this call."""
+        for blk in self.blocks:
+            blk.w = {name: _pack(p) for name, p in blk.w.items()}
+        self.head_packed = _pack((self.head.weight, self.head.bias, ()))
+
     def project(self, x: Tensor, p: _Proj) -> Tensor:
         """``x`` through one projection (with its adapters) as this decode call computes it."""
+        if self.packed:
+            return _packed(x, p)
         return _skinny_project(x, p) if self.skinny else _project(self.linear, x, p)
+
+    def project_t(self, x: Tensor, p: _Proj, out: Tensor) -> None:
+        """The skinny path's ``[out_features, rows]`` layout: ``(x @ wᵀ + b)ᵀ`` written into ``out``."""
+        if self.packed:
+            out.copy_(_packed(x, p).t())
+        else:
+            _skinny_project(x, p, out=out)
 
 
 def _kv_buffers(cache: Any, B: int, P: int, T: int) -> tuple[list[Tensor], list[Tensor]]:
@@ -235,7 +282,7 @@ class _StepTables:
 
 
 def _attend_skinny(
-    blk: _Block, h: Tensor, tab: _StepTables, slot: int, k_buf: Tensor, v_buf: Tensor
+    w: _Weights, blk: _Block, h: Tensor, tab: _StepTables, slot: int, k_buf: Tensor, v_buf: Tensor
 ) -> Tensor:
     """One block's attention on the skinny path, ``[n, H·D]``: q, k and v computed as ``Wᵀ``-side
     products into one ``[(H + 2 H_kv)·D, n]`` buffer, RoPE on the query and key heads at once in that
@@ -247,7 +294,7 @@ def _attend_skinny(
     qkv = h.new_empty(sum(sizes), n)
     lo = 0
     for name, size in zip(("q_proj", "k_proj", "v_proj"), sizes, strict=True):
-        _skinny_project(h, blk.w[name], out=qkv[lo : lo + size])
+        w.project_t(h, blk.w[name], qkv[lo : lo + size])
         lo += size
     heads, kv_heads = sizes[0] // D, sizes[1] // D
     qk = qkv[: sizes[0] + sizes[1]].view(-1, D, n)
@@ -317,7 +364,7 @@ def _forward_token(
     for li, blk in enumerate(w.blocks):
         h = _rms(x, blk.ln1)
         if w.skinny:
-            a = _attend_skinny(blk, h, tab, slot, keys[li], values[li])
+            a = _attend_skinny(w, blk, h, tab, slot, keys[li], values[li])
         else:
             a = _attend(w, blk, h, cos, sin, mask, slot, keys[li], values[li])
         x = x + w.project(a, blk.w["o_proj"])
@@ -327,6 +374,8 @@ def _forward_token(
         if li in res:
             res[li][rows[fed], t] = x[fed].to(res[li].dtype)
     h = _rms(x, w.final_norm)
+    if w.head_packed is not None:
+        return _packed(h, w.head_packed)
     if w.skinny:
         return _skinny_head(h, w.head.weight, w.head.bias)
     return w.linear(h, w.head.weight, w.head.bias).contiguous()
@@ -360,6 +409,7 @@ def decode(
     capture_layers: Sequence[int] = (),
     capture_dtype: torch.dtype | None = None,
     skinny: bool = False,
+    packed: bool = False,
 ) -> tuple[Tensor, dict[int, Tensor]]:
     """Decode after a prefill; returns ``(new tokens [B, n], {layer: residuals [B, n, d]})``.
 
@@ -372,10 +422,11 @@ def decode(
     are non-negative block indices) when new token ``j`` was fed (zero where it never was: after the row's end, and the last step's token).
     ``skinny``: the ``(w @ xᵀ)ᵀ`` products (CPU fp32; other rounding order than ``F.linear``). A model whose
     linear layers :func:`saereward.model.bf16cpu.install` patched (bf16 ``load_model`` models on a CPU without
-    bf16 units) decodes with :func:`saereward.model.bf16cpu.linear` too.
+    bf16 units) decodes with :func:`saereward.model.bf16cpu.linear` too. ``packed`` (with ``skinny``,
+    where :func:`packing_available`): the products through oneDNN on packed weights, adapters folded in.
     """
     device = first_logits.device
-    w = _Weights(model, device, skinny)
+    w = _Weights(model, device, skinny, packed)
     B, P = attention_mask.shape
     keys, values = _kv_buffers(cache, B, P, P + max_new_tokens)
     mask = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)

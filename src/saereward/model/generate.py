@@ -271,6 +271,7 @@ def _fast_generate(
     cap: ResidualCapture | None,
     capture_dtype: torch.dtype | None,
     skinny: bool,
+    packed: bool = False,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """``generate_batch``'s ``fast_decode`` path: an HF prefill (on the shared prompt cache if any),
     then :func:`saereward.model.fastdecode.decode`. Returns ``(sequences, residuals)`` as ``generate()``
@@ -322,6 +323,7 @@ def _fast_generate(
         capture_layers=layers,
         capture_dtype=capture_dtype,
         skinny=skinny,
+        packed=packed,
     )
     residuals = {layer: torch.cat([prefill_res[layer], res[layer]], 1) for layer in layers}
     return torch.cat([ids, new], 1), residuals
@@ -382,6 +384,18 @@ def uses_fast_decode(model: Any, sampling: SamplingConfig, fast_decode: bool) ->
     return fastdecode.unsupported(model) is None
 
 
+def packs_weights(
+    model: Any, sampling: SamplingConfig, fast_decode: bool, skinny: bool, packed: bool
+) -> bool:
+    """Whether :func:`generate_batch` with these settings decodes on oneDNN packed weights with the
+    adapters folded in (then the caller need not merge LoRA adapters for sampling): the fast loop's
+    skinny path on a CPU fp32 model, ``packed`` asked and available."""
+    if not (packed and skinny and uses_fast_decode(model, sampling, fast_decode)):
+        return False
+    weight = unwrap(model).get_input_embeddings().weight
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and fastdecode.packing_available()
+
+
 def check_context(model: Any, prompt_tokens: int, new_tokens: int) -> None:
     """Refuse a generation longer than the model's context (``max_position_embeddings``): past it the
     positions are ones the model never saw, and the prefill alone can take many minutes on a CPU."""
@@ -406,6 +420,7 @@ def generate_batch(
     share_prompts: bool = False,
     fast_decode: bool = False,
     skinny: bool = False,
+    packed: bool = False,
 ) -> Generation:
     """Generate for one batch of prompt strings; capture residuals at ``capture_layers`` if given.
 
@@ -415,7 +430,8 @@ def generate_batch(
     ``fast_decode``: decode with :func:`saereward.model.fastdecode.decode` (preallocated KV cache, ended
     rows leave the batch) after an HF prefill, where the model and sampler allow it (greedy or
     ``sampler="topk"``; see :func:`saereward.model.fastdecode.unsupported`), else ``generate()``; ``skinny``
-    is its ``(W xᵀ)ᵀ`` products. Same distribution, different random draws once a row has ended.
+    is its ``(W xᵀ)ᵀ`` products, ``packed`` those products on oneDNN packed weights (:func:`packs_weights`).
+    Same distribution, different random draws once a row has ended.
     """
     tok, model = lm.tokenizer, lm.model
     enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
@@ -441,7 +457,9 @@ def generate_batch(
                     chunks = cap.chunks(layer)
                     chunks[0] = chunks[0][cache._rows]  # noqa: SLF001
         if fast:
-            out, residuals = _fast_generate(lm, enc, sampling, eos_ids, cache, cap, capture_dtype, skinny)
+            out, residuals = _fast_generate(
+                lm, enc, sampling, eos_ids, cache, cap, capture_dtype, skinny, packed
+            )
         else:
             out = model.generate(**enc, **kwargs)
             residuals = {layer: cap.sequence(layer, out.shape[1]) for layer in cap.layers} if cap else {}

@@ -133,7 +133,7 @@ def _g1_tables(sec: Section, g1: Mapping[str, Any], methods: Mapping[str, Any]) 
 def section_g1(run: Path, view: Mapping[str, Any] | None, seed: int) -> Section:
     g1 = read_dict(run / "gate_g1.json")
     if g1 is None:
-        return not_run("g1", _G1_TITLE, "gate_g1.json")
+        return not_run("g1", _G1_TITLE, "gate_g1.json", run)
     sec = Section("g1", _G1_TITLE, verdict=g1.get("verdict"))
     methods = as_dict(g1.get("methods"))
     _g1_facts(sec, g1, methods)
@@ -159,7 +159,7 @@ def section_g1(run: Path, view: Mapping[str, Any] | None, seed: int) -> Section:
 def section_probe(run: Path) -> Section:
     pr = read_dict(Path(str(run / "probe.safetensors") + ".json"))
     if pr is None:
-        return not_run("probe", "Linear probe", "probe.safetensors.json")
+        return not_run("probe", "Linear probe", "probe.safetensors.json", run)
     sec = Section("probe", "Linear probe")
     for k in ("layer", "n_train", "seed"):
         if pr.get(k) is not None:
@@ -316,7 +316,7 @@ def section_g2(run: Path) -> Section:
     runs = g2_runs(run)
     title = "Gate G2: does the SAE reward beat outcome-only RL?"
     if g2 is None and not runs:
-        return not_run("g2", title, "g2/gate_g2.json")
+        return not_run("g2", title, "g2/gate_g2.json", run)
     sec = Section("g2", title, verdict=as_dict(g2).get("verdict"))
     if g2 is None:
         sec.notes.append("g2/gate_g2.json is missing: the runs below have not all finished")
@@ -495,7 +495,7 @@ def section_g3(run: Path) -> Section:
     g3 = read_dict(g3dir / "gate_g3.json")
     title = "Gate G3: does the trained policy hold up?"
     if g3 is None:
-        return not_run("g3", title, "g3/gate_g3.json")
+        return not_run("g3", title, "g3/gate_g3.json", run)
     sec = Section("g3", title, verdict=g3.get("verdict"))
     if g3.get("failed"):
         sec.facts.append(("failed checks", fmt(", ".join(map(str, g3["failed"])))))

@@ -54,7 +54,12 @@ class Section:
     notes: list[str] = field(default_factory=list)
 
 
-def not_run(sid: str, title: str, missing: Path | str) -> Section:
+def not_run(sid: str, title: str, missing: Path | str, run: Path | None = None) -> Section:
+    """A section whose stage left no output; with ``run``, a file that is there but unreadable says so."""
+    if run is not None and (run / missing).is_file():
+        return Section(
+            sid, title, ran=False, reason=f"not shown ({missing} is unreadable or not a JSON object)"
+        )
     return Section(sid, title, ran=False, reason=f"not run ({missing} is missing)")
 
 
@@ -139,7 +144,7 @@ def section_sae(run: Path) -> Section:
     flat = read_dict(run / "sae" / "eval.json")
     log_rows = read_log(run / "sae" / "train_log.jsonl")
     if ev is None and flat is None and not log_rows:
-        return not_run("sae", "SAE", "sae/sae/eval.json")
+        return not_run("sae", "SAE", "sae/sae/eval.json", run)
     held = as_dict(as_dict(ev).get("heldout")) or as_dict(flat)
     ce = as_dict(as_dict(ev).get("ce_kl"))
     for key in ("d_in", "d_sae", "k"):
@@ -166,7 +171,7 @@ def section_rollouts(run: Path) -> Section:
     folder = run / "rollouts"
     summ = read_dict(folder / "summary.json")
     if summ is None:
-        return not_run("rollouts", "Rollouts", "rollouts/summary.json")
+        return not_run("rollouts", "Rollouts", "rollouts/summary.json", run)
     sec = Section("rollouts", "Rollouts")
     task = summ.get("task")
     for k, v in (
@@ -208,7 +213,7 @@ def section_rollouts(run: Path) -> Section:
 def section_layers(run: Path) -> Section:
     lm = read_dict(run / "rollouts" / "layer_map.json")
     if lm is None:
-        return not_run("layers", "Layer map", "rollouts/layer_map.json")
+        return not_run("layers", "Layer map", "rollouts/layer_map.json", run)
     sec = Section("layers", "Layer map")
     scores = {int(k): float(v) for k, v in as_dict(lm.get("scores")).items() if as_float(v) is not None}
     for k in ("split", "n_responses", "n_correct", "peak_layer"):
@@ -276,7 +281,7 @@ _PACK_COLUMNS = [
 def section_pack(run: Path) -> Section:
     pack = read_dict(run / "pack.json")
     if pack is None:
-        return not_run("pack", "Feature pack", "pack.json")
+        return not_run("pack", "Feature pack", "pack.json", run)
     sec = Section("pack", "Feature pack")
     meta = as_dict(pack.get("metadata"))
     for k, v in (
@@ -356,7 +361,7 @@ def section_steer(run: Path) -> Section:
     title = "Steering"
     steer = read_dict(run / "steer" / "steer.json")
     if steer is None:
-        return not_run("steer", title, "steer/steer.json")
+        return not_run("steer", title, "steer/steer.json", run)
     sec = Section("steer", title)
     rows = steer_rows(steer)
     base = steer_base(rows)
@@ -430,7 +435,7 @@ def section_drift(run: Path) -> Section:
     title = "SAE drift across RL checkpoints"
     drift = read_dict(run / "drift" / "drift.json")
     if drift is None:
-        return not_run("drift", title, "drift/drift.json")
+        return not_run("drift", title, "drift/drift.json", run)
     sec = Section("drift", title)
     stages, feats = drift_rows(drift)
     _drift_facts(sec, drift)

@@ -133,6 +133,13 @@ class GRPOConfig(TaskOptions, DeviceOptions, ModelOptions):
         "rollouts: few-row linear layers as W @ x^T (faster decoding on CPU; same products, "
         "other rounding order)",
     )
+    packed_decode: bool = option(
+        True,
+        "rollouts, CPU fp32 with fast_decode and skinny_decode: the decode loop's products through "
+        "oneDNN on weights packed once per rollout with the LoRA adapters folded in (no in-place merge; "
+        "same products, other rounding order; MKL runs the decode's few-row products well below the "
+        "memory bandwidth)",
+    )
     fast_decode: bool = option(
         True,
         "rollouts: saereward's own decode loop after the HF prefill (preallocated KV cache; ended "

@@ -103,6 +103,7 @@ from saereward.model.generate import (
     end_positions,
     generate_batch,
     iter_generate,
+    packs_weights,
     stop_strings_for,
 )
 from saereward.model.lm import LoadedModel, load_model, require_device, resolve_layer
@@ -401,8 +402,10 @@ class GRPOTrainer:
         )
         self.model.eval()
         lm = self._policy_lm()
+        # packed decoding folds the adapters into its own copy: merging in place would copy them again
+        packed = packs_weights(self.model, sampling, cfg.fast_decode, cfg.skinny_decode, cfg.packed_decode)
         with (
-            merged_lora(self.model, enabled=cfg.merge_for_generation),
+            merged_lora(self.model, enabled=cfg.merge_for_generation and not packed),
             skinny_linear(self.model) if cfg.skinny_decode else contextlib.nullcontext(),
         ):
             g = generate_batch(
@@ -414,6 +417,7 @@ class GRPOTrainer:
                 share_prompts=cfg.share_prompt,
                 fast_decode=cfg.fast_decode,
                 skinny=cfg.skinny_decode,
+                packed=packed,
             )
         res = g.residuals[capture[0]] if capture else None
         return _Batch(
