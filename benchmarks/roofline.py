@@ -22,8 +22,9 @@ The bounds are a model, not a measurement; each counts the work no implementatio
   twice the reference's FLOP.
 
 With the GRPO rows the script also times the products of one decode step alone (every projection and
-the LM head of the embedded model as ``W @ xᵀ``, the decode loop's form) for 1 to 32 rows: what this
-CPU's GEMM library does at the decode's shape, which the bandwidth bound leaves out.
+the LM head of the embedded model) for 1 to 32 rows, in the decode loop's two forms: MKL's ``W @ xᵀ``
+(``skinny_decode``) and oneDNN on packed weights (``packed_decode``, where this torch build has it):
+what this CPU's GEMM libraries do at the decode's shape, which the bandwidth bound leaves out.
 
     .venv/bin/python benchmarks/roofline.py            # on a quiet machine (see BENCHMARKS.md)
     .venv/bin/python benchmarks/roofline.py --skip-grpo
@@ -88,18 +89,28 @@ def sae_row(flops: float, bw: float, d: int, m: int, k: int, batch: int, steps: 
     return {"ours_s": ours, "bound_s": bound, "ours_tok_s": batch / ours, "bound_tok_s": batch / bound}
 
 
-def decode_products(rows: tuple[int, ...], reps: int) -> tuple[int, dict[int, float]]:
+def decode_products(rows: tuple[int, ...], reps: int) -> tuple[int, dict[int, tuple[float, float | None]]]:
     """The number of weights a decode step of the embedded model (fp32) multiplies, and per row count
-    the seconds its products take: every decoder projection and the LM head as ``W @ xᵀ``, ``x`` of
-    that many rows (the decode loop's form)."""
+    the seconds its products take, every decoder projection and the LM head with ``x`` of that many
+    rows: as ``W @ xᵀ`` (MKL), and on oneDNN packed weights (``None`` where the build lacks them)."""
+    from saereward.model import fastdecode
     from saereward.model.lm import load_model
 
     model = load_model(dtype="fp32").model
     weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    out: dict[int, float] = {}
+    packed = [fastdecode._pack((w, None, ())) for w in weights] if fastdecode.packing_available() else []
+    out: dict[int, tuple[float, float | None]] = {}
     for n in rows:
         xs = {w.shape[1]: torch.randn(w.shape[1], n) for w in weights}
-        out[n] = _median_time(lambda xs=xs: [torch.mm(w, xs[w.shape[1]]) for w in weights], reps)
+        mkl = _median_time(lambda xs=xs: [torch.mm(w, xs[w.shape[1]]) for w in weights], reps)
+        rows_x = {k: x.t().contiguous() for k, x in xs.items()}
+        one = _median_time(
+            lambda r=rows_x: [
+                fastdecode._packed(r[w.shape[1]], p) for w, p in zip(weights, packed, strict=True)
+            ],
+            reps,
+        )
+        out[n] = (mkl, one if packed else None)
     return sum(w.numel() for w in weights), out
 
 
@@ -107,12 +118,17 @@ def print_decode_products(bw: float, reps: int) -> None:
     size, times = decode_products((1, 2, 4, 8, 16, 32), reps)
     read_ms = size * 4 / (bw * 1e9) * 1e3
     print(  # noqa: T201
-        f"\none decode step's products ({size / 1e6:.0f}M fp32 weights as W @ x^T; "
-        f"reading them once at the copy bandwidth: {read_ms:.1f} ms)\n"
-        "| rows | ms | weights read, GB/s | GFLOP/s |\n|---|---|---|---|"
+        f"\none decode step's products ({size / 1e6:.0f}M fp32 weights; reading them once at the copy "
+        f"bandwidth: {read_ms:.1f} ms)\n"
+        "| rows | W @ x^T ms | GB/s | GFLOP/s | packed ms | GB/s | GFLOP/s |\n|---|---|---|---|---|---|---|"
     )
-    for n, t in times.items():
-        print(f"| {n} | {t * 1e3:.1f} | {size * 4 / t / 1e9:.1f} | {2 * size * n / t / 1e9:.0f} |")  # noqa: T201
+    for n, (mkl, one) in times.items():
+        cells = [
+            f"{t * 1e3:.1f} | {size * 4 / t / 1e9:.1f} | {2 * size * n / t / 1e9:.0f}"
+            for t in (mkl, one)
+            if t
+        ]
+        print(f"| {n} | {' | '.join(cells) if one else cells[0] + ' | - | - | -'} |")  # noqa: T201
 
 
 def grpo_rows(flops: float, bw: float, steps: int) -> dict[str, tuple[float, float]]:

@@ -42,8 +42,9 @@ def settings_diff(saved: dict[str, Any], cfg: GRPOConfig) -> list[str]:
     return [k for k in mine if k not in skip and saved.get(k, default.get(k)) != mine[k]]
 
 
-#: runs saved before an option existed behaved like this (the reward form was mechreward's)
-_LEGACY: dict[str, Any] = {"reward_form": "mechreward"}
+#: runs saved before an option existed behaved like this (the reward form was mechreward's; rollouts
+#: decoded with MKL's products on merged weights, other rounding than packed decoding)
+_LEGACY: dict[str, Any] = {"reward_form": "mechreward", "packed_decode": False}
 STEP_SEED = 104_729  # torch is seeded with seed * STEP_SEED + step before each step
 
 

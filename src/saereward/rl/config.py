@@ -155,7 +155,7 @@ class GRPOConfig(TaskOptions, DeviceOptions, ModelOptions):
         "sample with the LoRA weights merged into the base (exact base weights restored after); off: "
         "the fast decode loop applies the adapters unmerged, with no copy of the weights (SmolLM2 fp32 on "
         "2 AVX2 cores: 0.4 GB less RSS while sampling, rollouts ~9 % slower; generate() is much slower "
-        "unmerged)",
+        "unmerged). Moot where packed_decode applies: the packed copy holds the adapted weights",
     )
     lora_r: int = option(32, "LoRA rank")
     lora_alpha: int = option(64, "LoRA α")
