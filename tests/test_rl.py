@@ -1035,17 +1035,23 @@ def test_mmap_large_allocations_on_glibc() -> None:
     assert float(x.sum()) == float(1 << 20)
 
 
-def test_rollouts_unmerged_lora_equal_merged(tmp_path: Path) -> None:
+def test_rollouts_unmerged_lora_equal_merged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``merge_for_generation=False``: the fast decode loop samples from the unmerged LoRA policy the
-    same tokens and residuals as from the merged one (same seed); both leave the weights as they were."""
+    same tokens and residuals as from the merged one (same seed), and so does ``packed_decode`` (the
+    adapters folded into oneDNN packed weights, nothing merged in place); all leave the weights as
+    they were."""
     from saereward.model import fastdecode
 
+    packs: list[int] = []
+    real_pack = fastdecode._pack
+    monkeypatch.setattr(fastdecode, "_pack", lambda p, rows=16: packs.append(1) or real_pack(p, rows))
     batches = []
     pack = str(tiny_pack(tmp_path))
-    for merge in (True, False):
+    for merge, packed in ((True, False), (False, False), (True, True)):
         cfg = rl_cfg(
-            tmp_path / f"m{merge}",
+            tmp_path / f"m{merge}{packed}",
             merge_for_generation=merge,
+            packed_decode=packed,
             fast_decode=True,
             max_new_tokens=8,
             reward="sae",
@@ -1061,9 +1067,11 @@ def test_rollouts_unmerged_lora_equal_merged(tmp_path: Path) -> None:
         before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
         batches.append(tr._rollouts(0))
         assert all(torch.equal(p, before[n]) for n, p in tr.model.named_parameters())
-    merged, unmerged = batches
-    assert torch.equal(merged.sequences, unmerged.sequences)
-    assert torch.allclose(merged.residuals, unmerged.residuals, atol=1e-4)
+        assert bool(packs) == packed  # every projection and the head packed, only when asked
+    merged, unmerged, packed_batch = batches
+    for other in (unmerged, packed_batch):
+        assert torch.equal(merged.sequences, other.sequences)
+        assert torch.allclose(merged.residuals, other.residuals, atol=1e-4)
 
 
 def test_lora_autocast_bf16_update(tmp_path: Path) -> None:
