@@ -437,6 +437,7 @@ def test_a_damaged_rl_checkpoint_is_one_line(tmp_path: Path) -> None:
     """A truncated adapter or config in a train-rl checkpoint names the checkpoint and the fix."""
     import json
 
+    from saereward.config import to_dict
     from saereward.rl.checkpoint import restore_checkpoint
     from saereward.rl.config import GRPOConfig
 
@@ -444,7 +445,7 @@ def test_a_damaged_rl_checkpoint_is_one_line(tmp_path: Path) -> None:
     ck = tmp_path / "checkpoint"
     ck.mkdir()
     (ck / "state.json").write_text(json.dumps({"step": 1}))
-    (ck / "config.json").write_text(json.dumps({}))
+    (ck / "config.json").write_text(json.dumps(to_dict(cfg)))  # the same settings
     (ck / "adapter.safetensors").write_bytes(b"\x10\x00\x00")
     with pytest.raises(SaeRewardError, match=r"checkpoint .* is unreadable .*--no-resume starts over"):
         restore_checkpoint(tmp_path, cfg, {}, None)  # type: ignore[arg-type]
