@@ -169,6 +169,25 @@ def test_packed_weights_compute_the_skinny_products(lora: bool) -> None:
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_packing_that_fails_or_disagrees_falls_back_to_skinny(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch build whose oneDNN op raises, or computes another product, is not used: the decode loop
+    keeps MKL's skinny products (the check runs once per process)."""
+    model, _ = make_tiny("llama")
+
+    def broken(x: torch.Tensor, p: object) -> torch.Tensor:
+        raise RuntimeError("no oneDNN kernel for this CPU")
+
+    for bad in (broken, lambda x, p: torch.zeros(x.shape[0], 24)):
+        monkeypatch.setattr(fastdecode, "_packed", bad)
+        fastdecode.packing_available.cache_clear()
+        try:
+            assert not fastdecode.packing_available()
+            w = fastdecode._Weights(model, torch.device("cpu"), skinny=True, packed=True)
+            assert not w.packed and w.skinny and w.head_packed is None
+        finally:
+            fastdecode.packing_available.cache_clear()  # the next call checks the real op again
+
+
 def test_batch_sizes() -> None:
     assert [fastdecode._batch_size(n) for n in (1, 2, 4, 5, 15, 16, 17, 33)] == [4, 4, 4, 16, 16, 16, 32, 48]
 

@@ -34,6 +34,7 @@ the batch.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -132,13 +133,27 @@ def _skinny(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return y.t()
 
 
+@functools.cache
 def packing_available() -> bool:
     """Whether this torch build has oneDNN's packed fp32 linear (``torch.ops.mkldnn._linear_pointwise``
-    on a weight from ``_reorder_linear_weight``), which ``packed`` decoding uses."""
-    if not torch.backends.mkldnn.is_available():
-        return False
+    on a weight from ``_reorder_linear_weight``), which ``packed`` decoding uses, and it computes
+    ``F.linear``'s product here (checked once per process on a small product; private ops can change
+    between torch builds and CPUs)."""
     ops = torch.ops.mkldnn
-    return hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
+    if not (
+        torch.backends.mkldnn.is_available()
+        and hasattr(ops, "_reorder_linear_weight")
+        and hasattr(ops, "_linear_pointwise")
+    ):
+        return False
+    g = torch.Generator().manual_seed(0)
+    w, b, x = torch.randn(24, 40, generator=g), torch.randn(24, generator=g), torch.randn(3, 40, generator=g)
+    try:
+        with torch.no_grad():
+            y = _packed(x, _pack((w, b, ())))
+    except RuntimeError:
+        return False
+    return y.shape == (3, 24) and bool(torch.allclose(y, F.linear(x, w, b), rtol=1e-4, atol=1e-4))
 
 
 def _pack(p: _Proj, rows: int = 16) -> _Proj:
