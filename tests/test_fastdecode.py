@@ -142,8 +142,9 @@ def test_unsupported_models_and_adapters() -> None:
 @pytest.mark.parametrize("lora", [False, True])
 @torch.no_grad()
 def test_packed_weights_compute_the_skinny_products(lora: bool) -> None:
-    """The packed path is the one taken on this CPU torch build, every projection (adapters folded in)
-    and the LM head give the skinny path's products to float rounding, and the model is left as it was."""
+    """The packed path is the one taken on this CPU torch build; every projection (adapters folded in;
+    q, k and v stacked into one product, gate and up into another) and the LM head give the skinny
+    path's products to float rounding, and the model is left as it was."""
     assert fastdecode.packing_available()  # torch 2.13 CPU wheels ship oneDNN
     model, _ = make_tiny("llama")
     if lora:
@@ -155,18 +156,32 @@ def test_packed_weights_compute_the_skinny_products(lora: bool) -> None:
     x = torch.randn(5, model.config.hidden_size)
     h = torch.randn(5, model.config.intermediate_size)
     for bs, bp in zip(skinny.blocks, packed.blocks, strict=True):
-        assert bp.w["q_proj"][0].is_mkldnn and bp.w["q_proj"][2] == ()
+        assert bs.qkv is None and bp.qkv is not None and bp.gate_up is not None
+        assert bp.qkv[0].is_mkldnn and bp.qkv[2] == () and sorted(bp.w) == ["down_proj", "o_proj"]
         assert len(bs.w["q_proj"][2]) == (1 if lora else 0)
-        for name in bs.w:
-            inp = h if name == "down_proj" else x
+        stacks = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+        for fused, names in stacks.items():
+            want = torch.cat([skinny.project(x, bs.w[name]) for name in names], 1)
+            got = fastdecode._packed(x, getattr(bp, fused))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for name, inp in (("o_proj", x), ("down_proj", h)):
             want = skinny.project(inp, bs.w[name])
             torch.testing.assert_close(packed.project(inp, bp.w[name]), want, rtol=1e-5, atol=1e-5)
-            out = torch.empty(want.shape[1], 5)
-            packed.project_t(inp, bp.w[name], out)
-            torch.testing.assert_close(out, want.t(), rtol=1e-5, atol=1e-5)
     head = fastdecode._packed(x, packed.head_packed)
     torch.testing.assert_close(head, fastdecode._skinny(x, packed.head.weight, None), rtol=1e-5, atol=1e-5)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_stacked_pack_biases() -> None:
+    """Stacked projections where only some have a bias (Qwen2: q, k and v do, the others not): the
+    missing ones count as zeros."""
+    torch.manual_seed(0)
+    w1, w2, b1 = torch.randn(6, 8), torch.randn(4, 8), torch.randn(6)
+    x = torch.randn(3, 8)
+    got = fastdecode._packed(x, fastdecode._pack((w1, b1, ()), (w2, None, ())))
+    want = torch.cat([x @ w1.T + b1, x @ w2.T], 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert fastdecode._pack((w1, None, ()), (w2, None, ()))[1] is None
 
 
 def test_packing_that_fails_or_disagrees_falls_back_to_skinny(monkeypatch: pytest.MonkeyPatch) -> None:

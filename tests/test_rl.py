@@ -1044,7 +1044,7 @@ def test_rollouts_unmerged_lora_equal_merged(tmp_path: Path, monkeypatch: pytest
 
     packs: list[int] = []
     real_pack = fastdecode._pack
-    monkeypatch.setattr(fastdecode, "_pack", lambda p, rows=16: packs.append(1) or real_pack(p, rows))
+    monkeypatch.setattr(fastdecode, "_pack", lambda *ps, **kw: packs.append(1) or real_pack(*ps, **kw))
     batches = []
     pack = str(tiny_pack(tmp_path))
     for merge, packed in ((True, False), (False, False), (True, True)):

@@ -156,13 +156,21 @@ def packing_available() -> bool:
     return y.shape == (3, 24) and bool(torch.allclose(y, F.linear(x, w, b), rtol=1e-4, atol=1e-4))
 
 
-def _pack(p: _Proj, rows: int = 16) -> _Proj:
-    """One projection as oneDNN's packed weight: ``weight + Σ s·B A`` (the adapters folded in, in fp32),
-    reordered for products of about ``rows`` rows; the bias stays as it is."""
-    weight, bias, adapters = p
-    w = weight.detach()
-    for a, sb in adapters:
-        w = torch.addmm(w, sb, a)
+def _pack(*ps: _Proj, rows: int = 16) -> _Proj:
+    """Projections of one input as one oneDNN packed weight: each ``weight + Σ s·B A`` (the adapters
+    folded in, in fp32), stacked along the output features (one product computes them all), reordered
+    for products of about ``rows`` rows; the biases stacked likewise (zeros where one has none)."""
+    ws, bs = [], []
+    for weight, bias, adapters in ps:
+        w = weight.detach()
+        for a, sb in adapters:
+            w = torch.addmm(w, sb, a)
+        ws.append(w)
+        bs.append(None if bias is None else bias.detach())
+    w = ws[0] if len(ws) == 1 else torch.cat(ws)
+    bias = None
+    if any(b is not None for b in bs):
+        bias = torch.cat([w.new_zeros(wi.shape[0]) if b is None else b for wi, b in zip(ws, bs, strict=True)])
     return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows), bias, ()
 
 
@@ -197,6 +205,11 @@ class _Block:
             if p is None:
                 raise ValueError("fastdecode: a LoRA adapter of a kind the loop does not apply")
             self.w[name] = p
+        self.qkv_sizes = tuple(int(self.w[name][0].shape[0]) for name in ("q_proj", "k_proj", "v_proj"))
+        self.ffn = int(self.w["gate_proj"][0].shape[0])
+        #: ``packed`` decoding: q, k and v as one packed product, gate and up as another
+        self.qkv: _Proj | None = None
+        self.gate_up: _Proj | None = None
         self.ln1 = (block.input_layernorm.weight, block.input_layernorm.variance_epsilon)
         self.ln2 = (block.post_attention_layernorm.weight, block.post_attention_layernorm.variance_epsilon)
         self.scaling = float(attn.scaling)
@@ -247,9 +260,13 @@ class _Weights:
             self.linear = bf16cpu.linear
 
     def _pack_weights(self) -> None:
-        """Every projection and the LM head as oneDNN packed weights (:func:`_pack`), for this call."""
+        """Every projection and the LM head as oneDNN packed weights (:func:`_pack`), for this call; q,
+        k and v stacked into one, gate and up into another (one product each, fewer small calls)."""
         for blk in self.blocks:
-            blk.w = {name: _pack(p) for name, p in blk.w.items()}
+            w = blk.w
+            blk.qkv = _pack(w["q_proj"], w["k_proj"], w["v_proj"])
+            blk.gate_up = _pack(w["gate_proj"], w["up_proj"])
+            blk.w = {"o_proj": _pack(w["o_proj"]), "down_proj": _pack(w["down_proj"])}
         self.head_packed = _pack((self.head.weight, self.head.bias, ()))
 
     def project(self, x: Tensor, p: _Proj) -> Tensor:
@@ -257,13 +274,6 @@ class _Weights:
         if self.packed:
             return _packed(x, p)
         return _skinny_project(x, p) if self.skinny else _project(self.linear, x, p)
-
-    def project_t(self, x: Tensor, p: _Proj, out: Tensor) -> None:
-        """The skinny path's ``[out_features, rows]`` layout: ``(x @ wᵀ + b)ᵀ`` written into ``out``."""
-        if self.packed:
-            out.copy_(_packed(x, p).t())
-        else:
-            _skinny_project(x, p, out=out)
 
 
 def _kv_buffers(cache: Any, B: int, P: int, T: int) -> tuple[list[Tensor], list[Tensor]]:
@@ -297,7 +307,7 @@ class _StepTables:
 
 
 def _attend_skinny(
-    w: _Weights, blk: _Block, h: Tensor, tab: _StepTables, slot: int, k_buf: Tensor, v_buf: Tensor
+    blk: _Block, h: Tensor, tab: _StepTables, slot: int, k_buf: Tensor, v_buf: Tensor
 ) -> Tensor:
     """One block's attention on the skinny path, ``[n, H·D]``: q, k and v computed as ``Wᵀ``-side
     products into one ``[(H + 2 H_kv)·D, n]`` buffer, RoPE on the query and key heads at once in that
@@ -305,12 +315,15 @@ def _attend_skinny(
     head with its query heads packed (two batched products, no ``repeat_kv`` copy). Same math as the
     model's block (HF's ``rotate_half`` RoPE and ``scaled_dot_product_attention``), other rounding order."""
     n, D = h.shape[0], blk.head_dim
-    sizes = [blk.w[name][0].shape[0] for name in ("q_proj", "k_proj", "v_proj")]
+    sizes = blk.qkv_sizes
     qkv = h.new_empty(sum(sizes), n)
-    lo = 0
-    for name, size in zip(("q_proj", "k_proj", "v_proj"), sizes, strict=True):
-        w.project_t(h, blk.w[name], qkv[lo : lo + size])
-        lo += size
+    if blk.qkv is not None:  # packed: one product for q, k and v
+        qkv.copy_(_packed(h, blk.qkv).t())
+    else:
+        lo = 0
+        for name, size in zip(("q_proj", "k_proj", "v_proj"), sizes, strict=True):
+            _skinny_project(h, blk.w[name], out=qkv[lo : lo + size])
+            lo += size
     heads, kv_heads = sizes[0] // D, sizes[1] // D
     qk = qkv[: sizes[0] + sizes[1]].view(-1, D, n)
     half = D // 2
@@ -379,12 +392,15 @@ def _forward_token(
     for li, blk in enumerate(w.blocks):
         h = _rms(x, blk.ln1)
         if w.skinny:
-            a = _attend_skinny(w, blk, h, tab, slot, keys[li], values[li])
+            a = _attend_skinny(blk, h, tab, slot, keys[li], values[li])
         else:
             a = _attend(w, blk, h, cos, sin, mask, slot, keys[li], values[li])
         x = x + w.project(a, blk.w["o_proj"])
         h = _rms(x, blk.ln2)
-        g, u = (w.project(h, blk.w[name]) for name in ("gate_proj", "up_proj"))
+        if blk.gate_up is not None:  # packed: one product for gate and up
+            g, u = _packed(h, blk.gate_up).split(blk.ffn, 1)
+        else:
+            g, u = (w.project(h, blk.w[name]) for name in ("gate_proj", "up_proj"))
         x = x + w.project(F.silu(g) * u, blk.w["down_proj"])
         if li in res:
             res[li][rows[fed], t] = x[fed].to(res[li].dtype)
