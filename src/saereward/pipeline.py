@@ -324,16 +324,12 @@ def _check_inputs(obj: Any, where: str) -> None:
 
 def _check_rg_task(value: str, where: str) -> None:
     """A reasoning-gym task name (``rg:<generator>``) that reasoning-gym does not have."""
-    import difflib
+    from saereward.tasks.rgym import did_you_mean, rg_datasets
 
-    from saereward.tasks.rgym import rg_datasets
-
-    names = rg_datasets()
-    if value[3:] not in names:
-        close = difflib.get_close_matches(value[3:], names, n=3)
-        hint = f"did you mean {', '.join('rg:' + c for c in close)}? " if close else ""
+    if value[3:] not in rg_datasets():
         raise SaeRewardError(
-            f"{where} {value!r} is no reasoning-gym dataset; {hint}see saereward.tasks.rg_datasets() for the names"
+            f"{where} {value!r} is no reasoning-gym dataset; {did_you_mean(value[3:])}see "
+            "saereward.tasks.rg_datasets() for the names"
         )
 
 

@@ -22,7 +22,7 @@ end well before ``max_new_tokens``.
 * ``packed`` (on the skinny path): the products go through oneDNN's fp32 linear on weights reordered
   into its blocked layout once per call, each adapter folded in first (``W + s·B A``): one packed copy
   of the weights (SmolLM2: 0.54 GB) for the call, instead of MKL's ``W @ xᵀ``, which runs a few rows
-  well below the memory bandwidth (:func:`_packed_weights`).
+  far below the CPU's GEMM rate (:func:`_pack`, :func:`_packed`).
 
 Supported: ``LlamaForCausalLM`` and ``Qwen2ForCausalLM`` (full attention, SiLU MLP), PEFT-wrapped
 with LoRA adapters merged, disabled or active: an active adapter is applied as two small products per

@@ -97,6 +97,12 @@ def rg_datasets() -> list[str]:
     return sorted(_registry())
 
 
+def did_you_mean(name: str) -> str:
+    """``"did you mean rg:a, rg:b? "`` for the generators whose names are close to ``name``; ``""`` if none."""
+    close = difflib.get_close_matches(name, rg_datasets(), n=3)
+    return f"did you mean {', '.join('rg:' + c for c in close)}? " if close else ""
+
+
 class ReasoningGymTask:
     """A reasoning-gym generator as a :class:`~saereward.tasks.base.Task`; see the module docstring."""
 
@@ -226,10 +232,8 @@ def load(
     """Build a reasoning-gym task; see the module docstring for defaults and errors."""
     registry = _registry()
     if name not in registry:
-        close = difflib.get_close_matches(name, list(registry), n=3)
-        hint = f"did you mean {', '.join('rg:' + c for c in close)}? " if close else ""
         raise SaeRewardError(
-            f"unknown reasoning-gym dataset {name!r}; {hint}see saereward.tasks.rg_datasets() "
+            f"unknown reasoning-gym dataset {name!r}; {did_you_mean(name)}see saereward.tasks.rg_datasets() "
             f"for all {len(registry)} names"
         )
     if source not in ("auto", "reasoning_gym"):
