@@ -440,3 +440,10 @@ def test_every_task_satisfies_protocol(gsm8k: Task, mmlu: Task, math_task: Task)
         it = task.items()[0]
         assert isinstance(hash(it), int)
         assert isinstance(format_prompt(task, it, "fewshot", shots=1), str)
+
+
+def test_an_unknown_reasoning_gym_name_suggests_close_ones() -> None:
+    with pytest.raises(
+        SaeRewardError, match=r"unknown reasoning-gym dataset 'chain_sun'; did you mean rg:chain_sum"
+    ):
+        load_task("rg:chain_sun", n=2)
