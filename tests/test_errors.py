@@ -267,6 +267,8 @@ def test_help_descriptions_show_one_percent_sign(capsys: pytest.CaptureFixture[s
         (["gate-g2", "--rl-seed", "3"], "rl.seed would be ignored"),
         (["train-rl", "--pack", "p.json"], "--pack would be ignored: --reward outcome does not read it"),
         (["token-view", "a", "--run-dir", "b"], "RUN_DIR a and --run-dir b are both given: pass one"),
+        (["token-view", "a", "--set", "run_dir=b"], "RUN_DIR a and --set run_dir=b are both given: pass one"),
+        (["report", "a", "--set", "run_dir=b"], "RUN_DIR a and --set run_dir=b are both given: pass one"),
         (
             ["train-rl", "--dual-verifier", "p.safetensors"],
             "--dual-verifier would be ignored: --reward outcome",
@@ -565,3 +567,87 @@ def test_a_data_parallel_rank_ends_with_its_status_and_output(tmp_path: Path) ->
     code = "from saereward.cli import exit_rank\nprint('done', flush=False)\nexit_rank(3)\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3 and proc.stdout == "done\n"
+
+
+def test_reasonscore_top_past_the_features_is_refused_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from saereward.sae.formats import save_sae
+    from tiny_models import random_sae
+
+    save_sae(random_sae(d_sae=16), tmp_path / "sae")
+    (tmp_path / "t.txt").write_text("so the answer is 3, therefore 4\n")
+    argv = ["reasonscore", "--sae", str(tmp_path / "sae"), "--text-paths", str(tmp_path / "t.txt")]
+    assert main([*argv, "--top", "17", "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --top 17 is more than the SAE's 16 features: pass --top 16 or less\n"
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_folder_writers_name_the_target_not_their_temp_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An SAE folder, an RL snapshot and a probe that cannot be written (read-only folder, full disk)
+    report the path asked for, and leave no temporary file or folder behind."""
+    import errno
+    import tempfile
+
+    import torch
+
+    from saereward.features.probe import LinearProbe
+    from saereward.rl.checkpoint import save_snapshot
+    from saereward.rl.config import GRPOConfig
+    from saereward.sae.formats import save_sae
+    from tiny_models import random_sae
+
+    def read_only(*a: Any, prefix: str = "", dir: Any = None, **k: Any) -> Any:
+        raise OSError(errno.EROFS, "Read-only file system", str(Path(dir) / f"{prefix}abc"))
+
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "mkdtemp", read_only)
+        with pytest.raises(OSError) as exc:
+            save_sae(random_sae(d_sae=16), tmp_path / "sae")
+    assert exc.value.filename == str(tmp_path / "sae") and exc.value.errno == errno.EROFS
+
+    def full_disk(tensors: Any, filename: str, **k: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    with monkeypatch.context() as m:
+        m.setattr("safetensors.torch.save_file", full_disk)
+        with pytest.raises(OSError) as exc:
+            save_snapshot(tmp_path / "snap", {"w": torch.zeros(2)}, GRPOConfig(out=str(tmp_path / "rl")))
+        assert exc.value.filename == str(tmp_path / "snap")
+        probe = LinearProbe(w=torch.zeros(3), b=0.0, mean=torch.zeros(3), scale=torch.ones(3), layer=1)
+        with pytest.raises(OSError) as exc:
+            probe.save(tmp_path / "probe.safetensors")
+        assert exc.value.filename == str(tmp_path / "probe.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_discover_at_a_layer_past_the_model_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The out-of-range layer is the one thing said: no warning about the SAE's layer comes first."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from saereward.sae.coder import SAEConfig, TopKSAE
+    from saereward.sae.formats import save_sae
+
+    ro, n, t, d = tmp_path / "ro", 8, 4, 8
+    ro.mkdir()
+    rows = [{"qid": i, "split": "discovery", "correct": i % 2 == 0, "completion": "so"} for i in range(n)]
+    (ro / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    save_file({"layer_3": torch.randn(n, d)}, str(ro / "pooled.safetensors"))
+    offsets = torch.arange(0, n * t + 1, t)
+    tokens = {"layer_3": torch.randn(n * t, d), "token_ids": torch.arange(n * t), "offsets": offsets}
+    save_file(tokens, str(ro / "tokens.safetensors"))
+    (ro / "summary.json").write_text(json.dumps({"num_layers": 30, "d_model": d}))
+    save_sae(TopKSAE(SAEConfig(d_in=d, d_sae=16, k=2, layer=3)), tmp_path / "sae")
+    argv = ["discover", "--rollouts", str(ro), "--sae", str(tmp_path / "sae"), "--layer", "99"]
+    assert main([*argv, "--out", str(tmp_path / "pack.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --layer 99 is out of range") and err.count("\n") == 1, err
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []

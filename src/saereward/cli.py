@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from saereward import __version__
-from saereward.config import add_spec_args, config_from_args, field_specs, option
+from saereward.config import add_spec_args, config_from_args, field_specs, option, parse_set
 from saereward.errors import SaeRewardError
 from saereward.io import check_writable, write_json
 from saereward.options import ModelOptions
@@ -599,13 +599,16 @@ def _merge_positional(cmd: Command, args: argparse.Namespace) -> None:
     if not cmd.positional or not hasattr(args, "pos__" + cmd.positional):
         return
     value = getattr(args, "pos__" + cmd.positional)
-    flag = getattr(args, "cfg__" + cmd.positional, value)
-    if flag != value:
-        raise SaeRewardError(
-            f"{cmd.positional.upper()} {value} and --{cmd.positional.replace('_', '-')} {flag} are both given: "
-            "pass one"
-        )
-    setattr(args, "cfg__" + cmd.positional, value)
+    dest, flag = "cfg__" + cmd.positional, "--" + cmd.positional.replace("_", "-")
+    given = [(f"{flag} {getattr(args, dest)}", getattr(args, dest))] if hasattr(args, dest) else []
+    # --set is applied after the flags: it would replace the positional without a word
+    given += [
+        (f"--set {k}={v}", v) for k, v in parse_set(getattr(args, "set", None) or []) if k == cmd.positional
+    ]
+    for spelled, other in given:
+        if str(other) != str(value):
+            raise SaeRewardError(f"{cmd.positional.upper()} {value} and {spelled} are both given: pass one")
+    setattr(args, dest, value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

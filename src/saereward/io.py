@@ -51,29 +51,35 @@ def check_writable(path: str | os.PathLike[str], fix: str = "pass another --out"
 
 
 @contextmanager
+def naming_target(target: str | os.PathLike[str], tmp_prefix: str | os.PathLike[str]) -> Iterator[None]:
+    """Re-raise an OS error on a temporary path (one that starts with ``tmp_prefix``: a read-only folder,
+    a full disk) as the same error on ``target``, the path the user asked for; others pass unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        if not str(exc.filename or "").startswith(str(tmp_prefix)):
+            raise
+        raise OSError(exc.errno, exc.strerror, str(target)) from None
+
+
+@contextmanager
 def atomic_path(path: str | os.PathLike[str]):
     """Yield a temporary path next to ``path``; on success it is renamed over ``path``. An OS error
     on the temporary file (a read-only folder, a full disk) names ``path``, the file the user asked for."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with naming_target(path, path.parent / f".{path.name}."):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, str(path)) from None
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _MODE)
-        os.replace(tmp, path)
-    except OSError as exc:
-        if exc.filename not in (tmp, Path(tmp)):
-            raise
-        raise OSError(exc.errno, exc.strerror, str(path)) from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(tmp, _MODE)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[str]], object]) -> None:

@@ -111,10 +111,11 @@ def run_discover(cfg: DiscoverConfig) -> FeaturePack:
     ro = load_rollouts(cfg.rollouts)
     sae = load_sae(cfg.sae)
     layer = resolve_sae_layer(sae, cfg.layer, ro)
+    # a layer the rollouts lack is the error to report, before any warning about the SAE's layer
+    tokens = ro.layer_tokens(layer, "--layer" if cfg.layer is not None else "the SAE's layer")
     check_sae_matches_model(sae, int(ro.summary["d_model"]), layer)
     warn_other_model(f"SAE {cfg.sae}", sae.cfg.model, ro.summary.get("model"))
-    what = "--layer" if cfg.layer is not None else "the SAE's layer"
-    pooled = pooled_sae_acts(sae, ro.layer_tokens(layer, what), ro.offsets)
+    pooled = pooled_sae_acts(sae, tokens, ro.offsets)
     disc = ro.split_mask("discovery")
     correct = ro.correct
     n_c, n_w = require_both_outcomes(

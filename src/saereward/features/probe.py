@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from saereward.errors import SaeRewardError
-from saereward.io import write_json
+from saereward.io import atomic_path, write_json
 
 __all__ = ["LinearProbe", "fit_logistic", "load_probe"]
 
@@ -83,13 +83,13 @@ class LinearProbe:
         from safetensors.torch import save_file
 
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
         tensors = {"w": self.w, "mean": self.mean, "scale": self.scale, "bias": torch.tensor([self.b])}
-        save_file(
-            {k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "saereward-probe"}
-        )
-        tmp.replace(p)
+        with atomic_path(p) as tmp:
+            save_file(
+                {k: v.contiguous() for k, v in tensors.items()},
+                str(tmp),
+                metadata={"format": "saereward-probe"},
+            )
         write_json(p.with_name(p.name + ".json"), {"layer": self.layer, **self.metadata})
         return p
 

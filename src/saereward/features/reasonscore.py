@@ -197,6 +197,10 @@ class ReasonScoreConfig:
 def run_reasonscore(cfg: ReasonScoreConfig) -> dict[str, Any]:
     """Rank the SAE's features by ReasonScore over the given texts; write ``cfg.out``."""
     sae = load_sae(cfg.sae)
+    if cfg.top > sae.cfg.d_sae:
+        raise SaeRewardError(
+            f"--top {cfg.top} is more than the SAE's {sae.cfg.d_sae} features: pass --top {sae.cfg.d_sae} or less"
+        )
     layer = cfg.layer if cfg.layer is not None else sae.cfg.layer
     model = cfg.model or sae.cfg.model
     if layer is None or model is None:

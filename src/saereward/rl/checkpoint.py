@@ -7,6 +7,8 @@ place (a kill between the renames resumes from ``checkpoint.old``)."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from torch import Tensor
 from saereward import __version__
 from saereward.config import to_dict
 from saereward.errors import SaeRewardError
-from saereward.io import file_sha256, read_json, write_json
+from saereward.io import file_sha256, naming_target, read_json, write_json
 from saereward.rl.config import GRPOConfig
 
 
@@ -85,12 +87,20 @@ def save_checkpoint(
 ) -> None:
     """Write the LoRA weights, the optimizer state, ``cfg`` and the reward's ``inputs``
     (:func:`reward_inputs`) to ``folder`` (a temp folder renamed into place)."""
+    with _staged(folder) as tmp:
+        _write_checkpoint(tmp, step, lora, opt, cfg, inputs)
+
+
+def _write_checkpoint(
+    tmp: Path,
+    step: int,
+    lora: dict[str, Tensor],
+    opt: torch.optim.Optimizer,
+    cfg: GRPOConfig,
+    inputs: dict[str, str] | None,
+) -> None:
     from safetensors.torch import save_file
 
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in lora.items()}, str(tmp / "adapter.safetensors"))
     state = opt.state_dict()
     tensors: dict[str, Tensor] = {}
@@ -115,30 +125,43 @@ def save_checkpoint(
         },
     )
     write_json(tmp / "config.json", to_dict(cfg))
-    if folder.exists():  # a kill between the two renames leaves the previous checkpoint in .old
-        old = folder.with_name(folder.name + ".old")
-        if old.exists():
+
+
+@contextmanager
+def _staged(folder: Path) -> Iterator[Path]:
+    """Yield ``<folder>.tmp`` to fill; then swap it in for ``folder``. A kill between the two renames
+    leaves the previous contents in ``<folder>.old`` (a checkpoint resumes from there). An OS error on
+    the temporary folder (a read-only file system, a full disk) names ``folder``."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    with naming_target(folder, tmp):
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if folder.exists():
+            old = folder.with_name(folder.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            folder.rename(old)
+            tmp.rename(folder)
             shutil.rmtree(old)
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(folder)
+        else:
+            tmp.rename(folder)
 
 
 def save_snapshot(folder: Path, lora: dict[str, Tensor], cfg: GRPOConfig) -> None:
     """The adapter alone (no optimizer state), written to a temp folder and renamed into place."""
     from safetensors.torch import save_file
 
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in lora.items()}, str(tmp / "adapter.safetensors"))
-    write_json(tmp / "config.json", to_dict(cfg))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    with _staged(folder) as tmp:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in lora.items()}, str(tmp / "adapter.safetensors")
+        )
+        write_json(tmp / "config.json", to_dict(cfg))
 
 
 def snapshots(run: str | Path) -> list[tuple[int, Path]]:

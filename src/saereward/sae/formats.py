@@ -76,7 +76,7 @@ import torch
 from saereward import __version__
 from saereward.errors import SaeRewardError
 from saereward.hub import resolve_source
-from saereward.io import atomic_path, file_sha256, write_json
+from saereward.io import atomic_path, file_sha256, naming_target, write_json
 from saereward.model.lm import hf_model_id, require_device
 from saereward.sae.coder import SAEConfig, TopKSAE
 
@@ -309,25 +309,26 @@ def atomic_folder(folder: PathLike) -> Iterator[Path]:
             "choose another path or remove it"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if target.exists():
-            old_root = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rename(target, old_root / "sae")
-            try:
+    with naming_target(target, target.parent / f".{target.name}."):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            yield tmp
+            _fsync_tree(tmp)
+            if target.exists():
+                old_root = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                os.rename(target, old_root / "sae")
+                try:
+                    os.rename(tmp, target)
+                except OSError:
+                    os.rename(old_root / "sae", target)
+                    raise
+                shutil.rmtree(old_root, ignore_errors=True)
+            else:
                 os.rename(tmp, target)
-            except OSError:
-                os.rename(old_root / "sae", target)
-                raise
-            shutil.rmtree(old_root, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-        _fsync_dir(target.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            _fsync_dir(target.parent)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
