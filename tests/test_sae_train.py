@@ -440,3 +440,20 @@ def test_wandb_logging_is_optional_and_offline(tmp_path, monkeypatch):
     rows = [json.loads(r) for r in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     fvu = [r["fvu"] for r in rows if "fvu" in r]
     assert fvu and logged and logged[-1] == pytest.approx(fvu[-1]) and set(fvu) <= set(logged)
+
+
+def test_a_missing_sink_package_is_said_once_per_process(tmp_path, monkeypatch, caplog):
+    """A pipeline trains several runs in one process: the default TensorBoard sink, when its package
+    is not installed, warns once, not once per run."""
+    import sys
+
+    from saereward import metrics
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    monkeypatch.setattr(metrics, "_MISSING_SAID", set())
+    for name in ("a", "b", "c"):
+        sinks = metrics.MetricSinks(tmp_path / name, ["tensorboard"], name=name, config={})
+        sinks.log({"loss": 1.0}, 1)
+        sinks.close()
+    said = [r.getMessage() for r in caplog.records if "not installed" in r.getMessage()]
+    assert said == ["tensorboard is not installed (pip install 'saereward[tensorboard]'): not logging to it"]

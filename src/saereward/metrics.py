@@ -4,7 +4,8 @@
 ``wandb`` (the ``wandb`` extra; off by default) or ``none``. Each logged row's finite numbers are
 sent as scalars at its step. W&B follows its own environment (``WANDB_PROJECT``, ``WANDB_MODE``:
 ``offline`` writes the run locally and never touches the network); a sink whose package is missing
-is skipped with one warning, and the JSONL log is always written.
+is skipped with one warning per process (a pipeline trains several runs), and the JSONL log is always
+written.
 """
 
 from __future__ import annotations
@@ -19,6 +20,16 @@ log = logging.getLogger(__name__)
 
 ReportTo = Literal["tensorboard", "wandb", "none"]
 __all__ = ["MetricSinks", "ReportTo"]
+
+
+_MISSING_SAID: set[str] = set()
+
+
+def _missing(package: str) -> None:
+    """Say once per process that ``package``'s sink is skipped."""
+    if package not in _MISSING_SAID:
+        _MISSING_SAID.add(package)
+        log.warning("%s is not installed (pip install 'saereward[%s]'): not logging to it", package, package)
 
 
 def _scalars(row: Mapping[str, Any]) -> dict[str, float]:
@@ -49,14 +60,12 @@ class MetricSinks:
 
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
             except ImportError:
-                log.warning(
-                    "tensorboard is not installed (pip install 'saereward[tensorboard]'): not logging to it"
-                )
+                _missing("tensorboard")
         if "wandb" in report_to:
             try:
                 import wandb
             except ImportError:
-                log.warning("wandb is not installed (pip install 'saereward[wandb]'): not logging to it")
+                _missing("wandb")
             else:
                 self.wandb = wandb.init(
                     name=name,
