@@ -363,6 +363,15 @@ def test_a_layer_the_rollouts_lack_names_why(tmp_path: Path) -> None:
         SaeRewardError, match=r"layers \[3\], not layer 5: re-run `saereward rollouts --token-layers 5`"
     ):
         ro.response_tokens(5, 0)
+    # a summary from before num_layers was recorded: the model's own config says how many it has
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"num_hidden_layers": 2, "hidden_size": 4}')
+    old = Rollouts(
+        tmp_path, [], {}, {3: torch.zeros(2, 4)}, None, torch.tensor([0, 2]), {"model": str(model)}
+    )
+    with pytest.raises(SaeRewardError, match=r"--layer 99 is out of range: .* has 2 layers \(0-1\)"):
+        old.layer_tokens(99, "--layer")
 
 
 def test_a_prompt_past_the_context_is_refused() -> None:

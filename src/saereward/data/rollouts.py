@@ -41,7 +41,7 @@ from saereward.config import check_sampling, option, refuse_other_settings, to_d
 from saereward.errors import SaeRewardError
 from saereward.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
 from saereward.model.generate import SamplingConfig, iter_generate, stop_strings_for
-from saereward.model.lm import LoadedModel, check_device, load_model, resolve_layer
+from saereward.model.lm import LoadedModel, check_device, load_model, model_dims, resolve_layer
 from saereward.options import DeviceOptions, ModelOptions, TaskOptions
 from saereward.stats import wilson_ci
 from saereward.tasks import format_prompt, load_task
@@ -351,6 +351,8 @@ class Rollouts:
         if layer in self.tokens:
             return self.tokens[layer]
         n = self.summary.get("num_layers")
+        if not isinstance(n, int) and isinstance(self.summary.get("model"), str):  # an older summary
+            n = (model_dims(self.summary["model"]) or (None, None))[0]
         if isinstance(n, int) and not 0 <= layer < n:
             raise SaeRewardError(
                 f"{what} {layer} is out of range: the model of the rollouts at {self.path} has {n} layers "
