@@ -14,7 +14,10 @@ by the group, and decodes with its own loop (``saereward.model.fastdecode``). ``
 ``BENCH_MMAP=0`` runs ours without ``mmap_large_allocations`` (glibc's own malloc policy, as TRL
 runs), to measure that setting.
 
-Three trainers run in separate child processes, one after the other, so each peak RSS is its own:
+Three trainers run in separate child processes, so each peak RSS is its own; one after the other by
+default, or with ``--interleave`` side by side, one step at a time: all load at once, then each round
+lets each trainer run one step while the others wait on a pipe (the order rotates), so a drift of the
+machine's speed during the run reaches all of them alike:
 
 * ``trl``: ``trl.GRPOTrainer`` with the outcome reward only (TRL has no per-token reward), the
   model loaded with ``AutoModelForCausalLM.from_pretrained`` as a TRL user does;
@@ -38,6 +41,7 @@ reported next to each time.
     .venv/bin/python benchmarks/grpo_step.py                 # both dtypes, 5 timed steps each
     .venv/bin/python benchmarks/grpo_step.py --quick         # one dtype, 2 timed steps, no warm-up, no "ours" row
     .venv/bin/python benchmarks/grpo_step.py --quick --dtypes bf16   # bf16 only, on any CPU
+    .venv/bin/python benchmarks/grpo_step.py --dtypes fp32 --interleave  # steps taken in turns
 
 The default order is bf16, fp32 on a CPU with native bf16 (AVX512-BF16 or AMX) and fp32, bf16 on
 others, where PyTorch's bf16 products are slow (TRL's bf16 step took 6 min on 2 AVX2 cores; ours
@@ -50,6 +54,7 @@ The last line is ``step_time_ratio_vs_trl=<ours+sae / trl>`` (the first dtype ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -60,7 +65,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_PROMPTS, GROUP, NEW_TOKENS = 4, 4, 64
@@ -120,8 +125,60 @@ def step_timer(times: list[float], lengths: list[float], cuda: bool = False) -> 
     return Timer()
 
 
+class StepGate:
+    """The child's side of ``--interleave``: before each step it says it is ready (``r``) and waits for
+    its turn (``g``); after the step it says so (``d``); after the last one it waits for leave (``x``),
+    so that its teardown runs during no other child's timed step. No gate (``spec=None``): no waits."""
+
+    def __init__(self, spec: str | None) -> None:
+        self.inp: Any = None
+        self.out: Any = None
+        if spec:
+            r, w = (int(v) for v in spec.split(","))
+            self.inp, self.out = os.fdopen(r, "rb", buffering=0), os.fdopen(w, "wb", buffering=0)
+
+    def begin(self) -> None:
+        if self.out is not None:
+            self.out.write(b"r")
+            _expect(self.inp, b"g", "the benchmark parent")
+
+    def end(self, last: bool) -> None:
+        if self.out is not None:
+            self.out.write(b"d")
+            if last:
+                _expect(self.inp, b"x", "the benchmark parent")
+
+
+def _expect(pipe: Any, token: bytes, who: str) -> None:
+    got = pipe.read(1)
+    if got != token:
+        raise SystemExit(f"interleave: expected {token!r} from {who}, got {got!r} (it ended?)")
+
+
+def gate_callbacks(gate: StepGate) -> tuple[Any, Any]:
+    """``TrainerCallback`` s that put TRL's steps through ``gate``: the first goes before the step
+    timer in the callback list, the second after it."""
+    from transformers import TrainerCallback
+
+    class Begin(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN201
+            gate.begin()
+
+    class End(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN201
+            gate.end(last=state.global_step >= state.max_steps)
+
+    return Begin(), End()
+
+
 def child_trl(
-    dtype: str, steps: int, threads: int, n_questions: int, fix: bool = False, warmup: int = 1
+    dtype: str,
+    steps: int,
+    threads: int,
+    n_questions: int,
+    fix: bool = False,
+    warmup: int = 1,
+    gate: StepGate | None = None,
 ) -> dict[str, Any]:
     import torch
     from datasets import Dataset
@@ -161,6 +218,10 @@ def child_trl(
         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=LORA, task_type="CAUSAL_LM"),
         callbacks=[step_timer(times, lengths)],
     )
+    if gate is not None:
+        first, last = gate_callbacks(gate)
+        trainer.add_callback(last)
+        trainer.callback_handler.callbacks.insert(0, first)  # before the defaults and the step timer
     trainer.train()
     return {
         "step_times": times[warmup:],
@@ -207,6 +268,7 @@ def child_ours(
     n_questions: int,
     overrides: dict[str, Any] | None = None,
     warmup: int = 1,
+    gate: StepGate | None = None,
 ) -> dict[str, Any]:
     import torch
 
@@ -235,7 +297,12 @@ def child_ours(
         **(overrides or {}),
     )
     tr = GRPOTrainer(cfg, lm=load_model(dtype=cfg.dtype))
-    rows = [tr.step(s) for s in range(steps + warmup)]
+    gate = gate or StepGate(None)
+    rows = []
+    for s in range(steps + warmup):
+        gate.begin()
+        rows.append(tr.step(s))
+        gate.end(last=s == steps + warmup - 1)
     return {
         "step_times": [r["sec_step"] for r in rows[warmup:]],
         "warmup_s": [r["sec_step"] for r in rows[:warmup]],
@@ -268,10 +335,10 @@ def make_pack(workdir: Path) -> None:
     save_pack(pack, workdir / "pack.json")
 
 
-def run_child(
-    which: str, dtype: str, steps: int, threads: int, workdir: Path, extra: list[str], warmup: int = 1
-) -> dict[str, Any]:
-    cmd = [
+def child_cmd(
+    which: str, dtype: str, steps: int, threads: int, workdir: Path, extra: list[str], warmup: int
+) -> list[str]:
+    return [
         sys.executable,
         __file__,
         "--child",
@@ -288,7 +355,72 @@ def run_child(
         str(workdir),
         *extra,
     ]
-    return json_child(cmd, f"{which} ({dtype})")
+
+
+class _Kid(NamedTuple):
+    label: str
+    proc: subprocess.Popen[bytes]
+    go: Any  # our end of its "your turn" pipe
+    said: Any  # our end of its "ready" / "done" pipe
+    out: Any
+    err: Any
+
+
+def _spawn(label: str, cmd: list[str], env: dict[str, str], files: contextlib.ExitStack) -> _Kid:
+    go_r, go_w = os.pipe()
+    said_r, said_w = os.pipe()
+    # closed by ``files`` (an ExitStack) when the run ends
+    out = files.enter_context(tempfile.TemporaryFile())  # noqa: SIM115
+    err = files.enter_context(tempfile.TemporaryFile())  # noqa: SIM115
+    gate = f"{go_r},{said_w}"
+    proc = subprocess.Popen([*cmd, "--gate", gate], pass_fds=(go_r, said_w), stdout=out, stderr=err, env=env)
+    os.close(go_r)
+    os.close(said_w)
+    return _Kid(
+        label, proc, os.fdopen(go_w, "wb", buffering=0), os.fdopen(said_r, "rb", buffering=0), out, err
+    )
+
+
+def _tail(f: Any, n: int) -> str:
+    f.seek(0)
+    return f.read().decode(errors="replace")[-n:]
+
+
+def run_interleaved(cmds: dict[str, list[str]], rounds: int) -> dict[str, dict[str, Any]]:
+    """Run the children ``cmds`` (label -> command) side by side, one step at a time (``--interleave``).
+
+    All children load at once; then each round lets each child run one step while the others wait
+    (the order rotates from round to round), so a drift of the machine's speed reaches every trainer
+    alike. A child's code between two steps also runs while the others wait. Returns each child's
+    JSON result, as :func:`json_child` does."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as files:
+        kids = [_spawn(label, cmd, env, files) for label, cmd in cmds.items()]
+        try:
+            for kid in kids:
+                _expect(kid.said, b"r", f"child {kid.label}")  # loaded, at its first step
+            for rnd in range(rounds):
+                for kid in kids[rnd % len(kids) :] + kids[: rnd % len(kids)]:
+                    kid.go.write(b"g")
+                    _expect(kid.said, b"d", f"child {kid.label}")
+                    if rnd + 1 < rounds:
+                        _expect(kid.said, b"r", f"child {kid.label}")
+            for kid in kids:
+                kid.go.write(b"x")
+        except SystemExit:
+            for kid in kids:
+                kid.proc.kill()
+                sys.stderr.write(f"--- {kid.label}\n{_tail(kid.err, 3000)}")
+            raise
+        results = {}
+        for kid in kids:
+            if kid.proc.wait() != 0:
+                sys.stderr.write(_tail(kid.err, 4000))
+                raise SystemExit(f"child {kid.label} failed (exit {kid.proc.returncode})")
+            results[kid.label] = json.loads(_tail(kid.out, 1 << 20).strip().splitlines()[-1])
+            results[kid.label]["wall_s"] = round(time.perf_counter() - t0, 1)
+    return results
 
 
 def json_child(cmd: list[str], label: str) -> dict[str, Any]:
@@ -302,6 +434,21 @@ def json_child(cmd: list[str], label: str) -> dict[str, Any]:
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     return res
+
+
+def print_child(which: str, dt: str, r: dict[str, Any]) -> None:
+    reward = (
+        f", reward {100 * statistics.median(r['reward_seconds']) / r['median_step_s']:.2f} % of the step"
+        if r.get("reward_seconds")
+        else ""
+    )
+    print(  # noqa: T201
+        f"{which:9} {dt}: median {r['median_step_s']:.2f} s/step over {len(r['step_times'])} steps "
+        f"(warm-up {', '.join(f'{w:.2f}' for w in r['warmup_s']) or 'none'}; "
+        f"timed {', '.join(f'{w:.2f}' for w in r['step_times'])} s; child {r['wall_s']:.0f} s wall), "
+        f"peak RSS {r['peak_rss_gb']:.2f} GB, mean completion {r['completion_len']:.1f} tokens{reward}",
+        flush=True,
+    )
 
 
 def parse_sets(pairs: list[str]) -> dict[str, Any]:
@@ -381,7 +528,14 @@ def main() -> None:
         "(default 4: the same 4 prompts every step on both sides, so their work differs only by the "
         "sampled completion lengths; 200 was the setting before 2026-11-29)",
     )
+    ap.add_argument(
+        "--interleave",
+        action="store_true",
+        help="run the trainers side by side, one step at a time, each waiting while another steps "
+        "(every trainer sees the same drift of the machine's speed; peak RSS stays per process)",
+    )
     ap.add_argument("--child", choices=["trl", "trl+fix", "ours", "ours+sae"], help=argparse.SUPPRESS)
+    ap.add_argument("--gate", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.warmup_steps is None:
@@ -401,6 +555,7 @@ def main() -> None:
                 args.questions,
                 fix=args.child == "trl+fix",
                 warmup=args.warmup_steps,
+                gate=StepGate(args.gate),
             )
         else:
             res = child_ours(
@@ -414,6 +569,7 @@ def main() -> None:
                 args.questions,
                 _overrides(args),
                 warmup=args.warmup_steps,
+                gate=StepGate(args.gate),
             )
         res["peak_rss_gb"] = round(_peak_rss_gb(), 3)
         print(json.dumps(res))  # noqa: T201
@@ -439,23 +595,29 @@ def main() -> None:
     for dt in dtypes:
         # --quick skips "ours" (the reward off): the reward's own seconds are timed inside ours+sae
         ours_off = () if args.quick else ("ours",)
-        for which in ("trl", "ours+sae", *ours_off, *(("trl+fix",) if args.trl_fix else ())):
-            own = extra if which.startswith("ours") else common
-            r = run_child(which, dt, steps, args.threads, workdir, own, args.warmup_steps)
+        trainers = ("trl", "ours+sae", *ours_off, *(("trl+fix",) if args.trl_fix else ()))
+        cmds = {
+            w: child_cmd(
+                w,
+                dt,
+                steps,
+                args.threads,
+                workdir,
+                extra if w.startswith("ours") else common,
+                args.warmup_steps,
+            )
+            for w in trainers
+        }
+        if args.interleave:
+            print(f"{dt}: {', '.join(trainers)} interleaved, one step at a time", flush=True)  # noqa: T201
+            ran = run_interleaved(cmds, steps + args.warmup_steps)
+        else:
+            ran = {w: json_child(cmds[w], f"{w} ({dt})") for w in trainers}
+        for which in trainers:
+            r = ran[which]
             r["median_step_s"] = statistics.median(r["step_times"])
             results[f"{which}/{dt}"] = r
-            print(
-                f"{which:9} {dt}: median {r['median_step_s']:.2f} s/step over {len(r['step_times'])} steps "  # noqa: T201
-                f"(warm-up {', '.join(f'{w:.2f}' for w in r['warmup_s']) or 'none'}; "
-                f"timed {', '.join(f'{w:.2f}' for w in r['step_times'])} s; child {r['wall_s']:.0f} s wall), "
-                f"peak RSS {r['peak_rss_gb']:.2f} GB, mean completion {r['completion_len']:.1f} tokens"
-                + (
-                    f", reward {100 * statistics.median(r['reward_seconds']) / r['median_step_s']:.2f} % of the step"
-                    if r.get("reward_seconds")
-                    else ""
-                ),
-                flush=True,
-            )
+            print_child(which, dt, r)
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, threads {args.threads}"
     )  # noqa: T201

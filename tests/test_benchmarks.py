@@ -30,3 +30,35 @@ def test_benchmark_help(
         runpy.run_path(str(script), run_name="__main__")
     assert done.value.code in (0, None)
     assert "usage:" in capsys.readouterr().out
+
+
+_FAKE_CHILD = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from grpo_step import StepGate
+gate = StepGate(sys.argv[sys.argv.index("--gate") + 1])
+spans = []
+for s in range(3):
+    gate.begin()
+    t0 = time.monotonic()
+    time.sleep(0.05)
+    spans.append((t0, time.monotonic()))
+    gate.end(last=s == 2)
+print("noise")
+print(json.dumps({"spans": spans}))
+"""
+
+
+def test_interleaved_children_step_one_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``grpo_step.py --interleave``: the trainers' steps never overlap, and who goes first rotates."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from grpo_step import run_interleaved
+
+    child = tmp_path / "child.py"
+    child.write_text(_FAKE_CHILD)
+    cmd = [sys.executable, str(child), str(BENCH)]
+    res = run_interleaved({"a": cmd, "b": cmd, "c": cmd}, rounds=3)
+    spans = sorted((t0, t1, k) for k, r in res.items() for t0, t1 in r["spans"])
+    assert len(spans) == 9
+    assert all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:], strict=False))
+    assert [k for _, _, k in spans] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
