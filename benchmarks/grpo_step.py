@@ -220,7 +220,7 @@ def child_trl(
         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=LORA, task_type="CAUSAL_LM"),
         callbacks=[step_timer(times, lengths)],
     )
-    if gate is not None:
+    if gate is not None and gate.out is not None:  # --interleave
         first, last = gate_callbacks(gate)
         trainer.add_callback(last)
         trainer.callback_handler.callbacks.insert(0, first)  # before the defaults and the step timer
@@ -359,6 +359,11 @@ def child_cmd(
     ]
 
 
+def _child_env() -> dict[str, str]:
+    """The environment of a benchmark child: ours, quiet tokenizers and hub progress bars."""
+    return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
 class _Kid(NamedTuple):
     label: str
     proc: subprocess.Popen[bytes]
@@ -395,7 +400,7 @@ def run_interleaved(cmds: dict[str, list[str]], rounds: int) -> dict[str, dict[s
     (the order rotates from round to round), so a drift of the machine's speed reaches every trainer
     alike. A child's code between two steps also runs while the others wait. Returns each child's
     JSON result, as :func:`json_child` does."""
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env = _child_env()
     t0 = time.perf_counter()
     with contextlib.ExitStack() as files:
         kids = [_spawn(label, cmd, env, files) for label, cmd in cmds.items()]
@@ -427,7 +432,7 @@ def run_interleaved(cmds: dict[str, list[str]], rounds: int) -> dict[str, dict[s
 
 def json_child(cmd: list[str], label: str) -> dict[str, Any]:
     """Run a benchmark child process; returns the JSON object on its last stdout line plus ``wall_s``."""
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env = _child_env()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
