@@ -14,7 +14,9 @@ The bounds are a model, not a measurement; each counts the work no implementatio
   where the CPU has bf16 units: the fast kernels select in bf16; fp32 elsewhere), plus writing and
   reading the ``B×M`` pre-activations once for the top-k (8·B·M bytes), plus Adam on ``W_enc`` and
   ``W_dec`` (read p, g, m, v; write p, m, v: 28 bytes per weight) at the bandwidth. The decoder and the
-  encoder's backward are sparse (``k`` of ``M`` latents) and left out.
+  encoder's backward are sparse (``k`` of ``M`` latents) and left out. The SAE row's rates and our
+  step are measured in turns (``--sae-rounds`` rounds of one GEMM, one copy and one step; medians), so
+  that a drift of a shared machine's speed moves the bound and our time alike.
 * generate: each decode step reads every weight once (bandwidth), or does ``2·P`` FLOP per sequence
   (GEMM rate), whichever is slower; the prefill is ``2·P`` FLOP per prompt token.
 * reference: one forward, ``2·P_body`` FLOP per token plus the LM head ``2·d·V`` per completion token.
@@ -61,14 +63,17 @@ def bandwidth_gbs(mb: int, reps: int) -> float:
     return 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src), reps) / 1e9
 
 
-def sae_row(flops: float, bw: float, d: int, m: int, k: int, batch: int, steps: int) -> dict[str, float]:
+def sae_row(select: torch.dtype, d: int, m: int, k: int, batch: int, rounds: int) -> dict[str, float]:
+    """Our SAE step and its bound, measured in turns: each round times one encoder-shaped GEMM in the
+    selection's dtype, one 512 MB copy and one ``train_step``, so a drift of the machine's speed
+    reaches the bound and our step alike; the medians over the rounds (after one untimed round)."""
     from saereward.sae.train import SAETrainConfig, SAETrainer
 
     cfg = SAETrainConfig(
         d_sae=m,
         k=k,
         batch_size=batch,
-        total_tokens=(steps + 2) * batch,
+        total_tokens=(rounds + 3) * batch,
         checkpoint_every=0,
         log_every=10**9,
         progress=False,
@@ -78,15 +83,31 @@ def sae_row(flops: float, bw: float, d: int, m: int, k: int, batch: int, steps: 
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(batch, d, generator=g) * 3 + 1 for _ in range(4)]
     tr.initialize(xs[0])
-    tr.train_step(xs[1])
-    times = []
-    for s in range(steps):
-        t0 = time.perf_counter()
-        tr.train_step(xs[s % 4])
-        times.append(time.perf_counter() - t0)
-    ours = statistics.median(times)
+    a, b = torch.randn(batch, d, dtype=select), torch.randn(d, m, dtype=select)
+    src = torch.empty(512 * 2**20 // 4, dtype=torch.float32).normal_()
+    dst = torch.empty_like(src)
+    times: dict[str, list[float]] = {"gemm": [], "copy": [], "ours": []}
+    for r in range(rounds + 1):
+        for name, fn in (("gemm", lambda: a @ b), ("copy", lambda: dst.copy_(src)), ("ours", None)):
+            t0 = time.perf_counter()
+            if fn is None:
+                tr.train_step(xs[r % 4])
+            else:
+                fn()
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    flops = 2 * batch * d * m / statistics.median(times["gemm"]) / 1e9
+    bw = 2 * src.numel() * 4 / statistics.median(times["copy"]) / 1e9
+    ours = statistics.median(times["ours"])
     bound = 2 * batch * d * m / (flops * 1e9) + (8 * batch * m + 28 * 2 * d * m) / (bw * 1e9)
-    return {"ours_s": ours, "bound_s": bound, "ours_tok_s": batch / ours, "bound_tok_s": batch / bound}
+    return {
+        "ours_s": ours,
+        "bound_s": bound,
+        "ours_tok_s": batch / ours,
+        "bound_tok_s": batch / bound,
+        "gflops": flops,
+        "gbs": bw,
+    }
 
 
 def decode_products(rows: tuple[int, ...], reps: int) -> tuple[int, dict[int, tuple[float, float | None]]]:
@@ -183,6 +204,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-grpo", action="store_true")
     ap.add_argument(
+        "--sae-rounds", type=int, default=15, help="timed rounds of GEMM, copy and SAE step, taken in turns"
+    )
+    ap.add_argument(
         "--grpo-steps", type=int, default=3, help="timed GRPO steps after a warm-up step (medians)"
     )
     args = ap.parse_args()
@@ -195,12 +219,19 @@ def main() -> None:
     bw = bandwidth_gbs(512, args.reps)
     print(f"threads {torch.get_num_threads()}, fast bf16: {cpu_has_fast_bf16()}")  # noqa: T201
     print(f"fp32 GEMM  {f32:.1f} GFLOP/s at 4096x576x9216 (SAE encoder), {f32_mlp:.1f} at 1024x576x1536")  # noqa: T201
-    select = f32  # the fast kernels' encoder product runs in bf16 where the CPU has bf16 units
+    select_dtype = (
+        torch.float32
+    )  # the fast kernels' encoder product runs in bf16 where the CPU has bf16 units
     if cpu_has_fast_bf16():
-        select = gemm_gflops(4096, 576, 9216, torch.bfloat16, args.reps)
-        print(f"bf16 GEMM  {select:.1f} GFLOP/s at 4096x576x9216 (the SAE's bf16 selection)")  # noqa: T201
+        select_dtype = torch.bfloat16
+        bf16 = gemm_gflops(4096, 576, 9216, torch.bfloat16, args.reps)
+        print(f"bf16 GEMM  {bf16:.1f} GFLOP/s at 4096x576x9216 (the SAE's bf16 selection)")  # noqa: T201
     print(f"bandwidth  {bw:.1f} GB/s (copy, read + write)")  # noqa: T201
-    sae = sae_row(select, bw, 576, 9216, 32, 4096, 8)
+    sae = sae_row(select_dtype, 576, 9216, 32, 4096, args.sae_rounds)
+    print(  # noqa: T201
+        f"SAE row, measured in turns with our steps ({args.sae_rounds} rounds, medians): "
+        f"{sae['gflops']:.1f} GFLOP/s, {sae['gbs']:.1f} GB/s"
+    )
     print("\n| step | ours | hardware bound | ours / bound |\n|---|---|---|---|")  # noqa: T201
     print(  # noqa: T201
         f"| SAE train step (B 4096, d 576, M 9216, k 32) | {sae['ours_s']:.3f} s ({sae['ours_tok_s']:,.0f} tok/s) "

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from saereward.model import fastdecode
+from saereward.model import fastdecode, onednn
 from saereward.model.capture import ResidualCapture, position_ids_from_mask
 from tiny_models import EOS_ID, PAD_ID, make_tiny
 
@@ -189,18 +189,18 @@ def test_packing_that_fails_or_disagrees_falls_back_to_skinny(monkeypatch: pytes
     keeps MKL's skinny products (the check runs once per process)."""
     model, _ = make_tiny("llama")
 
-    def broken(x: torch.Tensor, p: object) -> torch.Tensor:
+    def broken(x: torch.Tensor, w: object, b: object = None) -> torch.Tensor:
         raise RuntimeError("no oneDNN kernel for this CPU")
 
-    for bad in (broken, lambda x, p: torch.zeros(x.shape[0], 24)):
-        monkeypatch.setattr(fastdecode, "_packed", bad)
-        fastdecode.packing_available.cache_clear()
+    for bad in (broken, lambda x, w, b=None: torch.zeros(x.shape[0], 24)):
+        monkeypatch.setattr(onednn, "linear", bad)
+        onednn.available.cache_clear()
         try:
             assert not fastdecode.packing_available()
             w = fastdecode._Weights(model, torch.device("cpu"), skinny=True, packed=True)
             assert not w.packed and w.skinny and w.head_packed is None
         finally:
-            fastdecode.packing_available.cache_clear()  # the next call checks the real op again
+            onednn.available.cache_clear()  # the next call checks the real op again
 
 
 def test_batch_sizes() -> None:

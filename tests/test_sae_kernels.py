@@ -158,6 +158,38 @@ def test_sparse_primitives_match_dense_references():
     torch.testing.assert_close(kernels.row_dots_sorted(pattern, idx, table, rows), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_integer_key_topk_keeps_torch_topk_values(dtype):
+    """topk_rows ranks bf16/fp32 bits as integers: the chosen values must be torch.topk's in every row,
+    including rows with fewer than k non-negative values (ranked again as floats), ±0, ties and NaN."""
+    g = torch.Generator().manual_seed(5)
+    n, m = 40, 300
+    for trial in range(24):
+        x = torch.randn(n, m, generator=g)
+        if trial % 3 == 0:
+            x -= 2.5  # most rows have fewer than k non-negative values
+        if trial % 4 == 0:
+            x[torch.rand(n, m, generator=g) < 0.3] = 0.0
+            x[torch.rand(n, m, generator=g) < 0.3] = -0.0
+        if trial % 5 == 0:
+            x = x.round()  # ties by the hundred
+        if trial == 7:
+            x[5, :] = -torch.arange(m, dtype=torch.float32)  # one non-negative value (a zero)
+        x = x.to(dtype)
+        if trial == 7:  # a NaN of positive sign, which torch.topk ranks first
+            x.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)[3, 10] = (
+                0x7FC0 if dtype == torch.bfloat16 else 0x7FC00000
+            )
+        k = (1, 7, 32)[trial % 3]
+        values = torch.empty(n, k, dtype=dtype)
+        indices = torch.empty(n, k, dtype=torch.int64)
+        kernels.topk_rows(x, k, values, indices)
+        want = torch.topk(x, k, dim=1, sorted=False).values
+        key = lambda v: torch.nan_to_num(v.float(), nan=float("inf")).sort(1).values  # noqa: E731
+        assert torch.equal(key(values), key(want)), trial
+        torch.testing.assert_close(x.gather(1, indices), values, rtol=0, atol=0, equal_nan=True)
+
+
 def test_fast_backward_is_deterministic():
     params = _weights(32, 512, dtype=torch.float32)
     x = torch.randn(256, 32).requires_grad_()

@@ -34,7 +34,6 @@ the batch.
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,7 +42,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from saereward.model import bf16cpu
+from saereward.model import bf16cpu, onednn
 from saereward.model.lm import decoder_layers, unwrap
 
 _ARCHES = ("llama", "qwen2")
@@ -133,27 +132,10 @@ def _skinny(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return y.t()
 
 
-@functools.cache
 def packing_available() -> bool:
-    """Whether this torch build has oneDNN's packed fp32 linear (``torch.ops.mkldnn._linear_pointwise``
-    on a weight from ``_reorder_linear_weight``), which ``packed`` decoding uses, and it computes
-    ``F.linear``'s product here (checked once per process on a small product; private ops can change
-    between torch builds and CPUs)."""
-    ops = torch.ops.mkldnn
-    if not (
-        torch.backends.mkldnn.is_available()
-        and hasattr(ops, "_reorder_linear_weight")
-        and hasattr(ops, "_linear_pointwise")
-    ):
-        return False
-    g = torch.Generator().manual_seed(0)
-    w, b, x = torch.randn(24, 40, generator=g), torch.randn(24, generator=g), torch.randn(3, 40, generator=g)
-    try:
-        with torch.no_grad():
-            y = _packed(x, _pack((w, b, ())))
-    except RuntimeError:
-        return False
-    return y.shape == (3, 24) and bool(torch.allclose(y, F.linear(x, w, b), rtol=1e-4, atol=1e-4))
+    """Whether this torch build has oneDNN's packed fp32 linear, which ``packed`` decoding uses, and it
+    computes ``F.linear``'s product here (:func:`saereward.model.onednn.available`)."""
+    return onednn.available(torch.float32)
 
 
 def _pack(*ps: _Proj, rows: int = 16) -> _Proj:
@@ -171,12 +153,12 @@ def _pack(*ps: _Proj, rows: int = 16) -> _Proj:
     bias = None
     if any(b is not None for b in bs):
         bias = torch.cat([w.new_zeros(wi.shape[0]) if b is None else b for wi, b in zip(ws, bs, strict=True)])
-    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows), bias, ()
+    return onednn.pack(w, rows), bias, ()
 
 
 def _packed(x: Tensor, p: _Proj) -> Tensor:
     """``x @ wᵀ + b`` ``[rows, out]`` (contiguous) with ``p`` from :func:`_pack`."""
-    return torch.ops.mkldnn._linear_pointwise(x, p[0], p[1], "none", [], "")
+    return onednn.linear(x, p[0], p[1])
 
 
 def _skinny_project(x: Tensor, p: _Proj, out: Tensor | None = None) -> Tensor:
