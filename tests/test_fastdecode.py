@@ -65,7 +65,9 @@ def test_decode_matches_generate(arch: str, capture: bool, mode: str, lora: bool
 
     sizes: list[int] = []
     real = fastdecode._batch_size
-    monkeypatch.setattr(fastdecode, "_batch_size", lambda n: sizes.append(real(n)) or real(n))
+    monkeypatch.setattr(
+        fastdecode, "_batch_size", lambda n, step=16: sizes.append(real(n, step)) or real(n, step)
+    )
     with torch.no_grad(), ResidualCapture(model, [layer]) as cap:
         ref = model.generate(
             input_ids=ids,
@@ -205,6 +207,7 @@ def test_packing_that_fails_or_disagrees_falls_back_to_skinny(monkeypatch: pytes
 
 def test_batch_sizes() -> None:
     assert [fastdecode._batch_size(n) for n in (1, 2, 4, 5, 15, 16, 17, 33)] == [4, 4, 4, 16, 16, 16, 32, 48]
+    assert [fastdecode._batch_size(n, 4) for n in (1, 4, 5, 8, 9, 15, 16, 17)] == [4, 4, 8, 8, 12, 16, 16, 20]
 
 
 @pytest.mark.slow
