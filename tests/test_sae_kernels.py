@@ -315,6 +315,26 @@ def test_worker_pool_pieces_give_identical_results(monkeypatch):
         assert torch.equal(a.sort(-1).values, b.sort(-1).values)
 
 
+def test_bf16_selection_on_packed_blocks_is_the_same_on_any_split():
+    """The bf16 selection multiplies row blocks against one packed weight, on the worker pool: the same
+    values and indices on every run, with one worker or two, and the same values with one block."""
+    g = torch.Generator().manual_seed(4)
+    n, d, m, k = 700, 48, 2048, 12
+    xc, w = torch.randn(n, d, generator=g), torch.randn(m, d, generator=g) / 7
+    b = 0.1 * torch.randn(m, generator=g)
+
+    def select(threads, block_elems):
+        torch.set_num_threads(threads)  # restored by the fixture
+        with kernels.cpu_step():
+            return kernels.select_topk(xc, w, b, k, torch.bfloat16, block_elems=block_elems)[:2]
+
+    two, again, one = select(2, 64 * m), select(2, 64 * m), select(1, 64 * m)
+    for a, b_, c in zip(two, again, one):
+        assert torch.equal(a, b_) and torch.equal(a, c)
+    whole = select(2, 10**9)
+    assert torch.equal(two[0].sort(-1).values, whole[0].sort(-1).values)
+
+
 def test_cpu_step_runs_the_step_on_one_thread_and_restores():
     torch.set_num_threads(2)
     params = _weights(16, 64, dtype=torch.float32)
