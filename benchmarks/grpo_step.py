@@ -17,9 +17,8 @@ runs), to measure that setting.
 Three trainers run in separate child processes, so each peak RSS is its own; one after the other by
 default, or with ``--interleave`` side by side, one step at a time: all load at once, then each round
 lets each trainer run one step while the others wait on a pipe (the order rotates), so a drift of the
-machine's speed during the run reaches all of them alike (on the Zen 4 VM our step ran ~20 % slower
-beside TRL's resident, waiting process than alone, so the interleaved ratio leans against us; see
-BENCHMARKS.md):
+machine's speed during the run reaches all of them alike (on the 2-core Zen 4 VM our step alone moved
+by up to 25 % from one minute to the next; see BENCHMARKS.md):
 
 * ``trl``: ``trl.GRPOTrainer`` with the outcome reward only (TRL has no per-token reward), the
   model loaded with ``AutoModelForCausalLM.from_pretrained`` as a TRL user does;
