@@ -23,6 +23,9 @@ The bounds are a model, not a measurement; each counts the work no implementatio
 * train: the forward and the backward to the activations (the base weights are frozen; LoRA is small):
   twice the reference's FLOP.
 
+  Each GRPO step's bounds use the fp32 GEMM rate (at a decoder-MLP shape) and the bandwidth measured
+  right after that step.
+
 With the GRPO rows the script also times the products of one decode step alone (every projection and
 the LM head of the embedded model) for 1 to 32 rows, in the decode loop's two forms: MKL's ``W @ xᵀ``
 (``skinny_decode``) and oneDNN on packed weights (``packed_decode``, where this torch build has it):
@@ -189,9 +192,11 @@ def print_decode_products(bw: float, reps: int) -> None:
         print(f"| {n} | {' | '.join(cells) if one else cells[0] + ' | - | - | -'} |")  # noqa: T201
 
 
-def grpo_rows(flops: float, bw: float, steps: int) -> dict[str, tuple[float, float]]:
+def grpo_rows(steps: int) -> dict[str, tuple[float, float]]:
     """Per GRPO phase, ``(ours, bound)`` in seconds: the medians over ``steps`` steps after a warm-up
-    step (each step's bound counts that step's completion tokens)."""
+    step. Each step's bound counts that step's completion tokens, at the fp32 GEMM rate (decoder-MLP
+    shape) and the bandwidth measured right after that step, so a drift of the machine's speed moves
+    the bound with our time."""
     import sys
     from pathlib import Path
 
@@ -212,8 +217,6 @@ def grpo_rows(flops: float, bw: float, steps: int) -> dict[str, tuple[float, flo
     task = load_task("chain_sum", n=cfg.questions_per_step, seed=0)
     lens = [len(lm.tokenizer(format_prompt(task, it, "raw"))["input_ids"]) for it in task.items()]
     prompt = statistics.mean(lens) * n_seq
-    gen = cfg.max_new_tokens * max(params * 4 / (bw * 1e9), 2 * params * n_seq / (flops * 1e9))
-    gen += 2 * body * prompt / cfg.group_size / (flops * 1e9)
     per_step: dict[str, list[tuple[float, float]]] = {
         "generate": [],
         "reference": [],
@@ -222,6 +225,10 @@ def grpo_rows(flops: float, bw: float, steps: int) -> dict[str, tuple[float, flo
     }
     for s in range(1, steps + 1):
         row = tr.step(s)
+        flops = gemm_gflops(1024, 576, 1536, torch.float32, 3)
+        bw = bandwidth_gbs(512, 3)
+        gen = cfg.max_new_tokens * max(params * 4 / (bw * 1e9), 2 * params * n_seq / (flops * 1e9))
+        gen += 2 * body * prompt / cfg.group_size / (flops * 1e9)
         new = float(row["completion_len"]) * n_seq
         ref = (2 * body * (prompt + new) + 2 * d * vocab * new) / (flops * 1e9)
         per_step["generate"].append((row["sec_generate"], gen))
@@ -279,7 +286,7 @@ def main() -> None:
         f"| {sae['bound_s']:.3f} s ({sae['bound_tok_s']:,.0f} tok/s) | {sae['ours_s'] / sae['bound_s']:.2f}x |"
     )
     if not args.skip_grpo:
-        for name, (ours, bound) in grpo_rows(f32_mlp, bw, args.grpo_steps).items():
+        for name, (ours, bound) in grpo_rows(args.grpo_steps).items():
             print(f"| GRPO {name} (fp32) | {ours:.2f} s | {bound:.2f} s | {ours / bound:.1f}x |")  # noqa: T201
         print_decode_products(bw, max(args.reps, 10))
     print(f"sae_fraction_of_bound={sae['bound_s'] / sae['ours_s']:.2f}")  # noqa: T201
