@@ -412,10 +412,11 @@ def _lowp_operands(xc: Tensor, w_rows: Tensor, b_enc: Tensor, dtype: torch.dtype
 
 
 def _block_product(a: Tensor, b: Tensor, rows: int) -> Callable[[int, int], Tensor]:
-    """``block(lo, hi) = a[lo:hi] @ b.T``. On CPU through oneDNN on ``b`` packed once for blocks of
-    ``rows`` rows (:mod:`saereward.model.onednn`): a plain GEMM call packs ``b`` again for every block
-    (a 256 x 9,216 bf16 block took 13.3 ms against 14.5 ms on the Zen 4 VM, the same products)."""
-    if a.device.type == "cpu" and onednn.available(b.dtype):
+    """``block(lo, hi) = a[lo:hi] @ b.T``. On CPU, when ``a`` spans several blocks of ``rows`` rows,
+    through oneDNN on ``b`` packed once (:mod:`saereward.model.onednn`): a plain GEMM call packs ``b``
+    again for every block (a 256 x 9,216 bf16 block took 13.3 ms against 14.5 ms on the Zen 4 VM, the
+    same products). A single block gains nothing from packing first."""
+    if a.device.type == "cpu" and a.shape[0] > rows and onednn.available(b.dtype):
         packed = onednn.pack(b, rows)
         return lambda lo, hi: onednn.linear(a[lo:hi], packed)
     return lambda lo, hi: a[lo:hi] @ b.t()
