@@ -177,6 +177,57 @@ def test_nucleus_sampler_same_distribution_as_hf(top_p: float) -> None:
     assert abs(float((draws == top).float().mean()) - float(hf[0, top])) < 0.03
 
 
+@pytest.mark.parametrize("top_p", [0.5, 0.95, 1.0])
+def test_nucleus_draws_follow_hf_frequencies(top_p: float) -> None:
+    """20,000 draws from one row (one uniform each): every drawn token is in HF's nucleus, and the
+    counts fit its renormalised probabilities (chi-square, tokens expected < 5 times pooled)."""
+    from scipy.stats import chisquare
+
+    from saereward.model.generate import NucleusSampler
+
+    g = torch.Generator().manual_seed(3)
+    row = torch.randn(1, 500, generator=g) * 2.5
+    hf = _hf_nucleus(row, 0.9, top_p)[0]
+    torch.manual_seed(0)
+    draws = NucleusSampler(0.9, top_p, k=64, k_first=8).sample(row.expand(20_000, -1))
+    counts = torch.bincount(draws, minlength=500).double()
+    assert bool((hf[draws] > 0).all())
+    expected = hf.double() * 20_000
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum(0, keepdim=True)])
+    exp = torch.cat([expected[big], expected[~big].sum(0, keepdim=True)])
+    keep = exp > 0
+    assert chisquare(obs[keep].numpy(), exp[keep].numpy() * obs.sum().item() / exp.sum().item()).pvalue > 1e-4
+
+
+def test_nucleus_draw_does_not_depend_on_the_sort_depth_or_other_rows() -> None:
+    """One uniform per row, inverted on the nucleus' cumulative mass: the token a row gets is the same
+    whether its candidates came from the top 8, the top 512 or the full sort, and whatever the other
+    rows of the batch need (a flat row sends only itself to the full sort)."""
+    from saereward.model.generate import NucleusSampler
+
+    g = torch.Generator().manual_seed(0)
+    V = 5000
+    peaked = torch.randn(6, V, generator=g) * 4
+    flat = torch.randn(2, V, generator=g) * 0.05
+    mixed = torch.cat([peaked[:3], flat, peaked[3:]])
+    for _ in range(20):
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+        outs = []
+        for sampler in (
+            NucleusSampler(0.9, 0.95, k=512, k_first=8),
+            NucleusSampler(0.9, 0.95, k=V, k_first=V),
+        ):
+            torch.manual_seed(seed)
+            outs.append(sampler.sample(mixed))
+        assert torch.equal(outs[0], outs[1])
+        torch.manual_seed(seed)
+        alone = NucleusSampler(0.9, 0.95, k=512, k_first=8).sample(
+            torch.cat([peaked[:3], peaked[:2], peaked[3:]])
+        )
+        assert torch.equal(outs[0][[0, 1, 2, 5, 6, 7]], alone[[0, 1, 2, 5, 6, 7]])
+
+
 def test_topk_sampler_in_generate_is_seeded(smollm) -> None:
     sampling = SamplingConfig(max_new_tokens=8, do_sample=True, sampler="topk")
     a = generate_batch(smollm, PROMPTS, sampling, seed=5)

@@ -1071,7 +1071,9 @@ def test_rollouts_unmerged_lora_equal_merged(tmp_path: Path, monkeypatch: pytest
     merged, unmerged, packed_batch = batches
     for other in (unmerged, packed_batch):
         assert torch.equal(merged.sequences, other.sequences)
-        assert torch.allclose(merged.residuals, other.residuals, atol=1e-4)
+        # other rounding orders: differences relative to the residuals' scale (|x| reaches ~40)
+        scale = merged.residuals.abs().max()
+        assert float((merged.residuals - other.residuals).abs().max() / scale) < 1e-5
 
 
 def test_lora_autocast_bf16_update(tmp_path: Path) -> None:

@@ -149,44 +149,69 @@ class NucleusSampler:
     transformers' ``TopPLogitsWarper`` sorts the whole vocabulary at every decoding step and its
     sampler draws an exponential variate per vocabulary entry: on SmolLM2's 49k vocabulary that
     was ~60 ms + ~17 ms of a ~170 ms decoding step for 16 sequences on the 2-core CPU (profiled
-    GRPO rollouts, one thread). Here the nucleus comes from a partial sort: the ``k_first`` most
-    likely tokens; when they carry less than ``top_p`` of the mass in some row, the ``k`` most likely,
-    and when those do not either (a flat distribution), that step falls back to the full sort, so the kept set is always HF's: the smallest prefix of tokens by
-    probability whose mass reaches ``top_p`` (the token that crosses it included). The token is
-    drawn from the renormalised nucleus and returned as the only finite score, so greedy decoding
-    picks it. Same distribution as HF's sampler, different random draws.
+    GRPO rollouts, one thread). Here the nucleus comes from a partial sort, row by row: the ``k_first``
+    most likely tokens; for the rows where they carry less than ``top_p`` of the mass, the ``k`` most
+    likely; for the rows where those do not either (a flat distribution), the full sort. The kept set
+    is always HF's: the smallest prefix of tokens by probability whose mass reaches ``top_p`` (the
+    token that crosses it included). The token is drawn from the renormalised nucleus by inverting its
+    cumulative mass at one uniform variate per row, so a row's draw does not depend on how far its
+    sort went nor on the other rows. Same distribution as HF's sampler, different random draws.
     """
 
     def __init__(self, temperature: float, top_p: float, k: int = 1024, k_first: int = 64) -> None:
         self.temperature, self.top_p, self.k = float(temperature), float(top_p), int(k)
         self.k_first = min(int(k_first), self.k)
 
-    def nucleus(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logits, token ids)`` of the candidates, ``[B, k']``: most likely first, ``-inf`` outside
-        the nucleus."""
+    def _candidates(self, scores: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Groups of rows ``(rows, logits, token ids, cumulative mass, kept)``, ``[r, k']`` each, most
+        likely first: each row in the first group of the cascade whose candidates reach ``top_p``."""
         s = scores.float() / self.temperature
         V = s.shape[-1]
+        if self.top_p >= 1.0:  # the whole vocabulary (a cumulative sum can round to 1 early)
+            vals, idx = s.sort(-1, descending=True)
+            mass = torch.softmax(vals, -1).cumsum(-1)
+            rows = torch.arange(s.shape[0], device=s.device)
+            return [(rows, vals, idx, mass, torch.ones_like(vals, dtype=torch.bool))]
         lse = torch.logsumexp(s, -1, keepdim=True)
-        # candidates: the top k_first, then the top k, then the whole vocabulary, until every row's
-        # candidates carry top_p of the mass (a partial sort of 64 costs a quarter of one of 1,024)
-        ks = [V] if self.top_p >= 1.0 else sorted({min(self.k_first, V), min(self.k, V), V})
-        for k in ks:
-            vals, idx = s.topk(k, dim=-1)  # sorted, descending
-            p = (vals - lse).exp()
-            before = p.cumsum(-1) - p  # mass of the strictly more likely candidates
-            if k == V or bool((before[:, -1] + p[:, -1] >= self.top_p).all()):
+        rows = torch.arange(s.shape[0], device=s.device)
+        groups: list[tuple[torch.Tensor, ...]] = []
+        for k in sorted({min(self.k_first, V), min(self.k, V), V}):
+            sub = s if len(rows) == s.shape[0] else s[rows]
+            vals, idx = sub.topk(k, dim=-1)  # sorted, descending
+            mass = (vals - lse[rows]).exp().cumsum(-1)
+            done = mass[:, -1] >= self.top_p if k < V else torch.ones_like(rows, dtype=torch.bool)
+            if bool(done.any()):
+                m = mass[done]
+                kept = torch.cat([torch.ones_like(m[:, :1], dtype=torch.bool), m[:, :-1] < self.top_p], 1)
+                groups.append((rows[done], vals[done], idx[done], m, kept))
+            rows = rows[~done]
+            if not len(rows):
                 break
-        if self.top_p >= 1.0:
-            return vals, idx  # the whole vocabulary (a cumulative sum can round to 1 early)
-        keep = before < self.top_p
-        keep[:, 0] = True
-        return vals.masked_fill(~keep, float("-inf")), idx
+        return groups
+
+    def nucleus(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, token ids)`` of the candidates, ``[B, k']``: most likely first, ``-inf`` outside
+        the nucleus (and in the padding of rows whose sort stopped earlier)."""
+        groups = self._candidates(scores)
+        width = max(g[1].shape[1] for g in groups)
+        vals = scores.new_full((scores.shape[0], width), float("-inf"), dtype=torch.float32)
+        idx = torch.zeros(scores.shape[0], width, dtype=torch.long, device=scores.device)
+        for rows, v, i, _, kept in groups:
+            vals[rows, : v.shape[1]] = v.masked_fill(~kept, float("-inf"))
+            idx[rows, : i.shape[1]] = i
+        return vals, idx
 
     def sample(self, scores: torch.Tensor) -> torch.Tensor:
-        """One token per row, ``[B]``, drawn from the nucleus of ``scores`` ``[B, V]``."""
-        vals, idx = self.nucleus(scores)
-        choice = torch.multinomial(torch.softmax(vals, -1), 1)
-        return idx.gather(1, choice).squeeze(1)
+        """One token per row, ``[B]``, drawn from the nucleus of ``scores`` ``[B, V]``: the first candidate
+        whose cumulative mass exceeds ``u ·`` (the nucleus mass), ``u ~ U[0, 1)`` per row."""
+        u = torch.rand(scores.shape[0], device=scores.device)
+        out = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
+        for rows, _, idx, mass, kept in self._candidates(scores):
+            last = kept.sum(1, keepdim=True) - 1  # the token that crosses top_p
+            target = u[rows].unsqueeze(1) * mass.gather(1, last)
+            j = torch.searchsorted(mass, target, right=True).minimum(last)
+            out[rows] = idx.gather(1, j).squeeze(1)
+        return out
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         token = self.sample(scores).unsqueeze(1)
