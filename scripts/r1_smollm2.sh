@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # R1 GRPO (outcome + λ·z(per-token SAE pack score)) on the embedded default: the same settings as
 # scripts/r0_smollm2.sh plus the stage-1 pack (bash scripts/stage1_smollm2.sh first). Its adapter is
-# what the issue-6 checks (canaries, monitor validity, eval-suite, gate-g3) compare with the base
+# what the stage-3 checks (canaries, monitor validity, eval-suite, gate-g3) compare with the base
 # model. Env: THREADS, SEED, RUN (default runs/r1_smollm2), S1 (default runs/stage1_smollm2).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -93,7 +93,7 @@ class GRPOConfig(TaskOptions, DeviceOptions, ModelOptions):
     weight_decay: float = option(0.0, "AdamW weight decay")
     beta: float = option(0.05, "KL coefficient β (0: no reference forward unless reward_source=reference)")
     kl: Literal["sq", "k3"] = option(
-        "sq", "KL estimator: sq = (logπ − logπ_ref)² (seed), k3 = exp(d) − d − 1"
+        "sq", "KL estimator: sq = (logπ − logπ_ref)² (mechreward's), k3 = exp(d) − d − 1"
     )
     epochs_per_batch: int = option(1, "optimisation passes per batch (> 1 uses the clipped ratio)")
     clip_eps: float = option(0.2, "PPO ratio clip ε")
