@@ -12,7 +12,9 @@ What runs (all fp32 weights on CPU, same batches, same Adam lr 2e-4 with our war
 schedule, same init seed where the library takes one):
 
 * ``saereward``: :class:`saereward.sae.train.SAETrainer` ``train_step`` (fast kernels: bf16 selection,
-  sparse decoder, sparse encoder backward; re-normalize every 10 steps; loss FVU + AuxK/8).
+  sparse decoder, sparse encoder backward; re-normalize every 10 steps; loss FVU + AuxK/8). Its init
+  directions are isotropic by default; ``--init-dist uniform`` draws them as sparsify's ``nn.Linear``
+  does, which is what its held-out FVU depends on most (BENCHMARKS.md).
 * ``sparsify``: ``sparsify.SparseCoder`` driven by the body of ``sparsify.Trainer.fit`` replayed step
   for step (its ``Trainer`` needs an HF model to hook; the SAE math is the library's): b_dec = batch
   mean at step 0, decoder re-normalized every step, ``remove_gradient_parallel_to_decoder_directions``,
@@ -165,7 +167,15 @@ def schedule(total_steps: int, warmup: int) -> Callable[[int], float]:
 
 class Ours:
     def __init__(
-        self, d: int, m: int, k: int, batch: int, steps: int, warmup: int, mode: str = "fast"
+        self,
+        d: int,
+        m: int,
+        k: int,
+        batch: int,
+        steps: int,
+        warmup: int,
+        mode: str = "fast",
+        init_dist: str = "normal",
     ) -> None:
         self.name = "saereward" if mode == "fast" else "eager"
         self.mode = mode
@@ -182,6 +192,7 @@ class Ours:
             log_every=10**9,
             progress=False,
             kernels=mode,
+            init_dist=init_dist,  # type: ignore[arg-type]
         )
         self.trainer = SAETrainer(cfg, d, device=DEVICE)
 
@@ -301,9 +312,9 @@ def run(
     rounds = math.ceil(steps / args.interval)
     steps = rounds * args.interval
     warmup = max(1, steps // 10)
-    runners: list[Runner] = [Ours(d, m, k, args.batch, steps, warmup)]
+    runners: list[Runner] = [Ours(d, m, k, args.batch, steps, warmup, init_dist=args.init_dist)]
     if with_eager:
-        runners.append(Ours(d, m, k, args.batch, steps, warmup, mode="eager"))
+        runners.append(Ours(d, m, k, args.batch, steps, warmup, mode="eager", init_dist=args.init_dist))
     runners += [PEERS[p](d, m, k, args.batch, steps, warmup) for p in peers]
     times: dict[str, list[float]] = {r.name: [] for r in runners}
     t_start = time.perf_counter()
@@ -374,6 +385,12 @@ def main() -> None:
         "--threads", type=int, default=0, help="torch intra-op threads for every trainer (0: torch's default)"
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--init-dist",
+        choices=("normal", "uniform"),
+        default="normal",
+        help="saereward's init directions (SAETrainConfig.init_dist; uniform draws them as sparsify does)",
+    )
     ap.add_argument("--d-in", type=int, default=576, help="synthetic data width (SmolLM2-135M: 576)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda: every trainer runs there")
     ap.add_argument(

@@ -7,7 +7,15 @@ import torch
 
 from saereward.errors import SaeRewardError
 from saereward.sae import kernels
-from saereward.sae.coder import SAEConfig, TopKSAE, fvu, geometric_median, unit_mean_norm_scale, unit_rows
+from saereward.sae.coder import (
+    SAEConfig,
+    TopKSAE,
+    fvu,
+    geometric_median,
+    random_directions,
+    unit_mean_norm_scale,
+    unit_rows,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -37,13 +45,37 @@ def test_config_validates():
         SAEConfig(d_in=4, d_sae=8, k=2, input_scale=0.0)
 
 
-def test_init_matches_the_seed_recipe():
+def test_init_matches_the_recipe():
     sae = TopKSAE(SAEConfig(d_in=8, d_sae=32, k=4), seed=3)
     assert sae.W_enc.shape == (8, 32) and sae.W_dec.shape == (32, 8)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))
     assert torch.equal(sae.W_enc, sae.W_dec.t())
     assert torch.equal(sae.b_enc, torch.zeros(32)) and torch.equal(sae.b_dec, torch.zeros(8))
     assert sae.W_enc.t().is_contiguous()  # transposed storage: latent rows are contiguous
+
+
+def test_init_directions_follow_their_distribution():
+    """Uniform draws are flat (entry kurtosis 1.8), normal ones Gaussian (3); both unit rows, seeded."""
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    kurtosis = {}
+    for dist in ("uniform", "normal"):
+        w = random_directions(400, 500, dist, gen())
+        torch.testing.assert_close(w.norm(dim=1), torch.ones(400, dtype=torch.float64))
+        assert torch.equal(w, random_directions(400, 500, dist, gen()))
+        z = w * 500**0.5
+        kurtosis[dist] = float(z.pow(4).mean() / z.pow(2).mean() ** 2)
+    assert kurtosis["uniform"] == pytest.approx(1.8, abs=0.05)
+    assert kurtosis["normal"] == pytest.approx(3.0, abs=0.1)
+    assert torch.equal(
+        random_directions(3, 4, "normal", gen()),
+        unit_rows(torch.randn(3, 4, generator=gen(), dtype=torch.float64)),
+    )
+    a = TopKSAE(SAEConfig(d_in=8, d_sae=32, k=4), seed=3, init_dist="uniform")
+    b = TopKSAE(SAEConfig(d_in=8, d_sae=32, k=4), seed=3)
+    assert torch.equal(b.W_dec, random_directions(32, 8, "normal", torch.Generator().manual_seed(3)).float())
+    assert not torch.equal(a.W_dec, b.W_dec)
+    with pytest.raises(SaeRewardError, match="init_dist='cauchy' is unknown: use one of uniform, normal"):
+        random_directions(2, 2, "cauchy", None)  # type: ignore[arg-type]
 
 
 def test_seeded_init_is_reproducible_and_leaves_global_rng_alone():

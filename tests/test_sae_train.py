@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from saereward.errors import SaeRewardError
-from saereward.sae.coder import SAEConfig, TopKSAE
+from saereward.sae.coder import SAEConfig, TopKSAE, random_directions
 from saereward.sae.train import (
     SAETrainConfig,
     SAETrainer,
@@ -254,6 +255,26 @@ def test_resume_refuses_other_settings_but_not_logging_ones(tmp_path):
             SAETrainer(other, D, run_dir=tmp_path).fit(synthetic, resume=True)
     same = _cfg(total_tokens=64 * 10, checkpoint_every=2, log_every=1, progress=False)
     resumed = SAETrainer(same, D, run_dir=tmp_path)
+    resumed.fit(synthetic, resume=True)
+    assert resumed.state.step == 10
+
+
+def test_init_dist_reaches_the_sae_and_old_checkpoints_resume_as_normal(tmp_path):
+    """``init_dist`` picks the fresh directions; a checkpoint saved before the setting existed was
+    trained from normal directions, so it resumes with ``init_dist="normal"`` and refuses ``uniform``."""
+    for dist in ("uniform", "normal"):
+        sae = SAETrainer(_cfg(init_dist=dist), D).sae
+        want = random_directions(64, D, dist, torch.Generator().manual_seed(0)).float()
+        assert torch.equal(sae.W_dec, want), dist
+    cfg = _cfg(total_tokens=64 * 10, checkpoint_every=5, init_dist="normal")
+    SAETrainer(cfg, D, run_dir=tmp_path).fit(synthetic)
+    meta_path = latest_checkpoint(tmp_path) / "trainer.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["train_config"]["init_dist"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(SaeRewardError, match=r"other settings \(init_dist 'normal' -> 'uniform'\)"):
+        SAETrainer(replace(cfg, init_dist="uniform"), D, run_dir=tmp_path).fit(synthetic, resume=True)
+    resumed = SAETrainer(cfg, D, run_dir=tmp_path)
     resumed.fit(synthetic, resume=True)
     assert resumed.state.step == 10
 

@@ -4,7 +4,8 @@ Algorithm (mechreward's, matching Gao et al. 2024 "Scaling and evaluating sparse
 
 * encode: ``pre = (x - b_dec) @ W_enc + b_enc``; keep the ``k`` largest entries of each row; ReLU.
 * decode: ``recon = acts @ W_dec + b_dec``.
-* init: ``W_dec`` has random unit-norm rows (seeded), ``W_enc = W_dec.T``, ``b_enc = 0``; the trainer
+* init: ``W_dec`` has random unit-norm rows (seeded; isotropic directions by default, see
+  :func:`random_directions`), ``W_enc = W_dec.T``, ``b_enc = 0``; the trainer
   then sets ``b_dec`` to the geometric median of a data sample (:func:`geometric_median`) and, by
   default, shrinks ``W_enc`` to ``0.577 * W_dec.T`` (``SAETrainConfig.init_enc_scale``; see
   :mod:`.train` for why and for the measurement).
@@ -47,6 +48,9 @@ from saereward.errors import SaeRewardError
 from saereward.sae import kernels
 
 NormalizeInput = Literal["none", "unit_mean_norm"]
+#: distribution of a fresh SAE's random directions (each row scaled to unit norm after the draw)
+InitDist = Literal["uniform", "normal"]
+INIT_DISTS: tuple[InitDist, ...] = ("uniform", "normal")
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,19 @@ def unit_rows(w: Tensor) -> Tensor:
     return w / w.norm(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
 
 
+def random_directions(rows: int, cols: int, dist: InitDist, gen: torch.Generator | None) -> Tensor:
+    """``[rows, cols]`` float64 unit rows: entries drawn i.i.d. ``U(-1, 1)`` (``"uniform"``, the
+    directions of ``nn.Linear``'s kaiming-uniform init, which sparsify uses) or ``N(0, 1)``
+    (``"normal"``: isotropic directions), then each row scaled to unit norm."""
+    if dist == "uniform":
+        w = torch.rand(rows, cols, generator=gen, dtype=torch.float64).mul_(2).sub_(1)
+    elif dist == "normal":
+        w = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    else:
+        raise SaeRewardError(f"init_dist={dist!r} is unknown: use one of {', '.join(INIT_DISTS)}")
+    return unit_rows(w)
+
+
 def _total_variance(x: Tensor) -> Tensor:
     """``sum((x - x.mean(0))^2)`` of ``[N, d]``, floored to stay a valid divisor.
 
@@ -171,6 +188,7 @@ class TopKSAE(nn.Module):
         cfg: architecture.
         seed: seeds the random init of ``W_dec`` (a private generator; the global RNG is untouched).
             ``None`` draws from the global torch RNG.
+        init_dist: distribution of the random directions (:func:`random_directions`).
         device, dtype: where and in which precision the weights live (fp32 for training).
 
     All methods accept ``[..., d_in]`` inputs of any float dtype and return the same leading shape.
@@ -188,11 +206,12 @@ class TopKSAE(nn.Module):
         seed: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        init_dist: InitDist = "normal",
     ) -> None:
         super().__init__()
         self.cfg = cfg
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        w = unit_rows(torch.randn(cfg.d_sae, cfg.d_in, generator=gen, dtype=torch.float64)).to(dtype)
+        w = random_directions(cfg.d_sae, cfg.d_in, init_dist, gen).to(dtype)
         w = w.to(device)
         self.W_dec = nn.Parameter(w.clone())
         self.W_enc = nn.Parameter(w.clone().t())  # shape [d_in, d_sae], storage [d_sae, d_in]

@@ -15,8 +15,13 @@ Departures from mechreward, all switchable:
   that of sparsify's ``nn.Linear`` init. Adam's steps have a fixed size per element, so a smaller
   encoder turns faster. Measured on the benchmark data (d=576, M=9216, k=32, synthetic, held-out FVU
   vs sparsify at 0.1066): the tied init trails by 0.03 for most of the run and still by 0.009 after 2M
-  tokens (0.1156); 0.577 tracks sparsify throughout and ends at 0.1094 (``benchmarks/RESULTS_sae.md``).
-  Set 1.0 for mechreward's exact init.
+  tokens (0.1156); 0.577 tracks sparsify throughout and ends at 0.1094 (BENCHMARKS.md, "SAE training vs
+  sparsify and SAELens"). Set 1.0 for mechreward's exact init.
+* ``init_dist`` (default ``normal``: mechreward's isotropic directions) may draw the directions as
+  sparsify does instead (``uniform``: ``U(-1, 1)`` entries, rows then scaled to unit norm). Which trains
+  better depends on the data, and by more than anything else that differs between the two trainers:
+  on SmolLM2-135M's layer-15 residuals ``normal`` reaches a 4 % lower held-out FVU, on the benchmark's
+  synthetic residuals ``uniform`` a 1 % lower one (BENCHMARKS.md, same section).
 * ``recon_loss="fvu"`` (default) divides the summed squared error by the batch's total variance instead
   of by ``N*d`` (mechreward's MSE). Both give the same gradient *direction* each step; FVU makes the
   relative weight of ``aux_coef`` independent of the residual stream's scale.
@@ -77,7 +82,14 @@ from saereward.errors import SaeRewardError
 from saereward.io import atomic_path, read_json, read_jsonl, write_json
 from saereward.metrics import MetricSinks, ReportTo
 from saereward.sae import kernels
-from saereward.sae.coder import ForwardOutput, SAEConfig, TopKSAE, geometric_median, unit_mean_norm_scale
+from saereward.sae.coder import (
+    ForwardOutput,
+    InitDist,
+    SAEConfig,
+    TopKSAE,
+    geometric_median,
+    unit_mean_norm_scale,
+)
 from saereward.sae.formats import load_sae, save_sae
 
 log = logging.getLogger(__name__)
@@ -124,6 +136,11 @@ class SAETrainConfig:
         3**-0.5,
         help="fresh runs start from W_enc = init_enc_scale * W_dec.T (1: mechreward's tied init; 0.577: the "
         "encoder norm of sparsify's nn.Linear init, which Adam trains faster)",
+    )
+    init_dist: InitDist = option(
+        "normal",
+        help="distribution of a fresh run's random directions, each row then scaled to unit norm: uniform "
+        "(U(-1, 1) entries, the directions of sparsify's nn.Linear init) or normal (isotropic, mechreward's)",
     )
     resample_dead: bool = option(False, help="re-initialize dead latents every resample_every steps")
     resample_every: int = option(2500, help="steps between dead-latent resamplings (with resample_dead)")
@@ -307,7 +324,7 @@ class SAETrainer:
             model=model,
             layer=layer,
         )
-        self.sae = TopKSAE(sae_cfg, seed=cfg.seed, device=self.device)
+        self.sae = TopKSAE(sae_cfg, seed=cfg.seed, device=self.device, init_dist=cfg.init_dist)
         self.initialized = self._warm_start(sae)
         params = [self.sae.W_enc, self.sae.b_enc, self.sae.W_dec, self.sae.b_dec]
         self._params = params
@@ -410,7 +427,7 @@ class SAETrainer:
         loss = self._loss(out, x)
         if not bool(torch.isfinite(loss)):  # before any update: the weights and checkpoints stay good
             raise SaeRewardError(
-                f"SAE training diverged at step {self.state.step}: the loss is {float(loss)}; the weights "
+                f"SAE training diverged at step {self.state.step}: the loss is {float(loss.detach())}; the weights "
                 "were not updated and the last checkpoint is kept. Check the activations for NaN/inf "
                 "or lower lr, then resume"
             )
@@ -619,7 +636,8 @@ class SAETrainer:
         """Refuse to resume a checkpoint written with other result-changing settings (one error line)."""
         if not isinstance(saved, dict):
             return  # a checkpoint from before the settings were saved with it
-        saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(to_dict(self.cfg)))
+        saved = {**RESUME_LEGACY, **json.loads(json.dumps(saved))}
+        now = json.loads(json.dumps(to_dict(self.cfg)))
         diff = sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE and saved.get(k) != now.get(k))
         if diff:
             changes = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:6])
@@ -687,6 +705,8 @@ class SAETrainer:
 
 #: training settings a resumed run may change: they decide what is logged and saved, not the weights
 RESUME_FREE = frozenset({"checkpoint_every", "log_every", "eval_every", "progress", "report_to"})
+#: values of settings added later, as checkpoints written before them were trained
+RESUME_LEGACY: dict[str, Any] = {"init_dist": "normal"}
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
