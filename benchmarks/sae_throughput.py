@@ -14,7 +14,8 @@ schedule, same init seed where the library takes one):
 * ``saereward``: :class:`saereward.sae.train.SAETrainer` ``train_step`` (fast kernels: bf16 selection,
   sparse decoder, sparse encoder backward; re-normalize every 10 steps; loss FVU + AuxK/8). Its init
   directions are isotropic by default; ``--init-dist uniform`` draws them as sparsify's ``nn.Linear``
-  does, which is what its held-out FVU depends on most (BENCHMARKS.md).
+  does, which is what its held-out FVU depends on most on this synthetic data; ``--rotate-basis``
+  trains it in a random orthonormal basis (BENCHMARKS.md).
 * ``sparsify``: ``sparsify.SparseCoder`` driven by the body of ``sparsify.Trainer.fit`` replayed step
   for step (its ``Trainer`` needs an HF model to hook; the SAE math is the library's): b_dec = batch
   mean at step 0, decoder re-normalized every step, ``remove_gradient_parallel_to_decoder_directions``,
@@ -61,6 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saereward.sae import kernels
+from saereward.sae.coder import TopKSAE
 from saereward.sae.train import SAETrainConfig, SAETrainer, lr_at
 
 LR = 2e-4
@@ -176,6 +178,7 @@ class Ours:
         warmup: int,
         mode: str = "fast",
         init_dist: str = "normal",
+        rotate_basis: bool = False,
     ) -> None:
         self.name = "saereward" if mode == "fast" else "eager"
         self.mode = mode
@@ -193,10 +196,13 @@ class Ours:
             progress=False,
             kernels=mode,
             init_dist=init_dist,  # type: ignore[arg-type]
+            rotate_basis=rotate_basis,
         )
         self.trainer = SAETrainer(cfg, d, device=DEVICE)
+        self._exported: TopKSAE | None = None
 
     def step(self, x: Tensor) -> None:
+        self._exported = None
         with kernels.use_kernels(self.mode):  # type: ignore[arg-type]
             if not self.trainer.initialized:
                 self.trainer.initialize(x)
@@ -204,8 +210,10 @@ class Ours:
 
     @torch.no_grad()
     def recon(self, x: Tensor) -> Tensor:
+        if self._exported is None:  # the SAE in the data's basis (a folded copy with rotate_basis)
+            self._exported = self.trainer.export()
         with kernels.use_kernels("eager"):
-            return self.trainer.sae(x).recon
+            return self._exported(x).recon
 
 
 class Sparsify:
@@ -312,9 +320,10 @@ def run(
     rounds = math.ceil(steps / args.interval)
     steps = rounds * args.interval
     warmup = max(1, steps // 10)
-    runners: list[Runner] = [Ours(d, m, k, args.batch, steps, warmup, init_dist=args.init_dist)]
+    kw = {"init_dist": args.init_dist, "rotate_basis": args.rotate_basis}
+    runners: list[Runner] = [Ours(d, m, k, args.batch, steps, warmup, **kw)]
     if with_eager:
-        runners.append(Ours(d, m, k, args.batch, steps, warmup, mode="eager", init_dist=args.init_dist))
+        runners.append(Ours(d, m, k, args.batch, steps, warmup, mode="eager", **kw))
     runners += [PEERS[p](d, m, k, args.batch, steps, warmup) for p in peers]
     times: dict[str, list[float]] = {r.name: [] for r in runners}
     t_start = time.perf_counter()
@@ -390,6 +399,11 @@ def main() -> None:
         choices=("normal", "uniform"),
         default="normal",
         help="saereward's init directions (SAETrainConfig.init_dist; uniform draws them as sparsify does)",
+    )
+    ap.add_argument(
+        "--rotate-basis",
+        action="store_true",
+        help="saereward trains in a random orthonormal basis (SAETrainConfig.rotate_basis)",
     )
     ap.add_argument("--d-in", type=int, default=576, help="synthetic data width (SmolLM2-135M: 576)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda: every trainer runs there")

@@ -10,9 +10,11 @@ from saereward.sae import kernels
 from saereward.sae.coder import (
     SAEConfig,
     TopKSAE,
+    change_basis,
     fvu,
     geometric_median,
     random_directions,
+    random_rotation,
     unit_mean_norm_scale,
     unit_rows,
 )
@@ -76,6 +78,25 @@ def test_init_directions_follow_their_distribution():
     assert not torch.equal(a.W_dec, b.W_dec)
     with pytest.raises(SaeRewardError, match="init_dist='cauchy' is unknown: use one of uniform, normal"):
         random_directions(2, 2, "cauchy", None)  # type: ignore[arg-type]
+
+
+def test_change_basis_gives_the_sae_of_rotated_inputs():
+    """``change_basis(sae, R)`` reads ``x @ R`` as ``sae`` reads ``x``: same codes, rotated recon; R.T undoes it."""
+    rot = random_rotation(16, 3)
+    torch.testing.assert_close(rot @ rot.t(), torch.eye(16, dtype=torch.float64))
+    assert torch.equal(rot, random_rotation(16, 3)) and not torch.equal(rot, random_rotation(16, 4))
+    sae = _sae(normalize_input="unit_mean_norm", input_scale=0.5)
+    x = torch.randn(40, 16, dtype=torch.float64)
+    new = change_basis(sae, rot)
+    a, b = sae(x), new(x @ rot)
+    assert torch.equal(a.top_indices.sort(1).values, b.top_indices.sort(1).values)
+    torch.testing.assert_close(b.top_acts.sort(1).values, a.top_acts.sort(1).values)
+    torch.testing.assert_close(b.recon, a.recon @ rot)
+    torch.testing.assert_close(b.fvu, a.fvu)
+    assert new.cfg == sae.cfg
+    back = change_basis(new, rot.t())
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(back, name), getattr(sae, name))
 
 
 def test_seeded_init_is_reproducible_and_leaves_global_rng_alone():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -17,7 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from saereward.errors import SaeRewardError
-from saereward.sae.coder import SAEConfig, TopKSAE, random_directions
+from saereward.sae import kernels
+from saereward.sae.coder import SAEConfig, TopKSAE, random_directions, random_rotation
 from saereward.sae.train import (
     SAETrainConfig,
     SAETrainer,
@@ -191,6 +193,37 @@ def test_warm_start_from_module_and_state_dict(tmp_path):
         SAETrainer(_cfg(), D, sae=TopKSAE(SAEConfig(d_in=D, d_sae=32, k=4)))
 
 
+def test_rotate_basis_is_training_on_rotated_data_folded_back(tmp_path):
+    """``rotate_basis`` trains exactly as a plain run on ``x @ Q`` would, and every SAE it hands out
+    (returned, saved, evaluated) is that run's SAE folded back into the model's basis."""
+    seen = []
+    cfg = _cfg(total_tokens=64 * 20, rotate_basis=True, eval_every=10)
+    trainer = SAETrainer(cfg, D, run_dir=tmp_path, evaluate=lambda sae: seen.append(sae) or {})
+    out = trainer.fit(synthetic)
+    q = trainer.basis
+    assert q is not None and torch.equal(q, random_rotation(D, cfg.seed).float())
+
+    def rotated(start):
+        for x in synthetic(start):
+            yield x @ q
+
+    plain = SAETrainer(_cfg(total_tokens=64 * 20), D).fit(rotated)
+    for name, t in _weights(plain).items():
+        assert torch.equal(t, getattr(trainer.sae, name)), name
+    x = next(synthetic(99))
+    with kernels.use_kernels("eager"):  # exact selection: no bf16 near-ties that rounding could flip
+        want = copy.deepcopy(plain).double()((x @ q).double()).recon @ q.t().double()
+        got = copy.deepcopy(out).double()(x.double()).recon
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.W_dec.norm(dim=1), trainer.sae.W_dec.norm(dim=1))
+    from saereward.sae.formats import load_sae
+
+    assert torch.equal(load_sae(tmp_path / "sae").W_dec, out.W_dec)
+    assert len(seen) == 2 and torch.equal(seen[-1].W_dec, out.W_dec)
+    warm = SAETrainer(_cfg(total_tokens=64, lr=1e-12, rotate_basis=True), D, sae=out)
+    torch.testing.assert_close(warm.fit(synthetic(7)).W_dec, out.W_dec, atol=1e-5, rtol=1e-5)
+
+
 def test_resample_dead_latents_points_them_at_bad_inputs():
     sae = TopKSAE(SAEConfig(d_in=D, d_sae=64, k=4), seed=0)
     x = next(synthetic(0))
@@ -207,8 +240,9 @@ def test_resample_dead_latents_points_them_at_bad_inputs():
     assert trainer.state.step == 12
 
 
-def test_in_process_resume_is_bit_identical(tmp_path):
-    full = SAETrainer(_cfg(total_tokens=64 * 30, dead_tokens=64 * 4), D).fit(synthetic)
+@pytest.mark.parametrize("rotate", [False, True])
+def test_in_process_resume_is_bit_identical(tmp_path, rotate):
+    full = SAETrainer(_cfg(total_tokens=64 * 30, dead_tokens=64 * 4, rotate_basis=rotate), D).fit(synthetic)
 
     def stops_after(n):
         def source(start):
@@ -218,7 +252,7 @@ def test_in_process_resume_is_bit_identical(tmp_path):
 
         return source
 
-    cfg = _cfg(total_tokens=64 * 30, dead_tokens=64 * 4, checkpoint_every=10)
+    cfg = _cfg(total_tokens=64 * 30, dead_tokens=64 * 4, checkpoint_every=10, rotate_basis=rotate)
     SAETrainer(cfg, D, run_dir=tmp_path).fit(stops_after(17))  # data "dies" at batch 17
     assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["step"] == 10
     resumed_trainer = SAETrainer(cfg, D, run_dir=tmp_path)

@@ -161,6 +161,31 @@ def random_directions(rows: int, cols: int, dist: InitDist, gen: torch.Generator
     return unit_rows(w)
 
 
+def random_rotation(d: int, seed: int) -> Tensor:
+    """A seeded ``[d, d]`` float64 orthogonal matrix, uniform over the orthogonal group (the Q of a
+    Gaussian matrix's QR, its columns' signs fixed by R's diagonal). Its own stream: ``2**32 + seed``."""
+    gen = torch.Generator().manual_seed(2**32 + seed)
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def change_basis(sae: TopKSAE, rot: Tensor) -> TopKSAE:
+    """The SAE that reads ``x @ rot`` as ``sae`` reads ``x`` (``rot`` orthogonal ``[d_in, d_in]``).
+
+    ``W_enc -> rot.T @ W_enc``, ``W_dec -> W_dec @ rot``, ``b_dec -> b_dec @ rot``; ``b_enc`` and the
+    config stay. Codes are unchanged and reconstructions come out rotated: ``new(x @ rot).recon ==
+    sae(x).recon @ rot`` up to rounding. ``change_basis(change_basis(sae, rot), rot.T)`` is ``sae``.
+    """
+    out = TopKSAE(sae.cfg, seed=0, device=sae.W_dec.device, dtype=sae.W_dec.dtype)
+    r = rot.to(sae.W_dec.device, torch.float64)
+    with torch.no_grad():
+        out.W_enc.copy_(r.t() @ sae.W_enc.double())
+        out.W_dec.copy_(sae.W_dec.double() @ r)
+        out.b_dec.copy_(sae.b_dec.double() @ r)
+        out.b_enc.copy_(sae.b_enc)
+    return out
+
+
 def _total_variance(x: Tensor) -> Tensor:
     """``sum((x - x.mean(0))^2)`` of ``[N, d]``, floored to stay a valid divisor.
 

@@ -22,6 +22,13 @@ Departures from mechreward, all switchable:
   better depends on the data, and by more than anything else that differs between the two trainers:
   on SmolLM2-135M's layer-15 residuals ``normal`` reaches a 4 % lower held-out FVU, on the benchmark's
   synthetic residuals ``uniform`` a 1 % lower one (BENCHMARKS.md, same section).
+* ``rotate_basis`` trains the SAE on ``x @ Q`` for a seeded random rotation ``Q`` and folds ``Q`` back
+  (:func:`~saereward.sae.coder.change_basis`) into every SAE the trainer hands out: returned by
+  :meth:`SAETrainer.fit`, saved, or given to ``evaluate``. The SAE's function class is the same in
+  every orthonormal basis; Adam's per-coordinate steps are not. A residual stream keeps most of its
+  variance in a few fixed coordinates (SmolLM2-135M layer 15: one coordinate holds 71 % of it), and in
+  a random basis that variance is spread evenly. ``trainer.sae`` and checkpoints stay in the training
+  basis (``trainer.export()`` folds it back).
 * ``recon_loss="fvu"`` (default) divides the summed squared error by the batch's total variance instead
   of by ``N*d`` (mechreward's MSE). Both give the same gradient *direction* each step; FVU makes the
   relative weight of ``aux_coef`` independent of the residual stream's scale.
@@ -87,7 +94,9 @@ from saereward.sae.coder import (
     InitDist,
     SAEConfig,
     TopKSAE,
+    change_basis,
     geometric_median,
+    random_rotation,
     unit_mean_norm_scale,
 )
 from saereward.sae.formats import load_sae, save_sae
@@ -141,6 +150,12 @@ class SAETrainConfig:
         "normal",
         help="distribution of a fresh run's random directions, each row then scaled to unit norm: uniform "
         "(U(-1, 1) entries, the directions of sparsify's nn.Linear init) or normal (isotropic, mechreward's)",
+    )
+    rotate_basis: bool = option(
+        False,
+        help="train in a random orthonormal basis of the residual stream (seeded), folded back into the "
+        "model's basis whenever the SAE is saved, evaluated or returned: Adam's per-coordinate steps then "
+        "meet no coordinate that holds most of the variance (a residual stream's massive activations)",
     )
     resample_dead: bool = option(False, help="re-initialize dead latents every resample_every steps")
     resample_every: int = option(2500, help="steps between dead-latent resamplings (with resample_dead)")
@@ -325,6 +340,10 @@ class SAETrainer:
             layer=layer,
         )
         self.sae = TopKSAE(sae_cfg, seed=cfg.seed, device=self.device, init_dist=cfg.init_dist)
+        #: ``[d_in, d_in]`` rotation into the training basis (``rotate_basis``); ``self.sae`` lives there
+        self.basis = (
+            random_rotation(d_in, cfg.seed).to(self.device, torch.float32) if cfg.rotate_basis else None
+        )
         self.initialized = self._warm_start(sae)
         params = [self.sae.W_enc, self.sae.b_enc, self.sae.W_dec, self.sae.b_dec]
         self._params = params
@@ -359,11 +378,27 @@ class SAETrainer:
                         f"warm-start weights lack a matching {name}: use weights of the same shape"
                     )
                 getattr(self.sae, name).copy_(state[name])
+        if self.basis is not None:
+            self._load_weights(change_basis(self.sae, self.basis))
         return True
+
+    def _load_weights(self, sae: TopKSAE) -> None:
+        with torch.no_grad():
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                getattr(self.sae, name).copy_(getattr(sae, name))
+
+    def _to_basis(self, x: Tensor) -> Tensor:
+        """A batch on the trainer's device, in the training basis."""
+        x = x.to(self.device)
+        return x if self.basis is None else x.to(self.basis.dtype) @ self.basis
+
+    def export(self) -> TopKSAE:
+        """The SAE in the model's basis: ``self.sae`` itself, or (``rotate_basis``) a folded copy."""
+        return self.sae if self.basis is None else change_basis(self.sae, self.basis.t())
 
     def initialize(self, x: Tensor) -> None:
         """Fresh-run init from the first batch: input scale, ``b_dec`` = geometric median, encoder scale."""
-        sample = x[: self.cfg.init_tokens].to(self.device, torch.float32)
+        sample = self._to_basis(x[: self.cfg.init_tokens]).to(torch.float32)
         if self.cfg.normalize_input == "unit_mean_norm":
             self.sae.cfg = dataclasses.replace(self.sae.cfg, input_scale=unit_mean_norm_scale(sample))
         with torch.no_grad():
@@ -403,8 +438,10 @@ class SAETrainer:
         """One optimizer step on batch ``x`` ``[B, d_in]``; returns detached metrics (tensors).
 
         With fast kernels on CPU the step runs inside :func:`kernels.cpu_step`: small ops on this
-        thread, the heavy SAE kernels shared out to a worker pool (robust to a loaded machine).
+        thread, the heavy SAE kernels shared out to a worker pool (robust to a loaded machine). The
+        rotation into the training basis (``rotate_basis``) runs before, on all of torch's threads.
         """
+        x = self._to_basis(x)
         if kernels.kernel_mode() == "fast":
             with kernels.cpu_step(self.device):
                 return self._step(x)
@@ -412,7 +449,6 @@ class SAETrainer:
 
     def _step(self, x: Tensor) -> dict[str, Tensor | float]:
         cfg = self.cfg
-        x = x.to(self.device)
         lr = lr_at(
             self.state.step,
             peak=cfg.lr,
@@ -538,7 +574,7 @@ class SAETrainer:
             logger.flush()
             logger.eval_row(self._evaluate(), final=True)
         self._save_final()
-        return self.sae
+        return self.export()
 
     def _after_step(self, metrics: dict[str, Tensor | float], logger: _Logger) -> None:
         step = self.state.step
@@ -554,16 +590,17 @@ class SAETrainer:
         if self.evaluate_fn is None:
             return {}
         with torch.no_grad():
-            return {str(k): float(v) for k, v in self.evaluate_fn(self.sae).items()}
+            return {str(k): float(v) for k, v in self.evaluate_fn(self.export()).items()}
 
     def _save_final(self) -> None:
         if self.rank != 0 or self.run_dir is None:
             return
+        sae = self.export()
         if self.save_fn is not None:
-            self.save_fn(self.sae, self.run_dir / "sae")
+            self.save_fn(sae, self.run_dir / "sae")
             return
 
-        save_sae(self.sae, self.run_dir / "sae", train_config=to_dict(self.cfg))
+        save_sae(sae, self.run_dir / "sae", train_config=to_dict(self.cfg))
 
     # -- checkpoints ------------------------------------------------------------------------------
 
@@ -706,7 +743,7 @@ class SAETrainer:
 #: training settings a resumed run may change: they decide what is logged and saved, not the weights
 RESUME_FREE = frozenset({"checkpoint_every", "log_every", "eval_every", "progress", "report_to"})
 #: values of settings added later, as checkpoints written before them were trained
-RESUME_LEGACY: dict[str, Any] = {"init_dist": "normal"}
+RESUME_LEGACY: dict[str, Any] = {"init_dist": "normal", "rotate_basis": False}
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
