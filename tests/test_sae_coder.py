@@ -15,6 +15,7 @@ from saereward.sae.coder import (
     geometric_median,
     random_directions,
     random_rotation,
+    rotate_state,
     unit_mean_norm_scale,
     unit_rows,
 )
@@ -87,7 +88,13 @@ def test_change_basis_gives_the_sae_of_rotated_inputs():
     assert torch.equal(rot, random_rotation(16, 3)) and not torch.equal(rot, random_rotation(16, 4))
     sae = _sae(normalize_input="unit_mean_norm", input_scale=0.5)
     x = torch.randn(40, 16, dtype=torch.float64)
+    rng = torch.get_rng_state()
     new = change_basis(sae, rot)
+    assert torch.equal(torch.get_rng_state(), rng)  # no random init drawn and thrown away
+    assert new.W_enc.stride() == sae.W_enc.stride() and new.b_enc.data_ptr() != sae.b_enc.data_ptr()
+    state = {n: getattr(sae, n).detach() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    for name, value in rotate_state(state, rot, block=3).items():  # blocks of rows: the same products
+        torch.testing.assert_close(value, getattr(new, name))
     a, b = sae(x), new(x @ rot)
     assert torch.equal(a.top_indices.sort(1).values, b.top_indices.sort(1).values)
     torch.testing.assert_close(b.top_acts.sort(1).values, a.top_acts.sort(1).values)

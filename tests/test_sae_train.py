@@ -224,6 +224,17 @@ def test_rotate_basis_is_training_on_rotated_data_folded_back(tmp_path):
     torch.testing.assert_close(warm.fit(synthetic(7)).W_dec, out.W_dec, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rotate_new", [False, True])
+def test_warm_start_from_a_rotate_basis_checkpoint_folds_it_back(tmp_path, rotate_new):
+    """A rotate_basis checkpoint's weights are in the training basis; as a warm start they are read in
+    the model's basis (the basis seed travels in the file's metadata), whatever the new run's basis."""
+    cfg = _cfg(total_tokens=64 * 20, rotate_basis=True, checkpoint_every=20, seed=3)
+    out = SAETrainer(cfg, D, run_dir=tmp_path).fit(synthetic)
+    ckpt = tmp_path / "checkpoints" / "step-000000020" / "sae.safetensors"
+    new = _cfg(total_tokens=64, lr=1e-12, rotate_basis=rotate_new, warm_start=str(ckpt))
+    torch.testing.assert_close(SAETrainer(new, D).fit(synthetic(7)).W_dec, out.W_dec, atol=1e-5, rtol=1e-5)
+
+
 def test_resample_dead_latents_points_them_at_bad_inputs():
     sae = TopKSAE(SAEConfig(d_in=D, d_sae=64, k=4), seed=0)
     x = next(synthetic(0))

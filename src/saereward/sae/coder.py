@@ -36,6 +36,7 @@ The heavy lifting is in :mod:`saereward.sae.kernels` (fast sparse path + eager r
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -175,15 +176,29 @@ def change_basis(sae: TopKSAE, rot: Tensor) -> TopKSAE:
     ``W_enc -> rot.T @ W_enc``, ``W_dec -> W_dec @ rot``, ``b_dec -> b_dec @ rot``; ``b_enc`` and the
     config stay. Codes are unchanged and reconstructions come out rotated: ``new(x @ rot).recon ==
     sae(x).recon @ rot`` up to rounding. ``change_basis(change_basis(sae, rot), rot.T)`` is ``sae``.
+    The products run in float64 over blocks of rows, so the copy is the only full-size allocation.
     """
-    out = TopKSAE(sae.cfg, seed=0, device=sae.W_dec.device, dtype=sae.W_dec.dtype)
-    r = rot.to(sae.W_dec.device, torch.float64)
-    with torch.no_grad():
-        out.W_enc.copy_(r.t() @ sae.W_enc.double())
-        out.W_dec.copy_(sae.W_dec.double() @ r)
-        out.b_dec.copy_(sae.b_dec.double() @ r)
-        out.b_enc.copy_(sae.b_enc)
+    state = rotate_state(_weights(sae), rot)
+    state["b_enc"] = state["b_enc"].clone()
+    return TopKSAE.from_state(sae.cfg, state)
+
+
+def rotate_state(state: Mapping[str, Tensor], rot: Tensor, block: int = 8192) -> dict[str, Tensor]:
+    """:func:`change_basis` on a state dict (``W_enc [d_in, d_sae]``, ``b_enc``, ``W_dec [d_sae, d_in]``,
+    ``b_dec``): new tensors in each input's dtype, device and strides; ``b_enc`` is passed through."""
+    r = rot.to(state["W_dec"].device, torch.float64)
+    out = {"b_enc": state["b_enc"], "b_dec": (state["b_dec"].double() @ r).to(state["b_dec"].dtype)}
+    for name in ("W_enc", "W_dec"):
+        src = state[name].t() if name == "W_enc" else state[name]  # [d_sae, d_in] either way
+        dst = torch.empty_like(src)
+        for i in range(0, src.shape[0], block):
+            dst[i : i + block].copy_(src[i : i + block].double() @ r)
+        out[name] = dst.t() if name == "W_enc" else dst
     return out
+
+
+def _weights(sae: TopKSAE) -> dict[str, Tensor]:
+    return {n: getattr(sae, n).detach() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
 
 
 def _total_variance(x: Tensor) -> Tensor:
@@ -242,6 +257,16 @@ class TopKSAE(nn.Module):
         self.W_enc = nn.Parameter(w.clone().t())  # shape [d_in, d_sae], storage [d_sae, d_in]
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype, device=device))
+
+    @classmethod
+    def from_state(cls, cfg: SAEConfig, state: Mapping[str, Tensor]) -> TopKSAE:
+        """The SAE whose parameters are ``state``'s tensors themselves (not copied; no random draw)."""
+        sae = cls.__new__(cls)
+        nn.Module.__init__(sae)
+        sae.cfg = cfg
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            setattr(sae, name, nn.Parameter(state[name]))
+        return sae
 
     # -- helpers ----------------------------------------------------------------------------------
 

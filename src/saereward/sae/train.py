@@ -46,9 +46,10 @@ Interfaces (SAELens ``SAETrainer`` style): the trainer is given
   training config), run once at the end.
 
 Checkpoints (every ``checkpoint_every`` steps, no pickle): ``checkpoints/step-NNNNNNNNN/`` holds
-``sae.safetensors`` (weights), ``trainer.safetensors`` (Adam moments and steps, tokens-since-fired, the
-torch and numpy RNG states as tensors) and ``trainer.json`` (step, batches, tokens, python RNG state,
-the configs). The folder is complete and fsynced before ``checkpoints/latest.json`` is atomically
+``sae.safetensors`` (weights; with ``rotate_basis`` in the training basis, the seed that makes it in
+the file's metadata, so a warm start from it folds it back), ``trainer.safetensors`` (Adam moments
+and steps, tokens-since-fired, the torch and numpy RNG states as tensors) and ``trainer.json`` (step,
+batches, tokens, python RNG state, the configs). The folder is complete and fsynced before ``checkpoints/latest.json`` is atomically
 re-pointed at it, so a kill at any instant leaves a loadable checkpoint. ``fit(..., resume=True)`` on
 CPU reproduces the uninterrupted run's final weights bit for bit: every kernel is deterministic, the
 schedule is a pure function of the step, and the state above is everything that carries over.
@@ -97,11 +98,16 @@ from saereward.sae.coder import (
     change_basis,
     geometric_median,
     random_rotation,
+    rotate_state,
     unit_mean_norm_scale,
 )
 from saereward.sae.formats import load_sae, save_sae
 
 log = logging.getLogger(__name__)
+
+#: safetensors metadata key of a rotate_basis checkpoint's ``sae.safetensors``: the run's seed, whose
+#: :func:`random_rotation` maps the model's basis to the weights' training basis
+BASIS_SEED_KEY = "saereward_basis_seed"
 
 DataSource = Iterable[Tensor] | Callable[[int], Iterable[Tensor]]
 Evaluate = Callable[[TopKSAE], Mapping[str, float]]
@@ -149,7 +155,8 @@ class SAETrainConfig:
     init_dist: InitDist = option(
         "normal",
         help="distribution of a fresh run's random directions, each row then scaled to unit norm: uniform "
-        "(U(-1, 1) entries, the directions of sparsify's nn.Linear init) or normal (isotropic, mechreward's)",
+        "(U(-1, 1) entries, the directions of sparsify's nn.Linear init) or normal (isotropic, mechreward's); "
+        "drawn in the training basis when rotate_basis is on",
     )
     rotate_basis: bool = option(
         False,
@@ -619,9 +626,14 @@ class SAETrainer:
             n: getattr(self.sae, n).detach().contiguous().cpu() for n in ("W_enc", "b_enc", "W_dec", "b_dec")
         }
         tensors, meta = self._trainer_state()
-        for name, payload in (("sae.safetensors", weights), ("trainer.safetensors", tensors)):
+        # a rotate_basis checkpoint holds the training basis; the seed lets a warm start fold it back
+        basis = None if self.basis is None else {BASIS_SEED_KEY: str(self.cfg.seed)}
+        for name, payload, info in (
+            ("sae.safetensors", weights, basis),
+            ("trainer.safetensors", tensors, None),
+        ):
             with atomic_path(folder / name) as tmp:
-                save_file(payload, str(tmp))
+                save_file(payload, str(tmp), metadata=info)
         write_json(folder / "trainer.json", meta)
         write_json(root / "latest.json", {"step": self.state.step, "path": folder.name})
         for old in root.glob("step-*"):  # keep the newest two
@@ -773,9 +785,18 @@ def _load_warm_start(path: str) -> TopKSAE | Mapping[str, Tensor]:
     if p.suffix == ".safetensors":
         if not p.is_file():
             raise SaeRewardError(f"warm_start file {path} not found: check the path")
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        return load_file(str(p))
+        with safe_open(str(p), framework="pt") as f:
+            seed = (f.metadata() or {}).get(BASIS_SEED_KEY)
+        state = load_file(str(p))
+        if seed is None:
+            return state
+        if not all(n in state for n in ("W_enc", "b_enc", "W_dec", "b_dec")):
+            raise SaeRewardError(f"warm_start file {path} lacks SAE weights: use an SAE checkpoint")
+        # a rotate_basis checkpoint: fold its training basis back into the model's
+        return rotate_state(state, random_rotation(state["W_dec"].shape[1], int(seed)).t())
 
     return load_sae(path)
 
