@@ -202,6 +202,34 @@ def test_padding_is_excluded(llama) -> None:  # noqa: ANN001
         assert padded[key] == pytest.approx(separate[key], rel=1e-4, abs=1e-5), key
 
 
+def test_skip_first_leaves_each_rows_first_positions_out(llama) -> None:  # noqa: ANN001
+    """skip_first=1 treats each row's first real position as BOS is treated (neither spliced nor
+    scored), padding included. skip_first counts real positions, a BOS among them."""
+    sae = TopKSAE(SAEConfig(d_in=D_MODEL, d_sae=128, k=16), seed=1)
+    ids = _ids(3, 8, seed=4)  # BOS first
+    as_bos = ce_kl_recovered(llama, None, sae, 1, ids)
+    as_first = ce_kl_recovered(llama, None, sae, 1, ids, exclude_bos=False, skip_first=1)
+    for key in ("ce_sae", "kl_sae", "n_tokens", "n_tokens_kl"):
+        assert as_first[key] == pytest.approx(as_bos[key], rel=1e-6, abs=1e-7), key
+    both = ce_kl_recovered(llama, None, sae, 1, ids, skip_first=1)
+    assert both["n_tokens_kl"] == as_bos["n_tokens_kl"] == 3 * 7 and both["n_tokens"] == 3 * 6
+    two = ce_kl_recovered(llama, None, sae, 1, ids, skip_first=2)
+    assert two["n_tokens_kl"] == 3 * 6 and two["n_tokens"] == 3 * 5
+    a, b = _ids(1, 7, seed=5, bos=False)[0], _ids(1, 4, seed=6, bos=False)[0]
+    padded_ids = torch.full((2, 7), PAD_ID)
+    mask = torch.zeros(2, 7, dtype=torch.long)
+    padded_ids[0], mask[0] = a, 1
+    padded_ids[1, 3:], mask[1, 3:] = b, 1
+    batch = [{"input_ids": padded_ids, "attention_mask": mask}]
+    padded = ce_kl_recovered(llama, None, sae, 1, batch, exclude_bos=False, skip_first=1)
+    separate = ce_kl_recovered(llama, None, sae, 1, [a[None], b[None]], exclude_bos=False, skip_first=1)
+    assert padded["n_tokens_kl"] == separate["n_tokens_kl"] == 6 + 3
+    for key in ("ce_sae", "kl_sae"):
+        assert padded[key] == pytest.approx(separate[key], rel=1e-4, abs=1e-5), key
+    with pytest.raises(SaeRewardError, match="skip_first must be >= 0"):
+        ce_kl_recovered(llama, None, sae, 1, ids, skip_first=-1)
+
+
 class _ByteTokenizer:
     """Minimal tokenizer stand-in: bytes mod the tiny vocab, BOS first, left padding."""
 

@@ -97,6 +97,8 @@ def test_collect_train_eval_cli(tmp_path: Path, smollm, capsys: pytest.CaptureFi
     assert "FVU" in out and "CE recovered" in out
     res = json.loads((run / "sae" / "eval.json").read_text())
     assert res["ce_kl"]["ce_zero"] > res["ce_kl"]["ce_clean"]
+    # the CE splice leaves out the positions the collection left out of the SAE's data
+    assert res["ce_kl"]["skip_first"] == json.loads((acts / "manifest.json").read_text())["skip_first"] == 1
     elsewhere = tmp_path / "evals"  # --out is the folder eval.json goes to, an existing one too
     elsewhere.mkdir()
     argv = ["eval-sae", "--sae", str(run / "sae"), "--ce-task", "none"]

@@ -249,6 +249,7 @@ def ce_kl_recovered(
     max_length: int = 256,
     exclude_bos: bool = True,
     bos_token_id: int | None = None,
+    skip_first: int = 0,
     kernels: Literal["fast", "eager", "auto"] = "eager",
 ) -> dict[str, float]:
     """CE-loss and KL recovered when ``sae``'s reconstruction replaces the output of block ``layer``.
@@ -263,11 +264,17 @@ def ce_kl_recovered(
             id tensors or mappings with ``input_ids`` and ``attention_mask`` (left or right padding).
         exclude_bos: neither splice nor score positions holding ``bos_token_id`` (default: the
             tokenizer's, else ``model.config.bos_token_id``), as SAELens's evals do.
+        skip_first: neither splice nor score the first ``skip_first`` real positions of each sequence
+            either: the positions ``saereward collect`` leaves out of an SAE's training data (its
+            ``skip_first``, the attention sink), so the SAE is measured where it was trained. With 0 the
+            SAE replaces the sink too, whose out-of-domain reconstruction can dominate the CE.
 
     Returns ``ce_clean``, ``ce_sae``, ``ce_zero``, ``ce_loss_recovered``, ``kl_sae``, ``kl_zero``,
     ``kl_recovered``, ``n_tokens`` (CE terms), ``n_tokens_kl``, ``n_sequences``. A recovered score is
     NaN when its denominator is zero (zero ablation does not change the model).
     """
+    if skip_first < 0:
+        raise SaeRewardError(f"skip_first must be >= 0, got {skip_first}")
     layer = resolve_layer(model, layer)
     exclude = _bos_token_id(model, tokenizer, bos_token_id) if exclude_bos else None
     device = next(model.parameters()).device
@@ -278,7 +285,7 @@ def ce_kl_recovered(
     try:
         for ids, mask in _batches(tokenizer, data, batch_size, max_length):
             ids, mask = ids.to(device), mask.to(device).long()
-            batch_ce, batch_kl = _score_batch(model, splice, recon, ids, mask, exclude, sums)
+            batch_ce, batch_kl = _score_batch(model, splice, recon, ids, mask, (exclude, skip_first), sums)
             n_ce += batch_ce
             n_kl += batch_kl
             n_seq += ids.shape[0]
@@ -329,16 +336,19 @@ def _score_batch(
     recon: _SaeRecon,
     ids: Tensor,
     mask: Tensor,
-    exclude: int | None,
+    exclude: tuple[int | None, int],
     sums: dict[str, float],
 ) -> tuple[int, int]:
     """Run one batch clean, with the SAE spliced in and zero-ablated; add its CE and KL sums to ``sums``.
 
-    ``exclude``: a token id (BOS) whose positions are neither spliced nor scored. Returns the batch's
-    ``(CE terms, KL tokens)``.
+    ``exclude``: ``(token id, n)``: positions holding the id (BOS), and each row's first ``n`` real
+    positions, are neither spliced nor scored. Returns the batch's ``(CE terms, KL tokens)``.
     """
     real = mask.bool()
-    scored = real & (ids != exclude) if exclude is not None else real
+    bos, skip_first = exclude
+    scored = real & (ids != bos) if bos is not None else real
+    if skip_first > 0:
+        scored &= position_ids_from_mask(mask) >= skip_first
     recon.keep_clean = ~scored
     ce_pos = scored[:, :-1] & real[:, 1:]  # [B, T-1]
     targets = ids[:, 1:]

@@ -78,11 +78,18 @@ class EvalSAEStageConfig:
     ce_text_field: str = option("text", "field of ce_text_paths .jsonl rows (comma list: first present)")
     ce_max_docs: int = option(256, "use at most this many documents from ce_text_paths (first ones)")
     max_length: int = option(256, "max tokens per CE/KL sequence")
+    skip_first: int | None = option(
+        None,
+        "CE/KL: keep the clean residual at (and do not score) each sequence's first N positions, which "
+        "collect leaves out of SAE training (default: the --activations folder's skip_first, else 1)",
+    )
     device: str = option("cpu", "where the SAE and the model run: cpu, cuda or cuda:N")
     out: str | None = option(None, "write eval.json here (default: next to the SAE)")
 
     def __post_init__(self) -> None:
         check_device(self.device)
+        if self.skip_first is not None and self.skip_first < 0:
+            raise ValueError(f"skip_first must be >= 0, got {self.skip_first}")
         if self.eval_tokens < 0 or self.ce_n < 0 or self.ce_max_docs < 0:
             raise ValueError("eval_tokens, ce_n and ce_max_docs must be >= 0")
         if self.max_length < 2:
@@ -224,14 +231,26 @@ def run_eval_sae(cfg: EvalSAEStageConfig) -> dict[str, Any]:
         lm = load_model(model_spec, dtype=cfg.dtype, device=cfg.device)  # type: ignore[arg-type]
         layer = resolve_layer(lm.model, layer)
         check_sae_matches_model(sae, lm.d_model, layer)
+        skip = _skip_first(cfg)
         result["ce_kl"] = ce_kl_recovered(
-            lm.model, lm.tokenizer, sae, layer, texts, max_length=cfg.max_length
+            lm.model, lm.tokenizer, sae, layer, texts, max_length=cfg.max_length, skip_first=skip
         )
-        result["ce_kl"].update({"model": model_spec, "layer": layer, "n_texts": len(texts)})
+        result["ce_kl"].update(
+            {"model": model_spec, "layer": layer, "n_texts": len(texts), "skip_first": skip}
+        )
     result["config"] = to_dict(cfg)
     out = Path(cfg.out) if cfg.out else Path(cfg.sae) if Path(cfg.sae).is_dir() else Path(cfg.sae).parent
     write_json(out / "eval.json", result)
     return result
+
+
+def _skip_first(cfg: EvalSAEStageConfig) -> int:
+    """Positions at each CE/KL sequence's start left clean: as set, else as the SAE's data skipped them."""
+    if cfg.skip_first is not None:
+        return cfg.skip_first
+    if cfg.activations:
+        return int(read_manifest(Path(cfg.activations)).get("skip_first", 0))
+    return 1  # collect's default
 
 
 def _ce_texts(cfg: EvalSAEStageConfig) -> list[str]:
