@@ -285,7 +285,7 @@ def ce_kl_recovered(
     try:
         for ids, mask in _batches(tokenizer, data, batch_size, max_length):
             ids, mask = ids.to(device), mask.to(device).long()
-            batch_ce, batch_kl = _score_batch(model, splice, recon, ids, mask, (exclude, skip_first), sums)
+            batch_ce, batch_kl = _score_batch(model, splice, recon, ids, mask, exclude, skip_first, sums)
             n_ce += batch_ce
             n_kl += batch_kl
             n_seq += ids.shape[0]
@@ -336,17 +336,17 @@ def _score_batch(
     recon: _SaeRecon,
     ids: Tensor,
     mask: Tensor,
-    exclude: tuple[int | None, int],
+    exclude: int | None,
+    skip_first: int,
     sums: dict[str, float],
 ) -> tuple[int, int]:
     """Run one batch clean, with the SAE spliced in and zero-ablated; add its CE and KL sums to ``sums``.
 
-    ``exclude``: ``(token id, n)``: positions holding the id (BOS), and each row's first ``n`` real
+    Positions holding the token id ``exclude`` (BOS), and each row's first ``skip_first`` real
     positions, are neither spliced nor scored. Returns the batch's ``(CE terms, KL tokens)``.
     """
     real = mask.bool()
-    bos, skip_first = exclude
-    scored = real & (ids != bos) if bos is not None else real
+    scored = real & (ids != exclude) if exclude is not None else real
     if skip_first > 0:
         scored &= position_ids_from_mask(mask) >= skip_first
     recon.keep_clean = ~scored

@@ -49,8 +49,9 @@ Checkpoints (every ``checkpoint_every`` steps, no pickle): ``checkpoints/step-NN
 ``sae.safetensors`` (weights; with ``rotate_basis`` in the training basis, the seed that makes it in
 the file's metadata, so a warm start from it folds it back), ``trainer.safetensors`` (Adam moments
 and steps, tokens-since-fired, the torch and numpy RNG states as tensors) and ``trainer.json`` (step,
-batches, tokens, python RNG state, the configs). The folder is complete and fsynced before ``checkpoints/latest.json`` is atomically
-re-pointed at it, so a kill at any instant leaves a loadable checkpoint. ``fit(..., resume=True)`` on
+batches, tokens, python RNG state, the configs). The folder is complete and fsynced before
+``checkpoints/latest.json`` is atomically re-pointed at it, so a kill at any instant leaves a loadable
+checkpoint. ``fit(..., resume=True)`` on
 CPU reproduces the uninterrupted run's final weights bit for bit: every kernel is deterministic, the
 schedule is a pure function of the step, and the state above is everything that carries over.
 
