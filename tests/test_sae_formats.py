@@ -90,6 +90,21 @@ def test_native_round_trip_is_exact(tmp_path: Path, x: torch.Tensor) -> None:
     assert_same_sae(sae, back, x)
 
 
+def test_loading_draws_nothing_from_the_global_rng_and_keeps_the_trainers_layout(tmp_path: Path) -> None:
+    sae = make_sae()
+    folder = save_sae(sae, tmp_path / "sae")
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    back = load_sae(folder)
+    assert torch.equal(torch.get_rng_state(), before)
+    # W_enc is a transposed view of a contiguous [d_sae, d_in], as the trainer builds it
+    assert back.W_enc.stride() == sae.W_enc.stride() == (1, D_IN)
+    assert back.W_dec.is_contiguous() and all(p.requires_grad for p in back.parameters())
+    with torch.no_grad():  # its own storage, not the checkpoint's tensors
+        back.W_dec.add_(1.0)
+    assert not torch.equal(load_sae(folder).W_dec, back.W_dec)
+
+
 def test_native_keeps_input_normalization(tmp_path: Path, x: torch.Tensor) -> None:
     sae = make_sae(normalize_input="unit_mean_norm", input_scale=0.37)
     back = load_sae(save_sae(sae, tmp_path / "n"))

@@ -106,6 +106,8 @@ class ForwardOutput(NamedTuple):
 # Pure functions
 # --------------------------------------------------------------------------------------------------
 
+PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")  # a TopK SAE's parameters, in checkpoint order
+
 
 def geometric_median(points: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
     """Geometric median of ``points`` ``[N, d]`` by Weiszfeld's algorithm -> ``[d]``.
@@ -198,7 +200,7 @@ def rotate_state(state: Mapping[str, Tensor], rot: Tensor, block: int = 8192) ->
 
 
 def _weights(sae: TopKSAE) -> dict[str, Tensor]:
-    return {n: getattr(sae, n).detach() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    return {n: getattr(sae, n).detach() for n in PARAM_NAMES}
 
 
 def _total_variance(x: Tensor) -> Tensor:
@@ -264,7 +266,7 @@ class TopKSAE(nn.Module):
         sae = cls.__new__(cls)
         nn.Module.__init__(sae)
         sae.cfg = cfg
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        for name in PARAM_NAMES:
             setattr(sae, name, nn.Parameter(state[name]))
         return sae
 

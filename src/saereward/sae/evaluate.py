@@ -267,7 +267,8 @@ def ce_kl_recovered(
         skip_first: neither splice nor score the first ``skip_first`` real positions of each sequence
             either: the positions ``saereward collect`` leaves out of an SAE's training data (its
             ``skip_first``, the attention sink), so the SAE is measured where it was trained. With 0 the
-            SAE replaces the sink too, whose out-of-domain reconstruction can dominate the CE.
+            SAE replaces the sink too, whose out-of-domain reconstruction can dominate the CE. The zero
+            ablation zeroes every position, these included, as SAELens's does.
 
     Returns ``ce_clean``, ``ce_sae``, ``ce_zero``, ``ce_loss_recovered``, ``kl_sae``, ``kl_zero``,
     ``kl_recovered``, ``n_tokens`` (CE terms), ``n_tokens_kl``, ``n_sequences``. A recovered score is

@@ -78,7 +78,7 @@ from saereward.errors import SaeRewardError
 from saereward.hub import resolve_source
 from saereward.io import atomic_path, file_sha256, naming_target, write_json
 from saereward.model.lm import hf_model_id, require_device
-from saereward.sae.coder import SAEConfig, TopKSAE
+from saereward.sae.coder import PARAM_NAMES, SAEConfig, TopKSAE
 
 log = logging.getLogger(__name__)
 
@@ -239,11 +239,14 @@ def _build(
     cfg = SAEConfig(
         d_in=int(d_in), d_sae=int(d_sae), k=int(k), **{k_: v for k_, v in cfg_fields.items() if k_ in known}
     )
-    sae = TopKSAE(cfg, device=device, dtype=dtype)
-    with torch.no_grad():
-        for name, t in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
-            getattr(sae, name).copy_(t.to(dtype))
-    return sae
+    # built from the checkpoint's tensors (no random init drawn from the global RNG and thrown away),
+    # each copied once, W_enc in the trainer's layout: a transposed view of a contiguous [d_sae, d_in]
+    enc = torch.empty(W_enc.shape[1], W_enc.shape[0], dtype=dtype, device=device).t()
+    enc.copy_(W_enc.detach())
+    state = {"W_enc": enc}
+    for name, t in (("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
+        state[name] = t.detach().to(device=device, dtype=dtype, copy=True).contiguous()
+    return TopKSAE.from_state(cfg, state)
 
 
 def _input_scale(sae: TopKSAE) -> float:
@@ -258,9 +261,7 @@ def _raw_space_weights(sae: TopKSAE) -> dict[str, torch.Tensor]:
     ``recon = acts @ (W_dec/s) + b_dec/s``.
     """
     s = _input_scale(sae)
-    W_enc, b_enc, W_dec, b_dec = (
-        getattr(sae, n).detach().to("cpu", torch.float64) for n in ("W_enc", "b_enc", "W_dec", "b_dec")
-    )
+    W_enc, b_enc, W_dec, b_dec = (getattr(sae, n).detach().to("cpu", torch.float64) for n in PARAM_NAMES)
     dtype = sae.W_enc.dtype
     if s != 1.0:
         W_enc, W_dec, b_dec = W_enc * s, W_dec / s, b_dec / s
@@ -358,7 +359,7 @@ def save_sae(sae: TopKSAE, folder: PathLike, *, train_config: Mapping[str, Any] 
     with atomic_folder(target) as tmp:
         _write_safetensors(
             tmp / NATIVE_WEIGHTS,
-            {n: getattr(sae, n) for n in ("W_enc", "b_enc", "W_dec", "b_dec")},
+            {n: getattr(sae, n) for n in PARAM_NAMES},
             {"format": "pt", "saereward_format": "topk", "saereward_version": __version__},
         )
         _write_json(tmp / CFG, cfg)
@@ -380,7 +381,7 @@ def _load_native(folder: Path, device: str | torch.device, dtype: torch.dtype) -
             f"{folder}: architecture {cfg.get('architecture')!r} is not supported, only topk"
         )
     w = _read_safetensors(folder / NATIVE_WEIGHTS)
-    _require(w, ("W_enc", "b_enc", "W_dec", "b_dec"), folder / NATIVE_WEIGHTS)
+    _require(w, PARAM_NAMES, folder / NATIVE_WEIGHTS)
     _check_cfg_dims(folder, w["W_enc"], cfg.get("d_in"), cfg.get("d_sae"))
     if "k" not in cfg:
         raise SaeRewardError(f"{folder / CFG} has no k: the file is incomplete")
@@ -735,7 +736,7 @@ def _load_mechreward_pt(path: Path, device: str | torch.device, dtype: torch.dty
             f"{path} holds a {type(obj).__name__}, expected mechreward's dict of SAE tensors"
         )
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    _require(tensors, ("W_enc", "b_enc", "W_dec", "b_dec"), path)
+    _require(tensors, PARAM_NAMES, path)
     W_enc = tensors["W_enc"]
     _check_cfg_dims(path, W_enc, obj.get("d_model"), obj.get("d_sae"))
     if "k" not in obj:

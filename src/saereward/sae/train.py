@@ -92,6 +92,7 @@ from saereward.io import atomic_path, read_json, read_jsonl, write_json
 from saereward.metrics import MetricSinks, ReportTo
 from saereward.sae import kernels
 from saereward.sae.coder import (
+    PARAM_NAMES,
     ForwardOutput,
     InitDist,
     SAEConfig,
@@ -376,11 +377,11 @@ class SAETrainer:
             self.sae.cfg = dataclasses.replace(
                 self.sae.cfg, normalize_input=init.cfg.normalize_input, input_scale=init.cfg.input_scale
             )
-            state: Mapping[str, Tensor] = {n: getattr(init, n) for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+            state: Mapping[str, Tensor] = {n: getattr(init, n) for n in PARAM_NAMES}
         else:
             state = init
         with torch.no_grad():
-            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            for name in PARAM_NAMES:
                 if name not in state or tuple(state[name].shape) != tuple(getattr(self.sae, name).shape):
                     raise SaeRewardError(
                         f"warm-start weights lack a matching {name}: use weights of the same shape"
@@ -392,7 +393,7 @@ class SAETrainer:
 
     def _load_weights(self, sae: TopKSAE) -> None:
         with torch.no_grad():
-            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            for name in PARAM_NAMES:
                 getattr(self.sae, name).copy_(getattr(sae, name))
 
     def _to_basis(self, x: Tensor) -> Tensor:
@@ -623,9 +624,7 @@ class SAETrainer:
         if folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
-        weights = {
-            n: getattr(self.sae, n).detach().contiguous().cpu() for n in ("W_enc", "b_enc", "W_dec", "b_dec")
-        }
+        weights = {n: getattr(self.sae, n).detach().contiguous().cpu() for n in PARAM_NAMES}
         tensors, meta = self._trainer_state()
         # a rotate_basis checkpoint holds the training basis; the seed lets a warm start fold it back
         basis = None if self.basis is None else {BASIS_SEED_KEY: str(self.cfg.seed)}
@@ -794,7 +793,7 @@ def _load_warm_start(path: str) -> TopKSAE | Mapping[str, Tensor]:
         state = load_file(str(p))
         if seed is None:
             return state
-        if not all(n in state for n in ("W_enc", "b_enc", "W_dec", "b_dec")):
+        if not all(n in state for n in PARAM_NAMES):
             raise SaeRewardError(f"warm_start file {path} lacks SAE weights: use an SAE checkpoint")
         # a rotate_basis checkpoint: fold its training basis back into the model's
         return rotate_state(state, random_rotation(state["W_dec"].shape[1], int(seed)).t())
