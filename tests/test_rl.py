@@ -1402,6 +1402,29 @@ def _assert_identical_update(base: tuple[Any, ...], other: tuple[Any, ...]) -> N
     assert w0.keys() == w1.keys() and w0 and all(torch.equal(w0[n], w1[n]) for n in w0)
 
 
+@pytest.mark.parametrize("recompute_prompt", [False, True])
+def test_gradient_checkpointing_keeps_the_update(tmp_path: Path, recompute_prompt: bool) -> None:
+    """``grad_checkpointing``: the update's forwards run again in the backward, on the tiny GQA llama
+    (4 query, 2 KV heads); reference log-probs, loss, entropy, KL and LoRA gradients are the ones
+    without it (rounding apart). The recompute takes the forward's grouped-head attention path."""
+    lm = fresh_tiny()
+    assert lm.model.config.num_key_value_heads < lm.model.config.num_attention_heads
+    out: dict[bool, Any] = {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        cfg = rl_cfg(
+            tmp_path / f"c{on}",
+            micro_batch=2,
+            max_new_tokens=8,
+            grad_checkpointing=on,
+            recompute_prompt=recompute_prompt,
+        )
+        tr = GRPOTrainer(cfg, lm=lm)
+        b, _, out[on] = _ragged_update(tr)
+        assert not tr.model.is_activation_checkpointing  # switched off again after the update
+    _assert_same_update(b, out[False], out[True])
+
+
 def _floats_saved(run: Any) -> int:
     """Floating-point elements that autograd saves for the backward while ``run()`` runs."""
     n = [0]

@@ -753,7 +753,9 @@ class GRPOTrainer:
             # zeroed in place: the LoRA gradients keep their place on the heap from step to step (set
             # to None, they were allocated anew in every update, between the activations)
             self.opt.zero_grad(set_to_none=False)
-            with self._no_input_cast():
+            # grouped-head SDPA through the backward too: a checkpoint's recompute must take the
+            # forward's attention path (repeated heads there would not match what the forward saved)
+            with self._no_input_cast(), cpu_sdpa_gqa():
                 if cfg.grad_checkpointing:
                     self.model.gradient_checkpointing_enable(
                         gradient_checkpointing_kwargs={"use_reentrant": False}
