@@ -71,7 +71,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -443,6 +443,22 @@ class GRPOTrainer:
 
         return disable_input_dtype_casting(self.model)
 
+    @contextlib.contextmanager
+    def _update_context(self) -> Iterator[None]:
+        """What holds for a whole update, its backward included: no PEFT input cast
+        (:meth:`_no_input_cast`), grouped-head SDPA (a checkpoint's recompute must take the forward's
+        attention path: repeated heads would not match what the forward saved) and, with
+        ``grad_checkpointing``, activation checkpointing, switched off again afterwards."""
+        with self._no_input_cast(), cpu_sdpa_gqa():
+            if not self.cfg.grad_checkpointing:
+                yield
+                return
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            try:
+                yield
+            finally:
+                self.model.gradient_checkpointing_disable()
+
     def _train_forward_context(self) -> contextlib.AbstractContextManager[Any]:
         """Autocast for the LoRA matmuls of the training forward (bf16 base only; see ``lora_autocast``).
 
@@ -753,47 +769,37 @@ class GRPOTrainer:
             # zeroed in place: the LoRA gradients keep their place on the heap from step to step (set
             # to None, they were allocated anew in every update, between the activations)
             self.opt.zero_grad(set_to_none=False)
-            # grouped-head SDPA through the backward too: a checkpoint's recompute must take the
-            # forward's attention path (repeated heads there would not match what the forward saved)
-            with self._no_input_cast(), cpu_sdpa_gqa():
-                if cfg.grad_checkpointing:
-                    self.model.gradient_checkpointing_enable(
-                        gradient_checkpointing_kwargs={"use_reentrant": False}
+            with self._update_context():
+                with self._train_forward_context():
+                    prefix = self._prompt_prefix(b, grad=True)
+                for sl in slices:
+                    lp, ent, _ = self._logps(
+                        self.model, b, sl, context=self._train_forward_context(), prefix=prefix
                     )
-                try:
-                    with self._train_forward_context():
-                        prefix = self._prompt_prefix(b, grad=True)
-                    for sl in slices:
-                        lp, ent, _ = self._logps(
-                            self.model, b, sl, context=self._train_forward_context(), prefix=prefix
-                        )
-                        n = lp.shape[1]
-                        if new_old is not None:
-                            new_old[sl.rows, :n] = lp.detach()
-                            ent_all[sl.rows, :n] = ent
-                        old = lp.detach() if old_lp is None else old_lp[sl.rows, :n]
-                        part, st = surrogate_loss(
-                            lp,
-                            old,
-                            None if ref_lp is None else ref_lp[sl.rows, :n],
-                            adv[sl.rows, :n],
-                            resp[sl.rows, :n],
-                            cfg.beta,
-                            cfg.kl,
-                            cfg.clip_eps,
-                            n_global,
-                        )
-                        part.backward()
-                        loss = loss + part.detach()
-                        for k, v in st.items():
-                            stats[k] = stats.get(k, 0.0) + v
-                        del lp, ent, part
-                    if prefix is not None:
-                        prefix.backward()
-                    del prefix
-                finally:
-                    if cfg.grad_checkpointing:
-                        self.model.gradient_checkpointing_disable()
+                    n = lp.shape[1]
+                    if new_old is not None:
+                        new_old[sl.rows, :n] = lp.detach()
+                        ent_all[sl.rows, :n] = ent
+                    old = lp.detach() if old_lp is None else old_lp[sl.rows, :n]
+                    part, st = surrogate_loss(
+                        lp,
+                        old,
+                        None if ref_lp is None else ref_lp[sl.rows, :n],
+                        adv[sl.rows, :n],
+                        resp[sl.rows, :n],
+                        cfg.beta,
+                        cfg.kl,
+                        cfg.clip_eps,
+                        n_global,
+                    )
+                    part.backward()
+                    loss = loss + part.detach()
+                    for k, v in st.items():
+                        stats[k] = stats.get(k, 0.0) + v
+                    del lp, ent, part
+                if prefix is not None:
+                    prefix.backward()
+                del prefix
             if new_old is not None:
                 old_lp = new_old
             for p in self.params:
