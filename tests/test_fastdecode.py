@@ -45,11 +45,12 @@ def _with_lora(model: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("capture", [False, True])
-@pytest.mark.parametrize("mode", ["plain", "skinny", "packed"])
+@pytest.mark.parametrize("mode", ["plain", "skinny", "packed", "in_place"])
 @pytest.mark.parametrize("lora", [False, True])
 def test_decode_matches_generate(arch: str, capture: bool, mode: str, lora: bool, monkeypatch) -> None:
     """Greedy tokens as ``generate()``'s, residuals to rounding; with ``lora``, a PEFT model whose active
-    adapters the loop applies unmerged is compared with PEFT's own forward."""
+    adapters the loop applies unmerged is compared with PEFT's own forward. ``in_place``: the model's
+    weights are the same bits afterwards, each in its own storage again."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     model, _ = make_tiny(arch)
@@ -79,6 +80,7 @@ def test_decode_matches_generate(arch: str, capture: bool, mode: str, lora: bool
             stopping_criteria=StoppingCriteriaList([HFStop()]),
         )
         ref_res = cap.sequence(layer, ref.shape[1])[:, P:]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         pre = model(
             input_ids=ids,
@@ -99,9 +101,16 @@ def test_decode_matches_generate(arch: str, capture: bool, mode: str, lora: bool
             stop=_StopOn(),
             capture_layers=[layer] if capture else [],
             skinny=mode != "plain",
-            packed=mode == "packed",
+            packed=mode in ("packed", "in_place"),
+            in_place=mode == "in_place",
         )
     assert torch.equal(new, ref[:, P:])
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    weights = [
+        p for n, p in model.named_parameters() if "proj" in n and "lora" not in n and n.endswith("weight")
+    ]
+    assert len({p.untyped_storage().data_ptr() for p in weights}) == len(weights)
     ended = torch.isin(new, torch.tensor(sorted(ENDS))) | (new == 11)
     first_end = torch.where(ended.any(1), ended.int().argmax(1), N)
     assert len(set(first_end.tolist())) > 3 and int(first_end.min()) < N // 2  # rows end at many steps
@@ -281,3 +290,54 @@ def test_skinny_head_equals_one_product() -> None:
     for bias in (None, b):
         got = fastdecode._skinny_head(x, w, bias, block=96)  # 1000 rows: 10 blocks of 96 and one of 40
         assert got.is_contiguous() and torch.equal(got, fastdecode._skinny(x, w, bias))
+
+
+@torch.no_grad()
+def test_in_place_packing_holds_the_weights_once_and_gives_them_back() -> None:
+    """``in_place``: while packed, every projection's plain weight is released and the packed products
+    (adapters beside) equal the folded ones to rounding; afterwards the weights are the same bits, also
+    when the decode stops on an exception."""
+    model = _with_lora(make_tiny("llama")[0])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fastdecode._Weights(model, torch.device("cpu"), skinny=True, packed=True)
+    x = torch.randn(5, model.config.hidden_size)
+    with fastdecode._Weights(model, torch.device("cpu"), skinny=True, packed=True, in_place=True) as w:
+        assert w.in_place
+        weights = [
+            p for n, p in model.named_parameters() if "proj" in n and "lora" not in n and n.endswith("weight")
+        ]
+        assert weights and all(p.numel() == 0 for p in weights)
+        for bf, bw in zip(folded.blocks, w.blocks, strict=True):
+            torch.testing.assert_close(
+                fastdecode._packed(x, bw.qkv), fastdecode._packed(x, bf.qkv), rtol=1e-5, atol=1e-5
+            )
+            torch.testing.assert_close(
+                w.project(x, bw.w["o_proj"]), folded.project(x, bf.w["o_proj"]), rtol=1e-5, atol=1e-5
+            )
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    ids, am = _batch()
+    calls = []
+
+    def pick(s: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return s.argmax(-1)
+
+    pre = model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am), use_cache=True)
+    with pytest.raises(KeyboardInterrupt):
+        fastdecode.decode(
+            model,
+            pre.past_key_values,
+            am,
+            pre.logits[:, -1],
+            max_new_tokens=8,
+            pick=pick,
+            end_ids=ENDS,
+            pad_id=PAD_ID,
+            skinny=True,
+            packed=True,
+            in_place=True,
+        )
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

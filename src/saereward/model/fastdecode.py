@@ -22,7 +22,10 @@ end well before ``max_new_tokens``.
 * ``packed`` (on the skinny path): the products go through oneDNN's fp32 linear on weights reordered
   into its blocked layout once per call, each adapter folded in first (``W + s·B A``): one packed copy
   of the weights (SmolLM2: 0.54 GB) for the call, instead of MKL's ``W @ xᵀ``, which runs a few rows
-  far below the CPU's GEMM rate (:func:`_pack`, :func:`_packed`).
+  far below the CPU's GEMM rate (:func:`_pack`, :func:`_packed`);
+* ``in_place`` (on the packed path): the packed copy is the only one. Each projection's plain weight is
+  released as its packed copy is made (the adapters then run beside the packed products, not folded
+  in), and comes back from it when the call ends: oneDNN's reorder back to the plain layout is exact.
 
 Supported: ``LlamaForCausalLM`` and ``Qwen2ForCausalLM`` (full attention, SiLU MLP), PEFT-wrapped
 with LoRA adapters merged, disabled or active: an active adapter is applied as two small products per
@@ -42,7 +45,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from saereward.model import bf16cpu, onednn
+from saereward.model import bf16cpu, onednn, residency
 from saereward.model.lm import decoder_layers, unwrap
 
 _ARCHES = ("llama", "qwen2")
@@ -138,14 +141,16 @@ def packing_available() -> bool:
     return onednn.available(torch.float32)
 
 
-def _pack(*ps: _Proj, rows: int = 16) -> _Proj:
+def _pack(*ps: _Proj, rows: int = 16, fold: bool = True) -> _Proj:
     """Projections of one input as one oneDNN packed weight: each ``weight + Σ s·B A`` (the adapters
     folded in, in fp32), stacked along the output features (one product computes them all), reordered
-    for products of about ``rows`` rows; the biases stacked likewise (zeros where one has none)."""
+    for products of about ``rows`` rows; the biases stacked likewise (zeros where one has none).
+    ``fold=False``: the base weights alone are packed and the adapters stay beside the product
+    (:func:`_stack_adapters`), so the packed copy unpacks to the base weights exactly."""
     ws, bs = [], []
     for weight, bias, adapters in ps:
         w = weight.detach()
-        for a, sb in adapters:
+        for a, sb in adapters if fold else ():
             w = torch.addmm(w, sb, a)
         ws.append(w)
         bs.append(None if bias is None else bias.detach())
@@ -153,12 +158,44 @@ def _pack(*ps: _Proj, rows: int = 16) -> _Proj:
     bias = None
     if any(b is not None for b in bs):
         bias = torch.cat([w.new_zeros(wi.shape[0]) if b is None else b for wi, b in zip(ws, bs, strict=True)])
-    return onednn.pack(w, rows), bias, ()
+    side = () if fold else _stack_adapters([int(wi.shape[0]) for wi in ws], [p[2] for p in ps])
+    if side:  # the adapters' A rows ride in the packed product: its last Σr outputs are x Aᵀ
+        a_all = side[0][0]
+        w = torch.cat([w, a_all])
+        if bias is not None:
+            bias = torch.cat([bias, bias.new_zeros(a_all.shape[0])])
+    return onednn.pack(w, rows), bias, side
+
+
+def _stack_adapters(
+    outs: Sequence[int], adapters: Sequence[tuple[tuple[Tensor, Tensor], ...]]
+) -> tuple[tuple[Tensor, Tensor], ...]:
+    """The adapters of projections stacked along their outputs (``outs`` features each) as one
+    ``(A, s·B)`` pair: every ``A`` ``[r, in]`` stacked into ``[Σr, in]``, every ``s·B`` ``[out, r]`` placed
+    block-diagonally in ``[Σout, Σr]``: one more product for the whole stack (:func:`_packed`)."""
+    pairs = [(i, a, sb) for i, ads in enumerate(adapters) for a, sb in ads]
+    if not pairs:
+        return ()
+    a_all = torch.cat([a for _, a, _ in pairs])
+    sb_all = a_all.new_zeros(sum(outs), a_all.shape[0])
+    starts = [sum(outs[:i]) for i in range(len(outs))]
+    col = 0
+    for i, a, sb in pairs:
+        sb_all[starts[i] : starts[i] + outs[i], col : col + a.shape[0]] = sb
+        col += a.shape[0]
+    return ((a_all, sb_all),)
 
 
 def _packed(x: Tensor, p: _Proj) -> Tensor:
-    """``x @ wᵀ + b`` ``[rows, out]`` (contiguous) with ``p`` from :func:`_pack`."""
-    return onednn.linear(x, p[0], p[1])
+    """``x @ wᵀ + b`` ``[rows, out]`` with ``p`` from :func:`_pack` (contiguous when the adapters are
+    folded in). With the adapters beside (``fold=False``) the packed product also gives ``x Aᵀ`` in its
+    last ``Σr`` columns, and ``(x Aᵀ)(s·B)ᵀ`` is added to the first ``out`` (a view of the product)."""
+    y = onednn.linear(x, p[0], p[1])
+    for _, sb in p[2]:
+        r = sb.shape[1]
+        y, t = y[:, :-r], y[:, -r:]
+        y.addmm_(t, sb.t())
+    return y
 
 
 def _skinny_project(x: Tensor, p: _Proj, out: Tensor | None = None) -> Tensor:
@@ -199,6 +236,11 @@ class _Block:
         self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
 
+#: ``in_place``: the C heap's free pages go back to the OS after every this many blocks packed or
+#: unpacked (each call costs ~2 ms on the 2-core VM; the copies overlap by at most these blocks)
+_TRIM_EVERY = 3
+
+
 def _batch_size(n: int, step: int = 16) -> int:
     """Rows to decode when ``n`` are needed: ``n`` rounded up to a multiple of ``step``, or 4 for ``n <= 4``.
 
@@ -219,9 +261,12 @@ def _rms(x: Tensor, norm: tuple[Tensor, float]) -> Tensor:
 
 class _Weights:
     """What a decode step reads of the model, gathered once per :func:`decode` call, and the product
-    ``linear(x, w, b)`` it computes with."""
+    ``linear(x, w, b)`` it computes with. A context manager: leaving it gives back the projection
+    weights that ``in_place`` packing released (:meth:`restore`)."""
 
-    def __init__(self, model: Any, device: torch.device, skinny: bool, packed: bool = False) -> None:
+    def __init__(
+        self, model: Any, device: torch.device, skinny: bool, packed: bool = False, in_place: bool = False
+    ) -> None:
         base = unwrap(model)
         inner = base.model
         self.blocks = [_Block(b) for b in decoder_layers(model)]
@@ -234,24 +279,78 @@ class _Weights:
         self.linear: _Linear = F.linear
         self.skinny = skinny and device.type == "cpu" and self.emb.dtype == torch.float32
         self.packed = packed and self.skinny and packing_available()
+        self.in_place = in_place and self.packed
+        #: ``in_place``: per block, each packed group whose plain weights were released: its key and
+        #: ``(parameter, output rows)`` per projection
+        self.released: list[list[tuple[str, list[tuple[Tensor, int]]]]] = [[] for _ in self.blocks]
         self.head_packed: _Proj | None = None
         if self.packed:
-            self._pack_weights()
+            try:
+                self._pack_weights()
+            except BaseException:
+                self.restore()
+                raise
         elif self.skinny:
             self.linear = _skinny
         elif bf16cpu.installed(self.head):
             # bf16 through fp32 GEMM, as the model's own (patched) nn.Linear forwards
             self.linear = bf16cpu.linear
 
+    def __enter__(self) -> _Weights:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
     def _pack_weights(self) -> None:
         """Every projection and the LM head as oneDNN packed weights (:func:`_pack`), for this call; q,
-        k and v stacked into one, gate and up into another (one product each, fewer small calls)."""
-        for blk in self.blocks:
+        k and v stacked into one, gate and up into another (one product each, fewer small calls).
+        ``in_place``: the adapters stay beside the packed products, and each projection's plain weight
+        is released as soon as its packed copy exists, so the model's weights are held once."""
+        groups = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+        groups |= {"o_proj": ("o_proj",), "down_proj": ("down_proj",)}
+        for i, (blk, released) in enumerate(zip(self.blocks, self.released, strict=True)):
             w = blk.w
-            blk.qkv = _pack(w["q_proj"], w["k_proj"], w["v_proj"])
-            blk.gate_up = _pack(w["gate_proj"], w["up_proj"])
-            blk.w = {"o_proj": _pack(w["o_proj"]), "down_proj": _pack(w["down_proj"])}
+            for key, names in groups.items():
+                plain = [w[n] for n in names]
+                p = _pack(*plain, fold=not self.in_place)
+                if key in ("qkv", "gate_up"):
+                    setattr(blk, key, p)
+                else:
+                    w[key] = p  # its plain _Proj is no longer needed
+                if self.in_place:
+                    params = [(q[0], int(q[0].shape[0])) for q in plain]
+                    released.append((key, params))
+                    for prm, _ in params:
+                        prm.data = prm.data.new_empty(0)
+            blk.w = {"o_proj": w["o_proj"], "down_proj": w["down_proj"]}
+            if self.in_place and (i % _TRIM_EVERY == _TRIM_EVERY - 1 or i == len(self.blocks) - 1):
+                residency.return_free_memory()  # the released weights' pages, before more are packed
         self.head_packed = _pack((self.head.weight, self.head.bias, ()))
+
+    def restore(self) -> None:
+        """Give every projection that ``in_place`` packing released its weight back, unpacked from the
+        packed copy (oneDNN's reorder is exact: the same bits), block by block, each block's packed
+        copy dropped as its weights return (the two copies never coexist beyond one block)."""
+        for i, (blk, released) in enumerate(zip(self.blocks, self.released, strict=True)):
+            if not released:
+                continue
+            while released:
+                key, params = released.pop()
+                stacked = key in ("qkv", "gate_up")
+                holder = getattr(blk, key) if stacked else blk.w.pop(key)
+                if stacked:
+                    setattr(blk, key, None)
+                dense = holder[0].to_dense()
+                del holder
+                lo = 0
+                for prm, rows in params:  # beyond the weights' rows: the adapters' A (not kept)
+                    whole = len(params) == 1 and dense.shape[0] == rows
+                    prm.data = dense if whole else dense[lo : lo + rows].clone()
+                    lo += rows
+                del dense
+            if i % _TRIM_EVERY == _TRIM_EVERY - 1 or i == len(self.blocks) - 1:
+                residency.return_free_memory()  # the packed copies' pages, before more weights return
 
     def project(self, x: Tensor, p: _Proj) -> Tensor:
         """``x`` through one projection (with its adapters) as this decode call computes it."""
@@ -425,6 +524,7 @@ def decode(
     capture_dtype: torch.dtype | None = None,
     skinny: bool = False,
     packed: bool = False,
+    in_place: bool = False,
 ) -> tuple[Tensor, dict[int, Tensor]]:
     """Decode after a prefill; returns ``(new tokens [B, n], {layer: residuals [B, n, d]})``.
 
@@ -439,46 +539,56 @@ def decode(
     linear layers :func:`saereward.model.bf16cpu.install` patched (bf16 ``load_model`` models on a CPU without
     bf16 units) decodes with :func:`saereward.model.bf16cpu.linear` too. ``packed`` (with ``skinny``,
     where :func:`packing_available`): the products through oneDNN on packed weights, adapters folded in.
+    ``in_place`` (with ``packed``): the packed copy replaces the projections' plain weights for the call
+    (released as packed, the adapters applied beside the packed products) and unpacks back into them,
+    bit for bit, when the call ends, an exception included: one copy of the weights at any time.
     """
     device = first_logits.device
-    w = _Weights(model, device, skinny, packed)
-    B, P = attention_mask.shape
-    keys, values = _kv_buffers(cache, B, P, P + max_new_tokens)
-    mask = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)
-    mask[:, :P] = attention_mask.bool()
-    pos = attention_mask.long().sum(1)  # the next token's position id, per row
-    rows = torch.arange(B, device=device)  # original index of each running row
-    out = torch.full((B, max_new_tokens), int(pad_id), dtype=torch.long, device=device)
-    res = {
-        int(layer): torch.zeros(
-            B, max_new_tokens, w.emb.shape[1], dtype=capture_dtype or w.emb.dtype, device=device
-        )
-        for layer in capture_layers
-    }
-    ends = torch.tensor(sorted(end_ids), dtype=torch.long, device=device)
-    alive = torch.ones(B, dtype=torch.bool, device=device)  # per batch row: not ended yet
-    logits = first_logits
-    n_steps = 0
-    for t in range(max_new_tokens):
-        tok = torch.full((len(rows),), int(pad_id), dtype=torch.long, device=device)
-        tok[alive] = pick(logits[alive] if not bool(alive.all()) else logits)
-        out[rows[alive], t] = tok[alive]
-        n_steps = t + 1
-        done = alive & torch.isin(tok, ends)
-        if stop is not None:
-            done[alive] |= stop(out[rows[alive], : t + 1])
-        fed = alive  # rows whose token at step t is real: their residual at t is recorded
-        alive = alive & ~done
-        if t + 1 == max_new_tokens or not bool(alive.any()):
-            break  # as in generate(): the last sampled tokens are not fed
-        need = fed if res else alive
-        size = _batch_size(int(need.sum()), 4 if w.packed else 16)
-        if size < len(rows):  # shrink the batch: the needed rows, padded with ended ones
-            idx = torch.cat([need.nonzero().squeeze(1), (~need).nonzero().squeeze(1)])[:size]
-            rows, tok, pos, mask, alive, fed = rows[idx], tok[idx], pos[idx], mask[idx], alive[idx], fed[idx]
-            keys = [k[idx] for k in keys]
-            values = [v[idx] for v in values]
-        mask[:, P + t] = True
-        logits = _forward_token(w, tok, pos, P, t, keys, values, mask, res, rows, fed)
-        pos = pos + 1
-    return out[:, :n_steps], {layer: r[:, :n_steps] for layer, r in res.items()}
+    with _Weights(model, device, skinny, packed, in_place) as w:
+        B, P = attention_mask.shape
+        keys, values = _kv_buffers(cache, B, P, P + max_new_tokens)
+        mask = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)
+        mask[:, :P] = attention_mask.bool()
+        pos = attention_mask.long().sum(1)  # the next token's position id, per row
+        rows = torch.arange(B, device=device)  # original index of each running row
+        out = torch.full((B, max_new_tokens), int(pad_id), dtype=torch.long, device=device)
+        res = {
+            int(layer): torch.zeros(
+                B, max_new_tokens, w.emb.shape[1], dtype=capture_dtype or w.emb.dtype, device=device
+            )
+            for layer in capture_layers
+        }
+        ends = torch.tensor(sorted(end_ids), dtype=torch.long, device=device)
+        alive = torch.ones(B, dtype=torch.bool, device=device)  # per batch row: not ended yet
+        logits = first_logits
+        n_steps = 0
+        for t in range(max_new_tokens):
+            tok = torch.full((len(rows),), int(pad_id), dtype=torch.long, device=device)
+            tok[alive] = pick(logits[alive] if not bool(alive.all()) else logits)
+            out[rows[alive], t] = tok[alive]
+            n_steps = t + 1
+            done = alive & torch.isin(tok, ends)
+            if stop is not None:
+                done[alive] |= stop(out[rows[alive], : t + 1])
+            fed = alive  # rows whose token at step t is real: their residual at t is recorded
+            alive = alive & ~done
+            if t + 1 == max_new_tokens or not bool(alive.any()):
+                break  # as in generate(): the last sampled tokens are not fed
+            need = fed if res else alive
+            size = _batch_size(int(need.sum()), 4 if w.packed else 16)
+            if size < len(rows):  # shrink the batch: the needed rows, padded with ended ones
+                idx = torch.cat([need.nonzero().squeeze(1), (~need).nonzero().squeeze(1)])[:size]
+                rows, tok, pos, mask, alive, fed = (
+                    rows[idx],
+                    tok[idx],
+                    pos[idx],
+                    mask[idx],
+                    alive[idx],
+                    fed[idx],
+                )
+                keys = [k[idx] for k in keys]
+                values = [v[idx] for v in values]
+            mask[:, P + t] = True
+            logits = _forward_token(w, tok, pos, P, t, keys, values, mask, res, rows, fed)
+            pos = pos + 1
+        return out[:, :n_steps], {layer: r[:, :n_steps] for layer, r in res.items()}

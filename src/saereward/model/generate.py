@@ -297,6 +297,7 @@ def _fast_generate(
     capture_dtype: torch.dtype | None,
     skinny: bool,
     packed: bool = False,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """``generate_batch``'s ``fast_decode`` path: an HF prefill (on the shared prompt cache if any),
     then :func:`saereward.model.fastdecode.decode`. Returns ``(sequences, residuals)`` as ``generate()``
@@ -349,6 +350,7 @@ def _fast_generate(
         capture_dtype=capture_dtype,
         skinny=skinny,
         packed=packed,
+        in_place=in_place,
     )
     residuals = {layer: torch.cat([prefill_res[layer], res[layer]], 1) for layer in layers}
     return torch.cat([ids, new], 1), residuals
@@ -446,6 +448,7 @@ def generate_batch(
     fast_decode: bool = False,
     skinny: bool = False,
     packed: bool = False,
+    packed_in_place: bool = False,
 ) -> Generation:
     """Generate for one batch of prompt strings; capture residuals at ``capture_layers`` if given.
 
@@ -455,7 +458,9 @@ def generate_batch(
     ``fast_decode``: decode with :func:`saereward.model.fastdecode.decode` (preallocated KV cache, ended
     rows leave the batch) after an HF prefill, where the model and sampler allow it (greedy or
     ``sampler="topk"``; see :func:`saereward.model.fastdecode.unsupported`), else ``generate()``; ``skinny``
-    is its ``(W xᵀ)ᵀ`` products, ``packed`` those products on oneDNN packed weights (:func:`packs_weights`).
+    is its ``(W xᵀ)ᵀ`` products, ``packed`` those products on oneDNN packed weights (:func:`packs_weights`),
+    ``packed_in_place`` with the packed copy standing in for the projections' weights during the decode
+    (one copy of them; ``in_place`` of :func:`saereward.model.fastdecode.decode`).
     Same distribution, different random draws once a row has ended.
     """
     tok, model = lm.tokenizer, lm.model
@@ -483,7 +488,7 @@ def generate_batch(
                     chunks[0] = chunks[0][cache._rows]  # noqa: SLF001
         if fast:
             out, residuals = _fast_generate(
-                lm, enc, sampling, eos_ids, cache, cap, capture_dtype, skinny, packed
+                lm, enc, sampling, eos_ids, cache, cap, capture_dtype, skinny, packed, packed_in_place
             )
         else:
             out = model.generate(**enc, **kwargs)

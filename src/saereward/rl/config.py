@@ -141,6 +141,14 @@ class GRPOConfig(TaskOptions, DeviceOptions, ModelOptions):
         "CPU's GEMM rate). The packed copy is held through the rollouts (SmolLM2-135M: 0.54 GB): off "
         "for the lowest peak memory",
     )
+    packed_in_place: bool = option(
+        False,
+        "with packed_decode: hold the weights once. They are copied out of the checkpoint's file "
+        "mapping at start; during the rollouts each projection's plain weight is released as its packed "
+        "copy is made (the LoRA adapters then run beside the packed products, not folded in) and is "
+        "unpacked back, bit for bit, after them. Lower peak memory (SmolLM2-135M fp32: the 0.42 GB of "
+        "projection weights are no longer held twice), a little more time per rollout",
+    )
     fast_decode: bool = option(
         True,
         "rollouts: saereward's own decode loop after the HF prefill (preallocated KV cache; ended "

@@ -107,6 +107,7 @@ from saereward.model.generate import (
     stop_strings_for,
 )
 from saereward.model.lm import LoadedModel, load_model, require_device, resolve_layer
+from saereward.model.residency import own_weights
 from saereward.rl.batching import PromptPrefix, _Batch, _Slice, micro_batches
 from saereward.rl.checkpoint import (
     STEP_SEED,
@@ -183,6 +184,8 @@ class GRPOTrainer:
             log.warning("only %d held-out questions are disjoint from training", len(self.eval_items))
         self.lm = lm or load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads, device=device)
         self.device = next(self.lm.model.parameters()).device  # a model passed in decides
+        if cfg.packed_in_place and cfg.packed_decode and self.device.type == "cpu":
+            own_weights(self.lm.model)  # weights that the packed copy can stand in for, not a file mapping
         tok = self.lm.tokenizer
         self.prompt = {
             it.id: format_prompt(self.task, it, cfg.prompt_format, tokenizer=tok, shots=cfg.shots)
@@ -402,7 +405,8 @@ class GRPOTrainer:
         )
         self.model.eval()
         lm = self._policy_lm()
-        # packed decoding folds the adapters into its own copy: merging in place would copy them again
+        # packed decoding folds the adapters into its own copy (or, in place, keeps them beside it):
+        # merging in place would copy them again
         packed = packs_weights(self.model, sampling, cfg.fast_decode, cfg.skinny_decode, cfg.packed_decode)
         with (
             merged_lora(self.model, enabled=cfg.merge_for_generation and not packed),
@@ -418,6 +422,7 @@ class GRPOTrainer:
                 fast_decode=cfg.fast_decode,
                 skinny=cfg.skinny_decode,
                 packed=packed,
+                packed_in_place=packed and cfg.packed_in_place,
             )
         res = g.residuals[capture[0]] if capture else None
         return _Batch(
