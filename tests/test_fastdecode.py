@@ -302,7 +302,7 @@ def test_in_place_packing_holds_the_weights_once_and_gives_them_back() -> None:
     folded = fastdecode._Weights(model, torch.device("cpu"), skinny=True, packed=True)
     x = torch.randn(5, model.config.hidden_size)
     with fastdecode._Weights(model, torch.device("cpu"), skinny=True, packed=True, in_place=True) as w:
-        assert w.in_place
+        assert w.in_place and w.head_packed is None  # the head's weight is the embedding's: not copied
         weights = [
             p for n, p in model.named_parameters() if "proj" in n and "lora" not in n and n.endswith("weight")
         ]

@@ -305,8 +305,9 @@ class _Weights:
     def _pack_weights(self) -> None:
         """Every projection and the LM head as oneDNN packed weights (:func:`_pack`), for this call; q,
         k and v stacked into one, gate and up into another (one product each, fewer small calls).
-        ``in_place``: the adapters stay beside the packed products, and each projection's plain weight
-        is released as soon as its packed copy exists, so the model's weights are held once."""
+        ``in_place``: the adapters stay beside the packed products, each projection's plain weight is
+        released as soon as its packed copy exists, and the LM head is not packed (its weight is the
+        embedding's too, which stays), so the model's weights are held once."""
         groups = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
         groups |= {"o_proj": ("o_proj",), "down_proj": ("down_proj",)}
         for i, (blk, released) in enumerate(zip(self.blocks, self.released, strict=True)):
@@ -326,7 +327,8 @@ class _Weights:
             blk.w = {"o_proj": w["o_proj"], "down_proj": w["down_proj"]}
             if self.in_place and (i % _TRIM_EVERY == _TRIM_EVERY - 1 or i == len(self.blocks) - 1):
                 residency.return_free_memory()  # the released weights' pages, before more are packed
-        self.head_packed = _pack((self.head.weight, self.head.bias, ()))
+        if not self.in_place:  # the head is tied to the embedding, whose rows the loop reads: a second copy
+            self.head_packed = _pack((self.head.weight, self.head.bias, ()))
 
     def restore(self) -> None:
         """Give every projection that ``in_place`` packing released its weight back, unpacked from the
