@@ -1038,7 +1038,8 @@ def test_mmap_large_allocations_on_glibc() -> None:
 def test_rollouts_unmerged_lora_equal_merged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``merge_for_generation=False``: the fast decode loop samples from the unmerged LoRA policy the
     same tokens and residuals as from the merged one (same seed), and so does ``packed_decode`` (the
-    adapters folded into oneDNN packed weights, nothing merged in place); all leave the weights as
+    adapters folded into oneDNN packed weights, nothing merged in place), also ``packed_in_place``
+    (the packed copy standing in for the weights, the adapters beside it); all leave the weights as
     they were."""
     from saereward.model import fastdecode
 
@@ -1047,11 +1048,18 @@ def test_rollouts_unmerged_lora_equal_merged(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(fastdecode, "_pack", lambda *ps, **kw: packs.append(1) or real_pack(*ps, **kw))
     batches = []
     pack = str(tiny_pack(tmp_path))
-    for merge, packed in ((True, False), (False, False), (True, True)):
+    for merge, packed, in_place in (
+        (True, False, False),
+        (False, False, False),
+        (True, True, False),
+        (True, True, True),
+    ):
+        packs.clear()
         cfg = rl_cfg(
-            tmp_path / f"m{merge}{packed}",
+            tmp_path / f"m{merge}{packed}{in_place}",
             merge_for_generation=merge,
             packed_decode=packed,
+            packed_in_place=in_place,
             fast_decode=True,
             max_new_tokens=8,
             reward="sae",
@@ -1067,9 +1075,12 @@ def test_rollouts_unmerged_lora_equal_merged(tmp_path: Path, monkeypatch: pytest
         before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
         batches.append(tr._rollouts(0))
         assert all(torch.equal(p, before[n]) for n, p in tr.model.named_parameters())
-        assert bool(packs) == packed  # every projection and the head packed, only when asked
-    merged, unmerged, packed_batch = batches
-    for other in (unmerged, packed_batch):
+        assert (
+            bool(packs) == packed
+        )  # every projection (and the head unless in place) packed, only when asked
+        assert len(packs) == (4 * len(fastdecode.decoder_layers(tr.model)) + 1 - in_place if packed else 0)
+    merged, *others = batches
+    for other in others:
         assert torch.equal(merged.sequences, other.sequences)
         # other rounding orders: differences relative to the residuals' scale (|x| reaches ~40)
         scale = merged.residuals.abs().max()

@@ -541,9 +541,8 @@ def decode(
     linear layers :func:`saereward.model.bf16cpu.install` patched (bf16 ``load_model`` models on a CPU without
     bf16 units) decodes with :func:`saereward.model.bf16cpu.linear` too. ``packed`` (with ``skinny``,
     where :func:`packing_available`): the products through oneDNN on packed weights, adapters folded in.
-    ``in_place`` (with ``packed``): the packed copy replaces the projections' plain weights for the call
-    (released as packed, the adapters applied beside the packed products) and unpacks back into them,
-    bit for bit, when the call ends, an exception included: one copy of the weights at any time.
+    ``in_place`` (with ``packed``): the packed copy stands in for the projections' weights during the
+    call and unpacks back into them, bit for bit, when it ends (on an exception too; :class:`_Weights`).
     """
     device = first_logits.device
     with _Weights(model, device, skinny, packed, in_place) as w:
@@ -554,11 +553,9 @@ def decode(
         pos = attention_mask.long().sum(1)  # the next token's position id, per row
         rows = torch.arange(B, device=device)  # original index of each running row
         out = torch.full((B, max_new_tokens), int(pad_id), dtype=torch.long, device=device)
+        dtype = capture_dtype or w.emb.dtype
         res = {
-            int(layer): torch.zeros(
-                B, max_new_tokens, w.emb.shape[1], dtype=capture_dtype or w.emb.dtype, device=device
-            )
-            for layer in capture_layers
+            int(i): w.emb.new_zeros(B, max_new_tokens, w.emb.shape[1], dtype=dtype) for i in capture_layers
         }
         ends = torch.tensor(sorted(end_ids), dtype=torch.long, device=device)
         alive = torch.ones(B, dtype=torch.bool, device=device)  # per batch row: not ended yet

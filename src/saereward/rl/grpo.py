@@ -184,7 +184,8 @@ class GRPOTrainer:
             log.warning("only %d held-out questions are disjoint from training", len(self.eval_items))
         self.lm = lm or load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads, device=device)
         self.device = next(self.lm.model.parameters()).device  # a model passed in decides
-        if cfg.packed_in_place and cfg.packed_decode and self.device.type == "cpu":
+        fp32_cpu = self.device.type == "cpu" and next(self.lm.model.parameters()).dtype == torch.float32
+        if cfg.packed_in_place and cfg.packed_decode and fp32_cpu:
             own_weights(self.lm.model)  # weights that the packed copy can stand in for, not a file mapping
         tok = self.lm.tokenizer
         self.prompt = {
