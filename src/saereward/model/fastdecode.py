@@ -154,16 +154,14 @@ def _pack(*ps: _Proj, rows: int = 16, fold: bool = True) -> _Proj:
             w = torch.addmm(w, sb, a)
         ws.append(w)
         bs.append(None if bias is None else bias.detach())
+    side = () if fold else _stack_adapters([int(wi.shape[0]) for wi in ws], [p[2] for p in ps])
+    if side:  # the adapters' A rows ride in the packed product: its last Σr outputs are x Aᵀ
+        ws.append(side[0][0])
+        bs.append(None)
     w = ws[0] if len(ws) == 1 else torch.cat(ws)
     bias = None
     if any(b is not None for b in bs):
         bias = torch.cat([w.new_zeros(wi.shape[0]) if b is None else b for wi, b in zip(ws, bs, strict=True)])
-    side = () if fold else _stack_adapters([int(wi.shape[0]) for wi in ws], [p[2] for p in ps])
-    if side:  # the adapters' A rows ride in the packed product: its last Σr outputs are x Aᵀ
-        a_all = side[0][0]
-        w = torch.cat([w, a_all])
-        if bias is not None:
-            bias = torch.cat([bias, bias.new_zeros(a_all.shape[0])])
     return onednn.pack(w, rows), bias, side
 
 
