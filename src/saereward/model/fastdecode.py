@@ -575,14 +575,7 @@ def decode(
             size = _batch_size(int(need.sum()), 4 if w.packed else 16)
             if size < len(rows):  # shrink the batch: the needed rows, padded with ended ones
                 idx = torch.cat([need.nonzero().squeeze(1), (~need).nonzero().squeeze(1)])[:size]
-                rows, tok, pos, mask, alive, fed = (
-                    rows[idx],
-                    tok[idx],
-                    pos[idx],
-                    mask[idx],
-                    alive[idx],
-                    fed[idx],
-                )
+                rows, tok, pos, mask, alive, fed = (x[idx] for x in (rows, tok, pos, mask, alive, fed))
                 keys = [k[idx] for k in keys]
                 values = [v[idx] for v in values]
             mask[:, P + t] = True

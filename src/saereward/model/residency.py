@@ -81,7 +81,7 @@ def own_weights(model: torch.nn.Module) -> int:
     storage keep sharing one copy (tied weights stay tied). Returns the bytes copied (0: none mapped)."""
     ranges = file_mappings()
     linux = sys.platform.startswith("linux") and bool(ranges)
-    libc = _glibc() if linux else None
+    libc = glibc() if linux else None
     groups = _storages(model)
     spans = sorted((lo, lo + ts[0].untyped_storage().nbytes()) for lo, ts in groups.items())
     shared = {x for (a, b), (c, d) in zip(spans, spans[1:], strict=False) if c < b for x in (a, c)}
@@ -106,12 +106,13 @@ def own_weights(model: torch.nn.Module) -> int:
 
 
 @functools.cache
-def _glibc() -> Any:
+def glibc() -> Any:
+    """The C library through ``ctypes`` on Linux (``None`` elsewhere or where it does not load);
+    callers check for the glibc functions they use (``malloc_trim``, ``mallopt``)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
         return None
 
@@ -124,9 +125,9 @@ def return_free_memory() -> None:
     before the next ones are touched. Freed pages that are used again fault back in (a minor fault per
     page), so this is called between blocks of such work, not per tensor.
     """
-    libc = _glibc()
-    if libc is not None:
+    libc = glibc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
 
 
-__all__ = ["file_mappings", "own_weights", "return_free_memory"]
+__all__ = ["file_mappings", "glibc", "own_weights", "return_free_memory"]
