@@ -279,6 +279,10 @@ def test_pack_score_is_true_topk_and_consistent_across_paths() -> None:
         x[b, T - (e - a) :] = tokens[a:e]
         mask[b, T - (e - a) :] = True
     torch.testing.assert_close(scorer.pooled_scores(x, mask), r, rtol=1e-5, atol=1e-6)
+    # a scorer that encodes a few tokens at a time (the GRPO trainer's) scores the same
+    chunked = PackScorer(sae, pack, chunk=5)
+    torch.testing.assert_close(chunked.token_scores(x), scorer.token_scores(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked.response_scores(tokens, offsets), r, rtol=1e-5, atol=1e-6)
 
 
 def test_scorer_checks_the_pack_against_the_sae() -> None:

@@ -71,3 +71,66 @@ def test_own_weights_leaves_process_memory_alone() -> None:
 
 def test_return_free_memory_runs() -> None:
     residency.return_free_memory()  # glibc: malloc_trim(0); elsewhere nothing
+
+
+def _mmapped_bytes() -> int | None:
+    """glibc's bytes in mmapped chunks (``mallinfo2().hblkhd``), or None where it cannot be read."""
+    import ctypes
+
+    libc = residency.glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+
+    class Info(ctypes.Structure):
+        _fields_ = [
+            (n, ctypes.c_size_t)
+            for n in [
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            ]
+        ]
+
+    libc.mallinfo2.restype = Info
+    return int(libc.mallinfo2().hblkhd)
+
+
+def test_heap_allocations_serve_large_requests_from_the_heap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside the block an 8 MiB tensor is no mapping of its own (outside, with the 4 MiB threshold
+    fixed, it is one unless the heap happens to have a free chunk that large); without a fixed
+    threshold the block changes nothing."""
+    if _mmapped_bytes() is None:
+        pytest.skip("needs glibc's mallinfo2")
+    monkeypatch.setattr(residency, "_fixed_threshold", None)
+    with residency.heap_allocations() as reuse:
+        assert reuse is False
+    assert residency.fix_mmap_threshold(4 << 20, 64 << 20)
+    with residency.heap_allocations() as reuse:
+        assert reuse is True
+        before = _mmapped_bytes()
+        t = torch.empty((8 << 20) // 4)
+        assert _mmapped_bytes() == before
+        del t
+
+
+def test_heap_allocations_set_the_fixed_threshold_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, int]] = []
+
+    class Libc:
+        def mallopt(self, what: int, value: int) -> int:
+            calls.append((what, value))
+            return 1
+
+    monkeypatch.setattr(residency, "glibc", lambda: Libc())
+    monkeypatch.setattr(residency, "_fixed_threshold", residency._fixed_threshold)  # restored after
+    assert residency.fix_mmap_threshold(4 << 20, 64 << 20)
+    with pytest.raises(KeyboardInterrupt), residency.heap_allocations():
+        raise KeyboardInterrupt
+    assert calls == [(-3, 4 << 20), (-1, 64 << 20), (-3, 32 << 20), (-3, 4 << 20)]

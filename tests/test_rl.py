@@ -23,7 +23,7 @@ from saereward.features.pack import Feature, FeaturePack, save_pack
 from saereward.rl.collapse import monitor_rho
 from saereward.rl.config import GRPOConfig
 from saereward.rl.grpo import GRPOTrainer
-from saereward.rl.loss import head_log_softmax, kl_term, selective_log_softmax, surrogate_loss
+from saereward.rl.loss import HeadWorkspace, head_log_softmax, kl_term, selective_log_softmax, surrogate_loss
 from saereward.rl.reward import (
     DirectionScorer,
     LambdaSchedule,
@@ -172,6 +172,23 @@ def test_head_log_softmax_equals_the_logits_path(bias: bool, temperature: float)
     assert not ent2.any()
     with pytest.raises(ValueError, match="fp32"):
         head_log_softmax(h.bfloat16(), w.bfloat16(), None, ids)
+
+
+def test_head_workspace_buffers_are_reused_and_change_nothing() -> None:
+    """One workspace across calls: the same buffers serve every call that fits (grown once when one
+    does not), and the values equal those of calls with their own buffers, whatever the workspace held."""
+    torch.manual_seed(0)
+    w, h, ids = torch.randn(37, 8), torch.randn(3, 5, 8), torch.randint(0, 37, (3, 5))
+    ws = HeadWorkspace()
+    first = ws.buffers(h, 37 * 4)
+    assert ws.buffers(h, 37 * 2)[0].data_ptr() == first[0].data_ptr()  # fits: the same memory
+    for chunk in (4, 2, 7):  # 7 rows: larger than the buffers, which grow
+        first[0].fill_(float("nan"))
+        lp, ent = head_log_softmax(h, w, None, ids, 0.7, chunk=chunk, workspace=ws)
+        ref_lp, ref_ent = head_log_softmax(h, w, None, ids, 0.7, chunk=chunk)
+        assert torch.equal(lp, ref_lp) and torch.equal(ent, ref_ent)
+    assert ws.buffers(h, 37 * 7)[0].numel() >= 37 * 7
+    assert ws.buffers(h.double(), 10)[0].dtype == torch.float64  # another dtype: new buffers
 
 
 def test_surrogate_first_pass_is_mechreward_loss() -> None:

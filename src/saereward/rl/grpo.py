@@ -118,7 +118,7 @@ from saereward.rl.checkpoint import (
 )
 from saereward.rl.collapse import SHORT_TOKENS, collapse_check, monitor_rho
 from saereward.rl.config import GRPOConfig
-from saereward.rl.loss import head_log_softmax, selective_log_softmax, surrogate_loss
+from saereward.rl.loss import HeadWorkspace, head_log_softmax, selective_log_softmax, surrogate_loss
 from saereward.rl.patches import (
     cpu_sdpa_gqa,
     head_returns_hidden,
@@ -184,6 +184,7 @@ class GRPOTrainer:
             log.warning("only %d held-out questions are disjoint from training", len(self.eval_items))
         self.lm = lm or load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads, device=device)
         self.device = next(self.lm.model.parameters()).device  # a model passed in decides
+        self._head_ws: HeadWorkspace | None = None  # see _head_workspace
         fp32_cpu = self.device.type == "cpu" and next(self.lm.model.parameters()).dtype == torch.float32
         if cfg.packed_in_place and cfg.packed_decode and fp32_cpu:
             own_weights(self.lm.model)  # weights that the packed copy can stand in for, not a file mapping
@@ -239,7 +240,9 @@ class GRPOTrainer:
             if not sae_path:
                 raise SaeRewardError(f"pack {cfg.pack} records no SAE: pass --sae")
             check_pack_sae(pack, sae_path)
-            scorer = PackScorer(load_sae(sae_path), pack, d_model=self.lm.d_model)
+            # the step's rewards in chunks of 256 tokens: the encoder's dense pre-activations stay
+            # ~9 MB instead of sitting on the step's memory at once (the values are the same)
+            scorer = PackScorer(load_sae(sae_path), pack, d_model=self.lm.d_model, chunk=256)
             scorer.to(self.device)  # where the model runs
             return scorer, check_pack_scorer(scorer, self.lm.model, cfg.layer, model_name=cfg.model)
 
@@ -437,6 +440,17 @@ class GRPOTrainer:
             res,
         )
 
+    @contextlib.contextmanager
+    def _head_workspace(self) -> Iterator[None]:
+        """One :class:`~saereward.rl.loss.HeadWorkspace` for the log-prob forwards of the block (a
+        phase: its micro-batches reuse the chunk buffers), dropped after it, so they are not resident
+        in the other phases."""
+        self._head_ws = HeadWorkspace()
+        try:
+            yield
+        finally:
+            self._head_ws = None
+
     def _lora_autocast(self) -> bool:
         return self.cfg.lora_autocast and next(self.model.parameters()).dtype == torch.bfloat16
 
@@ -539,7 +553,9 @@ class GRPOTrainer:
                 res = None
         ids, t = seq[:, p:], self.cfg.temperature
         if head is not None:
-            lp, ent = head_log_softmax(logits, *head, ids, temperature=t, entropy=entropy)
+            lp, ent = head_log_softmax(
+                logits, *head, ids, temperature=t, entropy=entropy, workspace=self._head_ws
+            )
         else:
             lp, ent = selective_log_softmax(logits, ids, temperature=t, entropy=entropy)
         return lp, ent, res
@@ -670,7 +686,8 @@ class GRPOTrainer:
         outcome = self.outcomes(b)
         t_verify = time.perf_counter() - t0 - t_gen
         t1 = time.perf_counter()
-        ref_lp, ref_res = self.reference(b)
+        with self._head_workspace():
+            ref_lp, ref_res = self.reference(b)
         residuals = ref_res if cfg.reward_source == "reference" else b.residuals
         t_ref = time.perf_counter() - t1
         t2 = time.perf_counter()
@@ -678,7 +695,8 @@ class GRPOTrainer:
         adv, total, rstats = self.advantages(b, outcome, residuals, lam)
         t_reward = time.perf_counter() - t2
         t3 = time.perf_counter()
-        loss, stats, gnorm, ent_mean = self.update(b, adv, ref_lp)
+        with self._head_workspace():
+            loss, stats, gnorm, ent_mean = self.update(b, adv, ref_lp)
         t_train = time.perf_counter() - t3
 
         row: dict[str, Any] = {
