@@ -37,7 +37,6 @@ the batch.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -147,7 +146,7 @@ def _pack(*ps: _Proj, rows: int = 16, fold: bool = True) -> _Proj:
     folded in, in fp32), stacked along the output features (one product computes them all), reordered
     for products of about ``rows`` rows; the biases stacked likewise (zeros where one has none).
     ``fold=False``: the base weights alone are packed and the adapters stay beside the product
-    (:func:`_stack_adapters`), so the packed copy unpacks to the base weights exactly and is their size."""
+    (:func:`_stack_adapters`), so the packed copy unpacks to the base weights exactly."""
     ws, bs = [], []
     for weight, bias, adapters in ps:
         w = weight.detach()
@@ -156,6 +155,9 @@ def _pack(*ps: _Proj, rows: int = 16, fold: bool = True) -> _Proj:
         ws.append(w)
         bs.append(None if bias is None else bias.detach())
     side = () if fold else _stack_adapters([int(wi.shape[0]) for wi in ws], [p[2] for p in ps])
+    if side:  # the adapters' A rows ride in the packed product: its last Σr outputs are x Aᵀ
+        ws.append(side[0][0])
+        bs.append(None)
     w = ws[0] if len(ws) == 1 else torch.cat(ws)
     bias = None
     if any(b is not None for b in bs):
@@ -183,13 +185,14 @@ def _stack_adapters(
 
 
 def _packed(x: Tensor, p: _Proj) -> Tensor:
-    """``x @ wᵀ + b`` ``[rows, out]`` (contiguous) with ``p`` from :func:`_pack`; with the adapters beside
-    (``fold=False``), ``(x Aᵀ)(s·B)ᵀ`` of the stacked pair is added in place: two small products more.
-    (Stacking ``A`` into the packed product instead saved 0.8 ms of a 32 ms decode step, but made the
-    packed copy larger than the weights it stands in for; see :class:`_Weights`.)"""
+    """``x @ wᵀ + b`` ``[rows, out]`` with ``p`` from :func:`_pack` (contiguous when the adapters are
+    folded in). With the adapters beside (``fold=False``) the packed product also gives ``x Aᵀ`` in its
+    last ``Σr`` columns, and ``(x Aᵀ)(s·B)ᵀ`` is added to the first ``out`` (a view of the product)."""
     y = onednn.linear(x, p[0], p[1])
-    for a, sb in p[2]:
-        y.addmm_(torch.mm(x, a.t()), sb.t())
+    for _, sb in p[2]:
+        r = sb.shape[1]
+        y, t = y[:, :-r], y[:, -r:]
+        y.addmm_(t, sb.t())
     return y
 
 
@@ -231,9 +234,8 @@ class _Block:
         self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
 
-#: ``in_place`` without :func:`residency.heap_allocations`: the C heap's free pages go back to the OS
-#: after every this many blocks packed or unpacked (each call costs ~2 ms on the 2-core VM; the copies
-#: overlap by at most these blocks)
+#: ``in_place``: the C heap's free pages go back to the OS after every this many blocks packed or
+#: unpacked (each call costs ~2 ms on the 2-core VM; the copies overlap by at most these blocks)
 _TRIM_EVERY = 3
 
 
@@ -304,16 +306,6 @@ class _Weights:
         ``in_place``: the adapters stay beside the packed products, each projection's plain weight is
         released as soon as its packed copy exists, and the LM head is not packed (its weight is the
         embedding's too, which stays), so the model's weights are held once."""
-        with residency.heap_allocations() if self.in_place else contextlib.nullcontext(False) as reuse:
-            self._pack_blocks(trim=self.in_place and not reuse)
-        if not self.in_place:  # the head is tied to the embedding, whose rows the loop reads: a second copy
-            self.head_packed = _pack((self.head.weight, self.head.bias, ()))
-
-    def _pack_blocks(self, trim: bool) -> None:
-        """:meth:`_pack_weights` of the decoder blocks. In place, a block's packed groups are the sizes
-        of its plain weights, so inside :func:`residency.heap_allocations` each block's copies reuse the
-        heap chunks that the previous blocks' released weights left; otherwise (``trim``) the free heap
-        goes back to the OS every few blocks."""
         groups = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
         groups |= {"o_proj": ("o_proj",), "down_proj": ("down_proj",)}
         for i, (blk, released) in enumerate(zip(self.blocks, self.released, strict=True)):
@@ -331,20 +323,15 @@ class _Weights:
                     for prm, _ in params:
                         prm.data = prm.data.new_empty(0)
             blk.w = {"o_proj": w["o_proj"], "down_proj": w["down_proj"]}
-            if trim and (i % _TRIM_EVERY == _TRIM_EVERY - 1 or i == len(self.blocks) - 1):
+            if self.in_place and (i % _TRIM_EVERY == _TRIM_EVERY - 1 or i == len(self.blocks) - 1):
                 residency.return_free_memory()  # the released weights' pages, before more are packed
+        if not self.in_place:  # the head is tied to the embedding, whose rows the loop reads: a second copy
+            self.head_packed = _pack((self.head.weight, self.head.bias, ()))
 
     def restore(self) -> None:
         """Give every projection that ``in_place`` packing released its weight back, unpacked from the
         packed copy (oneDNN's reorder is exact: the same bits), block by block, each block's packed
         copy dropped as its weights return (the two copies never coexist beyond one block)."""
-        if not any(self.released):
-            return
-        with residency.heap_allocations() as reuse:
-            self._unpack_blocks(trim=not reuse)
-
-    def _unpack_blocks(self, trim: bool) -> None:
-        """:meth:`restore`'s loop over the blocks (``trim``: as in :meth:`_pack_blocks`)."""
         for i, (blk, released) in enumerate(zip(self.blocks, self.released, strict=True)):
             if not released:
                 continue
@@ -357,11 +344,12 @@ class _Weights:
                 dense = holder[0].to_dense()
                 del holder
                 lo = 0
-                for prm, rows in params:
-                    prm.data = dense if len(params) == 1 else dense[lo : lo + rows].clone()
+                for prm, rows in params:  # beyond the weights' rows: the adapters' A (not kept)
+                    whole = len(params) == 1 and dense.shape[0] == rows
+                    prm.data = dense if whole else dense[lo : lo + rows].clone()
                     lo += rows
                 del dense
-            if trim and (i % _TRIM_EVERY == _TRIM_EVERY - 1 or i == len(self.blocks) - 1):
+            if i % _TRIM_EVERY == _TRIM_EVERY - 1 or i == len(self.blocks) - 1:
                 residency.return_free_memory()  # the packed copies' pages, before more weights return
 
     def project(self, x: Tensor, p: _Proj) -> Tensor:

@@ -17,13 +17,12 @@ and the mapping is dropped at the end.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import functools
 import mmap
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -118,47 +117,6 @@ def glibc() -> Any:
         return None
 
 
-#: glibc's largest fixed mmap threshold on 64-bit (``HEAP_MAX_SIZE / 2``): requests below it that fit
-#: in the heap's free space come from there
-_HEAP_MAX_REQUEST = 32 << 20
-#: the mmap threshold this process fixed through :func:`fix_mmap_threshold` (``None``: glibc's own,
-#: dynamic, which setting it once would switch off for good)
-_fixed_threshold: int | None = None
-
-
-def fix_mmap_threshold(threshold: int, trim: int) -> bool:
-    """Fix glibc's mmap threshold at ``threshold`` bytes and its trim threshold at ``trim`` (process-wide;
-    see :func:`saereward.rl.patches.mmap_large_allocations` for why). False where this is not glibc."""
-    global _fixed_threshold
-    libc = glibc()
-    if libc is None or not hasattr(libc, "mallopt"):
-        return False
-    # -3 = M_MMAP_THRESHOLD, -1 = M_TRIM_THRESHOLD
-    if not (libc.mallopt(-3, int(threshold)) and libc.mallopt(-1, int(trim))):
-        return False
-    _fixed_threshold = int(threshold)
-    return True
-
-
-@contextlib.contextmanager
-def heap_allocations() -> Iterator[bool]:
-    """Within the block, allocations up to 32 MiB come from the C heap, reusing its free chunks, instead
-    of fresh mappings; yields whether that holds (only where :func:`fix_mmap_threshold` fixed the
-    threshold, which is then set back). Weights swapped for same-sized copies of themselves (packed
-    decoding in place) then land in the chunks their predecessors freed: resident already, so no page
-    faults, and no trimming of the heap, which would also give back the free pages that later phases
-    reuse."""
-    libc = glibc()
-    before = _fixed_threshold
-    if libc is None or before is None or not libc.mallopt(-3, _HEAP_MAX_REQUEST):
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        libc.mallopt(-3, before)
-
-
 def return_free_memory() -> None:
     """Give the C heap's free pages back to the OS (glibc ``malloc_trim(0)``; elsewhere nothing).
 
@@ -172,11 +130,4 @@ def return_free_memory() -> None:
         libc.malloc_trim(0)
 
 
-__all__ = [
-    "file_mappings",
-    "fix_mmap_threshold",
-    "glibc",
-    "heap_allocations",
-    "own_weights",
-    "return_free_memory",
-]
+__all__ = ["file_mappings", "glibc", "own_weights", "return_free_memory"]

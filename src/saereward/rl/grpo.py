@@ -442,9 +442,9 @@ class GRPOTrainer:
 
     @contextlib.contextmanager
     def _head_workspace(self) -> Iterator[None]:
-        """One :class:`~saereward.rl.loss.HeadWorkspace` for the log-prob forwards of the block (a
-        phase: its micro-batches reuse the chunk buffers), dropped after it, so they are not resident
-        in the other phases."""
+        """One :class:`~saereward.rl.loss.HeadWorkspace` for the log-prob forwards of the block (the
+        reference phase: its micro-batches reuse the chunk buffers), dropped after it. Not for the
+        update: held through its backward passes, the buffers (~50 MB) would add to the step's peak."""
         self._head_ws = HeadWorkspace()
         try:
             yield
@@ -695,8 +695,7 @@ class GRPOTrainer:
         adv, total, rstats = self.advantages(b, outcome, residuals, lam)
         t_reward = time.perf_counter() - t2
         t3 = time.perf_counter()
-        with self._head_workspace():
-            loss, stats, gnorm, ent_mean = self.update(b, adv, ref_lp)
+        loss, stats, gnorm, ent_mean = self.update(b, adv, ref_lp)
         t_train = time.perf_counter() - t3
 
         row: dict[str, Any] = {

@@ -33,13 +33,20 @@ def mmap_large_allocations(threshold: int = 4 << 20, trim: int = 64 << 20) -> bo
     heap mapped; the faults dropped to ~0 there, peak RSS unchanged (2.00 vs 1.99 GB).
     ``malloc_trim(0)`` after each GRPO phase was tried as well: RssAnon between steps fell from 1.49 to
     0.83 GB, but the peak (the update's) stayed 1.91 GB and steps took ~5 % longer (the pages fault
-    back in), so no phase ends with a trim. ``packed_in_place`` swaps the weights for same-sized copies
-    inside the heap instead (:func:`saereward.model.residency.heap_allocations`).
+    back in), so no phase ends with a trim (``packed_in_place`` trims inside its packing and unpacking,
+    where the freed weights must go back before the next ones are touched).
     Returns False where this is not glibc.
     """
-    from saereward.model.residency import fix_mmap_threshold
+    from saereward.model.residency import glibc
 
-    return fix_mmap_threshold(threshold, trim)
+    libc = glibc()
+    if libc is None:
+        return False
+    try:
+        # -3 = M_MMAP_THRESHOLD, -1 = M_TRIM_THRESHOLD
+        return bool(libc.mallopt(-3, int(threshold))) and bool(libc.mallopt(-1, int(trim)))
+    except AttributeError:
+        return False
 
 
 @contextmanager
