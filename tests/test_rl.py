@@ -1092,9 +1092,8 @@ def test_rollouts_unmerged_lora_equal_merged(tmp_path: Path, monkeypatch: pytest
         before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
         batches.append(tr._rollouts(0))
         assert all(torch.equal(p, before[n]) for n, p in tr.model.named_parameters())
-        assert (
-            bool(packs) == packed
-        )  # every projection (and the head unless in place) packed, only when asked
+        # every projection (and the head unless in place) packed, only when asked
+        assert bool(packs) == packed
         assert len(packs) == (4 * len(fastdecode.decoder_layers(tr.model)) + 1 - in_place if packed else 0)
     merged, *others = batches
     for other in others:

@@ -184,7 +184,6 @@ class GRPOTrainer:
             log.warning("only %d held-out questions are disjoint from training", len(self.eval_items))
         self.lm = lm or load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads, device=device)
         self.device = next(self.lm.model.parameters()).device  # a model passed in decides
-        self._head_ws: HeadWorkspace | None = None  # see _head_workspace
         fp32_cpu = self.device.type == "cpu" and next(self.lm.model.parameters()).dtype == torch.float32
         if cfg.packed_in_place and cfg.packed_decode and fp32_cpu:
             own_weights(self.lm.model)  # weights that the packed copy can stand in for, not a file mapping
@@ -441,17 +440,6 @@ class GRPOTrainer:
             res,
         )
 
-    @contextlib.contextmanager
-    def _head_workspace(self) -> Iterator[None]:
-        """One :class:`~saereward.rl.loss.HeadWorkspace` for the log-prob forwards of the block (the
-        reference phase: its micro-batches reuse the chunk buffers), dropped after it. Not for the
-        update: held through its backward passes, the buffers (~50 MB) would add to the step's peak."""
-        self._head_ws = HeadWorkspace()
-        try:
-            yield
-        finally:
-            self._head_ws = None
-
     def _lora_autocast(self) -> bool:
         return self.cfg.lora_autocast and next(self.model.parameters()).dtype == torch.bfloat16
 
@@ -503,6 +491,7 @@ class GRPOTrainer:
         context: contextlib.AbstractContextManager[Any] | None = None,
         entropy: bool = True,
         prefix: PromptPrefix | None = None,
+        workspace: HeadWorkspace | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Log-probs and entropies (zeros with ``entropy=False``) ``[m, n]`` of one micro-batch's response tokens; optional capture.
 
@@ -513,7 +502,8 @@ class GRPOTrainer:
         forward only (the log-softmax runs outside it, in fp32). With ``prefix`` (no capture) the
         rows run only from their last prompt column, on the prompts' shared cache. Where the head allows
         (:func:`saereward.rl.patches.plain_fp32_head`) the log-probs come from the final hidden states
-        and the head's weight (:func:`saereward.rl.loss.head_log_softmax`), the logits never stored.
+        and the head's weight (:func:`saereward.rl.loss.head_log_softmax`, its chunk buffers from
+        ``workspace`` if given), the logits never stored.
         """
         seq = b.sequences[sl.rows, sl.start : sl.end]
         am = b.attention_mask[sl.rows, sl.start : sl.end]
@@ -555,7 +545,7 @@ class GRPOTrainer:
         ids, t = seq[:, p:], self.cfg.temperature
         if head is not None:
             lp, ent = head_log_softmax(
-                logits, *head, ids, temperature=t, entropy=entropy, workspace=self._head_ws
+                logits, *head, ids, temperature=t, entropy=entropy, workspace=workspace
             )
         else:
             lp, ent = selective_log_softmax(logits, ids, temperature=t, entropy=entropy)
@@ -595,8 +585,13 @@ class GRPOTrainer:
         res_full: Tensor | None = None
         with torch.no_grad(), self.model.disable_adapter():
             prefix = None if layer is not None else self._prompt_prefix(b, grad=False)
+            # the micro-batches share the head's chunk buffers (not in the update: held through its
+            # backward passes, they would add ~50 MB to the step's peak)
+            ws = HeadWorkspace()
             for sl in micro_batches(b.attention_mask, b.prompt_len, cfg.micro_batch):
-                lp, _, res = self._logps(self.model, b, sl, capture_layer=layer, entropy=False, prefix=prefix)
+                lp, _, res = self._logps(
+                    self.model, b, sl, capture_layer=layer, entropy=False, prefix=prefix, workspace=ws
+                )
                 ref_lp[sl.rows, : lp.shape[1]] = lp
                 if res is not None:
                     if res_full is None:
@@ -687,8 +682,7 @@ class GRPOTrainer:
         outcome = self.outcomes(b)
         t_verify = time.perf_counter() - t0 - t_gen
         t1 = time.perf_counter()
-        with self._head_workspace():
-            ref_lp, ref_res = self.reference(b)
+        ref_lp, ref_res = self.reference(b)
         residuals = ref_res if cfg.reward_source == "reference" else b.residuals
         t_ref = time.perf_counter() - t1
         t2 = time.perf_counter()

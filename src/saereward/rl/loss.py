@@ -78,7 +78,7 @@ class HeadWorkspace:
     Fresh, they are ~25 MB each at 128 rows of a 49k vocabulary: above the 4 MiB mmap threshold that
     the GRPO trainer fixes, so every call mapped and page-faulted them anew unless the C heap happened
     to hold a free chunk that large. A workspace shared by a phase's calls (the GRPO trainer's
-    reference phase) maps them once. Not for two calls at once (a call's buffers are overwritten by the
+    reference micro-batches) maps them once. Not for two calls at once (a call's buffers are overwritten by the
     next).
     """
 
