@@ -916,6 +916,7 @@ def _ddp_grpo_worker(rank: int, world: int, port: int, folder: str) -> None:
             state = {n: p.detach().contiguous() for n, p in tr._lora_state().items()}
             state.update({f"grad.{n}": p.grad.contiguous() for n, p in tr._lora_state().items()})
             save_file(state, str(Path(folder) / "ddp.st"))
+        torch.distributed.barrier()  # both ranks done before either tears down gloo
     finally:
         torch.distributed.destroy_process_group()
     from saereward.cli import exit_rank

@@ -431,6 +431,9 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, recon_loss: str) -> 
             from safetensors.torch import save_file
 
             save_file(_after_step(trainer.sae), out)
+        # both ranks done before either tears down: a rank that left while gloo's threads in the other
+        # still talked to it aborted that one (SIGABRT, ~1 run in 8 on the 2-core VM)
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
