@@ -341,3 +341,51 @@ def test_in_place_packing_holds_the_weights_once_and_gives_them_back() -> None:
             in_place=True,
         )
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@torch.no_grad()
+def test_in_place_on_mapped_weights_drops_their_pages_and_decodes_as_packed(tmp_path, monkeypatch) -> None:
+    """``in_place`` with the weights in a checkpoint's file mapping: the packed copy is the folded one,
+    so the tokens and residuals equal packed decoding's bit for bit; every projection's and the head's
+    weight is handed to ``drop_mapped_pages`` once, none is released or replaced, and afterwards the
+    model holds the same bits in the same mapped storages."""
+    from transformers import AutoModelForCausalLM
+
+    from saereward.model import residency
+
+    make_tiny("llama")[0].save_pretrained(tmp_path)
+    model = _with_lora(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32))
+    weights = [
+        p for n, p in model.named_parameters() if "proj" in n and "lora" not in n and n.endswith("weight")
+    ]
+    head = model.get_output_embeddings().weight
+    assert residency.in_file_mappings([*weights, head]), "from_pretrained no longer memory-maps: revisit"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ptrs = [p.data_ptr() for p in weights]
+    dropped: list[int] = []
+    real = residency.drop_mapped_pages
+    monkeypatch.setattr(
+        residency, "drop_mapped_pages", lambda ts: real(t for t in ts if not dropped.append(id(t)))
+    )
+    ids, am = _batch()
+    out = {}
+    for in_place in (False, True):
+        pre = model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am), use_cache=True)
+        out[in_place] = fastdecode.decode(
+            model,
+            pre.past_key_values,
+            am,
+            pre.logits[:, -1],
+            max_new_tokens=10,
+            pick=lambda s: s.argmax(-1),
+            end_ids=ENDS,
+            pad_id=PAD_ID,
+            capture_layers=[1],
+            skinny=True,
+            packed=True,
+            in_place=in_place,
+        )
+    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1][1], out[False][1][1])
+    assert sorted(dropped) == sorted(id(t) for t in [*weights, head])
+    assert [p.data_ptr() for p in weights] == ptrs
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

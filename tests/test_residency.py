@@ -1,4 +1,4 @@
-"""saereward.model.residency: weights copied out of a checkpoint's file mapping, held once."""
+"""saereward.model.residency: a checkpoint's mapped pages released where they still hold the file's bytes."""
 
 from __future__ import annotations
 
@@ -34,39 +34,40 @@ def test_file_mappings_keeps_private_file_backed_ones() -> None:
     assert residency.file_mappings(maps) == [(0x7F00, 0x7F10)]
 
 
+def test_unmodified_reads_pagemap_bits() -> None:
+    """Pages still holding the file's bytes: resident file pages, or never-swapped absent ones; a
+    private copy (resident, no file bit) or a swapped page is written data."""
+    present, swapped, file = residency._PRESENT, residency._SWAPPED, residency._FILE
+    assert residency._unmodified([present | file, 0, present | file | 123])
+    assert not residency._unmodified([present | file, present])  # a private (written) copy
+    assert not residency._unmodified([swapped])
+
+
 @linux
-def test_own_weights_moves_mapped_weights_and_releases_their_pages(tmp_path: Path) -> None:
-    """A 16 MB weight read from a memory-mapped safetensors file ends in the process's own memory with
-    the same values, and its mapped pages are dropped though the mapping stays (another tensor of the
-    file keeps it alive); a second call moves nothing; tied holders keep one copy."""
+def test_drop_mapped_pages_releases_unwritten_pages_and_keeps_every_value(tmp_path: Path) -> None:
+    """A 16 MB weight read from a memory-mapped safetensors file: its resident pages leave the RSS and
+    its values stay (read back from the file). A tensor of the same file written in place is left
+    alone (dropping would revert it to the file); the process's own memory is never touched."""
     g = torch.Generator().manual_seed(0)
     save_file(
-        {"big": torch.randn(2048, 2048, generator=g), "other": torch.randn(64, generator=g)},
+        {"big": torch.randn(2048, 2048, generator=g), "written": torch.randn(1024, 1024, generator=g)},
         str(tmp_path / "w.safetensors"),
     )
     loaded = load_file(str(tmp_path / "w.safetensors"))
-    assert _in_a_file_mapping(loaded["big"]), "safetensors no longer memory-maps: revisit residency"
-    m = torch.nn.Module()
-    m.big = torch.nn.Parameter(loaded["big"], requires_grad=False)
-    m.register_buffer("same", m.big.data)  # a second holder of the same storage
-    keep = loaded["other"]  # keeps the file mapped
-    want = m.big.detach().clone()
-    float(m.big.sum())  # fault the mapped pages in
+    big, written = loaded["big"], loaded["written"]
+    assert _in_a_file_mapping(big), "safetensors no longer memory-maps: revisit residency"
+    assert residency.in_file_mappings([big, written])
+    want = big.clone()
+    written.mul_(2.0)  # a private copy of every page: no longer the file's bytes
+    want_written = written.clone()
+    own = torch.randn(1024, 1024)
+    assert not residency.in_file_mappings([big, own])
+    float(big.sum())  # fault the mapped pages in
     before = _rss_file_kb()
-    moved = residency.own_weights(m)
-    assert moved >= 2048 * 2048 * 4
-    assert torch.equal(m.big, want) and not _in_a_file_mapping(m.big)
-    assert m.same.untyped_storage().data_ptr() == m.big.untyped_storage().data_ptr()
+    dropped = residency.drop_mapped_pages([big, written, own])
+    assert 2048 * 2048 * 4 - 8192 <= dropped <= 2048 * 2048 * 4  # big's whole pages, nothing else
     assert before - _rss_file_kb() >= 12 * 1024  # the 16 MB's pages left our RSS
-    assert residency.own_weights(m) == 0
-    assert torch.equal(keep, load_file(str(tmp_path / "w.safetensors"))["other"])
-
-
-def test_own_weights_leaves_process_memory_alone() -> None:
-    m = torch.nn.Linear(256, 256)
-    w = m.weight.data
-    assert residency.own_weights(m) == 0
-    assert m.weight.data.data_ptr() == w.data_ptr()
+    assert torch.equal(big, want) and torch.equal(written, want_written)
 
 
 def test_return_free_memory_runs() -> None:

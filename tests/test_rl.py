@@ -1057,24 +1057,31 @@ def test_rollouts_unmerged_lora_equal_merged(tmp_path: Path, monkeypatch: pytest
     """``merge_for_generation=False``: the fast decode loop samples from the unmerged LoRA policy the
     same tokens and residuals as from the merged one (same seed), and so does ``packed_decode`` (the
     adapters folded into oneDNN packed weights, nothing merged in place), also ``packed_in_place``
-    (the packed copy standing in for the weights, the adapters beside it); all leave the weights as
-    they were."""
+    (the packed copy standing in for the weights: the adapters beside it, or, with the weights in a
+    checkpoint's file mapping, folded in as without it and the mapped pages dropped); all leave the
+    weights as they were."""
+    from transformers import AutoModelForCausalLM
+
     from saereward.model import fastdecode
+    from saereward.model.lm import LoadedModel
+    from tiny_models import char_tokenizer
 
     packs: list[int] = []
     real_pack = fastdecode._pack
     monkeypatch.setattr(fastdecode, "_pack", lambda *ps, **kw: packs.append(1) or real_pack(*ps, **kw))
     batches = []
     pack = str(tiny_pack(tmp_path))
-    for merge, packed, in_place in (
-        (True, False, False),
-        (False, False, False),
-        (True, True, False),
-        (True, True, True),
+    fresh_tiny().model.save_pretrained(tmp_path / "ckpt")
+    for merge, packed, in_place, mapped in (
+        (True, False, False, False),
+        (False, False, False, False),
+        (True, True, False, False),
+        (True, True, True, False),
+        (True, True, True, True),
     ):
         packs.clear()
         cfg = rl_cfg(
-            tmp_path / f"m{merge}{packed}{in_place}",
+            tmp_path / f"m{merge}{packed}{in_place}{mapped}",
             merge_for_generation=merge,
             packed_decode=packed,
             packed_in_place=in_place,
@@ -1084,7 +1091,11 @@ def test_rollouts_unmerged_lora_equal_merged(tmp_path: Path, monkeypatch: pytest
             pack=pack,
             reward_form="mechreward",  # residuals of the policy, no reward baseline needed
         )
-        tr = GRPOTrainer(cfg, lm=fresh_tiny())
+        lm = fresh_tiny()
+        if mapped:
+            model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+            lm = LoadedModel(model=model, tokenizer=char_tokenizer(), spec="tiny", source="hf", path="")
+        tr = GRPOTrainer(cfg, lm=lm)
         torch.manual_seed(7)
         for n, p in tr.model.named_parameters():
             if "lora_B" in n:
@@ -1093,9 +1104,10 @@ def test_rollouts_unmerged_lora_equal_merged(tmp_path: Path, monkeypatch: pytest
         before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
         batches.append(tr._rollouts(0))
         assert all(torch.equal(p, before[n]) for n, p in tr.model.named_parameters())
-        # every projection (and the head unless in place) packed, only when asked
+        # every projection (and the head unless released in place) packed, only when asked
         assert bool(packs) == packed
-        assert len(packs) == (4 * len(fastdecode.decoder_layers(tr.model)) + 1 - in_place if packed else 0)
+        head = not in_place or mapped
+        assert len(packs) == (4 * len(fastdecode.decoder_layers(tr.model)) + head if packed else 0)
     merged, *others = batches
     for other in others:
         assert torch.equal(merged.sequences, other.sequences)

@@ -23,7 +23,10 @@ end well before ``max_new_tokens``.
   into its blocked layout once per call, each adapter folded in first (``W + s·B A``): one packed copy
   of the weights (SmolLM2: 0.54 GB) for the call, instead of MKL's ``W @ xᵀ``, which runs a few rows
   far below the CPU's GEMM rate (:func:`_pack`, :func:`_packed`);
-* ``in_place`` (on the packed path): the packed copy is the only one. Each projection's plain weight is
+* ``in_place`` (on the packed path): the packed copy is the only one. Where the weights are views of
+  the checkpoint's file mapping, the packed copy is made as on the packed path and each block's plain
+  weights' pages are dropped once it is packed (:func:`saereward.model.residency.drop_mapped_pages`);
+  they fault back in from the file when next read. Otherwise each projection's plain weight is
   released as its packed copy is made (the adapters then run beside the packed products, not folded
   in), and comes back from it when the call ends: oneDNN's reorder back to the plain layout is exact.
 
@@ -278,8 +281,11 @@ class _Weights:
         self.skinny = skinny and device.type == "cpu" and self.emb.dtype == torch.float32
         self.packed = packed and self.skinny and packing_available()
         self.in_place = in_place and self.packed
-        #: ``in_place``: per block, each packed group whose plain weights were released: its key and
-        #: ``(parameter, output rows)`` per projection
+        #: ``in_place`` with every projection and the head viewing a file mapping: the packed copy is
+        #: made as without ``in_place`` and the plain weights' pages are dropped (:meth:`_pack_weights`)
+        self.mapped = self.in_place and residency.in_file_mappings(self._plain_weights())
+        #: ``in_place``, not ``mapped``: per block, each packed group whose plain weights were released:
+        #: its key and ``(parameter, output rows)`` per projection
         self.released: list[list[tuple[str, list[tuple[Tensor, int]]]]] = [[] for _ in self.blocks]
         self.head_packed: _Proj | None = None
         if self.packed:
@@ -300,38 +306,62 @@ class _Weights:
     def __exit__(self, *exc: object) -> None:
         self.restore()
 
+    def _plain_weights(self) -> list[Tensor]:
+        """The projections' and the LM head's weights, as the model holds them."""
+        return [p[0] for blk in self.blocks for p in blk.w.values()] + [self.head.weight]
+
     def _pack_weights(self) -> None:
         """Every projection and the LM head as oneDNN packed weights (:func:`_pack`), for this call; q,
         k and v stacked into one, gate and up into another (one product each, fewer small calls).
-        ``in_place``: the adapters stay beside the packed products, each projection's plain weight is
-        released as soon as its packed copy exists, and the LM head is not packed (its weight is the
-        embedding's too, which stays), so the model's weights are held once."""
+
+        ``in_place``, weights in a file mapping (``mapped``): packed as without ``in_place`` (adapters
+        folded in), and each block's plain weights' pages, then the head's, are dropped as soon as
+        their packed copy exists (:func:`saereward.model.residency.drop_mapped_pages`): they fault back
+        in from the file when next read. Otherwise the adapters stay beside the packed products, each
+        projection's plain weight is released as soon as its packed copy exists, and the LM head is not
+        packed (its weight is the embedding's too, which stays). Either way the model's weights are
+        held once."""
+        swap = self.in_place and not self.mapped
         groups = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
         groups |= {"o_proj": ("o_proj",), "down_proj": ("down_proj",)}
         for i, (blk, released) in enumerate(zip(self.blocks, self.released, strict=True)):
             w = blk.w
+            weights = [w[n][0] for n in _PROJ]
             for key, names in groups.items():
                 plain = [w[n] for n in names]
-                p = _pack(*plain, fold=not self.in_place)
+                p = _pack(*plain, fold=not swap)
                 if key in ("qkv", "gate_up"):
                     setattr(blk, key, p)
                 else:
                     w[key] = p  # its plain _Proj is no longer needed
-                if self.in_place:
+                if swap:
                     params = [(q[0], int(q[0].shape[0])) for q in plain]
                     released.append((key, params))
                     for prm, _ in params:
                         prm.data = prm.data.new_empty(0)
+            if self.mapped:  # the block's plain weights, now packed
+                residency.drop_mapped_pages(weights)
             blk.w = {"o_proj": w["o_proj"], "down_proj": w["down_proj"]}
-            if self.in_place and (i % _TRIM_EVERY == _TRIM_EVERY - 1 or i == len(self.blocks) - 1):
+            if swap and (i % _TRIM_EVERY == _TRIM_EVERY - 1 or i == len(self.blocks) - 1):
                 residency.return_free_memory()  # the released weights' pages, before more are packed
-        if not self.in_place:  # the head is tied to the embedding, whose rows the loop reads: a second copy
+        if not swap:  # the head is tied to the embedding, whose rows the loop reads: a second copy
             self.head_packed = _pack((self.head.weight, self.head.bias, ()))
+            if self.mapped:  # the rows the loop reads come back page by page
+                residency.drop_mapped_pages([self.head.weight])
 
     def restore(self) -> None:
         """Give every projection that ``in_place`` packing released its weight back, unpacked from the
         packed copy (oneDNN's reorder is exact: the same bits), block by block, each block's packed
-        copy dropped as its weights return (the two copies never coexist beyond one block)."""
+        copy dropped as its weights return (the two copies never coexist beyond one block). ``mapped``:
+        the packed copy is dropped and the free heap it leaves goes back to the OS (the plain weights
+        fault back in from the file as they are read)."""
+        if self.mapped:
+            for blk in self.blocks:
+                blk.qkv = blk.gate_up = None
+                blk.w = {}
+            self.head_packed = None
+            residency.return_free_memory()
+            return
         for i, (blk, released) in enumerate(zip(self.blocks, self.released, strict=True)):
             if not released:
                 continue
@@ -539,8 +569,9 @@ def decode(
     linear layers :func:`saereward.model.bf16cpu.install` patched (bf16 ``load_model`` models on a CPU without
     bf16 units) decodes with :func:`saereward.model.bf16cpu.linear` too. ``packed`` (with ``skinny``,
     where :func:`packing_available`): the products through oneDNN on packed weights, adapters folded in.
-    ``in_place`` (with ``packed``): the packed copy stands in for the projections' weights during the
-    call and unpacks back into them, bit for bit, when it ends (on an exception too; :class:`_Weights`).
+    ``in_place`` (with ``packed``): the packed copy stands in for the weights during the call: their
+    mapped pages are dropped (weights in a file mapping: the same tokens as ``packed``), or each is
+    released and unpacked back into, bit for bit, when the call ends (on an exception too; :class:`_Weights`).
     """
     device = first_logits.device
     with _Weights(model, device, skinny, packed, in_place) as w:

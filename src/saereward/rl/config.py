@@ -143,12 +143,15 @@ class GRPOConfig(TaskOptions, DeviceOptions, ModelOptions):
     )
     packed_in_place: bool = option(
         False,
-        "with packed_decode: hold the weights once. They are copied out of the checkpoint's file "
-        "mapping at start; during the rollouts each projection's plain weight is released as its packed "
-        "copy is made (the LoRA adapters then run beside the packed products, not folded in) and is "
-        "unpacked back, bit for bit, after them. SmolLM2-135M fp32 on 2 cores: the 0.42 GB of projection "
-        "weights are no longer held twice; rollouts take ~1.3x packed decoding's time (~0.85x without "
-        "packing). With micro_batch=2 and recompute_prompt the step then peaks at ~1.3-1.4 GB",
+        "with packed_decode: hold the weights once during the rollouts. Where they are views of the "
+        "checkpoint's file mapping (as transformers loads safetensors), the packed copy is made as "
+        "without this setting (adapters folded in) and the plain weights' pages are dropped while it "
+        "exists; they fault back in from the file after the rollouts (pages written since loading "
+        "are kept). Otherwise each projection's plain weight is released as its packed copy is made "
+        "(the LoRA adapters then run beside the packed products) and unpacked back, bit for bit, after "
+        "them. SmolLM2-135M fp32 on 2 cores: the 0.54 GB of weights are not held twice; from the file "
+        "mapping the rollouts take packed decoding's time. With micro_batch=2 and recompute_prompt the "
+        "step then peaks at ~1.4-1.5 GB",
     )
     fast_decode: bool = option(
         True,

@@ -107,7 +107,6 @@ from saereward.model.generate import (
     stop_strings_for,
 )
 from saereward.model.lm import LoadedModel, load_model, require_device, resolve_layer
-from saereward.model.residency import own_weights
 from saereward.rl.batching import PromptPrefix, _Batch, _Slice, micro_batches
 from saereward.rl.checkpoint import (
     STEP_SEED,
@@ -184,9 +183,6 @@ class GRPOTrainer:
             log.warning("only %d held-out questions are disjoint from training", len(self.eval_items))
         self.lm = lm or load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads, device=device)
         self.device = next(self.lm.model.parameters()).device  # a model passed in decides
-        fp32_cpu = self.device.type == "cpu" and next(self.lm.model.parameters()).dtype == torch.float32
-        if cfg.packed_in_place and cfg.packed_decode and fp32_cpu:
-            own_weights(self.lm.model)  # weights that the packed copy can stand in for, not a file mapping
         tok = self.lm.tokenizer
         self.prompt = {
             it.id: format_prompt(self.task, it, cfg.prompt_format, tokenizer=tok, shots=cfg.shots)
