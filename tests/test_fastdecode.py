@@ -344,23 +344,27 @@ def test_in_place_packing_holds_the_weights_once_and_gives_them_back() -> None:
 
 
 @torch.no_grad()
-def test_in_place_on_mapped_weights_drops_their_pages_and_decodes_as_packed(tmp_path, monkeypatch) -> None:
-    """``in_place`` with the weights in a checkpoint's file mapping: the packed copy is the folded one,
-    so the tokens and residuals equal packed decoding's bit for bit; every projection's and the head's
-    weight is handed to ``drop_mapped_pages`` once, none is released or replaced, and afterwards the
-    model holds the same bits in the same mapped storages."""
+def test_packed_on_mapped_weights_drops_their_pages_and_decodes_as_in_memory(tmp_path, monkeypatch) -> None:
+    """Packed decoding of weights in a checkpoint's file mapping, ``in_place`` or not: the tokens and
+    residuals equal packed decoding's of the same weights in the process's own memory, bit for bit
+    (the adapters folded in either way); each call hands every projection's and the head's weight to
+    ``drop_mapped_pages`` once, releases or replaces none, and leaves the same bits in the same mapped
+    storages. The in-memory model's weights are never handed over."""
     from transformers import AutoModelForCausalLM
 
     from saereward.model import residency
 
     make_tiny("llama")[0].save_pretrained(tmp_path)
     model = _with_lora(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32))
+    own = _with_lora(make_tiny("llama")[0])
     weights = [
         p for n, p in model.named_parameters() if "proj" in n and "lora" not in n and n.endswith("weight")
     ]
     head = model.get_output_embeddings().weight
     assert residency.in_file_mappings([*weights, head]), "from_pretrained no longer memory-maps: revisit"
+    assert not residency.in_file_mappings(own.parameters())
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert all(torch.equal(v, before[k]) for k, v in own.state_dict().items())  # the same weights
     ptrs = [p.data_ptr() for p in weights]
     dropped: list[int] = []
     real = residency.drop_mapped_pages
@@ -369,10 +373,14 @@ def test_in_place_on_mapped_weights_drops_their_pages_and_decodes_as_packed(tmp_
     )
     ids, am = _batch()
     out = {}
-    for in_place in (False, True):
-        pre = model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am), use_cache=True)
-        out[in_place] = fastdecode.decode(
-            model,
+    for name, m, in_place in (
+        ("own", own, False),
+        ("mapped", model, False),
+        ("mapped, in place", model, True),
+    ):
+        pre = m(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am), use_cache=True)
+        out[name] = fastdecode.decode(
+            m,
             pre.past_key_values,
             am,
             pre.logits[:, -1],
@@ -385,7 +393,8 @@ def test_in_place_on_mapped_weights_drops_their_pages_and_decodes_as_packed(tmp_
             packed=True,
             in_place=in_place,
         )
-    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1][1], out[False][1][1])
-    assert sorted(dropped) == sorted(id(t) for t in [*weights, head])
+    for name in ("mapped", "mapped, in place"):
+        assert torch.equal(out[name][0], out["own"][0]) and torch.equal(out[name][1][1], out["own"][1][1])
+    assert sorted(dropped) == sorted(2 * [id(t) for t in [*weights, head]])
     assert [p.data_ptr() for p in weights] == ptrs
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

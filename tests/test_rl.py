@@ -1057,9 +1057,9 @@ def test_rollouts_unmerged_lora_equal_merged(tmp_path: Path, monkeypatch: pytest
     """``merge_for_generation=False``: the fast decode loop samples from the unmerged LoRA policy the
     same tokens and residuals as from the merged one (same seed), and so does ``packed_decode`` (the
     adapters folded into oneDNN packed weights, nothing merged in place), also ``packed_in_place``
-    (the packed copy standing in for the weights: the adapters beside it, or, with the weights in a
-    checkpoint's file mapping, folded in as without it and the mapped pages dropped); all leave the
-    weights as they were."""
+    (the packed copy standing in for the weights, the adapters beside it), and packed decoding of
+    weights in a checkpoint's file mapping, in place or not (their pages dropped, the adapters folded
+    in); all leave the weights as they were."""
     from transformers import AutoModelForCausalLM
 
     from saereward.model import fastdecode
@@ -1077,6 +1077,7 @@ def test_rollouts_unmerged_lora_equal_merged(tmp_path: Path, monkeypatch: pytest
         (False, False, False, False),
         (True, True, False, False),
         (True, True, True, False),
+        (True, True, False, True),
         (True, True, True, True),
     ):
         packs.clear()

@@ -22,13 +22,14 @@ end well before ``max_new_tokens``.
 * ``packed`` (on the skinny path): the products go through oneDNN's fp32 linear on weights reordered
   into its blocked layout once per call, each adapter folded in first (``W + s·B A``): one packed copy
   of the weights (SmolLM2: 0.54 GB) for the call, instead of MKL's ``W @ xᵀ``, which runs a few rows
-  far below the CPU's GEMM rate (:func:`_pack`, :func:`_packed`);
-* ``in_place`` (on the packed path): the packed copy is the only one. Where the weights are views of
-  the checkpoint's file mapping, the packed copy is made as on the packed path and each block's plain
-  weights' pages are dropped once it is packed (:func:`saereward.model.residency.drop_mapped_pages`);
-  they fault back in from the file when next read. Otherwise each projection's plain weight is
-  released as its packed copy is made (the adapters then run beside the packed products, not folded
-  in), and comes back from it when the call ends: oneDNN's reorder back to the plain layout is exact.
+  far below the CPU's GEMM rate (:func:`_pack`, :func:`_packed`). Where the weights are views of the
+  checkpoint's file mapping, each block's plain weights' pages are dropped once it is packed
+  (:func:`saereward.model.residency.drop_mapped_pages`): the packed copy is the only one, and they
+  fault back in from the file when next read;
+* ``in_place`` (on the packed path, weights in the process's own memory): the packed copy is the
+  only one too. Each projection's plain weight is released as its packed copy is made (the adapters
+  then run beside the packed products, not folded in), and comes back from it when the call ends:
+  oneDNN's reorder back to the plain layout is exact.
 
 Supported: ``LlamaForCausalLM`` and ``Qwen2ForCausalLM`` (full attention, SiLU MLP), PEFT-wrapped
 with LoRA adapters merged, disabled or active: an active adapter is applied as two small products per
@@ -281,9 +282,9 @@ class _Weights:
         self.skinny = skinny and device.type == "cpu" and self.emb.dtype == torch.float32
         self.packed = packed and self.skinny and packing_available()
         self.in_place = in_place and self.packed
-        #: ``in_place`` with every projection and the head viewing a file mapping: the packed copy is
-        #: made as without ``in_place`` and the plain weights' pages are dropped (:meth:`_pack_weights`)
-        self.mapped = self.in_place and residency.in_file_mappings(self._plain_weights())
+        #: ``packed`` with every projection and the head viewing a file mapping: the plain weights'
+        #: pages are dropped once packed (:meth:`_pack_weights`), ``in_place`` or not
+        self.mapped = self.packed and residency.in_file_mappings(self._plain_weights())
         #: ``in_place``, not ``mapped``: per block, each packed group whose plain weights were released:
         #: its key and ``(parameter, output rows)`` per projection
         self.released: list[list[tuple[str, list[tuple[Tensor, int]]]]] = [[] for _ in self.blocks]
@@ -314,13 +315,13 @@ class _Weights:
         """Every projection and the LM head as oneDNN packed weights (:func:`_pack`), for this call; q,
         k and v stacked into one, gate and up into another (one product each, fewer small calls).
 
-        ``in_place``, weights in a file mapping (``mapped``): packed as without ``in_place`` (adapters
-        folded in), and each block's plain weights' pages, then the head's, are dropped as soon as
-        their packed copy exists (:func:`saereward.model.residency.drop_mapped_pages`): they fault back
-        in from the file when next read. Otherwise the adapters stay beside the packed products, each
+        Weights in a file mapping (``mapped``): the adapters are folded in, and each block's plain
+        weights' pages, then the head's, are dropped as soon as their packed copy exists
+        (:func:`saereward.model.residency.drop_mapped_pages`): they fault back in from the file when
+        next read. Otherwise, ``in_place``: the adapters stay beside the packed products, each
         projection's plain weight is released as soon as its packed copy exists, and the LM head is not
         packed (its weight is the embedding's too, which stays). Either way the model's weights are
-        held once."""
+        held once; without either, twice."""
         swap = self.in_place and not self.mapped
         groups = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
         groups |= {"o_proj": ("o_proj",), "down_proj": ("down_proj",)}
@@ -353,14 +354,17 @@ class _Weights:
         """Give every projection that ``in_place`` packing released its weight back, unpacked from the
         packed copy (oneDNN's reorder is exact: the same bits), block by block, each block's packed
         copy dropped as its weights return (the two copies never coexist beyond one block). ``mapped``:
-        the packed copy is dropped and the free heap it leaves goes back to the OS (the plain weights
-        fault back in from the file as they are read)."""
+        the packed copy is dropped (the plain weights fault back in from the file as they are read);
+        ``in_place``, the free heap it leaves goes back to the OS too, for the lowest peak (the next
+        phases fault those pages in again: on the GRPO benchmark's defaults ~10 % of the step), else
+        it stays for them to reuse."""
         if self.mapped:
             for blk in self.blocks:
                 blk.qkv = blk.gate_up = None
                 blk.w = {}
             self.head_packed = None
-            residency.return_free_memory()
+            if self.in_place:
+                residency.return_free_memory()
             return
         for i, (blk, released) in enumerate(zip(self.blocks, self.released, strict=True)):
             if not released:
@@ -568,9 +572,9 @@ def decode(
     ``skinny``: the ``(w @ xᵀ)ᵀ`` products (CPU fp32; other rounding order than ``F.linear``). A model whose
     linear layers :func:`saereward.model.bf16cpu.install` patched (bf16 ``load_model`` models on a CPU without
     bf16 units) decodes with :func:`saereward.model.bf16cpu.linear` too. ``packed`` (with ``skinny``,
-    where :func:`packing_available`): the products through oneDNN on packed weights, adapters folded in.
-    ``in_place`` (with ``packed``): the packed copy stands in for the weights during the call: their
-    mapped pages are dropped (weights in a file mapping: the same tokens as ``packed``), or each is
+    where :func:`packing_available`): the products through oneDNN on packed weights, adapters folded in;
+    weights in a file mapping have their pages dropped meanwhile. ``in_place`` (with ``packed``, weights
+    in the process's own memory): the packed copy stands in for the weights during the call, each
     released and unpacked back into, bit for bit, when the call ends (on an exception too; :class:`_Weights`).
     """
     device = first_logits.device

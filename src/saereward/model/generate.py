@@ -458,9 +458,10 @@ def generate_batch(
     ``fast_decode``: decode with :func:`saereward.model.fastdecode.decode` (preallocated KV cache, ended
     rows leave the batch) after an HF prefill, where the model and sampler allow it (greedy or
     ``sampler="topk"``; see :func:`saereward.model.fastdecode.unsupported`), else ``generate()``; ``skinny``
-    is its ``(W xᵀ)ᵀ`` products, ``packed`` those products on oneDNN packed weights (:func:`packs_weights`),
-    ``packed_in_place`` with the packed copy standing in for the projections' weights during the decode
-    (one copy of them; ``in_place`` of :func:`saereward.model.fastdecode.decode`).
+    is its ``(W xᵀ)ᵀ`` products, ``packed`` those products on oneDNN packed weights (:func:`packs_weights`;
+    weights in a file mapping have their pages dropped meanwhile), ``packed_in_place`` with the packed
+    copy standing in for the weights also when they are the process's own, and the lowest peak memory
+    (``in_place`` of :func:`saereward.model.fastdecode.decode`).
     Same distribution, different random draws once a row has ended.
     """
     tok, model = lm.tokenizer, lm.model

@@ -138,20 +138,20 @@ class GRPOConfig(TaskOptions, DeviceOptions, ModelOptions):
         "rollouts, CPU fp32 with fast_decode and skinny_decode: the decode loop's products through "
         "oneDNN on weights packed once per rollout with the LoRA adapters folded in (no in-place merge; "
         "same products, other rounding order; MKL runs the decode's few-row products far below the "
-        "CPU's GEMM rate). The packed copy is held through the rollouts (SmolLM2-135M: 0.54 GB): off "
-        "for the lowest peak memory",
+        "CPU's GEMM rate). Weights that are views of the checkpoint's file mapping (as transformers "
+        "loads safetensors) have their pages dropped while the packed copy exists and fault back in "
+        "from the file after the rollouts (pages written since loading are kept), so they are held "
+        "once; other weights are held twice through the rollouts (SmolLM2-135M: +0.54 GB) unless "
+        "packed_in_place. Off for the lowest peak memory",
     )
     packed_in_place: bool = option(
         False,
-        "with packed_decode: hold the weights once during the rollouts. Where they are views of the "
-        "checkpoint's file mapping (as transformers loads safetensors), the packed copy is made as "
-        "without this setting (adapters folded in) and the plain weights' pages are dropped while it "
-        "exists; they fault back in from the file after the rollouts (pages written since loading "
-        "are kept). Otherwise each projection's plain weight is released as its packed copy is made "
-        "(the LoRA adapters then run beside the packed products) and unpacked back, bit for bit, after "
-        "them. SmolLM2-135M fp32 on 2 cores: the 0.54 GB of weights are not held twice; from the file "
-        "mapping the rollouts take packed decoding's time. With micro_batch=2 and recompute_prompt the "
-        "step then peaks at ~1.4-1.5 GB",
+        "with packed_decode, for the lowest peak memory. Weights in a file mapping: the free heap the "
+        "packed copy leaves after the rollouts goes back to the OS (the next phases fault it in "
+        "again). Weights in the process's own memory: each projection's plain weight is released as "
+        "its packed copy is made (the LoRA adapters then run beside the packed products) and unpacked "
+        "back, bit for bit, after the rollouts (rollouts ~1.3x packed decoding's time). SmolLM2-135M "
+        "fp32 with micro_batch=2 and recompute_prompt: the step peaks at ~1.4-1.5 GB",
     )
     fast_decode: bool = option(
         True,
