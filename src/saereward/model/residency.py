@@ -2,9 +2,9 @@
 packed copy stands in for them.
 
 ``transformers`` memory-maps a safetensors checkpoint: every weight is a view of a private mapping of
-the file, faulted in on first use. Packed decoding that stands in for the plain weights (``in_place``
-of :func:`saereward.model.fastdecode.decode`) drops those views' resident pages
-(``madvise(MADV_DONTNEED)``) while the packed copy exists, so the model is held once; the weights keep
+the file, faulted in on first use. Packed decoding (``packed`` of
+:func:`saereward.model.fastdecode.decode`) drops those views' resident pages
+(``madvise(MADV_DONTNEED)``) while its packed copy exists, so the model is held once; the weights keep
 their values, and their pages fault back in from the page cache when next read, several pages per
 fault (SmolLM2-135M fp32 on the 2-core VM: 0.54 GB dropped in ~40-55 ms, the next forward ~10k faults
 more than a warm one). A page written since the file was mapped is a private copy that dropping would
@@ -52,11 +52,13 @@ def in_file_mappings(tensors: Iterable[Tensor]) -> bool:
     ranges = file_mappings()
     if not ranges:
         return False
-    for t in tensors:
-        lo = t.data_ptr()
-        if t.device.type != "cpu" or not _inside(ranges, lo, lo + t.numel() * t.element_size()):
-            return False
-    return True
+    return all(t.device.type == "cpu" and _inside(ranges, *_span(t)) for t in tensors)
+
+
+def _span(t: Tensor) -> tuple[int, int]:
+    """The address range ``[lo, hi)`` of a contiguous tensor's bytes."""
+    lo = t.data_ptr()
+    return lo, lo + t.numel() * t.element_size()
 
 
 def _inside(ranges: list[tuple[int, int]], lo: int, hi: int) -> bool:
@@ -129,8 +131,7 @@ def drop_mapped_pages(tensors: Iterable[Tensor]) -> int:
     for t in tensors:
         if t.device.type != "cpu" or not t.numel():
             continue
-        lo = t.data_ptr()
-        hi = lo + t.numel() * t.element_size()
+        lo, hi = _span(t)
         if not t.is_contiguous() or not _inside(ranges, lo, hi):
             continue
         a, b = _page_interior(lo, hi, page)

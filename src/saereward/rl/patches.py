@@ -33,8 +33,9 @@ def mmap_large_allocations(threshold: int = 4 << 20, trim: int = 64 << 20) -> bo
     heap mapped; the faults dropped to ~0 there, peak RSS unchanged (2.00 vs 1.99 GB).
     ``malloc_trim(0)`` after each GRPO phase was tried as well: RssAnon between steps fell from 1.49 to
     0.83 GB, but the peak (the update's) stayed 1.91 GB and steps took ~5 % longer (the pages fault
-    back in), so no phase ends with a trim (``packed_in_place`` trims inside its packing and unpacking,
-    where the freed weights must go back before the next ones are touched).
+    back in), so no phase ends with a trim (``packed_in_place``, the lowest-peak setting, trims after
+    its rollouts, and inside its packing and unpacking where the freed weights must go back before the
+    next ones are touched).
     Returns False where this is not glibc.
     """
     from saereward.model.residency import glibc
