@@ -1280,6 +1280,64 @@ def test_shared_prompt_forward_equals_one_pass(
     _assert_same_update(b, out[False], out[True])
 
 
+def test_reference_micro_batch_sizes_the_reference_forward_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``reference_micro_batch`` cuts the reference forward (the update keeps ``micro_batch``), to the
+    same reference log-probs up to float rounding; -1 keeps ``micro_batch`` for both."""
+    from saereward.rl import grpo
+
+    sizes: list[int] = []
+    real = grpo.micro_batches
+
+    def spy(mask: torch.Tensor, prompt_len: int, size: int) -> Any:
+        sizes.append(size)
+        return real(mask, prompt_len, size)
+
+    monkeypatch.setattr(grpo, "micro_batches", spy)
+    lm = fresh_tiny()
+    refs = []
+    for ref_mb in (-1, 0):
+        torch.manual_seed(0)
+        tr = GRPOTrainer(
+            rl_cfg(tmp_path / f"m{ref_mb}", micro_batch=2, reference_micro_batch=ref_mb, max_new_tokens=8),
+            lm=lm,
+        )
+        b = _ragged_batch(tr)
+        sizes.clear()
+        ref, _ = tr.reference(b)
+        adv = torch.linspace(-1, 1, 6)[:, None].expand(6, ref.shape[1]).contiguous()
+        tr.update(b, adv, ref)
+        assert sizes == [2 if ref_mb < 0 else ref_mb, 2]  # reference, then the update
+        refs.append(ref[b.response_mask[:, b.prompt_len :].bool()])  # a forward's padding differs
+        tr.model.unload()
+    assert refs[0].numel() > 0
+    torch.testing.assert_close(refs[1], refs[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="reference_micro_batch"):
+        GRPOConfig(reference_micro_batch=-2)
+
+
+def test_mmap_threshold_reaches_glibc_and_leaves_resume_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer fixes glibc's mmap threshold at ``mmap_threshold_kib``; out-of-range values are
+    refused; a run resumes under other memory settings (they change no value a step computes)."""
+    from saereward.config import to_dict
+    from saereward.rl import grpo
+    from saereward.rl.checkpoint import settings_diff
+
+    asked: list[int] = []
+    monkeypatch.setattr(grpo, "mmap_large_allocations", lambda threshold: asked.append(threshold) or True)
+    GRPOTrainer(rl_cfg(tmp_path / "a", mmap_threshold_kib=1024), lm=fresh_tiny(), check_only=True)
+    GRPOTrainer(rl_cfg(tmp_path / "b", mmap_large_allocations=False), lm=fresh_tiny(), check_only=True)
+    assert asked == [1 << 20]
+    for bad in (63, 32769):
+        with pytest.raises(ValueError, match="mmap_threshold_kib"):
+            GRPOConfig(mmap_threshold_kib=bad)
+    cfg = GRPOConfig(mmap_threshold_kib=512, mmap_large_allocations=False)
+    assert settings_diff(to_dict(GRPOConfig()), cfg) == []
+
+
 def _ragged_update(tr: GRPOTrainer) -> tuple[Any, Any, tuple[Any, ...]]:
     """The reference forward and one update on :func:`_ragged_batch`, then the adapters unloaded:
     ``(batch, reference residuals, (reference log-probs, loss, grad norm, entropy, KL, LoRA gradients))``."""

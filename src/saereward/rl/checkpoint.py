@@ -38,6 +38,8 @@ def settings_diff(saved: dict[str, Any], cfg: GRPOConfig) -> list[str]:
         "snapshot_every",
         "checkpoint_every",
         "report_to",
+        "mmap_large_allocations",  # where memory comes from, not what is computed
+        "mmap_threshold_kib",
     )
     if cfg.reward == "outcome":  # R0 reads no score: how a score would enter changes nothing
         skip += ("reward_form", "reward_clip", "reward_baseline", "aggregation", "pack", "sae", "lam")

@@ -108,6 +108,12 @@ class GRPOConfig(TaskOptions, DeviceOptions, ModelOptions):
         "completions per reference / training forward (gradients accumulate across them; each is "
         "sorted by length and cut to its own longest sequence; 0: the whole batch at once)",
     )
+    reference_micro_batch: int = option(
+        -1,
+        "completions per reference forward, if not micro_batch's (-1: as micro_batch; 0: the whole "
+        "batch). It keeps no activations, so a low-memory micro_batch need not slow it down: on the "
+        "2-core CPU, SmolLM2-135M fp32, 4 was 10 % faster than 2 (and than 8 or the whole batch)",
+    )
     share_prompt: bool = option(
         True,
         "run each question's prompt once and reuse its KV cache for the group's completions, in "
@@ -122,6 +128,13 @@ class GRPOConfig(TaskOptions, DeviceOptions, ModelOptions):
     mmap_large_allocations: bool = option(
         True,
         "glibc: allocate big tensors with mmap so freed memory returns to the OS (lower peak RSS)",
+    )
+    mmap_threshold_kib: int = option(
+        4096,
+        "with mmap_large_allocations: the size (KiB, 64-32768) from which an allocation gets its own "
+        "mapping. Lower leaves the heap fewer large holes (lower peak RSS) for more page faults: "
+        "SmolLM2-135M fp32, micro_batch=2, recompute_prompt, packed_in_place: 1024 peaked 0.05 GB "
+        "below 4096 (1.38 vs 1.43 GB)",
     )
     lora_autocast: bool = option(
         True,
@@ -214,6 +227,13 @@ class GRPOConfig(TaskOptions, DeviceOptions, ModelOptions):
             raise ValueError("reward=direction needs --direction-rollouts")
         if self.micro_batch < 0:
             raise ValueError(f"micro_batch must be >= 0 (0: whole batch), got {self.micro_batch}")
+        if self.reference_micro_batch < -1:
+            raise ValueError(
+                "reference_micro_batch must be >= -1 (-1: as micro_batch, 0: whole batch), "
+                f"got {self.reference_micro_batch}"
+            )
+        if not 64 <= self.mmap_threshold_kib <= 32768:
+            raise ValueError(f"mmap_threshold_kib must be in 64..32768, got {self.mmap_threshold_kib}")
         if self.snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0, got {self.snapshot_every}")
         if self.lr <= 0 or self.beta < 0 or self.lam < 0 or self.lam_end < 0:

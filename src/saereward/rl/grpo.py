@@ -19,7 +19,8 @@ One step (``GRPOTrainer.step``):
    by response position in the RL prompt format) and leave end and stop-string tokens unscored.
 4. **Update.** ``epochs_per_batch`` passes of the clipped surrogate over the batch. Each pass
    accumulates gradients over micro-batches of ``micro_batch`` completions, sorted by length and cut
-   to their own longest sequence (:func:`~saereward.rl.batching.micro_batches`; the reference forward uses them too).
+   to their own longest sequence (:func:`~saereward.rl.batching.micro_batches`; the reference forward too,
+   of ``reference_micro_batch`` completions where set).
    Each distinct prompt runs once per forward pass, its KV cache shared by its group's completions
    (:class:`~saereward.rl.batching.PromptPrefix`; the rollouts' prefill does the same);
    activation checkpointing, if asked for, is on only for this training forward. Loss per response
@@ -156,7 +157,11 @@ class GRPOTrainer:
         self.cfg = cfg
         self.out = Path(cfg.out)
         device = _local_device(cfg.device)
-        if cfg.mmap_large_allocations and device == "cpu" and not mmap_large_allocations():
+        if (
+            cfg.mmap_large_allocations
+            and device == "cpu"
+            and not mmap_large_allocations(threshold=cfg.mmap_threshold_kib << 10)
+        ):
             log.info("mmap_large_allocations: not glibc, left as is")
         dist_on = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if dist_on else 0
@@ -584,7 +589,8 @@ class GRPOTrainer:
             # the micro-batches share the head's chunk buffers (not in the update: held through its
             # backward passes, they would add ~50 MB to the step's peak)
             ws = HeadWorkspace()
-            for sl in micro_batches(b.attention_mask, b.prompt_len, cfg.micro_batch):
+            size = cfg.micro_batch if cfg.reference_micro_batch < 0 else cfg.reference_micro_batch
+            for sl in micro_batches(b.attention_mask, b.prompt_len, size):
                 lp, _, res = self._logps(
                     self.model, b, sl, capture_layer=layer, entropy=False, prefix=prefix, workspace=ws
                 )
