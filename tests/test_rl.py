@@ -1183,6 +1183,14 @@ def test_micro_batches_cover_every_token() -> None:
     # sorted by length: the two shortest rows share the first micro-batch of two
     assert micro_batches(am, P, 2)[0].rows.tolist() == [0, 2]
     assert [(s.start, s.end) for s in micro_batches(am, P, 2)] == [(1, 6), (1, 8), (0, 9)]
+    # a cap on response positions (rows x response columns): widths 1, 2, 3, 4, 5 here
+    for size, cap in ((0, 1), (0, 4), (0, 6), (3, 100), (2, 6)):
+        sl = micro_batches(am, P, size, max_tokens=cap)
+        assert sorted(torch.cat([s.rows for s in sl]).tolist()) == list(range(5))
+        for s in sl:
+            assert len(s.rows) <= (size or 5)
+            assert len(s.rows) == 1 or len(s.rows) * (s.end - P) <= cap
+    assert [s.rows.tolist() for s in micro_batches(am, P, 0, max_tokens=8)] == [[0, 2], [3, 4], [1]]
 
 
 def _ragged_batch(tr: GRPOTrainer) -> Any:
@@ -1205,7 +1213,8 @@ def test_micro_batched_update_equals_whole_batch(tmp_path: Path, epochs: int) ->
     pack = str(tiny_pack(tmp_path))
     lm = fresh_tiny()
     out: dict[int, Any] = {}
-    for mb in (0, 2):
+    # 0: the whole batch; 2: micro-batches of 2; 1: of at most 12 response positions (3, 1, 1 and 1 rows)
+    for mb in (0, 2, 1):
         torch.manual_seed(0)
         tr = GRPOTrainer(
             rl_cfg(
@@ -1213,7 +1222,8 @@ def test_micro_batched_update_equals_whole_batch(tmp_path: Path, epochs: int) ->
                 reward="sae",
                 pack=pack,
                 lam=0.5,
-                micro_batch=mb,
+                micro_batch=mb if mb != 1 else 0,
+                micro_batch_tokens=12 if mb == 1 else 0,
                 epochs_per_batch=epochs,
                 reward_source="reference",
                 max_new_tokens=8,
@@ -1236,7 +1246,15 @@ def test_micro_batched_update_equals_whole_batch(tmp_path: Path, epochs: int) ->
             {n: (p.detach().clone(), p.grad.clone()) for n, p in tr._lora_state().items()},
         )
         tr.model.unload()
-    (r0, s0, l0, st0, g0, e0, w0), (r2, s2, l2, st2, g2, e2, w2) = out[0], out[2]
+    from saereward.rl.batching import micro_batches
+
+    assert [len(s.rows) for s in micro_batches(b.attention_mask, b.prompt_len, 0, 12)] == [3, 1, 1, 1]
+    for other in (2, 1):
+        _assert_same_accumulated_update(b, out[0], out[other])
+
+
+def _assert_same_accumulated_update(b: Any, whole: tuple[Any, ...], split: tuple[Any, ...]) -> None:
+    (r0, s0, l0, st0, g0, e0, w0), (r2, s2, l2, st2, g2, e2, w2) = whole, split
     resp = b.response_mask[:, b.prompt_len :]  # log-probs past a response's end are 0 when trimmed
     torch.testing.assert_close(r2[resp], r0[resp], rtol=1e-5, atol=1e-5)
     real = b.attention_mask.bool()  # the reference residuals at real tokens (trimmed columns are 0)
@@ -1290,9 +1308,9 @@ def test_reference_micro_batch_sizes_the_reference_forward_only(
     sizes: list[int] = []
     real = grpo.micro_batches
 
-    def spy(mask: torch.Tensor, prompt_len: int, size: int) -> Any:
+    def spy(mask: torch.Tensor, prompt_len: int, size: int, max_tokens: int = 0) -> Any:
         sizes.append(size)
-        return real(mask, prompt_len, size)
+        return real(mask, prompt_len, size, max_tokens)
 
     monkeypatch.setattr(grpo, "micro_batches", spy)
     lm = fresh_tiny()

@@ -108,6 +108,13 @@ class GRPOConfig(TaskOptions, DeviceOptions, ModelOptions):
         "completions per reference / training forward (gradients accumulate across them; each is "
         "sorted by length and cut to its own longest sequence; 0: the whole batch at once)",
     )
+    micro_batch_tokens: int = option(
+        0,
+        "training forward: also cap each micro-batch at this many response positions (rows × its "
+        "longest response, so short completions share a forward that long ones would not; a row alone "
+        "may exceed it); 0: rows only. A memory bound with fewer, fuller forwards than a small "
+        "micro_batch",
+    )
     reference_micro_batch: int = option(
         -1,
         "completions per reference forward, if not micro_batch's (-1: as micro_batch; 0: the whole "
@@ -227,6 +234,8 @@ class GRPOConfig(TaskOptions, DeviceOptions, ModelOptions):
             raise ValueError("reward=direction needs --direction-rollouts")
         if self.micro_batch < 0:
             raise ValueError(f"micro_batch must be >= 0 (0: whole batch), got {self.micro_batch}")
+        if self.micro_batch_tokens < 0:
+            raise ValueError(f"micro_batch_tokens must be >= 0 (0: no cap), got {self.micro_batch_tokens}")
         if self.reference_micro_batch < -1:
             raise ValueError(
                 "reference_micro_batch must be >= -1 (-1: as micro_batch, 0: whole batch), "

@@ -774,7 +774,7 @@ class GRPOTrainer:
         cfg = self.cfg
         resp = b.response_mask[:, b.prompt_len :]
         n_global = all_reduce_sum(resp.sum().double()).float()
-        slices = micro_batches(b.attention_mask, b.prompt_len, cfg.micro_batch)
+        slices = micro_batches(b.attention_mask, b.prompt_len, cfg.micro_batch, cfg.micro_batch_tokens)
         old_lp: Tensor | None = None
         ent_all = torch.zeros(resp.shape, device=resp.device)
         stats: dict[str, float] = {}
