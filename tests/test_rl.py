@@ -1441,7 +1441,7 @@ def test_plain_fp32_head_only_where_the_logits_are_the_heads() -> None:
 def test_silu_mul_saves_less_and_equals_autograd_bit_for_bit() -> None:
     """The lean MLP activation: the same output and input gradients as autograd's ``silu(g) * u`` bit
     for bit, with two saved tensors instead of three."""
-    from saereward.rl.patches import _SiluMul
+    from saereward.rl.rebuild import _SiluMul
 
     g0, u0, grad = torch.randn(3, 7, 40, generator=torch.Generator().manual_seed(0)).unbind(0)
     results = []
@@ -1466,7 +1466,7 @@ def test_silu_mul_saves_less_and_equals_autograd_bit_for_bit() -> None:
 
 
 def test_lean_mlp_patches_only_gated_silu_mlps() -> None:
-    from saereward.rl.patches import install_lean_mlp
+    from saereward.rl.rebuild import install_lean_mlp
     from tiny_models import make_tiny
 
     model = fresh_tiny().model
@@ -1582,43 +1582,111 @@ def test_recomputed_prompt_keeps_the_update_bit_for_bit(tmp_path: Path, dropout:
     assert torch.equal(out[False][-1], out[True][-1])
 
 
-def test_rebuilt_mlp_product_keeps_the_update_bit_for_bit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The lean MLP's down projection keeps no copy of ``silu(g)·u`` for LoRA's ``A`` gradient: each
-    product is freed once the forward is done (kept until the backward without the rebuild), and the
-    backward rebuilds it from ``g`` and ``u``: loss, grad norm, entropy, KL and every LoRA gradient equal
-    bit for bit. Under an outer saved-tensor hook (a checkpoint's) the product is saved as usual."""
-    from saereward.model.lm import decoder_layers
-    from saereward.rl import patches
+def _storage_refs(modules: list[Any], products: list[Any], output: bool) -> list[Any]:
+    """Forward hooks that append a weak reference to each module's input (or output) storage."""
 
-    own = patches._may_hook_saved_tensors
+    def keep(m: Any, a: Any, o: Any = None) -> None:
+        products.append((o if output else a[0]).untyped_storage()._weak_ref())
+
+    if output:
+        return [m.register_forward_hook(keep) for m in modules]
+    return [m.register_forward_pre_hook(keep) for m in modules]
+
+
+@pytest.mark.parametrize("what", ["mlp_product", "norm_outputs"])
+def test_rebuilt_activations_keep_the_update_bit_for_bit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, what: str
+) -> None:
+    """Activations that LoRA's ``A`` saves for its weight gradient, rebuilt in the backward instead:
+    the gated MLP's ``silu(g)·u`` (from ``g`` and ``u``) and each decoder layer's RMSNorm outputs (from
+    the norm's input, through the lean LoRA forward). Each is freed once the forward is done (kept until the backward without the
+    rebuild); the update's loss, grad norm, entropy, KL and every LoRA gradient are equal bit for bit.
+    Under an outer saved-tensor hook (a checkpoint's) they are saved as usual."""
+    from saereward.model.lm import decoder_layers
+    from saereward.rl import rebuild
+
+    own, real_make = rebuild._hooks_free, rebuild._Maker.__call__
     lm = fresh_tiny()
     out: dict[bool, Any] = {}
     for on in (False, True):
-        monkeypatch.setattr(patches, "_may_hook_saved_tensors", own if on else (lambda x: False))
+        monkeypatch.setattr(rebuild, "_hooks_free", own if on else (lambda: False))
         torch.manual_seed(0)
-        tr = GRPOTrainer(rl_cfg(tmp_path / f"d{on}", micro_batch=2, max_new_tokens=8), lm=lm)
+        cfg = rl_cfg(
+            tmp_path / f"d{on}", micro_batch=2, max_new_tokens=8, rebuild_norms=what != "mlp_product"
+        )
+        tr = GRPOTrainer(cfg, lm=lm)
+        layers = decoder_layers(tr.model)
+        norms = [n for la in layers for n in (la.input_layernorm, la.post_attention_layernorm)]
+        assert all(("forward" in n.__dict__) == cfg.rebuild_norms for n in norms)
+        if what == "mlp_product":
+            modules, output = [la.mlp.down_proj for la in layers], False
+        else:
+            modules, output = norms, True
         products: list[Any] = []
-        downs = [layer.mlp.down_proj for layer in decoder_layers(tr.model)]
-        hooks = [
-            d.register_forward_pre_hook(lambda m, a, p=products: p.append(a[0].untyped_storage()._weak_ref()))
-            for d in downs
-        ]
+        hooks = _storage_refs(modules, products, output)
         for outer in (False, True):
             products.clear()
             ctx = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
             with ctx if outer else contextlib.nullcontext():
                 logits = tr.model(input_ids=torch.randint(3, 100, (2, 7))).logits
-            assert len(products) == len(downs)
+            assert len(products) == len(modules)
             assert all(torch.UntypedStorage._expired(p) == (on and not outer) for p in products)
             logits.sum().backward()
             tr.model.zero_grad(set_to_none=True)
         for h in hooks:
             h.remove()
+        made: list[int] = []
+
+        def counted(self: Any, made: list[int] = made) -> torch.Tensor:
+            made.append(1)
+            return real_make(self)
+
+        monkeypatch.setattr(rebuild._Maker, "__call__", counted)
         out[on] = _ragged_update(tr)[2]
+        # the update rebuilt the MLPs' activations (and the norms': 3 per layer), for each micro-batch
+        per_layer = 1 + 2 * cfg.rebuild_norms
+        assert len(made) >= (per_layer * len(layers) if on else 0) and (len(made) > 0) == on
     _assert_identical_update(out[False], out[True])
-    assert any("down_proj" in n for n in out[True][-1])
+    assert any("down_proj" in n for n in out[True][-1]) and any("q_proj" in n for n in out[True][-1])
+
+
+def test_rebuilt_norm_output_checks_layout_and_in_place_edits() -> None:
+    """A lean norm tags its output only under autograd with no other saved-tensor hook; the rebuild
+    refuses a layout other than the forward's and an input edited in place since the forward (an
+    error, never a wrong gradient); tensors other than the tagged one are saved as they are."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from saereward.rl import rebuild
+
+    norm = LlamaRMSNorm(6)
+    assert rebuild.install_lean_norms(torch.nn.Sequential(norm)) == 1
+    x = torch.randn(3, 6, requires_grad=True)
+    with torch.no_grad():
+        assert not hasattr(norm(x), rebuild._TAG)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert not hasattr(norm(x), rebuild._TAG)
+    w = torch.randn(4, 6, requires_grad=True)
+    grads = []
+    for rebuilt in (False, True):
+        h = x * 1.0
+        y = norm(h)
+        with rebuild.rebuilt_input(y) if rebuilt else contextlib.nullcontext():
+            z = torch.nn.functional.linear(y, w)
+        z.square().sum().backward()
+        grads.append((x.grad.clone(), w.grad.clone()))
+        x.grad, w.grad = None, None
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    h = x * 1.0
+    y = norm(h)
+    with rebuild.rebuilt_input(y):
+        z = torch.nn.functional.linear(y, w)
+    with torch.no_grad():
+        h.add_(1.0)  # an in-place edit the norm's own saved input would also catch
+    with pytest.raises(RuntimeError, match="modified"):
+        z.sum().backward()
+    bad = rebuild._Maker(lambda: torch.ones(6, 4).t(), torch.ones(4, 6))  # same values, transposed
+    with pytest.raises(RuntimeError, match="layout"):
+        bad()
 
 
 def test_cpu_sdpa_gqa_is_undone_after_the_block(monkeypatch: pytest.MonkeyPatch) -> None:

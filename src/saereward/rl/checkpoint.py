@@ -40,6 +40,7 @@ def settings_diff(saved: dict[str, Any], cfg: GRPOConfig) -> list[str]:
         "report_to",
         "mmap_large_allocations",  # where memory comes from, not what is computed
         "mmap_threshold_kib",
+        "rebuild_norms",  # the same values bit for bit, rebuilt instead of kept
     )
     if cfg.reward == "outcome":  # R0 reads no score: how a score would enter changes nothing
         skip += ("reward_form", "reward_clip", "reward_baseline", "aggregation", "pack", "sae", "lam")

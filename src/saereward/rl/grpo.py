@@ -123,12 +123,12 @@ from saereward.rl.patches import (
     cpu_sdpa_gqa,
     head_returns_hidden,
     install_lean_lora,
-    install_lean_mlp,
     merged_lora,
     mmap_large_allocations,
     plain_fp32_head,
     skinny_linear,
 )
+from saereward.rl.rebuild import install_lean_mlp, install_lean_norms
 from saereward.rl.reward import (
     DirectionScorer,
     LambdaSchedule,
@@ -224,6 +224,8 @@ class GRPOTrainer:
         if cfg.lean_lora:
             install_lean_lora(self.model)
         install_lean_mlp(self.model)  # the same gradients bit for bit, two activations less per layer
+        if cfg.rebuild_norms:  # two more, rebuilt in the backward through the lean LoRA forward
+            install_lean_norms(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.lam = LambdaSchedule(cfg.lam_schedule, cfg.lam, cfg.lam_end, cfg.steps)

@@ -2,12 +2,13 @@
 threshold (:func:`mmap_large_allocations`), LoRA merged for sampling (:func:`merged_lora`), few-row
 linear layers as ``W @ xᵀ`` while decoding (:func:`skinny_linear`), a leaner LoRA forward
 (:func:`install_lean_lora`), the LM head's hidden states in place of its logits for the training
-log-probs (:func:`plain_fp32_head`, :func:`head_returns_hidden`), and two that save activations for
-the backward: a gated MLP that keeps two tensors less (:func:`install_lean_mlp`) and attention on the
-grouped key and value heads (:func:`cpu_sdpa_gqa`)."""
+log-probs (:func:`plain_fp32_head`, :func:`head_returns_hidden`), and attention on the grouped key and
+value heads (:func:`cpu_sdpa_gqa`), which saves activations for the backward (the activations rebuilt
+in the backward instead: :mod:`saereward.rl.rebuild`)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from saereward.model import bf16cpu
+from saereward.rl.rebuild import rebuilt_input
 
 
 def mmap_large_allocations(threshold: int = 4 << 20, trim: int = 64 << 20) -> bool:
@@ -219,7 +221,9 @@ def install_lean_lora(model: Any) -> int:
     PEFT computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling``: a multiply and an add over the
     whole ``[tokens, out]`` output per adapted projection, in the forward and again in the backward
     (210 projections on SmolLM2). Here the scale multiplies the ``[tokens, r]`` activations and the
-    add is the ``beta = 1`` of one ``addmm``: the same function (rounding aside). Any case this does
+    add is the ``beta = 1`` of one ``addmm``: the same function (rounding aside). The input that ``A``
+    saves for its weight gradient is rebuilt in the backward where it is a lean RMSNorm's output
+    (:func:`saereward.rl.rebuild.rebuilt_input`). Any case this does
     not cover (adapters disabled or merged, several adapters, dropout, LoRA variants such as DoRA,
     extra arguments, mixed dtypes outside autocast) falls back to PEFT's own forward.
     """
@@ -258,152 +262,18 @@ def _lean_lora_forward(m: Any, peft_forward: Any) -> Any:
             return peft_forward(x, *args, **kwargs)
         if wide and result.dtype == torch.bfloat16:
             return result + bf16cpu.linear(bf16cpu.linear(xin, a) * m.scaling[name], b)
-        h = F.linear(xin, a) * m.scaling[name]
+        with rebuilt_input(x) if xin is x else contextlib.nullcontext():
+            h = F.linear(xin, a)  # saves its input, rebuilt in the backward where a lean norm made it
+        h = h * m.scaling[name]
         out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
         return out.view(result.shape).to(result.dtype)
 
     return forward
 
 
-#: MLP classes whose forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (checked
-#: against transformers' modeling files), for :func:`install_lean_mlp`.
-GATED_MLP_CLASSES = frozenset(
-    {
-        "LlamaMLP",
-        "MistralMLP",
-        "Olmo2MLP",
-        "Qwen2MLP",
-        "Qwen3MLP",
-        "Qwen3MoeMLP",
-        "Qwen3NextMLP",
-        "Qwen3_5MLP",
-        "SmolLM3MLP",
-    }
-)
-
-
-def _silu_mul(g: Tensor, u: Tensor) -> Tensor:
-    """``silu(g) * u``: the one expression both :class:`_SiluMul` and its rebuild in the backward
-    (:func:`_rebuilt_from_inputs`) compute, so the two agree bit for bit."""
-    return torch.nn.functional.silu(g) * u
-
-
-class _SiluMul(torch.autograd.Function):
-    """``silu(g) * u`` saving only ``g`` and ``u`` for the backward, which recomputes ``silu(g)``.
-
-    Autograd saves ``silu(g)`` as well (for the product's gradient): one ``[tokens, intermediate]``
-    tensor per layer more. The forward and both gradients are the same operations autograd runs
-    (``silu``, ``mul``, ``silu_backward``), so the results are equal bit for bit.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, g: Tensor, u: Tensor) -> Tensor:
-        ctx.save_for_backward(g, u)
-        return _silu_mul(g, u)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        g, u = ctx.saved_tensors
-        dg = torch.ops.aten.silu_backward(grad * u, g) if ctx.needs_input_grad[0] else None
-        du = grad * torch.nn.functional.silu(g) if ctx.needs_input_grad[1] else None
-        return dg, du
-
-
-def install_lean_mlp(model: Any) -> int:
-    """Give every gated SiLU MLP of ``model`` (:data:`GATED_MLP_CLASSES`) a forward that, under
-    autograd, saves two ``[tokens, intermediate]`` tensors less per layer; returns how many were patched.
-
-    * the activation keeps ``g`` and ``u`` only, not ``silu(g)`` (:class:`_SiluMul`);
-    * the down projection's input ``silu(g)·u``, which a LoRA adapter's ``A`` saves for its weight
-      gradient, is rebuilt from ``g`` and ``u`` in the backward (:func:`_rebuilt_from_inputs`). On the
-      GRPO benchmark's micro-batch of 4 × 64 tokens that is 47 MB of the 272 MB the update saves.
-      Skipped under another saved-tensor hook (a non-reentrant checkpoint's) and under autocast.
-
-    Same values and gradients bit for bit. Anything else (another activation, a patched activation
-    or MLP forward, no gradient needed) keeps the module's own forward.
-    """
-    from torch import nn
-    from transformers.activations import SiLUActivation
-
-    silu_forwards = (nn.SiLU.forward, SiLUActivation.forward)
-    n = 0
-    for m in model.modules():
-        act = getattr(m, "act_fn", None)
-        if (
-            type(m).__name__ not in GATED_MLP_CLASSES
-            or "forward" in m.__dict__
-            or act is None
-            or "forward" in act.__dict__
-            or type(act).forward not in silu_forwards
-        ):
-            continue
-        m.forward = _lean_mlp_forward(m, m.forward)  # type: ignore[method-assign]
-        n += 1
-    return n
-
-
-def _lean_mlp_forward(m: Any, own_forward: Any) -> Any:
-    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if args or kwargs or not torch.is_grad_enabled():
-            return own_forward(x, *args, **kwargs)
-        g, u = m.gate_proj(x), m.up_proj(x)
-        h = _SiluMul.apply(g, u)
-        if not _may_hook_saved_tensors(x):
-            return m.down_proj(h)
-        with torch.autograd.graph.saved_tensors_hooks(*_rebuilt_from_inputs(h, g, u)):
-            return m.down_proj(h)
-
-    return forward
-
-
-def _may_hook_saved_tensors(x: Tensor) -> bool:
-    """Whether this forward may install its own saved-tensor hooks: none are active already (e.g. a
-    non-reentrant checkpoint's, which must see every saved tensor), hooks are allowed, and no autocast
-    (the backward's rebuild of ``silu(g)·u`` runs outside it)."""
-    autograd = torch._C._autograd
-    top = getattr(autograd, "_top_saved_tensors_default_hooks", None)
-    enabled = getattr(autograd, "_saved_tensors_hooks_is_enabled", None)
-    if top is None or enabled is None:
-        return False
-    return top(False) is None and bool(enabled()) and not torch.is_autocast_enabled(x.device.type)
-
-
-class _Rebuild:
-    """A saved view of the gated MLP's ``silu(g)·u``, kept as its geometry only."""
-
-    __slots__ = ("offset", "shape", "stride")
-
-    def __init__(self, t: Tensor) -> None:
-        self.shape, self.stride, self.offset = tuple(t.shape), t.stride(), t.storage_offset()
-
-
-def _rebuilt_from_inputs(h: Tensor, g: Tensor, u: Tensor) -> tuple[Any, Any]:
-    """Saved-tensor hooks for the down projection of ``h = silu(g)·u``: a saved view of ``h`` (the
-    input that LoRA's ``A`` needs for its weight gradient) is kept as its geometry and rebuilt in the
-    backward from ``g`` and ``u``, which :class:`_SiluMul` keeps anyway, by the same operations
-    (equal bit for bit). Every other saved tensor is kept as it is."""
-    # the storage's address and size, not the storage itself: a reference would keep it alive
-    where = (h.untyped_storage().data_ptr(), h.untyped_storage().nbytes())
-
-    def pack(t: Tensor) -> Tensor | _Rebuild:
-        try:
-            same = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # no plain storage (sparse, a tensor subclass)
-            return t
-        return _Rebuild(t) if (same.data_ptr(), same.nbytes()) == where else t
-
-    def unpack(t: Tensor | _Rebuild) -> Tensor:
-        if not isinstance(t, _Rebuild):
-            return t
-        return _silu_mul(g, u).as_strided(t.shape, t.stride, t.offset)
-
-    return pack, unpack
-
-
 __all__ = [
     "cpu_sdpa_gqa",
     "install_lean_lora",
-    "install_lean_mlp",
     "merged_lora",
     "mmap_large_allocations",
     "skinny_linear",
