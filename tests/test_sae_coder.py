@@ -258,3 +258,21 @@ def test_decoder_maintenance():
     sae.remove_parallel_grad()
     torch.testing.assert_close((sae.W_dec.grad * sae.W_dec).sum(1), torch.zeros(64, dtype=torch.float64))
     torch.testing.assert_close(unit_rows(torch.zeros(2, 3)), torch.zeros(2, 3))
+
+
+def test_encoder_only_copy_encodes_the_same_and_refuses_to_decode():
+    sae = _sae()
+    enc = sae.encoder_only()
+    x = torch.randn(7, 16, dtype=torch.float64)
+    assert enc.W_enc.data_ptr() == sae.W_enc.data_ptr() and enc.W_dec.numel() == 0
+    assert torch.equal(enc.encode(x), sae.encode(x))
+    assert all(
+        a is not b and torch.equal(a, b) for a, b in zip(enc.encode_topk(x), sae.encode_topk(x), strict=True)
+    )
+    for decode in (
+        lambda: enc.decode(sae.encode(x)),
+        lambda: enc.decode_topk(*sae.encode_topk(x)),
+        lambda: enc(x),
+    ):
+        with pytest.raises(SaeRewardError, match="no decoder"):
+            decode()

@@ -244,8 +244,10 @@ class GRPOTrainer:
             check_pack_sae(pack, sae_path)
             # the step's rewards in chunks of 256 tokens: the encoder's dense pre-activations stay
             # ~9 MB instead of sitting on the step's memory at once (each token is encoded on its own:
-            # on the 2-core VM the scores equal the one-chunk ones bit for bit)
-            scorer = PackScorer(load_sae(sae_path), pack, d_model=self.lm.d_model, chunk=256)
+            # on the 2-core VM the scores equal the one-chunk ones bit for bit); the reward reads
+            # activations only, so the SAE's decoder is not kept (21 MB at 9216 × 576 fp32)
+            sae = load_sae(sae_path).encoder_only()
+            scorer = PackScorer(sae, pack, d_model=self.lm.d_model, chunk=256)
             scorer.to(self.device)  # where the model runs
             return scorer, check_pack_scorer(scorer, self.lm.model, cfg.layer, model_name=cfg.model)
 

@@ -270,6 +270,30 @@ class TopKSAE(nn.Module):
             setattr(sae, name, nn.Parameter(state[name]))
         return sae
 
+    def encoder_only(self) -> TopKSAE:
+        """An SAE that shares this one's encoder (``W_enc``, ``b_enc``, ``b_dec``) and holds no decoder
+        weights (``W_dec`` empty): it encodes as this one does; decoding raises. For callers that only
+        read activations (a reward), so the ``[d_sae, d_in]`` decoder need not stay in memory."""
+        sae = self.from_state(
+            self.cfg,
+            {
+                "W_enc": self.W_enc.data,
+                "b_enc": self.b_enc.data,
+                "W_dec": self.W_dec.data.new_empty(0, self.cfg.d_in),
+                "b_dec": self.b_dec.data,
+            },
+        )
+        for p in sae.parameters():
+            p.requires_grad_(self.W_enc.requires_grad)
+        return sae
+
+    def _decoder(self) -> Tensor:
+        if self.W_dec.shape[0] != self.cfg.d_sae:
+            raise SaeRewardError(
+                "this SAE holds no decoder (an encoder-only copy): decode with the SAE it was made from"
+            )
+        return self.W_dec
+
     # -- helpers ----------------------------------------------------------------------------------
 
     @property
@@ -329,13 +353,13 @@ class TopKSAE(nn.Module):
         lead = tuple(values.shape[:-1])
         v = values.reshape(-1, values.shape[-1]).to(self.W_dec.dtype)
         i = indices.reshape(-1, indices.shape[-1])
-        return self._out(kernels.decode(v, i, self.W_dec) + self.b_dec, lead)
+        return self._out(kernels.decode(v, i, self._decoder()) + self.b_dec, lead)
 
     def decode(self, acts: Tensor) -> Tensor:
         """Reconstruction from dense codes ``[..., d_sae]``: ``acts @ W_dec + b_dec``."""
         lead = tuple(acts.shape[:-1])
         a = acts.reshape(-1, self.cfg.d_sae).to(self.W_dec.dtype)
-        return self._out(a @ self.W_dec + self.b_dec, lead)
+        return self._out(a @ self._decoder() + self.b_dec, lead)
 
     def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, k_aux: int = 512) -> ForwardOutput:
         """Encode, decode and measure (see :class:`ForwardOutput`); ``dead_mask`` ``[d_sae]`` bool enables AuxK."""
@@ -344,7 +368,7 @@ class TopKSAE(nn.Module):
         enc = kernels.encode(
             xn, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, dead_mask=dead_mask, k_aux=k_aux
         )
-        recon, e_hat = kernels.reconstruct(enc, self.W_dec, self.b_dec)
+        recon, e_hat = kernels.reconstruct(enc, self._decoder(), self.b_dec)
         sse = F.mse_loss(recon, xn, reduction="sum")  # one fused kernel forward and backward
         total_var = _total_variance(xn)
         if e_hat is not None:
