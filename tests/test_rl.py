@@ -1441,7 +1441,7 @@ def test_plain_fp32_head_only_where_the_logits_are_the_heads() -> None:
 def test_silu_mul_saves_less_and_equals_autograd_bit_for_bit() -> None:
     """The lean MLP activation: the same output and input gradients as autograd's ``silu(g) * u`` bit
     for bit, with two saved tensors instead of three."""
-    from saereward.rl.rebuild import _SiluMul
+    from saereward.rl.rebuild import _silu_mul_sharing, _SiluMul
 
     g0, u0, grad = torch.randn(3, 7, 40, generator=torch.Generator().manual_seed(0)).unbind(0)
     results = []
@@ -1463,6 +1463,13 @@ def test_silu_mul_saves_less_and_equals_autograd_bit_for_bit() -> None:
     u1 = u0.clone().requires_grad_()
     _SiluMul.apply(g0, u1).backward(grad)  # only the input that needs a gradient gets one
     assert torch.equal(u1.grad, du0)
+    # silu(g) left by the product's rebuild is used once (popped), with the same result
+    g2, u2 = g0.clone().requires_grad_(), u0.clone().requires_grad_()
+    share: dict[str, torch.Tensor] = {}
+    y2 = _SiluMul.apply(g2, u2, share)
+    assert torch.equal(_silu_mul_sharing(g0, u0, share), y2.detach()) and "silu" in share
+    y2.backward(grad)
+    assert not share and torch.equal(g2.grad, dg0) and torch.equal(u2.grad, du0)
 
 
 def test_lean_mlp_patches_only_gated_silu_mlps() -> None:

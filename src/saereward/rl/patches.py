@@ -221,7 +221,8 @@ def install_lean_lora(model: Any) -> int:
     PEFT computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling``: a multiply and an add over the
     whole ``[tokens, out]`` output per adapted projection, in the forward and again in the backward
     (210 projections on SmolLM2). Here the scale multiplies the ``[tokens, r]`` activations and the
-    add is the ``beta = 1`` of one ``addmm``: the same function (rounding aside). The input that ``A``
+    add is the ``beta = 1`` of one ``addmm``, into the base layer's output where that is a plain
+    ``nn.Linear``'s: the same function (rounding aside). The input that ``A``
     saves for its weight gradient is rebuilt in the backward where it is a lean RMSNorm's output
     (:func:`saereward.rl.rebuild.rebuilt_input`). Any case this does
     not cover (adapters disabled or merged, several adapters, dropout, LoRA variants such as DoRA,
@@ -244,6 +245,10 @@ def _lean_lora_forward(m: Any, peft_forward: Any) -> Any:
     from torch.nn import functional as F
 
     wide = bf16cpu.installed(m.base_layer)  # bf16 products through fp32 GEMM (CPU without bf16 units)
+    # a plain linear layer's output is a fresh tensor that its own backward does not read and that no
+    # hook keeps, so the adapter's product may be added into it in place
+    base = m.base_layer
+    in_place = type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks)
 
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if args or kwargs or m.disable_adapters or m.merged or len(m.active_adapters) != 1:
@@ -256,17 +261,24 @@ def _lean_lora_forward(m: Any, peft_forward: Any) -> Any:
         ):
             return peft_forward(x, *args, **kwargs)
         a, b = m.lora_A[name].weight, m.lora_B[name].weight
-        result = m.base_layer(x)
+        lead = x.shape[:-1]
+        result = m.base_layer(x.reshape(-1, x.shape[-1]))  # 2-D: the sum below can go into it
         xin = m._cast_input_dtype(x, a.dtype)
-        if not torch.is_autocast_enabled(x.device.type) and not (result.dtype == xin.dtype == b.dtype):
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not autocast and not (result.dtype == xin.dtype == b.dtype):
             return peft_forward(x, *args, **kwargs)
+        xin2 = xin.reshape(-1, xin.shape[-1])
         if wide and result.dtype == torch.bfloat16:
-            return result + bf16cpu.linear(bf16cpu.linear(xin, a) * m.scaling[name], b)
+            out = result + bf16cpu.linear(bf16cpu.linear(xin2, a) * m.scaling[name], b)
+            return out.view(*lead, out.shape[-1])
         with rebuilt_input(x) if xin is x else contextlib.nullcontext():
-            h = F.linear(xin, a)  # saves its input, rebuilt in the backward where a lean norm made it
+            h = F.linear(xin2, a)  # saves its input, rebuilt in the backward where a lean norm made it
         h = h * m.scaling[name]
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
-        return out.view(result.shape).to(result.dtype)
+        if autocast or not in_place:  # autocast casts addmm's operands, not addmm_'s
+            out = torch.addmm(result, h, b.t())
+        else:  # the same product, into the base output (no [tokens, out] copy first)
+            out = result.addmm_(h, b.t())
+        return out.view(*lead, out.shape[-1]).to(result.dtype)
 
     return forward
 
