@@ -1748,6 +1748,33 @@ def test_lean_lora_forward_matches_peft(tmp_path: Path) -> None:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_lean_lora_sums_in_place_only_into_an_output_no_one_else_holds(tmp_path: Path) -> None:
+    """The adapter's product goes into a plain base layer's output in place; a base layer with a hook
+    (which may keep its output) gets an out-of-place sum, so what the hook kept is the base output."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    torch.manual_seed(0)
+    tr = GRPOTrainer(rl_cfg(tmp_path / "h"), lm=fresh_tiny())
+    with torch.no_grad():
+        for n, p in tr.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    m = next(m for m in tr.model.modules() if isinstance(m, LoraLinear))
+    x = torch.randn(2, 5, m.base_layer.in_features)
+    with torch.no_grad():
+        plain = m(x)
+        kept: list[torch.Tensor] = []
+        hook = m.base_layer.register_forward_hook(lambda mod, a, out: kept.append(out))
+        hooked = m(x)
+        hook.remove()
+        base = m.base_layer(x.reshape(-1, x.shape[-1]))
+    assert (
+        torch.equal(plain, hooked)
+        and torch.equal(kept[0], base)
+        and not torch.equal(plain.flatten(0, 1), base)
+    )
+
+
 def test_skinny_linear_same_products_and_restored() -> None:
     from saereward.rl.patches import skinny_linear
 

@@ -240,15 +240,23 @@ def install_lean_lora(model: Any) -> int:
     return n
 
 
+def _output_is_own(base: Any) -> bool:
+    """Whether ``base`` is a plain ``nn.Linear`` whose output is a fresh tensor that its own backward
+    does not read and that no hook or patched forward keeps: then a sum may go into it in place."""
+    from torch import nn
+
+    return (
+        type(base) is nn.Linear
+        and "forward" not in base.__dict__
+        and not (base._forward_hooks or base._forward_pre_hooks)
+    )
+
+
 def _lean_lora_forward(m: Any, peft_forward: Any) -> Any:
     from torch import nn
     from torch.nn import functional as F
 
     wide = bf16cpu.installed(m.base_layer)  # bf16 products through fp32 GEMM (CPU without bf16 units)
-    # a plain linear layer's output is a fresh tensor that its own backward does not read and that no
-    # hook keeps, so the adapter's product may be added into it in place
-    base = m.base_layer
-    in_place = type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks)
 
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if args or kwargs or m.disable_adapters or m.merged or len(m.active_adapters) != 1:
@@ -274,7 +282,7 @@ def _lean_lora_forward(m: Any, peft_forward: Any) -> Any:
         with rebuilt_input(x) if xin is x else contextlib.nullcontext():
             h = F.linear(xin2, a)  # saves its input, rebuilt in the backward where a lean norm made it
         h = h * m.scaling[name]
-        if autocast or not in_place:  # autocast casts addmm's operands, not addmm_'s
+        if autocast or not _output_is_own(m.base_layer):  # autocast casts addmm's operands, not addmm_'s
             out = torch.addmm(result, h, b.t())
         else:  # the same product, into the base output (no [tokens, out] copy first)
             out = result.addmm_(h, b.t())
