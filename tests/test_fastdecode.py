@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 
 import pytest
@@ -369,7 +370,7 @@ def test_packed_on_mapped_weights_drops_their_pages_and_decodes_as_in_memory(tmp
     dropped: list[int] = []
     real = residency.drop_mapped_pages
     monkeypatch.setattr(
-        residency, "drop_mapped_pages", lambda ts: real(t for t in ts if not dropped.append(id(t)))
+        residency, "drop_mapped_pages", lambda ts, *a: real((t for t in ts if not dropped.append(id(t))), *a)
     )
     ids, am = _batch()
     out = {}
@@ -398,3 +399,39 @@ def test_packed_on_mapped_weights_drops_their_pages_and_decodes_as_in_memory(tmp
     assert sorted(dropped) == sorted(2 * [id(t) for t in [*weights, head]])
     assert [p.data_ptr() for p in weights] == ptrs
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@torch.no_grad()
+def test_packed_linears_run_only_where_the_weights_stay_held_once(tmp_path) -> None:
+    """``onednn.packed_linears``: layers whose weights view a file mapping compute ``F.linear``'s
+    product on packed weights while the context is open (3-D inputs too) and get their own forward
+    back after it; layers in the process's own memory (a packed copy would double them) or with a
+    patched forward keep computing as before, and the context says it did nothing."""
+    from safetensors.torch import load_file, save_file
+
+    if not onednn.available(torch.float32):
+        pytest.skip("this torch build has no oneDNN packed linear")
+    torch.manual_seed(0)
+    own = [torch.nn.Linear(64, 48), torch.nn.Linear(48, 64, bias=False)]
+    save_file(
+        {f"w{i}": lin.weight.detach().contiguous() for i, lin in enumerate(own)}, tmp_path / "w.safetensors"
+    )
+    weights = load_file(tmp_path / "w.safetensors")  # views of the file's mapping
+    mapped = [torch.nn.Linear(64, 48), torch.nn.Linear(48, 64, bias=False)]
+    for i, lin in enumerate(mapped):
+        lin.weight = torch.nn.Parameter(weights[f"w{i}"], requires_grad=False)
+        if lin.bias is not None:
+            lin.bias.copy_(own[i].bias)
+    x = torch.randn(2, 5, 64)
+    want = own[1](own[0](x))
+    with onednn.packed_linears(own) as did:
+        assert not did and not any("forward" in lin.__dict__ for lin in own)
+    if sys.platform.startswith("linux"):
+        with onednn.packed_linears(mapped) as did:
+            assert did and all("forward" in lin.__dict__ for lin in mapped)
+            torch.testing.assert_close(mapped[1](mapped[0](x)), want, rtol=1e-5, atol=1e-5)
+        assert not any("forward" in lin.__dict__ for lin in mapped)
+    assert torch.equal(mapped[1](mapped[0](x)), want)  # plain products again, the same weights
+    mapped[0].forward = lambda t: t  # a patched forward is never replaced
+    with onednn.packed_linears(mapped) as did:
+        assert not did

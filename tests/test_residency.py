@@ -37,10 +37,15 @@ def test_file_mappings_keeps_private_file_backed_ones() -> None:
 def test_unmodified_reads_pagemap_bits() -> None:
     """Pages still holding the file's bytes: resident file pages, or never-swapped absent ones; a
     private copy (resident, no file bit) or a swapped page is written data."""
-    present, swapped, file = residency._PRESENT, residency._SWAPPED, residency._FILE
-    assert residency._unmodified([present | file, 0, present | file | 123])
-    assert not residency._unmodified([present | file, present])  # a private (written) copy
-    assert not residency._unmodified([swapped])
+    present, swapped, file = (1 << b for b in (residency._PRESENT, residency._SWAPPED, residency._FILE))
+
+    def entries(*values: int) -> torch.Tensor:  # unsigned 64-bit values as the int64 bits pagemap holds
+        return torch.tensor([v - (1 << 64) if v >> 63 else v for v in values], dtype=torch.int64)
+
+    assert residency._unmodified(entries(present | file, 0, present | file | 123, file))
+    assert not residency._unmodified(entries(present | file, present))  # a private (written) copy
+    assert not residency._unmodified(entries(present | 123))  # resident, no file bit, pfn bits set
+    assert not residency._unmodified(entries(swapped))
 
 
 @linux

@@ -1797,3 +1797,60 @@ def test_skinny_linear_same_products_and_restored() -> None:
         x = few.clone().requires_grad_()
         lin(x).sum().backward()
         assert x.grad is not None
+
+
+def test_packed_reference_on_mapped_weights_matches_plain_products(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``packed_reference``: with the base weights in the checkpoint's file mapping the reference forward
+    runs every decoder projection on packed weights (one oneDNN product per projection call), each
+    weight handed to ``drop_mapped_pages`` once, to the plain products' log-probs up to float rounding;
+    afterwards no projection keeps a patched forward and the weights hold the same bits. Weights in
+    the process's own memory, or the option off: plain products only."""
+    from transformers import AutoModelForCausalLM
+
+    from saereward.model import onednn, residency
+    from saereward.model.lm import LoadedModel, decoder_layers
+    from tiny_models import char_tokenizer, make_tiny
+
+    if not onednn.available(torch.float32):
+        pytest.skip("this torch build has no oneDNN packed linear")
+    make_tiny("llama")[0].save_pretrained(tmp_path / "ckpt")
+    calls, dropped = [], []
+    real_linear, real_drop = onednn.linear, residency.drop_mapped_pages
+    monkeypatch.setattr(onednn, "linear", lambda *a, **k: calls.append(1) or real_linear(*a, **k))
+    monkeypatch.setattr(
+        residency, "drop_mapped_pages", lambda ts, *a: real_drop((t for t in ts if not dropped.append(1)), *a)
+    )
+    refs = {}
+    for name, packed, mapped in (("plain", False, True), ("packed", True, True), ("own", True, False)):
+        if mapped:
+            model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+        else:
+            model = make_tiny("llama")[0]
+        lm = LoadedModel(model=model, tokenizer=char_tokenizer(), spec="tiny", source="hf", path="")
+        torch.manual_seed(0)
+        tr = GRPOTrainer(rl_cfg(tmp_path / name, packed_reference=packed, max_new_tokens=8), lm=lm)
+        b = _ragged_batch(tr)
+        before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+        calls.clear()
+        dropped.clear()
+        ref, _ = tr.reference(b)
+        blocks = decoder_layers(tr.model)
+        n_proj = sum(
+            1
+            for blk in blocks
+            for n, m in blk.named_modules()
+            if type(m) is torch.nn.Linear and "lora_" not in n
+        )
+        if name == "packed":
+            assert n_proj == 7 * len(blocks) and len(dropped) == n_proj
+            assert len(calls) >= n_proj
+        else:
+            assert calls == [] and dropped == []
+        assert not any("forward" in m.__dict__ for m in tr.model.modules() if type(m) is torch.nn.Linear)
+        assert all(torch.equal(p, before[n]) for n, p in tr.model.named_parameters())
+        refs[name] = ref[b.response_mask[:, b.prompt_len :].bool()]
+    assert refs["plain"].numel() > 0
+    torch.testing.assert_close(refs["packed"], refs["plain"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(refs["own"], refs["plain"], rtol=1e-5, atol=1e-5)

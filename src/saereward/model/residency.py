@@ -18,11 +18,11 @@ import ctypes
 import ctypes.util
 import functools
 import mmap
-import struct
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 _MADV_DONTNEED = 4
@@ -47,9 +47,11 @@ def file_mappings(maps: Iterable[str] | None = None) -> list[tuple[int, int]]:
     return found
 
 
-def in_file_mappings(tensors: Iterable[Tensor]) -> bool:
-    """Whether every one of ``tensors`` (CPU) is a view of a private file mapping (Linux)."""
-    ranges = file_mappings()
+def in_file_mappings(tensors: Iterable[Tensor], ranges: list[tuple[int, int]] | None = None) -> bool:
+    """Whether every one of ``tensors`` (CPU) is a view of a private file mapping (Linux); ``ranges``:
+    :func:`file_mappings` read once by a caller that asks several times (``/proc/self/maps`` lists
+    every loaded library: a few ms to parse)."""
+    ranges = file_mappings() if ranges is None else ranges
     if not ranges:
         return False
     return all(t.device.type == "cpu" and _inside(ranges, *_span(t)) for t in tensors)
@@ -87,19 +89,25 @@ def glibc() -> Any:
         return None
 
 
-#: ``/proc/self/pagemap`` entry bits: the page is present, swapped, a file page (or shared anonymous)
-_PRESENT, _SWAPPED, _FILE = 1 << 63, 1 << 62, 1 << 61
+#: ``/proc/self/pagemap`` entry bit numbers: the page is present, swapped, a file page (or shared anonymous)
+_PRESENT, _SWAPPED, _FILE = 63, 62, 61
 
 
-def _unmodified(entries: Sequence[int]) -> bool:
-    """Whether pages of a private file mapping (their ``pagemap`` entries) all still hold the file's
-    bytes: resident as file pages, or not resident and never swapped (a page written since the mapping
-    was made is a private anonymous copy: resident without the file bit, or swapped out)."""
-    return all((e & _FILE) if e & _PRESENT else not e & _SWAPPED for e in entries)
+def _unmodified(entries: Tensor) -> bool:
+    """Whether pages of a private file mapping (their ``pagemap`` entries, the bits of each as an int64)
+    all still hold the file's bytes: resident as file pages, or not resident and never swapped (a page
+    written since the mapping was made is a private anonymous copy: resident without the file bit, or
+    swapped out). One vectorised test: 0.54 GB of weights are 132k entries."""
+
+    def bit(b: int) -> Tensor:
+        return (entries >> b) & 1 == 1  # arithmetic shift: bit 63 is the sign, masked to one bit
+
+    return bool(torch.where(bit(_PRESENT), bit(_FILE), ~bit(_SWAPPED)).all())
 
 
-def _pagemap(lo: int, hi: int, page: int) -> list[int] | None:
-    """The ``pagemap`` entries of the pages ``[lo, hi)`` (page-aligned); ``None`` where unreadable."""
+def _pagemap(lo: int, hi: int, page: int) -> Tensor | None:
+    """The ``pagemap`` entries of the pages ``[lo, hi)`` (page-aligned) as the bits of an int64 tensor;
+    ``None`` where unreadable."""
     n = (hi - lo) // page
     try:
         with open("/proc/self/pagemap", "rb") as f:
@@ -109,10 +117,10 @@ def _pagemap(lo: int, hi: int, page: int) -> list[int] | None:
         return None
     if len(raw) != n * 8:
         return None
-    return list(struct.unpack(f"<{n}Q", raw))
+    return torch.frombuffer(bytearray(raw), dtype=torch.int64)  # native byte order, as the kernel writes
 
 
-def drop_mapped_pages(tensors: Iterable[Tensor]) -> int:
+def drop_mapped_pages(tensors: Iterable[Tensor], ranges: list[tuple[int, int]] | None = None) -> int:
     """Release the resident pages of each tensor that is a view of a private file mapping, where they
     still hold the file's bytes; returns the bytes released.
 
@@ -122,8 +130,8 @@ def drop_mapped_pages(tensors: Iterable[Tensor]) -> int:
     tensor with any such page (``/proc/self/pagemap``) is left alone, as is every page it shares with a
     neighbour. Linux only; elsewhere nothing is released. Not while another thread writes to the tensors (a
     write between the check and the release would be lost); a write after it makes a private copy
-    of the file's bytes again, as the first one did."""
-    ranges = file_mappings()
+    of the file's bytes again, as the first one did. ``ranges``: as for :func:`in_file_mappings`."""
+    ranges = file_mappings() if ranges is None else ranges
     libc = glibc()
     if not ranges or libc is None:
         return 0

@@ -48,8 +48,9 @@ def settings_diff(saved: dict[str, Any], cfg: GRPOConfig) -> list[str]:
 
 
 #: runs saved before an option existed behaved like this (the reward form was mechreward's; rollouts
-#: decoded with MKL's products on merged weights, other rounding than packed decoding)
-_LEGACY: dict[str, Any] = {"reward_form": "mechreward", "packed_decode": False}
+#: decoded with MKL's products on merged weights and the reference forward ran on plain weights, other
+#: rounding than packed products)
+_LEGACY: dict[str, Any] = {"reward_form": "mechreward", "packed_decode": False, "packed_reference": False}
 STEP_SEED = 104_729  # torch is seeded with seed * STEP_SEED + step before each step
 
 

@@ -98,6 +98,7 @@ from saereward.features.scoring import PackScorer, masked_mean
 from saereward.io import read_jsonl, write_json, write_jsonl
 from saereward.lock import folder_lock
 from saereward.metrics import MetricSinks
+from saereward.model import onednn
 from saereward.model.capture import ResidualCapture, position_ids_from_mask
 from saereward.model.generate import (
     SamplingConfig,
@@ -107,7 +108,7 @@ from saereward.model.generate import (
     packs_weights,
     stop_strings_for,
 )
-from saereward.model.lm import LoadedModel, load_model, require_device, resolve_layer
+from saereward.model.lm import LoadedModel, decoder_layers, load_model, require_device, resolve_layer
 from saereward.rl.batching import PromptPrefix, _Batch, _Slice, micro_batches
 from saereward.rl.checkpoint import (
     STEP_SEED,
@@ -588,7 +589,7 @@ class GRPOTrainer:
         B, T = b.sequences.shape
         ref_lp = torch.zeros(B, T - b.prompt_len, device=b.sequences.device)
         res_full: Tensor | None = None
-        with torch.no_grad(), self.model.disable_adapter():
+        with torch.no_grad(), self.model.disable_adapter(), self._packed_reference():
             prefix = None if layer is not None else self._prompt_prefix(b, grad=False)
             # the micro-batches share the head's chunk buffers (not in the update: held through its
             # backward passes, they would add ~50 MB to the step's peak)
@@ -604,6 +605,20 @@ class GRPOTrainer:
                         res_full = res.new_zeros(B, T, res.shape[-1])
                     res_full[sl.rows, sl.start : sl.end] = res
         return (ref_lp if cfg.beta > 0 else None), res_full
+
+    def _packed_reference(self) -> contextlib.AbstractContextManager[Any]:
+        """``packed_reference``: the reference forward's projections on oneDNN packed base weights,
+        where :func:`saereward.model.onednn.packed_linears` applies (CPU fp32 weights in a file
+        mapping); the LoRA adapters' own layers are left out (disabled in the reference anyway)."""
+        if not self.cfg.packed_reference:
+            return contextlib.nullcontext()
+        lins = [
+            m
+            for block in decoder_layers(self.model)
+            for name, m in block.named_modules()
+            if isinstance(m, torch.nn.Linear) and "lora_" not in name
+        ]
+        return onednn.packed_linears(lins)
 
     def scored_mask(self, b: _Batch) -> Tensor:
         """``[B, N]`` response positions whose score counts: with a residual, and (fixed-scale forms)
