@@ -1805,8 +1805,10 @@ def test_packed_reference_on_mapped_weights_matches_plain_products(
     """``packed_reference``: with the base weights in the checkpoint's file mapping the reference forward
     runs every decoder projection on packed weights (one oneDNN product per projection call), each
     weight handed to ``drop_mapped_pages`` once, to the plain products' log-probs up to float rounding;
-    afterwards no projection keeps a patched forward and the weights hold the same bits. Weights in
-    the process's own memory, or the option off: plain products only."""
+    afterwards no projection keeps a patched forward and the weights hold the same bits. With
+    ``packed_in_place`` the free heap goes back to the OS once, after the reference, not after the
+    rollouts (the reference's copy reuses theirs). Weights in the process's own memory, or the option
+    off: plain products only."""
     from transformers import AutoModelForCausalLM
 
     from saereward.model import onednn, residency
@@ -1816,26 +1818,36 @@ def test_packed_reference_on_mapped_weights_matches_plain_products(
     if not onednn.available(torch.float32):
         pytest.skip("this torch build has no oneDNN packed linear")
     make_tiny("llama")[0].save_pretrained(tmp_path / "ckpt")
-    calls, dropped = [], []
-    real_linear, real_drop = onednn.linear, residency.drop_mapped_pages
+    calls, dropped, trims = [], [], []
+    real_linear, real_drop, real_trim = (
+        onednn.linear,
+        residency.drop_mapped_pages,
+        residency.return_free_memory,
+    )
+    monkeypatch.setattr(residency, "return_free_memory", lambda: trims.append(1) or real_trim())
     monkeypatch.setattr(onednn, "linear", lambda *a, **k: calls.append(1) or real_linear(*a, **k))
     monkeypatch.setattr(
         residency, "drop_mapped_pages", lambda ts, *a: real_drop((t for t in ts if not dropped.append(1)), *a)
     )
     refs = {}
-    for name, packed, mapped in (("plain", False, True), ("packed", True, True), ("own", True, False)):
+    cases = (("plain", False, True, False), ("packed", True, True, False), ("own", True, False, False))
+    for name, packed, mapped, in_place in (*cases, ("released", True, True, True)):
         if mapped:
             model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
         else:
             model = make_tiny("llama")[0]
         lm = LoadedModel(model=model, tokenizer=char_tokenizer(), spec="tiny", source="hf", path="")
         torch.manual_seed(0)
-        tr = GRPOTrainer(rl_cfg(tmp_path / name, packed_reference=packed, max_new_tokens=8), lm=lm)
+        cfg = rl_cfg(tmp_path / name, packed_reference=packed, packed_in_place=in_place, max_new_tokens=8)
+        tr = GRPOTrainer(cfg, lm=lm)
+        trims.clear()
         b = _ragged_batch(tr)
+        assert trims == []
         before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
         calls.clear()
         dropped.clear()
         ref, _ = tr.reference(b)
+        assert len(trims) == in_place
         blocks = decoder_layers(tr.model)
         n_proj = sum(
             1
@@ -1843,7 +1855,7 @@ def test_packed_reference_on_mapped_weights_matches_plain_products(
             for n, m in blk.named_modules()
             if type(m) is torch.nn.Linear and "lora_" not in n
         )
-        if name == "packed":
+        if packed and mapped:
             assert n_proj == 7 * len(blocks) and len(dropped) == n_proj
             assert len(calls) >= n_proj
         else:

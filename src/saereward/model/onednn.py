@@ -72,29 +72,35 @@ def _packable(lin: Any) -> bool:
     )
 
 
-@contextlib.contextmanager
-def packed_linears(linears: Sequence[Any], rows: int = 16) -> Iterator[bool]:
-    """While open, each of ``linears`` computes ``x @ wᵀ + b`` through :func:`linear` on its weight
-    packed once (no gradient flows to the weight: for forwards under ``no_grad``). Yields whether it
-    did: only where :func:`available` holds, every layer is a plain fp32 CPU ``nn.Linear``
-    (:func:`_packable`), and every weight is a view of a private file mapping
-    (:func:`saereward.model.residency.in_file_mappings`), whose pages are dropped as soon as its packed
-    copy exists (:func:`saereward.model.residency.drop_mapped_pages`): the weights are held once, and
-    fault back in from the file when next read after the context. Otherwise nothing changes (a
-    second copy of the weights would cost more memory than the products save).
-
-    Same products as ``F.linear``, other rounding order. On the 2-core Zen 4 VM a GRPO reference
-    forward of SmolLM2-135M ran ~15 % faster on packed weights (BENCHMARKS.md)."""
-    weights = [lin.weight for lin in linears]
-    maps = residency.file_mappings()
-    if not (
+def packable(linears: Sequence[Any]) -> bool:
+    """Whether :func:`packed_linears` packs ``linears``: :func:`available` holds, every layer is a plain
+    fp32 CPU ``nn.Linear`` (:func:`_packable`), and every weight is a view of a private file mapping
+    (:func:`saereward.model.residency.in_file_mappings`), so that dropping its pages keeps it held once."""
+    return bool(
         linears
         and available(torch.float32)
         and all(_packable(lin) for lin in linears)
-        and residency.in_file_mappings(weights, maps)
-    ):
+        and residency.in_file_mappings([lin.weight for lin in linears])
+    )
+
+
+@contextlib.contextmanager
+def packed_linears(linears: Sequence[Any], rows: int = 16, release: bool = False) -> Iterator[bool]:
+    """While open, each of ``linears`` computes ``x @ wᵀ + b`` through :func:`linear` on its weight
+    packed once (no gradient flows to the weight: for forwards under ``no_grad``). Yields whether it
+    did, which is where :func:`packable` holds: each weight's pages are then dropped as soon as its
+    packed copy exists (:func:`saereward.model.residency.drop_mapped_pages`), so the weights are held
+    once, and fault back in from the file when next read after the context. Otherwise nothing changes
+    (a second copy of the weights would cost more memory than the products save). ``release``: the
+    free heap the packed copy leaves goes back to the OS when the context ends
+    (:func:`saereward.model.residency.return_free_memory`; lower peak memory, more page faults later).
+
+    Same products as ``F.linear``, other rounding order. On the 2-core Zen 4 VM a GRPO reference
+    forward of SmolLM2-135M ran ~10 % faster on packed weights, packing included (BENCHMARKS.md)."""
+    if not packable(linears):
         yield False
         return
+    maps = residency.file_mappings()
     patched = []
     try:
         with torch.no_grad():
@@ -107,3 +113,5 @@ def packed_linears(linears: Sequence[Any], rows: int = 16) -> Iterator[bool]:
     finally:
         for lin in patched:
             del lin.forward
+        if patched and release:
+            residency.return_free_memory()

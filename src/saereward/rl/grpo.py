@@ -418,6 +418,9 @@ class GRPOTrainer:
         # packed decoding folds the adapters into its own copy (or, in place, keeps them beside it):
         # merging in place would copy them again
         packed = packs_weights(self.model, sampling, cfg.fast_decode, cfg.skinny_decode, cfg.packed_decode)
+        # with packed_in_place the reference's packed copy reuses the heap this one leaves, and gives
+        # it back itself
+        in_place = packed and cfg.packed_in_place and not self._reference_packs()
         with (
             merged_lora(self.model, enabled=cfg.merge_for_generation and not packed),
             skinny_linear(self.model) if cfg.skinny_decode else contextlib.nullcontext(),
@@ -432,7 +435,7 @@ class GRPOTrainer:
                 fast_decode=cfg.fast_decode,
                 skinny=cfg.skinny_decode,
                 packed=packed,
-                packed_in_place=packed and cfg.packed_in_place,
+                packed_in_place=in_place,
             )
         res = g.residuals[capture[0]] if capture else None
         return _Batch(
@@ -606,19 +609,30 @@ class GRPOTrainer:
                     res_full[sl.rows, sl.start : sl.end] = res
         return (ref_lp if cfg.beta > 0 else None), res_full
 
-    def _packed_reference(self) -> contextlib.AbstractContextManager[Any]:
-        """``packed_reference``: the reference forward's projections on oneDNN packed base weights,
-        where :func:`saereward.model.onednn.packed_linears` applies (CPU fp32 weights in a file
-        mapping); the LoRA adapters' own layers are left out (disabled in the reference anyway)."""
-        if not self.cfg.packed_reference:
-            return contextlib.nullcontext()
-        lins = [
+    def _reference_linears(self) -> list[Any]:
+        """The decoder's projections as the reference forward computes them: the base layers (the
+        LoRA adapters' own layers, disabled there, left out)."""
+        return [
             m
             for block in decoder_layers(self.model)
             for name, m in block.named_modules()
             if isinstance(m, torch.nn.Linear) and "lora_" not in name
         ]
-        return onednn.packed_linears(lins)
+
+    def _reference_packs(self) -> bool:
+        """Whether :meth:`reference` runs a forward on packed base weights (``packed_reference`` where
+        :func:`saereward.model.onednn.packable` holds: CPU fp32 weights in a file mapping)."""
+        cfg = self.cfg
+        runs = cfg.beta > 0 or (self.scorer is not None and cfg.reward_source == "reference")
+        return cfg.packed_reference and runs and onednn.packable(self._reference_linears())
+
+    def _packed_reference(self) -> contextlib.AbstractContextManager[Any]:
+        """:meth:`reference`'s products on packed base weights where :meth:`_reference_packs`; with
+        ``packed_in_place`` the free heap their packed copy leaves goes back to the OS afterwards (the
+        rollouts then keep theirs for it: the two copies take the same sizes)."""
+        if not self._reference_packs():
+            return contextlib.nullcontext()
+        return onednn.packed_linears(self._reference_linears(), release=self.cfg.packed_in_place)
 
     def scored_mask(self, b: _Batch) -> Tensor:
         """``[B, N]`` response positions whose score counts: with a residual, and (fixed-scale forms)
