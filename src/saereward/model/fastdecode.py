@@ -150,23 +150,40 @@ def _pack(*ps: _Proj, rows: int = 16, fold: bool = True) -> _Proj:
     folded in, in fp32), stacked along the output features (one product computes them all), reordered
     for products of about ``rows`` rows; the biases stacked likewise (zeros where one has none).
     ``fold=False``: the base weights alone are packed and the adapters stay beside the product
-    (:func:`_stack_adapters`), so the packed copy unpacks to the base weights exactly."""
-    ws, bs = [], []
-    for weight, bias, adapters in ps:
-        w = weight.detach()
-        for a, sb in adapters if fold else ():
-            w = torch.addmm(w, sb, a)
-        ws.append(w)
-        bs.append(None if bias is None else bias.detach())
-    side = () if fold else _stack_adapters([int(wi.shape[0]) for wi in ws], [p[2] for p in ps])
-    if side:  # the adapters' A rows ride in the packed product: its last Σr outputs are x Aᵀ
-        ws.append(side[0][0])
-        bs.append(None)
-    w = ws[0] if len(ws) == 1 else torch.cat(ws)
+    (:func:`_stack_adapters`), so the packed copy unpacks to the base weights exactly. Each folded or
+    stacked weight is written once, into its rows of the stack (no per-projection copy to concatenate)."""
+    outs = [int(p[0].shape[0]) for p in ps]
+    side = () if fold else _stack_adapters(outs, [p[2] for p in ps])
+    first = ps[0][0].detach()
+    if len(ps) == 1 and not side and not (fold and ps[0][2]):
+        w = first  # nothing to fold or stack: packed as it is
+    else:  # the adapters' A rows, if beside, ride in the packed product: its last Σr outputs are x Aᵀ
+        w = first.new_empty(sum(outs) + (int(side[0][0].shape[0]) if side else 0), first.shape[1])
+        lo = 0
+        for (weight, _, adapters), n in zip(ps, outs, strict=True):
+            _fold_into(w[lo : lo + n], weight.detach(), adapters if fold else ())
+            lo += n
+        if side:
+            w[lo:].copy_(side[0][0])
     bias = None
-    if any(b is not None for b in bs):
-        bias = torch.cat([w.new_zeros(wi.shape[0]) if b is None else b for wi, b in zip(ws, bs, strict=True)])
+    if any(p[1] is not None for p in ps):
+        bias = torch.cat(
+            [w.new_zeros(n) if p[1] is None else p[1].detach() for p, n in zip(ps, outs, strict=True)]
+        )
+        if side:
+            bias = torch.cat([bias, w.new_zeros(int(side[0][0].shape[0]))])
     return onednn.pack(w, rows), bias, side
+
+
+def _fold_into(out: Tensor, weight: Tensor, adapters: tuple[tuple[Tensor, Tensor], ...]) -> None:
+    """``out = weight + Σ s·B A``, the same products and sums as ``torch.addmm`` one adapter at a time."""
+    if not adapters:
+        out.copy_(weight)
+        return
+    (a, sb), *rest = adapters
+    torch.addmm(weight, sb, a, out=out)
+    for a, sb in rest:
+        out.addmm_(sb, a)
 
 
 def _stack_adapters(
