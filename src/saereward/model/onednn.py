@@ -72,15 +72,16 @@ def _packable(lin: Any) -> bool:
     )
 
 
-def packable(linears: Sequence[Any]) -> bool:
+def packable(linears: Sequence[Any], maps: list[tuple[int, int]] | None = None) -> bool:
     """Whether :func:`packed_linears` packs ``linears``: :func:`available` holds, every layer is a plain
     fp32 CPU ``nn.Linear`` (:func:`_packable`), and every weight is a view of a private file mapping
-    (:func:`saereward.model.residency.in_file_mappings`), so that dropping its pages keeps it held once."""
+    (:func:`saereward.model.residency.in_file_mappings`; ``maps``: the process's file mappings if the
+    caller has read them), so that dropping its pages keeps it held once."""
     return bool(
         linears
         and available(torch.float32)
         and all(_packable(lin) for lin in linears)
-        and residency.in_file_mappings([lin.weight for lin in linears])
+        and residency.in_file_mappings([lin.weight for lin in linears], maps)
     )
 
 
@@ -97,10 +98,10 @@ def packed_linears(linears: Sequence[Any], rows: int = 16, release: bool = False
 
     Same products as ``F.linear``, other rounding order. On the 2-core Zen 4 VM a GRPO reference
     forward of SmolLM2-135M ran ~10 % faster on packed weights, packing included (BENCHMARKS.md)."""
-    if not packable(linears):
+    maps = residency.file_mappings()
+    if not packable(linears, maps):
         yield False
         return
-    maps = residency.file_mappings()
     patched = []
     try:
         with torch.no_grad():
