@@ -211,6 +211,19 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return best[1]
 
 
+def plain_linear(m: Any) -> bool:
+    """Whether ``m`` is exactly an ``nn.Linear`` that computes its class's forward: not a subclass,
+    no forward set on the instance, no forward hooks (then its output is a fresh tensor no one else
+    keeps, and another product may stand in for its forward)."""
+    from torch import nn
+
+    return (
+        type(m) is nn.Linear
+        and "forward" not in m.__dict__
+        and not (m._forward_hooks or m._forward_pre_hooks)
+    )
+
+
 def num_layers(model: nn.Module) -> int:
     return len(decoder_layers(model))
 

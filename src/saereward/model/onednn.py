@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from saereward.model import residency
+from saereward.model.lm import plain_linear
 
 
 def pack(weight: Tensor, rows: int = 16) -> Tensor:
@@ -62,14 +63,8 @@ def available(dtype: torch.dtype = torch.float32) -> bool:
 
 
 def _packable(lin: Any) -> bool:
-    """A plain ``nn.Linear`` on CPU in fp32 whose forward is its class's and that has no hooks."""
-    return (
-        type(lin) is torch.nn.Linear
-        and "forward" not in lin.__dict__
-        and not (lin._forward_hooks or lin._forward_pre_hooks)
-        and lin.weight.device.type == "cpu"
-        and lin.weight.dtype == torch.float32
-    )
+    """A plain fp32 CPU ``nn.Linear`` (:func:`saereward.model.lm.plain_linear`)."""
+    return plain_linear(lin) and lin.weight.device.type == "cpu" and lin.weight.dtype == torch.float32
 
 
 def packable(linears: Sequence[Any], maps: list[tuple[int, int]] | None = None) -> bool:

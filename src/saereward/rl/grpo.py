@@ -627,10 +627,11 @@ class GRPOTrainer:
         return cfg.packed_reference and runs and onednn.packable(self._reference_linears())
 
     def _packed_reference(self) -> contextlib.AbstractContextManager[Any]:
-        """:meth:`reference`'s products on packed base weights where :meth:`_reference_packs`; with
-        ``packed_in_place`` the free heap their packed copy leaves goes back to the OS afterwards (the
-        rollouts then keep theirs for it: the two copies take the same sizes)."""
-        if not self._reference_packs():
+        """:meth:`reference`'s products on packed base weights with ``packed_reference``, where
+        :func:`saereward.model.onednn.packed_linears` applies (it checks :func:`~saereward.model.onednn.packable`
+        itself); with ``packed_in_place`` the free heap their packed copy leaves goes back to the OS
+        afterwards (the rollouts then keep theirs for it: the two copies take the same sizes)."""
+        if not self.cfg.packed_reference:
             return contextlib.nullcontext()
         return onednn.packed_linears(self._reference_linears(), release=self.cfg.packed_in_place)
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from saereward.model import bf16cpu
+from saereward.model.lm import plain_linear
 from saereward.rl.rebuild import rebuilt_input
 
 
@@ -240,18 +241,6 @@ def install_lean_lora(model: Any) -> int:
     return n
 
 
-def _output_is_own(base: Any) -> bool:
-    """Whether ``base`` is a plain ``nn.Linear`` whose output is a fresh tensor that its own backward
-    does not read and that no hook or patched forward keeps: then a sum may go into it in place."""
-    from torch import nn
-
-    return (
-        type(base) is nn.Linear
-        and "forward" not in base.__dict__
-        and not (base._forward_hooks or base._forward_pre_hooks)
-    )
-
-
 def _lean_lora_forward(m: Any, peft_forward: Any) -> Any:
     from torch import nn
     from torch.nn import functional as F
@@ -282,7 +271,9 @@ def _lean_lora_forward(m: Any, peft_forward: Any) -> Any:
         with rebuilt_input(x) if xin is x else contextlib.nullcontext():
             h = F.linear(xin2, a)  # saves its input, rebuilt in the backward where a lean norm made it
         h = h * m.scaling[name]
-        if autocast or not _output_is_own(m.base_layer):  # autocast casts addmm's operands, not addmm_'s
+        # the sum goes into the base output in place only where no one else holds it (a plain
+        # nn.Linear's fresh output); autocast casts addmm's operands, not addmm_'s
+        if autocast or not plain_linear(m.base_layer):
             out = torch.addmm(result, h, b.t())
         else:  # the same product, into the base output (no [tokens, out] copy first)
             out = result.addmm_(h, b.t())
