@@ -585,9 +585,9 @@ class GRPOTrainer:
     def reference(self, b: _Batch) -> tuple[Tensor | None, Tensor | None]:
         """Reference log-probs (when β > 0) and, for ``reward_source = reference``, the residuals: one forward."""
         cfg = self.cfg
-        layer = self.layer if (self.scorer is not None and cfg.reward_source == "reference") else None
-        if not (cfg.beta > 0 or layer is not None):
+        if not self._reference_runs():
             return None, None
+        layer = self.layer if self._reference_residuals() else None
         self.model.eval()
         B, T = b.sequences.shape
         ref_lp = torch.zeros(B, T - b.prompt_len, device=b.sequences.device)
@@ -619,12 +619,22 @@ class GRPOTrainer:
             if isinstance(m, torch.nn.Linear) and "lora_" not in name
         ]
 
+    def _reference_residuals(self) -> bool:
+        """Whether the SAE reward reads the reference forward's residuals (``reward_source = reference``)."""
+        return self.scorer is not None and self.layer is not None and self.cfg.reward_source == "reference"
+
+    def _reference_runs(self) -> bool:
+        """Whether :meth:`reference` runs a forward: for the KL term (β > 0) or the reward's residuals."""
+        return self.cfg.beta > 0 or self._reference_residuals()
+
     def _reference_packs(self) -> bool:
         """Whether :meth:`reference` runs a forward on packed base weights (``packed_reference`` where
         :func:`saereward.model.onednn.packable` holds: CPU fp32 weights in a file mapping)."""
-        cfg = self.cfg
-        runs = cfg.beta > 0 or (self.scorer is not None and cfg.reward_source == "reference")
-        return cfg.packed_reference and runs and onednn.packable(self._reference_linears())
+        return (
+            self.cfg.packed_reference
+            and self._reference_runs()
+            and onednn.packable(self._reference_linears())
+        )
 
     def _packed_reference(self) -> contextlib.AbstractContextManager[Any]:
         """:meth:`reference`'s products on packed base weights with ``packed_reference``, where
