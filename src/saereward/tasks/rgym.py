@@ -42,11 +42,11 @@ import dataclasses
 import difflib
 import logging
 import re
-import warnings
 from importlib import metadata
 from typing import Any
 
 from saereward.errors import SaeRewardError
+from saereward.tasks import rg_loader
 from saereward.tasks.base import TaskItem
 from saereward.tasks.extract import (
     canonical_number,
@@ -72,24 +72,15 @@ RG_DEFAULTS: dict[str, dict[str, Any]] = {
 """saereward's defaults per generator, applied under both the bare and the ``rg:`` name."""
 
 
-def _reasoning_gym() -> Any:
-    """The ``reasoning_gym`` module. Its import pulls in cellpylib 2.4, whose ``memoize is "recursive"``
-    makes Python print four ``SyntaxWarning`` lines whenever it compiles that file (every process, where
-    no ``.pyc`` can be cached): third-party noise, silenced for this import only."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SyntaxWarning)
-        try:
-            import reasoning_gym
-            import reasoning_gym.factory
-        except ImportError:  # pragma: no cover - a declared dependency
-            raise SaeRewardError(
-                "reasoning-gym is not installed; run: pip install reasoning-gym==0.1.25"
-            ) from None
-    return reasoning_gym
-
-
-def _registry() -> dict[str, Any]:
-    return dict(_reasoning_gym().factory.DATASETS)
+def _registry(name: str | None = None) -> dict[str, Any]:
+    """reasoning-gym's generators: ``name`` alone where it imports on its own
+    (:data:`saereward.tasks.rg_loader.LEAN`), else all of them."""
+    try:
+        return dict(rg_loader.factory(name).DATASETS)
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise SaeRewardError(
+            "reasoning-gym is not installed; run: pip install reasoning-gym==0.1.25"
+        ) from None
 
 
 def rg_datasets() -> list[str]:
@@ -213,7 +204,7 @@ def _rg_version() -> str | None:
 
 def _create(name: str, config: dict[str, Any], *, size: int, seed: int) -> Any:
     try:
-        return _reasoning_gym().create_dataset(name, size=size, seed=seed, **config)
+        return rg_loader.factory(name).create_dataset(name, size=size, seed=seed, **config)
     except (AssertionError, ValueError, TypeError) as e:
         raise SaeRewardError(
             f"reasoning-gym {name!r}: invalid config {config} ({e}); fix the task params"
@@ -230,7 +221,7 @@ def load(
     **params: Any,
 ) -> ReasoningGymTask:
     """Build a reasoning-gym task; see the module docstring for defaults and errors."""
-    registry = _registry()
+    registry = _registry(name)
     if name not in registry:
         raise SaeRewardError(
             f"unknown reasoning-gym dataset {name!r}; {did_you_mean(name)}see saereward.tasks.rg_datasets() "
