@@ -15,6 +15,10 @@ Defaults
     ``seed`` and ``n`` (default 200). A config key the generator lacks, or a value its ``validate()``
     rejects, is a one-line :class:`SaeRewardError`.
 
+Imports
+    The three registered generators import alone (:mod:`saereward.tasks.rg_loader`); listing every
+    generator, or any other ``rg:`` name, imports the whole package.
+
 Items
     Item ``i`` is ``dataset[i]``, with id ``{name}-s{seed}-{i}``. The full reasoning-gym entry
     (question, answer, metadata) is kept in ``meta["entry"]`` because ``score_answer`` needs it.
