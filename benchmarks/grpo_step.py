@@ -11,7 +11,8 @@ with its own defaults otherwise: TRL checkpoints the training forward's activati
 completions without checkpointing and runs each prompt once per forward pass, its KV cache shared
 by the group, and decodes with its own loop (``saereward.model.fastdecode``). ``--grad-checkpointing`` /
 ``--micro-batch N`` / ``--no-share-prompt`` / ``--set KEY=VALUE`` (any ``GRPOConfig`` field) override ours.
-``BENCH_MMAP=0`` runs ours without ``mmap_large_allocations`` (glibc's own malloc policy, as TRL
+``--fixed-length`` makes every completion 64 tokens long on both sides (end tokens masked until then),
+so both trainers do the same work whatever their random draws. ``BENCH_MMAP=0`` runs ours without ``mmap_large_allocations`` (glibc's own malloc policy, as TRL
 runs), to measure that setting.
 
 Three trainers run in separate child processes, so each peak RSS is its own; one after the other by
@@ -43,6 +44,7 @@ reported next to each time.
     .venv/bin/python benchmarks/grpo_step.py --quick         # one dtype, 2 timed steps, no warm-up, no "ours" row
     .venv/bin/python benchmarks/grpo_step.py --quick --dtypes bf16   # bf16 only, on any CPU
     .venv/bin/python benchmarks/grpo_step.py --dtypes fp32 --interleave  # steps taken in turns
+    .venv/bin/python benchmarks/grpo_step.py --quick --dtypes fp32 --fixed-length  # 64 tokens each
 
 The default order is bf16, fp32 on a CPU with native bf16 (AVX512-BF16 or AMX) and fp32, bf16 on
 others, where PyTorch's bf16 products are slow (TRL's bf16 step took 6 min on 2 AVX2 cores; ours
@@ -76,11 +78,15 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KB -> GB on Linux
 
 
-def trl_config(dtype: str, steps: int, *, use_cpu: bool = True, warmup: int = 1) -> Any:
-    """TRL's ``GRPOConfig`` for the benchmark's configuration (module docstring): ``steps`` + ``warmup``."""
+def trl_config(
+    dtype: str, steps: int, *, use_cpu: bool = True, warmup: int = 1, fixed_length: bool = False
+) -> Any:
+    """TRL's ``GRPOConfig`` for the benchmark's configuration (module docstring): ``steps`` + ``warmup``;
+    ``fixed_length``: every completion ``NEW_TOKENS`` long (``min_new_tokens``, EOS masked until then)."""
     from trl import GRPOConfig
 
     return GRPOConfig(
+        generation_kwargs={"min_new_tokens": NEW_TOKENS} if fixed_length else None,
         output_dir=tempfile.mkdtemp(prefix="trl_bench_"),
         per_device_train_batch_size=N_PROMPTS * GROUP,
         num_generations=GROUP,
@@ -180,6 +186,7 @@ def child_trl(
     fix: bool = False,
     warmup: int = 1,
     gate: StepGate | None = None,
+    fixed_length: bool = False,
 ) -> dict[str, Any]:
     import torch
     from datasets import Dataset
@@ -207,7 +214,7 @@ def child_trl(
     ds = Dataset.from_list([{"prompt": format_prompt(task, it, "raw"), "qid": it.id} for it in items])
     times: list[float] = []
     lengths: list[float] = []
-    cfg = trl_config(dtype, steps, warmup=warmup)
+    cfg = trl_config(dtype, steps, warmup=warmup, fixed_length=fixed_length)
     for p in model.parameters():
         p.requires_grad_(False)
     trainer = GRPOTrainer(
@@ -540,6 +547,13 @@ def main() -> None:
         help="run the trainers side by side, one step at a time, each waiting while another steps "
         "(every trainer sees the same drift of the machine's speed; peak RSS stays per process)",
     )
+    ap.add_argument(
+        "--fixed-length",
+        action="store_true",
+        help=f"every completion on both sides {NEW_TOKENS} tokens long (end tokens masked until then: "
+        "TRL's generation_kwargs min_new_tokens, our min_new_tokens), so both do the same work whatever "
+        "their random draws",
+    )
     ap.add_argument("--child", choices=["trl", "trl+fix", "ours", "ours+sae"], help=argparse.SUPPRESS)
     ap.add_argument("--gate", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -562,6 +576,7 @@ def main() -> None:
                 fix=args.child == "trl+fix",
                 warmup=args.warmup_steps,
                 gate=StepGate(args.gate),
+                fixed_length=args.fixed_length,
             )
         else:
             res = child_ours(
@@ -581,6 +596,9 @@ def main() -> None:
         print(json.dumps(res))  # noqa: T201
         return
     common = ["--questions", str(args.questions)]  # both trainers
+    if args.fixed_length:
+        common.append("--fixed-length")
+        args.set.append(f"min_new_tokens={NEW_TOKENS}")
     extra = list(common)  # ours only, below
     if args.grad_checkpointing is not None:
         extra.append("--grad-checkpointing" if args.grad_checkpointing else "--no-grad-checkpointing")

@@ -128,6 +128,51 @@ def test_decode_matches_generate(arch: str, capture: bool, mode: str, lora: bool
         assert res == {}
 
 
+@pytest.mark.parametrize("mode", ["plain", "packed"])
+def test_min_new_tokens_masks_the_end_tokens_as_generate_does(mode: str) -> None:
+    """Greedy tokens equal ``generate(min_new_tokens=)``'s; at ``max_new_tokens`` every row runs the full
+    length with no end token (the batch's rows end at many steps without it)."""
+    model, _ = make_tiny("llama")
+    ids, am = _batch()
+    N = 14
+    for m in (5, N):
+        with torch.no_grad():
+            ref = model.generate(
+                input_ids=ids,
+                attention_mask=am,
+                max_new_tokens=N,
+                min_new_tokens=m,
+                do_sample=False,
+                eos_token_id=sorted(ENDS),
+                pad_token_id=PAD_ID,
+            )
+            pre = model(
+                input_ids=ids,
+                attention_mask=am,
+                position_ids=position_ids_from_mask(am),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            new, _ = fastdecode.decode(
+                model,
+                pre.past_key_values,
+                am,
+                pre.logits[:, -1],
+                max_new_tokens=N,
+                min_new_tokens=m,
+                pick=lambda s: s.argmax(-1),
+                end_ids=ENDS,
+                pad_id=PAD_ID,
+                skinny=mode != "plain",
+                packed=mode == "packed",
+            )
+        assert torch.equal(new, ref[:, ids.shape[1] :])
+        ends = torch.isin(new, torch.tensor(sorted(ENDS)))
+        assert not ends[:, :m].any()
+        if m == N:
+            assert new.shape[1] == N and not ends.any()
+
+
 def test_unsupported_models_and_adapters() -> None:
     from peft import LoraConfig, get_peft_model
 

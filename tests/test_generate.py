@@ -84,6 +84,9 @@ def test_sampling_config_validates() -> None:
         SamplingConfig(max_new_tokens=0)
     with pytest.raises(ValueError):
         SamplingConfig(do_sample=True, temperature=0)
+    for m in (-1, 9):
+        with pytest.raises(ValueError, match="min_new_tokens"):
+            SamplingConfig(max_new_tokens=8, min_new_tokens=m)
 
 
 PROMPTS = ["Q: What is 2 + 3?\nA:", "Q: Tom has 12 apples and gives away 5. How many are left?\nA:"]

@@ -1356,6 +1356,23 @@ def test_mmap_threshold_reaches_glibc_and_leaves_resume_alone(
     assert settings_diff(to_dict(GRPOConfig()), cfg) == []
 
 
+def test_min_new_tokens_fixes_the_completion_length(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``min_new_tokens = max_new_tokens``: the rollouts' sampler gets it, and every rollout runs the
+    full length (fixed-work timing)."""
+    from saereward.rl import grpo
+
+    for bad in (-1, 6):
+        with pytest.raises(ValueError, match="min_new_tokens"):
+            GRPOConfig(max_new_tokens=5, min_new_tokens=bad)
+    asked: list[int] = []
+    real = grpo.generate_batch
+    monkeypatch.setattr(
+        grpo, "generate_batch", lambda lm, p, s, **kw: asked.append(s.min_new_tokens) or real(lm, p, s, **kw)
+    )
+    fixed = GRPOTrainer(rl_cfg(tmp_path / "b", steps=1, min_new_tokens=5), lm=fresh_tiny()).step(0)
+    assert asked == [5] and fixed["completion_len"] == 5.0
+
+
 def _ragged_update(tr: GRPOTrainer) -> tuple[Any, Any, tuple[Any, ...]]:
     """The reference forward and one update on :func:`_ragged_batch`, then the adapters unloaded:
     ``(batch, reference residuals, (reference log-probs, loss, grad norm, entropy, KL, LoRA gradients))``."""

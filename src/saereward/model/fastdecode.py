@@ -576,6 +576,7 @@ def decode(
     pick: Callable[[Tensor], Tensor],
     end_ids: set[int],
     pad_id: int,
+    min_new_tokens: int = 0,
     stop: Callable[[Tensor], Tensor] | None = None,
     capture_layers: Sequence[int] = (),
     capture_dtype: torch.dtype | None = None,
@@ -587,7 +588,8 @@ def decode(
 
     ``cache``: the prefill's ``DynamicCache`` (``[B, H_kv, P, D]`` per layer); ``attention_mask``
     ``[B, P]``; ``first_logits`` ``[B, V]``: the prefill's logits at the last prompt position.
-    ``pick(logits [r, V]) -> [r]`` chooses the next tokens (a sampler or ``argmax``). ``stop(gen
+    ``pick(logits [r, V]) -> [r]`` chooses the next tokens (a sampler or ``argmax``); for the first
+    ``min_new_tokens`` tokens it sees the end tokens' logits at ``-inf`` (``generate(min_new_tokens=)``). ``stop(gen
     [r, t]) -> [r]`` bool: rows whose generated tokens so far contain a stop string. ``n`` is the
     step at which the last row ended (or ``max_new_tokens``), as ``generate()`` returns; tokens after a
     row's end are ``pad_id``. ``residuals[layer][:, j]`` is block ``layer``'s output (``capture_layers``
@@ -619,6 +621,8 @@ def decode(
         n_steps = 0
         for t in range(max_new_tokens):
             tok = torch.full((len(rows),), int(pad_id), dtype=torch.long, device=device)
+            if t < min_new_tokens:
+                logits.index_fill_(1, ends, float("-inf"))
             tok[alive] = pick(logits[alive] if not bool(alive.all()) else logits)
             out[rows[alive], t] = tok[alive]
             n_steps = t + 1

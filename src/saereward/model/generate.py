@@ -73,6 +73,9 @@ class SamplingConfig:
     """How to decode."""
 
     max_new_tokens: int = 128
+    #: no end token before this many new tokens (its logits masked, as ``generate(min_new_tokens=)``);
+    #: stop strings still end a row
+    min_new_tokens: int = 0
     do_sample: bool = False
     temperature: float = 0.9
     top_p: float = 0.95
@@ -86,6 +89,10 @@ class SamplingConfig:
             raise ValueError(f"sampler must be 'hf' or 'topk', got {self.sampler!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}"
+            )
         if self.do_sample:
             check_sampling(self.temperature, self.top_p)
 
@@ -232,6 +239,8 @@ def _generation_config(lm: LoadedModel, sampling: SamplingConfig):  # noqa: ANN2
         "pad_token_id": tok.pad_token_id,
         "eos_token_id": sorted(eos_ids),
     }
+    if sampling.min_new_tokens:
+        kw["min_new_tokens"] = sampling.min_new_tokens
     if sampling.do_sample and sampling.sampler == "topk":
         kw["do_sample"] = False  # NucleusSampler draws the token; greedy then takes it
     elif sampling.do_sample:
@@ -345,6 +354,7 @@ def _fast_generate(
         pick=pick,
         end_ids=eos_ids,
         pad_id=pad,
+        min_new_tokens=sampling.min_new_tokens,
         stop=stop,
         capture_layers=layers,
         capture_dtype=capture_dtype,

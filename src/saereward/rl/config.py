@@ -79,6 +79,11 @@ class GRPOConfig(TaskOptions, DeviceOptions, ModelOptions):
     temperature: float = option(0.9, "sampling temperature")
     top_p: float = option(0.95, "nucleus top-p")
     max_new_tokens: int = option(96, "max completion tokens")
+    min_new_tokens: int = option(
+        0,
+        "rollouts: no end token before this many tokens (masked, as generate(min_new_tokens=)); "
+        "max_new_tokens fixes every completion's length (fixed-work timing); stop strings still end",
+    )
     sampler: Literal["hf", "topk"] = option(
         "topk",
         "rollout sampler: topk = temperature/top-p drawn from a partial sort (same distribution, "
@@ -246,6 +251,10 @@ class GRPOConfig(TaskOptions, DeviceOptions, ModelOptions):
             raise ValueError("reward=sae needs --pack")
         if self.reward == "direction" and not self.direction_rollouts:
             raise ValueError("reward=direction needs --direction-rollouts")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}"
+            )
         if self.micro_batch < 0:
             raise ValueError(f"micro_batch must be >= 0 (0: whole batch), got {self.micro_batch}")
         if self.micro_batch_tokens < 0:

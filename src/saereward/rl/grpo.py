@@ -402,6 +402,7 @@ class GRPOTrainer:
         qids = [it.id for it in items for _ in range(cfg.group_size)]
         sampling = SamplingConfig(
             max_new_tokens=cfg.max_new_tokens,
+            min_new_tokens=cfg.min_new_tokens,
             do_sample=True,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
