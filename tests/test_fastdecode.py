@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import torch
@@ -44,6 +45,28 @@ def _with_lora(model: torch.nn.Module) -> torch.nn.Module:
     return peft
 
 
+def _greedy_decode(model: torch.nn.Module, ids: torch.Tensor, am: torch.Tensor, **kw: Any) -> tuple:
+    """An HF prefill of ``ids``, then :func:`fastdecode.decode` greedily with the test's end and pad ids."""
+    with torch.no_grad():
+        pre = model(
+            input_ids=ids,
+            attention_mask=am,
+            position_ids=position_ids_from_mask(am),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return fastdecode.decode(
+            model,
+            pre.past_key_values,
+            am,
+            pre.logits[:, -1],
+            pick=lambda s: s.argmax(-1),
+            end_ids=ENDS,
+            pad_id=PAD_ID,
+            **kw,
+        )
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("capture", [False, True])
 @pytest.mark.parametrize("mode", ["plain", "skinny", "packed", "in_place"])
@@ -82,29 +105,17 @@ def test_decode_matches_generate(arch: str, capture: bool, mode: str, lora: bool
         )
         ref_res = cap.sequence(layer, ref.shape[1])[:, P:]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        pre = model(
-            input_ids=ids,
-            attention_mask=am,
-            position_ids=position_ids_from_mask(am),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        new, res = fastdecode.decode(
-            model,
-            pre.past_key_values,
-            am,
-            pre.logits[:, -1],
-            max_new_tokens=N,
-            pick=lambda s: s.argmax(-1),
-            end_ids=ENDS,
-            pad_id=PAD_ID,
-            stop=_StopOn(),
-            capture_layers=[layer] if capture else [],
-            skinny=mode != "plain",
-            packed=mode in ("packed", "in_place"),
-            in_place=mode == "in_place",
-        )
+    new, res = _greedy_decode(
+        model,
+        ids,
+        am,
+        max_new_tokens=N,
+        stop=_StopOn(),
+        capture_layers=[layer] if capture else [],
+        skinny=mode != "plain",
+        packed=mode in ("packed", "in_place"),
+        in_place=mode == "in_place",
+    )
     assert torch.equal(new, ref[:, P:])
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
@@ -146,26 +157,15 @@ def test_min_new_tokens_masks_the_end_tokens_as_generate_does(mode: str) -> None
                 eos_token_id=sorted(ENDS),
                 pad_token_id=PAD_ID,
             )
-            pre = model(
-                input_ids=ids,
-                attention_mask=am,
-                position_ids=position_ids_from_mask(am),
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            new, _ = fastdecode.decode(
-                model,
-                pre.past_key_values,
-                am,
-                pre.logits[:, -1],
-                max_new_tokens=N,
-                min_new_tokens=m,
-                pick=lambda s: s.argmax(-1),
-                end_ids=ENDS,
-                pad_id=PAD_ID,
-                skinny=mode != "plain",
-                packed=mode == "packed",
-            )
+        new, _ = _greedy_decode(
+            model,
+            ids,
+            am,
+            max_new_tokens=N,
+            min_new_tokens=m,
+            skinny=mode != "plain",
+            packed=mode == "packed",
+        )
         assert torch.equal(new, ref[:, ids.shape[1] :])
         ends = torch.isin(new, torch.tensor(sorted(ENDS)))
         assert not ends[:, :m].any()
