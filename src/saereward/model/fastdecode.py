@@ -41,6 +41,7 @@ the batch.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -301,7 +302,7 @@ class _Weights:
         self.in_place = in_place and self.packed
         #: ``packed`` with every projection and the head viewing a file mapping: the plain weights'
         #: pages are dropped once packed (:meth:`_pack_weights`), ``in_place`` or not
-        self.mapped = self.packed and residency.in_file_mappings(self._plain_weights(), self._maps())
+        self.mapped = self.packed and residency.in_file_mappings(self._plain_weights(), self._maps)
         #: ``in_place``, not ``mapped``: per block, each packed group whose plain weights were released:
         #: its key and ``(parameter, output rows)`` per projection
         self.released: list[list[tuple[str, list[tuple[Tensor, int]]]]] = [[] for _ in self.blocks]
@@ -324,11 +325,10 @@ class _Weights:
     def __exit__(self, *exc: object) -> None:
         self.restore()
 
+    @functools.cached_property
     def _maps(self) -> list[tuple[int, int]]:
         """This process's file mappings, read once per call (the weights' mapping outlives the call)."""
-        if not hasattr(self, "_file_maps"):
-            self._file_maps = residency.file_mappings()
-        return self._file_maps
+        return residency.file_mappings()
 
     def _plain_weights(self) -> list[Tensor]:
         """The projections' and the LM head's weights, as the model holds them."""
@@ -364,14 +364,14 @@ class _Weights:
                     for prm, _ in params:
                         prm.data = prm.data.new_empty(0)
             if self.mapped:  # the block's plain weights, now packed
-                residency.drop_mapped_pages(weights, self._maps())
+                residency.drop_mapped_pages(weights, self._maps)
             blk.w = {"o_proj": w["o_proj"], "down_proj": w["down_proj"]}
             if swap and (i % _TRIM_EVERY == _TRIM_EVERY - 1 or i == len(self.blocks) - 1):
                 residency.return_free_memory()  # the released weights' pages, before more are packed
         if not swap:  # the head is tied to the embedding, whose rows the loop reads: a second copy
             self.head_packed = _pack((self.head.weight, self.head.bias, ()))
             if self.mapped:  # the rows the loop reads come back page by page
-                residency.drop_mapped_pages([self.head.weight], self._maps())
+                residency.drop_mapped_pages([self.head.weight], self._maps)
 
     def restore(self) -> None:
         """Give every projection that ``in_place`` packing released its weight back, unpacked from the
