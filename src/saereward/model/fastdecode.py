@@ -589,8 +589,8 @@ def decode(
     ``cache``: the prefill's ``DynamicCache`` (``[B, H_kv, P, D]`` per layer); ``attention_mask``
     ``[B, P]``; ``first_logits`` ``[B, V]``: the prefill's logits at the last prompt position.
     ``pick(logits [r, V]) -> [r]`` chooses the next tokens (a sampler or ``argmax``); for the first
-    ``min_new_tokens`` tokens it sees the end tokens' logits at ``-inf`` (``generate(min_new_tokens=)``). ``stop(gen
-    [r, t]) -> [r]`` bool: rows whose generated tokens so far contain a stop string. ``n`` is the
+    ``min_new_tokens`` tokens it sees the end tokens' logits at ``-inf`` (``generate(min_new_tokens=)``).
+    ``stop(gen [r, t]) -> [r]`` bool: rows whose generated tokens so far contain a stop string. ``n`` is the
     step at which the last row ended (or ``max_new_tokens``), as ``generate()`` returns; tokens after a
     row's end are ``pad_id``. ``residuals[layer][:, j]`` is block ``layer``'s output (``capture_layers``
     are non-negative block indices) when new token ``j`` was fed (zero where it never was: after the row's end, and the last step's token).
