@@ -647,7 +647,7 @@ def main() -> None:
     )  # noqa: T201
     print(
         f"{'dtype':6} {'trl s/step':>10} {'ours+sae':>9} {'ours':>7} {'ratio':>6} {'reward %':>9} "  # noqa: T201
-        f"{'RSS trl':>8} {'RSS ours':>9} {'RSS ratio':>9} {'per-token ratio':>15}"
+        f"{'RSS trl':>8} {'RSS ours':>9} {'RSS ratio':>9} {'tokens trl/ours':>15}"
     )
     first_ratio = None
     for dt in dtypes:
@@ -660,8 +660,15 @@ def main() -> None:
             f"{dt:6} {t['median_step_s']:>10.2f} {s['median_step_s']:>9.2f} {o['median_step_s']:>7.2f} "  # noqa: T201
             f"{ratio:>6.2f} {100 * overhead:>8.2f}% {t['peak_rss_gb']:>8.2f} {s['peak_rss_gb']:>9.2f} "
             f"{s['peak_rss_gb'] / t['peak_rss_gb']:>9.2f} "
-            f"{ratio * t['completion_len'] / s['completion_len']:>15.2f}"
+            f"{t['completion_len']:>7.1f}/{s['completion_len']:<7.1f}"
         )
+        if abs(t["completion_len"] - s["completion_len"]) > 0.05 * t["completion_len"]:
+            # TRL decodes and trains the padded batch, so its step hardly changes with the lengths; ours
+            # does: scaling the ratio by the lengths would misstate it
+            print(  # noqa: T201
+                f"{dt:6} the trainers sampled completions of different mean length: --fixed-length "
+                "compares them at equal work"
+            )
         if f"trl+fix/{dt}" in results:
             f = results[f"trl+fix/{dt}"]
             print(  # noqa: T201
