@@ -45,6 +45,19 @@ def _with_lora(model: torch.nn.Module) -> torch.nn.Module:
     return peft
 
 
+def _greedy_generate(model: torch.nn.Module, ids: torch.Tensor, am: torch.Tensor, **kw: Any) -> torch.Tensor:
+    """``generate()``'s greedy sequences with the test's end and pad ids."""
+    with torch.no_grad():
+        return model.generate(
+            input_ids=ids,
+            attention_mask=am,
+            do_sample=False,
+            eos_token_id=sorted(ENDS),
+            pad_token_id=PAD_ID,
+            **kw,
+        )
+
+
 def _greedy_decode(model: torch.nn.Module, ids: torch.Tensor, am: torch.Tensor, **kw: Any) -> tuple:
     """An HF prefill of ``ids``, then :func:`fastdecode.decode` greedily with the test's end and pad ids."""
     with torch.no_grad():
@@ -93,15 +106,9 @@ def test_decode_matches_generate(arch: str, capture: bool, mode: str, lora: bool
     monkeypatch.setattr(
         fastdecode, "_batch_size", lambda n, step=16: sizes.append(real(n, step)) or real(n, step)
     )
-    with torch.no_grad(), ResidualCapture(model, [layer]) as cap:
-        ref = model.generate(
-            input_ids=ids,
-            attention_mask=am,
-            max_new_tokens=N,
-            do_sample=False,
-            eos_token_id=sorted(ENDS),
-            pad_token_id=PAD_ID,
-            stopping_criteria=StoppingCriteriaList([HFStop()]),
+    with ResidualCapture(model, [layer]) as cap:
+        ref = _greedy_generate(
+            model, ids, am, max_new_tokens=N, stopping_criteria=StoppingCriteriaList([HFStop()])
         )
         ref_res = cap.sequence(layer, ref.shape[1])[:, P:]
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -147,16 +154,7 @@ def test_min_new_tokens_masks_the_end_tokens_as_generate_does(mode: str) -> None
     ids, am = _batch()
     N = 14
     for m in (5, N):
-        with torch.no_grad():
-            ref = model.generate(
-                input_ids=ids,
-                attention_mask=am,
-                max_new_tokens=N,
-                min_new_tokens=m,
-                do_sample=False,
-                eos_token_id=sorted(ENDS),
-                pad_token_id=PAD_ID,
-            )
+        ref = _greedy_generate(model, ids, am, max_new_tokens=N, min_new_tokens=m)
         new, _ = _greedy_decode(
             model,
             ids,
