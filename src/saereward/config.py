@@ -181,6 +181,14 @@ def check_sampling(temperature: float, top_p: float) -> None:
         raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
 
 
+def check_new_tokens(min_new_tokens: int, max_new_tokens: int) -> None:
+    """Raise ``ValueError`` unless ``0 <= min_new_tokens <= max_new_tokens``."""
+    if not 0 <= min_new_tokens <= max_new_tokens:
+        raise ValueError(
+            f"min_new_tokens must be in 0..max_new_tokens ({max_new_tokens}), got {min_new_tokens}"
+        )
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from saereward.config import check_sampling
+from saereward.config import check_new_tokens, check_sampling
 from saereward.errors import SaeRewardError
 from saereward.model import fastdecode
 from saereward.model.capture import ResidualCapture, position_ids_from_mask
@@ -89,10 +89,7 @@ class SamplingConfig:
             raise ValueError(f"sampler must be 'hf' or 'topk', got {self.sampler!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(
-                f"min_new_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}"
-            )
+        check_new_tokens(self.min_new_tokens, self.max_new_tokens)
         if self.do_sample:
             check_sampling(self.temperature, self.top_p)
 

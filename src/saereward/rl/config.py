@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from saereward.config import check_sampling, option
+from saereward.config import check_new_tokens, check_sampling, option
 from saereward.metrics import ReportTo
 from saereward.model.lm import DType, check_device
 from saereward.options import DeviceOptions, ModelOptions, TaskOptions
@@ -251,10 +251,7 @@ class GRPOConfig(TaskOptions, DeviceOptions, ModelOptions):
             raise ValueError("reward=sae needs --pack")
         if self.reward == "direction" and not self.direction_rollouts:
             raise ValueError("reward=direction needs --direction-rollouts")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(
-                f"min_new_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}"
-            )
+        check_new_tokens(self.min_new_tokens, self.max_new_tokens)
         if self.micro_batch < 0:
             raise ValueError(f"micro_batch must be >= 0 (0: whole batch), got {self.micro_batch}")
         if self.micro_batch_tokens < 0:

@@ -121,7 +121,7 @@ def _lean(module: str) -> ModuleType | None:
         logger.debug(
             "reasoning-gym: %s alone did not import; importing the whole package", module, exc_info=True
         )
-        if fresh or _is_partial("reasoning_gym"):
+        if _is_partial("reasoning_gym"):  # set up here (or by an earlier lean import): start afresh
             _forget()
         return None
 
