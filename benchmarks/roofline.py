@@ -17,14 +17,16 @@ The bounds are a model, not a measurement; each counts the work no implementatio
   encoder's backward are sparse (``k`` of ``M`` latents) and left out. The SAE row's rates and our
   step are measured in turns (``--sae-rounds`` rounds of one GEMM, one copy and one step; medians), so
   that a drift of a shared machine's speed moves the bound and our time alike.
-* generate: each decode step reads every weight once (bandwidth), or does ``2·P`` FLOP per sequence
-  (GEMM rate), whichever is slower; the prefill is ``2·P`` FLOP per prompt token.
-* reference: one forward, ``2·P_body`` FLOP per token plus the LM head ``2·d·V`` per completion token.
-* train: the forward and the backward to the activations (the base weights are frozen; LoRA is small):
-  twice the reference's FLOP.
+* GRPO: per phase, from each step's own batch (response and prompt lengths), see :func:`grpo_bounds`:
+  generate (the prefill once per group's prompt; per decode step the live rows' ``2·P`` FLOP or reading
+  every weight once, whichever is slower), reference (one forward from the shared prompts' cache, the
+  LM head at the response positions), train (that forward and the backward to the activations: the
+  base weights are frozen, LoRA is small). The table prints each phase's GFLOP and the rate we sustain
+  over them; ``--target-step-s`` prints the rate a step of that length would need.
 
   Each GRPO step's bounds use the fp32 GEMM rate (at a decoder-MLP shape) and the bandwidth measured
-  right after that step.
+  right after that step. ``--fixed-length`` makes every completion 64 tokens long (as
+  ``grpo_step.py --fixed-length``), so the work is the same from step to step and run to run.
 
 With the GRPO rows the script also times the products of one decode step alone (every projection and
 the LM head of the embedded model) for 1 to 32 rows, in the decode loop's two forms: MKL's ``W @ xᵀ``
@@ -33,6 +35,7 @@ what this CPU's GEMM libraries do at the decode's shape, which the bandwidth bou
 
     .venv/bin/python benchmarks/roofline.py            # on a quiet machine (see BENCHMARKS.md)
     .venv/bin/python benchmarks/roofline.py --skip-grpo
+    .venv/bin/python benchmarks/roofline.py --fixed-length --target-step-s 9.0
 """
 
 from __future__ import annotations
@@ -41,8 +44,11 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
+
+PHASES = ("generate", "reference", "train")
 
 
 def _median_time(fn: Callable[[], object], reps: int) -> float:
@@ -192,53 +198,109 @@ def print_decode_products(bw: float, reps: int) -> None:
         print(f"| {n} | {' | '.join(cells) if one else cells[0] + ' | - | - | -'} |")  # noqa: T201
 
 
-def grpo_rows(steps: int) -> dict[str, tuple[float, float]]:
-    """Per GRPO phase, ``(ours, bound)`` in seconds: the medians over ``steps`` steps after a warm-up
-    step. Each step's bound counts that step's completion tokens, at the fp32 GEMM rate (decoder-MLP
-    shape) and the bandwidth measured right after that step, so a drift of the machine's speed moves
-    the bound with our time."""
+class GrpoWork(NamedTuple):
+    """What one GRPO step must compute, from its batch: response lengths and prompt lengths."""
+
+    lengths: list[int]  # response tokens per sequence
+    prompts: list[int]  # prompt tokens per group (the group shares its prompt)
+
+
+def grpo_bounds(
+    w: GrpoWork, params: int, d: int, vocab: int, gflops: float, gbs: float
+) -> dict[str, tuple[float, float]]:
+    """Per GRPO phase ``(GFLOP, bound in seconds)`` for one step of ``w`` at ``gflops`` and ``gbs``.
+
+    Lower bounds, counting only the work no implementation can skip (tied embedding: the head's weight
+    is the embedding's, so the body is ``params - d·vocab``; LoRA's products and attention are left out):
+
+    * generate: the prefill runs each group's prompt once (``2·body`` FLOP per token, the head at its
+      last position); then the ``t``-th decode step (``t ≥ 1``) runs the rows whose response is longer
+      than ``t``: ``2·params`` FLOP per row, and reading every weight once, whichever is slower;
+    * reference: one forward from the shared prompts' cache: each group's prompt but its last token
+      once, and per sequence its last prompt token and all but its last response token (``2·body`` FLOP
+      each), plus the head at the response positions (``2·d·vocab``);
+    * train: that forward and the backward to the activations (the base weights are frozen): twice the
+      reference.
+    """
+    body = params - d * vocab
+    rate = gflops * 1e9
+    prefill = 2 * body * sum(w.prompts) + 2 * d * vocab * len(w.prompts)
+    read_s = params * 4 / (gbs * 1e9)
+    decode_s = sum(
+        max(read_s, 2 * params * rows / rate)
+        for rows in (sum(n > t for n in w.lengths) for t in range(1, max(w.lengths, default=0)))
+    )
+    decode_flop = 2 * params * sum(max(n - 1, 0) for n in w.lengths)
+    new = sum(w.lengths)
+    ref = 2 * body * (sum(p - 1 for p in w.prompts) + new) + 2 * d * vocab * new
+    return {
+        "generate": ((prefill + decode_flop) / 1e9, prefill / rate + decode_s),
+        "reference": (ref / 1e9, ref / rate),
+        "train": (2 * ref / 1e9, 2 * ref / rate),
+    }
+
+
+def grpo_rows(steps: int, fixed_length: bool = False) -> tuple[dict[str, tuple[float, float, float]], float]:
+    """Per GRPO phase and the whole step, ``(ours s, bound s, GFLOP)``: the medians over ``steps`` steps
+    after a warm-up step, and the median fp32 GEMM rate. Each step's bound counts that step's batch
+    (:func:`grpo_bounds`) at the fp32 GEMM rate (decoder-MLP shape) and the bandwidth measured right
+    after that step, so a drift of the machine's speed moves the bound with our time.
+    ``fixed_length``: every completion ``NEW_TOKENS`` long, as ``grpo_step.py --fixed-length``."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from grpo_step import bench_config
+    from grpo_step import NEW_TOKENS, bench_config
     from saereward.model.lm import load_model
     from saereward.rl.grpo import GRPOTrainer
-    from saereward.tasks import format_prompt, load_task
 
-    cfg = bench_config("fp32", 200, steps + 1)
+    extra = {"min_new_tokens": NEW_TOKENS} if fixed_length else {}
+    cfg = bench_config("fp32", 200, steps + 1, **extra)
     lm = load_model(dtype="fp32")
     tr = GRPOTrainer(cfg, lm=lm)
+    work: list[GrpoWork] = []
+    rollouts = tr._rollouts
+
+    def observed(step: int) -> Any:  # the batch's lengths, for the bound
+        b = rollouts(step)
+        lengths = b.response_mask[:, b.prompt_len :].sum(1)
+        prompts = b.attention_mask[:: cfg.group_size, : b.prompt_len].sum(1)
+        work.append(GrpoWork([int(n) for n in lengths], [int(n) for n in prompts]))
+        return b
+
+    tr._rollouts = observed  # type: ignore[method-assign]
     tr.step(0)  # warm-up
-    n_seq = cfg.questions_per_step * cfg.group_size
     params = sum(p.numel() for p in lm.model.parameters())
     d, vocab = lm.d_model, lm.model.get_output_embeddings().weight.shape[0]
-    body = params - d * vocab  # tied embedding: the head's weight is the embedding's
-    task = load_task("chain_sum", n=cfg.questions_per_step, seed=0)
-    lens = [len(lm.tokenizer(format_prompt(task, it, "raw"))["input_ids"]) for it in task.items()]
-    prompt = statistics.mean(lens) * n_seq
-    per_step: dict[str, list[tuple[float, float]]] = {
-        "generate": [],
-        "reference": [],
-        "train": [],
-        "step": [],
-    }
+    rows: dict[str, list[tuple[float, float, float]]] = {k: [] for k in PHASES + ("step",)}
+    rates = []
     for s in range(1, steps + 1):
         row = tr.step(s)
-        flops = gemm_gflops(1024, 576, 1536, torch.float32, 3)
-        bw = bandwidth_gbs(512, 3)
-        gen = cfg.max_new_tokens * max(params * 4 / (bw * 1e9), 2 * params * n_seq / (flops * 1e9))
-        gen += 2 * body * prompt / cfg.group_size / (flops * 1e9)
-        new = float(row["completion_len"]) * n_seq
-        ref = (2 * body * (prompt + new) + 2 * d * vocab * new) / (flops * 1e9)
-        per_step["generate"].append((row["sec_generate"], gen))
-        per_step["reference"].append((row["sec_reference"], ref))
-        per_step["train"].append((row["sec_train"], 2 * ref))
-        per_step["step"].append((row["sec_step"], gen + 3 * ref))
-    return {
-        name: (statistics.median(o for o, _ in rows), statistics.median(b for _, b in rows))
-        for name, rows in per_step.items()
-    }
+        rates.append(gemm_gflops(1024, 576, 1536, torch.float32, 3))
+        bounds = grpo_bounds(work[-1], params, d, vocab, rates[-1], bandwidth_gbs(512, 3))
+        for name in PHASES:
+            rows[name].append((row[f"sec_{name}"], bounds[name][1], bounds[name][0]))
+        total = [sum(bounds[n][i] for n in PHASES) for i in (1, 0)]
+        rows["step"].append((row["sec_step"], total[0], total[1]))
+    med = {name: tuple(statistics.median(r[i] for r in rs) for i in range(3)) for name, rs in rows.items()}
+    return med, statistics.median(rates)  # type: ignore[return-value]
+
+
+def print_grpo(rows: dict[str, tuple[float, float, float]], rate: float, target_s: float | None) -> None:
+    print(  # noqa: T201
+        f"\nGRPO step (fp32; fp32 GEMM {rate:.1f} GFLOP/s at 1024x576x1536, median beside the steps)\n"
+        "| phase | ours | hardware bound | ours / bound | GFLOP | ours GFLOP/s |\n|---|---|---|---|---|---|"
+    )
+    for name, (ours, bound, gflop) in rows.items():
+        print(  # noqa: T201
+            f"| {name} | {ours:.2f} s | {bound:.2f} s | {ours / bound:.1f}x | {gflop:.0f} | {gflop / ours:.0f} |"
+        )
+    if target_s:
+        need = rows["step"][2] / target_s
+        print(  # noqa: T201
+            f"a {target_s:.2f} s step needs {need:.0f} GFLOP/s sustained over its {rows['step'][2]:.0f} GFLOP: "
+            f"{need / rate:.0%} of the GEMM rate; the bound is {rows['step'][1] / target_s:.0%} of that step"
+        )
 
 
 def main() -> None:
@@ -251,6 +313,17 @@ def main() -> None:
     )
     ap.add_argument(
         "--grpo-steps", type=int, default=3, help="timed GRPO steps after a warm-up step (medians)"
+    )
+    ap.add_argument(
+        "--fixed-length",
+        action="store_true",
+        help="every GRPO completion 64 tokens long (end tokens masked), as grpo_step.py --fixed-length",
+    )
+    ap.add_argument(
+        "--target-step-s",
+        type=float,
+        default=None,
+        help="also print the sustained GFLOP/s a GRPO step of this many seconds would need",
     )
     args = ap.parse_args()
     if args.threads:
@@ -286,8 +359,7 @@ def main() -> None:
         f"| {sae['bound_s']:.3f} s ({sae['bound_tok_s']:,.0f} tok/s) | {sae['ours_s'] / sae['bound_s']:.2f}x |"
     )
     if not args.skip_grpo:
-        for name, (ours, bound) in grpo_rows(args.grpo_steps).items():
-            print(f"| GRPO {name} (fp32) | {ours:.2f} s | {bound:.2f} s | {ours / bound:.1f}x |")  # noqa: T201
+        print_grpo(*grpo_rows(args.grpo_steps, args.fixed_length), args.target_step_s)
         print_decode_products(bw, max(args.reps, 10))
     print(f"sae_fraction_of_bound={sae['bound_s'] / sae['ours_s']:.2f}")  # noqa: T201
 

@@ -62,3 +62,23 @@ def test_interleaved_children_step_one_at_a_time(tmp_path: Path, monkeypatch: py
     assert len(spans) == 9
     assert all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:], strict=False))
     assert [k for _, _, k in spans] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+
+
+def test_grpo_bounds_count_each_batchs_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``roofline.py``'s GRPO bounds: shared prompts counted once per group, decode steps only for the
+    rows still running, the slower of compute and reading the weights per step, train twice the
+    reference."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from roofline import GrpoWork, grpo_bounds
+
+    params, d, vocab = 1000, 4, 50  # body 800
+    w = GrpoWork(lengths=[3, 1], prompts=[5])
+    got = grpo_bounds(w, params, d, vocab, gflops=1e-6, gbs=1e-9)  # 1000 FLOP/s, 1 byte/s
+    # prefill 2·800·5 + 2·4·50 = 8400; decode steps t=1, 2 run 1 row each: 2·1000 FLOP (2 s) against
+    # reading 4000 bytes (4000 s), twice
+    assert got["generate"] == pytest.approx((8400 / 1e9 + 4000 / 1e9, 8.4 + 8000))
+    ref = 2 * 800 * (4 + 4) + 2 * 4 * 50 * 4  # prompt but its last token, plus the 4 response tokens
+    assert got["reference"] == pytest.approx((ref / 1e9, ref / 1000))
+    assert got["train"] == pytest.approx((2 * ref / 1e9, 2 * ref / 1000))
+    fast_read = grpo_bounds(w, params, d, vocab, gflops=1e-6, gbs=1e3)["generate"][1]
+    assert fast_read == pytest.approx(8.4 + 2 * 2.0)  # compute-bound steps now
