@@ -114,18 +114,32 @@ def main() -> None:
             times[way, "decode"].append(t)
             print(f"round {r + 1}/{reps} {way:8}: " + ", ".join(  # noqa: T201
                 f"{k} {times[way, k][-1]:.2f} s" for k in ("forward", "train", "decode")), flush=True)  # fmt: skip
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(  # noqa: T201
-        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, threads "
-        f"{args.threads}, torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-        f"PyTorch's oneDNN bf16 path: {bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}; "
-        f"median of {reps} round(s)"
-    )
     shapes = {
         "forward": f"{rows}x{toks} tokens, no grad",
         "train": f"{len(train_ids)}x{toks} tokens, fwd+bwd",
         "decode": f"{rows} rows x {new} new tokens",
     }
+    _report({k: statistics.median(v) for k, v in times.items()}, shapes, logits, tokens, args.threads, reps)
+
+
+def _report(
+    med: dict[tuple[str, str], float],
+    shapes: dict[str, str],
+    logits: dict[str, Any],
+    tokens: dict[str, Any],
+    threads: int,
+    reps: int,
+) -> None:
+    """The summary: median seconds per way and workload, the logits' and tokens' agreement, and the
+    last line ``bf16cpu_speedup_vs_native=<x>``."""
+    import torch
+
+    print(  # noqa: T201
+        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, threads "
+        f"{threads}, torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"PyTorch's oneDNN bf16 path: {bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}; "
+        f"median of {reps} round(s)"
+    )
     print(f"{'workload':34} {'native s':>9} {'bf16cpu s':>10} {'fp32 s':>8} {'native/bf16cpu':>15}")  # noqa: T201
     for k, shape in shapes.items():
         n, w, f = med["native", k], med["bf16cpu", k], med["fp32", k]

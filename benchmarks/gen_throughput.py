@@ -12,7 +12,6 @@ noise; the bf16/fp32 ratio per batch size is the signal.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -21,6 +20,7 @@ from collections.abc import Callable
 import torch
 from transformers import GenerationConfig
 
+from bench_out import check_out, write_out
 from saereward.model.lm import DEFAULT_MODEL, LoadedModel, load_model
 from saereward.tasks import format_prompt, load_task
 
@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
+    check_out(args.json, "--json")
     if args.quick:
         args.new_tokens, args.repeats = 16, 3
     if args.threads:
@@ -90,9 +91,7 @@ def main() -> None:
             }
         )
         print(f"{b:>5} {fp32:>11.1f} {bf16:>11.1f} {bf16 / fp32:>10.2f}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
+    write_out(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,8 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from bench_out import check_out, write_out
+
 LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_PROMPTS, GROUP, NEW_TOKENS = 4, 4, 64
 
@@ -486,7 +488,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--quick", action="store_true", help="2 timed steps and no warm-up step, the first of --dtypes only"
@@ -557,44 +559,42 @@ def main() -> None:
     ap.add_argument("--child", choices=["trl", "trl+fix", "ours", "ours+sae"], help=argparse.SUPPRESS)
     ap.add_argument("--gate", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.warmup_steps is None:
-        args.warmup_steps = 0 if args.quick else 1
-    if args.warmup_steps < 0:
-        raise SystemExit("--warmup-steps must be 0 or more")
-    if args.dtypes is None:
-        from saereward.model.lm import resolve_dtype
+    return ap
 
-        args.dtypes = "bf16,fp32" if resolve_dtype("auto") == "bf16" else "fp32,bf16"
-    if args.child:
-        if args.child in ("trl", "trl+fix"):
-            res = child_trl(
-                args.dtypes,
-                args.steps,
-                args.threads,
-                args.questions,
-                fix=args.child == "trl+fix",
-                warmup=args.warmup_steps,
-                gate=StepGate(args.gate),
-                fixed_length=args.fixed_length,
-            )
-        else:
-            res = child_ours(
-                args.dtypes,
-                args.steps,
-                args.threads,
-                args.child == "ours+sae",
-                args.workdir,
-                args.grad_checkpointing,
-                args.micro_batch,
-                args.questions,
-                _overrides(args),
-                warmup=args.warmup_steps,
-                gate=StepGate(args.gate),
-            )
-        res["peak_rss_gb"] = round(_peak_rss_gb(), 3)
-        print(json.dumps(res))  # noqa: T201
-        return
+
+def _run_child(args: argparse.Namespace) -> None:
+    """One trainer's child process: its steps, then one JSON line on stdout."""
+    if args.child in ("trl", "trl+fix"):
+        res = child_trl(
+            args.dtypes,
+            args.steps,
+            args.threads,
+            args.questions,
+            fix=args.child == "trl+fix",
+            warmup=args.warmup_steps,
+            gate=StepGate(args.gate),
+            fixed_length=args.fixed_length,
+        )
+    else:
+        res = child_ours(
+            args.dtypes,
+            args.steps,
+            args.threads,
+            args.child == "ours+sae",
+            args.workdir,
+            args.grad_checkpointing,
+            args.micro_batch,
+            args.questions,
+            _overrides(args),
+            warmup=args.warmup_steps,
+            gate=StepGate(args.gate),
+        )
+    res["peak_rss_gb"] = round(_peak_rss_gb(), 3)
+    print(json.dumps(res))  # noqa: T201
+
+
+def _child_flags(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The flags both trainers' children get, and those ours gets."""
     common = ["--questions", str(args.questions)]  # both trainers
     if args.fixed_length:
         common.append("--fixed-length")
@@ -608,11 +608,12 @@ def main() -> None:
         extra.append("--share-prompt" if args.share_prompt else "--no-share-prompt")
     for kv in args.set:
         extra += ["--set", kv]
-    steps = 2 if args.quick else args.steps
-    if steps < 1:
-        raise SystemExit("--steps must be at least 1")
-    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    dtypes = dtypes[:1] if args.quick else dtypes
+    return common, extra
+
+
+def _run_trainers(args: argparse.Namespace, dtypes: list[str], steps: int) -> dict[str, dict[str, Any]]:
+    """Every trainer's child per dtype (one after the other, or ``--interleave``); ``{"<trainer>/<dtype>": result}``."""
+    common, extra = _child_flags(args)
     workdir = Path(tempfile.mkdtemp(prefix="grpo_bench_"))
     make_pack(workdir)
     results: dict[str, dict[str, Any]] = {}
@@ -642,8 +643,13 @@ def main() -> None:
             r["median_step_s"] = statistics.median(r["step_times"])
             results[f"{which}/{dt}"] = r
             print_child(which, dt, r)
+    return results
+
+
+def _print_summary(results: dict[str, dict[str, Any]], dtypes: list[str], threads: int) -> float:
+    """The summary table; returns the first dtype's time ratio (ours+sae / TRL)."""
     print(
-        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, threads {args.threads}"
+        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, threads {threads}"
     )  # noqa: T201
     print(
         f"{'dtype':6} {'trl s/step':>10} {'ours+sae':>9} {'ours':>7} {'ratio':>6} {'reward %':>9} "  # noqa: T201
@@ -675,8 +681,33 @@ def main() -> None:
                 f"{dt:6} trl+fix {f['median_step_s']:.2f} s/step, RSS {f['peak_rss_gb']:.2f} GB; "
                 f"ours+sae / trl+fix = {s['median_step_s'] / f['median_step_s']:.2f}"
             )
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    return first_ratio if first_ratio is not None else float("nan")
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    check_out(args.json, "--json")
+    if args.warmup_steps is None:
+        args.warmup_steps = 0 if args.quick else 1
+    if args.warmup_steps < 0:
+        raise SystemExit("--warmup-steps must be 0 or more")
+    if args.dtypes is None:
+        from saereward.model.lm import resolve_dtype
+
+        args.dtypes = "bf16,fp32" if resolve_dtype("auto") == "bf16" else "fp32,bf16"
+    if args.child:
+        _run_child(args)
+        return
+    steps = 2 if args.quick else args.steps
+    if steps < 1:
+        raise SystemExit("--steps must be at least 1")
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes:
+        raise SystemExit("--dtypes names no dtype: give e.g. --dtypes fp32")
+    dtypes = dtypes[:1] if args.quick else dtypes
+    results = _run_trainers(args, dtypes, steps)
+    first_ratio = _print_summary(results, dtypes, args.threads)
+    write_out(args.json, results)
     print(f"step_time_ratio_vs_trl={first_ratio:.3f}")  # noqa: T201
 
 

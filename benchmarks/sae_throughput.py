@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import math
 import os
 import platform
@@ -61,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bench_out import check_out, write_out
 from saereward.sae import kernels
 from saereward.sae.coder import TopKSAE
 from saereward.sae.train import SAETrainConfig, SAETrainer, lr_at
@@ -373,7 +373,7 @@ def _device_name() -> str:
     return torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu"
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--acts", help="a safetensors file with a [N, d] tensor of real residuals")
     ap.add_argument("--d-sae", type=int, default=9216)
@@ -413,7 +413,31 @@ def main() -> None:
         help="CUDA: allow TF32 for every trainer's fp32 matmuls (off by default)",
     )
     ap.add_argument("--verbose", action="store_true")
-    args = ap.parse_args()
+    return ap
+
+
+def _grid(
+    args: argparse.Namespace, d: int, peers: list[str], data: Synthetic | FileActs
+) -> dict[str, object]:
+    """``--grid``: ours and sparsify over M × k; prints the table, returns the results by cell."""
+    args.interval = 2
+    rows = ["| M | k | saereward tok/s | sparsify tok/s | speedup |", "|---:|---:|---:|---:|---:|"]
+    grid = {}
+    for m in (4608, 9216, 18432):
+        for k in (32, 64, 128):
+            spar = [p for p in peers if p == "sparsify"] or ["sparsify"]
+            res = run(args, d, m, k, spar, False, 0, data, evaluate=False)
+            ours, sp = res["saereward"]["tok_s"], res["sparsify"]["tok_s"]
+            rows.append(f"| {m} | {k} | {ours:,.0f} | {sp:,.0f} | {ours / sp:.2f}x |")
+            grid[f"M{m}_k{k}"] = res
+            print(rows[-1], flush=True)
+    print("\n".join(rows))
+    return grid
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    check_out(args.out, "--out")
     warnings.filterwarnings("ignore")
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -448,28 +472,7 @@ def main() -> None:
         return
 
     if args.grid:
-        args.interval = 2
-        rows = ["| M | k | saereward tok/s | sparsify tok/s | speedup |", "|---:|---:|---:|---:|---:|"]
-        grid = {}
-        for m in (4608, 9216, 18432):
-            for k in (32, 64, 128):
-                res = run(
-                    args,
-                    d,
-                    m,
-                    k,
-                    [p for p in peers if p == "sparsify"] or ["sparsify"],
-                    False,
-                    0,
-                    data,
-                    evaluate=False,
-                )
-                ours, sp = res["saereward"]["tok_s"], res["sparsify"]["tok_s"]
-                rows.append(f"| {m} | {k} | {ours:,.0f} | {sp:,.0f} | {ours / sp:.2f}x |")
-                grid[f"M{m}_k{k}"] = res
-                print(rows[-1], flush=True)
-        print("\n".join(rows))
-        report["grid"] = grid
+        report["grid"] = _grid(args, d, peers, data)
     else:
         res = run(args, d, args.d_sae, args.k, peers, args.with_eager, args.tokens, data, evaluate=True)
         print(
@@ -479,9 +482,7 @@ def main() -> None:
         report["main"] = res
         if "sparsify" in res:
             print(f"speedup_vs_sparsify={res['saereward']['tok_s'] / res['sparsify']['tok_s']:.2f}")
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2)
+    write_out(args.out, report)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import statistics
 import sys
 from typing import Any
 
+from bench_out import check_out, write_out
 from grpo_step import LORA, N_PROMPTS, json_child, step_timer, trl_config  # the same TRL configuration
 
 
@@ -116,6 +117,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child", choices=["trl", "trl+sae"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    check_out(args.json, "--json")
     if args.model is None:
         from saereward.model.lm import convert_embedded
 
@@ -145,9 +147,7 @@ def main() -> None:
         f"SAEGRPOTrainer {s:.3f} s/step (median of {args.rounds} round(s) x {args.steps} steps); "
         f"peak mem {results['trl'][0]['peak_mem_gb']:.2f} vs {results['trl+sae'][0]['peak_mem_gb']:.2f} GB"
     )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    write_out(args.json, results)
     print(f"sae_overhead_in_trl={s / t - 1:.3f}")  # noqa: T201
 
 

@@ -47,6 +47,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench_out import check_out, write_out
+
 HERE = Path(__file__).resolve().parent
 SETTINGS = ("default", "passive", "cli")
 WORKLOADS = ("generate", "sae", "grpo")
@@ -233,6 +235,7 @@ def main() -> None:
     ap.add_argument("--child", choices=WORKLOADS, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    check_out(args.json, "--json")
     # a kill of this script must stop its competitor too: SIGTERM unwinds through measure()'s finally
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.child:
@@ -253,8 +256,7 @@ def main() -> None:
         f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}"
     )
     print(table(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    write_out(args.json, {"args": vars(args), "results": results})
 
 
 if __name__ == "__main__":

@@ -76,17 +76,31 @@ def _prop(k: int, n: int) -> dict[str, Any]:
 
 def make_run(root: Path, n: int = 16, full: bool = True) -> Path:
     """A run folder with rollouts, SAE, pack and (``full``) every later stage's JSON."""
-    from safetensors.torch import save_file
-
-    from saereward.data.rollouts import summarize
-    from saereward.sae.formats import sae_weights_sha256, save_sae
+    from saereward.sae.formats import save_sae
 
     run = root / "run"
     tok_dir = root / "tok"
     char_tokenizer().save_pretrained(tok_dir)
-    tok = char_tokenizer()
     sae_dir = save_sae(random_sae(d_in=D, d_sae=D_SAE, k=K, seed=3, layer=LAYER), run / "sae" / "sae")
+    ro = _write_rollouts(run, tok_dir, n)
+    pack = _write_pack(run, sae_dir)
+    if not full:
+        return run
+    _write_sae_eval(run, sae_dir, pack)
+    assoc = _write_g1(run, ro)
+    _write_g2(run)
+    _write_g3(run, assoc)
+    _write_analyses(run, n)
+    return run
 
+
+def _write_rollouts(run: Path, tok_dir: Path, n: int) -> Path:
+    """The rollouts stage's folder: ``n`` completions (every third correct), residuals and summary."""
+    from safetensors.torch import save_file
+
+    from saereward.data.rollouts import summarize
+
+    tok = char_tokenizer()
     g = torch.Generator().manual_seed(0)
     rows, resid, ids = [], [], []
     for i in range(n):
@@ -133,6 +147,13 @@ def make_run(root: Path, n: int = 16, full: bool = True) -> Path:
     write_json(
         ro / "config.json", {"model": str(tok_dir), "n": n // 2, "samples": 2, "token_layers": [LAYER]}
     )
+    return ro
+
+
+def _write_pack(run: Path, sae_dir: Path) -> FeaturePack:
+    """``pack.json`` as discover records it."""
+    from saereward.sae.formats import sae_weights_sha256
+
     pack = FeaturePack(
         name="tiny",
         helpful=[Feature(3, 1.0, effect_size=0.9), Feature(7, 1.0, effect_size=0.5)],
@@ -149,9 +170,11 @@ def make_run(root: Path, n: int = 16, full: bool = True) -> Path:
         },
     )
     save_pack(pack, run / "pack.json")
-    if not full:
-        return run
+    return pack
 
+
+def _write_sae_eval(run: Path, sae_dir: Path, pack: FeaturePack) -> None:
+    """The SAE's training log and eval JSONs, and the pack re-saved with the SAE folder's new hash."""
     write_jsonl(
         run / "sae" / "train_log.jsonl",
         [{"step": s, "fvu": 1.0 / s, "l0": float(K), "dead_pct": 10.0 / s, "lr": 1e-4} for s in range(1, 6)],
@@ -179,6 +202,10 @@ def make_run(root: Path, n: int = 16, full: bool = True) -> Path:
     )
     pack.metadata["sae_sha256"] = file_sha256(sae_dir)  # eval-sae writes eval.json before discover runs
     save_pack(pack, run / "pack.json")
+
+
+def _write_g1(run: Path, ro: Path) -> dict[str, Any]:
+    """The layer map, G1 and the probe; returns the association block they share."""
     write_json(
         ro / "layer_map.json",
         {
@@ -222,6 +249,11 @@ def make_run(root: Path, n: int = 16, full: bool = True) -> Path:
     write_json(
         Path(str(run / "probe.safetensors") + ".json"), {"layer": LAYER, "heldout": assoc, "fit": {"C": 1.0}}
     )
+    return assoc
+
+
+def _write_g2(run: Path) -> None:
+    """G2's verdict and its arms' training logs."""
     table = {
         reward: {
             "label": label,
@@ -268,6 +300,10 @@ def make_run(root: Path, n: int = 16, full: bool = True) -> Path:
         log += [{"step": 3, "eval_accuracy": 0.3}]
         write_jsonl(run / "g2" / name / "train_log.jsonl", log)
         write_json(run / "g2" / name / "config.json", {"reward": name.split("_")[1], "seed": 0})
+
+
+def _write_g3(run: Path, assoc: dict[str, Any]) -> None:
+    """G3's verdict."""
     both = {
         "base": _prop(3, 50),
         "trained": _prop(5, 50),
@@ -305,6 +341,10 @@ def make_run(root: Path, n: int = 16, full: bool = True) -> Path:
             "monitor_verdict": {"valid": True, "goodhart": False, "rule": "valid: rho >= 0.3"},
         },
     )
+
+
+def _write_analyses(run: Path, n: int) -> None:
+    """Steering, drift, and the pipeline's own records."""
     write_json(
         run / "steer" / "steer.json",
         {
@@ -364,7 +404,6 @@ def make_run(root: Path, n: int = 16, full: bool = True) -> Path:
             }
         },
     )
-    return run
 
 
 def steer_row(label: str, kind: str, scale: float) -> dict[str, Any]:
