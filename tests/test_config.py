@@ -53,12 +53,26 @@ def test_types_coerced() -> None:
         (["--set", "n=0"], "n must be >= 1"),
         (["--set", "sample=maybe"], "not a boolean"),
         (["--set", "novalue"], "key=value"),
+        (["--set", "temperature=nan"], "temperature=nan is not a finite number"),
+        (["--temperature", "inf"], "is not a finite number"),
+        (["--set", "n=1e999"], "n=inf is not a whole number"),
     ],
 )
 def test_bad_values_are_one_line_errors(argv: list[str], needle: str) -> None:
     with pytest.raises(SaeRewardError, match=needle) as ei:
         _parse(argv)
     assert "\n" not in str(ei.value)
+
+
+def test_one_value_where_a_list_goes() -> None:
+    """``--set layers=15`` and TOML ``layers = 15`` give a one-element list, as ``--layers 15`` does."""
+    from saereward.data.collect import CollectConfig
+
+    assert from_dict(CollectConfig, {"layers": 15}).layers == (15,)
+    assert _parse(["--set", "layers=15"], CollectConfig).layers == (15,)
+    assert from_dict(CollectConfig, {"layers": [3, 5]}).layers == (3, 5)
+    with pytest.raises(SaeRewardError, match="not a finite number"):
+        from_dict(EvalConfig, {"temperature": float("nan")})
 
 
 def test_missing_and_bad_toml(tmp_path: Path) -> None:

@@ -660,3 +660,63 @@ def test_discover_at_a_layer_past_the_model_is_one_line(
     err = capsys.readouterr().err
     assert err.startswith("error: --layer 99 is out of range") and err.count("\n") == 1, err
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+
+
+def test_an_out_never_replaces_an_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``discover --out`` on the rollout folder's ``rollouts.jsonl``, ``probe --out`` on its
+    ``pooled.safetensors``, ``report --out`` on the run's ``pack.json``: refused before any work, the
+    files untouched; the command's own earlier output in that folder may still be replaced."""
+    run = tmp_path / "run"
+    ro = run / "rollouts"
+    ro.mkdir(parents=True)
+    files = {ro / "rollouts.jsonl": "{}\n", ro / "pooled.safetensors": "x", run / "pack.json": "{}"}
+    for f, text in files.items():
+        f.write_text(text)
+    sae = tmp_path / "sae"
+    sae.mkdir()
+    for argv in (
+        ["discover", "--rollouts", str(ro), "--sae", str(sae), "--out", str(ro / "rollouts.jsonl")],
+        ["probe", "--rollouts", str(ro), "--layer", "1", "--out", str(ro / "pooled.safetensors")],
+        ["report", str(run), "--out", str(run / "pack.json")],
+        ["gate-g1", "--rollouts", str(ro), "--pack", str(run / "pack.json"), "--out", str(run / "pack.json")],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert "would replace an input" in err and "pass another --out" in err and "\n" not in err, err
+    assert all(f.read_text() == text for f, text in files.items())
+    from saereward.cli import check_output
+    from saereward.report.html import ReportConfig
+
+    (run / "report.html").write_text("old")  # the report's own file in the run folder: no refusal
+    check_output("report", ReportConfig(run_dir=str(run), out=str(run / "report.html")))
+    with pytest.raises(SaeRewardError, match="would replace an input"):
+        check_output("report", ReportConfig(run_dir=str(run), out=str(ro / "rollouts.jsonl")))
+
+
+def test_os_errors_name_the_path_and_the_fitting_check() -> None:
+    from saereward.cli import _os_error_line
+
+    missing = _os_error_line(FileNotFoundError(2, "No such file or directory", "in/rollouts.jsonl"))
+    assert missing.startswith("No such file or directory: in/rollouts.jsonl; check the path")
+    assert "writable" not in missing
+    assert "permissions" in _os_error_line(PermissionError(13, "Permission denied", "/x"))
+    assert "free space" in _os_error_line(OSError(28, "No space left on device", "/x"))
+
+
+def test_a_corrupt_rollout_config_names_the_file(tmp_path: Path) -> None:
+    from saereward.data.rollouts import Rollouts
+
+    (tmp_path / "config.json").write_text("zz")
+    ro = Rollouts(tmp_path, [], {}, {}, None, None, {})
+    with pytest.raises(SaeRewardError, match=r"config.json is not valid JSON"):
+        _ = ro.generation
+
+
+def test_report_markdown_path_is_checked_first(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    blocker = tmp_path / "blocker"
+    blocker.write_text("file")
+    assert main(["report", str(run), "--markdown", str(blocker / "r.md")]) == 2
+    err = capsys.readouterr().err
+    assert "blocker is a file, not a folder" in err and "--markdown" in err

@@ -453,6 +453,12 @@ def test_eval_suite_model_errors_are_not_read_as_missing_math500_data(
     assert "skipped" in res["table"]["math500"]["base"]
     with pytest.raises(ValueError, match="none.jsonl is not a file"):  # a path given is an input: no skip
         EvalSuiteConfig(benches=("math500",), math500_path=str(tmp_path / "none.jsonl"))
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_text("not json\n")
+    bad = EvalSuiteConfig(model=str(tmp_path / "no-model"), benches=("math500",), math500_path=str(garbage),
+                          out=str(tmp_path / "s3"), progress=False)  # fmt: skip
+    with pytest.raises(SaeRewardError, match="garbage.jsonl"):  # a bad file given is an error, not a skip
+        run_eval_suite(bad)
 
 
 def test_monitor_reuses_rollouts_only_made_with_the_same_settings(

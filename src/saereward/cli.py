@@ -12,6 +12,7 @@ writable, and a folder where the command writes a folder, a file where it writes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -560,6 +561,32 @@ def _refuse_foreign_folder(command: str, out: Path) -> None:
             )
 
 
+#: the file a one-file command writes by default, by name: the one file of an input folder that its
+#: ``--out`` may replace there (its own earlier output)
+_OWN_FILE = {"discover": "pack.json", "gate-g1": "gate_g1.json", "probe": "probe.safetensors"}
+_OWN_FILE |= {"reasonscore": "reasonscore.json", "report": "report.html"}
+
+
+def _refuse_input_overwrite(command: str, cfg: Any, out: Path) -> None:
+    """An explicit ``--out`` never replaces one of the command's inputs: an input file itself, or an
+    existing file inside an input folder other than the command's own earlier output (e.g. ``discover
+    --out`` on the rollout folder's ``rollouts.jsonl``, ``report --out`` on the run's ``pack.json``)."""
+    if not out.is_file():
+        return
+    target = out.resolve()
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in ("out", "markdown") or not isinstance(value, str | os.PathLike) or not str(value):
+            continue
+        given = Path(value)
+        if not given.exists():
+            continue
+        src = given.resolve()
+        if target == src or (src.is_dir() and src in target.parents and out.name != _OWN_FILE.get(command)):
+            flag = "--" + f.name.replace("_", "-")
+            raise SaeRewardError(f"--out {out} would replace an input ({flag} {value}): pass another --out")
+
+
 def check_output(command: str, cfg: Any) -> None:
     """Fail before any work when the command's output cannot be written where ``cfg`` says: a folder
     given where it writes one file, a file where it writes a folder, or a place nothing can be written."""
@@ -572,7 +599,26 @@ def check_output(command: str, cfg: Any) -> None:
     if command not in _FILE_OUT | {"export-sae", "token-view"} and p.is_file():
         raise SaeRewardError(f"--out {p} is a file; {command} writes a folder: pass a folder path")
     _refuse_foreign_folder(command, p)
+    if command in _FILE_OUT and getattr(cfg, "out", None):
+        _refuse_input_overwrite(command, cfg, p)
     check_writable(p)
+    markdown = getattr(cfg, "markdown", None)  # report's second output
+    if isinstance(markdown, str | os.PathLike) and str(markdown):
+        check_writable(markdown, fix="pass another --markdown")
+
+
+def _os_error_line(exc: OSError) -> str:
+    """One line for an OS error: the path, and the check that fits its kind."""
+    where = f": {exc.filename}" if exc.filename else ""
+    if isinstance(exc, FileNotFoundError):
+        fix = "check the path (an input must exist; an output's folder is created)"
+    elif isinstance(exc, IsADirectoryError | NotADirectoryError):
+        fix = "check the path: a file and a folder are swapped"
+    elif isinstance(exc, PermissionError):
+        fix = "check the permissions of the path"
+    else:
+        fix = "check that the path exists, is writable and has free space"
+    return f"{exc.strerror or exc}{where}; {fix}"
 
 
 def _internal_error(exc: BaseException) -> int:
@@ -626,10 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"error: {exc}\n")
         return exc.exit_code
     except OSError as exc:  # unwritable or missing folder, full disk, read-only file system, ...
-        where = f": {exc.filename}" if exc.filename else ""
-        sys.stderr.write(
-            f"error: {exc.strerror or exc}{where}; check that the path exists, is writable and has free space\n"
-        )
+        sys.stderr.write(f"error: {_os_error_line(exc)}\n")
         return 1
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -86,9 +87,12 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         if tp is int and isinstance(value, float) and not value.is_integer():
             raise SaeRewardError(f"{name}={value!r} is not a whole number: pass an integer")
         try:
-            return tp(value) if tp is float else int(str(value), 0) if isinstance(value, str) else int(value)
-        except (TypeError, ValueError):
+            num = tp(value) if tp is float else int(str(value), 0) if isinstance(value, str) else int(value)
+        except (TypeError, ValueError, OverflowError):
             raise SaeRewardError(f"{name}={value!r} is not a valid {tp.__name__}") from None
+        if not math.isfinite(num):  # NaN passes every `x < 0` check and would reach the results
+            raise SaeRewardError(f"{name}={value!r} is not a finite number: pass a finite value")
+        return num
     if tp is str:
         return str(value)
     if origin in (dict, Mapping) or tp in (dict, Mapping):
@@ -101,7 +105,7 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
             raise SaeRewardError(f"{name} must be a table, got {value!r}")
         return dict(value)
     if origin in (list, tuple, Sequence) or tp in (list, tuple):
-        if isinstance(value, str):
+        if not isinstance(value, list | tuple):  # one value where a list goes: --set layers=15, scales = 0.05
             value = [value]
         if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
             # a flag given several values (--layers 3 5) and/or comma lists (--layers 3,5)

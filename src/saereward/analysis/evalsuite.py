@@ -172,8 +172,10 @@ def run_eval_suite(cfg: EvalSuiteConfig) -> dict[str, Any]:
             try:
                 rows[bench][policy] = run_eval_cached(ec, lm=lm)
             except SaeRewardError as exc:
-                if bench != "math500" or isinstance(exc, ModelLoadError):
-                    raise  # only MATH-500's own data may be missing (offline, no --math500-path)
+                if bench != "math500" or isinstance(exc, ModelLoadError) or cfg.math500_path:
+                    # only MATH-500's own data may be missing (offline, no --math500-path); a path
+                    # given is an input, and a bad one is an error
+                    raise
                 log.warning("MATH-500 skipped: %s", exc)
                 rows[bench][policy] = f"skipped: {exc}"
     table: dict[str, Any] = {}

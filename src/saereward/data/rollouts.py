@@ -324,10 +324,10 @@ class Rollouts:
     def generation(self) -> dict[str, Any]:
         """How the responses were made: ``prompt_format``, ``shots``, ``task``, ``temperature``,
         ``top_p``, ``max_new_tokens``, ``decoding`` (from the folder's ``config.json``; {} if absent)."""
-        import json
+        from saereward.io import read_json
 
         f = self.path / "config.json"
-        cfg = json.loads(f.read_text()) if f.is_file() else {}
+        cfg = read_json(f, expect=dict) if f.is_file() else {}
         keys = ("prompt_format", "shots", "task", "temperature", "top_p", "max_new_tokens", "decoding")
         return {k: cfg[k] for k in keys if k in cfg}
 
