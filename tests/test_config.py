@@ -75,6 +75,11 @@ def test_one_value_where_a_list_goes() -> None:
         from_dict(EvalConfig, {"temperature": float("nan")})
 
 
+def test_baseline_batch_size_is_checked_before_the_model_loads() -> None:
+    with pytest.raises(SaeRewardError, match="batch_size must be >= 1"):
+        _parse(["--batch-size", "0"], BaselineConfig)
+
+
 def test_missing_and_bad_toml(tmp_path: Path) -> None:
     with pytest.raises(SaeRewardError, match="not found"):
         _parse(["--config", str(tmp_path / "nope.toml")])

@@ -720,3 +720,10 @@ def test_report_markdown_path_is_checked_first(tmp_path: Path, capsys: pytest.Ca
     assert main(["report", str(run), "--markdown", str(blocker / "r.md")]) == 2
     err = capsys.readouterr().err
     assert "blocker is a file, not a folder" in err and "--markdown" in err
+
+
+def test_a_pack_path_that_is_a_folder_says_so(tmp_path: Path) -> None:
+    from saereward.features.pack import load_pack
+
+    with pytest.raises(SaeRewardError, match="is a folder: pass the pack's .json file"):
+        load_pack(tmp_path)

@@ -259,6 +259,8 @@ class BaselineConfig(DeviceOptions, ModelOptions):
             raise ValueError(f"unknown prompt format {bad[0]!r}: use raw, fewshot or chat")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 # Generation budgets: mechreward's raw prompt asks for step-by-step reasoning, so it needs room.

@@ -204,6 +204,8 @@ def load_pack(path: str | Path) -> FeaturePack:
     Every feature of the file is kept; a malformed one is a one-line error naming it.
     """
     p = Path(resolve_source(path)).expanduser()
+    if p.is_dir():
+        raise SaeRewardError(f"feature pack {p} is a folder: pass the pack's .json file")
     if not p.is_file():
         raise SaeRewardError(f"feature pack {p} not found: run `saereward discover` or check the path")
     try:
