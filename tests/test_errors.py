@@ -727,3 +727,28 @@ def test_a_pack_path_that_is_a_folder_says_so(tmp_path: Path) -> None:
 
     with pytest.raises(SaeRewardError, match="is a folder: pass the pack's .json file"):
         load_pack(tmp_path)
+
+
+def test_collect_reads_each_text_files_first_document_before_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A binary ``.txt``, a ``.jsonl`` whose rows lack the text field, or one with no text: one line
+    before any model loads (it came after the model load, and in a pipeline after the rollouts)."""
+    import saereward.data.collect as collect
+
+    def no_model(*a: Any, **k: Any) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(collect, "load_model", no_model)
+    cases = {
+        "bin.txt": (b"\xff\xfe\x00\x01 binary\n", "not UTF-8 text"),
+        "rows.jsonl": (b'{"body": "no text field"}\n', "expected a JSON object with a string field 'text'"),
+        "blank.jsonl": (b'{"text": "  "}\n', "holds no text"),
+    }
+    for name, (data, needle) in cases.items():
+        f = tmp_path / name
+        f.write_bytes(data)
+        out = tmp_path / f"out_{name}"
+        assert main(["collect", "--task", "none", "--text-paths", str(f), "--out", str(out)]) == 2, name
+        err = capsys.readouterr().err
+        assert needle in err and "\n" not in err.strip(), err

@@ -444,6 +444,10 @@ class _CorpusSource:
                 raise SaeRewardError(f"text file {p} not found: check text_paths")
             if path.stat().st_size == 0:
                 raise SaeRewardError(f"text file {p} is empty: check text_paths")
+            # its first document now (a binary file, a malformed first row, a missing text field), before
+            # the model loads, rather than after a model load or, in a pipeline, after the rollouts
+            if next(iter_text_documents(path, cfg.txt_unit, cfg.text_field), None) is None:
+                raise SaeRewardError(f"text file {p} holds no text: check text_paths")
             self.files.append(
                 {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
             )
