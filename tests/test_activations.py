@@ -393,6 +393,11 @@ def test_text_that_yields_no_tokens_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SaeRewardError, match="blank.txt holds no text"):
         run_collect(config(tmp_path / "b", task=None, text_paths=(str(blank),)), tiny_lm())
     assert not (tmp_path / "b" / "manifest.json").exists()
+    short = tmp_path / "short.txt"  # text, but no chunk longer than skip_first: an error after the run
+    short.write_text("hi\n")
+    with pytest.raises(SaeRewardError, match="collected no tokens"):
+        run_collect(config(tmp_path / "c", task=None, text_paths=(str(short),), skip_first=8), tiny_lm())
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["complete"] is False
 
 
 # --------------------------------------------------------------------------------------------------
