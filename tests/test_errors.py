@@ -752,3 +752,28 @@ def test_collect_reads_each_text_files_first_document_before_the_model(
         assert main(["collect", "--task", "none", "--text-paths", str(f), "--out", str(out)]) == 2, name
         err = capsys.readouterr().err
         assert needle in err and "\n" not in err.strip(), err
+
+
+def test_train_rl_checks_its_reward_files_before_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing ``--pack`` / ``--reward-baseline`` or a pack that is not JSON: one line before any
+    model loads (it came after a model load)."""
+    import saereward.rl.grpo as grpo
+
+    def no_model(*a: Any, **k: Any) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(grpo, "load_model", no_model)
+    garbage = tmp_path / "pack.json"
+    garbage.write_text("not json")
+    base = ["train-rl", "--reward", "sae", "--steps", "1", "--out", str(tmp_path / "rl")]
+    cases = [
+        (["--pack", str(tmp_path / "none.json")], "--pack"),
+        (["--pack", str(garbage)], "is not valid JSON"),
+        (["--pack", str(garbage), "--reward-baseline", str(tmp_path / "nobase.json")], "--reward-baseline"),
+    ]
+    for extra, needle in cases:
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err, err

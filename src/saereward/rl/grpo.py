@@ -187,6 +187,8 @@ class GRPOTrainer:
             )
         if len(self.eval_items) < cfg.n_eval:
             log.warning("only %d held-out questions are disjoint from training", len(self.eval_items))
+        if lm is None:  # a missing or malformed input file is one line before the model loads
+            _check_reward_inputs(cfg)
         self.lm = lm or load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads, device=device)
         self.device = next(self.lm.model.parameters()).device  # a model passed in decides
         tok = self.lm.tokenizer
@@ -1054,6 +1056,25 @@ class GRPOTrainer:
         if main:
             write_json(self.out / "summary.json", summary)
         return {**summary, "rank": self.rank}
+
+
+def _check_reward_inputs(cfg: GRPOConfig) -> None:
+    """Raise one line when a local input file of the reward is missing, or the pack is not one: the
+    checks that need no model (the scorer's own, against the model's width, come after it loads)."""
+    from saereward.hub import HF_SCHEME
+
+    named = {
+        "--pack": cfg.pack,
+        "--sae": cfg.sae,
+        "--direction-rollouts": cfg.direction_rollouts,
+        "--dual-verifier": cfg.dual_verifier,
+        "--reward-baseline": cfg.reward_baseline,
+    }
+    for flag, value in named.items():
+        if value and not str(value).startswith(HF_SCHEME) and not Path(value).expanduser().exists():
+            raise SaeRewardError(f"{flag} {value} not found: check the path")
+    if cfg.reward == "sae" and cfg.pack and not str(cfg.pack).startswith(HF_SCHEME):
+        load_pack(cfg.pack)  # malformed: its own one-line error
 
 
 def _median(xs: Sequence[float]) -> float | None:
