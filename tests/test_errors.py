@@ -729,6 +729,11 @@ def test_a_pack_path_that_is_a_folder_says_so(tmp_path: Path) -> None:
         load_pack(tmp_path)
 
 
+def _no_model(*a: Any, **k: Any) -> None:
+    """A stand-in for ``load_model`` in tests that check the inputs before the model loads."""
+    raise AssertionError("the model was loaded")
+
+
 def test_collect_reads_each_text_files_first_document_before_the_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -736,10 +741,7 @@ def test_collect_reads_each_text_files_first_document_before_the_model(
     before any model loads (it came after the model load, and in a pipeline after the rollouts)."""
     import saereward.data.collect as collect
 
-    def no_model(*a: Any, **k: Any) -> None:
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(collect, "load_model", no_model)
+    monkeypatch.setattr(collect, "load_model", _no_model)
     cases = {
         "bin.txt": (b"\xff\xfe\x00\x01 binary\n", "not UTF-8 text"),
         "rows.jsonl": (b'{"body": "no text field"}\n', "expected a JSON object with a string field 'text'"),
@@ -761,10 +763,7 @@ def test_train_rl_checks_its_reward_files_before_the_model(
     model loads (it came after a model load)."""
     import saereward.rl.grpo as grpo
 
-    def no_model(*a: Any, **k: Any) -> None:
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(grpo, "load_model", no_model)
+    monkeypatch.setattr(grpo, "load_model", _no_model)
     garbage = tmp_path / "pack.json"
     garbage.write_text("not json")
     base = ["train-rl", "--reward", "sae", "--steps", "1", "--out", str(tmp_path / "rl")]

@@ -563,8 +563,13 @@ def _refuse_foreign_folder(command: str, out: Path) -> None:
 
 #: the file a one-file command writes by default, by name: the one file of an input folder that its
 #: ``--out`` may replace there (its own earlier output)
-_OWN_FILE = {"discover": "pack.json", "gate-g1": "gate_g1.json", "probe": "probe.safetensors"}
-_OWN_FILE |= {"reasonscore": "reasonscore.json", "report": "report.html"}
+_OWN_FILE = {
+    "discover": "pack.json",
+    "gate-g1": "gate_g1.json",
+    "probe": "probe.safetensors",
+    "reasonscore": "reasonscore.json",
+    "report": "report.html",
+}
 
 
 def _refuse_input_overwrite(command: str, cfg: Any, out: Path) -> None:
