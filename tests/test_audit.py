@@ -75,4 +75,11 @@ def test_audit_reward_errors(audited: dict[str, Path], capsys: pytest.CaptureFix
     )
     assert rc == 2
     assert "unknown reward form" in capsys.readouterr().err
-    assert not (root / "audit_err").exists()  # nothing written for bad input
+    rc = main(
+        ["audit-reward", "--rollouts", str(root / "rollouts"), "--pack", str(root / "pack.json")]
+        + ["--model", str(root / "tok"), "--layer", "3", *out]
+    )
+    assert rc == 2  # a layer the rollouts hold no residuals at: found after the inputs load
+    err = capsys.readouterr().err.strip()
+    assert "layer" in err and "\n" not in err, err
+    assert not (root / "audit_err").exists()  # nothing written for bad input, not even the folder

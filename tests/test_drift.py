@@ -320,9 +320,15 @@ def test_drift_refuses_mismatches(tiny_run: dict[str, Path], tmp_path: Path) -> 
         )
     with pytest.raises(SaeRewardError, match="trained on layer 1 but drift reads layer 2"):
         run_drift(drift_cfg(tiny_run, tmp_path / "b", layer=2), lm=fresh_tiny())
-    with pytest.raises(SaeRewardError, match="out of range"):
+    with pytest.raises(SaeRewardError, match="trained on layer 1 but drift reads layer 9"):
         run_drift(
             drift_cfg(tiny_run, tmp_path / "c", pack=None, sae=str(tiny_run["sae"]), layer=9), lm=fresh_tiny()
+        )
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()  # refused before any output
+    with pytest.raises(SaeRewardError, match="out of range"):  # counted from the end: known once loaded
+        run_drift(
+            drift_cfg(tiny_run, tmp_path / "c", pack=None, sae=str(tiny_run["sae"]), layer=-9),
+            lm=fresh_tiny(),
         )
     with pytest.raises(SaeRewardError, match="pass --sae"):
         run_drift(drift_cfg(tiny_run, tmp_path / "d", pack=None), lm=fresh_tiny())

@@ -776,3 +776,33 @@ def test_train_rl_checks_its_reward_files_before_the_model(
         assert main(base + extra) == 2, extra
         err = capsys.readouterr().err.strip()
         assert needle in err and "\n" not in err, err
+
+
+def test_gate_g2_and_steer_check_their_input_files_before_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """gate-g2's reward files (``--rl-pack``, ``--rl-reward-baseline``, ...) and steer's ``--rollouts``:
+    one line before any model loads (they came after a model load), and no output written."""
+    import saereward.analysis.steer as steer
+    import saereward.gates.g2_rl_ablation as g2
+
+    monkeypatch.setattr(g2, "load_model", _no_model)
+    monkeypatch.setattr(steer, "load_model", _no_model)
+    garbage = tmp_path / "pack.json"
+    garbage.write_text("not json")
+    gate = ["gate-g2", "--rewards", "outcome", "sae", "--seeds", "0", "--rl-steps", "1"]
+    cases = [
+        ([*gate, "--rl-pack", str(tmp_path / "none.json")], "--rl-pack"),
+        ([*gate, "--rl-pack", str(garbage)], "is not valid JSON"),
+        (
+            [*gate, "--rl-pack", str(garbage), "--rl-dual-verifier", str(tmp_path / "v.json")],
+            "--rl-dual-verifier",
+        ),
+        (["steer", "--rollouts", str(tmp_path / "none")], "is not a rollout folder"),
+    ]
+    for i, (args, needle) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        assert main([*args, "--out", str(out)]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err, err
+        assert not out.exists(), args

@@ -504,17 +504,7 @@ class _Policies:
 
     def _check(self, lm: LoadedModel) -> None:
         layer = resolve_layer(lm.model, self.layer)
-        sae_layer = self.base_sae.cfg.layer
-        if sae_layer is not None and sae_layer != layer:
-            raise SaeRewardError(
-                f"the SAE was trained on layer {sae_layer} but drift reads layer {layer}: "
-                f"drop --layer or pass --layer {sae_layer}"
-            )
-        if self.pack is not None and self.pack.layer is not None and self.pack.layer != layer:
-            raise SaeRewardError(
-                f"pack {self.pack.name!r} was discovered at layer {self.pack.layer}, drift reads layer {layer}: "
-                "use the pack's SAE and layer"
-            )
+        _check_layer(layer, self.base_sae, self.pack)
         check_sae_matches_model(self.base_sae, lm.d_model, layer)
         self.layer = layer
 
@@ -565,6 +555,21 @@ _KEY_FIELDS = (
 _RESUME_FREE = ("progress", "out", "threads", "device", "run", "sae", "pack", "rollouts")
 
 
+def _check_layer(layer: int, base_sae: Any, pack: Any) -> None:
+    """``layer`` (counted from 0) must be the one the SAE and the pack record, where they record one."""
+    sae_layer = base_sae.cfg.layer
+    if sae_layer is not None and sae_layer != layer:
+        raise SaeRewardError(
+            f"the SAE was trained on layer {sae_layer} but drift reads layer {layer}: "
+            f"drop --layer or pass --layer {sae_layer}"
+        )
+    if pack is not None and pack.layer is not None and pack.layer != layer:
+        raise SaeRewardError(
+            f"pack {pack.name!r} was discovered at layer {pack.layer}, drift reads layer {layer}: "
+            "use the pack's SAE and layer"
+        )
+
+
 def _drift_inputs(cfg: DriftConfig) -> tuple[Any, str, Any, int, Path, list[str]]:
     """``(pack, SAE path, base SAE, layer, corpus file, corpus texts)``, checked against each other."""
     pack = load_pack(cfg.pack) if cfg.pack else None
@@ -580,6 +585,8 @@ def _drift_inputs(cfg: DriftConfig) -> tuple[Any, str, Any, int, Path, list[str]
         raise SaeRewardError(f"SAE {sae_path} records no layer: pass --layer")
     if pack is not None:
         check_pack(pack, d_sae=base_sae.cfg.d_sae, d_model=base_sae.cfg.d_in, where=f"(SAE {sae_path})")
+    if layer >= 0:  # a negative layer counts from the end: checked once the model is loaded
+        _check_layer(int(layer), base_sae, pack)
     rollouts = cfg.rollouts or (pack.metadata.get("rollouts") if pack is not None else None)
     if not rollouts:
         raise SaeRewardError("pass --rollouts (the corpus) or a --pack that records its rollouts")

@@ -292,16 +292,22 @@ def contrastive_direction(pooled: torch.Tensor, correct: Sequence[bool]) -> torc
     return mean_difference(pooled, correct, torch.float32)
 
 
-def read_pooled(rollouts: str | Path, layer: int) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """``pooled [R, d]`` at ``layer`` and the rows of ``rollouts.jsonl`` of a rollout folder (no token file read)."""
-    from safetensors import SafetensorError, safe_open
-
+def check_rollout_folder(rollouts: str | Path) -> Path:
+    """``rollouts`` as a path, or one error line when it lacks what steering reads from it."""
     p = Path(rollouts).expanduser()
     need = [f for f in ("rollouts.jsonl", "pooled.safetensors") if not (p / f).is_file()]
     if need:
         raise SaeRewardError(
             f"{p} is not a rollout folder (missing {', '.join(need)}): run `saereward rollouts --out {p}` first"
         )
+    return p
+
+
+def read_pooled(rollouts: str | Path, layer: int) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """``pooled [R, d]`` at ``layer`` and the rows of ``rollouts.jsonl`` of a rollout folder (no token file read)."""
+    from safetensors import SafetensorError, safe_open
+
+    p = check_rollout_folder(rollouts)
     rows = read_jsonl(p / "rollouts.jsonl")
     try:
         with safe_open(str(p / "pooled.safetensors"), framework="pt") as fh:
@@ -536,6 +542,8 @@ def _resolve(cfg: SteerConfig) -> _Setup:
         raise SaeRewardError("norm_source=rollouts needs --rollouts, or use --norm-source prompts")
     if cfg.vector == "pack" and cfg.scales and not cfg.pack:
         raise SaeRewardError("vector=pack needs --pack (a feature pack JSON)")
+    if cfg.rollouts:
+        check_rollout_folder(cfg.rollouts)
     pack = load_pack(cfg.pack) if cfg.pack else None
     need_sae = (cfg.vector == "pack" and bool(cfg.scales)) or cfg.feature is not None
     sae_path = cfg.sae or (str(pack.metadata["sae_path"]) if pack and pack.metadata.get("sae_path") else None)

@@ -45,7 +45,6 @@ mean over seeds per reward) and ``gate_g2_length.png`` (mean completion length a
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -57,12 +56,12 @@ from saereward.config import option, to_dict
 from saereward.errors import SaeRewardError
 from saereward.features.pack import load_pack
 from saereward.gates.paired import paired_compare
-from saereward.io import write_json
+from saereward.io import read_json, read_jsonl, write_json
 from saereward.model.lm import load_model
 from saereward.rl.audit import AuditConfig, format_audit, run_audit
 from saereward.rl.checkpoint import settings_diff
 from saereward.rl.config import GRPOConfig
-from saereward.rl.grpo import GRPOTrainer, run_train_rl
+from saereward.rl.grpo import GRPOTrainer, check_reward_inputs, run_train_rl
 from saereward.stats import wilson_ci
 
 log = logging.getLogger(__name__)
@@ -145,7 +144,7 @@ def _finished(run: Path, rcfg: GRPOConfig) -> bool:
     early (``collapse.collapsed``) in a run configured for ``rcfg.steps``."""
     if not (run / "config.json").is_file():
         return False
-    diff = settings_diff(json.loads((run / "config.json").read_text()), rcfg)
+    diff = settings_diff(read_json(run / "config.json", dict), rcfg)
     if diff:
         raise SaeRewardError(
             f"{run} holds a run with other settings ({', '.join(diff[:4])}): use another --out, or delete it"
@@ -153,7 +152,7 @@ def _finished(run: Path, rcfg: GRPOConfig) -> bool:
     path = run / "summary.json"
     if not path.is_file():
         return False
-    summary = json.loads(path.read_text())
+    summary = read_json(path, dict)
     done = summary.get("steps_done", summary.get("steps"))
     collapsed = bool(_d(summary.get("collapse")).get("collapsed"))
     return done == rcfg.steps or (collapsed and summary.get("steps") == rcfg.steps)
@@ -195,12 +194,12 @@ class RunRecord:
 
 
 def _load_run(reward: str, seed: int, run: Path) -> RunRecord:
-    rows = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines() if x.strip()]
+    rows = read_jsonl(run / "train_log.jsonl")
     evals = [r for r in rows if "eval_accuracy" in r]
     if not evals:
         raise SaeRewardError(f"run {run} has no held-out evaluation: it did not finish")
     train = [r for r in rows if int(r.get("step", 0)) >= 1]
-    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    summary = read_json(run / "summary.json", dict) if (run / "summary.json").is_file() else {}
     return RunRecord(reward, seed, run, evals, train, summary)
 
 
@@ -548,13 +547,15 @@ def run_gate_g2(
             len(cfg.seeds),
             cfg.min_seeds,
         )
+    runs = _plan(cfg)
+    for rcfg in {r[0]: r[3] for r in runs if not _finished(r[2], r[3])}.values():
+        check_reward_inputs(rcfg, flag_prefix="--rl-")  # each unfinished reward's files, before the model
     pack_meta = _pack_meta(cfg)
     audit, audit_warnings = _audit(cfg, pack_meta, out / "audit")
     warnings = (
         _format_warnings(cfg, pack_meta) + audit_warnings + _checked_warnings(list(extra_warnings or []))
     )
     _log_warnings(warnings)
-    runs = _plan(cfg)
     _train_missing(runs, cfg, lm_factory)
     recs: Recs = {}
     for reward, seed, run, _rcfg in runs:

@@ -36,7 +36,7 @@ from saereward.errors import SaeRewardError
 from saereward.features.baseline import RewardBaseline, measure_baseline, scored_rows
 from saereward.features.pack import check_pack_sae, load_pack
 from saereward.features.scoring import PackScorer
-from saereward.io import write_json
+from saereward.io import check_writable, write_json
 from saereward.model.lm import load_tokenizer
 from saereward.rl.reward import REWARD_FORMS, completion_mech_reward
 from saereward.sae.formats import load_sae, warn_other_model
@@ -148,12 +148,7 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     ro = load_rollouts(cfg.rollouts)
     pack = load_pack(cfg.pack)
     out = Path(cfg.out)
-    try:  # an unwritable output fails before the work
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SaeRewardError(
-            f"cannot create the output folder {out}: {exc.strerror}; pass another --out"
-        ) from None
+    check_writable(out)  # an unwritable output fails before the work; the folder comes with the results
     sae_path = cfg.sae or pack.metadata.get("sae_path")
     if not sae_path:
         raise SaeRewardError(f"pack {cfg.pack} records no SAE: pass --sae")
@@ -190,6 +185,7 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
         "config": to_dict(cfg),
         "saereward_version": __version__,
     }
+    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "audit.json", result)
     plots.save_png(plots.truncation_audit(forms, cfg.warn_sigma, len(rows), profile), out / "audit.png")
     return result

@@ -67,7 +67,6 @@ CPU and LoRA patches (:mod:`saereward.rl.patches`).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
@@ -95,7 +94,7 @@ from saereward.features.layers import contrastive_direction
 from saereward.features.pack import check_pack_sae, load_pack
 from saereward.features.probe import load_probe
 from saereward.features.scoring import PackScorer, masked_mean
-from saereward.io import read_jsonl, write_json, write_jsonl
+from saereward.io import read_json, read_jsonl, write_json, write_jsonl
 from saereward.lock import folder_lock
 from saereward.metrics import MetricSinks
 from saereward.model import onednn
@@ -188,7 +187,7 @@ class GRPOTrainer:
         if len(self.eval_items) < cfg.n_eval:
             log.warning("only %d held-out questions are disjoint from training", len(self.eval_items))
         if lm is None:  # a missing or malformed input file is one line before the model loads
-            _check_reward_inputs(cfg)
+            check_reward_inputs(cfg)
         self.lm = lm or load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads, device=device)
         self.device = next(self.lm.model.parameters()).device  # a model passed in decides
         tok = self.lm.tokenizer
@@ -260,14 +259,17 @@ class GRPOTrainer:
                 f"the rollouts at {ro.path} come from {ro.summary.get('model')}, training uses {cfg.model}"
             )
         if cfg.layer is None:
-            import json as _json
-
             lm_file = ro.path / "layer_map.json"
             if not lm_file.is_file():
                 raise SaeRewardError(
                     "reward=direction needs --layer (or run `saereward layers` on the rollouts)"
                 )
-            layer = int(_json.loads(lm_file.read_text())["peak_layer"])
+            peak = read_json(lm_file, dict).get("peak_layer")
+            if not isinstance(peak, int):
+                raise SaeRewardError(
+                    f"{lm_file} records no peak_layer: re-run `saereward layers`, or pass --layer"
+                )
+            layer = peak
         else:
             layer = resolve_layer(self.lm.model, cfg.layer)
         if layer not in ro.pooled:
@@ -292,7 +294,7 @@ class GRPOTrainer:
             meta = {k: self.scorer.pack.metadata.get(k) for k in ("prompt_format", "task")}
         src = self._scorer_rollouts()
         if src and Path(src, "config.json").is_file():  # fill what the pack does not record
-            ro_cfg = json.loads(Path(src, "config.json").read_text())
+            ro_cfg = read_json(Path(src, "config.json"), dict)
             meta = {
                 k: meta.get(k) if meta.get(k) is not None else ro_cfg.get(k)
                 for k in ("prompt_format", "task")
@@ -1058,21 +1060,22 @@ class GRPOTrainer:
         return {**summary, "rank": self.rank}
 
 
-def _check_reward_inputs(cfg: GRPOConfig) -> None:
+def check_reward_inputs(cfg: GRPOConfig, flag_prefix: str = "--") -> None:
     """Raise one line when a local input file of the reward is missing, or the pack is not one: the
-    checks that need no model (the scorer's own, against the model's width, come after it loads)."""
+    checks that need no model (the scorer's own, against the model's width, come after it loads).
+    ``flag_prefix`` starts the option names the message gives (``--rl-`` under gate-g2)."""
     from saereward.hub import HF_SCHEME
 
     named = {
-        "--pack": cfg.pack,
-        "--sae": cfg.sae,
-        "--direction-rollouts": cfg.direction_rollouts,
-        "--dual-verifier": cfg.dual_verifier,
-        "--reward-baseline": cfg.reward_baseline,
+        "pack": cfg.pack,
+        "sae": cfg.sae,
+        "direction-rollouts": cfg.direction_rollouts,
+        "dual-verifier": cfg.dual_verifier,
+        "reward-baseline": cfg.reward_baseline,
     }
     for flag, value in named.items():
         if value and not str(value).startswith(HF_SCHEME) and not Path(value).expanduser().exists():
-            raise SaeRewardError(f"{flag} {value} not found: check the path")
+            raise SaeRewardError(f"{flag_prefix}{flag} {value} not found: check the path")
     if cfg.reward == "sae" and cfg.pack and not str(cfg.pack).startswith(HF_SCHEME):
         load_pack(cfg.pack)  # malformed: its own one-line error
 
