@@ -171,21 +171,7 @@ class GRPOTrainer:
                 f"questions_per_step {cfg.questions_per_step} does not split over {self.world} processes: "
                 "use a multiple of the process count"
             )
-        kw = {"source": cfg.task_source, "path": cfg.task_path, **cfg.task_params}
-        self.task = load_task(cfg.task, n=cfg.n_train, seed=cfg.train_seed, **kw)
-        self.train_items = list(self.task.items())
-        self._check_verifier_fires()
-        train_q = {it.question for it in self.train_items}
-        # held-out questions: a different task seed, minus any question text that training also has
-        # (small generators repeat questions); draw extra so that n_eval remain where possible
-        self.eval_task = load_task(cfg.task, n=cfg.n_eval * 4, seed=cfg.eval_seed, **kw)
-        self.eval_items = [it for it in self.eval_task.items() if it.question not in train_q][: cfg.n_eval]
-        if not self.eval_items:
-            raise SaeRewardError(
-                "every held-out question also appears in training: change eval_seed or lower n_train"
-            )
-        if len(self.eval_items) < cfg.n_eval:
-            log.warning("only %d held-out questions are disjoint from training", len(self.eval_items))
+        self._load_tasks()
         if lm is None:  # a missing or malformed input file is one line before the model loads
             check_reward_inputs(cfg)
         self.lm = lm or load_model(cfg.model, dtype=cfg.dtype, threads=cfg.threads, device=device)
@@ -233,6 +219,25 @@ class GRPOTrainer:
         self.lam = LambdaSchedule(cfg.lam_schedule, cfg.lam, cfg.lam_end, cfg.steps)
 
     # -- setup ------------------------------------------------------------------------------------
+    def _load_tasks(self) -> None:
+        """The training questions, and held-out ones from another task seed that training lacks."""
+        cfg = self.cfg
+        kw = {"source": cfg.task_source, "path": cfg.task_path, **cfg.task_params}
+        self.task = load_task(cfg.task, n=cfg.n_train, seed=cfg.train_seed, **kw)
+        self.train_items = list(self.task.items())
+        self._check_verifier_fires()
+        train_q = {it.question for it in self.train_items}
+        # held-out questions: a different task seed, minus any question text that training also has
+        # (small generators repeat questions); draw extra so that n_eval remain where possible
+        self.eval_task = load_task(cfg.task, n=cfg.n_eval * 4, seed=cfg.eval_seed, **kw)
+        self.eval_items = [it for it in self.eval_task.items() if it.question not in train_q][: cfg.n_eval]
+        if not self.eval_items:
+            raise SaeRewardError(
+                "every held-out question also appears in training: change eval_seed or lower n_train"
+            )
+        if len(self.eval_items) < cfg.n_eval:
+            log.warning("only %d held-out questions are disjoint from training", len(self.eval_items))
+
     def _build_scorer(self) -> tuple[Any, int | None]:
         cfg = self.cfg
         if cfg.reward == "outcome":
