@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -477,7 +478,7 @@ def test_an_edited_rollout_folder_is_one_line_on_load(tmp_path: Path) -> None:
 
     ro = tmp_path / "ro"
     ro.mkdir()
-    (ro / "summary.json").write_text("{}")
+    (ro / "summary.json").write_text('{"d_model": 4}')
     save_file({"layer_0": torch.zeros(2, 4)}, str(ro / "pooled.safetensors"))
 
     def write(rows: list[Any], offsets: list[int], n_ids: int | None) -> None:
@@ -504,11 +505,14 @@ def test_an_adapter_of_another_model_is_refused_before_any_work(tmp_path: Path) 
     base model, minutes of work, before the trained policy's load refused it)."""
     import json
 
+    import torch
+    from safetensors.torch import save_file
+
     from saereward.model.lm import check_adapter
 
     ck = tmp_path / "run" / "checkpoint"
     ck.mkdir(parents=True)
-    (ck / "adapter.safetensors").write_bytes(b"")
+    save_file({"a": torch.zeros(1)}, str(ck / "adapter.safetensors"))
     (ck / "config.json").write_text(json.dumps({"model": "embedded:smollm2-135m-instruct"}))
     assert check_adapter(tmp_path / "run", "embedded:smollm2-135m-instruct") == ck
     with pytest.raises(
@@ -691,6 +695,92 @@ def test_an_out_never_replaces_an_input(tmp_path: Path, capsys: pytest.CaptureFi
     check_output("report", ReportConfig(run_dir=str(run), out=str(run / "report.html")))
     with pytest.raises(SaeRewardError, match="would replace an input"):
         check_output("report", ReportConfig(run_dir=str(run), out=str(ro / "rollouts.jsonl")))
+    for target in (run / "pack.json", ro / "rollouts.jsonl"):  # --markdown: the same rule
+        with pytest.raises(SaeRewardError, match="--markdown .* would replace an input"):
+            check_output("report", ReportConfig(run_dir=str(run), markdown=str(target)))
+    (run / "report.md").write_text("old")  # an earlier markdown table of the run: replaced
+    check_output("report", ReportConfig(run_dir=str(run), markdown=str(run / "report.md")))
+    assert all(f.read_text() == text for f, text in files.items())
+
+
+def test_a_folder_command_never_writes_into_another_commands_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``train-rl --out`` a rollout folder (it replaced the folder's ``config.json`` and
+    ``summary.json``, exit 0), ``steer --out`` an activations folder, ``train-sae --out`` a train-rl
+    run: refused before any work. A command's own earlier folder is its to resume."""
+    import saereward.rl.grpo as grpo
+    from saereward.cli import _refuse_foreign_folder
+
+    monkeypatch.setattr(grpo, "load_model", _no_model)
+    folders = {
+        "ro": "rollouts.jsonl",
+        "act": "manifest.json",
+        "rl": "train_log.jsonl",
+        "pipe": "pipeline.json",
+    }
+    for name, marker in folders.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / marker).write_text("{}\n")
+    cases = [
+        (["train-rl", "--steps", "1", "--out", str(tmp_path / "ro")], "holds rollouts's output"),
+        (["steer", "--out", str(tmp_path / "act")], "holds collect's output"),
+        (
+            ["drift", "--run", str(tmp_path / "rl"), "--out", str(tmp_path / "pipe")],
+            "holds pipeline's output",
+        ),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "pass another --out" in err and "\n" not in err, err
+    with pytest.raises(SaeRewardError, match="holds train-rl's output"):
+        _refuse_foreign_folder("train-sae", tmp_path / "rl")
+    (tmp_path / "rl" / "data.json").write_text("{}")  # a train-sae run keeps a train log too: its own
+    _refuse_foreign_folder("train-sae", tmp_path / "rl")
+    _refuse_foreign_folder("train-rl", tmp_path / "ro" / "new")  # a new folder, anywhere
+    assert sorted(p.name for p in (tmp_path / "ro").iterdir()) == ["rollouts.jsonl"]
+
+
+def test_corrupt_adapters_and_token_files_are_one_line_before_the_work(tmp_path: Path) -> None:
+    """A truncated adapter fails in :func:`check_adapter`, which monitor, canaries, eval-suite, gate-g3
+    and drift call before the base model's work (it failed only when the trained policy loaded, with
+    the base pass written); a truncated ``tokens.safetensors`` and a rollout summary without
+    ``d_model`` (another command's over it) are one line too (they were internal errors)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from saereward.data.rollouts import load_rollouts
+    from saereward.features.token_view import _read_tokens
+    from saereward.model.lm import check_adapter
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"model": "m"}')
+    save_file({"a": torch.zeros(64, 64)}, str(run / "adapter.safetensors"))
+    assert check_adapter(run, "m") == run
+    data = (run / "adapter.safetensors").read_bytes()
+    (run / "adapter.safetensors").write_bytes(data[:1000])
+    with pytest.raises(SaeRewardError, match="adapter .* is corrupt"):
+        check_adapter(run, "m")
+    (tmp_path / "tokens.safetensors").write_bytes(data[:1000])
+    with pytest.raises(SaeRewardError, match="cannot read .*tokens.safetensors.*re-run"):
+        _read_tokens(tmp_path / "tokens.safetensors", None, 1)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "rollouts.jsonl").write_text('{"qid": "q", "split": "discovery", "correct": true}\n')
+    save_file({"layer_1": torch.zeros(1, 4)}, str(ro / "pooled.safetensors"))
+    tokens = {
+        "layer_1": torch.zeros(2, 4),
+        "offsets": torch.tensor([0, 2]),
+        "token_ids": torch.tensor([5, 6]),
+    }
+    save_file(tokens, str(ro / "tokens.safetensors"))
+    (ro / "summary.json").write_text('{"d_model": 4}')
+    assert load_rollouts(ro).summary["d_model"] == 4
+    (ro / "summary.json").write_text('{"steps": 1}')  # what train-rl --out <rollouts> left there
+    with pytest.raises(SaeRewardError, match="records no d_model"):
+        load_rollouts(ro)
 
 
 def test_os_errors_name_the_path_and_the_fitting_check() -> None:
@@ -806,3 +896,18 @@ def test_gate_g2_and_steer_check_their_input_files_before_the_model(
         err = capsys.readouterr().err.strip()
         assert needle in err and "\n" not in err, err
         assert not out.exists(), args
+
+
+def test_a_corrupt_reward_baseline_fails_with_the_reward_files(tmp_path: Path) -> None:
+    """The baseline file the fixed-scale forms read is parsed with the other reward files, before the
+    model and, under gate-g2, before the truncation audit (it failed after the audit had written)."""
+    from saereward.rl.config import GRPOConfig
+    from saereward.rl.grpo import check_reward_inputs
+
+    (tmp_path / "ro").mkdir()
+    bad = tmp_path / "base.json"
+    bad.write_text("[1, 2]")
+    cfg = GRPOConfig(reward="direction", direction_rollouts=str(tmp_path / "ro"), reward_baseline=str(bad))
+    with pytest.raises(SaeRewardError, match="is not a saereward reward baseline"):
+        check_reward_inputs(cfg)
+    check_reward_inputs(dataclasses.replace(cfg, reward_form="mechreward"))  # that form reads none

@@ -542,23 +542,44 @@ def _setup_logging(verbose: bool) -> None:
 
 #: commands whose ``--out`` is one file (the others write a folder; ``export-sae`` either, by format)
 _FILE_OUT = frozenset({"discover", "gate-g1", "probe", "reasonscore", "report"})
-#: a file only each of these commands writes in its output folder
-_MARKERS = {"collect": "manifest.json", "rollouts": "rollouts.jsonl", "eval": "items.jsonl"}
+#: a file each of these commands writes in its output folder, in the order :func:`_owner` tries them
+#: (``train-sae`` before ``train-rl``: both keep a ``train_log.jsonl``)
+_MARKERS = {
+    "pipeline": "pipeline.json",
+    "collect": "manifest.json",
+    "rollouts": "rollouts.jsonl",
+    "eval": "items.jsonl",
+    "train-sae": "data.json",
+    "train-rl": "train_log.jsonl",
+    "steer": "steer.json",
+    "drift": "drift.json",
+    "monitor": "monitor.json",
+    "canaries": "canaries.json",
+    "eval-suite": "eval_suite.json",
+    "gate-g3": "gate_g3.json",
+    "gate-g2": "gate_g2.json",
+    "audit-reward": "audit.json",
+}
 #: commands that write their own config.json / summary.json into --out: never into another's folder
-_OWN_FOLDER = frozenset({*_MARKERS, "train-sae", "baseline"})
+_OWN_FOLDER = frozenset({*_MARKERS, "baseline"})
+
+
+def _owner(out: Path) -> tuple[str, str] | None:
+    """``(command, marker file)`` of the command whose output ``out`` holds, if any."""
+    return next(((c, m) for c, m in _MARKERS.items() if (out / m).is_file()), None)
 
 
 def _refuse_foreign_folder(command: str, out: Path) -> None:
     """A folder holding another command's output is not overwritten (e.g. ``train-sae --out`` set to
-    the activations folder, ``eval --out`` to a rollout folder)."""
+    the activations folder, ``train-rl --out`` to a rollout folder)."""
     if command not in _OWN_FOLDER or not out.is_dir():
         return
-    for other, marker in _MARKERS.items():
-        if other != command and (out / marker).is_file():
-            raise SaeRewardError(
-                f"--out {out} holds {other}'s output ({marker}); {command} would overwrite files there: "
-                "pass another --out"
-            )
+    owner = _owner(out)
+    if owner is not None and owner[0] != command:
+        raise SaeRewardError(
+            f"--out {out} holds {owner[0]}'s output ({owner[1]}); {command} would overwrite files there: "
+            "pass another --out"
+        )
 
 
 #: the file a one-file command writes by default, by name: the one file of an input folder that its
@@ -572,12 +593,14 @@ _OWN_FILE = {
 }
 
 
-def _refuse_input_overwrite(command: str, cfg: Any, out: Path) -> None:
+def _refuse_input_overwrite(command: str, cfg: Any, out: Path, flag: str = "--out") -> None:
     """An explicit ``--out`` never replaces one of the command's inputs: an input file itself, or an
     existing file inside an input folder other than the command's own earlier output (e.g. ``discover
-    --out`` on the rollout folder's ``rollouts.jsonl``, ``report --out`` on the run's ``pack.json``)."""
+    --out`` on the rollout folder's ``rollouts.jsonl``, ``report --out`` on the run's ``pack.json``).
+    ``flag`` names the option (report's ``--markdown``: its own earlier output is any ``.md`` file)."""
     if not out.is_file():
         return
+    own = out.suffix.lower() == ".md" if flag == "--markdown" else out.name == _OWN_FILE.get(command)
     target = out.resolve()
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
@@ -587,9 +610,11 @@ def _refuse_input_overwrite(command: str, cfg: Any, out: Path) -> None:
         if not given.exists():
             continue
         src = given.resolve()
-        if target == src or (src.is_dir() and src in target.parents and out.name != _OWN_FILE.get(command)):
-            flag = "--" + f.name.replace("_", "-")
-            raise SaeRewardError(f"--out {out} would replace an input ({flag} {value}): pass another --out")
+        if target == src or (src.is_dir() and src in target.parents and not own):
+            given_flag = "--" + f.name.replace("_", "-")
+            raise SaeRewardError(
+                f"{flag} {out} would replace an input ({given_flag} {value}): pass another {flag}"
+            )
 
 
 def check_output(command: str, cfg: Any) -> None:
@@ -609,6 +634,7 @@ def check_output(command: str, cfg: Any) -> None:
     check_writable(p)
     markdown = getattr(cfg, "markdown", None)  # report's second output
     if isinstance(markdown, str | os.PathLike) and str(markdown):
+        _refuse_input_overwrite(command, cfg, Path(markdown), flag="--markdown")
         check_writable(markdown, fix="pass another --markdown")
 
 

@@ -57,7 +57,15 @@ from saereward.errors import SaeRewardError
 from saereward.features.pack import check_pack, check_pack_sae, load_pack
 from saereward.io import atomic_path, file_sha256, iter_jsonl, write_json
 from saereward.model.capture import forward_residuals
-from saereward.model.lm import DType, LoadedModel, apply_adapter, check_device, load_model, resolve_layer
+from saereward.model.lm import (
+    DType,
+    LoadedModel,
+    apply_adapter,
+    check_adapter,
+    check_device,
+    load_model,
+    resolve_layer,
+)
 from saereward.options import DeviceOptions
 from saereward.plots import fmt_or_dash
 from saereward.rl.checkpoint import snapshots
@@ -609,6 +617,9 @@ def run_drift(cfg: DriftConfig, lm: LoadedModel | None = None) -> dict[str, Any]
         torch.set_num_threads(cfg.threads)
     run = Path(cfg.run).expanduser()
     stages = run_stages(run, include_final=cfg.include_final)
+    for _step, adapter in stages:
+        if adapter is not None:
+            check_adapter(adapter, None)  # a corrupt snapshot fails before any stage is written
     spec = _run_model(run)
     if lm is not None and lm.spec != spec:
         raise SaeRewardError(f"run {cfg.run} was trained on {spec}, the model given is {lm.spec}")

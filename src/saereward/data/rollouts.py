@@ -410,6 +410,11 @@ def load_rollouts(path: str | Path) -> Rollouts:
             "edited); re-run `saereward rollouts`"
         )
     summary = read_json(p / "summary.json", expect=dict)
+    if not isinstance(summary.get("d_model"), int):
+        raise SaeRewardError(
+            f"{p / 'summary.json'} records no d_model: not the summary `saereward rollouts` writes (another "
+            "command's output over it?); re-run `saereward rollouts`"
+        )
     return Rollouts(p, rows, pooled, tokens, token_ids, offsets, summary)
 
 

@@ -168,6 +168,6 @@ def load_baseline(path: str | Path) -> RewardBaseline:
         d = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise SaeRewardError(f"cannot read the reward baseline {p}: {exc}; re-measure it") from None
-    if d.get("format") != "saereward.reward_baseline":
+    if not isinstance(d, dict) or d.get("format") != "saereward.reward_baseline":
         raise SaeRewardError(f"{p} is not a saereward reward baseline: re-measure it")
     return RewardBaseline.from_dict(d)

@@ -180,9 +180,13 @@ def view_key(run: Path, max_rollouts: int, seed: int) -> dict[str, Any]:
 def _read_tokens(path: Path, layer: int | None, n_rows: int) -> tuple[int, Any, Any, Any]:
     """``(layer, residuals [N, d], offsets [R+1], token ids [N] or None)`` of ``tokens.safetensors``:
     the layer asked for (or the only one kept); checked against the ``n_rows`` responses."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), "pt") as fh:
+    try:
+        fh_ctx = safe_open(str(path), "pt")
+    except (SafetensorError, OSError) as exc:
+        raise SaeRewardError(f"cannot read {path}: {exc}; re-run `saereward rollouts`") from None
+    with fh_ctx as fh:
         names = set(fh.keys())
         layers = sorted(int(k.split("_")[1]) for k in names if k.startswith("layer_"))
         if layer is None and len(layers) == 1:

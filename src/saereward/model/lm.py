@@ -676,7 +676,21 @@ def check_adapter(path: str | os.PathLike[str], model: str | None) -> Path:
         raise SaeRewardError(
             f"adapter {path} was trained on {trained_on}, not {model}: pass --model {trained_on}"
         )
+    from safetensors import SafetensorError, safe_open
+
+    try:  # the header, which also says whether the file is whole: no tensor is read
+        with safe_open(str(folder / "adapter.safetensors"), framework="pt") as fh:
+            fh.keys()
+    except (SafetensorError, OSError) as exc:
+        raise _corrupt_adapter(folder, exc) from None
     return folder
+
+
+def _corrupt_adapter(folder: Path, exc: Exception) -> SaeRewardError:
+    return SaeRewardError(
+        f"adapter {folder / 'adapter.safetensors'} is corrupt ({exc}): point --adapter at another "
+        "checkpoint, or rerun the training that wrote it"
+    )
 
 
 def apply_adapter(lm: LoadedModel, path: str | os.PathLike[str]) -> None:
@@ -707,10 +721,7 @@ def apply_adapter(lm: LoadedModel, path: str | os.PathLike[str]) -> None:
     try:
         weights = load_file(str(folder / "adapter.safetensors"))
     except SafetensorError as exc:
-        raise SaeRewardError(
-            f"adapter {folder / 'adapter.safetensors'} is corrupt ({exc}): point --adapter at another "
-            "checkpoint, or rerun the training that wrote it"
-        ) from None
+        raise _corrupt_adapter(folder, exc) from None
     own = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
     if set(own) != set(weights) or any(own[n].shape != weights[n].shape for n in own):
         raise SaeRewardError(f"adapter {path} does not fit {lm.spec} (LoRA tensor names or shapes differ)")

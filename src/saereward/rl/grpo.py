@@ -1083,6 +1083,16 @@ def check_reward_inputs(cfg: GRPOConfig, flag_prefix: str = "--") -> None:
             raise SaeRewardError(f"{flag_prefix}{flag} {value} not found: check the path")
     if cfg.reward == "sae" and cfg.pack and not str(cfg.pack).startswith(HF_SCHEME):
         load_pack(cfg.pack)  # malformed: its own one-line error
+    if cfg.reward != "outcome" and cfg.reward_form != "mechreward":
+        own = Path(cfg.out) / BASELINE_FILE  # as the trainer picks it (a resumed run keeps its own)
+        beside = baseline_beside(cfg.pack) if (cfg.reward == "sae" and cfg.pack) else None
+        src = (
+            str(own)
+            if (cfg.resume and own.is_file())
+            else cfg.reward_baseline or (str(beside) if beside and beside.is_file() else None)
+        )
+        if src and Path(src).is_file():
+            load_baseline(src)  # the file the fixed-scale forms would read: a corrupt one fails now
 
 
 def _median(xs: Sequence[float]) -> float | None:
