@@ -492,3 +492,21 @@ def test_g3_in_another_prompt_format_than_rl_is_warned(
     cfg = _cfg(tmp_path, gate_g2={"rl": {"prompt_format": "fewshot"}}, gate_g3={"prompt_format": "fewshot"})
     pl.check_across_stages(cfg, pl.stage_configs(cfg))
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_run_whose_first_stage_fails_leaves_no_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--stages layers`` with no rollouts under a new ``--out``: one line, and no folder holding only
+    ``pipeline.json`` left behind; an existing folder keeps what it held."""
+    from saereward.cli import main
+
+    argv = ["pipeline", "--config", str(EXAMPLES / "quick.toml"), "--stages", "layers", "--no-progress"]
+    out = tmp_path / "new" / "run"
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the stage's progress line
+    assert err.startswith("error: [layers]") and "is not a rollout folder" in err, err
+    assert not out.exists()
+    (tmp_path / "old").mkdir()
+    assert main([*argv, "--out", str(tmp_path / "old")]) == 2
+    assert (tmp_path / "old" / "pipeline.json").is_file()  # the folder was there: its record stays

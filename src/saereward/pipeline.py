@@ -731,13 +731,26 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     all_configs = stage_configs(cfg)  # every table is checked, not only the selected stages'
     check_across_stages(cfg, all_configs)
     configs = {s: c for s, c in all_configs.items() if s in cfg.stages}
+    created = not lay.root.exists()
     lay.root.mkdir(parents=True, exist_ok=True)
-    with folder_lock(lay.root, "saereward pipeline"):  # a refused run writes nothing
-        for rel in recover_interrupted(lay):
-            _say(f"restored {lay.root / rel} (a re-run of it was interrupted)")
-        _write_resolved(lay, cfg, configs)
-        _run_stages(cfg, lay, configs)
+    try:
+        with folder_lock(lay.root, "saereward pipeline"):  # a refused run writes nothing
+            for rel in recover_interrupted(lay):
+                _say(f"restored {lay.root / rel} (a re-run of it was interrupted)")
+            _write_resolved(lay, cfg, configs)
+            _run_stages(cfg, lay, configs)
+    except BaseException:
+        if created:
+            _remove_if_bare(lay.root)
+        raise
     return lay.artifact("report")
+
+
+def _remove_if_bare(root: Path) -> None:
+    """Remove a run folder this run created when it holds nothing but its ``pipeline.json``: the
+    first stage failed before writing anything (what a stage did write stays, for a resume)."""
+    if root.is_dir() and {p.name for p in root.iterdir()} <= {"pipeline.json"}:
+        _remove(root)
 
 
 def _write_resolved(lay: Layout, cfg: PipelineConfig, configs: dict[str, dict[str, Any]]) -> None:
