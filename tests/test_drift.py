@@ -338,3 +338,18 @@ def test_drift_refuses_mismatches(tiny_run: dict[str, Path], tmp_path: Path) -> 
         run_drift(drift_cfg(tiny_run, tmp_path / "e", rollouts=str(tmp_path / "ro")), lm=fresh_tiny())
     with pytest.raises(SaeRewardError, match="--snapshot-every N"):
         run_drift(drift_cfg(tiny_run, tmp_path / "f", run=str(tmp_path)), lm=fresh_tiny())
+
+
+def test_a_layer_counted_from_the_end_is_checked_from_the_models_config(
+    tiny_run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the model's config gives its depth (no weights loaded), a negative ``--layer`` is resolved
+    and checked before drift writes its ``config.json``."""
+    import saereward.analysis.drift as drift
+
+    monkeypatch.setattr(drift, "model_dims", lambda spec: (4, 64))
+    with pytest.raises(SaeRewardError, match="trained on layer 1 but drift reads layer 2"):
+        run_drift(drift_cfg(tiny_run, tmp_path / "a", layer=-2), lm=fresh_tiny())
+    with pytest.raises(SaeRewardError, match="layer -9 is out of range: the model has 4 decoder layers"):
+        run_drift(drift_cfg(tiny_run, tmp_path / "b", layer=-9), lm=fresh_tiny())
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

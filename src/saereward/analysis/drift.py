@@ -63,7 +63,9 @@ from saereward.model.lm import (
     apply_adapter,
     check_adapter,
     check_device,
+    layer_index,
     load_model,
+    model_dims,
     resolve_layer,
 )
 from saereward.options import DeviceOptions
@@ -624,6 +626,9 @@ def run_drift(cfg: DriftConfig, lm: LoadedModel | None = None) -> dict[str, Any]
     if lm is not None and lm.spec != spec:
         raise SaeRewardError(f"run {cfg.run} was trained on {spec}, the model given is {lm.spec}")
     pack, sae_path, base_sae, layer, texts_file, texts = _drift_inputs(cfg)
+    dims = model_dims(spec) if layer < 0 else None  # from the model's config: no weights loaded
+    if dims is not None:
+        _check_layer(layer_index(layer, dims[0]), base_sae, pack)
     out = Path(cfg.out)
     refuse_other_settings(out, cfg, _RESUME_FREE, cache="stages", holds="drift stages", stage="drift")
     out.mkdir(parents=True, exist_ok=True)

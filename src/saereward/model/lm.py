@@ -230,7 +230,12 @@ def num_layers(model: nn.Module) -> int:
 
 def resolve_layer(model: nn.Module, layer: int) -> int:
     """Validate ``layer`` (negative counts from the end) and return it as a non-negative index."""
-    n = num_layers(model)
+    return layer_index(layer, num_layers(model))
+
+
+def layer_index(layer: int, n: int) -> int:
+    """``layer`` of a model with ``n`` decoder layers as a non-negative index (negative counts from
+    the end), or one error line when it is out of range."""
     if not -n <= layer < n:
         raise SaeRewardError(
             f"layer {layer} is out of range: the model has {n} decoder layers; use 0..{n - 1} (or -1 for the last)"
