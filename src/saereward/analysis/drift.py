@@ -595,8 +595,6 @@ def _drift_inputs(cfg: DriftConfig) -> tuple[Any, str, Any, int, Path, list[str]
         raise SaeRewardError(f"SAE {sae_path} records no layer: pass --layer")
     if pack is not None:
         check_pack(pack, d_sae=base_sae.cfg.d_sae, d_model=base_sae.cfg.d_in, where=f"(SAE {sae_path})")
-    if layer >= 0:  # a negative layer counts from the end: checked once the model is loaded
-        _check_layer(int(layer), base_sae, pack)
     rollouts = cfg.rollouts or (pack.metadata.get("rollouts") if pack is not None else None)
     if not rollouts:
         raise SaeRewardError("pass --rollouts (the corpus) or a --pack that records its rollouts")
@@ -626,9 +624,12 @@ def run_drift(cfg: DriftConfig, lm: LoadedModel | None = None) -> dict[str, Any]
     if lm is not None and lm.spec != spec:
         raise SaeRewardError(f"run {cfg.run} was trained on {spec}, the model given is {lm.spec}")
     pack, sae_path, base_sae, layer, texts_file, texts = _drift_inputs(cfg)
-    dims = model_dims(spec) if layer < 0 else None  # from the model's config: no weights loaded
-    if dims is not None:
-        _check_layer(layer_index(layer, dims[0]), base_sae, pack)
+    # before any output; a negative layer counts from the end, so it needs the model's depth (from its
+    # config, no weights; where that is unknown, the check comes once the model is loaded)
+    dims = model_dims(spec) if layer < 0 else None
+    early = layer if layer >= 0 else layer_index(layer, dims[0]) if dims is not None else None
+    if early is not None:
+        _check_layer(early, base_sae, pack)
     out = Path(cfg.out)
     refuse_other_settings(out, cfg, _RESUME_FREE, cache="stages", holds="drift stages", stage="drift")
     out.mkdir(parents=True, exist_ok=True)

@@ -325,14 +325,7 @@ class GRPOTrainer:
         if self.scorer is None or cfg.reward_form == "mechreward":
             return None
 
-        beside = baseline_beside(cfg.pack) if (cfg.reward == "sae" and cfg.pack) else None
-        own = self.out / BASELINE_FILE  # a resumed run keeps the baseline it started with
-        src = (
-            str(own)
-            if (cfg.resume and own.is_file())
-            else cfg.reward_baseline
-            or (str(beside) if beside and beside.is_file() else self._scorer_rollouts())
-        )
+        src = _baseline_file(cfg) or self._scorer_rollouts()
         if not src:
             raise SaeRewardError(
                 f"reward_form {cfg.reward_form!r} needs base rollouts to measure the reward baseline on: "
@@ -1084,15 +1077,20 @@ def check_reward_inputs(cfg: GRPOConfig, flag_prefix: str = "--") -> None:
     if cfg.reward == "sae" and cfg.pack and not str(cfg.pack).startswith(HF_SCHEME):
         load_pack(cfg.pack)  # malformed: its own one-line error
     if cfg.reward != "outcome" and cfg.reward_form != "mechreward":
-        own = Path(cfg.out) / BASELINE_FILE  # as the trainer picks it (a resumed run keeps its own)
-        beside = baseline_beside(cfg.pack) if (cfg.reward == "sae" and cfg.pack) else None
-        src = (
-            str(own)
-            if (cfg.resume and own.is_file())
-            else cfg.reward_baseline or (str(beside) if beside and beside.is_file() else None)
-        )
+        src = _baseline_file(cfg)
         if src and Path(src).is_file():
             load_baseline(src)  # the file the fixed-scale forms would read: a corrupt one fails now
+
+
+def _baseline_file(cfg: GRPOConfig) -> str | None:
+    """Where the fixed-scale forms' reward baseline comes from, short of measuring it on the scorer's
+    rollouts: the run's own (a resumed run keeps the baseline it started with), ``reward_baseline``,
+    or the one discovery wrote beside the pack."""
+    own = Path(cfg.out) / BASELINE_FILE
+    if cfg.resume and own.is_file():
+        return str(own)
+    beside = baseline_beside(cfg.pack) if (cfg.reward == "sae" and cfg.pack) else None
+    return cfg.reward_baseline or (str(beside) if beside and beside.is_file() else None)
 
 
 def _median(xs: Sequence[float]) -> float | None:
