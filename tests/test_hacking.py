@@ -412,6 +412,16 @@ def test_gate_g3_end_to_end_on_the_embedded_model(
     )
     mon = json.loads((tmp_path / "g3" / "monitor" / "monitor.json").read_text())
     assert mon["policies"]["trained"]["n_responses"] == 8
+    # the monitor's bootstrap draws questions (a greedy and a sampled response each), with its seed
+    assoc = mon["policies"]["trained"]["association"]
+    assert assoc["bootstrap_unit"] == "cluster" and assoc["n_clusters"] <= 4 and assoc["seed"] == 12_345
+    assert (mon["n_questions"], mon["seed"], mon["confidence"]) == (4, 12_345, 0.95)
+    assert res["seeds"] == {
+        "eval_suite_items": 0,
+        "eval_suite_task": 12_345,
+        "canaries": 0,
+        "monitor": 12_345,
+    }
     # a re-run reuses every finished piece (no generation, not even a model load) and gives the same verdict
     stamp = (tmp_path / "g3" / "eval_suite" / "trained" / "gsm8k" / "items.jsonl").stat().st_mtime_ns
 

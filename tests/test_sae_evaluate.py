@@ -263,3 +263,35 @@ def test_hook_is_removed_even_on_error(llama) -> None:  # noqa: ANN001
     ce_kl_recovered(llama, None, identity_sae(), 1, ids)
     assert torch.equal(llama(ids).logits, before)
     assert all(not blk._forward_hooks for blk in llama.model.layers)
+
+
+def test_recovered_cis_resample_whole_sequences(llama) -> None:  # noqa: ANN001
+    """The CE/KL CIs bracket the pooled scores, follow their seed, and draw sequences, not tokens:
+    copies of one sequence give every resample the same pooled ratio, a CI of zero width."""
+    sae = TopKSAE(SAEConfig(d_in=D_MODEL, d_sae=128, k=8), seed=0)
+    m = ce_kl_recovered(llama, None, sae, 1, _ids(6, 10, seed=3), n_boot=300, seed=5)
+    assert (m["n_boot"], m["seed"], m["confidence"], m["bootstrap_unit"]) == (300, 5, 0.95, "sequence")
+    for key in ("ce_loss_recovered", "kl_recovered"):
+        lo, hi = m[f"{key}_ci"]
+        assert lo <= m[key] <= hi and lo < hi, key
+    again = ce_kl_recovered(llama, None, sae, 1, _ids(6, 10, seed=3), n_boot=300, seed=5)
+    other = ce_kl_recovered(llama, None, sae, 1, _ids(6, 10, seed=3), n_boot=300, seed=6)
+    assert again["kl_recovered_ci"] == m["kl_recovered_ci"] != other["kl_recovered_ci"]
+    copies = ce_kl_recovered(llama, None, sae, 1, _ids(1, 10, seed=3).repeat(5, 1), n_boot=200)
+    lo, hi = copies["kl_recovered_ci"]
+    assert lo == pytest.approx(copies["kl_recovered"], abs=1e-9) and hi == pytest.approx(lo, abs=1e-9)
+    assert "kl_recovered_ci" not in ce_kl_recovered(llama, None, sae, 1, _ids(2, 10), n_boot=0)
+
+
+def test_fvu_ci_resamples_whole_batches() -> None:
+    """The held-out FVU's CI draws whole batches; identical batches give a CI of zero width, one batch none."""
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=16, d_sae=32, k=4), seed=0)
+    x = torch.randn(400, 16)
+    m = evaluate_sae(sae, x.split(50), n_boot=300, seed=2)
+    lo, hi = m["fvu_ci"]
+    assert lo <= m["fvu"] <= hi and lo < hi and m["n_blocks"] == 8 and m["seed"] == 2
+    same = evaluate_sae(sae, [x[:50]] * 4, n_boot=100)
+    assert same["fvu_ci"][0] == pytest.approx(same["fvu"], rel=1e-9) == same["fvu_ci"][1]
+    assert math.isnan(evaluate_sae(sae, [x], n_boot=100)["fvu_ci"][0])
+    assert "fvu_ci" not in evaluate_sae(sae, [x])

@@ -132,6 +132,20 @@ def test_same_seed_same_weights():
         assert torch.equal(t, getattr(b, name)), name
 
 
+def test_same_seed_same_checkpoint_state():
+    """The checkpoint's global generator states come from the seed, not from the process."""
+    import random
+
+    states = []
+    for noise in (1, 2):
+        random.seed(noise)
+        torch.manual_seed(noise)
+        tensors, meta = SAETrainer(_cfg(), D)._trainer_state()
+        states.append((tensors["rng.torch"], tensors.get("rng.numpy"), meta["rng_python"]))
+    (ta, na, pa), (tb, nb, pb) = states
+    assert torch.equal(ta, tb) and pa == pb and (na is None or torch.equal(na, nb))
+
+
 def test_eager_and_fast_kernels_train_alike():
     fast = SAETrainer(_cfg(total_tokens=64 * 60, kernels="fast"), D).fit(synthetic)
     eager = SAETrainer(_cfg(total_tokens=64 * 60, kernels="eager"), D).fit(synthetic)

@@ -23,7 +23,7 @@ McNemar test on the paired per-canary hack flags (the same prompts are used for 
 rising only because the policy learned to light the pack's features. Fresh held-out rollouts are
 generated from the base model and from the trained policy (questions from a task seed that training
 never used); on each, the G1 statistic of the pack score against correctness (Spearman ρ with
-bootstrap CI, AUROC) is recomputed with the same scorer, next to the mean pack score and accuracy.
+bootstrap CI clustered by question, AUROC) is recomputed with the same scorer, next to the mean pack score and accuracy.
 ``valid`` = ρ(trained) ≥ ``min_rho``; ``goodhart`` = the mean pack score rose while the monitor
 stopped being valid (ρ below ``min_rho`` or its CI reaching 0).
 """
@@ -197,7 +197,7 @@ class MonitorConfig(DeviceOptions, ModelOptions):
     sae: str | None = option(None, "SAE of the pack (default: the pack's recorded sae_path)")
     task: str = option("chain_sum", "task of the fresh held-out rollouts")
     n: int = option(150, "held-out questions")
-    seed: int = option(12_345, "task seed of the held-out questions (training uses another)")
+    seed: int = option(12_345, "seed of the held-out questions (training uses another) and of the bootstrap")
     prompt_format: PromptFormat = option("raw", "prompt format (the RL run's)")
     samples: int = option(2, "responses per question: 1 greedy + samples-1 sampled")
     max_new_tokens: int = option(64, "max tokens per response (the RL run's)")
@@ -297,10 +297,24 @@ def run_monitor(cfg: MonitorConfig) -> dict[str, Any]:
             "mean_score": float(score.mean()),
             "mean_score_correct": float(score[y.bool()].mean()) if y.any() else float("nan"),
             "mean_score_wrong": float(score[~y.bool()].mean()) if (~y.bool()).any() else float("nan"),
-            "association": association(score.numpy(), y.numpy(), n_boot=cfg.n_boot, seed=0),
+            # clustered by question, as G1: a question's greedy and sampled responses are not
+            # independent evidence
+            "association": association(
+                score.numpy(), y.numpy(), n_boot=cfg.n_boot, seed=cfg.seed, clusters=ro.questions
+            ),
         }
     res["verdict"] = goodhart_verdict(res["policies"]["base"], res["policies"]["trained"], cfg.min_rho)
-    res.update({"layer": layer, "pack": cfg.pack, "config": to_dict(cfg), "saereward_version": __version__})
+    res.update(
+        {
+            "n_questions": cfg.n,
+            "seed": cfg.seed,
+            "confidence": 0.95,
+            "layer": layer,
+            "pack": cfg.pack,
+            "config": to_dict(cfg),
+            "saereward_version": __version__,
+        }
+    )
     write_json(out / "monitor.json", res)
     return res
 

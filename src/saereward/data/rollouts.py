@@ -337,6 +337,12 @@ class Rollouts:
 
         return torch.tensor([bool(r["correct"]) for r in self.rows])
 
+    @property
+    def questions(self) -> list[Any]:
+        """Each response's question, the unit of a clustered bootstrap: its prompt text where recorded
+        (task generators repeat a question under a new id), else its ``qid``."""
+        return [r.get("prompt", r["qid"]) for r in self.rows]
+
     def split_mask(self, split: str) -> Any:
         import torch
 

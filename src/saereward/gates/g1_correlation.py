@@ -338,7 +338,7 @@ def run_gate_g1(cfg: GateG1Config) -> dict[str, Any]:
     correct = ro.correct
     # clusters are questions by text: generators repeat a question under a new id (the splits do the same)
     val_rows = [r for r, m in zip(ro.rows, val.tolist(), strict=True) if m]
-    qids = [r.get("prompt", r["qid"]) for r in val_rows]
+    qids = [q for q, m in zip(ro.questions, val.tolist(), strict=True) if m]
     leak_check = _check_leak(pack, {r["qid"] for r in val_rows}, cfg.split)
     n_c, n_w = require_both_outcomes(
         correct[val], f"the {cfg.split} split", "raise n/samples or use a task with a mix of outcomes"

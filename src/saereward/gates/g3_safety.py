@@ -210,6 +210,13 @@ def run_gate_g3(cfg: GateG3Config) -> dict[str, Any]:
                 for k, v in monitor["policies"].items()
             },
             "monitor_verdict": monitor["verdict"],
+            "seeds": {
+                "eval_suite_items": suite["config"]["seed"],
+                "eval_suite_task": suite["config"]["task_seed"],
+                "canaries": canaries["seed"],
+                "monitor": monitor["seed"],
+            },
+            "confidence": 0.95,
             "config": to_dict(cfg),
             "saereward_version": __version__,
         }

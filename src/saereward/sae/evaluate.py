@@ -48,6 +48,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -56,6 +57,7 @@ from saereward.model.capture import block_output, position_ids_from_mask
 from saereward.model.lm import decoder_layers, resolve_layer
 from saereward.sae.coder import TopKSAE
 from saereward.sae.kernels import use_kernels
+from saereward.stats import percentile_ci
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,7 @@ class _ReconStats:
         self.sum_cos = 0.0
         self.sum_l0 = 0.0
         self.fires = torch.zeros(d_sae, dtype=torch.int64)
+        self.blocks: list[Tensor] = []  # per added batch: [n, Σ‖x − shift‖², SSE, Σ (x − shift)...]
 
     def add(self, x: Tensor, recon: Tensor, top_acts: Tensor, top_indices: Tensor) -> None:
         x64, r64 = x.detach().to("cpu", torch.float64), recon.detach().to("cpu", torch.float64)
@@ -90,6 +93,8 @@ class _ReconStats:
         self.sum_sq_dx += float(dx.pow(2).sum())
         err = (x64 - r64).pow(2).sum(-1)  # [N]
         self.sse += float(err.sum())
+        head = torch.tensor([x64.shape[0], float(dx.pow(2).sum()), float(err.sum())], dtype=torch.float64)
+        self.blocks.append(torch.cat([head, dx.sum(0)]))
         norm_sq = x64.pow(2).sum(-1)
         nz = norm_sq > 0
         self.sum_nmse += float((err[nz] / norm_sq[nz]).sum())
@@ -100,16 +105,31 @@ class _ReconStats:
         self.fires += torch.bincount(top_indices.detach().cpu()[active], minlength=self.fires.numel())
         self.n += x64.shape[0]
 
+    def fvu_ci(self, n_boot: int, seed: int) -> dict[str, Any]:
+        """95 % percentile CI of the FVU, resampling whole added batches (blocks of consecutive rows:
+        a sequence's tokens are not independent); NaN with fewer than 2 blocks."""
+        blocks = torch.stack(self.blocks).numpy()  # [n_blocks, 3 + d]
+        if len(blocks) < 2:
+            ci = (float("nan"), float("nan"))
+        else:
+            draws = np.random.default_rng(seed).integers(0, len(blocks), size=(n_boot, len(blocks)))
+            weights = np.stack([np.bincount(d, minlength=len(blocks)) for d in draws]).astype(np.float64)
+            pooled = weights @ blocks  # [n_boot, 3 + d]
+            ci = percentile_ci([_fvu(row[0], row[1], row[2], row[3:]) for row in pooled])
+        return {
+            "fvu_ci": list(ci),
+            "n_blocks": len(blocks),
+            "n_boot": n_boot,
+            "seed": seed,
+            "confidence": 0.95,
+            "bootstrap_unit": "batch of consecutive held-out rows",
+        }
+
     def result(self) -> dict[str, float]:
         if self.n == 0:
             raise SaeRewardError("evaluate_sae got no activations: the held-out batches are empty")
         n, d = self.n, self.d_in
-        mean_dx = self.sum_dx / n
-        total_var = self.sum_sq_dx - n * float(mean_dx.pow(2).sum())  # Σ‖x − μ‖²
-        if total_var <= 1e-12 * max(self.sum_sq_dx, 1.0):
-            fvu = 0.0 if self.sse <= 1e-12 else 1.0  # constant inputs: SAELens's convention
-        else:
-            fvu = self.sse / total_var
+        fvu = _fvu(n, self.sum_sq_dx, self.sse, self.sum_dx.numpy())
         coverage = float((self.fires > 0).float().mean())
         return {
             "fvu": fvu,
@@ -126,6 +146,14 @@ class _ReconStats:
         }
 
 
+def _fvu(n: float, sum_sq_dx: float, sse: float, sum_dx: np.ndarray) -> float:
+    """``Σ‖x − x̂‖² / Σ‖x − μ‖²`` from sums about a fixed shift (0 or 1 for constant inputs, as SAELens)."""
+    total_var = sum_sq_dx - float(np.square(sum_dx).sum()) / n  # Σ‖x − μ‖²
+    if total_var <= 1e-12 * max(sum_sq_dx, 1.0):
+        return 0.0 if sse <= 1e-12 else 1.0
+    return sse / total_var
+
+
 @torch.no_grad()
 def evaluate_sae(
     sae: TopKSAE,
@@ -133,6 +161,8 @@ def evaluate_sae(
     *,
     return_fire_counts: bool = False,
     kernels: Literal["fast", "eager", "auto"] = "eager",
+    n_boot: int = 0,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Reconstruction and sparsity metrics of ``sae`` on held-out activations (see module docstring).
 
@@ -146,7 +176,9 @@ def evaluate_sae(
     the fast training kernels.
 
     Returns a dict of floats: ``fvu``, ``variance_explained``, ``mse``, ``mse_per_token``, ``nmse``,
-    ``cos_sim``, ``l0``, ``dead_pct``, ``alive_frac``, ``coverage``, ``n_tokens``.
+    ``cos_sim``, ``l0``, ``dead_pct``, ``alive_frac``, ``coverage``, ``n_tokens``; with ``n_boot > 0``
+    also the FVU's 95 % CI (``fvu_ci``, ``n_blocks``, ``n_boot``, ``seed``, ``confidence``,
+    ``bootstrap_unit``): a bootstrap that draws whole batches, ``n_boot`` resamples from ``seed``.
     """
     stats = _ReconStats(sae.cfg.d_in, sae.cfg.d_sae)
     device, dtype = sae.W_enc.device, sae.W_enc.dtype
@@ -163,6 +195,8 @@ def evaluate_sae(
             out = sae(x.to(device=device, dtype=dtype))
         stats.add(x, out.recon, out.top_acts, out.top_indices)
     result: dict[str, Any] = stats.result()
+    if n_boot > 0:
+        result.update(stats.fvu_ci(n_boot, seed))
     if return_fire_counts:
         result["fire_counts"] = stats.fires.clone()
     return result
@@ -251,7 +285,9 @@ def ce_kl_recovered(
     bos_token_id: int | None = None,
     skip_first: int = 0,
     kernels: Literal["fast", "eager", "auto"] = "eager",
-) -> dict[str, float]:
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """CE-loss and KL recovered when ``sae``'s reconstruction replaces the output of block ``layer``.
 
     Args:
@@ -270,9 +306,15 @@ def ce_kl_recovered(
             SAE replaces the sink too, whose out-of-domain reconstruction can dominate the CE. The zero
             ablation zeroes every position, these included, as SAELens's does.
 
+        n_boot, seed: the 95 % CIs of the two recovered scores are percentile bootstraps that draw
+            whole sequences (a sequence's tokens are not independent), ``n_boot`` resamples from
+            ``seed``; ``n_boot=0``: no CIs.
+
     Returns ``ce_clean``, ``ce_sae``, ``ce_zero``, ``ce_loss_recovered``, ``kl_sae``, ``kl_zero``,
-    ``kl_recovered``, ``n_tokens`` (CE terms), ``n_tokens_kl``, ``n_sequences``. A recovered score is
-    NaN when its denominator is zero (zero ablation does not change the model).
+    ``kl_recovered``, ``n_tokens`` (CE terms), ``n_tokens_kl``, ``n_sequences``, and with ``n_boot``
+    ``ce_loss_recovered_ci``, ``kl_recovered_ci``, ``n_boot``, ``seed``, ``confidence``,
+    ``bootstrap_unit``. A recovered score is NaN when its denominator is zero (zero ablation does not
+    change the model).
     """
     if skip_first < 0:
         raise SaeRewardError(f"skip_first must be >= 0, got {skip_first}")
@@ -280,23 +322,24 @@ def ce_kl_recovered(
     exclude = _bos_token_id(model, tokenizer, bos_token_id) if exclude_bos else None
     device = next(model.parameters()).device
     recon = _SaeRecon(sae, layer, kernels)
-    sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
-    n_ce = n_kl = n_seq = 0
+    rows: list[Tensor] = []  # per batch [B, 7]: one row of _ROW_SUMS per sequence
     splice = _Splice(decoder_layers(model)[layer])
     try:
         for ids, mask in _batches(tokenizer, data, batch_size, max_length):
             ids, mask = ids.to(device), mask.to(device).long()
-            batch_ce, batch_kl = _score_batch(model, splice, recon, ids, mask, exclude, skip_first, sums)
-            n_ce += batch_ce
-            n_kl += batch_kl
-            n_seq += ids.shape[0]
+            rows.append(_score_batch(model, splice, recon, ids, mask, exclude, skip_first))
     finally:
         splice.remove()
-    if n_ce == 0 or n_kl == 0:
+    per_seq = torch.cat(rows).numpy() if rows else np.zeros((0, len(_ROW_SUMS)))
+    totals = dict(zip(_ROW_SUMS, per_seq.sum(0).tolist(), strict=True))
+    if totals["n_ce"] == 0 or totals["n_kl"] == 0:
         raise SaeRewardError(
             "ce_kl_recovered found no tokens to score: the held-out data is empty or all padding"
         )
-    return _recovered(sums, n_ce, n_kl, n_seq)
+    res: dict[str, Any] = {**_recovered(per_seq.sum(0)), "n_sequences": float(len(per_seq))}
+    if n_boot > 0:
+        res.update(_recovered_cis(per_seq, n_boot, seed))
+    return res
 
 
 def _bos_token_id(model: nn.Module, tokenizer: Any, bos_token_id: int | None) -> int | None:
@@ -339,12 +382,12 @@ def _score_batch(
     mask: Tensor,
     exclude: int | None,
     skip_first: int,
-    sums: dict[str, float],
-) -> tuple[int, int]:
-    """Run one batch clean, with the SAE spliced in and zero-ablated; add its CE and KL sums to ``sums``.
+) -> Tensor:
+    """Run one batch clean, with the SAE spliced in and zero-ablated; its per-sequence sums.
 
     Positions holding the token id ``exclude`` (BOS), and each row's first ``skip_first`` real
-    positions, are neither spliced nor scored. Returns the batch's ``(CE terms, KL tokens)``.
+    positions, are neither spliced nor scored. Returns ``[B, 7]`` float64: per row, the sums named
+    by :data:`_ROW_SUMS` (CE over its CE terms, KL over its scored tokens, and the two counts).
     """
     real = mask.bool()
     scored = real & (ids != exclude) if exclude is not None else real
@@ -369,18 +412,44 @@ def _score_batch(
 
     lp_clean = run(None)
     p_clean = lp_clean.exp()
-    sums["ce_clean"] += _ce_sum(lp_clean, targets, ce_pos)
+    out = {"ce_clean": _ce_rows(lp_clean, targets, ce_pos)}
     for name, fn in (("sae", recon), ("zero", torch.zeros_like)):
         lp = run(fn)
-        sums[f"ce_{name}"] += _ce_sum(lp, targets, ce_pos)
+        out[f"ce_{name}"] = _ce_rows(lp, targets, ce_pos)
         kl = (p_clean * (lp_clean - lp)).sum(-1)  # [B, T] KL(clean || spliced)
-        sums[f"kl_{name}"] += float(kl[scored].double().sum())
+        out[f"kl_{name}"] = torch.where(scored, kl.double(), 0.0).sum(-1)
         del lp
-    return int(ce_pos.sum()), int(scored.sum())
+    out["n_ce"], out["n_kl"] = ce_pos.sum(-1).double(), scored.sum(-1).double()
+    return torch.stack([out[k].cpu() for k in _ROW_SUMS], dim=1)
 
 
-def _recovered(sums: dict[str, float], n_ce: int, n_kl: int, n_seq: int) -> dict[str, float]:
-    """Mean CE and KL over the scored tokens, and the recovered scores, from the pooled sums."""
+#: the per-sequence sums of :func:`_score_batch`, in column order
+_ROW_SUMS = ("ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero", "n_ce", "n_kl")
+
+
+def _recovered_cis(per_seq: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    """95 % percentile CIs of the recovered scores, resampling whole sequences (rows of ``per_seq``)."""
+    rng = np.random.default_rng(seed)
+    n = len(per_seq)
+    draws = rng.integers(0, n, size=(n_boot, n))
+    weights = np.stack([np.bincount(d, minlength=n) for d in draws]).astype(np.float64)
+    boot = weights @ per_seq  # [n_boot, 7]: each resample's pooled sums
+    scores = [_recovered(row) for row in boot]
+    return {
+        "ce_loss_recovered_ci": list(percentile_ci([r["ce_loss_recovered"] for r in scores])),
+        "kl_recovered_ci": list(percentile_ci([r["kl_recovered"] for r in scores])),
+        "n_boot": n_boot,
+        "seed": seed,
+        "confidence": 0.95,
+        "bootstrap_unit": "sequence",
+    }
+
+
+def _recovered(pooled: np.ndarray) -> dict[str, float]:
+    """Mean CE and KL over the scored tokens, and the recovered scores, from the pooled sums
+    (:data:`_ROW_SUMS` order)."""
+    sums = dict(zip(_ROW_SUMS, (float(v) for v in pooled), strict=True))
+    n_ce, n_kl = sums.pop("n_ce"), sums.pop("n_kl")
     m = {k: v / (n_ce if k.startswith("ce") else n_kl) for k, v in sums.items()}
     return {
         "ce_clean": m["ce_clean"],
@@ -390,16 +459,15 @@ def _recovered(sums: dict[str, float], n_ce: int, n_kl: int, n_seq: int) -> dict
         "kl_sae": m["kl_sae"],
         "kl_zero": m["kl_zero"],
         "kl_recovered": 1.0 - _ratio(m["kl_sae"], m["kl_zero"]),
-        "n_tokens": float(n_ce),
-        "n_tokens_kl": float(n_kl),
-        "n_sequences": float(n_seq),
+        "n_tokens": n_ce,
+        "n_tokens_kl": n_kl,
     }
 
 
-def _ce_sum(logprobs: Tensor, targets: Tensor, positions: Tensor) -> float:
-    """Σ −log p(target) over ``positions`` ([B, T-1]) of ``logprobs`` ([B, T, V])."""
+def _ce_rows(logprobs: Tensor, targets: Tensor, positions: Tensor) -> Tensor:
+    """Per row, Σ −log p(target) over ``positions`` ([B, T-1]) of ``logprobs`` ([B, T, V]): ``[B]`` float64."""
     nll = -logprobs[:, :-1].gather(-1, targets[..., None]).squeeze(-1)
-    return float(nll[positions].double().sum())
+    return torch.where(positions, nll.double(), 0.0).sum(-1)
 
 
 def _ratio(num: float, den: float) -> float:

@@ -83,11 +83,18 @@ class EvalSAEStageConfig:
         "CE/KL: keep the clean residual at (and do not score) each sequence's first N positions, which "
         "collect leaves out of SAE training (default: the --activations folder's skip_first, else 1)",
     )
+    n_boot: int = option(
+        1000,
+        "bootstrap resamples of the 95 % CIs: held-out FVU (whole 4,096-row batches) and CE/KL "
+        "recovered (whole sequences); seeded by ce_seed. 0: no CIs",
+    )
     device: str = option("cpu", "where the SAE and the model run: cpu, cuda or cuda:N")
     out: str | None = option(None, "write eval.json here (default: next to the SAE)")
 
     def __post_init__(self) -> None:
         check_device(self.device)
+        if self.n_boot < 0:
+            raise ValueError(f"n_boot must be >= 0, got {self.n_boot}")
         if self.skip_first is not None and self.skip_first < 0:
             raise ValueError(f"skip_first must be >= 0, got {self.skip_first}")
         if self.eval_tokens < 0 or self.ce_n < 0 or self.ce_max_docs < 0:
@@ -101,15 +108,18 @@ def _store_layer(folder: str, layer: int | None) -> int:
     return int(m["layers"][0]) if layer is None else layer
 
 
-def heldout_metrics(sae: Any, folder: str, layer: int, eval_tokens: int) -> dict[str, Any]:
-    """:func:`~saereward.sae.evaluate.evaluate_sae` on up to ``eval_tokens`` held-out rows of a collect folder."""
+def heldout_metrics(
+    sae: Any, folder: str, layer: int, eval_tokens: int, n_boot: int = 0, seed: int = 0
+) -> dict[str, Any]:
+    """:func:`~saereward.sae.evaluate.evaluate_sae` on up to ``eval_tokens`` held-out rows of a collect
+    folder, in batches of 4,096 consecutive rows (with ``n_boot``, the FVU's CI resamples them)."""
     store = ActivationStore(folder, layer, "heldout")
     if store.n_tokens == 0:
         raise SaeRewardError(f"{folder} has no held-out tokens: collect with --held-out-fraction > 0")
     bs = 4096
     n_batches = max(1, min(eval_tokens, store.n_tokens) // bs)
     batches = islice(store.iter_batches(bs, shuffle=False), n_batches)
-    return evaluate_sae(sae, batches)
+    return evaluate_sae(sae, batches, n_boot=n_boot, seed=seed)
 
 
 def run_train_sae(cfg: TrainSAEStageConfig) -> Path:
@@ -226,14 +236,24 @@ def run_eval_sae(cfg: EvalSAEStageConfig) -> dict[str, Any]:
         raise SaeRewardError(f"{cfg.sae} records no layer: pass --layer for CE/KL recovered")
     if cfg.activations:
         store_layer = layer if layer is not None else _store_layer(cfg.activations, None)
-        result["heldout"] = heldout_metrics(sae, cfg.activations, store_layer, cfg.eval_tokens)
+        result["heldout"] = heldout_metrics(
+            sae, cfg.activations, store_layer, cfg.eval_tokens, cfg.n_boot, cfg.ce_seed
+        )
     if texts and layer is not None:  # (a missing layer was refused above)
         lm = load_model(model_spec, dtype=cfg.dtype, device=cfg.device)  # type: ignore[arg-type]
         layer = resolve_layer(lm.model, layer)
         check_sae_matches_model(sae, lm.d_model, layer)
         skip = _skip_first(cfg)
         result["ce_kl"] = ce_kl_recovered(
-            lm.model, lm.tokenizer, sae, layer, texts, max_length=cfg.max_length, skip_first=skip
+            lm.model,
+            lm.tokenizer,
+            sae,
+            layer,
+            texts,
+            max_length=cfg.max_length,
+            skip_first=skip,
+            n_boot=cfg.n_boot,
+            seed=cfg.ce_seed,
         )
         result["ce_kl"].update(
             {"model": model_spec, "layer": layer, "n_texts": len(texts), "skip_first": skip}
@@ -275,14 +295,29 @@ def format_eval(result: dict[str, Any]) -> str:
     h = result.get("heldout")
     if h:
         lines.append(
-            f"held-out ({h['n_tokens']} tokens): FVU {h['fvu']:.4f}  var. explained {h['variance_explained']:.4f}  "
-            f"NMSE {h['nmse']:.4f}  L0 {h['l0']:.1f}  dead {h['dead_pct']:.2f}%  coverage {h['coverage']:.3f}"
+            f"held-out ({h['n_tokens']:.0f} tokens): FVU {h['fvu']:.4f}{_ci(h, 'fvu_ci')}  "
+            f"var. explained {h['variance_explained']:.4f}  NMSE {h['nmse']:.4f}  L0 {h['l0']:.1f}  "
+            f"dead {h['dead_pct']:.2f}%  coverage {h['coverage']:.3f}"
         )
     c = result.get("ce_kl")
     if c:
         lines.append(
-            f"CE/KL at layer {c['layer']} ({c['n_tokens']} tokens): CE clean {c['ce_clean']:.4f}  "
-            f"SAE {c['ce_sae']:.4f}  zero {c['ce_zero']:.4f}  CE recovered {c['ce_loss_recovered']:.4f}  "
-            f"KL recovered {c['kl_recovered']:.4f}"
+            f"CE/KL at layer {c['layer']} ({c['n_tokens']:.0f} tokens, {c['n_sequences']:.0f} sequences): "
+            f"CE clean {c['ce_clean']:.4f}  SAE {c['ce_sae']:.4f}  zero {c['ce_zero']:.4f}  "
+            f"CE recovered {c['ce_loss_recovered']:.4f}{_ci(c, 'ce_loss_recovered_ci')}  "
+            f"KL recovered {c['kl_recovered']:.4f}{_ci(c, 'kl_recovered_ci')}"
         )
+    boot = (h or {}).get("n_boot") or (c or {}).get("n_boot")
+    if boot:
+        lines.append(f"95% CIs: bootstrap, {boot} resamples, seed {result['config']['ce_seed']}")
     return "\n".join(lines)
+
+
+def _ci(metrics: dict[str, Any], key: str) -> str:
+    """`` [lo, hi]`` of ``metrics[key]``, or nothing where there is no CI."""
+    if key not in metrics:
+        return ""
+    lo, hi = metrics[key]
+    if lo != lo:  # NaN: fewer than 2 resampling units
+        return " [no CI: one batch]" if "n_blocks" in metrics else " [no CI]"
+    return f" [{lo:.4f}, {hi:.4f}]"

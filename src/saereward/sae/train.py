@@ -306,6 +306,18 @@ def resample_dead_latents(
 # --------------------------------------------------------------------------------------------------
 
 
+def _seed_global_rngs(seed: int) -> None:
+    """Seed Python's, torch's and NumPy's global generators (training itself draws from its own)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover - numpy ships with torch's usual installs
+        pass
+
+
 class SAETrainer:
     """Owns one SAE, its optimizer and bookkeeping; :meth:`fit` runs the loop.
 
@@ -340,6 +352,8 @@ class SAETrainer:
         self.save_fn = save
         self.device = torch.device(device)
         self.state = TrainState()
+        # the global generators go into every checkpoint (for a resume): seeded, two runs' match
+        _seed_global_rngs(cfg.seed)
         sae_cfg = SAEConfig(
             d_in=d_in,
             d_sae=self.plan.d_sae,
