@@ -766,6 +766,7 @@ def _steer_table(
             "accuracy": ci.p,
             "ci_low": ci.low,
             "ci_high": ci.high,
+            "confidence": ci.confidence,
             "cached": r["cached"],
         }
         if cond.kind != "base":

@@ -304,6 +304,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "accuracy": ci.p if sel else None,
             "ci_low": ci.low,
             "ci_high": ci.high,
+            "confidence": ci.confidence,
         }
     return res
 

@@ -77,7 +77,10 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
         "model": ro.summary.get("model"),
         "d_model": int(x.shape[1]),
         "n_train": int(disc.sum()),
-        "heldout": {k: assoc[k] for k in ("n", "n_correct", "auroc", "auroc_ci", "spearman_rho", "rho_ci")},
+        "heldout": {
+            k: assoc[k]
+            for k in ("n", "n_correct", "auroc", "auroc_ci", "spearman_rho", "rho_ci", "confidence", "n_boot")
+        },
         "fit": info,
         "seed": cfg.seed,
         "rollouts": str(cfg.rollouts),

@@ -258,6 +258,7 @@ def _table(recs: Recs) -> dict[str, Any]:
             "pooled_n": n,
             "ci_low": ci.low,
             "ci_high": ci.high,
+            "confidence": ci.confidence,
             "per_seed": {str(s): a for s, a in zip(per_seed, accs, strict=True)},
             "start_accuracy": sum(base) / len(base),
             "collapsed_seeds": [str(s) for s, r in per_seed.items() if r.collapse.get("collapsed")],

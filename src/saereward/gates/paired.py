@@ -119,4 +119,5 @@ def paired_compare(
         "p_value": float(mc["p_value"]),
         "n_boot": n_boot,
         "boot_seed": seed,
+        "confidence": 0.95,
     }

@@ -902,6 +902,7 @@ class GRPOTrainer:
             "eval_accuracy": ci.p,
             "eval_ci_low": ci.low,
             "eval_ci_high": ci.high,
+            "eval_ci_confidence": ci.confidence,
         }
 
     # -- the loop -----------------------------------------------------------------------------------
