@@ -204,6 +204,19 @@ def test_unfinished_run_is_not_finished(tmp_path: Path) -> None:
     assert _finished(run, rcfg)
 
 
+def test_an_arm_with_more_steps_than_the_budget_is_refused(tmp_path: Path) -> None:
+    """The arms are compared at one step budget: a run whose checkpoint holds more steps than
+    --rl-steps (a gate re-run with fewer steps) is an error, not a silently longer arm."""
+    cfg = gate_cfg(tmp_path)
+    run = write_run(cfg, "outcome", 0, R0_BITS[0])
+    rcfg = dataclasses.replace(cfg.rl, reward="outcome", seed=0, out=str(run))
+    write_json(run / "checkpoint" / "state.json", {"step": rcfg.steps + 2})
+    with pytest.raises(
+        SaeRewardError, match=rf"holds {rcfg.steps + 2} steps, more than --rl-steps {rcfg.steps}"
+    ):
+        _finished(run, rcfg)
+
+
 def test_mismatched_eval_qids_are_refused(tmp_path: Path) -> None:
     cfg = gate_cfg(tmp_path)
     write_all(cfg, {"outcome": R0_BITS, "sae": R1_BITS, "direction": R2_BITS})

@@ -781,6 +781,21 @@ def test_resume_refuses_a_checkpoint_made_with_other_settings(
     assert GRPOTrainer(same, lm=fresh_tiny())._restore() == 1
 
 
+def test_resume_refuses_fewer_steps_and_a_linear_schedules_new_budget(tmp_path: Path) -> None:
+    """A checkpoint with more steps than asked is refused (its summary would label the adapter with an
+    earlier evaluation); a linear λ schedule spreads over ``steps``, so a changed budget is refused too."""
+    cfg = rl_cfg(tmp_path / "run", steps=2)
+    GRPOTrainer(cfg, lm=fresh_tiny()).fit()
+    fewer = GRPOConfig(**{**cfg.__dict__, "steps": 1})
+    with pytest.raises(SaeRewardError, match=r"holds 2 steps, more than steps = 1: pass --steps 2"):
+        GRPOTrainer(fewer, lm=fresh_tiny())._restore()
+    kw = {"reward": "sae", "pack": str(tiny_pack(tmp_path)), "lam": 0.5, "lam_schedule": "linear"}
+    lin = rl_cfg(tmp_path / "linear", steps=1, **kw)
+    GRPOTrainer(lin, lm=fresh_tiny()).fit()
+    with pytest.raises(SaeRewardError, match=r"different settings \(steps\)"):
+        GRPOTrainer(GRPOConfig(**{**lin.__dict__, "steps": 2}), lm=fresh_tiny())._restore()
+
+
 def test_resume_refuses_a_pack_changed_at_the_same_path(tmp_path: Path) -> None:
     """The checkpoint records the reward's inputs by hash: a pack re-discovered into the same path
     (same settings, other features) is refused on resume; the same score resumes, a rewritten

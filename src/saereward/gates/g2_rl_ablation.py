@@ -59,7 +59,7 @@ from saereward.gates.paired import paired_compare
 from saereward.io import read_json, read_jsonl, write_json
 from saereward.model.lm import load_model
 from saereward.rl.audit import AuditConfig, format_audit, run_audit
-from saereward.rl.checkpoint import settings_diff
+from saereward.rl.checkpoint import checkpointed_steps, settings_diff
 from saereward.rl.config import GRPOConfig
 from saereward.rl.grpo import GRPOTrainer, check_reward_inputs, run_train_rl
 from saereward.stats import wilson_ci
@@ -148,6 +148,12 @@ def _finished(run: Path, rcfg: GRPOConfig) -> bool:
     if diff:
         raise SaeRewardError(
             f"{run} holds a run with other settings ({', '.join(diff[:4])}): use another --out, or delete it"
+        )
+    held = checkpointed_steps(run)
+    if held > rcfg.steps:  # the arms are compared at one budget
+        raise SaeRewardError(
+            f"{run} holds {held} steps, more than --rl-steps {rcfg.steps}: the arms share one step budget, "
+            f"so pass --rl-steps {held} or more, or use another --out"
         )
     path = run / "summary.json"
     if not path.is_file():

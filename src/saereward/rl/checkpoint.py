@@ -24,7 +24,8 @@ from saereward.rl.config import GRPOConfig
 
 def settings_diff(saved: dict[str, Any], cfg: GRPOConfig) -> list[str]:
     """Settings of ``cfg`` that differ from a run's saved ``config.json``, leaving out those that do not
-    change what a step computes (``steps`` too: a longer run resumes a shorter one's checkpoint)."""
+    change what a step computes (``steps`` too, so a longer run resumes a shorter one's checkpoint,
+    unless a linear λ schedule spreads over it)."""
     mine = to_dict(cfg)  # JSON-plain, as the saved file
     # options added since the run: what such a run did, else today's default
     default = {**to_dict(GRPOConfig()), **_LEGACY}
@@ -44,6 +45,8 @@ def settings_diff(saved: dict[str, Any], cfg: GRPOConfig) -> list[str]:
     )
     if cfg.reward == "outcome":  # R0 reads no score: how a score would enter changes nothing
         skip += ("reward_form", "reward_clip", "reward_baseline", "aggregation", "pack", "sae", "lam")
+    elif cfg.lam_schedule == "linear":  # λ falls from lam to lam_end over `steps`: another budget, another λ
+        skip = tuple(k for k in skip if k != "steps")
     return [k for k in mine if k not in skip and saved.get(k, default.get(k)) != mine[k]]
 
 
@@ -194,6 +197,20 @@ def load_optimizer(folder: Path, opt: torch.optim.Optimizer) -> int:
     return int(st["step"])
 
 
+def _checkpoint_folder(out: Path) -> Path:
+    """``out/checkpoint``, or ``checkpoint.old`` where a kill came between save_checkpoint's two renames."""
+    ck = out / "checkpoint"
+    return ck if (ck / "state.json").is_file() else ck.with_name("checkpoint.old")
+
+
+def checkpointed_steps(out: str | Path) -> int:
+    """How many steps the checkpoint in the run folder ``out`` holds (0: none)."""
+    ck = _checkpoint_folder(Path(out))
+    if not (ck / "state.json").is_file():
+        return 0
+    return int(read_json(ck / "state.json", expect=dict).get("step", 0))
+
+
 def restore_checkpoint(
     out: Path,
     cfg: GRPOConfig,
@@ -208,9 +225,7 @@ def restore_checkpoint(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    ck = out / "checkpoint"
-    if not (ck / "state.json").is_file():  # killed between save_checkpoint's two renames
-        ck = ck.with_name("checkpoint.old")
+    ck = _checkpoint_folder(out)
     if not (cfg.resume and (ck / "state.json").is_file()):
         return 0
     diff = settings_diff(read_json(ck / "config.json", expect=dict), cfg)
@@ -219,7 +234,14 @@ def restore_checkpoint(
             f"the checkpoint in {ck} was made with different settings ({', '.join(diff[:4])}): "
             "use another --out or --no-resume"
         )
-    saved = read_json(ck / "state.json", expect=dict).get("reward_inputs") or {}
+    state = read_json(ck / "state.json", expect=dict)
+    done = int(state.get("step", 0))
+    if done > cfg.steps:
+        raise SaeRewardError(
+            f"the checkpoint in {ck} holds {done} steps, more than steps = {cfg.steps}: pass --steps {done} "
+            "or more to finish it, or use another --out"
+        )
+    saved = state.get("reward_inputs") or {}
     changed = sorted(k for k in set(saved) & set(inputs or {}) if saved[k] != (inputs or {})[k])
     if changed:
         raise SaeRewardError(
@@ -244,6 +266,7 @@ def restore_checkpoint(
 
 __all__ = [
     "STEP_SEED",
+    "checkpointed_steps",
     "load_optimizer",
     "restore_checkpoint",
     "reward_inputs",
