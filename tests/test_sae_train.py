@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -287,6 +288,28 @@ def test_in_process_resume_is_bit_identical(tmp_path, rotate):
         assert torch.equal(t, getattr(resumed, name)), name
     steps = [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # rows after the checkpoint were replaced
+
+
+def test_a_lost_latest_pointer_resumes_from_the_newest_complete_checkpoint(tmp_path):
+    """Without ``latest.json`` (or with it naming a deleted folder) the run resumes from the newest
+    ``step-*`` that was written in full, instead of starting over and rotating the checkpoints away."""
+
+    def nine_batches(start):
+        gen = synthetic(start)
+        for _ in range(9 - start):
+            yield next(gen)
+
+    cfg = _cfg(total_tokens=64 * 12, checkpoint_every=4)
+    SAETrainer(cfg, D, run_dir=tmp_path).fit(nine_batches)  # data ends at batch 9: checkpoints 4 and 8
+    root = tmp_path / "checkpoints"
+    (root / "latest.json").unlink()
+    (root / "step-000000012").mkdir()  # a save killed before its trainer.json: not complete
+    assert latest_checkpoint(tmp_path) == root / "step-000000008"
+    (root / "latest.json").write_text(json.dumps({"step": 12, "path": "step-000000099"}))
+    assert latest_checkpoint(tmp_path) == root / "step-000000008"
+    shutil.rmtree(root / "step-000000012")
+    resumed = SAETrainer(cfg, D, run_dir=tmp_path)
+    assert resumed.resume_latest() and resumed.state.step == 8
 
 
 def test_corrupt_checkpoint_is_a_user_error(tmp_path):

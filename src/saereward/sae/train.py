@@ -773,12 +773,19 @@ RESUME_LEGACY: dict[str, Any] = {"init_dist": "normal", "rotate_basis": False}
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The folder ``checkpoints/latest.json`` points at, or ``None``."""
-    pointer = Path(run_dir) / "checkpoints" / "latest.json"
-    if not pointer.is_file():
+    """The folder ``checkpoints/latest.json`` points at; where that file or its folder is gone, the
+    newest complete ``step-*`` folder (``trainer.json`` is written last), with a warning; else ``None``."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest.json"
+    if pointer.is_file():
+        folder = root / str(read_json(pointer, expect=dict).get("path", ""))
+        if folder.name.startswith("step-") and folder.is_dir():
+            return folder
+    complete = sorted(p for p in root.glob("step-*") if (p / "trainer.json").is_file())
+    if not complete:
         return None
-    folder = pointer.parent / read_json(pointer)["path"]
-    return folder if folder.is_dir() else None
+    log.warning("%s names no checkpoint that exists: resuming from %s", pointer, complete[-1].name)
+    return complete[-1]
 
 
 def _previous(root: Path, current: str) -> str | None:
