@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from saereward import pipeline as pl
 from saereward.cli import main
 from saereward.config import from_dict, load_toml, to_dict
-from saereward.errors import SaeRewardError
+from saereward.errors import RunMismatch, SaeRewardError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -187,6 +187,22 @@ def test_an_error_in_a_rebuilt_stage_names_the_run_folder(
         str(exc.value)
         == f"[discover] cannot read {tmp_path / 'run' / 'rollouts' / 'tokens.safetensors'}: re-run"
     )
+
+
+def test_a_resumed_stage_that_holds_another_run_names_the_pipelines_fix(
+    tmp_path: Path, fake_stages: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stage resumed in place whose folder holds work made with other settings suggests the stage's
+    own fix (another --out), which is the pipeline's; the pipeline adds its own: --force <stage>."""
+
+    def mismatch(c: dict[str, Any]) -> None:
+        raise RunMismatch(f"{_root(c) / 'sae'} holds a run trained on other data: train into a new --out")
+
+    monkeypatch.setitem(pl.RUNNERS, "sae", mismatch)
+    with pytest.raises(
+        RunMismatch, match=r"^\[sae\] .*new --out \(in the pipeline: --force sae runs this stage"
+    ):
+        _run(_cfg(tmp_path))
 
 
 def test_pipeline_json_keeps_the_stages_a_run_leaves_alone(tmp_path: Path, fake_stages: list[str]) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin
 
-from saereward.errors import SaeRewardError
+from saereward.errors import RunMismatch, SaeRewardError
 
 T = TypeVar("T")
 
@@ -174,9 +174,7 @@ def refuse_other_settings(
         raise SaeRewardError(f"{config_file} is unreadable ({exc}): {fix}") from None
     changes = settings_changed(saved if isinstance(saved, dict) else {}, to_dict(cfg), free)
     if changes:
-        raise SaeRewardError(
-            f"{out} holds {holds} made with other settings ({', '.join(changes[:6])}): {fix}"
-        )
+        raise RunMismatch(f"{out} holds {holds} made with other settings ({', '.join(changes[:6])}): {fix}")
 
 
 def check_sampling(temperature: float, top_p: float) -> None:

@@ -16,3 +16,8 @@ class SaeRewardError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.split()))
+
+
+class RunMismatch(SaeRewardError):
+    """A folder holds work made with other settings or inputs than asked, so resuming into it would
+    mix two runs (the pipeline adds its own fix: ``--force <stage>``)."""

@@ -47,7 +47,7 @@ from typing import Any
 
 from saereward import __version__
 from saereward.config import from_dict, option, to_dict
-from saereward.errors import SaeRewardError
+from saereward.errors import RunMismatch, SaeRewardError
 from saereward.io import read_json, write_json
 from saereward.lock import LOCK_NAME, folder_lock
 from saereward.model.lm import DEFAULT_MODEL, DType, check_device, model_dims
@@ -791,6 +791,8 @@ def _run_stages(cfg: PipelineConfig, lay: Layout, configs: dict[str, dict[str, A
                 _remove(staging)
                 _say(f"[{stage}] failed: its previous outputs are untouched")
                 msg = msg.replace(str(staging), str(lay.root))  # the staging folder stood in for RUN
+            elif isinstance(exc, RunMismatch) and "--force" not in msg:  # the stage's own --out is ours
+                msg += f" (in the pipeline: --force {stage} runs this stage again from scratch)"
             exc.args = (f"[{stage}] {msg}",)  # the same error (type, exit code), with its stage named
             raise
         except BaseException:

@@ -53,7 +53,7 @@ from typing import Any
 
 from saereward import __version__, plots
 from saereward.config import option, to_dict
-from saereward.errors import SaeRewardError
+from saereward.errors import RunMismatch, SaeRewardError
 from saereward.features.pack import load_pack
 from saereward.gates.paired import paired_compare
 from saereward.io import read_json, read_jsonl, write_json
@@ -146,12 +146,12 @@ def _finished(run: Path, rcfg: GRPOConfig) -> bool:
         return False
     diff = settings_diff(read_json(run / "config.json", dict), rcfg)
     if diff:
-        raise SaeRewardError(
+        raise RunMismatch(
             f"{run} holds a run with other settings ({', '.join(diff[:4])}): use another --out, or delete it"
         )
     held = checkpointed_steps(run)
     if held > rcfg.steps:  # the arms are compared at one budget
-        raise SaeRewardError(
+        raise RunMismatch(
             f"{run} holds {held} steps, more than --rl-steps {rcfg.steps}: the arms share one step budget, "
             f"so pass --rl-steps {held} or more, or use another --out"
         )

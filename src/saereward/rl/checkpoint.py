@@ -17,7 +17,7 @@ from torch import Tensor
 
 from saereward import __version__
 from saereward.config import to_dict
-from saereward.errors import SaeRewardError
+from saereward.errors import RunMismatch, SaeRewardError
 from saereward.io import file_sha256, naming_target, read_json, write_json
 from saereward.rl.config import GRPOConfig
 
@@ -230,21 +230,21 @@ def restore_checkpoint(
         return 0
     diff = settings_diff(read_json(ck / "config.json", expect=dict), cfg)
     if diff:
-        raise SaeRewardError(
+        raise RunMismatch(
             f"the checkpoint in {ck} was made with different settings ({', '.join(diff[:4])}): "
             "use another --out or --no-resume"
         )
     state = read_json(ck / "state.json", expect=dict)
     done = int(state.get("step", 0))
     if done > cfg.steps:
-        raise SaeRewardError(
+        raise RunMismatch(
             f"the checkpoint in {ck} holds {done} steps, more than steps = {cfg.steps}: pass --steps {done} "
             "or more to finish it, or use another --out"
         )
     saved = state.get("reward_inputs") or {}
     changed = sorted(k for k in set(saved) & set(inputs or {}) if saved[k] != (inputs or {})[k])
     if changed:
-        raise SaeRewardError(
+        raise RunMismatch(
             f"the checkpoint in {ck} was trained with other content in {', '.join(changed)} (the file changed "
             "since, at the same path): use another --out, --no-resume, or the files it started with"
         )

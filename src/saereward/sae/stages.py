@@ -23,7 +23,7 @@ from typing import Any
 from saereward.config import option, to_dict
 from saereward.data.collect import iter_text_documents
 from saereward.data.store import ActivationStore, read_manifest
-from saereward.errors import SaeRewardError
+from saereward.errors import RunMismatch, SaeRewardError
 from saereward.io import read_json, write_json
 from saereward.lock import folder_lock
 from saereward.model.lm import check_device, load_model, require_device, resolve_layer
@@ -213,7 +213,7 @@ def _refuse_other_data(out: Path, key: dict[str, Any]) -> None:
     now = json.loads(json.dumps(key))
     diff = [k for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
     if diff:
-        raise SaeRewardError(
+        raise RunMismatch(
             f"{out} holds a run trained on other data (differs in: {', '.join(diff)}): resume on the "
             "activations it started on, or train into a new --out"
         )

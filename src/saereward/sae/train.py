@@ -87,7 +87,7 @@ import torch
 from torch import Tensor
 
 from saereward.config import option, to_dict
-from saereward.errors import SaeRewardError
+from saereward.errors import RunMismatch, SaeRewardError
 from saereward.io import atomic_path, read_json, read_jsonl, write_json
 from saereward.metrics import MetricSinks, ReportTo
 from saereward.sae import kernels
@@ -704,7 +704,7 @@ class SAETrainer:
         diff = sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE and saved.get(k) != now.get(k))
         if diff:
             changes = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:6])
-            raise SaeRewardError(
+            raise RunMismatch(
                 f"checkpoint {folder} was trained with other settings ({changes}): resume with the settings "
                 "it started with, or train into a new --out"
             )
