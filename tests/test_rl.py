@@ -796,6 +796,20 @@ def test_resume_refuses_fewer_steps_and_a_linear_schedules_new_budget(tmp_path: 
         GRPOTrainer(GRPOConfig(**{**lin.__dict__, "steps": 2}), lm=fresh_tiny())._restore()
 
 
+def test_settings_another_reward_reads_do_not_block_a_resume(tmp_path: Path) -> None:
+    """R0 reads no score files and R1 no direction rollouts: their paths (which move with a copied
+    run folder) are not settings of those runs; a setting the reward reads still is."""
+    from saereward.config import to_dict
+    from saereward.rl.checkpoint import settings_diff
+
+    r0 = rl_cfg(tmp_path / "r0", steps=1)
+    moved = GRPOConfig(**{**r0.__dict__, "direction_rollouts": "/elsewhere/rollouts", "dual_verifier": "p"})
+    assert settings_diff(to_dict(r0), moved) == []
+    r1 = rl_cfg(tmp_path / "r1", steps=1, reward="sae", pack="a/pack.json", lam=0.5)
+    assert settings_diff(to_dict(r1), GRPOConfig(**{**r1.__dict__, "direction_rollouts": "x"})) == []
+    assert settings_diff(to_dict(r1), GRPOConfig(**{**r1.__dict__, "pack": "b/pack.json"})) == ["pack"]
+
+
 def test_resume_refuses_a_pack_changed_at_the_same_path(tmp_path: Path) -> None:
     """The checkpoint records the reward's inputs by hash: a pack re-discovered into the same path
     (same settings, other features) is refused on resume; the same score resumes, a rewritten

@@ -43,8 +43,11 @@ def settings_diff(saved: dict[str, Any], cfg: GRPOConfig) -> list[str]:
         "mmap_threshold_kib",
         "rebuild_norms",  # the same values bit for bit, rebuilt instead of kept
     )
+    # what another reward's score would read (a moved run folder changes these paths, not the run)
+    skip += {"sae": ("direction_rollouts",), "direction": ("pack", "sae")}.get(cfg.reward, ())
     if cfg.reward == "outcome":  # R0 reads no score: how a score would enter changes nothing
         skip += ("reward_form", "reward_clip", "reward_baseline", "aggregation", "pack", "sae", "lam")
+        skip += ("direction_rollouts", "dual_verifier", "lam_schedule", "lam_end")
     elif cfg.lam_schedule == "linear":  # λ falls from lam to lam_end over `steps`: another budget, another λ
         skip = tuple(k for k in skip if k != "steps")
     return [k for k in mine if k not in skip and saved.get(k, default.get(k)) != mine[k]]
