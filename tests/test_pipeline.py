@@ -205,6 +205,16 @@ def test_a_resumed_stage_that_holds_another_run_names_the_pipelines_fix(
         _run(_cfg(tmp_path))
 
 
+def test_a_corrupt_pipeline_json_is_written_anew(tmp_path: Path, fake_stages: list[str]) -> None:
+    """pipeline.json is the pipeline's own record: a truncated one is replaced, not an error whose
+    fix ("rerun the stage that wrote it") is the command that failed."""
+    _run(_cfg(tmp_path))
+    path = tmp_path / "run" / "pipeline.json"
+    path.write_text('{"pipeline": ')
+    _run(_cfg(tmp_path))
+    assert json.loads(path.read_text())["pipeline"]["out"] == str(tmp_path / "run")
+
+
 def test_pipeline_json_keeps_the_stages_a_run_leaves_alone(tmp_path: Path, fake_stages: list[str]) -> None:
     """A run of some stages records their configs over the earlier ones and keeps the rest (a run
     refused by the folder's lock writes nothing: ``tests/test_lock.py``)."""

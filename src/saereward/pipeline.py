@@ -757,7 +757,11 @@ def _write_resolved(lay: Layout, cfg: PipelineConfig, configs: dict[str, dict[st
     """``pipeline.json``: this run's settings and each selected stage's resolved configs, over those
     recorded for the stages this run leaves alone (a run of some stages keeps the others' record)."""
     path = lay.root / "pipeline.json"
-    old = read_json(path) if path.is_file() else {}
+    try:
+        old = read_json(path) if path.is_file() else {}
+    except SaeRewardError as exc:  # this record is the pipeline's own: rewritten here, not a dead end
+        log.warning("%s; writing it anew (the configs it recorded for other stages are lost)", exc)
+        old = {}
     kept = old.get("stages") if isinstance(old, dict) else None
     stages: dict[str, Any] = dict(kept) if isinstance(kept, dict) else {}
     stages.update({s: {k: to_dict(v) for k, v in c.items()} for s, c in configs.items()})
