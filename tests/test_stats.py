@@ -10,7 +10,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy.stats import spearmanr
 
-from saereward.stats import cluster_bootstrap_indices, partial_spearman, percentile_ci, wilson_ci
+from saereward.stats import (
+    bootstrap_counts,
+    cluster_bootstrap_indices,
+    partial_spearman,
+    percentile_ci,
+    wilson_ci,
+)
 
 
 def test_wilson_known_values() -> None:
@@ -139,3 +145,12 @@ def test_partial_spearman_degenerate() -> None:
     assert partial_spearman(x, y, np.ones(20)) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
     with pytest.raises(ValueError, match=">= 3 paired"):
         partial_spearman([1, 2], [1, 2], [1, 2])
+
+
+def test_bootstrap_counts_are_the_draws_of_a_per_unit_bootstrap() -> None:
+    """Row r counts how often each unit is drawn in resample r of ``rng.integers(0, n, (n_boot, n))``."""
+    counts = bootstrap_counts(7, 50, seed=3)
+    draws = np.random.default_rng(3).integers(0, 7, size=(50, 7))
+    assert counts.shape == (50, 7) and (counts.sum(1) == 7).all()
+    sums = np.arange(7.0) ** 2
+    assert np.allclose(counts @ sums, sums[draws].sum(1))

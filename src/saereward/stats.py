@@ -147,6 +147,14 @@ def cluster_bootstrap_indices(
     return out
 
 
+def bootstrap_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """``[n_boot, n]`` float64: how often each of ``n`` units is drawn in each of ``n_boot`` resamples
+    with replacement (``rng.integers(0, n, size=(n_boot, n))`` of ``seed``). A resample of per-unit
+    sums is then one product: ``bootstrap_counts(...) @ sums``."""
+    draws = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    return np.stack([np.bincount(d, minlength=n) for d in draws]).astype(np.float64)
+
+
 def percentile_ci(values: Sequence[float] | np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
     """Percentile interval ``[q((1-c)/2), q((1+c)/2)]`` of the finite ``values`` (NaN if none are)."""
     v = np.asarray(values, dtype=np.float64)

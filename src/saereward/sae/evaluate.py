@@ -57,7 +57,7 @@ from saereward.model.capture import block_output, position_ids_from_mask
 from saereward.model.lm import decoder_layers, resolve_layer
 from saereward.sae.coder import TopKSAE
 from saereward.sae.kernels import use_kernels
-from saereward.stats import percentile_ci
+from saereward.stats import bootstrap_counts, percentile_ci
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +112,7 @@ class _ReconStats:
         if len(blocks) < 2:
             ci = (float("nan"), float("nan"))
         else:
-            draws = np.random.default_rng(seed).integers(0, len(blocks), size=(n_boot, len(blocks)))
-            weights = np.stack([np.bincount(d, minlength=len(blocks)) for d in draws]).astype(np.float64)
-            pooled = weights @ blocks  # [n_boot, 3 + d]
+            pooled = bootstrap_counts(len(blocks), n_boot, seed) @ blocks  # [n_boot, 3 + d]
             ci = percentile_ci([_fvu(row[0], row[1], row[2], row[3:]) for row in pooled])
         return {
             "fvu_ci": list(ci),
@@ -429,11 +427,7 @@ _ROW_SUMS = ("ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero", "n_ce", "n_kl
 
 def _recovered_cis(per_seq: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
     """95 % percentile CIs of the recovered scores, resampling whole sequences (rows of ``per_seq``)."""
-    rng = np.random.default_rng(seed)
-    n = len(per_seq)
-    draws = rng.integers(0, n, size=(n_boot, n))
-    weights = np.stack([np.bincount(d, minlength=n) for d in draws]).astype(np.float64)
-    boot = weights @ per_seq  # [n_boot, 7]: each resample's pooled sums
+    boot = bootstrap_counts(len(per_seq), n_boot, seed) @ per_seq  # [n_boot, 7]: each resample's sums
     scores = [_recovered(row) for row in boot]
     return {
         "ce_loss_recovered_ci": list(percentile_ci([r["ce_loss_recovered"] for r in scores])),
