@@ -312,6 +312,21 @@ def test_a_lost_latest_pointer_resumes_from_the_newest_complete_checkpoint(tmp_p
     assert resumed.resume_latest() and resumed.state.step == 8
 
 
+def test_an_unreadable_latest_checkpoint_resumes_from_the_older_one(tmp_path):
+    """A truncated newest checkpoint (a full disk, a kill the atomic writes did not cover) falls back
+    to the one before it; with none before it, it is the usual one-line error."""
+    cfg = _cfg(total_tokens=64 * 8, checkpoint_every=4)
+    SAETrainer(cfg, D, run_dir=tmp_path).fit(synthetic)  # checkpoints at steps 4 and 8
+    newest = latest_checkpoint(tmp_path)
+    assert newest is not None and newest.name == "step-000000008"
+    (newest / "sae.safetensors").write_bytes(b"garbage")
+    resumed = SAETrainer(cfg, D, run_dir=tmp_path)
+    assert resumed.resume_latest() and resumed.state.step == 4
+    shutil.rmtree(tmp_path / "checkpoints" / "step-000000004")
+    with pytest.raises(SaeRewardError, match="unreadable"):
+        SAETrainer(cfg, D, run_dir=tmp_path).resume_latest()
+
+
 def test_corrupt_checkpoint_is_a_user_error(tmp_path):
     cfg = _cfg(total_tokens=64 * 5, checkpoint_every=5)
     SAETrainer(cfg, D, run_dir=tmp_path).fit(synthetic)

@@ -692,7 +692,19 @@ class SAETrainer:
             if self.rank == 0:
                 log.info("no checkpoint in %s: starting fresh", self.run_dir)
             return False
-        self.load_checkpoint(folder)
+        try:
+            self.load_checkpoint(folder)
+        except UnreadableCheckpoint as exc:  # e.g. a disk filled while it was written
+            older = [p for p in _complete_checkpoints(folder.parent) if p.name < folder.name]
+            if not older:
+                raise
+            log.warning(
+                "checkpoint %s is unreadable (%s): resuming from the older %s",
+                folder,
+                exc.__cause__,
+                older[-1],
+            )
+            self.load_checkpoint(older[-1])
         return True
 
     def _check_resume_settings(self, folder: Path, saved: Any) -> None:
@@ -720,7 +732,7 @@ class SAETrainer:
             weights = load_file(str(folder / "sae.safetensors"))
             tensors = load_file(str(folder / "trainer.safetensors"))
         except (OSError, ValueError, SafetensorError) as exc:
-            raise SaeRewardError(
+            raise UnreadableCheckpoint(
                 f"checkpoint {folder} is unreadable ({exc}): delete it to start fresh"
             ) from exc
         if meta.get("format") != CHECKPOINT_FORMAT:
@@ -781,11 +793,20 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         folder = root / str(read_json(pointer, expect=dict).get("path", ""))
         if folder.name.startswith("step-") and folder.is_dir():
             return folder
-    complete = sorted(p for p in root.glob("step-*") if (p / "trainer.json").is_file())
+    complete = _complete_checkpoints(root)
     if not complete:
         return None
     log.warning("%s names no checkpoint that exists: resuming from %s", pointer, complete[-1].name)
     return complete[-1]
+
+
+def _complete_checkpoints(root: Path) -> list[Path]:
+    """The ``step-*`` folders under ``root`` written in full (``trainer.json`` comes last), oldest first."""
+    return sorted(p for p in root.glob("step-*") if (p / "trainer.json").is_file())
+
+
+class UnreadableCheckpoint(SaeRewardError):
+    """A checkpoint folder whose files cannot be read (truncated, corrupt)."""
 
 
 def _previous(root: Path, current: str) -> str | None:
