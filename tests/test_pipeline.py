@@ -37,6 +37,8 @@ def fake_stages(monkeypatch: pytest.MonkeyPatch) -> list[str]:
                 save_file({"w": torch.zeros(1)}, str(art))
             else:
                 art.write_text(json.dumps({"stage": stage}))
+            for rel in pl.stage_of(stage).required:  # what later stages read beside the artifact
+                (lay.root / rel).write_text(stage)
             if stage == _FAIL[0]:
                 _FAIL[0] = ""
                 raise KeyboardInterrupt  # a kill in the middle of the stage (artifact may be half-written)
@@ -148,6 +150,19 @@ def test_first_run_runs_all_second_run_skips_all(tmp_path: Path, fake_stages: li
     rec = json.loads((tmp_path / "run" / "stages.json").read_text())
     assert set(rec) == set(pl.STAGE_ORDER) and "config" in rec["sae"]
     assert json.loads((tmp_path / "run" / "pipeline.json").read_text())["pipeline"]["out"] == cfg.out
+
+
+def test_a_stage_missing_a_file_later_stages_read_is_not_done(tmp_path: Path, fake_stages: list[str]) -> None:
+    """Rollouts whose tokens.safetensors is gone re-run (the next stage would fail on them), and so
+    does what depends on them; the summary alone does not make them done."""
+    _run(_cfg(tmp_path))
+    (tmp_path / "run" / "rollouts" / "tokens.safetensors").unlink()
+    decision = pl.plan(_cfg(tmp_path), pl.stage_configs(_cfg(tmp_path)))
+    assert decision["rollouts"] == "run (rollouts/tokens.safetensors is gone)"
+    assert decision["discover"] == "run (an input stage re-ran)" and decision["collect"] == "skip"
+    fake_stages.clear()
+    _run(_cfg(tmp_path))  # rebuilt from scratch in RUN/.staging, then swapped in
+    assert fake_stages[0] == "rollouts" and (tmp_path / "run" / "rollouts" / "tokens.safetensors").is_file()
 
 
 def test_a_damaged_artifact_is_not_done(tmp_path: Path, fake_stages: list[str]) -> None:

@@ -569,6 +569,8 @@ def plan(cfg: PipelineConfig, configs: dict[str, dict[str, Any]]) -> dict[str, s
             why = "artifact missing"
         elif not _readable(lay.artifact(stage)):
             why = "artifact damaged"
+        elif missing := [f for f in stage_of(stage).required if not (lay.root / f).is_file()]:
+            why = f"{missing[0]} is gone"
         elif _placeless(rec.get("config"), _recorded_root(stage, rec)) != _placeless(resolved, str(lay.root)):
             why = "config changed"
         elif rerun.intersection(DEPENDS[stage]) or _inputs_changed(stage, rec, records):
@@ -628,8 +630,9 @@ def _recorded_root(stage: str, rec: dict[str, Any]) -> str | None:
     return art[: -len(rel) - 1] if art.endswith("/" + rel) else None
 
 
-# Reasons that start a stage from scratch; "not done" and "artifact missing" let the stage resume.
-_FROM_SCRATCH = ("forced", "config changed", "input stage re-ran", "artifact damaged")
+# Reasons that start a stage from scratch ("is gone": a file beside the artifact that later stages
+# read); "not done" and "artifact missing" let the stage resume.
+_FROM_SCRATCH = ("forced", "config changed", "input stage re-ran", "artifact damaged", "is gone")
 #: suffix of an old stage output while the new one is swapped in (removed right after)
 ASIDE = ".replaced"
 #: the run folder in which a stage rebuilt from scratch writes its new outputs (``RUN/.staging``)

@@ -43,6 +43,8 @@ class Stage:
     outputs: tuple[str, ...]
     files: str  #: what else the stage writes, for ``docs/run_layout.md``
     note: str = ""  #: how the pipeline wires it, when the command alone does not say
+    #: files beside the artifact that later stages read: one missing means the stage is not done
+    required: tuple[str, ...] = ()
 
     @property
     def tables(self) -> tuple[str, ...]:
@@ -83,6 +85,7 @@ STAGES: tuple[Stage, ...] = (
         "`rollouts.jsonl` (prompt, completion, correct, split, qid, rid), `tokens.safetensors` (`layer_<L>` "
         "[tokens, d], `token_ids`, `offsets` [responses+1]), `pooled.safetensors` (`layer_<i>` [responses, d]), "
         "`config.json`",
+        required=("rollouts/rollouts.jsonl", "rollouts/tokens.safetensors", "rollouts/pooled.safetensors"),
     ),
     Stage(
         "collect",
@@ -123,6 +126,7 @@ STAGES: tuple[Stage, ...] = (
         ("sae",),
         "`RUN/sae/train_log.jsonl` (SAE curves: step, fvu, l0, dead_pct, lr, ...), `RUN/sae/eval.json` "
         "(held-out FVU/L0/dead), `RUN/sae/sae/` the SAE (`load_sae`)",
+        required=("sae/sae/weights.safetensors", "sae/sae/cfg.json"),
     ),
     Stage(
         "layers",
