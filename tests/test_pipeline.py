@@ -464,6 +464,13 @@ def test_results_markdown_lists_missing_stages_and_reads_g1(tmp_path: Path) -> N
     )
     text = results_markdown(tmp_path)
     assert "G1 **PASS**" in text and "ρ 0.410 [0.200, 0.600]" in text and "seed 3" in text
+    # the SAE row shows eval-sae's CIs where it wrote finite ones (one held-out batch: no FVU CI)
+    ev = {"d_sae": 64, "k": 4, "heldout": {"fvu": 0.4, "n_tokens": 4096, "fvu_ci": [float("nan")] * 2}}
+    ev["ce_kl"] = {"ce_loss_recovered": 0.85, "ce_loss_recovered_ci": [0.8, 0.9], "kl_recovered": 0.84}
+    (tmp_path / "sae" / "sae").mkdir(parents=True)
+    (tmp_path / "sae" / "sae" / "eval.json").write_text(json.dumps(ev))
+    row = next(line for line in results_markdown(tmp_path).splitlines() if line.startswith("| SAE"))
+    assert "(n=4096 tokens); CE loss recovered 0.850 [0.800, 0.900], KL recovered 0.840 (" in row
 
 
 @pytest.mark.parametrize(

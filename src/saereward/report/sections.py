@@ -121,6 +121,7 @@ def section_overview(run: Path) -> Section:
 def _sae_metrics(held: Mapping[str, Any], ce: Mapping[str, Any]) -> list[tuple[str, Any]]:
     return [
         ("FVU", held.get("fvu")),
+        ("FVU 95 % CI (bootstrap over batches)", held.get("fvu_ci")),
         ("variance explained", held.get("variance_explained")),
         ("NMSE", held.get("nmse")),
         ("cosine similarity", held.get("cos_sim")),
@@ -131,9 +132,11 @@ def _sae_metrics(held: Mapping[str, Any], ce: Mapping[str, Any]) -> list[tuple[s
         ("CE with SAE", ce.get("ce_sae")),
         ("CE zero-ablated", ce.get("ce_zero")),
         ("CE loss recovered", ce.get("ce_loss_recovered")),
+        ("CE loss recovered 95 % CI (bootstrap over texts)", ce.get("ce_loss_recovered_ci")),
         ("KL with SAE", ce.get("kl_sae")),
         ("KL zero-ablated", ce.get("kl_zero")),
         ("KL recovered", ce.get("kl_recovered")),
+        ("KL recovered 95 % CI (bootstrap over texts)", ce.get("kl_recovered_ci")),
         ("CE/KL tokens", ce.get("n_tokens")),
     ]
 

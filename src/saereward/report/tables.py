@@ -183,6 +183,18 @@ def _rci(ci: Any) -> str:
     return f"[{fmt_num(ci[0])}, {fmt_num(ci[1])}]"
 
 
+def _opt_ci(d: Mapping[str, Any], key: str, name: str = "") -> str:
+    """`` [lo, hi]`` of the CI ``d[key]`` (``, FVU [lo, hi]`` with ``name``) where both bounds are
+    finite; nothing where eval.json has none (written without a bootstrap, or one batch only)."""
+    ci = d.get(key)
+    if not isinstance(ci, list | tuple) or len(ci) != 2:
+        return ""
+    lo, hi = as_float(ci[0]), as_float(ci[1])
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return ""
+    return f", {name} 95 % CI {_rci(ci)}" if name else f" {_rci(ci)}"
+
+
 def _sci(v: Any) -> str:
     return "—" if not isinstance(v, int | float) else f"{v:+.2e}"
 
@@ -281,8 +293,10 @@ def _sae_rows(run: Path) -> list[str]:
         rows.append(
             f"| SAE ({sae.get('d_sae')} latents, k {sae.get('k')}) | held-out FVU {fmt_num(h.get('fvu'))}, "
             f"NMSE {fmt_num(h.get('nmse'))}, L0 {fmt_num(h.get('l0'), 1)}, dead {fmt_num(h.get('dead_pct'), 1)} % "
-            f"(n={int(h.get('n_tokens', 0))} tokens); CE loss recovered {fmt_num(ce.get('ce_loss_recovered'))}, "
-            f"KL recovered {fmt_num(ce.get('kl_recovered'))} ({ce.get('n_texts', '—')} texts) |"
+            f"(n={int(h.get('n_tokens', 0))} tokens){_opt_ci(h, 'fvu_ci', 'FVU')}; CE loss recovered "
+            f"{fmt_num(ce.get('ce_loss_recovered'))}{_opt_ci(ce, 'ce_loss_recovered_ci')}, "
+            f"KL recovered {fmt_num(ce.get('kl_recovered'))}{_opt_ci(ce, 'kl_recovered_ci')} "
+            f"({ce.get('n_texts', '—')} texts) |"
         )
     else:
         rows.append("| SAE | not run |")
