@@ -54,6 +54,14 @@ def test_audit_reward_cli(audited: dict[str, Path], capsys: pytest.CaptureFixtur
         assert v["gain"] is None or abs(v["gain"]) < 1e-6
     assert res["baseline"]["meta"]["split"] == "discovery"
     assert res["baseline"]["meta"]["prompt_format"] == "raw"
+    assert res["bootstrap"] == {"unit": "question", "n_boot": 1000, "seed": 0, "confidence": 0.95}
+    assert 0 < res["n_questions"] <= res["n_completions"]
+    for r in res["forms"].values():
+        for v in [*r["cut"].values(), r["pad"]]:
+            if v["gain_sigma"] is not None:
+                lo, hi = v["gain_sigma_ci"]
+                assert lo - 1e-9 <= hi, v
+    assert "CIs: bootstrap over" in text and "95 % CI" in text
 
 
 def test_audit_reward_errors(audited: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,6 +17,7 @@ from saereward.rl.reward import (
     token_advantages,
     within_group_corr,
 )
+from saereward.stats import resample_indices
 
 FIXED = ("decoupled", "position", "shaped")
 
@@ -144,6 +145,31 @@ def test_position_form_gains_nothing_from_cutting_where_early_positions_score_hi
     old = truncation_gains("mechreward", *args, cuts=(1, 2, 5))
     assert old["cut"]["2"]["gain_sigma"] > 0.1  # cutting after the high second token pays
     assert old["max_cut_gain_sigma"] > 0.1
+
+
+def test_truncation_gain_cis_resample_whole_questions() -> None:
+    """Each gain's CI brackets it; copies of one question's completion add no evidence under the
+    question bootstrap, so its CI is as wide as the single completions', unlike a per-row bootstrap."""
+    mech, full, scored, correct = _synthetic(300, 1)
+    b = fit_baseline([mech[i][scored[i]] for i in range(150)])
+    rep = torch.arange(150, 300).repeat_interleave(4)  # each validation completion four times
+    args = (mech[rep], full[rep], scored[rep], correct[rep], 0.1, b)
+    by_q = resample_indices(len(rep), rep.tolist(), 500, 0)
+    by_row = resample_indices(len(rep), None, 500, 0)
+    one = resample_indices(150, None, 500, 0)
+    clustered = truncation_gains("mechreward", *args, cuts=(2,), resamples=by_q)["cut"]["2"]
+    rowwise = truncation_gains("mechreward", *args, cuts=(2,), resamples=by_row)["cut"]["2"]
+    val = slice(150, 300)
+    single_args = (mech[val], full[val], scored[val], correct[val], 0.1, b)
+    single = truncation_gains("mechreward", *single_args, cuts=(2,), resamples=one)["cut"]["2"]
+    lo, hi = clustered["gain_sigma_ci"]
+    assert lo <= clustered["gain_sigma"] <= hi
+    width = hi - lo
+    assert width > 1.5 * (rowwise["gain_sigma_ci"][1] - rowwise["gain_sigma_ci"][0])
+    assert width == pytest.approx(single["gain_sigma_ci"][1] - single["gain_sigma_ci"][0], rel=0.35)
+    assert truncation_gains("mechreward", *args, cuts=(2,))["cut"]["2"]["gain_sigma_ci"] is None
+    again = truncation_gains("mechreward", *args, cuts=(2,), resamples=by_q)["cut"]["2"]["gain_sigma_ci"]
+    assert again == clustered["gain_sigma_ci"]
 
 
 def test_forms_registry_and_errors() -> None:

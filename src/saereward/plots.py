@@ -396,13 +396,16 @@ def canary_bars(rates: Mapping[str, Any], classes: Sequence[str]) -> Any:
 def truncation_audit(
     forms: Mapping[str, Any], warn_sigma: float, n_completions: int, profile: Sequence[float | None]
 ) -> Any:
-    """Each reward form's gain from cutting after ``k`` tokens (in σ, the ±warn band shaded), and the
-    mean per-token score per response position."""
+    """Each reward form's gain from cutting after ``k`` tokens (in σ, with its CI band where the audit
+    has one; the ±warn band in grey), and the mean per-token score per response position."""
     fig = _figure(9, 3.4)
     ax, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for form, r in forms.items():
         ks = [int(k) for k, v in r["cut"].items() if v["gain_sigma"] is not None]
-        ax.plot(ks, [r["cut"][str(k)]["gain_sigma"] for k in ks], marker="o", label=form)
+        line = ax.plot(ks, [r["cut"][str(k)]["gain_sigma"] for k in ks], marker="o", label=form)[0]
+        cis = [r["cut"][str(k)].get("gain_sigma_ci") for k in ks]
+        if ks and all(cis):
+            ax.fill_between(ks, [c[0] for c in cis], [c[1] for c in cis], color=line.get_color(), alpha=0.15)
     ax.axhspan(-warn_sigma, warn_sigma, color="0.9", zorder=0)
     ax.set_xscale("log")
     ax.set_xlabel("cut after k tokens")

@@ -245,8 +245,10 @@ def _equal_length_groups(draws: list[np.ndarray]) -> list[np.ndarray]:
     return [np.stack(v) for v in by_len.values()]
 
 
-def _resamples(n: int, clusters: Any, n_boot: int, seed: int) -> list[np.ndarray]:
-    """Index matrices of the bootstrap: by cluster when ``clusters`` is given, else by row."""
+def resample_indices(n: int, clusters: Any, n_boot: int, seed: int) -> list[np.ndarray]:
+    """The bootstrap's ``n_boot`` resamples of ``n`` row indices as ``[B_k, L]`` matrices, one per
+    resample length: by cluster (:func:`cluster_bootstrap_indices`) when ``clusters`` is given, else
+    by row."""
     labels = range(n) if clusters is None else list(np.asarray(clusters).ravel())
     if len(labels) != n:
         raise SaeRewardError(f"clusters has {len(labels)} labels for {n} responses")
@@ -311,7 +313,7 @@ def association(
     pr = pearsonr(s, y)
     auc = float(_row_auroc(rankdata(s)[None], y[None])[0])
     rho_parts, auc_parts = [], []
-    for idx in _resamples(n, clusters, n_boot, seed):
+    for idx in resample_indices(n, clusters, n_boot, seed):
         bs, by = s[idx], y[idx]
         bsr = rankdata(bs, axis=1)
         rho_parts.append(_row_pearson(bsr, rankdata(by, axis=1)))
@@ -361,7 +363,7 @@ def partial_association(
     if not np.isfinite(rho):
         return res
     parts = []
-    for idx in _resamples(n, clusters, n_boot, seed):
+    for idx in resample_indices(n, clusters, n_boot, seed):
         rs, ry, rz = (rankdata(v[idx], axis=1) for v in (s, y, z))
         r_sy, r_sz, r_yz = _row_pearson(rs, ry), _row_pearson(rs, rz), _row_pearson(ry, rz)
         with np.errstate(invalid="ignore", divide="ignore"):

@@ -439,6 +439,7 @@ def _audit(
             lam=cfg.rl.lam,
             clip=cfg.rl.reward_clip,
             warn_sigma=cfg.audit_warn_sigma,
+            seed=cfg.boot_seed,
             out=str(out),
         )
     )
@@ -448,10 +449,13 @@ def _audit(
     summary = {
         "form": form,
         "n_completions": res["n_completions"],
+        "n_questions": res["n_questions"],
+        "bootstrap": res["bootstrap"],
         "warn_sigma": cfg.audit_warn_sigma,
         "forms": {
             f: {
                 "cut_gain_sigma": {k: v["gain_sigma"] for k, v in r["cut"].items()},
+                "cut_gain_sigma_ci": {k: v["gain_sigma_ci"] for k, v in r["cut"].items()},
                 "pad_gain_sigma": r["pad"]["gain_sigma"],
                 "warn": r["warn"],
             }
