@@ -526,6 +526,14 @@ def test_a_pack_records_its_sae_and_rollouts_relative_to_itself(tmp_path: Path) 
     assert pack.metadata["rollouts"] == str(tmp_path / "copy" / "rollouts")
     old = FeaturePack("t", [Feature(1, 1.0)], [], layer=1, metadata={"sae_path": "/abs/sae"})
     assert load_pack(save_pack(old, tmp_path / "old.json")).metadata["sae_path"] == "/abs/sae"  # older packs
+    # a stage that reads the pack and writes it back (G1) keeps the paths relative
+    save_pack(pack, tmp_path / "copy" / "pack.json")
+    raw = json.loads((tmp_path / "copy" / "pack.json").read_text())["metadata"]
+    assert (raw["sae_path"], raw["rollouts"]) == ("sae/sae", "rollouts")
+    shutil.copytree(tmp_path / "copy", tmp_path / "copy2")
+    assert load_pack(tmp_path / "copy2" / "pack.json").metadata["sae_path"] == str(
+        tmp_path / "copy2" / "sae" / "sae"
+    )
 
 
 def test_a_pack_with_a_width_that_is_not_a_number_is_one_line(tmp_path: Path) -> None:

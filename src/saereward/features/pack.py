@@ -136,10 +136,29 @@ class FeaturePack:
 
 
 def save_pack(pack: FeaturePack, path: str | Path) -> Path:
-    """Write ``pack`` as JSON atomically."""
+    """Write ``pack`` as JSON atomically. Its ``sae_path`` and ``rollouts`` inside the pack's folder are
+    written relative to it (:func:`load_pack` made them absolute), so a pack that a stage read and
+    wrote back (G1 records its validation) still points into a moved or copied run folder."""
     p = Path(path)
-    write_json(p, pack.to_json())
+    data = pack.to_json()
+    data["metadata"] = _relative_inside(data["metadata"], os.path.dirname(os.path.abspath(p)))
+    write_json(p, data)
     return p
+
+
+def _relative_inside(meta: dict[str, Any], folder: str) -> dict[str, Any]:
+    """``meta`` with each absolute :data:`_PACK_RELATIVE` path under ``folder`` made relative to it
+    (paths elsewhere, e.g. an SAE outside the run, stay as they are)."""
+    out = dict(meta)
+    for key in _PACK_RELATIVE:
+        v = out.get(key)
+        if (
+            isinstance(v, str)
+            and os.path.isabs(v)
+            and os.path.commonpath([folder, os.path.normpath(v)]) == folder
+        ):
+            out[key] = os.path.relpath(os.path.normpath(v), folder)
+    return out
 
 
 def _feature(entry: Any, where: str) -> Feature:
