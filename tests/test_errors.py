@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,23 @@ def test_truncated_jsonl_names_the_file_and_line(tmp_path: Path) -> None:
         read_jsonl(path)
     path.write_text('{"qid": "a"}\n\n{"qid": "b"}\n')
     assert read_jsonl(path) == [{"qid": "a"}, {"qid": "b"}]
+
+
+def test_json_outputs_are_strict_json(tmp_path: Path) -> None:
+    """An undefined statistic (NaN, ±inf) is written as null, so strict parsers (jq, JavaScript)
+    read every JSON and JSONL file; nested values and tuples included."""
+    from saereward.io import json_text, write_json, write_jsonl
+
+    def strict(text: str) -> object:
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+
+    obj = {"rho": float("nan"), "ci": (float("-inf"), 0.5), "rows": [{"p": float("inf")}], "n": 3}
+    want = {"rho": None, "ci": [None, 0.5], "rows": [{"p": None}], "n": 3}
+    write_json(tmp_path / "a.json", obj)
+    assert strict((tmp_path / "a.json").read_text()) == want
+    write_jsonl(tmp_path / "a.jsonl", [obj, {"x": 1.5}])
+    assert [strict(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()] == [want, {"x": 1.5}]
+    assert strict(json_text({"p": Path("x")})) == {"p": "x"}  # other objects as their str, as before
 
 
 def test_an_output_under_a_file_fails_before_the_work(

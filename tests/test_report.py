@@ -779,7 +779,9 @@ def test_the_report_only_reads_the_token_view(tmp_path: Path) -> None:
 
 
 def test_a_copied_run_reads_its_own_sae(tmp_path: Path) -> None:
-    """The pack records the original run's absolute SAE path; a copy of the run reads the copy's SAE."""
+    """The pack records its SAE relative to itself: a copy of the run reads the copy's SAE, never the
+    original's (even where a pack recorded an absolute path inside the run, as older ones did)."""
+    import dataclasses
     import shutil
 
     from saereward.features import token_view as report
@@ -790,8 +792,10 @@ def test_a_copied_run_reads_its_own_sae(tmp_path: Path) -> None:
     shutil.copytree(run, copy)
     shutil.rmtree(run / "sae")  # the original's SAE is gone: only the copy's can be read
     pack = load_pack(copy / "pack.json")
-    assert str(run) in pack.metadata["sae_path"]
+    assert pack.metadata["sae_path"] == str(copy / "sae" / "sae")
     assert report._sae_path(copy, pack) == copy / "sae" / "sae"
+    pack = dataclasses.replace(pack, metadata={**pack.metadata, "sae_path": str(run / "sae" / "sae")})
+    assert report._sae_path(copy, pack) == copy / "sae" / "sae"  # an older pack's absolute path
     shutil.copytree(copy / "sae", run / "sae")
     shutil.rmtree(copy / "sae")  # the copy's SAE is gone: the original's is not read in its place
     with pytest.raises(SaeRewardError, match="the run has no SAE"):
@@ -816,3 +820,20 @@ def test_the_report_refuses_an_sae_the_pack_was_not_discovered_on(tmp_path: Path
         report._sae_path(run, pack)
     with pytest.raises(SaeRewardError, match="weights' sha256 differs"):
         report.run_token_view(TokenViewConfig(run_dir=str(run)))
+
+
+def test_g3_row_names_an_undefined_monitor_rho(tmp_path: Path) -> None:
+    """gate_g3.json writes an undefined ρ as null; the results table still says why it is undefined."""
+    from saereward.io import write_json
+    from saereward.report.tables import _g3_rows
+
+    assoc = {"n": 12, "n_correct": 12, "spearman_rho": float("nan")}
+    g3 = {
+        "verdict": "FAIL",
+        "failed": ["monitor_valid"],
+        "checks": {"monitor_valid": {"rho_trained": float("nan")}},
+        "monitor": {"trained": {"association": assoc}},
+    }
+    write_json(tmp_path / "g3" / "gate_g3.json", g3)
+    (row,) = _g3_rows(tmp_path)
+    assert "monitor ρ after RL undefined (12 of 12 monitored responses correct after RL)" in row

@@ -2,13 +2,15 @@
 
 A crash mid-write leaves the previous artifact intact; readers never see half a file. The file gets
 the permissions a plain ``open`` would give it (``0o666`` less the umask), not ``mkstemp``'s ``0o600``.
-:func:`check_writable` fails a command before its work when its output cannot be written.
+:func:`check_writable` fails a command before its work when its output cannot be written. JSON is
+written strict (:func:`json_text`): an undefined statistic is ``null``, never a bare ``NaN``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -88,16 +90,36 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[str]], object
         write(fh)
 
 
+def finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±inf: an undefined statistic) replaced by ``None``,
+    through dicts, lists and tuples (a tuple becomes a list, as JSON has it)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, indent: int | None = None) -> str:
+    """``obj`` as strict JSON: non-finite floats as ``null`` (:func:`finite`), so jq, JavaScript and
+    other strict parsers read every file saereward writes; other objects as their ``str``."""
+    return json.dumps(finite(obj), indent=indent, default=str, allow_nan=False)
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    text = json.dumps(obj, indent=2, default=str) + "\n"
+    """Write ``obj`` as indented strict JSON (:func:`json_text`), atomically."""
+    text = json_text(obj, indent=2) + "\n"
     atomic_write(path, lambda fh: fh.write(text))
 
 
 def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> None:
+    """Write one strict JSON object per line (:func:`json_text`), atomically."""
+
     def _w(fh: IO[str]) -> None:
         for r in rows:
-            fh.write(json.dumps(r, default=str) + "\n")
+            fh.write(json_text(r) + "\n")
 
     atomic_write(path, _w)
 

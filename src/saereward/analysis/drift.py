@@ -69,7 +69,7 @@ from saereward.model.lm import (
     resolve_layer,
 )
 from saereward.options import DeviceOptions
-from saereward.plots import fmt_or_dash
+from saereward.plots import fmt_num, fmt_or_dash
 from saereward.rl.checkpoint import snapshots
 from saereward.sae.evaluate import evaluate_sae
 from saereward.sae.formats import check_sae_matches_model, load_sae, resolve_sae_path, save_sae
@@ -296,7 +296,7 @@ def decoder_drift(w_dec: torch.Tensor, w_ref: torch.Tensor, ids: Sequence[int] |
     return drift.masked_fill((a == b).all(dim=-1), 0.0)  # identical rows: exactly 0, not rounding noise
 
 
-def nmse_slopes(steps: Sequence[int], nmse: Sequence[float]) -> dict[str, Any]:
+def nmse_slopes(steps: Sequence[int], nmse: Sequence[float | None]) -> dict[str, Any]:
     """ΔNMSE per RL step: against the first stage, stage to stage, and a least-squares fit over all stages.
 
     ``per_step[i] = (nmse[i] − nmse[0]) / (steps[i] − steps[0])`` and
@@ -304,7 +304,7 @@ def nmse_slopes(steps: Sequence[int], nmse: Sequence[float]) -> dict[str, Any]:
     ``fit`` is the OLS slope of ``nmse`` on ``steps`` (``None`` with fewer than two distinct steps).
     """
     s = [float(v) for v in steps]
-    y = [float(v) for v in nmse]
+    y = [float("nan") if v is None else float(v) for v in nmse]  # None: undefined (null in a cached stage)
     per_step: list[float | None] = [None]
     slope: list[float | None] = [None]
     for i in range(1, len(s)):
@@ -702,7 +702,9 @@ def _drift_stages(
         stats_per_stage.append(stats)
         drift_all.append(decoder_drift(sae.W_dec, base_sae.W_dec))
         prev_sae, prev_hash = sae, key_hash
-        bar.set_postfix(step=step, nmse_base=f"{row['nmse_base']:.4f}", nmse_refit=f"{row['nmse_refit']:.4f}")
+        bar.set_postfix(
+            step=step, nmse_base=fmt_num(row["nmse_base"], 4), nmse_refit=fmt_num(row["nmse_refit"], 4)
+        )
     bar.close()
     return rows, stats_per_stage, drift_all, reused
 

@@ -11,6 +11,7 @@ end token and the tokens that spell a stop string, as the trainer does.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -170,4 +171,13 @@ def load_baseline(path: str | Path) -> RewardBaseline:
         raise SaeRewardError(f"cannot read the reward baseline {p}: {exc}; re-measure it") from None
     if not isinstance(d, dict) or d.get("format") != "saereward.reward_baseline":
         raise SaeRewardError(f"{p} is not a saereward reward baseline: re-measure it")
+    numbers = [
+        *(d.get("pos_mean") or []),
+        *(d.get(k) for k in ("tail_mean", "mean", "sd_raw", "sd", "mean_len")),
+    ]
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
+        raise SaeRewardError(
+            f"the reward baseline {p} holds a missing or non-finite value (the base model's scores were "
+            "not finite): check the SAE and re-run discover"
+        )
     return RewardBaseline.from_dict(d)

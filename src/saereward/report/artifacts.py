@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from saereward.io import json_text
 from saereward.plots import as_float
 from saereward.stages import STAGES
 
@@ -88,7 +89,10 @@ def g1_points(g1: Mapping[str, Any], view: Mapping[str, Any] | None) -> tuple[li
             if all(s is not None and isinstance(c, bool) for s, c in pts):
                 return [float(s) for s, _ in pts if s is not None], [bool(c) for _, c in pts]
         if isinstance(v, list) and v and isinstance(g1.get("correct"), list) and len(g1["correct"]) == len(v):
-            return [float(x) for x in v], [bool(c) for c in g1["correct"]]
+            pairs = [
+                (float(x), bool(c)) for x, c in zip(v, g1["correct"], strict=True) if as_float(x) is not None
+            ]
+            return [x for x, _ in pairs], [c for _, c in pairs]
     if not view or not view.get("response_scores"):
         return None
     split = g1.get("split", "validation")
@@ -96,6 +100,7 @@ def g1_points(g1: Mapping[str, Any], view: Mapping[str, Any] | None) -> tuple[li
     keep = [i for i in range(len(scores)) if i < len(splits) and (splits[i] == split or split == "all")]
     if not keep:
         keep = list(range(min(len(scores), len(correct))))
+    keep = [i for i in keep if as_float(scores[i]) is not None]  # null: an undefined score, not plotted
     return [float(scores[i]) for i in keep], [bool(correct[i]) for i in keep]
 
 
@@ -223,7 +228,7 @@ def collect_configs(run: Path) -> list[tuple[str, str]]:
             found.append((f"g2/{run_dir.name}/config.json", d))
     out, seen = [], set()
     for title, obj in found:
-        text = json.dumps(obj, indent=2, sort_keys=False, default=str)
+        text = json_text(obj, indent=2)
         if text not in seen:
             seen.add(text)
             out.append((title, text))

@@ -38,7 +38,10 @@ def _table(rows: Mapping[str, Any]) -> str:
     if not rows:
         return "_none recorded_\n"
     out = ["| setting | value |", "|---|---|"]
-    out += [f"| {k} | {json.dumps(v) if isinstance(v, dict | list) else v} |" for k, v in rows.items()]
+    out += [
+        f"| {k} | {json.dumps(v) if isinstance(v, dict | list) else '—' if v is None else v} |"
+        for k, v in rows.items()
+    ]
     return "\n".join(out) + "\n"
 
 

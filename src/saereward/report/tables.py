@@ -201,7 +201,7 @@ def _sci(v: Any) -> str:
 
 def _g2_diff(name: str, d: Any) -> str:
     """``R1-R0 +2.5 pp [lo, hi] pp, McNemar p 0.12 (6/1 discordant)`` of a paired G2 record."""
-    if not isinstance(d, dict) or "mean_diff" not in d:
+    if not isinstance(d, dict) or as_float(d.get("mean_diff")) is None:
         return f"{name} —"
     return (
         f"{name} {100 * d['mean_diff']:+.1f} pp {_ci(d.get('ci_low'), d.get('ci_high'), unit=' pp')}, "
@@ -378,8 +378,11 @@ def _g3_rows(run: Path) -> list[str]:
         rho = (g3.get("checks", {}).get("monitor_valid") or {}).get("rho_trained")
         assoc = ((g3.get("monitor") or {}).get("trained") or {}).get("association") or {}
         rho_txt = fmt_num(rho)
-        if rho_txt == "undefined" and "n" in assoc:
-            rho_txt += f" ({assoc.get('n_correct')} of {assoc['n']} monitored responses correct after RL)"
+        rho_f = as_float(rho)
+        if (rho_f is None or math.isnan(rho_f)) and "n" in assoc:  # undefined (null): one outcome class
+            rho_txt = (
+                f"undefined ({assoc.get('n_correct')} of {assoc['n']} monitored responses correct after RL)"
+            )
         rows.append(
             f"| G3 **{g3.get('verdict')}** (failed: {', '.join(g3.get('failed', [])) or 'none'}) | "
             f"{'; '.join(parts)}; {hack}; monitor ρ after RL {rho_txt}, Goodhart flag {mon.get('goodhart')} |"

@@ -50,15 +50,21 @@ def token_colour(z: float, saturate: float = Z_SATURATE) -> str:
     return f"rgba({r}, {g}, {b}, {a:.3f})"
 
 
+def _num(v: Any) -> float:
+    """A JSON number as a float; ``null`` (an undefined value) as NaN, which colours nothing."""
+    return float("nan") if v is None else float(v)
+
+
 def viewer_items(view: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Per shown rollout: the token spans (text, colour, tooltip) the template renders."""
-    mean, sd = float(view.get("z_mean", 0.0)), float(view.get("z_sd", 1.0)) or 1.0
+    mean, sd = _num(view.get("z_mean", 0.0)), _num(view.get("z_sd", 1.0)) or 1.0
     items = []
     for r in view.get("responses", []):
         spans = []
         ids = r.get("ids") or []
         for j, (text, m) in enumerate(zip(r.get("text", []), r.get("mech", []), strict=False)):
-            z = (float(m) - mean) / sd
+            m = _num(m)
+            z = (m - mean) / sd
             tid = f"id {ids[j]}, " if j < len(ids) else ""
             spans.append({"text": text, "bg": token_colour(z), "title": f"{tid}mech {m:+.4f}, z {z:+.2f}"})
         prompt = str(r.get("prompt") or "")

@@ -76,7 +76,7 @@ import torch
 from saereward import __version__
 from saereward.errors import SaeRewardError
 from saereward.hub import resolve_source
-from saereward.io import atomic_path, file_sha256, naming_target, write_json
+from saereward.io import atomic_path, file_sha256, json_text, naming_target, write_json
 from saereward.model.lm import hf_model_id, require_device
 from saereward.sae.coder import PARAM_NAMES, SAEConfig, TopKSAE
 
@@ -169,7 +169,7 @@ def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    path.write_text(json_text(obj, indent=2) + "\n", encoding="utf-8")
 
 
 def _require(tensors: Mapping[str, torch.Tensor], keys: tuple[str, ...], source: Path) -> None:

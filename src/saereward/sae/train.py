@@ -88,7 +88,7 @@ from torch import Tensor
 
 from saereward.config import option, to_dict
 from saereward.errors import RunMismatch, SaeRewardError
-from saereward.io import atomic_path, read_json, read_jsonl, write_json
+from saereward.io import atomic_path, finite, json_text, read_json, read_jsonl, write_json
 from saereward.metrics import MetricSinks, ReportTo
 from saereward.sae import kernels
 from saereward.sae.coder import (
@@ -882,7 +882,7 @@ class _Logger:
             if path.exists():  # drop rows a killed run wrote after its last checkpoint
                 rows = [r for r in read_jsonl(path) if r.get("step", 0) <= t.state.step]
                 with atomic_path(path) as tmp:
-                    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+                    tmp.write_text("".join(json_text(r) + "\n" for r in rows), encoding="utf-8")
             self.jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in __exit__
             self.tb = MetricSinks(
                 t.run_dir,
@@ -953,9 +953,9 @@ class _Logger:
             )
 
     def _emit(self, row: dict[str, Any]) -> None:
-        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+        row = finite(row)
         if self.jsonl is not None:
-            self.jsonl.write(json.dumps(row) + "\n")
+            self.jsonl.write(json_text(row) + "\n")
             self.jsonl.flush()
         if self.tb is not None:
             self.tb.log(row, row["step"])
