@@ -466,6 +466,20 @@ def test_heldout_split_is_disjoint_from_train(reference: Path) -> None:
         if man["sources"][source]["kind"] == "task":  # items never straddle shards; documents may
             assert not held_ids & seen["train"][source]
     assert any(seen["heldout"].values())
+    # the bootstrap's units: one code per (source, seq_id), rows in read() order
+    pairs = [
+        (entry["source"], i)
+        for entry, t in zip(man["shards"], shard_tensors(reference), strict=True)
+        for i in t["seq_ids"][entry["heldout_start"] :].tolist()
+    ]
+    codes = held.sequences()
+    assert len(codes) == held.n_tokens == len(pairs)
+    code_of: dict[tuple[str, int], set[int]] = {}
+    for pair, code in zip(pairs, codes.tolist(), strict=True):
+        code_of.setdefault(pair, set()).add(code)
+    assert all(len(c) == 1 for c in code_of.values())  # one code per sequence ...
+    assert len(set(codes.tolist())) == len(code_of)  # ... and one sequence per code
+    assert torch.equal(held.sequences(7), codes[:7])
 
 
 def test_reader_errors(reference: Path, tmp_path: Path) -> None:

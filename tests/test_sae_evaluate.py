@@ -295,3 +295,21 @@ def test_fvu_ci_resamples_whole_batches() -> None:
     assert same["fvu_ci"][0] == pytest.approx(same["fvu"], rel=1e-9) == same["fvu_ci"][1]
     assert math.isnan(evaluate_sae(sae, [x], n_boot=100)["fvu_ci"][0])
     assert "fvu_ci" not in evaluate_sae(sae, [x])
+    assert m["bootstrap_unit"] == "batch"
+
+
+def test_fvu_ci_resamples_whole_sequences_across_batches() -> None:
+    """With row labels, a sequence is one unit wherever the batches cut it: one batch of 8 sequences
+    gets a CI, and copies of one sequence a CI of zero width, whatever the batch size."""
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=16, d_sae=32, k=4), seed=0)
+    x = torch.randn(400, 16)
+    seq = torch.arange(400) // 50  # 8 sequences of 50 rows
+    one = evaluate_sae(sae, [x], n_boot=300, seed=2, groups=[seq])
+    lo, hi = one["fvu_ci"]
+    assert lo <= one["fvu"] <= hi and lo < hi and one["n_blocks"] == 8
+    assert one["bootstrap_unit"] == "sequence"
+    cut = evaluate_sae(sae, x.split(64), n_boot=300, seed=2, groups=seq.split(64))  # batches cut sequences
+    assert cut["n_blocks"] == 8 and cut["fvu_ci"] == pytest.approx(one["fvu_ci"], rel=1e-9)
+    copies = evaluate_sae(sae, [x[:50].repeat(4, 1)], n_boot=100, groups=[torch.arange(200) // 50])
+    assert copies["fvu_ci"][0] == pytest.approx(copies["fvu"], rel=1e-9) == copies["fvu_ci"][1]

@@ -127,6 +127,7 @@ class ActivationStore:
         self.key = f"layer_{layer}"
         self.d_model: int = m["d_model"]
         self.spans: list[_Span] = []
+        self._source: dict[Path, str] = {}  # shard file -> the source its rows came from
         for entry in m["shards"]:
             start, stop = {
                 "train": (0, entry["heldout_start"]),
@@ -136,6 +137,7 @@ class ActivationStore:
             if stop <= start:
                 continue
             path = self.folder / entry["file"]
+            self._source[path] = str(entry.get("source"))
             problem = check_shard(path, entry, m["layers"], self.d_model)
             if problem is not None:
                 raise SaeRewardError(
@@ -187,6 +189,29 @@ class ActivationStore:
             parts.append(self._load(s.path, s.start, s.start + take).to(dtype))
             left -= take
         return torch.cat(parts)
+
+    def sequences(self, max_tokens: int | None = None) -> torch.Tensor:
+        """``[min(n_tokens, max_tokens)]`` int64: for the split's rows in stored order (as :meth:`read`),
+        the sequence each belongs to (one code per source and ``seq_ids`` value: a task item or a
+        corpus document, in whichever shard its rows lie), the unit of a bootstrap over sequences."""
+        from safetensors import safe_open
+
+        codes: dict[tuple[str, int], int] = {}
+        parts, left = [], self.n_tokens if max_tokens is None else min(max_tokens, self.n_tokens)
+        for s in self.spans:
+            if left <= 0:
+                break
+            take = min(left, s.stop - s.start)
+            with safe_open(str(s.path), framework="pt") as fh:
+                ids = fh.get_slice("seq_ids")[s.start : s.start + take]
+            uniq, inverse = torch.unique(ids, return_inverse=True)
+            table = torch.tensor(
+                [codes.setdefault((self._source[s.path], int(u)), len(codes)) for u in uniq.tolist()],
+                dtype=torch.int64,
+            )
+            parts.append(table[inverse])
+            left -= take
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
 
     def windows(self, epoch: int, *, shuffle: bool, seed: int, buffer_tokens: int) -> list[list[_Span]]:
         """The epoch's plan: windows (lists of row ranges, in stream order) of at most ``buffer_tokens`` rows."""

@@ -121,7 +121,7 @@ def section_overview(run: Path) -> Section:
 def _sae_metrics(held: Mapping[str, Any], ce: Mapping[str, Any]) -> list[tuple[str, Any]]:
     return [
         ("FVU", held.get("fvu")),
-        ("FVU 95 % CI (bootstrap over batches)", held.get("fvu_ci")),
+        ("FVU 95 % CI (bootstrap over sequences)", held.get("fvu_ci")),
         ("variance explained", held.get("variance_explained")),
         ("NMSE", held.get("nmse")),
         ("cosine similarity", held.get("cos_sim")),

@@ -82,9 +82,14 @@ class _ReconStats:
         self.sum_cos = 0.0
         self.sum_l0 = 0.0
         self.fires = torch.zeros(d_sae, dtype=torch.int64)
-        self.blocks: list[Tensor] = []  # per added batch: [n, Σ‖x − shift‖², SSE, Σ (x − shift)...]
+        # per bootstrap unit (a sequence, else an added batch): [n, Σ‖x − shift‖², SSE, Σ (x − shift)...]
+        self.blocks: dict[Any, Tensor] = {}
 
-    def add(self, x: Tensor, recon: Tensor, top_acts: Tensor, top_indices: Tensor) -> None:
+    def add(
+        self, x: Tensor, recon: Tensor, top_acts: Tensor, top_indices: Tensor, groups: Tensor | None = None
+    ) -> None:
+        """Add a batch; ``groups [N]`` labels each row's bootstrap unit (rows of one label, in any
+        batch, form one block), else the batch is one block."""
         x64, r64 = x.detach().to("cpu", torch.float64), recon.detach().to("cpu", torch.float64)
         if self.shift is None:
             self.shift = x64.mean(0)
@@ -93,8 +98,16 @@ class _ReconStats:
         self.sum_sq_dx += float(dx.pow(2).sum())
         err = (x64 - r64).pow(2).sum(-1)  # [N]
         self.sse += float(err.sum())
-        head = torch.tensor([x64.shape[0], float(dx.pow(2).sum()), float(err.sum())], dtype=torch.float64)
-        self.blocks.append(torch.cat([head, dx.sum(0)]))
+        rows = torch.cat(
+            [torch.ones_like(err)[:, None], dx.pow(2).sum(-1, keepdim=True), err[:, None], dx], 1
+        )
+        if groups is None:
+            self.blocks[("batch", len(self.blocks))] = rows.sum(0)
+        else:
+            labels, inverse = torch.unique(groups.detach().cpu(), return_inverse=True)
+            sums = torch.zeros(len(labels), rows.shape[1], dtype=torch.float64).index_add_(0, inverse, rows)
+            for label, block in zip(labels.tolist(), sums, strict=True):
+                self.blocks[label] = self.blocks[label] + block if label in self.blocks else block
         norm_sq = x64.pow(2).sum(-1)
         nz = norm_sq > 0
         self.sum_nmse += float((err[nz] / norm_sq[nz]).sum())
@@ -105,10 +118,10 @@ class _ReconStats:
         self.fires += torch.bincount(top_indices.detach().cpu()[active], minlength=self.fires.numel())
         self.n += x64.shape[0]
 
-    def fvu_ci(self, n_boot: int, seed: int) -> dict[str, Any]:
-        """95 % percentile CI of the FVU, resampling whole added batches (blocks of consecutive rows:
-        a sequence's tokens are not independent); NaN with fewer than 2 blocks."""
-        blocks = torch.stack(self.blocks).numpy()  # [n_blocks, 3 + d]
+    def fvu_ci(self, n_boot: int, seed: int, unit: str) -> dict[str, Any]:
+        """95 % percentile CI of the FVU, resampling whole blocks (``unit``: sequences, whose tokens
+        are not independent, or batches of consecutive rows); NaN with fewer than 2 blocks."""
+        blocks = torch.stack(list(self.blocks.values())).numpy()  # [n_blocks, 3 + d]
         if len(blocks) < 2:
             ci = (float("nan"), float("nan"))
         else:
@@ -120,7 +133,7 @@ class _ReconStats:
             "n_boot": n_boot,
             "seed": seed,
             "confidence": 0.95,
-            "bootstrap_unit": "batch of consecutive held-out rows",
+            "bootstrap_unit": unit,
         }
 
     def result(self) -> dict[str, float]:
@@ -161,6 +174,7 @@ def evaluate_sae(
     kernels: Literal["fast", "eager", "auto"] = "eager",
     n_boot: int = 0,
     seed: int = 0,
+    groups: Iterable[Tensor] | None = None,
 ) -> dict[str, Any]:
     """Reconstruction and sparsity metrics of ``sae`` on held-out activations (see module docstring).
 
@@ -176,11 +190,15 @@ def evaluate_sae(
     Returns a dict of floats: ``fvu``, ``variance_explained``, ``mse``, ``mse_per_token``, ``nmse``,
     ``cos_sim``, ``l0``, ``dead_pct``, ``alive_frac``, ``coverage``, ``n_tokens``; with ``n_boot > 0``
     also the FVU's 95 % CI (``fvu_ci``, ``n_blocks``, ``n_boot``, ``seed``, ``confidence``,
-    ``bootstrap_unit``): a bootstrap that draws whole batches, ``n_boot`` resamples from ``seed``.
+    ``bootstrap_unit``): a bootstrap that draws whole sequences when ``groups`` (one ``[N]`` label
+    tensor per batch, e.g. its rows' sequence) is given, else whole batches; ``n_boot`` resamples
+    from ``seed``.
     """
     stats = _ReconStats(sae.cfg.d_in, sae.cfg.d_sae)
     device, dtype = sae.W_enc.device, sae.W_enc.dtype
+    labels = iter(groups) if groups is not None else None
     for batch in batches:
+        group = next(labels).reshape(-1) if labels is not None else None
         if batch.shape[-1] != sae.cfg.d_in:
             raise SaeRewardError(
                 f"activation batch has width {batch.shape[-1]} but the SAE's d_in is {sae.cfg.d_in}: "
@@ -191,10 +209,10 @@ def evaluate_sae(
             continue
         with use_kernels(kernels):  # exact fp32 reference path by default: metrics, not speed
             out = sae(x.to(device=device, dtype=dtype))
-        stats.add(x, out.recon, out.top_acts, out.top_indices)
+        stats.add(x, out.recon, out.top_acts, out.top_indices, group)
     result: dict[str, Any] = stats.result()
     if n_boot > 0:
-        result.update(stats.fvu_ci(n_boot, seed))
+        result.update(stats.fvu_ci(n_boot, seed, "batch" if groups is None else "sequence"))
     if return_fire_counts:
         result["fire_counts"] = stats.fires.clone()
     return result

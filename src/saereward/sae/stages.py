@@ -85,8 +85,8 @@ class EvalSAEStageConfig:
     )
     n_boot: int = option(
         1000,
-        "bootstrap resamples of the 95 % CIs: held-out FVU (whole 4,096-row batches) and CE/KL "
-        "recovered (whole sequences); seeded by ce_seed. 0: no CIs",
+        "bootstrap resamples of the 95 % CIs of the held-out FVU and of CE/KL recovered, each "
+        "drawing whole sequences; seeded by ce_seed. 0: no CIs",
     )
     device: str = option("cpu", "where the SAE and the model run: cpu, cuda or cuda:N")
     out: str | None = option(None, "write eval.json here (default: next to the SAE)")
@@ -112,14 +112,16 @@ def heldout_metrics(
     sae: Any, folder: str, layer: int, eval_tokens: int, n_boot: int = 0, seed: int = 0
 ) -> dict[str, Any]:
     """:func:`~saereward.sae.evaluate.evaluate_sae` on up to ``eval_tokens`` held-out rows of a collect
-    folder, in batches of 4,096 consecutive rows (with ``n_boot``, the FVU's CI resamples them)."""
+    folder, in batches of 4,096 consecutive rows (with ``n_boot``, the FVU's CI resamples whole
+    sequences)."""
     store = ActivationStore(folder, layer, "heldout")
     if store.n_tokens == 0:
         raise SaeRewardError(f"{folder} has no held-out tokens: collect with --held-out-fraction > 0")
     bs = 4096
     n_batches = max(1, min(eval_tokens, store.n_tokens) // bs)
     batches = islice(store.iter_batches(bs, shuffle=False), n_batches)
-    return evaluate_sae(sae, batches, n_boot=n_boot, seed=seed)
+    groups = store.sequences(n_batches * bs).split(bs) if n_boot > 0 else None
+    return evaluate_sae(sae, batches, n_boot=n_boot, seed=seed, groups=groups)
 
 
 def run_train_sae(cfg: TrainSAEStageConfig) -> Path:
