@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin
 
 from saereward.errors import RunMismatch, SaeRewardError
-from saereward.io import json_text
+from saereward.io import as_json
 
 T = TypeVar("T")
 
@@ -146,13 +146,13 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> T:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The resolved config as plain JSON/TOML-friendly data."""
-    return json.loads(json_text(dataclasses.asdict(cfg)))
+    return as_json(dataclasses.asdict(cfg))
 
 
 def settings_changed(saved: Mapping[str, Any], now: Mapping[str, Any], free: Sequence[str] = ()) -> list[str]:
     """``"key old -> new"`` for each top-level setting that differs between a saved resolved config and
     the one asked for; the ``free`` keys (those that cannot change results) never count."""
-    saved, now = json.loads(json_text(saved)), json.loads(json_text(now))
+    saved, now = as_json(saved), as_json(now)
     keys = sorted(k for k in set(saved) | set(now) if k not in free and saved.get(k) != now.get(k))
     return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys]
 

@@ -108,6 +108,12 @@ def json_text(obj: Any, indent: int | None = None) -> str:
     return json.dumps(finite(obj), indent=indent, default=str, allow_nan=False)
 
 
+def as_json(obj: Any) -> Any:
+    """``obj`` as it reads back from a file :func:`write_json` wrote (tuples as lists, non-finite
+    floats as ``None``, other objects as their ``str``): compare a saved record with this."""
+    return json.loads(json_text(obj))
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as indented strict JSON (:func:`json_text`), atomically."""
     text = json_text(obj, indent=2) + "\n"

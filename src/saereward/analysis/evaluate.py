@@ -23,7 +23,7 @@ from typing import Any
 from saereward import __version__
 from saereward.config import check_sampling, option, to_dict
 from saereward.errors import SaeRewardError
-from saereward.io import file_sha256, read_jsonl, write_json, write_jsonl
+from saereward.io import as_json, file_sha256, read_jsonl, write_json, write_jsonl
 from saereward.model.generate import SamplingConfig, iter_generate, stop_strings_for
 from saereward.model.lm import LoadedModel, adapter_dir, check_device, load_model
 from saereward.options import DeviceOptions, ModelOptions, TaskOptions
@@ -219,7 +219,7 @@ def run_eval_cached(
         folder = Path(cfg.out)
         if (folder / "summary.json").is_file() and (folder / "items.jsonl").is_file():
             saved = json.loads((folder / "config.json").read_text())
-            mine = json.loads(json.dumps(to_dict(cfg)))
+            mine = as_json(to_dict(cfg))
             for key in ("progress", "device"):  # where it ran does not change what was asked
                 saved.pop(key, None)
                 mine.pop(key, None)

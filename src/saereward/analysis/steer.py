@@ -57,7 +57,7 @@ from saereward.analysis.evaluate import EvalConfig, _load_task, run_eval
 from saereward.config import option, refuse_other_settings, to_dict
 from saereward.errors import SaeRewardError
 from saereward.features.pack import check_pack, check_pack_sae, load_pack
-from saereward.io import read_jsonl, write_json
+from saereward.io import as_json, read_jsonl, write_json
 from saereward.model.capture import block_output, forward_residuals
 from saereward.model.lm import (
     LoadedModel,
@@ -478,7 +478,7 @@ def _cache_read(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    if saved.get("key") != json.loads(json.dumps(key, default=str)):
+    if saved.get("key") != as_json(key):
         return None
     return saved
 
@@ -738,7 +738,7 @@ def _run_conditions(
                 "seconds": round(time.perf_counter() - tc, 3),
             }
             write_json(path, record)
-            results[cond.label] = {**json.loads(json.dumps(record, default=str)), "cached": False}
+            results[cond.label] = {**as_json(record), "cached": False}
     finally:
         bar.close()
     return results

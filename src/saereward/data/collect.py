@@ -72,7 +72,7 @@ from saereward.config import option, to_dict
 from saereward.data.store import FORMAT, FORMAT_VERSION, MANIFEST, STORE_DTYPES, StoreDType, check_shard
 from saereward.errors import SaeRewardError
 from saereward.hub import hub_offline, hub_reachable
-from saereward.io import atomic_path, file_sha256, iter_jsonl, write_json
+from saereward.io import as_json, atomic_path, file_sha256, iter_jsonl, write_json
 from saereward.lock import folder_lock
 from saereward.model.capture import forward_residuals
 from saereward.model.generate import SamplingConfig, iter_generate, stop_strings_for
@@ -720,7 +720,7 @@ def _run_collect(cfg: CollectConfig, lm: LoadedModel | None) -> Path:
     manifest = _new_manifest(cfg, lm, layers, sources)
     if old is not None:
         for key in ("layers", "d_model", "sources", "format_version"):
-            if json.loads(json.dumps(manifest[key])) != old.get(key):
+            if as_json(manifest[key]) != old.get(key):
                 raise SaeRewardError(
                     f"out folder {out} was collected from different {key} (e.g. a text file changed since): "
                     f"pass another out folder, or delete {out} to start over"

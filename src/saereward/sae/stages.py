@@ -13,7 +13,6 @@ available, CE-loss and KL recovered by splicing the reconstruction into the mode
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from itertools import islice
@@ -24,7 +23,7 @@ from saereward.config import option, to_dict
 from saereward.data.collect import iter_text_documents
 from saereward.data.store import ActivationStore, read_manifest
 from saereward.errors import RunMismatch, SaeRewardError
-from saereward.io import read_json, write_json
+from saereward.io import as_json, read_json, write_json
 from saereward.lock import folder_lock
 from saereward.model.lm import check_device, load_model, require_device, resolve_layer
 from saereward.sae.evaluate import ce_kl_recovered, evaluate_sae
@@ -212,7 +211,7 @@ def _refuse_other_data(out: Path, key: dict[str, Any]) -> None:
     if not f.is_file():
         return  # a run from before the key was written
     old = read_json(f)
-    now = json.loads(json.dumps(key))
+    now = as_json(key)
     diff = [k for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
     if diff:
         raise RunMismatch(

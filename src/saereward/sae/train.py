@@ -71,7 +71,6 @@ The optimizer works on *storage-order aliases* of the parameters (``W_enc`` is s
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import random
@@ -88,7 +87,7 @@ from torch import Tensor
 
 from saereward.config import option, to_dict
 from saereward.errors import RunMismatch, SaeRewardError
-from saereward.io import atomic_path, finite, json_text, read_json, read_jsonl, write_json
+from saereward.io import as_json, atomic_path, finite, json_text, read_json, read_jsonl, write_json
 from saereward.metrics import MetricSinks, ReportTo
 from saereward.sae import kernels
 from saereward.sae.coder import (
@@ -711,8 +710,8 @@ class SAETrainer:
         """Refuse to resume a checkpoint written with other result-changing settings (one error line)."""
         if not isinstance(saved, dict):
             return  # a checkpoint from before the settings were saved with it
-        saved = {**RESUME_LEGACY, **json.loads(json.dumps(saved))}
-        now = json.loads(json.dumps(to_dict(self.cfg)))
+        saved = {**RESUME_LEGACY, **as_json(saved)}
+        now = as_json(to_dict(self.cfg))
         diff = sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE and saved.get(k) != now.get(k))
         if diff:
             changes = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:6])
