@@ -105,7 +105,7 @@ def truncation_gains(
     padded = full_p | ((pos > last[:, None]) & (pos <= last[:, None] + pad))
     Mp = completion_mech_reward(form, mech_p, mask, lam, baseline, clip, loss_mask=padded)
     pad_gain = float((Mp - M).mean())
-    pad_ci = _gain_sigma_ci(Mp - M, torch.ones_like(keep), total, resamples, confidence)
+    pad_ci = _gain_sigma_ci(Mp - M, torch.ones(B, dtype=torch.bool), total, resamples, confidence)
     gains = [r["gain_sigma"] for r in rows.values() if r["gain_sigma"] is not None]
     return {
         "sigma": sigma,
