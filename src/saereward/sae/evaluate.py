@@ -98,12 +98,15 @@ class _ReconStats:
         self.sum_sq_dx += float(dx.pow(2).sum())
         err = (x64 - r64).pow(2).sum(-1)  # [N]
         self.sse += float(err.sum())
-        rows = torch.cat(
-            [torch.ones_like(err)[:, None], dx.pow(2).sum(-1, keepdim=True), err[:, None], dx], 1
-        )
         if groups is None:
-            self.blocks[("batch", len(self.blocks))] = rows.sum(0)
+            head = torch.tensor([x64.shape[0], float(dx.pow(2).sum()), float(err.sum())], dtype=torch.float64)
+            self.blocks[("batch", len(self.blocks))] = torch.cat([head, dx.sum(0)])
         else:
+            if groups.numel() != x64.shape[0]:
+                raise ValueError(f"{groups.numel()} group labels for a batch of {x64.shape[0]} rows")
+            rows = torch.cat(
+                [torch.ones_like(err)[:, None], dx.pow(2).sum(-1, keepdim=True), err[:, None], dx], 1
+            )
             labels, inverse = torch.unique(groups.detach().cpu(), return_inverse=True)
             sums = torch.zeros(len(labels), rows.shape[1], dtype=torch.float64).index_add_(0, inverse, rows)
             for label, block in zip(labels.tolist(), sums, strict=True):
@@ -198,7 +201,9 @@ def evaluate_sae(
     device, dtype = sae.W_enc.device, sae.W_enc.dtype
     labels = iter(groups) if groups is not None else None
     for batch in batches:
-        group = next(labels).reshape(-1) if labels is not None else None
+        group = None if labels is None else next(labels, None)
+        if labels is not None and group is None:
+            raise ValueError("groups holds fewer label tensors than there are batches")
         if batch.shape[-1] != sae.cfg.d_in:
             raise SaeRewardError(
                 f"activation batch has width {batch.shape[-1]} but the SAE's d_in is {sae.cfg.d_in}: "
@@ -209,7 +214,7 @@ def evaluate_sae(
             continue
         with use_kernels(kernels):  # exact fp32 reference path by default: metrics, not speed
             out = sae(x.to(device=device, dtype=dtype))
-        stats.add(x, out.recon, out.top_acts, out.top_indices, group)
+        stats.add(x, out.recon, out.top_acts, out.top_indices, None if group is None else group.reshape(-1))
     result: dict[str, Any] = stats.result()
     if n_boot > 0:
         result.update(stats.fvu_ci(n_boot, seed, "batch" if groups is None else "sequence"))
