@@ -308,3 +308,28 @@ def test_task_mismatch_and_old_pack(tmp_path: Path) -> None:
         _format_warnings(dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, pack=None)), {"task": "x"})
         == []
     )
+
+
+def test_audit_lines_show_each_forms_best_cut_with_its_ci() -> None:
+    from saereward.gates.g2_rl_ablation import _format_audit
+
+    audit = {
+        "n_completions": 10,
+        "form": "position",
+        "forms": {
+            "mechreward": {
+                "cut_gain_sigma": {"1": 0.8, "2": -0.1},
+                "cut_gain_sigma_ci": {"1": [0.5, 1.0], "2": [-0.2, 0.0]},
+                "warn": True,
+            },
+            "position": {
+                "cut_gain_sigma": {"1": 0.01},
+                "cut_gain_sigma_ci": {"1": [None, None]},
+                "warn": False,
+            },
+            "shaped": {"cut_gain_sigma": {"1": None}, "warn": False},  # a gate_g2.json from before the CIs
+        },
+    }
+    head, mech, pos, shaped = _format_audit(audit)
+    assert mech.endswith("k=1 +0.800, k=2 -0.100; k=1 95 % CI [+0.500, +1.000]  FLAGGED")
+    assert pos.endswith("k=1 +0.010 <- runs") and shaped.endswith("k=1 -")

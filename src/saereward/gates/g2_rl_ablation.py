@@ -703,8 +703,18 @@ def _format_audit(audit: dict[str, Any] | None) -> list[str]:
             f"k={k} {'-' if v is None else f'{v:+.3f}'}" for k, v in r["cut_gain_sigma"].items()
         )
         mark = " <- runs" if form == audit["form"] else ""
-        out.append(f"  {form:11} {cells}{'  FLAGGED' if r['warn'] else ''}{mark}")
+        out.append(f"  {form:11} {cells}{_best_cut_ci(r)}{'  FLAGGED' if r['warn'] else ''}{mark}")
     return out
+
+
+def _best_cut_ci(form: dict[str, Any]) -> str:
+    """``; k=K 95 % CI [lo, hi]`` of the form's largest gain from cutting ('' without a CI)."""
+    gains = {k: v for k, v in form["cut_gain_sigma"].items() if v is not None}
+    if not gains:
+        return ""
+    k = max(gains, key=lambda key: gains[key])
+    ci = (form.get("cut_gain_sigma_ci") or {}).get(k)
+    return f"; k={k} 95 % CI [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci and None not in ci else ""
 
 
 def format_g2(result: dict[str, Any]) -> str:
