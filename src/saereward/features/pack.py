@@ -141,14 +141,15 @@ def save_pack(pack: FeaturePack, path: str | Path) -> Path:
     wrote back (G1 records its validation) still points into a moved or copied run folder."""
     p = Path(path)
     data = pack.to_json()
-    data["metadata"] = _relative_inside(data["metadata"], os.path.dirname(os.path.abspath(p)))
+    data["metadata"] = _relative_inside(data["metadata"], p)
     write_json(p, data)
     return p
 
 
-def _relative_inside(meta: dict[str, Any], folder: str) -> dict[str, Any]:
-    """``meta`` with each absolute :data:`_PACK_RELATIVE` path under ``folder`` made relative to it
-    (paths elsewhere, e.g. an SAE outside the run, stay as they are)."""
+def _relative_inside(meta: dict[str, Any], pack_path: Path) -> dict[str, Any]:
+    """``meta`` with each absolute :data:`_PACK_RELATIVE` path under the pack's folder recorded as
+    :func:`beside` records it (paths elsewhere, e.g. an SAE outside the run, stay as they are)."""
+    folder = os.path.dirname(os.path.abspath(pack_path))
     out = dict(meta)
     for key in _PACK_RELATIVE:
         v = out.get(key)
@@ -157,7 +158,7 @@ def _relative_inside(meta: dict[str, Any], folder: str) -> dict[str, Any]:
             and os.path.isabs(v)
             and os.path.commonpath([folder, os.path.normpath(v)]) == folder
         ):
-            out[key] = os.path.relpath(os.path.normpath(v), folder)
+            out[key] = beside(v, pack_path)
     return out
 
 
