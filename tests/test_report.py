@@ -837,3 +837,21 @@ def test_g3_row_names_an_undefined_monitor_rho(tmp_path: Path) -> None:
     write_json(tmp_path / "g3" / "gate_g3.json", g3)
     (row,) = _g3_rows(tmp_path)
     assert "monitor ρ after RL undefined (12 of 12 monitored responses correct after RL)" in row
+
+
+def test_g1_row_says_undefined_for_a_null_rho(tmp_path: Path) -> None:
+    """A ρ that was computed but is undefined (NaN, written null) reads "undefined", a missing one "—"."""
+    from saereward.io import write_json
+    from saereward.plots import fmt_stat
+    from saereward.report.tables import _g1_rows
+
+    g1 = {
+        "verdict": "FAIL",
+        "methods": {"pack": {"spearman_rho": float("nan"), "rho_ci": [None, None], "partial_rho_length": 0.25}},
+        "length_baseline": {"spearman_rho": None},
+    }
+    write_json(tmp_path / "gate_g1.json", g1)
+    (row,) = _g1_rows(tmp_path)
+    assert "pack ρ undefined" in row and "AUROC —" in row
+    assert "length controlled 0.250" in row and "length-only baseline ρ undefined" in row
+    assert fmt_stat(None) == "undefined" and fmt_stat(float("nan")) == "undefined" and fmt_stat(0.5) == "0.500"

@@ -58,6 +58,12 @@ def fmt_num(v: Any, digits: int = 3) -> str:
     return "undefined" if math.isnan(v) else f"{v:.{digits}f}"
 
 
+def fmt_stat(v: Any, digits: int = 3) -> str:
+    """:func:`fmt_num` for a statistic that was computed: ``None`` is one that is undefined (strict JSON
+    writes NaN as ``null``), so it prints ``undefined``, not ``—``."""
+    return "undefined" if v is None else fmt_num(v, digits)
+
+
 def fmt_or_dash(v: Any, spec: str) -> str:
     """``format(v, spec)``, or ``-`` for a missing value (``None``): a cell of a fixed-width text table."""
     return "-" if v is None else format(v, spec)

@@ -69,7 +69,7 @@ from saereward.model.lm import (
     resolve_layer,
 )
 from saereward.options import DeviceOptions
-from saereward.plots import fmt_num, fmt_or_dash
+from saereward.plots import fmt_or_dash, fmt_stat
 from saereward.rl.checkpoint import snapshots
 from saereward.sae.evaluate import evaluate_sae
 from saereward.sae.formats import check_sae_matches_model, load_sae, resolve_sae_path, save_sae
@@ -703,7 +703,7 @@ def _drift_stages(
         drift_all.append(decoder_drift(sae.W_dec, base_sae.W_dec))
         prev_sae, prev_hash = sae, key_hash
         bar.set_postfix(
-            step=step, nmse_base=fmt_num(row["nmse_base"], 4), nmse_refit=fmt_num(row["nmse_refit"], 4)
+            step=step, nmse_base=fmt_stat(row["nmse_base"], 4), nmse_refit=fmt_stat(row["nmse_refit"], 4)
         )
     bar.close()
     return rows, stats_per_stage, drift_all, reused

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from saereward.plots import as_float, fmt_num
+from saereward.plots import as_float, fmt_num, fmt_stat
 
 # --------------------------------------------------------------------------------------------------
 # Cells and tables of the HTML report
@@ -325,18 +325,18 @@ def _g1_rows(run: Path) -> list[str]:
             d = m.get(key)
             if isinstance(d, dict) and "spearman_rho" in d:
                 parts.append(
-                    f"{name} ρ {fmt_num(d['spearman_rho'])} {_rci(d.get('rho_ci'))}, "
+                    f"{name} ρ {fmt_stat(d['spearman_rho'])} {_rci(d.get('rho_ci'))}, "
                     f"AUROC {fmt_num(d.get('auroc'))} {_rci(d.get('auroc_ci'))}"
                 )
         pack = m.get("pack") if isinstance(m.get("pack"), dict) else {}
         if "partial_rho_length" in pack:
             parts.append(
-                f"pack ρ with length controlled {fmt_num(pack['partial_rho_length'])} "
+                f"pack ρ with length controlled {fmt_stat(pack['partial_rho_length'])} "
                 f"{_rci(pack.get('partial_rho_length_ci'))}"
             )
         lb = g1.get("length_baseline")
         if isinstance(lb, dict) and "spearman_rho" in lb:
-            parts.append(f"length-only baseline ρ {fmt_num(lb['spearman_rho'])} {_rci(lb.get('rho_ci'))}")
+            parts.append(f"length-only baseline ρ {fmt_stat(lb['spearman_rho'])} {_rci(lb.get('rho_ci'))}")
         boot = g1.get("bootstrap") or {}
         clustered = (
             f", {boot['n_questions']} questions, CIs clustered by question" if "n_questions" in boot else ""
@@ -421,7 +421,7 @@ def _drift_rows(run: Path) -> list[str]:
     dr = _j(run / "drift" / "drift.json")
     if dr:
         parts = [
-            f"step {s.get('step')}: NMSE {fmt_num(s.get('nmse_base'), 4)}, refit {fmt_num(s.get('nmse_refit'), 4)}"
+            f"step {s.get('step')}: NMSE {fmt_stat(s.get('nmse_base'), 4)}, refit {fmt_stat(s.get('nmse_refit'), 4)}"
             for s in dr.get("stages", [])
         ]
         rows.append(
