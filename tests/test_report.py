@@ -847,11 +847,15 @@ def test_g1_row_says_undefined_for_a_null_rho(tmp_path: Path) -> None:
 
     g1 = {
         "verdict": "FAIL",
-        "methods": {"pack": {"spearman_rho": float("nan"), "rho_ci": [None, None], "partial_rho_length": 0.25}},
+        "methods": {
+            "pack": {"spearman_rho": float("nan"), "rho_ci": [None, None], "partial_rho_length": 0.25}
+        },
         "length_baseline": {"spearman_rho": None},
     }
     write_json(tmp_path / "gate_g1.json", g1)
     (row,) = _g1_rows(tmp_path)
     assert "pack ρ undefined" in row and "AUROC —" in row
     assert "length controlled 0.250" in row and "length-only baseline ρ undefined" in row
-    assert fmt_stat(None) == "undefined" and fmt_stat(float("nan")) == "undefined" and fmt_stat(0.5) == "0.500"
+    assert (
+        fmt_stat(None) == "undefined" and fmt_stat(float("nan")) == "undefined" and fmt_stat(0.5) == "0.500"
+    )
