@@ -563,7 +563,8 @@ def test_a_cached_evaluation_is_reused_only_for_the_same_adapter_weights(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """eval-suite and canaries cache evaluations by settings; a run trained again into the same
-    folder has the same adapter path but other weights, so its cached evaluation is not reused."""
+    folder has the same adapter path but other weights, so its cached evaluation is not reused; a
+    moved run folder has other paths but the same weights, so it is."""
     import json
 
     import saereward.analysis.evaluate as ev
@@ -585,8 +586,17 @@ def test_a_cached_evaluation_is_reused_only_for_the_same_adapter_weights(
         ev, "run_eval", lambda c, lm=None: ran.append(1) or ev.EvalResult(summary={}, rows=[])
     )
     assert ev.run_eval_cached(cfg) == [{"correct": True}] and ran == []
-    (ck / "adapter.safetensors").write_bytes(b"weights two")
-    assert ev.run_eval_cached(cfg) == [] and ran == [1]
+    # the run and its evaluation moved together: other paths, the same weights
+    import shutil
+
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.move(tmp_path / "run", moved / "run")
+    shutil.move(tmp_path / "ev", moved / "ev")
+    there = ev.EvalConfig(adapter=str(moved / "run"), out=str(moved / "ev"))
+    assert ev.run_eval_cached(there) == [{"correct": True}] and ran == []
+    (moved / "run" / "checkpoint" / "adapter.safetensors").write_bytes(b"weights two")
+    assert ev.run_eval_cached(there) == [] and ran == [1]
 
 
 def test_a_data_parallel_rank_ends_with_its_status_and_output(tmp_path: Path) -> None:

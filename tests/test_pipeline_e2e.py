@@ -1,7 +1,7 @@
 """The whole pipeline on the embedded model, tiny settings: uninterrupted vs killed twice and resumed.
 
-The issue's check: kill the pipeline in the middle of the SAE stage and again in the middle of the RL
-stage; re-running finishes, and the report matches an uninterrupted run's. Runs as subprocesses
+Kill the pipeline in the middle of the SAE stage and again in the middle of the RL stage, moving the
+run folder after each kill; re-running finishes, and the report matches an uninterrupted run's. Runs as subprocesses
 (``python -m saereward pipeline``) killed with SIGKILL, so nothing gets to clean up.
 """
 
@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -139,20 +141,28 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
 
 
-def _run_until(cmd: list[str], ready: Callable[[], bool], timeout: float = 1200) -> bool:
-    """Run ``cmd``; SIGKILL it as soon as ``ready()``; True if it was killed, False if it finished."""
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    t0 = time.monotonic()
-    while proc.poll() is None:
-        if ready():
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return True
-        if time.monotonic() - t0 > timeout:
-            proc.kill()
-            raise AssertionError("pipeline did not reach the kill point in time")
-        time.sleep(0.2)
-    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+def _run_until(
+    cmd: list[str], ready: Callable[[], bool], timeout: float = 1200, log: Path | None = None
+) -> bool:
+    """Run ``cmd``; SIGKILL it as soon as ``ready()``; True if it was killed, False if it finished.
+    ``log``: a file that gets the run's stderr (else a failed run's stderr is the assertion message)."""
+    if log is None:
+        fd, name = tempfile.mkstemp(suffix=".log")
+        os.close(fd)
+        log = Path(name)
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=err, text=True)
+        t0 = time.monotonic()
+        while proc.poll() is None:
+            if ready():
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return True
+            if time.monotonic() - t0 > timeout:
+                proc.kill()
+                raise AssertionError("pipeline did not reach the kill point in time")
+            time.sleep(0.2)
+    assert proc.returncode == 0, log.read_text()[-4000:]
     return False
 
 
@@ -201,6 +211,8 @@ def test_killed_twice_pipeline_matches_uninterrupted_run(tmp_path: Path) -> None
     sae_ck = b / "sae" / "checkpoints"
     killed = _run_until(_cmd(preset, b), lambda: (sae_ck / "latest.json").is_file())
     assert killed and not (b / "sae" / "sae" / "eval.json").exists()
+    # each killed run resumes in a moved folder: nothing it reads may stay at the old path
+    b = Path(shutil.move(b, tmp_path / "b2"))
 
     rl_ck = b / "g2" / "R0_outcome_seed0" / "checkpoint" / "state.json"
 
@@ -209,9 +221,14 @@ def test_killed_twice_pipeline_matches_uninterrupted_run(tmp_path: Path) -> None
             return False
         return bool(json.loads(rl_ck.read_text()).get("step", 0) >= 1)
 
-    killed = _run_until(_cmd(preset, b), mid_rl)
+    killed = _run_until(_cmd(preset, b), mid_rl, log=tmp_path / "second.log")
     assert killed and not (b / "g2" / "gate_g2.json").exists()
-    assert not _run_until(_cmd(preset, b), lambda: False)
+    assert re.search(r"resumed from .*/b2/sae/checkpoints/step-", (tmp_path / "second.log").read_text())
+    b = Path(shutil.move(b, tmp_path / "b3"))
+    assert not _run_until(_cmd(preset, b), lambda: False, log=tmp_path / "third.log")
+    assert re.search(
+        r"resumed .*/b3/g2/R\d_\w+_seed0 from its checkpoint", (tmp_path / "third.log").read_text()
+    )
 
     from safetensors.torch import load_file
 

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -825,6 +826,30 @@ def test_resume_refuses_a_pack_changed_at_the_same_path(tmp_path: Path) -> None:
     pack.write_text(json.dumps(data))
     with pytest.raises(SaeRewardError, match=r"other content in pack \(the file changed since"):
         GRPOTrainer(longer, lm=fresh_tiny())._restore()
+
+
+def test_a_moved_run_folder_resumes_with_its_own_pack(tmp_path: Path) -> None:
+    """A run folder moved with its pack (the pack's path differs, its content does not) resumes its
+    checkpoint, and G2 counts its finished run; a pack whose content differs is still refused."""
+    from saereward.gates.g2_rl_ablation import _finished
+    from saereward.rl.checkpoint import settings_diff
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    cfg = rl_cfg(a / "run", steps=1, reward="sae", pack=str(tiny_pack(a)), lam=0.5)
+    GRPOTrainer(cfg, lm=fresh_tiny()).fit()
+    shutil.move(a, b)
+    moved = dataclasses.replace(cfg, out=str(b / "run"), pack=str(b / "pack.json"))
+    assert _finished(b / "run", moved)
+    assert GRPOTrainer(dataclasses.replace(moved, steps=2), lm=fresh_tiny())._restore() == 1
+    saved = json.loads((b / "run" / "config.json").read_text())
+    assert settings_diff(saved, moved, ["pack"]) == [] and settings_diff(saved, moved) == ["pack"]
+    data = json.loads((b / "pack.json").read_text())
+    data["helpful_features"] = data["helpful_features"][:5]
+    (b / "pack.json").write_text(json.dumps(data))
+    with pytest.raises(SaeRewardError, match=r"different settings \(pack\)"):
+        GRPOTrainer(dataclasses.replace(moved, steps=2), lm=fresh_tiny())._restore()
+    with pytest.raises(SaeRewardError, match=r"holds a run with other settings \(pack\)"):
+        _finished(b / "run", moved)
 
 
 def test_gate_g2_runs_every_reward_and_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -228,6 +228,9 @@ def run_eval_cached(
                 saved[k] = defaults.get(k)
             recorded = json.loads((folder / "summary.json").read_text()).get("adapter_sha256")
             same_adapter = recorded is None or recorded == _adapter_sha(cfg)  # older runs: by path
+            for key in ("out", "adapter") if recorded is not None else ("out",):  # a moved run folder
+                saved.pop(key, None)
+                mine.pop(key, None)
             if saved == mine and same_adapter:
                 log.info("reusing the finished evaluation in %s", folder)
                 return read_jsonl(folder / "items.jsonl")

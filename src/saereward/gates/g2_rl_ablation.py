@@ -59,7 +59,13 @@ from saereward.gates.paired import paired_compare
 from saereward.io import read_json, read_jsonl, write_json
 from saereward.model.lm import load_model
 from saereward.rl.audit import AuditConfig, format_audit, run_audit
-from saereward.rl.checkpoint import checkpointed_steps, settings_diff
+from saereward.rl.checkpoint import (
+    checkpointed_steps,
+    reward_inputs,
+    same_inputs,
+    saved_inputs,
+    settings_diff,
+)
 from saereward.rl.config import GRPOConfig
 from saereward.rl.grpo import GRPOTrainer, check_reward_inputs, run_train_rl
 from saereward.stats import wilson_ci
@@ -144,7 +150,8 @@ def _finished(run: Path, rcfg: GRPOConfig) -> bool:
     early (``collapse.collapsed``) in a run configured for ``rcfg.steps``."""
     if not (run / "config.json").is_file():
         return False
-    diff = settings_diff(read_json(run / "config.json", dict), rcfg)
+    same = same_inputs(saved_inputs(run), reward_inputs(rcfg))  # a moved run folder: paths differ, files not
+    diff = settings_diff(read_json(run / "config.json", dict), rcfg, same)
     if diff:
         raise RunMismatch(
             f"{run} holds a run with other settings ({', '.join(diff[:4])}): use another --out, or delete it"

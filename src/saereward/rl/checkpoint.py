@@ -7,7 +7,7 @@ place (a kill between the renames resumes from ``checkpoint.old``)."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,12 @@ from saereward.io import file_sha256, naming_target, read_json, write_json
 from saereward.rl.config import GRPOConfig
 
 
-def settings_diff(saved: dict[str, Any], cfg: GRPOConfig) -> list[str]:
+def settings_diff(saved: dict[str, Any], cfg: GRPOConfig, same_content: Iterable[str] = ()) -> list[str]:
     """Settings of ``cfg`` that differ from a run's saved ``config.json``, leaving out those that do not
     change what a step computes (``steps`` too, so a longer run resumes a shorter one's checkpoint,
-    unless a linear λ schedule spreads over it)."""
+    unless a linear λ schedule spreads over it). ``same_content`` names the reward inputs
+    (:func:`reward_inputs` keys) whose files hash as they did: their paths may differ, as in a moved or
+    copied run folder (the pack's score pins its SAE too)."""
     mine = to_dict(cfg)  # JSON-plain, as the saved file
     # options added since the run: what such a run did, else today's default
     default = {**to_dict(GRPOConfig()), **_LEGACY}
@@ -50,7 +52,22 @@ def settings_diff(saved: dict[str, Any], cfg: GRPOConfig) -> list[str]:
         skip += ("direction_rollouts", "dual_verifier", "lam_schedule", "lam_end")
     elif cfg.lam_schedule == "linear":  # λ falls from lam to lam_end over `steps`: another budget, another λ
         skip = tuple(k for k in skip if k != "steps")
+    skip += tuple(k for c in same_content for k in _CONTENT_PATHS.get(c, ()))
     return [k for k in mine if k not in skip and saved.get(k, default.get(k)) != mine[k]]
+
+
+#: the path settings whose files each :func:`reward_inputs` key hashes
+_CONTENT_PATHS: dict[str, tuple[str, ...]] = {
+    "pack": ("pack", "sae"),
+    "direction_rollouts": ("direction_rollouts",),
+    "dual_verifier": ("dual_verifier",),
+}
+
+
+def same_inputs(saved: Any, now: dict[str, str]) -> list[str]:
+    """The :func:`reward_inputs` keys whose saved hash (a run's ``reward_inputs``) equals ``now``'s."""
+    saved = saved if isinstance(saved, dict) else {}
+    return [k for k in now if saved.get(k) == now[k]]
 
 
 #: runs saved before an option existed behaved like this (the reward form was mechreward's; rollouts
@@ -214,6 +231,15 @@ def checkpointed_steps(out: str | Path) -> int:
     return int(read_json(ck / "state.json", expect=dict).get("step", 0))
 
 
+def saved_inputs(out: str | Path) -> dict[str, Any]:
+    """The :func:`reward_inputs` that the checkpoint in the run folder ``out`` was trained with ({}: none)."""
+    ck = _checkpoint_folder(Path(out))
+    if not (ck / "state.json").is_file():
+        return {}
+    saved = read_json(ck / "state.json", expect=dict).get("reward_inputs")
+    return saved if isinstance(saved, dict) else {}
+
+
 def restore_checkpoint(
     out: Path,
     cfg: GRPOConfig,
@@ -231,20 +257,20 @@ def restore_checkpoint(
     ck = _checkpoint_folder(out)
     if not (cfg.resume and (ck / "state.json").is_file()):
         return 0
-    diff = settings_diff(read_json(ck / "config.json", expect=dict), cfg)
+    state = read_json(ck / "state.json", expect=dict)
+    saved = state.get("reward_inputs") or {}
+    diff = settings_diff(read_json(ck / "config.json", expect=dict), cfg, same_inputs(saved, inputs or {}))
     if diff:
         raise RunMismatch(
             f"the checkpoint in {ck} was made with different settings ({', '.join(diff[:4])}): "
             "use another --out or --no-resume"
         )
-    state = read_json(ck / "state.json", expect=dict)
     done = int(state.get("step", 0))
     if done > cfg.steps:
         raise RunMismatch(
             f"the checkpoint in {ck} holds {done} steps, more than steps = {cfg.steps}: pass --steps {done} "
             "or more to finish it, or use another --out"
         )
-    saved = state.get("reward_inputs") or {}
     changed = sorted(k for k in set(saved) & set(inputs or {}) if saved[k] != (inputs or {})[k])
     if changed:
         raise RunMismatch(
@@ -273,6 +299,8 @@ __all__ = [
     "load_optimizer",
     "restore_checkpoint",
     "reward_inputs",
+    "same_inputs",
+    "saved_inputs",
     "save_checkpoint",
     "save_snapshot",
     "settings_diff",

@@ -939,6 +939,8 @@ class GRPOTrainer:
                 start,
                 cfg.steps,
             )
+        elif start and main:
+            log.info("resumed %s from its checkpoint at step %d of %d", self.out, start, cfg.steps)
         rows, tb = self._open_log(start, main)
         collapse = self._collapse(rows)
         stop_at = (
