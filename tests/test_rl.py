@@ -828,6 +828,16 @@ def test_resume_refuses_a_pack_changed_at_the_same_path(tmp_path: Path) -> None:
         GRPOTrainer(longer, lm=fresh_tiny())._restore()
 
 
+def test_building_the_trainer_raises_no_future_warning(tmp_path: Path) -> None:
+    """PEFT reads transformers' deprecated ``is_gradient_checkpointing``: its FutureWarning, printed on
+    every RL run and nothing a user can act on, is kept out of the trainer's output."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        GRPOTrainer(rl_cfg(tmp_path / "run", steps=1), lm=fresh_tiny())
+
+
 def test_a_moved_run_folder_resumes_with_its_own_pack(tmp_path: Path) -> None:
     """A run folder moved with its pack (the pack's path differs, its content does not) resumes its
     checkpoint, and G2 counts its finished run; a pack whose content differs is still refused."""

@@ -698,6 +698,20 @@ def _corrupt_adapter(folder: Path, exc: Exception) -> SaeRewardError:
     )
 
 
+def with_lora(model: Any, lcfg: Any) -> Any:
+    """``peft.get_peft_model(model, lcfg)``, without the FutureWarning that PEFT's own read of
+    transformers' deprecated ``is_gradient_checkpointing`` raises on every call (nothing a user can act on)."""
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        return get_peft_model(model, lcfg)
+
+
 def apply_adapter(lm: LoadedModel, path: str | os.PathLike[str]) -> None:
     """Merge the LoRA weights of a ``train-rl`` run into ``lm.model`` in place (a plain model after).
 
@@ -705,7 +719,7 @@ def apply_adapter(lm: LoadedModel, path: str | os.PathLike[str]) -> None:
     compared with ``lm.spec`` and every LoRA tensor's shape with the model's.
     """
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from safetensors.torch import load_file
 
     folder = check_adapter(path, lm.spec)
@@ -720,7 +734,7 @@ def apply_adapter(lm: LoadedModel, path: str | os.PathLike[str]) -> None:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(lm.model, lcfg)
+    peft_model = with_lora(lm.model, lcfg)
     from safetensors import SafetensorError
 
     try:

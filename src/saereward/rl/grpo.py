@@ -107,7 +107,14 @@ from saereward.model.generate import (
     packs_weights,
     stop_strings_for,
 )
-from saereward.model.lm import LoadedModel, decoder_layers, load_model, require_device, resolve_layer
+from saereward.model.lm import (
+    LoadedModel,
+    decoder_layers,
+    load_model,
+    require_device,
+    resolve_layer,
+    with_lora,
+)
 from saereward.rl.batching import PromptPrefix, _Batch, _Slice, micro_batches
 from saereward.rl.checkpoint import (
     STEP_SEED,
@@ -152,7 +159,7 @@ class GRPOTrainer:
 
     def __init__(self, cfg: GRPOConfig, lm: LoadedModel | None = None, *, check_only: bool = False) -> None:
         import torch.distributed as dist
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
         self.cfg = cfg
         self.out = Path(cfg.out)
@@ -205,7 +212,7 @@ class GRPOTrainer:
             bias="none",
             task_type="CAUSAL_LM",
         )
-        self.model = get_peft_model(base, lcfg)
+        self.model = with_lora(base, lcfg)
         for p in self.model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # LoRA weights train in fp32 whatever the base dtype
